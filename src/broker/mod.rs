@@ -1,0 +1,49 @@
+//! The broker seam: where events enter the fleet and come back to this node.
+//!
+//! Contract of every [`Broker`]:
+//! - [`Broker::publish`] assigns the event its id and timestamp, makes it
+//!   reach the sink of every node subscribed to the topic (this one
+//!   included), and returns the stamped event; an `Err` means it was not
+//!   published, never "maybe".
+//! - [`Broker::subscribe`] resolves once the broker delivers the topic's
+//!   events to the sink; it is idempotent and the hub calls it for every
+//!   local subscription.
+//! - [`Broker::release`] says the hub has no local subscriber left for a
+//!   topic; it is synchronous and must not block (called from `Drop`).
+//! - Delivery to the sink never waits on a subscriber.
+//!
+//! Implementations: [`memory::MemoryBroker`] (one node). The Redis broker
+//! (publish through a pool, one dedicated Pub/Sub connection reconciled with
+//! the hub's wanted topics) plugs in here.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::event::{NewEvent, SharedEvent};
+
+/// Where a broker hands the events it receives: the node's hub.
+pub trait EventSink: Send + Sync + 'static {
+    fn dispatch(&self, event: Arc<SharedEvent>);
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the event bus is unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid topic {0:?}")]
+    InvalidTopic(String),
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Connects the broker to the node's sink; called once at start.
+    fn start(&self, sink: Arc<dyn EventSink>);
+    async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError>;
+    async fn subscribe(&self, topic: &str) -> Result<(), BrokerError>;
+    fn release(&self, topic: &str);
+    /// `Err(why)` while the broker cannot serve (readiness says why).
+    fn readiness(&self) -> Result<(), String>;
+}

@@ -1,0 +1,501 @@
+//! Typed, strict, defaulted settings and the layered loader.
+//!
+//! Layers, later wins: built-in defaults < `config/default.toml` <
+//! `config/$SUBGATE_ENV.toml` < `--config FILE` < `SUBGATE__SECTION__KEY`
+//! environment variables. [`Settings::validate`] lists every problem, each
+//! naming its key, so a bad deployment fails before it listens.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Which defaults apply: `development` is friendly, `production` is strict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    #[default]
+    Development,
+    Production,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything a node can be told.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// `development` (default) or `production` (introspection off, no dev defaults).
+    pub environment: Environment,
+    pub server: ServerSettings,
+    pub redis: RedisSettings,
+    pub auth: AuthSettings,
+    pub graphql: GraphqlSettings,
+    pub websocket: WebsocketSettings,
+    pub hub: HubSettings,
+    pub publish: PublishSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Listen host.
+    pub host: String,
+    /// Listen port; 0 picks a free one (the `listening on ADDR` log line says which).
+    pub port: u16,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// When non-empty, WebSocket and SSE upgrades must carry one of these `Origin`s.
+    pub allowed_origins: Vec<String>,
+    /// Largest accepted HTTP request body.
+    pub max_body_bytes: usize,
+    /// Most concurrent long-lived connections (WebSocket and SSE) per node.
+    pub max_connections: usize,
+    /// How long a drain may take before the process exits anyway.
+    pub drain_timeout_seconds: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            workers: 0,
+            allowed_origins: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+            max_connections: 50_000,
+            drain_timeout_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// Set: Redis bus and store (stateless node). Unset: in-memory (one node).
+    pub url: Option<String>,
+    /// Prefix of every key and channel, so deployments can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: None, prefix: "subgate:".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// HS256 secret. Has a development default; required in production
+    /// unless `jwt_public_key_file` is set.
+    pub jwt_secret: Option<String>,
+    /// PEM RSA public key for RS256 tokens.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GraphqlSettings {
+    /// Deepest selection accepted, counted through fragments.
+    pub max_depth: usize,
+    /// Highest complexity score accepted (one per field, lists multiplied by `first`).
+    pub max_complexity: usize,
+    /// Most aliases in one document.
+    pub max_aliases: usize,
+    /// Most operations in one batched HTTP request.
+    pub max_batch_size: usize,
+    /// Introspection; `None` means on in development, off in production.
+    pub introspection: Option<bool>,
+    /// Most items a connection page may ask for.
+    pub max_page_size: usize,
+}
+
+impl Default for GraphqlSettings {
+    fn default() -> Self {
+        Self {
+            max_depth: 10,
+            max_complexity: 1000,
+            max_aliases: 30,
+            max_batch_size: 10,
+            introspection: None,
+            max_page_size: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebsocketSettings {
+    /// Server ping interval; a peer silent for three intervals is dropped.
+    pub ping_interval_seconds: u64,
+    /// Time a client has to send `connection_init` (4408 after it).
+    pub connection_init_timeout_seconds: u64,
+    /// Largest accepted frame (1009 above it).
+    pub max_frame_bytes: usize,
+    /// Most concurrent subscriptions on one connection.
+    pub max_subscriptions_per_connection: usize,
+}
+
+impl Default for WebsocketSettings {
+    fn default() -> Self {
+        Self {
+            ping_interval_seconds: 30,
+            connection_init_timeout_seconds: 10,
+            max_frame_bytes: 64 * 1024,
+            max_subscriptions_per_connection: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubSettings {
+    /// Events queued per subscriber before it is cut off as a slow consumer.
+    pub subscriber_queue_capacity: usize,
+}
+
+impl Default for HubSettings {
+    fn default() -> Self {
+        Self { subscriber_queue_capacity: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishSettings {
+    /// Keys accepted as `Authorization: Bearer K` on `POST /api/v1/publish`.
+    pub api_keys: Vec<String>,
+    /// Largest accepted event payload.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        Self { api_keys: Vec::new(), max_payload_bytes: 64 * 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `subgate=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// The development HS256 secret, used only when `environment = development`
+/// and no key is configured.
+pub const DEV_JWT_SECRET: &str = "subgate-development-secret-do-not-use-in-production";
+
+/// A configuration that cannot be used, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { key: key.into(), message: message.into() }
+    }
+}
+
+impl Settings {
+    /// Loads the layers from `dir` (normally the working directory), then the
+    /// optional `--config` file, then the environment.
+    pub fn load(dir: &Path, file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(dir, file, std::env::vars())
+    }
+
+    /// [`Settings::load`] with the environment given explicitly (for tests).
+    pub fn load_from(
+        dir: &Path,
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let env_name = vars
+            .iter()
+            .find(|(k, _)| k == "SUBGATE_ENV")
+            .map(|(_, v)| v.clone());
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(dir.join("config/default.toml")).required(false));
+        if let Some(name) = &env_name {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(ConfigError::new("SUBGATE_ENV", format!("{name:?} is not a valid environment name")));
+            }
+            builder = builder
+                .add_source(config::File::from(dir.join(format!("config/{name}.toml"))).required(false));
+        }
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::new("--config", format!("{} is not a readable file", file.display())));
+            }
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let env_map: std::collections::HashMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SUBGATE__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("SUBGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("server.allowed_origins")
+                .with_list_parse_key("publish.api_keys")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let raw = builder.build().map_err(config_error)?;
+        // Enum-valued keys are checked by name first: the config crate's own
+        // message for an unknown variant does not say which key it was.
+        for (key, allowed) in [("environment", &["development", "production"][..]), ("log.format", &["text", "json"][..])] {
+            if let Ok(value) = raw.get_string(key) {
+                if !allowed.contains(&value.as_str()) {
+                    return Err(ConfigError::new(key, format!("{value:?} is not one of {}", allowed.join(", "))));
+                }
+            }
+        }
+        let settings: Settings = raw.try_deserialize().map_err(config_error)?;
+        settings.validate().map_err(|mut errors| errors.remove(0))?;
+        Ok(settings)
+    }
+
+    /// Every problem with these settings, each naming its key.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut positive = |key: &str, value: u64| {
+            if value == 0 {
+                errors.push(ConfigError::new(key, "must be greater than 0"));
+            }
+        };
+        positive("server.max_body_bytes", self.server.max_body_bytes as u64);
+        positive("server.max_connections", self.server.max_connections as u64);
+        positive("graphql.max_depth", self.graphql.max_depth as u64);
+        positive("graphql.max_complexity", self.graphql.max_complexity as u64);
+        positive("graphql.max_batch_size", self.graphql.max_batch_size as u64);
+        positive("graphql.max_page_size", self.graphql.max_page_size as u64);
+        positive("websocket.ping_interval_seconds", self.websocket.ping_interval_seconds);
+        positive("websocket.connection_init_timeout_seconds", self.websocket.connection_init_timeout_seconds);
+        positive("websocket.max_frame_bytes", self.websocket.max_frame_bytes as u64);
+        positive("websocket.max_subscriptions_per_connection", self.websocket.max_subscriptions_per_connection as u64);
+        positive("hub.subscriber_queue_capacity", self.hub.subscriber_queue_capacity as u64);
+        positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
+        if self.server.host.trim().is_empty() {
+            errors.push(ConfigError::new("server.host", "must not be empty"));
+        }
+        if let Some(url) = &self.redis.url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                errors.push(ConfigError::new("redis.url", "must start with redis://, rediss:// or unix://"));
+            }
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            if secret.is_empty() {
+                errors.push(ConfigError::new("auth.jwt_secret", "must not be empty"));
+            } else if self.environment == Environment::Production && secret.len() < 32 {
+                errors.push(ConfigError::new("auth.jwt_secret", "must be at least 32 bytes in production"));
+            }
+        }
+        if let Some(path) = &self.auth.jwt_public_key_file {
+            match std::fs::read(path) {
+                Ok(pem) => {
+                    if jsonwebtoken::DecodingKey::from_rsa_pem(&pem).is_err() {
+                        errors.push(ConfigError::new(
+                            "auth.jwt_public_key_file",
+                            format!("{} is not a PEM RSA public key", path.display()),
+                        ));
+                    }
+                }
+                Err(e) => errors.push(ConfigError::new(
+                    "auth.jwt_public_key_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )),
+            }
+        }
+        if self.environment == Environment::Production
+            && self.auth.jwt_secret.is_none()
+            && self.auth.jwt_public_key_file.is_none()
+        {
+            errors.push(ConfigError::new(
+                "auth.jwt_secret",
+                "production needs auth.jwt_secret or auth.jwt_public_key_file",
+            ));
+        }
+        for key in &self.publish.api_keys {
+            if key.len() < 16 {
+                errors.push(ConfigError::new("publish.api_keys", "every key must be at least 16 characters"));
+                break;
+            }
+        }
+        for origin in &self.server.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                errors.push(ConfigError::new(
+                    "server.allowed_origins",
+                    format!("{origin:?} is not an origin such as https://app.example.com"),
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Whether introspection and field suggestions are served.
+    pub fn introspection_enabled(&self) -> bool {
+        self.graphql
+            .introspection
+            .unwrap_or(self.environment == Environment::Development)
+    }
+
+    /// The HS256 secret in force, with the development default applied.
+    pub fn effective_jwt_secret(&self) -> Option<&str> {
+        match (&self.auth.jwt_secret, self.environment) {
+            (Some(secret), _) => Some(secret),
+            (None, Environment::Development) if self.auth.jwt_public_key_file.is_none() => Some(DEV_JWT_SECRET),
+            _ => None,
+        }
+    }
+}
+
+/// Turns a `config` crate error into one that names the key.
+fn config_error(err: config::ConfigError) -> ConfigError {
+    use config::ConfigError as E;
+    match err {
+        E::Type { key: Some(key), unexpected, expected, .. } => {
+            ConfigError::new(key, format!("expected {expected}, found {unexpected}"))
+        }
+        E::NotFound(key) => ConfigError::new(key, "missing"),
+        E::FileParse { uri, cause } => {
+            ConfigError::new(uri.unwrap_or_else(|| "config file".into()), cause.to_string())
+        }
+        E::Message(message) => {
+            // serde messages: "unknown field `x`, expected one of ..." or
+            // "unknown variant `x` ... for key `environment`".
+            let key = message
+                .split("for key `")
+                .nth(1)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned)
+                .or_else(|| {
+                    message
+                        .split("unknown field `")
+                        .nth(1)
+                        .and_then(|rest| rest.split('`').next())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| "configuration".into());
+            ConfigError::new(key, message)
+        }
+        other => ConfigError::new("configuration", other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join("subgate-config-test-empty");
+        Settings::load_from(
+            &dir,
+            None,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_node() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.server.host, "127.0.0.1");
+        assert_eq!(s.server.port, 8080);
+        assert!(s.redis.url.is_none());
+        assert_eq!(s.environment, Environment::Development);
+        assert_eq!(s.effective_jwt_secret(), Some(DEV_JWT_SECRET));
+        assert!(s.introspection_enabled());
+    }
+
+    #[test]
+    fn environment_variables_override() {
+        let s = load(&[
+            ("SUBGATE__SERVER__PORT", "0"),
+            ("SUBGATE__REDIS__URL", "redis://127.0.0.1:7000"),
+            ("SUBGATE__AUTH__JWT_SECRET", "s3cret"),
+            ("SUBGATE__SERVER__ALLOWED_ORIGINS", "https://a.example,https://b.example"),
+        ])
+        .unwrap();
+        assert_eq!(s.server.port, 0);
+        assert_eq!(s.redis.url.as_deref(), Some("redis://127.0.0.1:7000"));
+        assert_eq!(s.effective_jwt_secret(), Some("s3cret"));
+        assert_eq!(s.server.allowed_origins.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_port_names_the_key() {
+        let err = load(&[("SUBGATE__SERVER__PORT", "70000")]).unwrap_err();
+        assert_eq!(err.key, "server.port", "{err}");
+    }
+
+    #[test]
+    fn an_unknown_environment_names_the_key() {
+        let err = load(&[("SUBGATE__ENVIRONMENT", "staging")]).unwrap_err();
+        assert_eq!(err.key, "environment", "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_key_file_names_the_key() {
+        let err = load(&[("SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")]).unwrap_err();
+        assert_eq!(err.key, "auth.jwt_public_key_file", "{err}");
+    }
+
+    #[test]
+    fn production_has_no_dev_secret() {
+        let err = load(&[("SUBGATE__ENVIRONMENT", "production")]).unwrap_err();
+        assert_eq!(err.key, "auth.jwt_secret", "{err}");
+        let s = load(&[
+            ("SUBGATE__ENVIRONMENT", "production"),
+            ("SUBGATE__AUTH__JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ])
+        .unwrap();
+        assert!(!s.introspection_enabled());
+    }
+
+    #[test]
+    fn every_shipped_config_file_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for entry in std::fs::read_dir(root.join("config")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let settings: Settings = config::Config::builder()
+                .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+                .build()
+                .and_then(|c| c.try_deserialize())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(settings.server.port > 0, "{}", path.display());
+        }
+    }
+}

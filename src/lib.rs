@@ -1,0 +1,44 @@
+//! # subgate: a horizontally scalable GraphQL subscription gateway
+//!
+//! ## Components
+//!
+//! - [`config`]: typed, layered settings, validated before the node listens.
+//! - [`app`]: the composition root; builds [`app::AppState`] once.
+//! - [`auth`]: JWT verification, the [`auth::Principal`], the topic policy.
+//! - [`event`]: the event envelope, ids (resume positions) and topic names.
+//! - [`broker`]: the seam to the bus (memory now; Redis Pub/Sub + history).
+//! - [`hub`]: topic -> local subscribers, bounded queues, slow-consumer cut-off.
+//! - [`store`]: the domain data behind a trait (memory; Redis).
+//! - [`graphql`]: the schema, its loaders and limits.
+//! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
+//!   and legacy graphql-ws).
+//! - [`telemetry`]: logs, metrics, health.
+//! - [`shutdown`]: the drain.
+//!
+//! ## Data flow
+//!
+//! A mutation writes to the [`store::Store`] and publishes an event through
+//! the [`broker::Broker`], which stamps it with an id and delivers it to the
+//! hub of every subscribed node. The [`hub::Hub`] hands one shared,
+//! already-encoded copy to each local subscriber's bounded queue; a
+//! transport pulls from its queues and writes to its socket. Nothing on this
+//! path waits on a slow client: a full queue cuts that client off with close
+//! code 1013 (it reconnects) and is counted.
+//!
+//! ## Guarantees
+//!
+//! Events of one topic reach a subscriber in id order. Every queue is
+//! bounded and every drop is counted with a reason.
+
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod graphql;
+pub mod hub;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod transport;

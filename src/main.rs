@@ -1,0 +1,103 @@
+//! The `subgate` binary: parse the command line, load the configuration,
+//! run the chosen subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use subgate::config::Settings;
+
+#[derive(Parser)]
+#[command(name = "subgate", version, about = "A horizontally scalable GraphQL subscription gateway")]
+struct Cli {
+    /// A configuration file layered over config/default.toml and config/$SUBGATE_ENV.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (the default).
+    Serve,
+    /// Print the GraphQL schema (SDL).
+    Schema,
+    /// Mint a development JWT signed with the configured secret.
+    Token {
+        /// The user id (`sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, such as 15m, 1h or 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Space-separated scopes, e.g. "publish".
+        #[arg(long)]
+        scope: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let settings = match Settings::load(&dir, cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("subgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Schema => {
+            print!("{}", subgate::graphql::sdl());
+            ExitCode::SUCCESS
+        }
+        Command::Token { sub, ttl, scope } => {
+            let auth = match subgate::auth::Authenticator::from_settings(&settings) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("subgate: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match auth.mint(&sub, ttl, scope.as_deref()) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("subgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve => serve(settings),
+    }
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    subgate::telemetry::init(&settings);
+    let state = match subgate::app::AppState::build(settings) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("subgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = (state.settings.server.host.as_str(), state.settings.server.port);
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("subgate: invalid configuration: server.port: cannot listen on {}:{}: {e}", addr.0, addr.1);
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = actix_web::rt::System::new().block_on(subgate::app::serve(state, listener));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The domain data behind a [`Store`] trait, so that nodes stay stateless.
+//!
+//! Contract of every implementation:
+//! - ids are opaque strings, unique fleet-wide;
+//! - every list is ordered by a per-list position (`seq`) that never changes
+//!   for an item, so cursor pagination neither skips nor repeats items while
+//!   others are inserted; a page costs O(page), not O(list);
+//! - `create_user` and `update_user` enforce the unique email atomically and
+//!   answer [`StoreError::Conflict`];
+//! - only password hashes are stored, never passwords.
+//!
+//! Implementations: [`memory::MemoryStore`]; the Redis store plugs in here.
+
+pub mod memory;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Post {
+    pub id: String,
+    pub author_id: String,
+    pub title: String,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comment {
+    pub id: String,
+    pub post_id: String,
+    pub author_id: String,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Channel {
+    pub id: String,
+    pub name: String,
+    pub is_private: bool,
+    pub owner_id: String,
+    pub member_ids: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub id: String,
+    pub channel_id: String,
+    pub author_id: String,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    pub id: String,
+    pub user_id: String,
+    pub kind: String,
+    pub message: String,
+    pub payload: serde_json::Value,
+    pub read: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A request for one page: up to `first` items after position `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    pub first: usize,
+    pub after: Option<u64>,
+}
+
+/// One page; each item with its position (the cursor's content).
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<(u64, T)>,
+    pub total_count: usize,
+    pub has_next_page: bool,
+    pub has_previous_page: bool,
+}
+
+impl<T> Page<T> {
+    pub fn empty() -> Self {
+        Self { items: Vec::new(), total_count: 0, has_next_page: false, has_previous_page: false }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("{field} is already taken")]
+    Conflict { field: &'static str },
+    #[error("not found")]
+    NotFound,
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A new user; `password_hash` is an argon2 PHC string.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub email: String,
+    pub name: String,
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub password_hash: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PostPatch {
+    pub title: Option<String>,
+    pub content: Option<String>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_user(&self, new: NewUser) -> StoreResult<User>;
+    /// Users by id, in the order asked, `None` where missing (one round trip).
+    async fn get_users(&self, ids: &[String]) -> StoreResult<Vec<Option<User>>>;
+    async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
+    async fn update_user(&self, id: &str, patch: UserPatch) -> StoreResult<User>;
+    /// Deletes the user; their posts stay, attributed to a missing author.
+    async fn delete_user(&self, id: &str) -> StoreResult<User>;
+    /// Oldest first.
+    async fn list_users(&self, page: PageRequest) -> StoreResult<Page<User>>;
+
+    async fn create_post(&self, author_id: &str, title: String, content: String) -> StoreResult<Post>;
+    async fn get_posts(&self, ids: &[String]) -> StoreResult<Vec<Option<Post>>>;
+    async fn update_post(&self, id: &str, patch: PostPatch) -> StoreResult<Post>;
+    async fn delete_post(&self, id: &str) -> StoreResult<Post>;
+    /// Newest first; only `author_id`'s when given.
+    async fn list_posts(&self, author_id: Option<&str>, page: PageRequest) -> StoreResult<Page<Post>>;
+
+    async fn create_comment(&self, post_id: &str, author_id: &str, content: String) -> StoreResult<Comment>;
+    /// Oldest first.
+    async fn list_comments(&self, post_id: &str, page: PageRequest) -> StoreResult<Page<Comment>>;
+
+    async fn create_channel(
+        &self,
+        owner_id: &str,
+        name: String,
+        is_private: bool,
+        member_ids: Vec<String>,
+    ) -> StoreResult<Channel>;
+    async fn get_channels(&self, ids: &[String]) -> StoreResult<Vec<Option<Channel>>>;
+    /// Adds `user_id` to the channel's members (idempotent).
+    async fn add_channel_member(&self, channel_id: &str, user_id: &str) -> StoreResult<Channel>;
+    /// Oldest first.
+    async fn list_channels(&self, page: PageRequest) -> StoreResult<Page<Channel>>;
+
+    async fn create_message(&self, channel_id: &str, author_id: &str, content: String) -> StoreResult<Message>;
+    /// Newest first.
+    async fn list_messages(&self, channel_id: &str, page: PageRequest) -> StoreResult<Page<Message>>;
+
+    async fn create_notification(
+        &self,
+        user_id: &str,
+        kind: String,
+        message: String,
+        payload: serde_json::Value,
+    ) -> StoreResult<Notification>;
+    /// Newest first.
+    async fn list_notifications(&self, user_id: &str, page: PageRequest) -> StoreResult<Page<Notification>>;
+    /// Marks one of `user_id`'s notifications read.
+    async fn mark_notification_read(&self, user_id: &str, id: &str) -> StoreResult<Notification>;
+
+    /// `Err(why)` while the store cannot serve.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A new opaque id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}

@@ -1,0 +1,35 @@
+//! `/healthz` (the process answers) and `/readyz` (it should get traffic:
+//! not draining, and its broker and store can serve).
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::app::AppState;
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let mut problems = Vec::new();
+    if state.shutdown.is_draining() {
+        problems.push("draining".to_owned());
+    }
+    if let Err(why) = state.hub.broker().readiness() {
+        problems.push(format!("broker: {why}"));
+    }
+    if let Err(why) = state.store.readiness() {
+        problems.push(format!("store: {why}"));
+    }
+    if problems.is_empty() {
+        HttpResponse::Ok().json(json!({ "status": "ready" }))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({ "status": "unavailable", "reasons": problems }))
+    }
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}

@@ -1,0 +1,209 @@
+//! Every collector, in one registry injected through `AppState`.
+//!
+//! Names carry the `subgate_` prefix, counters end in `_total`, durations
+//! are `_seconds`. Labels are bounded: transport, reason, result, operation
+//! type, topic namespace; never a raw topic or a user id.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Transport labels.
+pub mod transport {
+    pub const GRAPHQL_WS: &str = "graphql_ws";
+    pub const GRAPHQL_WS_LEGACY: &str = "graphql_ws_legacy";
+    pub const HTTP: &str = "http";
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Open long-lived connections by transport.
+    pub connections: IntGaugeVec,
+    /// Connections accepted, by transport.
+    pub connections_total: IntCounterVec,
+    /// Connections refused at admission, by reason.
+    pub rejected_total: IntCounterVec,
+    /// Active subscriptions by transport.
+    pub subscriptions: IntGaugeVec,
+    /// Topics with at least one local subscriber.
+    pub hub_topics: IntGauge,
+    /// Events accepted by the broker, by topic namespace.
+    pub events_published_total: IntCounterVec,
+    /// Publishes the broker refused, by reason.
+    pub publish_failures_total: IntCounterVec,
+    /// Events handed to a client, by transport.
+    pub events_delivered_total: IntCounterVec,
+    /// Events not delivered, by reason.
+    pub events_dropped_total: IntCounterVec,
+    /// Subscribers cut off because their queue was full, by transport.
+    pub slow_consumer_disconnects_total: IntCounterVec,
+    /// Time from publish to the hand-off to the client's socket.
+    pub delivery_latency_seconds: HistogramVec,
+    /// GraphQL operations by type and outcome.
+    pub graphql_operations_total: IntCounterVec,
+    /// GraphQL operation execution time by type.
+    pub graphql_operation_duration_seconds: HistogramVec,
+    /// WebSocket closes by code.
+    pub ws_closes_total: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let connections = IntGaugeVec::new(
+            Opts::new("subgate_connections", "Open long-lived connections by transport"),
+            &["transport"],
+        )
+        .unwrap();
+        let connections_total = IntCounterVec::new(
+            Opts::new("subgate_connections_total", "Connections accepted by transport"),
+            &["transport"],
+        )
+        .unwrap();
+        let rejected_total = IntCounterVec::new(
+            Opts::new("subgate_rejected_total", "Connections or subscriptions refused at admission by reason"),
+            &["reason"],
+        )
+        .unwrap();
+        let subscriptions = IntGaugeVec::new(
+            Opts::new("subgate_subscriptions", "Active subscriptions by transport"),
+            &["transport"],
+        )
+        .unwrap();
+        let hub_topics = IntGauge::new("subgate_hub_topics", "Topics with at least one local subscriber").unwrap();
+        let events_published_total = IntCounterVec::new(
+            Opts::new("subgate_events_published_total", "Events accepted by the broker by topic namespace"),
+            &["namespace"],
+        )
+        .unwrap();
+        let publish_failures_total = IntCounterVec::new(
+            Opts::new("subgate_publish_failures_total", "Publishes the broker refused by reason"),
+            &["reason"],
+        )
+        .unwrap();
+        let events_delivered_total = IntCounterVec::new(
+            Opts::new("subgate_events_delivered_total", "Events handed to clients by transport"),
+            &["transport"],
+        )
+        .unwrap();
+        let events_dropped_total = IntCounterVec::new(
+            Opts::new("subgate_events_dropped_total", "Events not delivered by reason"),
+            &["reason"],
+        )
+        .unwrap();
+        let slow_consumer_disconnects_total = IntCounterVec::new(
+            Opts::new(
+                "subgate_slow_consumer_disconnects_total",
+                "Subscribers cut off because their queue was full, by transport",
+            ),
+            &["transport"],
+        )
+        .unwrap();
+        let delivery_latency_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "subgate_delivery_latency_seconds",
+                "Time from publish to the hand-off to the client's socket",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            &["transport"],
+        )
+        .unwrap();
+        let graphql_operations_total = IntCounterVec::new(
+            Opts::new("subgate_graphql_operations_total", "GraphQL operations by type and outcome"),
+            &["type", "outcome"],
+        )
+        .unwrap();
+        let graphql_operation_duration_seconds = HistogramVec::new(
+            HistogramOpts::new("subgate_graphql_operation_duration_seconds", "GraphQL execution time by type")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["type"],
+        )
+        .unwrap();
+        let ws_closes_total = IntCounterVec::new(
+            Opts::new("subgate_ws_closes_total", "WebSocket closes sent by the node, by close code"),
+            &["code"],
+        )
+        .unwrap();
+        for c in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_total.clone()),
+            Box::new(rejected_total.clone()),
+            Box::new(subscriptions.clone()),
+            Box::new(hub_topics.clone()),
+            Box::new(events_published_total.clone()),
+            Box::new(publish_failures_total.clone()),
+            Box::new(events_delivered_total.clone()),
+            Box::new(events_dropped_total.clone()),
+            Box::new(slow_consumer_disconnects_total.clone()),
+            Box::new(delivery_latency_seconds.clone()),
+            Box::new(graphql_operations_total.clone()),
+            Box::new(graphql_operation_duration_seconds.clone()),
+            Box::new(ws_closes_total.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "subgate",
+            )))
+            .expect("process collector registers once");
+        Self {
+            registry,
+            connections,
+            connections_total,
+            rejected_total,
+            subscriptions,
+            hub_topics,
+            events_published_total,
+            publish_failures_total,
+            events_delivered_total,
+            events_dropped_total,
+            slow_consumer_disconnects_total,
+            delivery_latency_seconds,
+            graphql_operations_total,
+            graphql_operation_duration_seconds,
+            ws_closes_total,
+        }
+    }
+
+    /// The Prometheus text exposition of every collector.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    /// Records the delivery of one event published at `published_at_ms`.
+    pub fn delivered(&self, transport: &str, published_at_ms: u64) {
+        self.events_delivered_total.with_label_values(&[transport]).inc();
+        let now = crate::event::now_ms();
+        let secs = now.saturating_sub(published_at_ms) as f64 / 1000.0;
+        self.delivery_latency_seconds.with_label_values(&[transport]).observe(secs);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Keeps a gauge raised while it lives.
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
