@@ -158,20 +158,19 @@ async fn open(ctx: &Context<'_>, topics: Vec<String>) -> Result<impl Stream<Item
     Ok(merged.chain(tail))
 }
 
-/// Events of `kind` decoded into `T`; others (and undecodable ones) skipped.
-fn typed<T: DeserializeOwned>(
+/// Events of `kind` decoded into `T` (once per node, not per subscriber);
+/// others, and undecodable ones, skipped.
+fn typed<T: DeserializeOwned + Clone + Send + Sync + 'static>(
     events: impl Stream<Item = Arc<SharedEvent>>,
     kind: &'static str,
 ) -> impl Stream<Item = T> {
     events.filter_map(move |shared| {
         let item = if shared.event.kind == kind {
-            match serde_json::from_value(shared.event.payload.clone()) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    tracing::warn!(error = %e, kind, "an event payload did not decode; skipped");
-                    None
-                }
+            let decoded = shared.payload_as::<T>();
+            if decoded.is_none() {
+                tracing::warn!(kind, id = %shared.event.id, "an event payload did not decode; skipped");
             }
+            decoded.map(|v| T::clone(&v))
         } else {
             None
         };
