@@ -579,6 +579,14 @@ mod tests {
             })
         }
 
+        /// Large items as fast as they are taken.
+        async fn flood(&self, ctx: &Context<'_>) -> async_graphql::Result<impl Stream<Item = String>> {
+            *FLOODED.lock().unwrap() = Some(ctx.data::<Arc<Cutoff>>()?.clone());
+            Ok(futures_util::stream::repeat("x".repeat(64 * 1024)).inspect(|_| {
+                FLOOD_ITEMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }))
+        }
+
         /// One item, then the connection is cut off as the hub would.
         async fn cut(&self, ctx: &Context<'_>) -> async_graphql::Result<impl Stream<Item = i32>> {
             let cutoff = ctx.data::<Arc<Cutoff>>()?.clone();
@@ -590,6 +598,11 @@ mod tests {
             )
         }
     }
+
+    /// The cut-off of the connection running `flood` (one test uses it).
+    static FLOODED: std::sync::Mutex<Option<Arc<Cutoff>>> = std::sync::Mutex::new(None);
+    /// How many items `flood` produced: it stalls while the pump is blocked.
+    static FLOOD_ITEMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     type TestSchema = Schema<TestQuery, TestMutation, TestSubscription>;
 
@@ -1066,6 +1079,50 @@ mod tests {
         .await;
         assert_eq!(next_json(&mut ws).await["payload"]["data"]["cut"], 1);
         assert_eq!(next_close(&mut ws).await, (1013, "slow consumer".into()));
+        server.stop(false).await;
+    }
+
+    #[actix_web::test]
+    async fn a_client_that_stops_reading_is_still_cut_off() {
+        let state = state_with(|_| {});
+        let (addr, server) = serve(state.clone(), config()).await;
+        let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
+        init(&mut ws).await;
+        send(
+            &mut ws,
+            json!({"type": "subscribe", "id": "f", "payload": {"query": "subscription { flood }"}}),
+        )
+        .await;
+        // Not reading: the socket fills up and the pump blocks on a write,
+        // which shows as the stream no longer being polled.
+        let items = || FLOOD_ITEMS.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let before = items();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if before > 0 && items() == before {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the pump blocks on the full socket");
+        assert_eq!(state.shutdown.open_connections(), 1);
+        let cutoff = FLOODED.lock().unwrap().clone().expect("flood started");
+        cutoff.cut(CutoffReason::SlowConsumer);
+        // The blocked write yields to the cut-off; the close cannot get
+        // through a full socket, so the task gives up on it and ends.
+        assert_eq!(state.shutdown.drained(Duration::from_secs(3)).await, 0);
+        assert_eq!(state.metrics.ws_closes_total.with_label_values(&["1013"]).get(), 1);
+        assert_eq!(
+            state
+                .metrics
+                .subscriptions
+                .with_label_values(&[transport::GRAPHQL_WS])
+                .get(),
+            0
+        );
+        drop(ws);
         server.stop(false).await;
     }
 
