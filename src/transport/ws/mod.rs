@@ -223,8 +223,13 @@ pub async fn accept<E: Executor>(
         Err(e) => return e.error_response(),
     };
     // The handshake does not echo a subprotocol; a client that offered some
-    // must see the one chosen or it fails the connection.
-    if req.headers().contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+    // must see the one chosen or it fails the connection, and one that
+    // offered none must not see any.
+    let offered = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .any(|v| v.to_str().is_ok_and(|v| !v.trim().is_empty()));
+    if offered {
         response.headers_mut().insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(protocol.name()),
