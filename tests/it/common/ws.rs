@@ -1,0 +1,293 @@
+//! A GraphQL-over-WebSocket client that speaks both subprotocols:
+//! `graphql-transport-ws` (subscribe/next/error/complete, ping/pong) and the
+//! legacy `graphql-ws` of subscriptions-transport-ws (start/data/stop, ka).
+//! Every read is bounded by a timeout that fails with what was expected.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+pub const TRANSPORT_WS: &str = "graphql-transport-ws";
+pub const LEGACY_WS: &str = "graphql-ws";
+
+/// How a connection attempt is made.
+#[derive(Default, Clone)]
+pub struct ConnectOptions<'a> {
+    /// `Sec-WebSocket-Protocol` to offer (None: none offered).
+    pub subprotocol: Option<&'a str>,
+    /// An `Origin` header, as a browser would send.
+    pub origin: Option<&'a str>,
+    /// SO_RCVBUF for the client socket: a small one makes a client that
+    /// stops reading back up sooner.
+    pub recv_buffer_bytes: Option<u32>,
+}
+
+/// One read from the socket.
+#[derive(Debug)]
+pub enum Read {
+    Message(Value),
+    /// A close frame (code, reason); 1005 when the frame had no code, 1006
+    /// when the connection ended without any close frame.
+    Closed(u16, String),
+    TimedOut,
+}
+
+pub struct GqlWs {
+    socket: WebSocketStream<TcpStream>,
+    /// The subprotocol the server accepted.
+    pub protocol: String,
+    closed: Option<(u16, String)>,
+}
+
+/// Opens a WebSocket; `Err` carries tungstenite's error (an HTTP refusal of
+/// the upgrade is `Error::Http(response)`).
+pub async fn try_connect(url: &str, options: ConnectOptions<'_>) -> Result<GqlWs, tungstenite::Error> {
+    let mut request = url.into_client_request()?;
+    if let Some(protocol) = options.subprotocol {
+        request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(protocol).unwrap());
+    }
+    if let Some(origin) = options.origin {
+        request.headers_mut().insert("Origin", HeaderValue::from_str(origin).unwrap());
+    }
+    let host = request.uri().host().expect("a host in the URL").to_owned();
+    let port = request.uri().port_u16().expect("a port in the URL");
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().expect("a numeric address in the URL");
+    let socket = TcpSocket::new_v4()?;
+    if let Some(bytes) = options.recv_buffer_bytes {
+        socket.set_recv_buffer_size(bytes)?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    // Generous client limits: the slow-consumer test reads 50 KB messages.
+    let config = WebSocketConfig { max_message_size: Some(64 << 20), max_frame_size: Some(64 << 20), ..Default::default() };
+    let (socket, response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+    let protocol = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Ok(GqlWs { socket, protocol, closed: None })
+}
+
+impl GqlWs {
+    /// Connects offering `subprotocol`; panics (with the reason) if the
+    /// server refuses the upgrade or picks another subprotocol.
+    pub async fn connect(url: &str, subprotocol: &str) -> GqlWs {
+        let ws = tokio::time::timeout(
+            Duration::from_secs(10),
+            try_connect(url, ConnectOptions { subprotocol: Some(subprotocol), ..Default::default() }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the WebSocket handshake with {url} did not finish within 10s"))
+        .unwrap_or_else(|e| panic!("the WebSocket upgrade at {url} with {subprotocol} failed: {e}"));
+        assert_eq!(ws.protocol, subprotocol, "the server accepted another subprotocol at {url}");
+        ws
+    }
+
+    fn legacy(&self) -> bool {
+        self.protocol == LEGACY_WS
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.socket.send(Message::Text(text.into())).await.expect("send a WebSocket text frame");
+    }
+
+    pub async fn send_json(&mut self, message: Value) {
+        self.send_text(message.to_string()).await;
+    }
+
+    /// Sends a raw WebSocket message; `Err` if the socket is already gone.
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+        self.socket.send(message).await
+    }
+
+    pub async fn connection_init(&mut self, payload: Value) {
+        self.send_json(json!({ "type": "connection_init", "payload": payload })).await;
+    }
+
+    /// `connection_init` and its `connection_ack` (within 5s).
+    pub async fn init_ack(&mut self, payload: Value) -> Value {
+        self.connection_init(payload.clone()).await;
+        let ack = self.next_message(Duration::from_secs(5)).await;
+        assert_eq!(ack["type"], "connection_ack", "connection_init {payload} was not acknowledged: {ack}");
+        ack
+    }
+
+    /// Starts an operation: `subscribe` (or `start` on the legacy protocol).
+    pub async fn subscribe(&mut self, id: &str, query: &str, variables: Value) {
+        let kind = if self.legacy() { "start" } else { "subscribe" };
+        self.send_json(json!({ "id": id, "type": kind, "payload": { "query": query, "variables": variables } }))
+            .await;
+    }
+
+    /// Stops an operation: `complete` (or `stop` on the legacy protocol).
+    pub async fn complete(&mut self, id: &str) {
+        let kind = if self.legacy() { "stop" } else { "complete" };
+        self.send_json(json!({ "id": id, "type": kind })).await;
+    }
+
+    /// Protocol-level ping; returns once the pong arrives.
+    pub async fn ping_pong(&mut self) {
+        self.send_json(json!({ "type": "ping" })).await;
+        let pong = self.next_message(Duration::from_secs(5)).await;
+        assert_eq!(pong["type"], "pong", "expected the pong to our ping, got {pong}");
+    }
+
+    /// The next protocol message within `timeout`. Keep-alives (`ka`) and
+    /// server pings are handled here (a ping is answered with a pong), as
+    /// a conforming client does, and are never returned.
+    pub async fn read(&mut self, timeout: Duration) -> Read {
+        if let Some((code, reason)) = &self.closed {
+            return Read::Closed(*code, reason.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, self.socket.next()).await {
+                Err(_) => return Read::TimedOut,
+                Ok(frame) => frame,
+            };
+            let text = match frame {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Binary(bytes))) => {
+                    String::from_utf8(bytes).unwrap_or_else(|_| panic!("the server sent a non-UTF-8 binary frame"))
+                }
+                // tungstenite answers WebSocket pings itself while reading.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(frame))) => {
+                    let closed = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.into_owned()));
+                    self.closed = Some(closed.clone());
+                    return Read::Closed(closed.0, closed.1);
+                }
+                // A reset or an end without a close frame: 1006, as browsers report it.
+                Some(Err(_)) | None => {
+                    self.closed = Some((1006, String::new()));
+                    return Read::Closed(1006, String::new());
+                }
+            };
+            let message: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("the server sent a non-JSON message ({e}): {text}"));
+            match message["type"].as_str() {
+                Some("ka") if self.legacy() => continue,
+                Some("ping") if !self.legacy() => {
+                    self.send_json(json!({ "type": "pong" })).await;
+                    continue;
+                }
+                _ => return Read::Message(message),
+            }
+        }
+    }
+
+    /// The next protocol message; panics on a timeout or a close.
+    pub async fn next_message(&mut self, timeout: Duration) -> Value {
+        match self.read(timeout).await {
+            Read::Message(message) => message,
+            Read::TimedOut => panic!("no message from the server within {timeout:?}"),
+            Read::Closed(code, reason) => panic!("the server closed the connection ({code} {reason:?}) while a message was expected"),
+        }
+    }
+
+    /// The payload of the next `next` (or legacy `data`) message for `id`;
+    /// panics on anything else.
+    pub async fn next_data(&mut self, id: &str, timeout: Duration) -> Value {
+        let message = self.next_message(timeout).await;
+        let kind = if self.legacy() { "data" } else { "next" };
+        assert!(
+            message["type"] == kind && message["id"] == id,
+            "expected `{kind}` for operation {id:?}, got {message}"
+        );
+        message["payload"].clone()
+    }
+
+    /// Reads until the server closes; returns (code, reason). Messages that
+    /// arrive first are skipped (they were in flight); a timeout panics.
+    pub async fn expect_close(&mut self, timeout: Duration) -> (u16, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read(deadline.saturating_duration_since(Instant::now())).await {
+                Read::Closed(code, reason) => return (code, reason),
+                Read::Message(_) => continue,
+                Read::TimedOut => panic!("the server did not close the connection within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Like [`GqlWs::expect_close`], also returning the messages read first.
+    pub async fn read_until_close(&mut self, timeout: Duration) -> (Vec<Value>, (u16, String)) {
+        let deadline = Instant::now() + timeout;
+        let mut messages = Vec::new();
+        loop {
+            match self.read(deadline.saturating_duration_since(Instant::now())).await {
+                Read::Closed(code, reason) => return (messages, (code, reason)),
+                Read::Message(message) => messages.push(message),
+                Read::TimedOut => panic!(
+                    "the server did not close the connection within {timeout:?} ({} messages read)",
+                    messages.len()
+                ),
+            }
+        }
+    }
+}
+
+/// Publishes markers until every client has received one on operation
+/// `id`, then reads each client up to the message of the last marker.
+///
+/// A subscription goes live asynchronously after `subscribe` is sent (the
+/// protocol has no acknowledgement for it), so a test that publishes once
+/// and waits could miss its event. After this returns, every event
+/// published later must reach every client, in order.
+///
+/// `publish(n)` causes one event and returns a string that the resulting
+/// message contains (a unique title, an id).
+pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl AsyncFnMut(usize) -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut live = vec![false; clients.len()];
+    let mut seen_last = vec![false; clients.len()];
+    let mut last = String::new();
+    for attempt in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "operation {id:?} did not deliver anything within 20s ({attempt} events published; live: {live:?})"
+        );
+        last = publish(attempt).await;
+        for (i, client) in clients.iter_mut().enumerate() {
+            seen_last[i] = false;
+            if live[i] {
+                continue;
+            }
+            match client.read(Duration::from_millis(200)).await {
+                Read::Message(message) => {
+                    let kind = message["type"].as_str().unwrap_or("");
+                    assert!(
+                        (kind == "next" || kind == "data") && message["id"] == id,
+                        "while waiting for operation {id:?} to deliver, got {message}"
+                    );
+                    live[i] = true;
+                    seen_last[i] = message.to_string().contains(&last);
+                }
+                Read::TimedOut => {}
+                Read::Closed(code, reason) => {
+                    panic!("client {i} was closed ({code} {reason:?}) while waiting for operation {id:?}")
+                }
+            }
+        }
+        if live.iter().all(|l| *l) {
+            break;
+        }
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        while !seen_last[i] {
+            let message = client.next_message(Duration::from_secs(10)).await;
+            assert!(message["id"] == id, "while catching up on operation {id:?}, got {message}");
+            seen_last[i] = message.to_string().contains(&last);
+        }
+    }
+}
