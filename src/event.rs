@@ -6,9 +6,11 @@
 //! `MILLIS-SEQ` (the shape of a Redis stream id) so that the Redis history
 //! can use it as is.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -28,13 +30,21 @@ pub struct Event {
 
 /// An event decoded once per node, with its envelope encoded once per node,
 /// shared by every local subscriber.
-#[derive(Debug)]
 pub struct SharedEvent {
     pub event: Event,
     /// The envelope as JSON, ready to write.
     pub json: Box<RawValue>,
     /// Milliseconds since the epoch at publish time (from the id).
     pub published_at_ms: u64,
+    /// The payload decoded into a domain type, once, by the first subscriber
+    /// that asks (see [`SharedEvent::payload_as`]).
+    typed: OnceLock<Option<Arc<dyn Any + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for SharedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedEvent").field("event", &self.event).finish_non_exhaustive()
+    }
 }
 
 impl SharedEvent {
@@ -47,7 +57,25 @@ impl SharedEvent {
             .next()
             .and_then(|ms| ms.parse().ok())
             .unwrap_or_else(now_ms);
-        Arc::new(Self { event, json, published_at_ms })
+        Arc::new(Self { event, json, published_at_ms, typed: OnceLock::new() })
+    }
+
+    /// The payload as `T`, decoded once per node however many subscribers
+    /// ask; `None` when it does not decode as `T`.
+    pub fn payload_as<T: DeserializeOwned + Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        let decode = || -> Option<Arc<dyn Any + Send + Sync>> {
+            serde_json::from_value::<T>(self.event.payload.clone())
+                .ok()
+                .map(|v| Arc::new(v) as Arc<dyn Any + Send + Sync>)
+        };
+        match self.typed.get_or_init(decode) {
+            Some(any) => match any.clone().downcast::<T>() {
+                Ok(v) => Some(v),
+                // Another type was decoded first: decode this one uncached.
+                Err(_) => serde_json::from_value::<T>(self.event.payload.clone()).ok().map(Arc::new),
+            },
+            None => None,
+        }
     }
 
     /// Decodes an envelope received from the bus; the original text is kept
@@ -61,7 +89,7 @@ impl SharedEvent {
             .next()
             .and_then(|ms| ms.parse().ok())
             .unwrap_or_else(now_ms);
-        Ok(Arc::new(Self { event, json, published_at_ms }))
+        Ok(Arc::new(Self { event, json, published_at_ms, typed: OnceLock::new() }))
     }
 }
 

@@ -265,6 +265,31 @@ mod tests {
     }
 
     #[test]
+    fn rs256_tokens_verify_with_the_public_key_and_hs256_ones_do_not() {
+        let dir = std::env::temp_dir().join("subgate-auth-test-empty");
+        let key = concat!(env!("CARGO_MANIFEST_DIR"), "/src/auth/testdata/rs256-test-public.pem");
+        let settings =
+            Settings::load_from(&dir, None, vec![("SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE".to_string(), key.to_string())])
+                .unwrap();
+        let auth = Authenticator::from_settings(&settings).unwrap();
+        let private = include_bytes!("testdata/rs256-test-private.pem");
+        let claims = serde_json::json!({"sub": "u1", "exp": now() + 100});
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(private).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(auth.verify(&token).unwrap().user_id, "u1");
+        // An HS256 token signed with the public key's bytes (the classic
+        // algorithm-confusion forgery) is refused.
+        let forged = sign(claims, &std::fs::read_to_string(key).unwrap(), Algorithm::HS256);
+        assert_eq!(auth.verify(&forged), Err(AuthError::BadSignature));
+        // An RS256 node cannot mint.
+        assert_eq!(auth.mint("u1", std::time::Duration::from_secs(60), None), Err(AuthError::CannotMint));
+    }
+
+    #[test]
     fn bearer_headers_parse() {
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer  abc "), Some("abc"));

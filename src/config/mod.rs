@@ -91,7 +91,7 @@ impl Default for RedisSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// HS256 secret. Has a development default; required in production
@@ -105,6 +105,21 @@ pub struct AuthSettings {
     pub audience: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`.
     pub leeway_seconds: u64,
+    /// Lifetime of the tokens the `login` mutation issues.
+    pub login_token_ttl_seconds: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+            login_token_ttl_seconds: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,6 +318,7 @@ impl Settings {
         positive("websocket.max_frame_bytes", self.websocket.max_frame_bytes as u64);
         positive("websocket.max_subscriptions_per_connection", self.websocket.max_subscriptions_per_connection as u64);
         positive("hub.subscriber_queue_capacity", self.hub.subscriber_queue_capacity as u64);
+        positive("auth.login_token_ttl_seconds", self.auth.login_token_ttl_seconds);
         positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
         if self.server.host.trim().is_empty() {
             errors.push(ConfigError::new("server.host", "must not be empty"));

@@ -1,19 +1,36 @@
 //! The GraphQL schema: queries, mutations, subscriptions, loaders, limits.
+//!
+//! Per-request data: [`Viewer`] (who is calling) and, on long-lived
+//! connections, the connection's [`crate::hub::Cutoff`]. Schema data: the
+//! [`SchemaDeps`] and the loaders.
+
+pub mod limits;
+pub mod loaders;
+pub mod mutation;
+pub mod query;
+pub mod subscription;
+pub mod types;
 
 use std::sync::Arc;
 
-use async_graphql::{EmptyMutation, EmptySubscription, Object, Schema};
+use async_graphql::{Context, ErrorExtensions, Schema};
 
 use crate::auth::{Authenticator, Principal};
 use crate::config::Settings;
+use crate::error::ErrorCode;
 use crate::hub::Hub;
-use crate::store::Store;
+use crate::store::{PageRequest, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
+
+pub use mutation::Mutation;
+pub use query::Query;
+pub use subscription::Subscription;
 
 /// The caller of one request or connection (`None`: anonymous).
 #[derive(Clone, Debug, Default)]
 pub struct Viewer(pub Option<Principal>);
 
+/// What resolvers reach through the schema's data.
 pub struct SchemaDeps {
     pub settings: Arc<Settings>,
     pub store: Arc<dyn Store>,
@@ -22,25 +39,175 @@ pub struct SchemaDeps {
     pub metrics: Arc<Metrics>,
 }
 
-pub struct Query;
+pub type AppSchema = Schema<Query, Mutation, Subscription>;
 
-#[Object]
-impl Query {
-    async fn ping(&self) -> &str {
-        "pong"
+/// Builds the schema with every limit of `deps.settings` in force.
+pub fn build_schema(deps: SchemaDeps) -> AppSchema {
+    let settings = deps.settings.clone();
+    let deps = Arc::new(deps);
+    let mut builder = Schema::build(Query, Mutation, Subscription)
+        .limit_depth(settings.graphql.max_depth)
+        .limit_complexity(settings.graphql.max_complexity)
+        .limit_recursive_depth(64)
+        .limit_directives(20)
+        .extension(limits::AliasLimit(settings.graphql.max_aliases))
+        .data(loaders::Loaders::new(deps.store.clone()))
+        .data(deps);
+    if !settings.introspection_enabled() {
+        builder = builder.disable_introspection().disable_suggestions();
+    }
+    builder.finish()
+}
+
+/// The SDL of the schema, as `subgate schema` prints it and `schema.graphql` holds it.
+pub fn sdl() -> String {
+    Schema::build(Query, Mutation, Subscription).finish().sdl()
+}
+
+pub(crate) fn ctx_deps<'a>(ctx: &'a Context<'_>) -> &'a Arc<SchemaDeps> {
+    ctx.data_unchecked::<Arc<SchemaDeps>>()
+}
+
+/// The caller, when authenticated.
+pub(crate) fn viewer<'a>(ctx: &'a Context<'_>) -> Option<&'a Principal> {
+    ctx.data_opt::<Viewer>().and_then(|v| v.0.as_ref())
+}
+
+/// A GraphQL error with `extensions.code`.
+pub(crate) fn coded_error(code: ErrorCode, message: impl Into<String>) -> async_graphql::Error {
+    async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code.as_str()))
+}
+
+/// The caller, or an UNAUTHORIZED error.
+pub(crate) fn require_viewer<'a>(ctx: &'a Context<'_>) -> async_graphql::Result<&'a Principal> {
+    viewer(ctx).ok_or_else(|| coded_error(ErrorCode::Unauthorized, "authentication required"))
+}
+
+pub(crate) fn store_error(err: StoreError) -> async_graphql::Error {
+    match err {
+        StoreError::NotFound => coded_error(ErrorCode::NotFound, "not found"),
+        StoreError::Conflict { field } => coded_error(ErrorCode::Conflict, format!("{field} is already taken")),
+        StoreError::Unavailable(why) => {
+            tracing::warn!(%why, "store unavailable");
+            coded_error(ErrorCode::Internal, "the store is unavailable; try again")
+        }
     }
 }
 
-pub type AppSchema = Schema<Query, EmptyMutation, EmptySubscription>;
-
-pub fn build_schema(deps: SchemaDeps) -> AppSchema {
-    Schema::build(Query, EmptyMutation, EmptySubscription)
-        .limit_depth(deps.settings.graphql.max_depth)
-        .data(deps.store)
-        .finish()
+/// Validates `first`/`after` into a store page request.
+pub(crate) fn page_request(
+    ctx: &Context<'_>,
+    first: Option<i32>,
+    after: Option<String>,
+) -> async_graphql::Result<PageRequest> {
+    use async_graphql::connection::CursorType;
+    let max = ctx_deps(ctx).settings.graphql.max_page_size;
+    let first = first.unwrap_or(20);
+    if first < 0 || first as usize > max {
+        return Err(coded_error(
+            ErrorCode::ValidationError,
+            format!("`first` must be between 0 and {max}"),
+        ));
+    }
+    let after = match after {
+        Some(cursor) => Some(
+            types::Cursor::decode_cursor(&cursor)
+                .map_err(|_| coded_error(ErrorCode::ValidationError, "`after` is not a valid cursor"))?
+                .0,
+        ),
+        None => None,
+    };
+    Ok(PageRequest { first: first as usize, after })
 }
 
-/// The SDL of the schema, as `subgate schema` prints it.
-pub fn sdl() -> String {
-    Schema::build(Query, EmptyMutation, EmptySubscription).finish().sdl()
+/// Complexity of a list field: its page size times what each item costs.
+pub(crate) fn list_complexity(first: Option<i32>, child_complexity: usize) -> usize {
+    let first = first.unwrap_or(20).max(1) as usize;
+    first.saturating_mul(child_complexity).saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::store::memory::MemoryStore;
+
+    fn schema_with(store: Arc<MemoryStore>) -> (AppSchema, Arc<Settings>) {
+        let dir = std::env::temp_dir().join("subgate-graphql-test-empty");
+        let settings = Arc::new(Settings::load_from(&dir, None, Vec::new()).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(Arc::new(MemoryBroker::new()), metrics.clone(), 16);
+        let auth = Arc::new(Authenticator::from_settings(&settings).unwrap());
+        let schema = build_schema(SchemaDeps { settings: settings.clone(), store, hub, auth, metrics });
+        (schema, settings)
+    }
+
+    #[test]
+    fn the_checked_in_schema_is_the_code_schema() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.graphql");
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == sdl(),
+            "schema.graphql differs from the code: regenerate it with `cargo run -- schema > schema.graphql`"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_page_of_posts_with_authors_costs_a_bounded_number_of_store_calls() {
+        let store = Arc::new(MemoryStore::new());
+        let mut authors = Vec::new();
+        for i in 0..10 {
+            let user = store
+                .create_user(crate::store::NewUser {
+                    email: format!("u{i}@example.com"),
+                    name: format!("u{i}"),
+                    password_hash: "x".into(),
+                })
+                .await
+                .unwrap();
+            authors.push(user.id);
+        }
+        for i in 0..60 {
+            store.create_post(&authors[i % 10], format!("p{i}"), String::new()).await.unwrap();
+        }
+        let (schema, _) = schema_with(store.clone());
+        let before = store.calls();
+        let response = schema
+            .execute("{ posts(first: 50) { totalCount nodes { title author { name } } } }")
+            .await;
+        assert!(response.errors.is_empty(), "{:?}", response.errors);
+        let calls = store.calls() - before;
+        let data = response.data.into_json().unwrap();
+        let nodes = data["posts"]["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 50);
+        assert!(nodes.iter().all(|n| n["author"]["name"].is_string()));
+        // One call for the page, one (batched) for the authors.
+        assert!(calls <= 3, "{calls} store calls for one page of 50 posts");
+    }
+
+    #[tokio::test]
+    async fn depth_is_counted_through_fragments() {
+        let (schema, settings) = schema_with(Arc::new(MemoryStore::new()));
+        assert_eq!(settings.graphql.max_depth, 10);
+        // Depth 10: posts nodes author posts nodes author posts nodes author id.
+        let ten = "{ posts(first: 1) { nodes { ...A } } } fragment A on Post { author { posts(first: 1) { nodes { author { posts(first: 1) { nodes { author { id } } } } } } } }";
+        let response = schema.execute(ten).await;
+        assert!(response.errors.is_empty(), "{:?}", response.errors);
+        // Depth 11, the extra level hidden inside the fragment.
+        let eleven = "{ posts(first: 1) { nodes { ...A } } } fragment A on Post { author { posts(first: 1) { nodes { author { posts(first: 1) { nodes { author { posts(first: 1) { totalCount } } } } } } } } }";
+        let response = schema.execute(eleven).await;
+        assert!(
+            response.errors.iter().any(|e| e.message.contains("nested too deep")),
+            "{:?}",
+            response.errors
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_aliases_are_refused() {
+        let (schema, _) = schema_with(Arc::new(MemoryStore::new()));
+        let query = format!("{{ {} }}", (0..31).map(|i| format!("a{i}: me {{ id }}")).collect::<Vec<_>>().join(" "));
+        let response = schema.execute(query).await;
+        assert!(response.errors.iter().any(|e| e.message.contains("aliases")), "{:?}", response.errors);
+    }
 }

@@ -18,7 +18,7 @@ use futures_util::Stream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::broker::{Broker, BrokerError, EventSink};
-use crate::event::SharedEvent;
+use crate::event::{NewEvent, SharedEvent};
 use crate::telemetry::metrics::Metrics;
 
 /// Why a connection is being cut off by the node.
@@ -121,6 +121,25 @@ impl Hub {
         };
         self.broker.subscribe(topic).await?;
         Ok(subscription)
+    }
+
+    /// Publishes through the broker, counting the outcome.
+    pub async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError> {
+        let namespace = crate::event::topic::namespace(&event.topic);
+        match self.broker.publish(event).await {
+            Ok(shared) => {
+                self.metrics.events_published_total.with_label_values(&[namespace]).inc();
+                Ok(shared)
+            }
+            Err(e) => {
+                let reason = match e {
+                    BrokerError::Unavailable(_) => "unavailable",
+                    BrokerError::InvalidTopic(_) => "invalid_topic",
+                };
+                self.metrics.publish_failures_total.with_label_values(&[reason]).inc();
+                Err(e)
+            }
+        }
     }
 
     /// The number of local subscribers of `topic`.
@@ -235,7 +254,6 @@ impl Drop for SubscriptionGuard {
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
-    use crate::event::NewEvent;
     use futures_util::StreamExt;
 
     fn hub(capacity: usize) -> Arc<Hub> {
