@@ -179,3 +179,32 @@ async fn get_runs_queries_only_and_variables_and_operation_name_are_honoured() {
     let reply = post_json(&node, &json!({ "query": two }), None).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "two operations and no operationName: {}", reply.body);
 }
+
+#[tokio::test]
+async fn execution_errors_answer_200_and_only_unrun_requests_answer_400() {
+    // GraphQL over HTTP, application/graphql-response+json: a response with
+    // a `data` entry (even null) means the operation ran, so the status is
+    // 200; 4xx is for requests that did not run (parse, validation).
+    let node = Node::start(&[]);
+    let ran = post_json(&node, &json!({ "query": "{ posts(first: 5, after: \"garbage\") { totalCount } }" }), None).await;
+    let response = ran.json();
+    assert!(response.get("data").is_some() && !error_messages(&response).is_empty(), "{}", ran.body);
+    assert!(
+        response["errors"][0]["path"].is_array(),
+        "an error raised while resolving carries its path: {}",
+        ran.body
+    );
+    assert_eq!(ran.status, StatusCode::OK, "an execution error (data present, null) must be 200: {}", ran.body);
+
+    // A nullable field that fails leaves the rest of the data: 200 too.
+    let user = create_user(&node, "Partial").await;
+    let query = "query($id: ID!) { __typename user(id: $id) { posts(first: 101) { totalCount } } }";
+    let partial = post_json(&node, &json!({ "query": query, "variables": { "id": user.id } }), None).await;
+    assert_eq!(partial.status, StatusCode::OK, "{}", partial.body);
+    let response = partial.json();
+    assert_eq!(response["data"], json!({ "__typename": "Query", "user": null }), "{}", partial.body);
+    assert!(!error_messages(&response).is_empty(), "{}", partial.body);
+
+    let unrun = post_json(&node, &json!({ "query": "{ posts(first: \"five\") { totalCount } }" }), None).await;
+    assert_eq!(unrun.status, StatusCode::BAD_REQUEST, "a document that does not validate: {}", unrun.body);
+}
