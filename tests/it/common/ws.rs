@@ -246,7 +246,9 @@ impl GqlWs {
 /// published later must reach every client, in order.
 ///
 /// `publish(n)` causes one event and returns a string that the resulting
-/// message contains (a unique title, an id).
+/// message contains (a unique title, an id). Deliveries for other operations
+/// of the same connection are skipped; anything else for `id` (an error, a
+/// complete) fails the test.
 pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl AsyncFnMut(usize) -> String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut live = vec![false; clients.len()];
@@ -263,19 +265,12 @@ pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl 
             if live[i] {
                 continue;
             }
-            match client.read(Duration::from_millis(200)).await {
-                Read::Message(message) => {
-                    let kind = message["type"].as_str().unwrap_or("");
-                    assert!(
-                        (kind == "next" || kind == "data") && message["id"] == id,
-                        "while waiting for operation {id:?} to deliver, got {message}"
-                    );
+            let window = Instant::now() + Duration::from_millis(200);
+            while let Some(message) = client.delivery(id, window.saturating_duration_since(Instant::now())).await {
+                if message["id"] == id {
                     live[i] = true;
                     seen_last[i] = message.to_string().contains(&last);
-                }
-                Read::TimedOut => {}
-                Read::Closed(code, reason) => {
-                    panic!("client {i} was closed ({code} {reason:?}) while waiting for operation {id:?}")
+                    break;
                 }
             }
         }
@@ -284,10 +279,29 @@ pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl 
         }
     }
     for (i, client) in clients.iter_mut().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(10);
         while !seen_last[i] {
-            let message = client.next_message(Duration::from_secs(10)).await;
-            assert!(message["id"] == id, "while catching up on operation {id:?}, got {message}");
-            seen_last[i] = message.to_string().contains(&last);
+            let message = client
+                .delivery(id, deadline.saturating_duration_since(Instant::now()))
+                .await
+                .unwrap_or_else(|| panic!("operation {id:?} did not deliver the last warm-up event {last:?} within 10s"));
+            seen_last[i] = message["id"] == id && message.to_string().contains(&last);
+        }
+    }
+}
+
+impl GqlWs {
+    /// The next `next`/`data` message (of any operation) within `timeout`,
+    /// or None on timeout; anything else fails, naming operation `id`.
+    async fn delivery(&mut self, id: &str, timeout: Duration) -> Option<Value> {
+        match self.read(timeout).await {
+            Read::Message(message) => {
+                let kind = message["type"].as_str().unwrap_or("");
+                assert!(kind == "next" || kind == "data", "while waiting for operation {id:?} to deliver, got {message}");
+                Some(message)
+            }
+            Read::TimedOut => None,
+            Read::Closed(code, reason) => panic!("closed ({code} {reason:?}) while waiting for operation {id:?}"),
         }
     }
 }
