@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::common::*;
@@ -205,72 +204,6 @@ async fn subscriptions_per_connection_are_limited_without_harming_the_others() {
     .await;
 }
 
-/// A raw WebSocket client that never answers a ping: it completes the
-/// handshake, sends `connection_init`, then only reads bytes (a tungstenite
-/// client would answer pings by itself while reading). Returns when the
-/// server closes or drops it: (pings seen, close code if any, when).
-async fn silent_client(addr: std::net::SocketAddr) -> (usize, Option<u16>, Instant) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
-        "GET /graphql/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        let n = stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "the server closed during the handshake");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "the upgrade was refused: {head}");
-    buf.drain(..head_end);
-    // A masked text frame (clients must mask), payload under 126 bytes.
-    let payload = br#"{"type":"connection_init"}"#;
-    let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    stream.write_all(&frame).await.unwrap();
-
-    let mut pings = 0;
-    loop {
-        // Parse every complete (unmasked, server) frame in the buffer.
-        while buf.len() >= 2 {
-            let opcode = buf[0] & 0x0f;
-            let (len, header) = match buf[1] & 0x7f {
-                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-                127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
-                126 | 127 => break,
-                n => (n as usize, 2),
-            };
-            if buf.len() < header + len {
-                break;
-            }
-            let body = buf[header..header + len].to_vec();
-            buf.drain(..header + len);
-            match opcode {
-                0x9 => pings += 1,
-                0x1 if String::from_utf8_lossy(&body).contains(r#""ping""#) => pings += 1,
-                0x8 => {
-                    let code = (body.len() >= 2).then(|| u16::from_be_bytes([body[0], body[1]]));
-                    return (pings, code, Instant::now());
-                }
-                _ => {}
-            }
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return (pings, None, Instant::now()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_peer_that_stops_answering_pings_is_dropped_and_a_live_one_is_not() {
     let node = Node::start(&[("SUBGATE__WEBSOCKET__PING_INTERVAL_SECONDS", "1")]);
@@ -280,7 +213,11 @@ async fn a_peer_that_stops_answering_pings_is_dropped_and_a_live_one_is_not() {
 
     // The live client only reads, which answers the server's pings; it
     // must outlast the silent one.
-    let silent = tokio::time::timeout(Duration::from_secs(10), silent_client(node.addr));
+    let silent = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut raw = RawWs::upgrade(node.addr, "/graphql/ws", TRANSPORT_WS).await;
+        raw.send_text(r#"{"type":"connection_init"}"#).await;
+        raw.read_until_closed().await
+    });
     let reading = async {
         loop {
             if let Read::Closed(code, reason) = live.read(Duration::from_secs(30)).await {

@@ -15,4 +15,4 @@ pub mod ws;
 pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, token};
 pub use node::{run_cli, Node, TempDir, SECRET};
-pub use ws::{try_connect, until_live, ConnectOptions, GqlWs, Read, LEGACY_WS, TRANSPORT_WS};
+pub use ws::{try_connect, until_live, ConnectOptions, GqlWs, RawWs, Read, LEGACY_WS, TRANSPORT_WS};

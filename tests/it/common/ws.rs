@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -303,5 +304,110 @@ impl GqlWs {
             Read::TimedOut => None,
             Read::Closed(code, reason) => panic!("closed ({code} {reason:?}) while waiting for operation {id:?}"),
         }
+    }
+}
+
+/// A WebSocket client written by hand over a TCP socket, for peers that a
+/// real client library cannot imitate: one that never answers a ping (a
+/// library answers them while reading) or never reads at all.
+pub struct RawWs {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    /// Completes the opening handshake on `path` offering `subprotocol`.
+    pub async fn upgrade(addr: std::net::SocketAddr, path: &str, subprotocol: &str) -> RawWs {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: {subprotocol}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("send the upgrade request");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .expect("no upgrade response within 5s")
+                .expect("read the upgrade response");
+            assert!(n > 0, "the server closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "the upgrade was refused: {head}");
+        buf.drain(..head_end);
+        RawWs { stream, buf }
+    }
+
+    /// Sends one masked text frame (clients must mask).
+    pub async fn send_text(&mut self, text: &str) {
+        let payload = text.as_bytes();
+        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![0x81];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= u16::MAX as usize => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.expect("send a frame");
+    }
+
+    /// Reads frames, answering nothing, until the server sends a close
+    /// frame or drops the connection: (pings seen, close code, when).
+    /// Pings are WebSocket pings and graphql-transport-ws `ping` messages.
+    pub async fn read_until_closed(&mut self) -> (usize, Option<u16>, Instant) {
+        let mut pings = 0;
+        let mut chunk = [0u8; 16384];
+        loop {
+            while let Some((opcode, body)) = self.take_frame() {
+                match opcode {
+                    0x9 => pings += 1,
+                    0x1 if String::from_utf8_lossy(&body).contains(r#""type":"ping""#) => pings += 1,
+                    0x8 => {
+                        let code = (body.len() >= 2).then(|| u16::from_be_bytes([body[0], body[1]]));
+                        return (pings, code, Instant::now());
+                    }
+                    _ => {}
+                }
+            }
+            match self.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return (pings, None, Instant::now()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// One complete server (unmasked) frame from the buffer, if there is one.
+    fn take_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let buf = &self.buf;
+        if buf.len() < 2 {
+            return None;
+        }
+        let (len, header) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+            127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+            126 | 127 => return None,
+            n => (n as usize, 2),
+        };
+        if buf.len() < header + len {
+            return None;
+        }
+        let opcode = buf[0] & 0x0f;
+        let body = buf[header..header + len].to_vec();
+        self.buf.drain(..header + len);
+        Some((opcode, body))
     }
 }
