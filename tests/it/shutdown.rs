@@ -17,10 +17,10 @@ async fn sigterm_drains_websockets_with_1001_and_exits_zero() {
 
     let mut current = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     current.init_ack(json!({})).await;
-    current.subscribe("1", "subscription { postCreated { id } }", json!({})).await;
+    current.subscribe("1", "subscription { postCreated { id title } }", json!({})).await;
     let mut legacy = GqlWs::connect(&node.ws_url("/graphql"), LEGACY_WS).await;
     legacy.init_ack(json!({})).await;
-    legacy.subscribe("1", "subscription { postCreated { id } }", json!({})).await;
+    legacy.subscribe("1", "subscription { postCreated { id title } }", json!({})).await;
     until_live(&mut [&mut current, &mut legacy], "1", async |n| {
         let title = format!("[warm-up {n}]");
         create_post(&node, &author.token, &title, "").await;

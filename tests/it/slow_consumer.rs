@@ -131,7 +131,7 @@ async fn oversized_frames_and_deep_subscriptions_cost_only_their_own_client() {
     let text = refusal["payload"].to_string().to_lowercase();
     assert!(text.contains("deep") || text.contains("depth"), "the error must say why: {refusal}");
     deep.ping_pong().await;
-    let ten = "subscription { postCreated { author { posts(first: 1) { nodes { author { posts(first: 1) { nodes { author { id } } } } } } } } }";
+    let ten = "subscription { postCreated { title author { posts(first: 1) { nodes { author { posts(first: 1) { nodes { author { id } } } } } } } } }";
     deep.subscribe("ok", ten, json!({})).await;
 
     // A frame over the limit closes its own connection with 1009...

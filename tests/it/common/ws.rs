@@ -285,7 +285,7 @@ pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl 
             let message = client
                 .delivery(id, deadline.saturating_duration_since(Instant::now()))
                 .await
-                .unwrap_or_else(|| panic!("operation {id:?} did not deliver the last warm-up event {last:?} within 10s"));
+                .unwrap_or_else(|| panic!("operation {id:?} did not deliver the last warm-up event {last:?} within 10s (does its selection include the marker?)"));
             seen_last[i] = message["id"] == id && message.to_string().contains(&last);
         }
     }
@@ -293,16 +293,23 @@ pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl 
 
 impl GqlWs {
     /// The next `next`/`data` message (of any operation) within `timeout`,
-    /// or None on timeout; anything else fails, naming operation `id`.
+    /// or None on timeout. The end (`complete`) of another operation is
+    /// skipped; anything else fails, naming operation `id`.
     async fn delivery(&mut self, id: &str, timeout: Duration) -> Option<Value> {
-        match self.read(timeout).await {
-            Read::Message(message) => {
-                let kind = message["type"].as_str().unwrap_or("");
-                assert!(kind == "next" || kind == "data", "while waiting for operation {id:?} to deliver, got {message}");
-                Some(message)
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read(deadline.saturating_duration_since(Instant::now())).await {
+                Read::Message(message) => {
+                    let kind = message["type"].as_str().unwrap_or("");
+                    if kind == "complete" && message["id"] != id {
+                        continue;
+                    }
+                    assert!(kind == "next" || kind == "data", "while waiting for operation {id:?} to deliver, got {message}");
+                    return Some(message);
+                }
+                Read::TimedOut => return None,
+                Read::Closed(code, reason) => panic!("closed ({code} {reason:?}) while waiting for operation {id:?}"),
             }
-            Read::TimedOut => None,
-            Read::Closed(code, reason) => panic!("closed ({code} {reason:?}) while waiting for operation {id:?}"),
         }
     }
 }
