@@ -407,3 +407,62 @@ async fn notification_received_yields_only_the_callers_own() {
     assert_eq!(got["read"], false);
     assert!(got["payload"].to_string().contains(&alice_post), "the payload names the post: {got}");
 }
+
+#[tokio::test]
+async fn events_delivers_the_envelopes_of_the_named_topics_and_keeps_private_ones_private() {
+    let node = Node::start(&[]);
+    let alice = create_user(&node, "Alice").await;
+    let bob = create_user(&node, "Bob").await;
+    let post = create_post(&node, &alice.token, "watched", "").await;
+    let events = "subscription($topics: [String!]!) { events(topics: $topics) { id topic type payload timestamp } }";
+
+    let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
+    ws.init_ack(json!({ "token": bob.token })).await;
+    // The generic subscription must not be a way around notification privacy.
+    ws.subscribe("theirs", events, json!({ "topics": [format!("notifications:{}", alice.id)] })).await;
+    let errors = expect_refused(&mut ws, "theirs").await;
+    assert_eq!(errors[0]["extensions"]["code"], "FORBIDDEN", "{errors:?}");
+
+    ws.subscribe("e", events, json!({ "topics": ["posts", format!("post:{post}")] })).await;
+    until_live(&mut [&mut ws], "e", async |n| {
+        let title = format!("[warm-up {n}]");
+        create_post(&node, &alice.token, &title, "").await;
+        title
+    })
+    .await;
+
+    let created = create_post(&node, &alice.token, "fresh", "").await;
+    gql_ok(
+        &node,
+        "mutation($input: UpdatePostInput!) { updatePost(input: $input) { post { id } errors { code } } }",
+        json!({ "input": { "id": post, "title": "edited" } }),
+        Some(&alice.token),
+    )
+    .await;
+    // Two topics: each is ordered, but nothing orders one against the other.
+    let mut received = Vec::new();
+    for _ in 0..2 {
+        let payload = ws.next_data("e", Duration::from_secs(5)).await;
+        received.push(payload["data"]["events"].clone());
+    }
+    received.sort_by_key(|event| event["type"].as_str().unwrap_or("").to_owned());
+    let mut ids = Vec::new();
+    let expected = [("posts", "post.created", &created, "fresh"), (&format!("post:{post}")[..], "post.updated", &post, "edited")];
+    for (event, (topic, kind, id, title)) in received.iter().zip(expected) {
+        assert_eq!(event["topic"], topic, "{event}");
+        assert_eq!(event["type"], kind, "{event}");
+        assert_eq!(event["payload"]["id"], id.as_str(), "the envelope carries the entity: {event}");
+        assert_eq!(event["payload"]["title"], title, "{event}");
+        let timestamp = event["timestamp"].as_str().unwrap_or_else(|| panic!("no timestamp: {event}"));
+        assert!(chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(), "timestamp {timestamp:?} is not RFC 3339");
+        ids.push(event["id"].as_str().unwrap_or_else(|| panic!("no id: {event}")).to_owned());
+    }
+    assert_ne!(ids[0], ids[1], "event ids are unique");
+
+    // Topics that backends publish to need a caller.
+    let mut anonymous = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
+    anonymous.init_ack(json!({})).await;
+    anonymous.subscribe("orders", events, json!({ "topics": ["orders"] })).await;
+    let errors = expect_refused(&mut anonymous, "orders").await;
+    assert_eq!(errors[0]["extensions"]["code"], "UNAUTHORIZED", "{errors:?}");
+}
