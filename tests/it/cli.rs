@@ -60,20 +60,34 @@ fn bad_configuration_exits_non_zero_before_listening_naming_the_key() {
 
 #[tokio::test]
 async fn configuration_layers_files_then_environment() {
-    // default.toml says 2, --config says 3, the environment says 4: the
-    // environment wins, so a batch of 4 passes and one of 5 does not.
-    let node = Node::start_with(&["--config", "extra.toml"], &[("SUBGATE__GRAPHQL__MAX_BATCH_SIZE", "4")], |dir| {
+    // Four layers, each with a key that only it or a later one sets:
+    // config/default.toml < config/$SUBGATE_ENV.toml < --config FILE < SUBGATE__ variables.
+    let env = [("SUBGATE_ENV", "ci"), ("SUBGATE__GRAPHQL__MAX_BATCH_SIZE", "4")];
+    let node = Node::start_with(&["--config", "extra.toml"], &env, |dir| {
         std::fs::create_dir_all(dir.join("config")).unwrap();
-        std::fs::write(dir.join("config/default.toml"), "[graphql]\nmax_batch_size = 2\nmax_depth = 3\n").unwrap();
-        std::fs::write(dir.join("extra.toml"), "[graphql]\nmax_batch_size = 3\n").unwrap();
+        let default = "[graphql]\nmax_batch_size = 2\nmax_depth = 3\nmax_aliases = 50\nmax_page_size = 100\n";
+        std::fs::write(dir.join("config/default.toml"), default).unwrap();
+        std::fs::write(dir.join("config/ci.toml"), "[graphql]\nmax_aliases = 20\nmax_page_size = 7\n").unwrap();
+        std::fs::write(dir.join("extra.toml"), "[graphql]\nmax_batch_size = 3\nmax_aliases = 1\n").unwrap();
     });
+    // config/ci.toml (max_page_size 7) beats config/default.toml (100).
+    let reply = post_json(&node, &json!({ "query": "{ posts(first: 7) { totalCount } }" }), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "first: 7 with config/ci.toml max_page_size = 7: {}", reply.body);
+    let reply = post_json(&node, &json!({ "query": "{ posts(first: 8) { totalCount } }" }), None).await;
+    assert!(!error_messages(&reply.json()).is_empty(), "first: 8 with config/ci.toml max_page_size = 7: {}", reply.body);
+    // The environment (4) beats both files (2, 3).
     let batch = |n: usize| serde_json::Value::Array((0..n).map(|_| json!({ "query": "{ __typename }" })).collect());
     let reply = post_json(&node, &batch(4), None).await;
     assert_eq!(reply.status, StatusCode::OK, "the environment (4) must override the files: {}", reply.body);
     let reply = post_json(&node, &batch(5), None).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "a batch of 5 over a limit of 4: {}", reply.body);
-    // config/default.toml in the working directory applies where nothing overrides it:
-    // max_depth 3 refuses a depth-4 introspection query.
+    // --config (max_aliases 1) beats config/ci.toml (20) and config/default.toml (50).
+    let reply = post_json(&node, &json!({ "query": "{ a: __typename }" }), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "one alias with max_aliases = 1: {}", reply.body);
+    let reply = post_json(&node, &json!({ "query": "{ a: __typename b: __typename }" }), None).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "two aliases with --config max_aliases = 1: {}", reply.body);
+    // config/default.toml in the working directory applies where nothing
+    // overrides it: max_depth 3 refuses depth 4.
     let deep = "{ __schema { queryType { fields { name } } } }";
     let reply = post_json(&node, &json!({ "query": deep }), None).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "depth 4 with config/default.toml max_depth = 3: {}", reply.body);
