@@ -83,13 +83,12 @@ impl GqlWs {
     /// Connects offering `subprotocol`; panics (with the reason) if the
     /// server refuses the upgrade or picks another subprotocol.
     pub async fn connect(url: &str, subprotocol: &str) -> GqlWs {
-        let ws = tokio::time::timeout(
-            Duration::from_secs(10),
-            try_connect(url, ConnectOptions { subprotocol: Some(subprotocol), ..Default::default() }),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("the WebSocket handshake with {url} did not finish within 10s"))
-        .unwrap_or_else(|e| panic!("the WebSocket upgrade at {url} with {subprotocol} failed: {e}"));
+        let attempt = try_connect(url, ConnectOptions { subprotocol: Some(subprotocol), ..Default::default() });
+        let ws = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Err(_) => panic!("the WebSocket handshake with {url} did not finish within 10s"),
+            Ok(Err(e)) => panic!("the WebSocket upgrade at {url} with {subprotocol} failed: {e}"),
+            Ok(Ok(ws)) => ws,
+        };
         assert_eq!(ws.protocol, subprotocol, "the server accepted another subprotocol at {url}");
         ws
     }
