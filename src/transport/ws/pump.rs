@@ -240,10 +240,8 @@ impl Assembler {
 
     fn push(&mut self, item: Item) -> Result<Option<Assembled>, FrameError> {
         match item {
-            Item::FirstText(bytes) | Item::FirstBinary(bytes) if self.active => {
-                drop(bytes);
-                Err(FrameError::Protocol)
-            }
+            // A new message may not start inside another.
+            Item::FirstText(_) | Item::FirstBinary(_) if self.active => Err(FrameError::Protocol),
             Item::FirstText(bytes) => {
                 self.begin(true);
                 self.append(&bytes).map(|()| None)
