@@ -177,6 +177,10 @@ impl Hub {
 }
 
 impl EventSink for Hub {
+    fn topics(&self) -> Vec<String> {
+        Hub::topics(self)
+    }
+
     fn dispatch(&self, event: Arc<SharedEvent>) {
         let mut slow = Vec::new();
         {
