@@ -30,6 +30,8 @@ pub trait EventSink: Send + Sync + 'static {
     /// The topics this node has local subscribers for: what a broker must
     /// be subscribed to, no more, no less.
     fn topics(&self) -> Vec<String>;
+    /// Whether this node has a local subscriber for `topic`.
+    fn wants(&self, topic: &str) -> bool;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

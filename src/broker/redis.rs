@@ -86,6 +86,8 @@ struct Shared {
     confirmed: Mutex<HashSet<String>>,
     /// Local subscribes waiting for Redis to confirm their topic.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    /// Topics whose subscription may need to change since the last reconcile.
+    dirty: Mutex<HashSet<String>>,
     /// Wakes the control task to reconcile.
     wake: Notify,
     link: Mutex<Link>,
@@ -105,6 +107,12 @@ impl Shared {
 
     fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<()>>>> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `topic` for the next reconcile and wakes the control task.
+    fn touch(&self, topic: &str) {
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_owned());
+        self.wake.notify_one();
     }
 }
 
@@ -144,6 +152,7 @@ impl RedisBroker {
                 sink: OnceLock::new(),
                 confirmed: Mutex::new(HashSet::new()),
                 waiters: Mutex::new(HashMap::new()),
+                dirty: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
                 link: Mutex::new(Link::Connecting),
                 probe_seen: AtomicU64::new(0),
@@ -261,7 +270,7 @@ impl Broker for RedisBroker {
         if self.shared.confirmed().contains(topic) {
             return Ok(());
         }
-        self.shared.wake.notify_one();
+        self.shared.touch(topic);
         match tokio::time::timeout(self.opts.subscribe_timeout, rx).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(BrokerError::Unavailable(format!(
@@ -271,9 +280,9 @@ impl Broker for RedisBroker {
         }
     }
 
-    fn release(&self, _topic: &str) {
+    fn release(&self, topic: &str) {
         // The control task compares what Redis has with what the hub wants.
-        self.shared.wake.notify_one();
+        self.shared.touch(topic);
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -366,11 +375,11 @@ impl SubscriberTask {
         let mut probe_sent: u64 = self.shared.probe_seen.load(Ordering::SeqCst);
         let mut probe_sent_at: Option<Instant> = None;
         // Everything the hub wants is missing on a new connection.
-        self.shared.wake.notify_one();
+        self.reconcile(&mut sink, true).await?;
         loop {
             tokio::select! {
                 _ = &mut ended_rx => return Err("the connection closed".into()),
-                _ = self.shared.wake.notified() => self.reconcile(&mut sink).await?,
+                _ = self.shared.wake.notified() => self.reconcile(&mut sink, false).await?,
                 _ = probe.tick() => {
                     let seen = self.shared.probe_seen.load(Ordering::SeqCst);
                     if let Some(at) = probe_sent_at {
@@ -408,15 +417,33 @@ impl SubscriberTask {
     }
 
     /// Subscribes what the hub wants and Redis lacks; unsubscribes the rest.
-    async fn reconcile(&self, sink: &mut redis::aio::PubSubSink) -> Result<(), String> {
+    /// `full` compares everything (a new connection); otherwise only the
+    /// topics touched since the last pass are looked at, so the cost of a
+    /// pass is the size of the change, not of the node.
+    async fn reconcile(&self, sink: &mut redis::aio::PubSubSink, full: bool) -> Result<(), String> {
         let Some(hub) = self.shared.sink.get() else { return Ok(()) };
-        let wanted: HashSet<String> = hub.topics().into_iter().collect();
-        let (to_add, to_remove): (Vec<String>, Vec<String>) = {
+        let dirty: Vec<String> = std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect();
+        let (to_add, to_remove): (Vec<String>, Vec<String>) = if full {
+            let wanted: HashSet<String> = hub.topics().into_iter().collect();
             let confirmed = self.shared.confirmed();
             (
                 wanted.iter().filter(|t| !confirmed.contains(*t)).cloned().collect(),
                 confirmed.iter().filter(|t| !wanted.contains(*t)).cloned().collect(),
             )
+        } else {
+            let confirmed = self.shared.confirmed();
+            let mut add = Vec::new();
+            let mut remove = Vec::new();
+            for topic in dirty {
+                match (hub.wants(&topic), confirmed.contains(&topic)) {
+                    (true, false) => add.push(topic),
+                    (false, true) => remove.push(topic),
+                    _ => {}
+                }
+            }
+            (add, remove)
         };
         for chunk in to_add.chunks(BATCH) {
             let channels: Vec<String> = chunk.iter().map(|t| channel_name(&self.prefix, t)).collect();
@@ -451,7 +478,7 @@ impl SubscriberTask {
                     }
                     return false;
                 }
-                wanted.contains(topic)
+                hub.wants(topic)
             });
         }
         let count = self.shared.confirmed().len();
@@ -469,23 +496,23 @@ impl Drop for AbortOnDrop {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::hub::Hub;
 
     /// A redis-server of the test's own on a free port, killed on drop.
-    struct TestRedis {
+    pub struct TestRedis {
         child: std::process::Child,
-        port: u16,
+        pub port: u16,
     }
 
     impl TestRedis {
-        fn start() -> Self {
+        pub fn start() -> Self {
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             Self::start_on(port)
         }
 
-        fn start_on(port: u16) -> Self {
+        pub fn start_on(port: u16) -> Self {
             let child = std::process::Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
                 .stdout(std::process::Stdio::null())
@@ -505,11 +532,11 @@ mod tests {
             Self { child, port }
         }
 
-        fn url(&self) -> String {
+        pub fn url(&self) -> String {
             format!("redis://127.0.0.1:{}", self.port)
         }
 
-        fn cmd(&self, args: &[&str]) -> redis::Value {
+        pub fn cmd(&self, args: &[&str]) -> redis::Value {
             let client = redis::Client::open(self.url()).unwrap();
             let mut conn = client.get_connection().unwrap();
             let mut c = redis::cmd(args[0]);
@@ -613,5 +640,153 @@ mod tests {
         let sent = a.publish(NewEvent::new("user:1", "user.updated", serde_json::json!({"n": 1}))).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(2), sub.recv()).await.unwrap().unwrap();
         assert_eq!(got.event.id, sent.event.id);
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::tests_support::*;
+    use super::*;
+
+    #[tokio::test]
+    async fn twenty_thousand_topics_are_resubscribed_after_redis_drops_the_connection() {
+        let redis = TestRedis::start();
+        let (hub, metrics) = node_with_metrics(&redis.url());
+        let mut subs = Vec::new();
+        let names: Vec<String> = (0..20_000).map(|i| format!("channel:{i}")).collect();
+        let opened = futures_util::future::join_all(names.iter().map(|n| hub.subscribe(n, "test", None))).await;
+        for sub in opened {
+            subs.push(sub.unwrap());
+        }
+        assert_eq!(metrics.redis_subscribed_channels.get(), 20_000);
+        // What Redis does to a Pub/Sub client over its output buffer limit.
+        redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        let killed = Instant::now();
+        let deadline = killed + Duration::from_secs(10);
+        while metrics.redis_reconnects_total.get() == 0 || metrics.redis_subscribed_channels.get() != 20_000 {
+            assert!(Instant::now() < deadline, "the node did not resubscribe its 20,000 topics");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eprintln!("20,000 topics resubscribed {:?} after the connection was killed", killed.elapsed());
+        let sent = hub.publish(NewEvent::new("channel:19999", "message.created", serde_json::json!({}))).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), subs[19_999].recv()).await.unwrap().unwrap();
+        assert_eq!(got.event.id, sent.event.id);
+    }
+
+    #[tokio::test]
+    async fn a_silent_pubsub_connection_is_detected_by_the_probe_and_restarted() {
+        let redis = TestRedis::start();
+        let proxy = FreezableProxy::start(redis.port).await;
+        let (hub, metrics) = node_with_metrics(&proxy.url());
+        let mut sub = hub.subscribe("posts", "test", None).await.unwrap();
+        // From now on the proxy keeps the existing connections open but
+        // forwards nothing from Redis to the node: publishes succeed on new
+        // connections while the Pub/Sub connection hears nothing.
+        proxy.freeze_existing();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metrics.redis_probe_failures_total.get() == 0 {
+            assert!(Instant::now() < deadline, "the silent connection was not detected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.redis_subscribed_channels.get() != 1 || hub.broker().readiness().is_err() {
+            assert!(Instant::now() < deadline, "the node did not resubscribe after the probe failed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sent = hub.publish(NewEvent::new("posts", "post.created", serde_json::json!({}))).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv()).await.unwrap().unwrap();
+        assert_eq!(got.event.id, sent.event.id);
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+    use crate::hub::Hub;
+    use std::sync::atomic::AtomicBool;
+
+    pub use super::tests::TestRedis;
+
+    pub fn node_with_metrics(url: &str) -> (Arc<Hub>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let broker = RedisBroker::new(
+            RedisBrokerOptions {
+                url: url.to_owned(),
+                prefix: "t:".into(),
+                command_timeout: Duration::from_millis(1000),
+                subscribe_timeout: Duration::from_secs(5),
+                probe_interval: Duration::from_millis(200),
+                max_backoff: Duration::from_millis(200),
+                history_size: 100,
+                history_ttl: Duration::from_secs(60),
+                pool_size: 4,
+            },
+            metrics.clone(),
+        )
+        .unwrap();
+        (Hub::new(Arc::new(broker), metrics.clone(), 64), metrics)
+    }
+
+    /// A TCP proxy to Redis whose existing connections can be made silent
+    /// (kept open, nothing forwarded from Redis), as a Pub/Sub connection
+    /// behaves after some failovers.
+    pub struct FreezableProxy {
+        port: u16,
+        frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl FreezableProxy {
+        pub async fn start(redis_port: u16) -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+            let registry = frozen.clone();
+            let task = tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { continue };
+                    let flag = Arc::new(AtomicBool::new(false));
+                    registry.lock().unwrap().push(flag.clone());
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    });
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if flag.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            Self { port, frozen, task }
+        }
+
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        pub fn freeze_existing(&self) {
+            for flag in self.frozen.lock().unwrap().iter() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Drop for FreezableProxy {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
     }
 }

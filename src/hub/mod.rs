@@ -181,6 +181,10 @@ impl EventSink for Hub {
         Hub::topics(self)
     }
 
+    fn wants(&self, topic: &str) -> bool {
+        self.lock().contains_key(topic)
+    }
+
     fn dispatch(&self, event: Arc<SharedEvent>) {
         let mut slow = Vec::new();
         {
