@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 
 use crate::auth::Authenticator;
+use crate::broker::redis::{RedisBroker, RedisBrokerOptions};
 use crate::broker::{memory::MemoryBroker, Broker};
 use crate::config::{ConfigError, Settings};
 use crate::graphql::{self, AppSchema};
@@ -34,14 +35,29 @@ impl AppState {
         let settings = Arc::new(settings);
         let metrics = Arc::new(Metrics::new());
         let auth = Arc::new(Authenticator::from_settings(&settings)?);
-        if settings.redis.url.is_some() {
-            return Err(ConfigError {
-                key: "redis.url".into(),
-                message: "the Redis bus and store are not available in this build yet; unset redis.url".into(),
-            });
-        }
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let (broker, store): (Arc<dyn Broker>, Arc<dyn Store>) = match &settings.redis.url {
+            Some(url) => {
+                let r = &settings.redis;
+                let ms = std::time::Duration::from_millis;
+                let broker = RedisBroker::new(
+                    RedisBrokerOptions {
+                        url: url.clone(),
+                        prefix: r.prefix.clone(),
+                        command_timeout: ms(r.command_timeout_ms),
+                        subscribe_timeout: ms(r.subscribe_timeout_ms),
+                        probe_interval: ms(r.probe_interval_ms),
+                        max_backoff: ms(r.max_backoff_ms),
+                        history_size: r.history_size,
+                        history_ttl: Duration::from_secs(r.history_ttl_seconds),
+                        pool_size: r.pool_size,
+                    },
+                    metrics.clone(),
+                )
+                .map_err(|message| ConfigError { key: "redis.url".into(), message })?;
+                (Arc::new(broker), Arc::new(MemoryStore::new()))
+            }
+            None => (Arc::new(MemoryBroker::new()), Arc::new(MemoryStore::new())),
+        };
         let hub = Hub::new(broker, metrics.clone(), settings.hub.subscriber_queue_capacity);
         let schema = graphql::build_schema(graphql::SchemaDeps {
             settings: settings.clone(),

@@ -77,22 +77,19 @@ fn main() -> ExitCode {
 
 fn serve(settings: Settings) -> ExitCode {
     subgate::telemetry::init(&settings);
-    let state = match subgate::app::AppState::build(settings) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("subgate: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let addr = (state.settings.server.host.as_str(), state.settings.server.port);
-    let listener = match std::net::TcpListener::bind(addr) {
+    let addr = (settings.server.host.clone(), settings.server.port);
+    let listener = match std::net::TcpListener::bind((addr.0.as_str(), addr.1)) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("subgate: invalid configuration: server.port: cannot listen on {}:{}: {e}", addr.0, addr.1);
             return ExitCode::FAILURE;
         }
     };
-    let result = actix_web::rt::System::new().block_on(subgate::app::serve(state, listener));
+    // The node is built inside the runtime: the broker starts tasks.
+    let result = actix_web::rt::System::new().block_on(async move {
+        let state = subgate::app::AppState::build(settings).map_err(|e| e.to_string())?;
+        subgate::app::serve(state, listener).await.map_err(|e| e.to_string())
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

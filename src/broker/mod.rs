@@ -12,11 +12,11 @@
 //!   topic; it is synchronous and must not block (called from `Drop`).
 //! - Delivery to the sink never waits on a subscriber.
 //!
-//! Implementations: [`memory::MemoryBroker`] (one node). The Redis broker
-//! (publish through a pool, one dedicated Pub/Sub connection reconciled with
-//! the hub's wanted topics) plugs in here.
+//! Implementations: [`memory::MemoryBroker`] (one node) and
+//! [`redis::RedisBroker`] (a fleet sharing Redis).
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -27,6 +27,11 @@ use crate::event::{NewEvent, SharedEvent};
 /// Where a broker hands the events it receives: the node's hub.
 pub trait EventSink: Send + Sync + 'static {
     fn dispatch(&self, event: Arc<SharedEvent>);
+    /// The topics this node has local subscribers for: what a broker must
+    /// be subscribed to, no more, no less.
+    fn topics(&self) -> Vec<String>;
+    /// Whether this node has a local subscriber for `topic`.
+    fn wants(&self, topic: &str) -> bool;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

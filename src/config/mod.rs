@@ -83,11 +83,35 @@ pub struct RedisSettings {
     pub url: Option<String>,
     /// Prefix of every key and channel, so deployments can share one Redis.
     pub prefix: String,
+    /// Bound on every Redis command.
+    pub command_timeout_ms: u64,
+    /// How long a new subscription waits for Redis to confirm it.
+    pub subscribe_timeout_ms: u64,
+    /// How often the Pub/Sub connection is probed for silent loss.
+    pub probe_interval_ms: u64,
+    /// Longest wait between reconnect attempts (backoff is jittered).
+    pub max_backoff_ms: u64,
+    /// Pooled connections for commands (publish, store).
+    pub pool_size: usize,
+    /// Events kept per topic (approximate).
+    pub history_size: usize,
+    /// How long a topic's events are kept after its last event.
+    pub history_ttl_seconds: u64,
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: None, prefix: "subgate:".into() }
+        Self {
+            url: None,
+            prefix: "subgate:".into(),
+            command_timeout_ms: 2000,
+            subscribe_timeout_ms: 5000,
+            probe_interval_ms: 5000,
+            max_backoff_ms: 2000,
+            pool_size: 32,
+            history_size: 1000,
+            history_ttl_seconds: 86400,
+        }
     }
 }
 
@@ -318,6 +342,13 @@ impl Settings {
         positive("websocket.max_frame_bytes", self.websocket.max_frame_bytes as u64);
         positive("websocket.max_subscriptions_per_connection", self.websocket.max_subscriptions_per_connection as u64);
         positive("hub.subscriber_queue_capacity", self.hub.subscriber_queue_capacity as u64);
+        positive("redis.command_timeout_ms", self.redis.command_timeout_ms);
+        positive("redis.subscribe_timeout_ms", self.redis.subscribe_timeout_ms);
+        positive("redis.probe_interval_ms", self.redis.probe_interval_ms);
+        positive("redis.max_backoff_ms", self.redis.max_backoff_ms);
+        positive("redis.pool_size", self.redis.pool_size as u64);
+        positive("redis.history_size", self.redis.history_size as u64);
+        positive("redis.history_ttl_seconds", self.redis.history_ttl_seconds);
         positive("auth.login_token_ttl_seconds", self.auth.login_token_ttl_seconds);
         positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
         if self.server.host.trim().is_empty() {

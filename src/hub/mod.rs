@@ -177,6 +177,14 @@ impl Hub {
 }
 
 impl EventSink for Hub {
+    fn topics(&self) -> Vec<String> {
+        Hub::topics(self)
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        self.lock().contains_key(topic)
+    }
+
     fn dispatch(&self, event: Arc<SharedEvent>) {
         let mut slow = Vec::new();
         {

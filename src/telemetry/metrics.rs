@@ -45,6 +45,14 @@ pub struct Metrics {
     pub graphql_operation_duration_seconds: HistogramVec,
     /// WebSocket closes by code.
     pub ws_closes_total: IntCounterVec,
+    /// Pub/Sub connections lost and restarted.
+    pub redis_reconnects_total: prometheus::IntCounter,
+    /// Channels subscribed on this node's Pub/Sub connection.
+    pub redis_subscribed_channels: IntGauge,
+    /// Pub/Sub connections restarted because the probe did not come back.
+    pub redis_probe_failures_total: prometheus::IntCounter,
+    /// Redis command latency by command.
+    pub redis_command_duration_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -124,6 +132,23 @@ impl Metrics {
             &["code"],
         )
         .unwrap();
+        let redis_reconnects_total =
+            prometheus::IntCounter::new("subgate_redis_reconnects_total", "Pub/Sub connections lost and restarted")
+                .unwrap();
+        let redis_subscribed_channels =
+            IntGauge::new("subgate_redis_subscribed_channels", "Channels subscribed on this node's Pub/Sub connection")
+                .unwrap();
+        let redis_probe_failures_total = prometheus::IntCounter::new(
+            "subgate_redis_probe_failures_total",
+            "Pub/Sub connections restarted because the probe did not come back",
+        )
+        .unwrap();
+        let redis_command_duration_seconds = HistogramVec::new(
+            HistogramOpts::new("subgate_redis_command_duration_seconds", "Redis command latency by command")
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            &["command"],
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -139,6 +164,10 @@ impl Metrics {
             Box::new(graphql_operations_total.clone()),
             Box::new(graphql_operation_duration_seconds.clone()),
             Box::new(ws_closes_total.clone()),
+            Box::new(redis_reconnects_total.clone()),
+            Box::new(redis_subscribed_channels.clone()),
+            Box::new(redis_probe_failures_total.clone()),
+            Box::new(redis_command_duration_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -165,6 +194,10 @@ impl Metrics {
             graphql_operations_total,
             graphql_operation_duration_seconds,
             ws_closes_total,
+            redis_reconnects_total,
+            redis_subscribed_channels,
+            redis_probe_failures_total,
+            redis_command_duration_seconds,
         }
     }
 
