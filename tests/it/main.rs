@@ -1,11 +1,13 @@
 //! subgate's integration tests: one binary (`cargo test --test it`) that
 //! starts the real `subgate` binary on port 0 and talks to it through real
-//! sockets, as users and operators do.
+//! sockets, as users and operators do; the fleet tests add a real
+//! `redis-server` that each test starts, kills and restarts itself.
 
 mod common;
 
 mod auth;
 mod cli;
+mod fleet;
 mod graphql;
 mod http;
 mod shutdown;

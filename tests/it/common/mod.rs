@@ -4,15 +4,18 @@
 //! - [`gql`]: GraphQL over HTTP and the domain helpers (users, posts).
 //! - [`jwt`]: good and bad tokens, and `subgate token`.
 //! - [`ws`]: a graphql-transport-ws / graphql-ws client with bounded reads.
+//! - [`redis`]: a redis-server of the test's own, to share and to break.
 
 #![allow(dead_code)] // not every test module uses every helper
 
 pub mod gql;
 pub mod jwt;
 pub mod node;
+pub mod redis;
 pub mod ws;
 
 pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, token};
 pub use node::{run_cli, Node, TempDir, SECRET};
+pub use self::redis::{reserve_port, TestRedis};
 pub use ws::{try_connect, until_live, ConnectOptions, GqlWs, RawWs, Read, LEGACY_WS, TRANSPORT_WS};

@@ -334,6 +334,13 @@ impl Node {
         kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM).expect("send SIGTERM to the node");
     }
 
+    /// SIGKILL: the node dies at once, as in a crash or an OOM kill; its
+    /// sockets are closed by the kernel, without any close frame.
+    pub fn sigkill(&self) {
+        assert!(self.exit.status.lock().unwrap().is_none(), "the node has already exited");
+        kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL).expect("send SIGKILL to the node");
+    }
+
     /// The exit status, if the node has exited.
     pub fn exited(&self) -> Option<ExitStatus> {
         *self.exit.status.lock().unwrap()
