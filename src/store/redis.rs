@@ -79,11 +79,13 @@ impl RedisStore {
     /// Connects lazily: only a malformed `url` fails here. Each call may take
     /// at most `command_timeout`, waiting for a pooled connection included.
     pub fn new(url: &str, prefix: &str, pool_size: usize, command_timeout: Duration) -> Result<Self, StoreError> {
-        // The client's own timeouts default to 500 ms per response; aligning
-        // them with ours keeps one knob, and ours still bounds the total.
+        // The client would otherwise time responses out after its own 500 ms;
+        // our deadline bounds every call instead, so there is one knob and
+        // one kind of timeout to report. Connecting keeps a bound of its own
+        // because it also runs while recycling, outside any call.
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(command_timeout))
-            .set_response_timeout(Some(command_timeout));
+            .set_response_timeout(None);
         let manager = Manager::new_with_config(url, connection)
             .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
         let pool = Pool::builder(manager)
@@ -114,27 +116,7 @@ impl RedisStore {
     /// The one way to Redis: a pooled connection and one request, together
     /// bounded by `command_timeout`, with failures mapped and recorded.
     async fn call<T: FromRedisValue>(&self, request: Request<'_>) -> StoreResult<T> {
-        let attempt = async {
-            let mut conn = self.pool.get().await.map_err(Failure::from_pool)?;
-            let result = match request {
-                Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
-                Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
-                Request::Script(script) => script.invoke_async(&mut conn).await,
-            };
-            result.map_err(|e| {
-                let failure = Failure::from_redis(e);
-                if matches!(failure, Failure::Connection(_)) {
-                    // A broken connection must not go back to the pool for
-                    // the next caller to trip over.
-                    drop(Connection::take(conn));
-                }
-                failure
-            })
-        };
-        let outcome = match tokio::time::timeout(self.command_timeout, attempt).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(Failure::Connection(format!("Redis did not answer within {:?}", self.command_timeout))),
-        };
+        let outcome = self.attempt(request).await;
         match outcome {
             Ok(value) => {
                 self.health.up();
@@ -151,6 +133,34 @@ impl RedisStore {
                 Err(StoreError::Unavailable(why))
             }
         }
+    }
+
+    /// Takes a connection and sends the request, both within one deadline.
+    async fn attempt<T: FromRedisValue>(&self, request: Request<'_>) -> Result<T, Failure> {
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        let too_late = || Failure::Connection(format!("Redis did not answer within {:?}", self.command_timeout));
+        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
+            Ok(got) => got.map_err(Failure::from_pool)?,
+            Err(_) => return Err(too_late()),
+        };
+        let sent = async {
+            match request {
+                Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
+                Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
+                Request::Script(script) => script.invoke_async(&mut conn).await,
+            }
+        };
+        let failure = match tokio::time::timeout_at(deadline, sent).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => Failure::from_redis(e),
+            Err(_) => too_late(),
+        };
+        if matches!(failure, Failure::Connection(_)) {
+            // A broken or hung connection must not go back to the pool for
+            // the next caller to trip over (or to wait on while recycling).
+            drop(Connection::take(conn));
+        }
+        Err(failure)
     }
 
     /// Hashes of `keys` in one pipeline, in order; empty where missing.
@@ -1001,5 +1011,261 @@ impl Store for RedisStore {
 
     fn readiness(&self) -> Result<(), String> {
         self.health.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What only the Redis store has: the key layout, its behaviour while
+    //! Redis is down, hung or shared. The trait's behaviour is checked by the
+    //! conformance suite.
+
+    use std::collections::BTreeSet;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::test_support::{free_port, RedisServer};
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    /// Scheduling slack on a busy test machine; far below "hangs".
+    const SLACK: Duration = Duration::from_secs(1);
+
+    fn store(url: &str, prefix: &str) -> RedisStore {
+        RedisStore::new(url, prefix, 4, TIMEOUT).expect("a valid URL builds a store")
+    }
+
+    fn new_user(email: &str) -> NewUser {
+        NewUser { email: email.into(), name: "n".into(), password_hash: "h".into() }
+    }
+
+    async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(server.url()).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
+    fn assert_unavailable<T: fmt::Debug>(what: &str, result: StoreResult<T>) {
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{what}: expected Unavailable, got {result:?}");
+    }
+
+    /// Every kind of call fails, and fails fast, while Redis is away. The
+    /// calls run together, so together they must finish within one timeout.
+    async fn assert_every_call_unavailable(s: &RedisStore) {
+        let page = PageRequest { first: 10, after: None };
+        let ids = ["a".to_owned(), "b".to_owned()];
+        let started = Instant::now();
+        let (ping, create, get, find, list, send, mark) = tokio::join!(
+            s.ping(),
+            s.create_user(new_user("x@example.com")),
+            s.get_users(&ids),
+            s.find_user_by_email("x@example.com"),
+            s.list_posts(None, page),
+            s.create_message("c", "u", "hi".into()),
+            s.mark_notification_read("u", "n"),
+        );
+        assert!(started.elapsed() < TIMEOUT + SLACK, "answered after {:?}", started.elapsed());
+        assert_unavailable("ping", ping);
+        assert_unavailable("create_user", create);
+        assert_unavailable("get_users", get);
+        assert_unavailable("find_user_by_email", find);
+        assert_unavailable("list_posts", list);
+        assert_unavailable("create_message", send);
+        assert_unavailable("mark_notification_read", mark);
+    }
+
+    #[test]
+    fn a_malformed_url_is_refused_up_front() {
+        assert!(matches!(RedisStore::new("not a url", "p:", 4, TIMEOUT), Err(StoreError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn a_node_starts_while_redis_is_down_and_serves_once_it_is_up() {
+        let port = free_port();
+        let s = store(&format!("redis://127.0.0.1:{port}/"), "subgate:");
+        // No call yet: nothing is known to be wrong.
+        assert!(s.readiness().is_ok());
+
+        assert_every_call_unavailable(&s).await;
+        let why = s.readiness().expect_err("not ready while Redis is down");
+        assert!(why.contains("Redis"), "{why}");
+
+        let _server = RedisServer::start_on(port);
+        s.ping().await.unwrap();
+        assert!(s.readiness().is_ok());
+        s.create_user(new_user("first@example.com")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stopped_redis_answers_unavailable_and_a_restarted_one_serves_again() {
+        let mut server = RedisServer::start();
+        let s = store(&server.url(), "subgate:");
+        let before = s.create_user(new_user("before@example.com")).await.unwrap();
+        // Several pooled connections, all of which go stale together.
+        let reads: Vec<_> = (0..8).map(|_| s.get_users(std::slice::from_ref(&before.id))).collect();
+        for read in futures_util::future::join_all(reads).await {
+            read.unwrap();
+        }
+        assert!(s.readiness().is_ok());
+
+        server.stop();
+        assert_every_call_unavailable(&s).await;
+        assert!(s.readiness().is_err());
+
+        // A new, empty server on the same address: no stale connection and
+        // no missing script may get in the way.
+        let _server = RedisServer::start_on(server.port());
+        s.ping().await.unwrap();
+        assert!(s.readiness().is_ok());
+        s.create_user(new_user("after@example.com")).await.unwrap();
+        assert_eq!(s.get_users(&[before.id]).await.unwrap(), vec![None]);
+    }
+
+    #[tokio::test]
+    async fn a_redis_that_never_answers_cannot_hang_a_call() {
+        // The kernel completes connections into the backlog, nobody ever
+        // reads or answers: the worst kind of outage for a client.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = store(&format!("redis://{}/", silent.local_addr().unwrap()), "subgate:");
+        assert_every_call_unavailable(&s).await;
+        assert!(s.readiness().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_paused_redis_times_out_and_serves_again_when_resumed() {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+
+        let server = RedisServer::start();
+        let s = store(&server.url(), "subgate:");
+        let user = s.create_user(new_user("p@example.com")).await.unwrap();
+        let pid = Pid::from_raw(server.pid().unwrap() as i32);
+
+        kill(pid, Signal::SIGSTOP).unwrap();
+        assert_every_call_unavailable(&s).await;
+        // Whichever layer noticed first (connecting, or our deadline), the
+        // node is not ready.
+        assert!(s.readiness().is_err());
+
+        kill(pid, Signal::SIGCONT).unwrap();
+        // Answers to the abandoned requests may still arrive; they must not
+        // be taken for answers to new ones.
+        assert_eq!(s.get_users(std::slice::from_ref(&user.id)).await.unwrap(), vec![Some(user.clone())]);
+        assert_eq!(s.find_user_by_email("p@example.com").await.unwrap(), Some(user));
+        assert!(s.readiness().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_is_unavailable_without_costing_readiness() {
+        let server = RedisServer::start();
+        let s = store(&server.url(), "bad:");
+        let mut con = raw(&server).await;
+        // A foreign writer put the wrong type under our prefix.
+        let _: () = redis::cmd("SET").arg("bad:users").arg("not a sorted set").query_async(&mut con).await.unwrap();
+        let _: () = redis::cmd("HSET").arg("bad:post:half").arg("id").arg("half").query_async(&mut con).await.unwrap();
+
+        let listed = s.list_users(PageRequest { first: 5, after: None }).await;
+        assert!(matches!(listed, Err(StoreError::Unavailable(_))), "{listed:?}");
+        let half = s.get_posts(&["half".into()]).await;
+        assert!(matches!(&half, Err(StoreError::Unavailable(why)) if why.contains("malformed post")), "{half:?}");
+        assert!(s.readiness().is_ok(), "Redis answered; it is reachable");
+    }
+
+    #[tokio::test]
+    async fn two_nodes_racing_for_one_email_have_one_winner() {
+        let server = RedisServer::start();
+        let nodes = [Arc::new(store(&server.url(), "subgate:")), Arc::new(store(&server.url(), "subgate:"))];
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let node = nodes[i % 2].clone();
+                tokio::spawn(async move { node.create_user(new_user("shared@example.com")).await })
+            })
+            .collect();
+        let mut wins = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => wins += 1,
+                Err(e) => assert_eq!(e, StoreError::Conflict { field: "email" }),
+            }
+        }
+        assert_eq!(wins, 1);
+        // Either node sees the one user.
+        for node in &nodes {
+            assert_eq!(node.list_users(PageRequest { first: 5, after: None }).await.unwrap().total_count, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn prefixes_keep_deployments_apart() {
+        let server = RedisServer::start();
+        let (blue, green) = (store(&server.url(), "blue:"), store(&server.url(), "green:"));
+        let b = blue.create_user(new_user("same@example.com")).await.unwrap();
+        let g = green.create_user(new_user("same@example.com")).await.unwrap();
+        assert_eq!(blue.get_users(&[b.id.clone(), g.id.clone()]).await.unwrap(), vec![Some(b), None]);
+        assert_eq!(green.list_users(PageRequest { first: 5, after: None }).await.unwrap().total_count, 1);
+    }
+
+    #[tokio::test]
+    async fn keys_follow_the_documented_layout() {
+        let server = RedisServer::start();
+        let s = store(&server.url(), "lay:");
+        let u = s.create_user(new_user(" Lay@Example.com")).await.unwrap();
+        let p = s.create_post(&u.id, "t".into(), "c".into()).await.unwrap();
+        let c = s.create_comment(&p.id, &u.id, "c".into()).await.unwrap();
+        let ch = s.create_channel(&u.id, "ch".into(), true, vec!["x\"y".into()]).await.unwrap();
+        let m = s.create_message(&ch.id, &u.id, "m".into()).await.unwrap();
+        let n = s.create_notification(&u.id, "k".into(), "m".into(), serde_json::json!({"a": 1})).await.unwrap();
+
+        let mut con = raw(&server).await;
+        let keys: BTreeSet<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
+        let expected: BTreeSet<String> = [
+            "lay:seq".to_owned(),
+            format!("lay:user:{}", u.id),
+            "lay:email:lay@example.com".to_owned(),
+            "lay:users".to_owned(),
+            format!("lay:post:{}", p.id),
+            "lay:posts".to_owned(),
+            format!("lay:posts:author:{}", u.id),
+            format!("lay:comment:{}", c.id),
+            format!("lay:comments:post:{}", p.id),
+            format!("lay:channel:{}", ch.id),
+            "lay:channels".to_owned(),
+            format!("lay:message:{}", m.id),
+            format!("lay:messages:channel:{}", ch.id),
+            format!("lay:notification:{}", n.id),
+            format!("lay:notifications:user:{}", u.id),
+        ]
+        .into();
+        assert_eq!(keys, expected);
+
+        let reader = con.clone();
+        let get = |key: String, field: &'static str| {
+            let mut con = reader.clone();
+            async move { redis::cmd("HGET").arg(key).arg(field).query_async::<String>(&mut con).await.unwrap() }
+        };
+        let owner: String = redis::cmd("GET").arg("lay:email:lay@example.com").query_async(&mut con).await.unwrap();
+        assert_eq!(owner, u.id);
+        assert_eq!(get(format!("lay:user:{}", u.id), "email").await, " Lay@Example.com");
+        assert_eq!(get(format!("lay:channel:{}", ch.id), "is_private").await, "1");
+        let members = get(format!("lay:channel:{}", ch.id), "member_ids").await;
+        assert_eq!(serde_json::from_str::<Vec<String>>(&members).unwrap(), vec![u.id.clone(), "x\"y".into()]);
+        assert_eq!(get(format!("lay:notification:{}", n.id), "read").await, "0");
+        assert_eq!(get(format!("lay:notification:{}", n.id), "payload").await, r#"{"a":1}"#);
+        let created = get(format!("lay:message:{}", m.id), "created_at").await;
+        assert_eq!(DateTime::parse_from_rfc3339(&created).unwrap(), m.created_at);
+        // The position in the hash is the score in the index.
+        let seq = get(format!("lay:post:{}", p.id), "seq").await;
+        let score: String = redis::cmd("ZSCORE").arg("lay:posts").arg(&p.id).query_async(&mut con).await.unwrap();
+        assert_eq!(seq, score);
+
+        // Deleting removes the entity and its index entries, not the lists.
+        s.delete_post(&p.id).await.unwrap();
+        s.delete_user(&u.id).await.unwrap();
+        let keys: BTreeSet<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
+        for gone in [format!("lay:post:{}", p.id), format!("lay:user:{}", u.id), "lay:email:lay@example.com".into()] {
+            assert!(!keys.contains(&gone), "{gone} is left behind");
+        }
+        let indexed: usize = redis::cmd("ZCARD").arg(format!("lay:posts:author:{}", u.id)).query_async(&mut con).await.unwrap();
+        assert_eq!(indexed, 0);
     }
 }
