@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::slice;
 use std::sync::Arc;
 
 use super::*;
@@ -96,7 +97,7 @@ async fn users_crud(s: Arc<dyn Store>) {
     assert_eq!(created.created_at, created.updated_at);
 
     // Read back exactly, timestamps to the last digit included.
-    assert_eq!(s.get_users(&[created.id.clone()]).await.unwrap(), vec![Some(created.clone())]);
+    assert_eq!(s.get_users(slice::from_ref(&created.id)).await.unwrap(), vec![Some(created.clone())]);
     assert_eq!(s.find_user_by_email("ada@example.com").await.unwrap(), Some(created.clone()));
     assert_eq!(s.find_user_by_email("  ADA@Example.com ").await.unwrap(), Some(created.clone()));
     assert_eq!(s.find_user_by_email("nobody@example.com").await.unwrap(), None);
@@ -109,7 +110,7 @@ async fn users_crud(s: Arc<dyn Store>) {
     assert_eq!(updated.password_hash, "$argon2id$new");
     assert_eq!(updated.created_at, created.created_at);
     assert!(updated.updated_at >= created.updated_at);
-    assert_eq!(s.get_users(&[created.id.clone()]).await.unwrap(), vec![Some(updated.clone())]);
+    assert_eq!(s.get_users(slice::from_ref(&created.id)).await.unwrap(), vec![Some(updated.clone())]);
 
     // An empty patch still touches `updated_at` and changes nothing else.
     let touched = s.update_user(&created.id, UserPatch::default()).await.unwrap();
@@ -121,7 +122,7 @@ async fn users_crud(s: Arc<dyn Store>) {
     assert_eq!(page.items[0].1, touched);
 
     assert_eq!(s.delete_user(&created.id).await.unwrap(), touched);
-    assert_eq!(s.get_users(&[created.id.clone()]).await.unwrap(), vec![None]);
+    assert_eq!(s.get_users(slice::from_ref(&created.id)).await.unwrap(), vec![None]);
     assert_eq!(s.find_user_by_email("ada@example.com").await.unwrap(), None);
     assert_eq!(s.list_users(PageRequest { first: 10, after: None }).await.unwrap().total_count, 0);
 
@@ -144,7 +145,7 @@ async fn emails_are_unique_case_insensitively(s: Arc<dyn Store>) {
     let patch = UserPatch { email: Some("MIXED@example.com".into()), ..Default::default() };
     assert_eq!(s.update_user(&b.id, patch).await, Err(conflict()));
     // The refused update changed nothing.
-    assert_eq!(s.get_users(&[b.id.clone()]).await.unwrap(), vec![Some(b.clone())]);
+    assert_eq!(s.get_users(slice::from_ref(&b.id)).await.unwrap(), vec![Some(b.clone())]);
     assert_eq!(s.find_user_by_email("b@example.com").await.unwrap().map(|u| u.id), Some(b.id.clone()));
 
     // Only the failed creates were refused: two users exist.
@@ -191,7 +192,8 @@ async fn concurrent_creates_of_one_email_have_one_winner(s: Arc<dyn Store>) {
         .map(|i| {
             let s = s.clone();
             // Spellings differ; the normalized email is one.
-            let email = if i % 2 == 0 { "Race@Example.com".to_owned() } else { format!(" race@example.COM{}", " ".repeat(i)) };
+            let email =
+                if i % 2 == 0 { "Race@Example.com".to_owned() } else { format!(" race@example.COM{}", " ".repeat(i)) };
             tokio::spawn(async move { s.create_user(new_user(&email)).await })
         })
         .collect();
@@ -245,7 +247,7 @@ async fn posts_crud(s: Arc<dyn Store>) {
     let p = s.create_post("author-1", "Title".into(), "Body".into()).await.unwrap();
     assert_eq!((p.author_id.as_str(), p.title.as_str(), p.content.as_str()), ("author-1", "Title", "Body"));
     assert_eq!(p.created_at, p.updated_at);
-    assert_eq!(s.get_posts(&[p.id.clone()]).await.unwrap(), vec![Some(p.clone())]);
+    assert_eq!(s.get_posts(slice::from_ref(&p.id)).await.unwrap(), vec![Some(p.clone())]);
 
     // Each field of the patch alone.
     let t = s.update_post(&p.id, PostPatch { title: Some("New title".into()), content: None }).await.unwrap();
@@ -254,7 +256,7 @@ async fn posts_crud(s: Arc<dyn Store>) {
     assert_eq!((c.title.as_str(), c.content.as_str()), ("New title", "New body"));
     assert_eq!(c.created_at, p.created_at);
     assert!(c.updated_at >= p.updated_at);
-    assert_eq!(s.get_posts(&[p.id.clone()]).await.unwrap(), vec![Some(c.clone())]);
+    assert_eq!(s.get_posts(slice::from_ref(&p.id)).await.unwrap(), vec![Some(c.clone())]);
 
     let other = s.create_post("author-2", "Other".into(), String::new()).await.unwrap();
     let all = s.list_posts(None, PageRequest { first: 10, after: None }).await.unwrap();
@@ -264,7 +266,7 @@ async fn posts_crud(s: Arc<dyn Store>) {
     assert_eq!(mine.total_count, 1);
 
     assert_eq!(s.delete_post(&p.id).await.unwrap(), c);
-    assert_eq!(s.get_posts(&[p.id.clone()]).await.unwrap(), vec![None]);
+    assert_eq!(s.get_posts(slice::from_ref(&p.id)).await.unwrap(), vec![None]);
     let all = s.list_posts(None, PageRequest { first: 10, after: None }).await.unwrap();
     assert_eq!((ids(&all.items, |p| &p.id), all.total_count), (vec![other.id.clone()], 1));
     let mine = s.list_posts(Some("author-1"), PageRequest { first: 10, after: None }).await.unwrap();
@@ -281,7 +283,7 @@ async fn deleting_an_author_keeps_their_posts(s: Arc<dyn Store>) {
     let author = s.create_user(new_user("writer@example.com")).await.unwrap();
     let post = s.create_post(&author.id, "Kept".into(), String::new()).await.unwrap();
     s.delete_user(&author.id).await.unwrap();
-    assert_eq!(s.get_posts(&[post.id.clone()]).await.unwrap(), vec![Some(post.clone())]);
+    assert_eq!(s.get_posts(slice::from_ref(&post.id)).await.unwrap(), vec![Some(post.clone())]);
     let theirs = s.list_posts(Some(&author.id), PageRequest { first: 10, after: None }).await.unwrap();
     assert_eq!(ids(&theirs.items, |p| &p.id), vec![post.id.clone()]);
 }
@@ -291,7 +293,10 @@ async fn comments_need_their_post(s: Arc<dyn Store>) {
     let post = s.create_post("u", "t".into(), String::new()).await.unwrap();
     let first = s.create_comment(&post.id, "u1", "first".into()).await.unwrap();
     let second = s.create_comment(&post.id, "u2", "second".into()).await.unwrap();
-    assert_eq!((first.post_id.as_str(), first.author_id.as_str(), first.content.as_str()), (post.id.as_str(), "u1", "first"));
+    assert_eq!(
+        (first.post_id.as_str(), first.author_id.as_str(), first.content.as_str()),
+        (post.id.as_str(), "u1", "first")
+    );
 
     // Oldest first, read back exactly.
     let page = s.list_comments(&post.id, PageRequest { first: 10, after: None }).await.unwrap();
@@ -312,18 +317,18 @@ async fn channels_and_members(s: Arc<dyn Store>) {
     let ch = s.create_channel("owner", "general".into(), true, members).await.unwrap();
     assert_eq!(ch.member_ids, vec!["owner", "b", "a"], "owner first, then as given, once each");
     assert_eq!((ch.name.as_str(), ch.is_private, ch.owner_id.as_str()), ("general", true, "owner"));
-    assert_eq!(s.get_channels(&[ch.id.clone()]).await.unwrap(), vec![Some(ch.clone())]);
+    assert_eq!(s.get_channels(slice::from_ref(&ch.id)).await.unwrap(), vec![Some(ch.clone())]);
 
     let public = s.create_channel("o2", "random".into(), false, Vec::new()).await.unwrap();
     assert_eq!(public.member_ids, vec!["o2"]);
-    assert!(!s.get_channels(&[public.id.clone()]).await.unwrap()[0].as_ref().unwrap().is_private);
+    assert!(!s.get_channels(slice::from_ref(&public.id)).await.unwrap()[0].as_ref().unwrap().is_private);
 
     let joined = s.add_channel_member(&ch.id, "c").await.unwrap();
     assert_eq!(joined.member_ids, vec!["owner", "b", "a", "c"]);
     // Idempotent, for newcomers and the owner alike.
     assert_eq!(s.add_channel_member(&ch.id, "c").await.unwrap(), joined);
     assert_eq!(s.add_channel_member(&ch.id, "owner").await.unwrap(), joined);
-    assert_eq!(s.get_channels(&[ch.id.clone()]).await.unwrap(), vec![Some(joined.clone())]);
+    assert_eq!(s.get_channels(slice::from_ref(&ch.id)).await.unwrap(), vec![Some(joined.clone())]);
     assert_eq!(s.add_channel_member("no-such-channel", "c").await, Err(StoreError::NotFound));
 
     let page = s.list_channels(PageRequest { first: 10, after: None }).await.unwrap();
@@ -349,12 +354,21 @@ async fn messages_need_their_channel(s: Arc<dyn Store>) {
 }
 
 async fn notifications_and_reading_them(s: Arc<dyn Store>) {
-    let payload = serde_json::json!({"postId": "p1", "n": [1, 2.5, -3], "nested": {"ok": true, "none": null}, "s": "é/✓"});
-    let first = s.create_notification("u1", "comment.created".into(), "New comment".into(), payload.clone()).await.unwrap();
-    assert_eq!((first.user_id.as_str(), first.kind.as_str(), first.message.as_str()), ("u1", "comment.created", "New comment"));
+    let payload =
+        serde_json::json!({"postId": "p1", "n": [1, 2.5, -3], "nested": {"ok": true, "none": null}, "s": "é/✓"});
+    let first =
+        s.create_notification("u1", "comment.created".into(), "New comment".into(), payload.clone()).await.unwrap();
+    assert_eq!(
+        (first.user_id.as_str(), first.kind.as_str(), first.message.as_str()),
+        ("u1", "comment.created", "New comment")
+    );
     assert!(!first.read);
-    let second = s.create_notification("u1", "mention".into(), "You were mentioned".into(), serde_json::json!([])).await.unwrap();
-    let theirs = s.create_notification("u2", "mention".into(), "Not yours".into(), serde_json::Value::Null).await.unwrap();
+    let second = s
+        .create_notification("u1", "mention".into(), "You were mentioned".into(), serde_json::json!([]))
+        .await
+        .unwrap();
+    let theirs =
+        s.create_notification("u2", "mention".into(), "Not yours".into(), serde_json::Value::Null).await.unwrap();
 
     // Newest first, per user, read back exactly (payload included).
     let page = s.list_notifications("u1", PageRequest { first: 10, after: None }).await.unwrap();
@@ -446,7 +460,12 @@ async fn every_list_pages_without_gaps_or_repeats(s: Arc<dyn Store>) {
         comments.push(s.create_comment(&post.id, "u", format!("comment {i}")).await.unwrap().id);
         channels.push(s.create_channel("owner", format!("channel {i}"), i % 2 == 0, Vec::new()).await.unwrap().id);
         messages.push(s.create_message(&channel.id, "u", format!("message {i}")).await.unwrap().id);
-        notes.push(s.create_notification("reader", "k".into(), format!("n {i}"), serde_json::json!({"i": i})).await.unwrap().id);
+        notes.push(
+            s.create_notification("reader", "k".into(), format!("n {i}"), serde_json::json!({"i": i}))
+                .await
+                .unwrap()
+                .id,
+        );
         // Another user's notifications interleave without showing up.
         s.create_notification("someone-else", "k".into(), "x".into(), serde_json::Value::Null).await.unwrap();
     }
@@ -463,11 +482,13 @@ async fn every_list_pages_without_gaps_or_repeats(s: Arc<dyn Store>) {
 
     check_list("users", &users, false, |u: &User| u.id.clone(), |r| s.list_users(r)).await;
     check_list("posts", &posts, true, |p: &Post| p.id.clone(), |r| s.list_posts(None, r)).await;
-    check_list("posts by author", &by_author, true, |p: &Post| p.id.clone(), |r| s.list_posts(Some("prolific"), r)).await;
+    check_list("posts by author", &by_author, true, |p: &Post| p.id.clone(), |r| s.list_posts(Some("prolific"), r))
+        .await;
     check_list("comments", &comments, false, |c: &Comment| c.id.clone(), |r| s.list_comments(&post.id, r)).await;
     check_list("channels", &channels, false, |c: &Channel| c.id.clone(), |r| s.list_channels(r)).await;
     check_list("messages", &messages, true, |m: &Message| m.id.clone(), |r| s.list_messages(&channel.id, r)).await;
-    check_list("notifications", &notes, true, |n: &Notification| n.id.clone(), |r| s.list_notifications("reader", r)).await;
+    check_list("notifications", &notes, true, |n: &Notification| n.id.clone(), |r| s.list_notifications("reader", r))
+        .await;
 }
 
 async fn pages_walk_on_while_items_arrive(s: Arc<dyn Store>) {
@@ -545,10 +566,16 @@ async fn page_flags_at_the_edges(s: Arc<dyn Store>) {
         s.list_users(PageRequest { first: 5, after: None }).await.unwrap(),
         s.list_users(PageRequest { first: 5, after: Some(3) }).await.unwrap(),
     ] {
-        assert_eq!((page.items.len(), page.total_count, page.has_next_page, page.has_previous_page), (0, 0, false, false));
+        assert_eq!(
+            (page.items.len(), page.total_count, page.has_next_page, page.has_previous_page),
+            (0, 0, false, false)
+        );
     }
     let unknown = s.list_comments("nothing", PageRequest { first: 5, after: Some(1) }).await.unwrap();
-    assert_eq!((unknown.items.len(), unknown.total_count, unknown.has_next_page, unknown.has_previous_page), (0, 0, false, false));
+    assert_eq!(
+        (unknown.items.len(), unknown.total_count, unknown.has_next_page, unknown.has_previous_page),
+        (0, 0, false, false)
+    );
 
     let mut users = Vec::new();
     let mut posts = Vec::new();
@@ -600,7 +627,7 @@ async fn batches_keep_order_and_mark_missing_ids(s: Arc<dyn Store>) {
     assert_eq!(s.get_posts(&asked).await.unwrap(), vec![None, Some(q.clone()), Some(p.clone())]);
     assert_eq!(s.get_posts(&[]).await.unwrap(), vec![]);
     // An id of another kind is missing, not a post.
-    assert_eq!(s.get_posts(&[a.id.clone()]).await.unwrap(), vec![None]);
+    assert_eq!(s.get_posts(slice::from_ref(&a.id)).await.unwrap(), vec![None]);
 
     let c = s.create_channel("o", "c".into(), false, Vec::new()).await.unwrap();
     let asked = [c.id.clone(), "missing".into(), c.id.clone()];

@@ -34,10 +34,13 @@
 //! # Failure
 //!
 //! No connection is made up front: a node starts while Redis is down. Every
-//! call goes through [`RedisStore::call`], which bounds taking a pooled
+//! call goes through one helper (`call`), which bounds taking a pooled
 //! connection plus the command by `command_timeout`; a timeout or a broken
 //! connection answers [`StoreError::Unavailable`] and makes
-//! [`Store::readiness`] report the reason until a call succeeds again.
+//! [`Store::readiness`] report the reason until Redis answers again. Before
+//! the first call nothing is known to be wrong and readiness is `Ok`; the
+//! node learns the truth at once by calling [`RedisStore::ping`] when it
+//! starts.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -47,7 +50,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use deadpool_redis::redis::{self, AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation};
+use deadpool_redis::redis::{
+    self, AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation,
+};
 use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime};
 
 use super::*;
@@ -80,12 +85,11 @@ impl RedisStore {
     /// at most `command_timeout`, waiting for a pooled connection included.
     pub fn new(url: &str, prefix: &str, pool_size: usize, command_timeout: Duration) -> Result<Self, StoreError> {
         // The client would otherwise time responses out after its own 500 ms;
-        // our deadline bounds every call instead, so there is one knob and
-        // one kind of timeout to report. Connecting keeps a bound of its own
-        // because it also runs while recycling, outside any call.
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(command_timeout))
-            .set_response_timeout(None);
+        // our deadline bounds every call instead, so the configured timeout
+        // is the one that applies. Connecting keeps a bound of its own
+        // because the pool may also connect outside any call.
+        let connection =
+            AsyncConnectionConfig::new().set_connection_timeout(Some(command_timeout)).set_response_timeout(None);
         let manager = Manager::new_with_config(url, connection)
             .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
         let pool = Pool::builder(manager)
@@ -106,8 +110,9 @@ impl RedisStore {
         })
     }
 
-    /// One round trip to Redis; the node calls it periodically so that
-    /// [`Store::readiness`] follows Redis even while no request arrives.
+    /// One round trip to Redis; the node calls it when it starts and then
+    /// periodically, so that [`Store::readiness`] follows Redis even while
+    /// no request arrives.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let _: String = self.call(Request::Cmd(&redis::cmd("PING"))).await?;
         Ok(())
@@ -376,6 +381,9 @@ struct Keys {
 impl Keys {
     fn seq(&self) -> String {
         format!("{}seq", self.prefix)
+    }
+    fn user_prefix(&self) -> String {
+        format!("{}user:", self.prefix)
     }
     fn user(&self, id: &str) -> String {
         format!("{}user:{id}", self.prefix)
@@ -759,7 +767,7 @@ impl Store for RedisStore {
 
     async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
         let mut inv = self.scripts.user_by_email.prepare_invoke();
-        inv.key(self.keys.email(&normalize_email(email))).arg(self.keys.user(""));
+        inv.key(self.keys.email(&normalize_email(email))).arg(self.keys.user_prefix());
         let fields: Fields = self.call(Request::Script(&inv)).await?;
         Record::found(fields, "user").map(|r| without_seq(decode_user(r))).transpose()
     }
@@ -799,7 +807,8 @@ impl Store for RedisStore {
 
     async fn create_post(&self, author_id: &str, title: String, content: String) -> StoreResult<Post> {
         let now = Utc::now();
-        let post = Post { id: new_id(), author_id: author_id.to_owned(), title, content, created_at: now, updated_at: now };
+        let post =
+            Post { id: new_id(), author_id: author_id.to_owned(), title, content, created_at: now, updated_at: now };
         self.create(
             self.keys.post(&post.id),
             &post.id,
@@ -1265,7 +1274,8 @@ mod tests {
         for gone in [format!("lay:post:{}", p.id), format!("lay:user:{}", u.id), "lay:email:lay@example.com".into()] {
             assert!(!keys.contains(&gone), "{gone} is left behind");
         }
-        let indexed: usize = redis::cmd("ZCARD").arg(format!("lay:posts:author:{}", u.id)).query_async(&mut con).await.unwrap();
+        let indexed: usize =
+            redis::cmd("ZCARD").arg(format!("lay:posts:author:{}", u.id)).query_async(&mut con).await.unwrap();
         assert_eq!(indexed, 0);
     }
 }
