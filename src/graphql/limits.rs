@@ -1,4 +1,6 @@
-//! Document limits the schema builder does not have: the alias limit.
+//! Document limits the schema builder does not have: the alias limit, and
+//! an explicit refusal of introspection where it is off (the builder's own
+//! switch answers `null` without saying why).
 //! (Depth, complexity, recursion and directive limits are the builder's.)
 
 use std::sync::Arc;
@@ -7,19 +9,26 @@ use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, N
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{ServerError, ServerResult, Variables};
 
-/// Refuses documents with more than N aliases.
-pub struct AliasLimit(pub usize);
+/// Refuses documents with more than `max_aliases` aliases and, unless
+/// `introspection` is on, documents that select `__schema` or `__type`.
+pub struct DocumentLimits {
+    pub max_aliases: usize,
+    pub introspection: bool,
+}
 
-impl ExtensionFactory for AliasLimit {
+impl ExtensionFactory for DocumentLimits {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(AliasLimitExtension(self.0))
+        Arc::new(DocumentLimitsExtension { max_aliases: self.max_aliases, introspection: self.introspection })
     }
 }
 
-struct AliasLimitExtension(usize);
+struct DocumentLimitsExtension {
+    max_aliases: usize,
+    introspection: bool,
+}
 
 #[async_trait::async_trait]
-impl Extension for AliasLimitExtension {
+impl Extension for DocumentLimitsExtension {
     async fn parse_query(
         &self,
         ctx: &ExtensionContext<'_>,
@@ -29,11 +38,14 @@ impl Extension for AliasLimitExtension {
     ) -> ServerResult<ExecutableDocument> {
         let doc = next.run(ctx, query, variables).await?;
         let count = count_aliases(&doc);
-        if count > self.0 {
+        if count > self.max_aliases {
             return Err(ServerError::new(
-                format!("the document has {count} aliases; at most {} are allowed", self.0),
+                format!("the document has {count} aliases; at most {} are allowed", self.max_aliases),
                 None,
             ));
+        }
+        if !self.introspection && selects_introspection(&doc) {
+            return Err(ServerError::new("introspection is disabled on this server", None));
         }
         Ok(doc)
     }
@@ -57,6 +69,21 @@ pub fn count_aliases(doc: &ExecutableDocument) -> usize {
         + doc.fragments.values().map(|f| walk(&f.node.selection_set.node)).sum::<usize>()
 }
 
+/// Whether the document selects `__schema` or `__type` anywhere.
+pub fn selects_introspection(doc: &ExecutableDocument) -> bool {
+    fn walk(set: &SelectionSet) -> bool {
+        set.items.iter().any(|item| match &item.node {
+            Selection::Field(f) => {
+                matches!(f.node.name.node.as_str(), "__schema" | "__type") || walk(&f.node.selection_set.node)
+            }
+            Selection::InlineFragment(f) => walk(&f.node.selection_set.node),
+            Selection::FragmentSpread(_) => false,
+        })
+    }
+    doc.operations.iter().any(|(_, op)| walk(&op.node.selection_set.node))
+        || doc.fragments.values().any(|f| walk(&f.node.selection_set.node))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +95,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(count_aliases(&doc), 4);
+    }
+
+    #[test]
+    fn introspection_is_found_in_fragments_too() {
+        let doc = async_graphql::parser::parse_query("{ ...F } fragment F on Query { __type(name: \"User\") { name } }")
+            .unwrap();
+        assert!(selects_introspection(&doc));
+        let doc = async_graphql::parser::parse_query("{ me { __typename } }").unwrap();
+        assert!(!selects_introspection(&doc));
     }
 }

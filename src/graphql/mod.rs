@@ -50,7 +50,10 @@ pub fn build_schema(deps: SchemaDeps) -> AppSchema {
         .limit_complexity(settings.graphql.max_complexity)
         .limit_recursive_depth(64)
         .limit_directives(20)
-        .extension(limits::AliasLimit(settings.graphql.max_aliases))
+        .extension(limits::DocumentLimits {
+            max_aliases: settings.graphql.max_aliases,
+            introspection: settings.introspection_enabled(),
+        })
         .data(loaders::Loaders::new(deps.store.clone()))
         .data(deps);
     if !settings.introspection_enabled() {

@@ -299,7 +299,11 @@ async fn execute(
     }
 }
 
-/// A response that failed before execution: errors and no data at all.
+/// A response that failed before execution (parse, validation, limits):
+/// errors, no data, and no error tied to a field path. A field error that
+/// nulled the whole result still ran, and is answered 200.
 pub fn is_request_error(response: &async_graphql::Response) -> bool {
-    !response.errors.is_empty() && matches!(response.data, async_graphql::Value::Null)
+    !response.errors.is_empty()
+        && matches!(response.data, async_graphql::Value::Null)
+        && response.errors.iter().all(|e| e.path.is_empty())
 }

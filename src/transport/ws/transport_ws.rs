@@ -1,0 +1,598 @@
+//! The `graphql-transport-ws` protocol as a sans-IO state machine: client
+//! messages and operation results in, [`Action`]s out.
+//!
+//! Follows the protocol's rules and close codes exactly: 4400 for any
+//! message that is not JSON, has an unknown or server-only `type`, or lacks
+//! a field (and for binary frames), 4401 for `subscribe` before the ack,
+//! 4403 for a `connection_init` token that does not verify, 4408 when
+//! `connection_init` is late, 4409 for a `subscribe` whose id is active,
+//! 4429 for a second `connection_init`, 4500 when a result cannot be
+//! encoded. Queries and mutations run as single-result operations (`next`
+//! then `complete`). A `subscribe` over the per-connection limit gets an
+//! `error` for its id and the connection stays open.
+
+use async_graphql::Response;
+use serde_json::{Map, Value};
+
+use super::{
+    encode, encode_bare, init_token, parse_request, too_many_operations, Action, Admission, Delivery, Operations,
+    Protocol, Verify,
+};
+use crate::auth::Principal;
+use crate::error::close;
+use crate::telemetry::metrics::transport;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for `connection_init`.
+    Connecting,
+    /// Acknowledged: operations may run.
+    Ready,
+    /// A close was requested; everything after it is ignored.
+    Closed,
+}
+
+/// A client message, validated.
+enum ClientMessage {
+    ConnectionInit(Option<Map<String, Value>>),
+    Ping(Option<Value>),
+    Pong,
+    Subscribe { id: String, payload: Value },
+    Complete { id: String },
+}
+
+/// The state of one `graphql-transport-ws` connection.
+pub struct TransportWs {
+    phase: Phase,
+    principal: Option<Principal>,
+    verify: Verify,
+    ops: Operations,
+}
+
+impl TransportWs {
+    /// `principal` is who the upgrade authenticated (a `connection_init`
+    /// token replaces it); `max_operations` bounds concurrent operations.
+    pub fn new(principal: Option<Principal>, verify: Verify, max_operations: usize) -> Self {
+        Self {
+            phase: Phase::Connecting,
+            principal,
+            verify,
+            ops: Operations::new(max_operations),
+        }
+    }
+
+    /// The principal operations run as.
+    pub fn principal(&self) -> Option<&Principal> {
+        self.principal.as_ref()
+    }
+
+    fn close(&mut self, code: u16, reason: impl Into<String>) -> Vec<Action> {
+        self.phase = Phase::Closed;
+        vec![Action::Close(code, reason.into())]
+    }
+
+    fn connection_init(&mut self, payload: Option<Map<String, Value>>) -> Vec<Action> {
+        if self.phase == Phase::Ready {
+            return self.close(close::TOO_MANY_INIT, "Too many initialisation requests");
+        }
+        match init_token(payload.as_ref()) {
+            Ok(Some(token)) => match (self.verify)(token) {
+                Ok(principal) => self.principal = Some(principal),
+                Err(_) => return self.close(close::FORBIDDEN, "Forbidden"),
+            },
+            Ok(None) => {}
+            Err(_) => return self.close(close::FORBIDDEN, "Forbidden"),
+        }
+        self.phase = Phase::Ready;
+        vec![Action::Send(encode_bare("connection_ack", None))]
+    }
+
+    fn subscribe(&mut self, id: String, payload: Value) -> Vec<Action> {
+        if self.phase != Phase::Ready {
+            return self.close(close::UNAUTHORIZED, "Unauthorized");
+        }
+        let request = match parse_request(payload) {
+            Ok(request) => request,
+            Err(reason) => return self.close(close::BAD_REQUEST, format!("Invalid message received: {reason}")),
+        };
+        match self.ops.admit(&id, request, self.principal.clone()) {
+            Admission::Started(op) => vec![Action::Start(op)],
+            Admission::Duplicate => self.close(close::SUBSCRIBER_EXISTS, format!("Subscriber for {id} already exists")),
+            Admission::Full => {
+                let errors = too_many_operations(self.ops.max());
+                let mut out = vec![Action::Reject("max_subscriptions")];
+                out.extend(self.send(encode("error", Some(&id), Some(errors))));
+                out
+            }
+        }
+    }
+
+    /// A `Send`, or a 4500 close when the message could not be encoded.
+    fn send(&mut self, encoded: Result<String, serde_json::Error>) -> Vec<Action> {
+        match encoded {
+            Ok(text) => vec![Action::Send(text)],
+            Err(_) => self.close(close::INTERNAL_SERVER_ERROR, "Internal server error"),
+        }
+    }
+}
+
+/// Validates one client message; `Err` is the 4400 reason.
+fn parse(text: &str) -> Result<ClientMessage, String> {
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        return Err("Invalid message received: not JSON".into());
+    };
+    let Value::Object(mut message) = value else {
+        return Err("Invalid message received: not a JSON object".into());
+    };
+    let ty = match message.get("type") {
+        Some(Value::String(ty)) => ty.clone(),
+        _ => return Err("Invalid message received: \"type\" must be a string".into()),
+    };
+    let id = |message: &mut Map<String, Value>| match message.remove("id") {
+        Some(Value::String(id)) if !id.is_empty() => Ok(id),
+        _ => Err(format!(
+            "Invalid message received: {ty} needs a non-empty string \"id\""
+        )),
+    };
+    match ty.as_str() {
+        "connection_init" => match message.remove("payload") {
+            None | Some(Value::Null) => Ok(ClientMessage::ConnectionInit(None)),
+            Some(Value::Object(payload)) => Ok(ClientMessage::ConnectionInit(Some(payload))),
+            Some(_) => Err("Invalid message received: connection_init payload must be an object".into()),
+        },
+        "ping" | "pong" => {
+            let payload = match message.remove("payload") {
+                None | Some(Value::Null) => None,
+                Some(payload @ Value::Object(_)) => Some(payload),
+                Some(_) => return Err(format!("Invalid message received: {ty} payload must be an object")),
+            };
+            Ok(if ty == "ping" {
+                ClientMessage::Ping(payload)
+            } else {
+                ClientMessage::Pong
+            })
+        }
+        "subscribe" => {
+            let id = id(&mut message)?;
+            match message.remove("payload") {
+                Some(payload @ Value::Object(_)) => Ok(ClientMessage::Subscribe { id, payload }),
+                _ => Err("Invalid message received: subscribe needs an object \"payload\"".into()),
+            }
+        }
+        "complete" => Ok(ClientMessage::Complete { id: id(&mut message)? }),
+        "connection_ack" | "next" | "error" => Err(format!("Unexpected message of type {ty} received")),
+        _ => Err(format!(
+            "Invalid message received: unknown type {:?}",
+            truncate(&ty, 32)
+        )),
+    }
+}
+
+/// At most `max` bytes of `s`, on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl Protocol for TransportWs {
+    const TRANSPORT: &'static str = transport::GRAPHQL_WS;
+
+    fn on_text(&mut self, text: &str) -> Vec<Action> {
+        if self.phase == Phase::Closed {
+            return Vec::new();
+        }
+        let message = match parse(text) {
+            Ok(message) => message,
+            Err(reason) => return self.close(close::BAD_REQUEST, reason),
+        };
+        match message {
+            ClientMessage::ConnectionInit(payload) => self.connection_init(payload),
+            ClientMessage::Ping(payload) => {
+                let pong = encode("pong", None, payload);
+                self.send(pong)
+            }
+            ClientMessage::Pong => Vec::new(),
+            ClientMessage::Subscribe { id, payload } => self.subscribe(id, payload),
+            ClientMessage::Complete { id } => {
+                // Completing an unknown or finished id is a race the
+                // protocol allows, not an error.
+                let mut out = Vec::new();
+                self.ops.cancel(&id, &mut out);
+                out
+            }
+        }
+    }
+
+    fn on_binary(&mut self) -> Vec<Action> {
+        if self.phase == Phase::Closed {
+            return Vec::new();
+        }
+        self.close(
+            close::BAD_REQUEST,
+            "Invalid message received: binary frames are not supported",
+        )
+    }
+
+    fn on_response(&mut self, id: &str, response: Response) -> Vec<Action> {
+        if self.phase == Phase::Closed {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let sent = match self.ops.deliver(id, response, &mut out) {
+            None => return out,
+            Some(Delivery::Next(response)) => self.send(encode("next", Some(id), Some(&response))),
+            Some(Delivery::Failed(response)) => self.send(encode("error", Some(id), Some(&response.errors))),
+        };
+        out.extend(sent);
+        out
+    }
+
+    fn on_end(&mut self, id: &str) -> Vec<Action> {
+        if self.phase == Phase::Closed {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if self.ops.end(id, &mut out) {
+            out.push(Action::Send(encode_bare("complete", Some(id))));
+        }
+        out
+    }
+
+    fn on_init_timeout(&mut self) -> Vec<Action> {
+        if self.phase != Phase::Connecting {
+            return Vec::new();
+        }
+        self.close(close::INIT_TIMEOUT, "Connection initialisation timeout")
+    }
+
+    fn on_heartbeat(&mut self) -> Vec<Action> {
+        // This protocol's liveness is the WebSocket ping the pump sends.
+        Vec::new()
+    }
+
+    fn is_initialised(&self) -> bool {
+        self.phase != Phase::Connecting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use async_graphql::parser::types::OperationType;
+    use async_graphql::{ServerError, Value as GqlValue};
+    use serde_json::json;
+
+    use super::*;
+    use crate::transport::ws::Operation;
+
+    fn verify() -> Verify {
+        Arc::new(|token| match token {
+            "good" => Ok(Principal {
+                user_id: "u1".into(),
+                scopes: vec![],
+            }),
+            _ => Err("the token is malformed".into()),
+        })
+    }
+
+    fn machine(max: usize) -> TransportWs {
+        TransportWs::new(None, verify(), max)
+    }
+
+    fn acked(max: usize) -> TransportWs {
+        let mut m = machine(max);
+        assert_eq!(
+            sent(&m.on_text(r#"{"type":"connection_init"}"#)),
+            vec![json!({"type": "connection_ack"})]
+        );
+        m
+    }
+
+    fn sent(actions: &[Action]) -> Vec<Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closed(actions: &[Action]) -> Option<(u16, &str)> {
+        actions.iter().find_map(|a| match a {
+            Action::Close(code, reason) => Some((*code, reason.as_str())),
+            _ => None,
+        })
+    }
+
+    fn started(actions: &[Action]) -> Vec<&Operation> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start(op) => Some(&**op),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn subscribe(id: &str) -> String {
+        json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()
+    }
+
+    fn data(n: i32) -> Response {
+        Response::new(GqlValue::from_json(json!({ "ticks": n })).unwrap())
+    }
+
+    #[test]
+    fn init_without_payload_is_acknowledged_anonymously() {
+        let mut m = acked(10);
+        assert!(m.is_initialised());
+        assert!(m.principal().is_none());
+        let ops = m.on_text(&subscribe("1"));
+        assert!(started(&ops)[0].principal.is_none());
+    }
+
+    #[test]
+    fn ping_is_answered_with_pong_even_before_the_ack() {
+        let mut m = machine(10);
+        assert_eq!(sent(&m.on_text(r#"{"type":"ping"}"#)), vec![json!({"type": "pong"})]);
+        assert_eq!(
+            sent(&m.on_text(r#"{"type":"ping","payload":{"t":1}}"#)),
+            vec![json!({"type": "pong", "payload": {"t": 1}})]
+        );
+        assert!(m.on_text(r#"{"type":"pong"}"#).is_empty());
+        assert!(!m.is_initialised());
+    }
+
+    #[test]
+    fn init_tokens_authenticate_and_win_over_the_upgrade() {
+        let upgrade = Some(Principal {
+            user_id: "from-upgrade".into(),
+            scopes: vec![],
+        });
+        for payload in [
+            json!({"authorization": "Bearer good"}),
+            json!({"Authorization": "Bearer good"}),
+            json!({"token": "good"}),
+        ] {
+            let mut m = TransportWs::new(upgrade.clone(), verify(), 10);
+            let init = json!({"type": "connection_init", "payload": payload}).to_string();
+            assert_eq!(sent(&m.on_text(&init)), vec![json!({"type": "connection_ack"})]);
+            assert_eq!(m.principal().unwrap().user_id, "u1");
+            let ops = m.on_text(&subscribe("1"));
+            assert_eq!(started(&ops)[0].principal.as_ref().unwrap().user_id, "u1");
+        }
+        // Without a token the upgrade's principal stays.
+        let mut m = TransportWs::new(upgrade, verify(), 10);
+        m.on_text(r#"{"type":"connection_init","payload":{"other":1}}"#);
+        assert_eq!(m.principal().unwrap().user_id, "from-upgrade");
+    }
+
+    #[test]
+    fn a_bad_init_token_is_forbidden() {
+        for payload in [
+            json!({"token": "bad"}),
+            json!({"authorization": "Bearer bad"}),
+            json!({"authorization": "Basic abc"}),
+            json!({"authorization": 7}),
+            json!({"token": ""}),
+        ] {
+            let mut m = machine(10);
+            let init = json!({"type": "connection_init", "payload": payload}).to_string();
+            let actions = m.on_text(&init);
+            assert_eq!(closed(&actions), Some((4403, "Forbidden")), "{payload}");
+            assert!(sent(&actions).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_second_init_is_too_many() {
+        let mut m = acked(10);
+        assert_eq!(
+            closed(&m.on_text(r#"{"type":"connection_init"}"#)),
+            Some((4429, "Too many initialisation requests"))
+        );
+    }
+
+    #[test]
+    fn subscribe_before_the_ack_is_unauthorized() {
+        let mut m = machine(10);
+        assert_eq!(closed(&m.on_text(&subscribe("1"))), Some((4401, "Unauthorized")));
+        // Closed: nothing more happens.
+        assert!(m.on_text(r#"{"type":"connection_init"}"#).is_empty());
+    }
+
+    #[test]
+    fn malformed_messages_close_with_4400() {
+        for text in [
+            "not json",
+            "[1,2]",
+            r#"{"id":"1"}"#,
+            r#"{"type":7}"#,
+            r#"{"type":"hello"}"#,
+            r#"{"type":"next","id":"1","payload":{}}"#,
+            r#"{"type":"connection_ack"}"#,
+            r#"{"type":"connection_init","payload":"x"}"#,
+            r#"{"type":"ping","payload":[1]}"#,
+            r#"{"type":"subscribe","payload":{"query":"{ a }"}}"#,
+            r#"{"type":"subscribe","id":"","payload":{"query":"{ a }"}}"#,
+            r#"{"type":"subscribe","id":1,"payload":{"query":"{ a }"}}"#,
+            r#"{"type":"subscribe","id":"1"}"#,
+            r#"{"type":"subscribe","id":"1","payload":{}}"#,
+            r#"{"type":"subscribe","id":"1","payload":{"query":"{ a }","variables":[1]}}"#,
+            r#"{"type":"subscribe","id":"1","payload":{"query":"{ a }","operationName":3}}"#,
+            r#"{"type":"complete"}"#,
+        ] {
+            let mut m = acked(10);
+            let actions = m.on_text(text);
+            let (code, reason) = closed(&actions).unwrap_or_else(|| panic!("{text}: {actions:?}"));
+            assert_eq!(code, 4400, "{text}");
+            assert!(!reason.is_empty());
+        }
+        let mut m = acked(10);
+        assert_eq!(closed(&m.on_binary()).map(|c| c.0), Some(4400));
+    }
+
+    #[test]
+    fn optional_request_fields_may_be_null() {
+        let mut m = acked(10);
+        let text = r#"{"type":"subscribe","id":"1","payload":{"query":"query Q($a: Int) { a }","variables":null,"operationName":null,"extensions":null}}"#;
+        assert_eq!(started(&m.on_text(text)).len(), 1);
+        let text = r#"{"type":"subscribe","id":"2","payload":{"query":"query Q($a: Int) { a }","variables":{"a":1},"operationName":"Q","extensions":{"x":1}}}"#;
+        let actions = m.on_text(text);
+        let op = started(&actions)[0];
+        assert_eq!(op.request.operation_name.as_deref(), Some("Q"));
+        assert_eq!(op.kind, Some(OperationType::Query));
+    }
+
+    #[test]
+    fn a_duplicate_active_id_closes_with_4409_but_a_finished_one_is_reusable() {
+        let mut m = acked(10);
+        let first = m.on_text(&subscribe("a"));
+        assert_eq!(started(&first)[0].kind, Some(OperationType::Subscription));
+        assert_eq!(
+            closed(&m.on_text(&subscribe("a"))),
+            Some((4409, "Subscriber for a already exists"))
+        );
+
+        // Completed by the client.
+        let mut m = acked(10);
+        m.on_text(&subscribe("a"));
+        m.on_text(r#"{"type":"complete","id":"a"}"#);
+        assert_eq!(started(&m.on_text(&subscribe("a"))).len(), 1);
+        // Ended by the server.
+        m.on_end("a");
+        assert_eq!(started(&m.on_text(&subscribe("a"))).len(), 1);
+        // Failed before execution.
+        m.on_response("a", Response::from_errors(vec![ServerError::new("bad", None)]));
+        assert_eq!(started(&m.on_text(&subscribe("a"))).len(), 1);
+    }
+
+    #[test]
+    fn the_operation_limit_answers_error_and_keeps_the_connection() {
+        let mut m = acked(2);
+        m.on_text(&subscribe("1"));
+        m.on_text(&subscribe("2"));
+        let actions = m.on_text(&subscribe("3"));
+        assert!(closed(&actions).is_none());
+        assert!(started(&actions).is_empty());
+        assert!(actions.iter().any(|a| matches!(a, Action::Reject("max_subscriptions"))));
+        assert_eq!(
+            sent(&actions),
+            vec![json!({"type": "error", "id": "3", "payload": [{
+                "message": "too many subscriptions on this connection (max 2)",
+                "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS"}
+            }]})]
+        );
+        // Room again once one finishes; the refused id was never active.
+        m.on_text(r#"{"type":"complete","id":"1"}"#);
+        assert_eq!(started(&m.on_text(&subscribe("3"))).len(), 1);
+    }
+
+    #[test]
+    fn results_are_next_then_complete() {
+        let mut m = acked(10);
+        m.on_text(&subscribe("s"));
+        let first = m.on_response("s", data(1));
+        assert_eq!(
+            sent(&first),
+            vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 1}}})]
+        );
+        assert!(first.iter().any(|a| matches!(
+            a,
+            Action::Count {
+                ty: "subscription",
+                outcome: "ok"
+            }
+        )));
+        let second = m.on_response("s", data(2));
+        assert_eq!(
+            sent(&second),
+            vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 2}}})]
+        );
+        assert!(!second.iter().any(|a| matches!(a, Action::Count { .. })));
+        assert_eq!(sent(&m.on_end("s")), vec![json!({"type": "complete", "id": "s"})]);
+        // A stale end or result for a finished id says nothing.
+        assert!(m.on_end("s").is_empty());
+        assert!(m.on_response("s", data(3)).is_empty());
+    }
+
+    #[test]
+    fn field_errors_travel_in_next() {
+        let mut m = acked(10);
+        m.on_text(&subscribe("s"));
+        let mut response = data(1);
+        response.errors.push(ServerError::new("oops", None));
+        let actions = m.on_response("s", response);
+        assert_eq!(sent(&actions)[0]["type"], "next");
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Count {
+                outcome: "field_error",
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_request_error_is_an_error_message_without_complete() {
+        let mut m = acked(10);
+        m.on_text(&subscribe("s"));
+        let actions = m.on_response(
+            "s",
+            Response::from_errors(vec![ServerError::new("Unknown field", None)]),
+        );
+        assert_eq!(
+            sent(&actions),
+            vec![json!({"type": "error", "id": "s", "payload": [{"message": "Unknown field"}]})]
+        );
+        assert!(actions.iter().any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Count {
+                outcome: "request_error",
+                ..
+            }
+        )));
+        assert!(m.on_end("s").is_empty());
+    }
+
+    #[test]
+    fn a_client_complete_stops_silently() {
+        let mut m = acked(10);
+        m.on_text(&subscribe("s"));
+        let actions = m.on_text(r#"{"type":"complete","id":"s"}"#);
+        assert!(sent(&actions).is_empty());
+        assert!(actions.iter().any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(m.on_response("s", data(1)).is_empty());
+        assert!(m.on_end("s").is_empty());
+        // Completing an unknown id is ignored.
+        assert!(m.on_text(r#"{"type":"complete","id":"zzz"}"#).is_empty());
+    }
+
+    #[test]
+    fn init_timeout_closes_only_before_init() {
+        let mut m = machine(10);
+        assert_eq!(
+            closed(&m.on_init_timeout()),
+            Some((4408, "Connection initialisation timeout"))
+        );
+        let mut m = acked(10);
+        assert!(m.on_init_timeout().is_empty());
+        assert!(m.on_heartbeat().is_empty());
+    }
+
+    #[test]
+    fn a_long_unknown_type_is_truncated_in_the_reason() {
+        let mut m = acked(10);
+        let text = json!({"type": "é".repeat(200)}).to_string();
+        let actions = m.on_text(&text);
+        let (code, reason) = closed(&actions).unwrap();
+        assert_eq!(code, 4400);
+        assert!(reason.len() < 123, "{}", reason.len());
+    }
+}

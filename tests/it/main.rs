@@ -1,0 +1,13 @@
+//! subgate's integration tests: one binary (`cargo test --test it`) that
+//! starts the real `subgate` binary on port 0 and talks to it through real
+//! sockets, as users and operators do.
+
+mod common;
+
+mod auth;
+mod cli;
+mod graphql;
+mod http;
+mod shutdown;
+mod slow_consumer;
+mod ws;
