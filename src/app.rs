@@ -13,7 +13,7 @@ use crate::config::{ConfigError, Settings};
 use crate::graphql::{self, AppSchema};
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
-use crate::store::{memory::MemoryStore, Store};
+use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 use crate::telemetry::{health, metrics::Metrics};
 use crate::transport;
 
@@ -54,7 +54,21 @@ impl AppState {
                     metrics.clone(),
                 )
                 .map_err(|message| ConfigError { key: "redis.url".into(), message })?;
-                (Arc::new(broker), Arc::new(MemoryStore::new()))
+                let store = Arc::new(
+                    RedisStore::new(url, &r.prefix, r.pool_size, ms(r.command_timeout_ms))
+                        .map_err(|e| ConfigError { key: "redis.url".into(), message: e.to_string() })?,
+                );
+                // Readiness follows Redis even while no request touches the
+                // store: a ping now, then every second.
+                let pinged = store.clone();
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        every.tick().await;
+                        let _ = pinged.ping().await;
+                    }
+                });
+                (Arc::new(broker), store)
             }
             None => (Arc::new(MemoryBroker::new()), Arc::new(MemoryStore::new())),
         };

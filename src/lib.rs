@@ -42,3 +42,4 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+#[cfg(test)] pub mod test_support;

@@ -500,58 +500,17 @@ pub(super) mod tests {
     use super::*;
     use crate::hub::Hub;
 
-    /// A redis-server of the test's own on a free port, killed on drop.
-    pub struct TestRedis {
-        child: std::process::Child,
-        pub port: u16,
-    }
+    pub use crate::test_support::RedisServer as TestRedis;
 
-    impl TestRedis {
-        pub fn start() -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            Self::start_on(port)
+    /// Runs one command on `redis` and returns its reply.
+    pub fn cmd(redis: &TestRedis, args: &[&str]) -> redis::Value {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
         }
-
-        pub fn start_on(port: u16) -> Self {
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server is needed for these tests: apt-get install redis-server");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let ready = || {
-                redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                    .and_then(|c| c.get_connection())
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                    .is_ok()
-            };
-            while !ready() {
-                assert!(Instant::now() < deadline, "redis-server did not start on {port}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Self { child, port }
-        }
-
-        pub fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        pub fn cmd(&self, args: &[&str]) -> redis::Value {
-            let client = redis::Client::open(self.url()).unwrap();
-            let mut conn = client.get_connection().unwrap();
-            let mut c = redis::cmd(args[0]);
-            for a in &args[1..] {
-                c.arg(*a);
-            }
-            c.query(&mut conn).unwrap()
-        }
-    }
-
-    impl Drop for TestRedis {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        c.query(&mut conn).unwrap()
     }
 
     fn node(url: &str) -> Arc<Hub> {
@@ -575,7 +534,7 @@ pub(super) mod tests {
     }
 
     fn numsub(redis: &TestRedis, topic: &str) -> i64 {
-        match redis.cmd(&["PUBSUB", "NUMSUB", &channel_name("t:", topic)]) {
+        match cmd(redis, &["PUBSUB", "NUMSUB", &channel_name("t:", topic)]) {
             redis::Value::Array(v) => match &v[1] {
                 redis::Value::Int(n) => *n,
                 other => panic!("{other:?}"),
@@ -616,7 +575,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_restarted_redis_is_resubscribed_and_publishes_fail_while_it_is_down() {
         let mut redis = TestRedis::start();
-        let port = redis.port;
+        let port = redis.port();
         let a = node(&redis.url());
         let mut sub = a.subscribe("user:1", "test", None).await.unwrap();
         assert!(a.broker().readiness().is_ok());
@@ -660,7 +619,7 @@ mod fault_tests {
         }
         assert_eq!(metrics.redis_subscribed_channels.get(), 20_000);
         // What Redis does to a Pub/Sub client over its output buffer limit.
-        redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        super::tests::cmd(&redis, &["CLIENT", "KILL", "TYPE", "pubsub"]);
         let killed = Instant::now();
         let deadline = killed + Duration::from_secs(10);
         while metrics.redis_reconnects_total.get() == 0 || metrics.redis_subscribed_channels.get() != 20_000 {
@@ -676,7 +635,7 @@ mod fault_tests {
     #[tokio::test]
     async fn a_silent_pubsub_connection_is_detected_by_the_probe_and_restarted() {
         let redis = TestRedis::start();
-        let proxy = FreezableProxy::start(redis.port).await;
+        let proxy = FreezableProxy::start(redis.port()).await;
         let (hub, metrics) = node_with_metrics(&proxy.url());
         let mut sub = hub.subscribe("posts", "test", None).await.unwrap();
         // From now on the proxy keeps the existing connections open but

@@ -12,6 +12,8 @@
 //! Implementations: [`memory::MemoryStore`]; the Redis store plugs in here.
 
 pub mod memory;
+pub mod redis;
+#[cfg(test)] mod conformance;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
