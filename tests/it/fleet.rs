@@ -33,7 +33,7 @@ const END: &str = "[end of batch]";
 /// How long Redis may be back before subscribers receive events again.
 const RECOVERY: Duration = Duration::from_secs(5);
 
-/// A node on `redis`. A 200ms cap on reconnect backoff keeps the time a
+/// A node on the Redis at `redis_url`. A 200ms cap on reconnect backoff keeps the time a
 /// node takes to notice a returning Redis well inside [`RECOVERY`].
 fn fleet_node(redis_url: &str) -> Node {
     Node::start(&[("SUBGATE__REDIS__URL", redis_url), ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200")])
@@ -45,7 +45,9 @@ fn fleet<const N: usize>(redis: &TestRedis) -> [Node; N] {
     let url = redis.url();
     std::thread::scope(|scope| {
         let starting: Vec<_> = (0..N).map(|_| scope.spawn(|| fleet_node(&url))).collect();
-        let nodes: Vec<Node> = starting.into_iter().map(|s| s.join().expect("a node failed to start")).collect();
+        // A node that fails to start fails the test with its own message.
+        let nodes: Vec<Node> =
+            starting.into_iter().map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
         nodes.try_into().unwrap_or_else(|_| unreachable!())
     })
 }
@@ -62,8 +64,14 @@ async fn subscriber(node: &Node) -> GqlWs {
 /// `createPost` on `node`: the new post's id, or the whole response when
 /// the node did not report a clean success.
 async fn try_create_post(node: &Node, token: &str, title: &str, content: &str) -> Result<String, Value> {
-    let reply = post_json(node, &json!({ "query": CREATE_POST, "variables": { "input": { "title": title, "content": content } } }), Some(token)).await;
-    let response: Value = serde_json::from_str(&reply.body).unwrap_or_else(|_| json!({ "status": reply.status.as_u16(), "body": reply.body }));
+    let reply = post_json(
+        node,
+        &json!({ "query": CREATE_POST, "variables": { "input": { "title": title, "content": content } } }),
+        Some(token),
+    )
+    .await;
+    let response: Value = serde_json::from_str(&reply.body)
+        .unwrap_or_else(|_| json!({ "status": reply.status.as_u16(), "body": reply.body }));
     let payload = &response["data"]["createPost"];
     let clean = reply.status == StatusCode::OK
         && response["errors"].as_array().is_none_or(|e| e.is_empty())
@@ -114,7 +122,7 @@ async fn posts_until_end(ws: &mut GqlWs, gap: Duration, who: &str) -> Vec<(Strin
     }
 }
 
-/// Polls `probe` every 25ms until it gives `Some`; panics with `what` and
+/// Polls `probe` every 25ms until it gives `Ok`; panics with `what` and
 /// the last observation after `within`.
 async fn eventually<T, O: std::fmt::Debug>(
     within: Duration,
@@ -300,7 +308,11 @@ async fn a_node_listens_to_a_topic_channel_only_while_it_has_subscribers() {
     let redis = TestRedis::start();
     let [n1, n2] = fleet(&redis);
     let author = create_user(&n2, "Publisher").await;
-    assert_eq!(redis.numsub(POSTS_CHANNEL).await, 0, "no node has a postCreated subscriber yet, yet {POSTS_CHANNEL} has listeners");
+    assert_eq!(
+        redis.numsub(POSTS_CHANNEL).await,
+        0,
+        "no node has a postCreated subscriber yet, yet {POSTS_CHANNEL} has listeners"
+    );
 
     let mut a = subscriber(&n1).await;
     let mut b = subscriber(&n1).await;
@@ -314,10 +326,9 @@ async fn a_node_listens_to_a_topic_channel_only_while_it_has_subscribers() {
     );
 
     // One of two leaves (its TCP connection just ends): node 1 must stay
-    // subscribed for the other.
-    // The node releases a connection's subscriptions before it stops
-    // counting the connection, so one open connection left means the hub
-    // has let go of the other's.
+    // subscribed for the other. A node releases a connection's
+    // subscriptions before it stops counting the connection, so one open
+    // connection left means the leaver's subscription is gone.
     drop(a);
     eventually(Duration::from_secs(10), "node 1 counts one open connection after a client left", async || {
         let n = metric(&n1, "subgate_connections").await;
@@ -391,7 +402,13 @@ async fn redis_killed_and_restarted_costs_no_connection_and_delivery_resumes_wit
         readyz_becomes(node, StatusCode::OK, RECOVERY.saturating_sub(back.elapsed()), name).await;
     }
     // Nothing from the outage turns up late, and delivery is exact again.
-    next_post_reaches_all(&n2, &author.token, &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)], "healed").await;
+    next_post_reaches_all(
+        &n2,
+        &author.token,
+        &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)],
+        "healed",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -458,7 +475,11 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
     // A user signed up on node 1 exists on node 2 and can log in on node 3.
     let ann = create_user(&n1, "Ann").await;
     let data = gql_ok(&n2, "query($id: ID!) { user(id: $id) { id email name } }", json!({ "id": ann.id }), None).await;
-    assert_eq!(data["user"], json!({ "id": ann.id, "email": ann.email, "name": "Ann" }), "the user created on node 1, read on node 2 {needs}");
+    assert_eq!(
+        data["user"],
+        json!({ "id": ann.id, "email": ann.email, "name": "Ann" }),
+        "the user created on node 1, read on node 2 {needs}"
+    );
     let data = gql_ok(
         &n3,
         "mutation($input: LoginInput!) { login(input: $input) { token user { id } errors { code } } }",
@@ -466,20 +487,40 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
         None,
     )
     .await;
-    assert_eq!(data["login"]["user"]["id"], json!(ann.id), "log in on node 3 as the user signed up on node 1 {needs}: {data}");
+    assert_eq!(
+        data["login"]["user"]["id"],
+        json!(ann.id),
+        "log in on node 3 as the user signed up on node 1 {needs}: {data}"
+    );
     assert!(data["login"]["token"].is_string(), "login on node 3 gave no token: {data}");
 
     // A post written on node 2 is read on node 3 (with its author) and
     // listed on node 1.
     let post_id = create_post(&n2, &ann.token, "Written on node 2", "body").await;
-    let data = gql_ok(&n3, "query($id: ID!) { post(id: $id) { id title content author { id name } } }", json!({ "id": post_id }), None).await;
+    let data = gql_ok(
+        &n3,
+        "query($id: ID!) { post(id: $id) { id title content author { id name } } }",
+        json!({ "id": post_id }),
+        None,
+    )
+    .await;
     assert_eq!(
         data["post"],
         json!({ "id": post_id, "title": "Written on node 2", "content": "body", "author": { "id": ann.id, "name": "Ann" } }),
         "the post created on node 2, read on node 3 {needs}"
     );
-    let data = gql_ok(&n1, "query($a: ID!) { posts(authorId: $a, first: 10) { totalCount nodes { id } } }", json!({ "a": ann.id }), None).await;
-    assert_eq!(data["posts"], json!({ "totalCount": 1, "nodes": [{ "id": post_id }] }), "Ann's posts listed on node 1 {needs}");
+    let data = gql_ok(
+        &n1,
+        "query($a: ID!) { posts(authorId: $a, first: 10) { totalCount nodes { id } } }",
+        json!({ "a": ann.id }),
+        None,
+    )
+    .await;
+    assert_eq!(
+        data["posts"],
+        json!({ "totalCount": 1, "nodes": [{ "id": post_id }] }),
+        "Ann's posts listed on node 1 {needs}"
+    );
 
     // A comment written on node 1 by a user from node 3 shows on node 2.
     let bob = create_user(&n3, "Bob").await;
@@ -519,25 +560,43 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
     .await;
     let channel_id = data["createChannel"]["channel"]["id"]
         .as_str()
-        .unwrap_or_else(|| panic!("createChannel with Bob (created on node 3) as a member failed on node 1 {needs}: {data}"))
+        .unwrap_or_else(|| {
+            panic!("createChannel with Bob (created on node 3) as a member failed on node 1 {needs}: {data}")
+        })
         .to_owned();
-    let data = gql_ok(&n3, "query($id: ID!) { channel(id: $id) { name isPrivate members { id } } }", json!({ "id": channel_id }), Some(&bob.token)).await;
+    let data = gql_ok(
+        &n3,
+        "query($id: ID!) { channel(id: $id) { name isPrivate members { id } } }",
+        json!({ "id": channel_id }),
+        Some(&bob.token),
+    )
+    .await;
     let members: HashSet<&str> = data["channel"]["members"]
         .as_array()
         .unwrap_or_else(|| panic!("Bob cannot read on node 3 the private channel he is a member of {needs}: {data}"))
         .iter()
         .filter_map(|m| m["id"].as_str())
         .collect();
-    assert_eq!(members, HashSet::from([ann.id.as_str(), bob.id.as_str()]), "the channel's members, read on node 3: {data}");
+    assert_eq!(
+        members,
+        HashSet::from([ann.id.as_str(), bob.id.as_str()]),
+        "the channel's members, read on node 3: {data}"
+    );
 
     let mut listener = GqlWs::connect(&n2.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     listener.init_ack(json!({ "authorization": format!("Bearer {}", bob.token) })).await;
     listener
-        .subscribe("chat", "subscription($c: ID!) { messageReceived(channelId: $c) { id content author { id } } }", json!({ "c": channel_id }))
+        .subscribe(
+            "chat",
+            "subscription($c: ID!) { messageReceived(channelId: $c) { id content author { id } } }",
+            json!({ "c": channel_id }),
+        )
         .await;
     const SEND: &str = "mutation($input: SendMessageInput!) { sendMessage(input: $input) { message { id } errors { field message code } } }";
     let send = async |content: &str| -> String {
-        let data = gql_ok(&n3, SEND, json!({ "input": { "channelId": channel_id, "content": content } }), Some(&ann.token)).await;
+        let data =
+            gql_ok(&n3, SEND, json!({ "input": { "channelId": channel_id, "content": content } }), Some(&ann.token))
+                .await;
         data["sendMessage"]["message"]["id"]
             .as_str()
             .unwrap_or_else(|| panic!("sendMessage on node 3 failed {needs}: {data}"))
@@ -627,17 +686,30 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
     until_live_via(&n2, &author.token, &mut [&mut s1, &mut s2], "warm-up").await;
     const RECONNECTS: &str = "subgate_redis_reconnects_total";
 
-    // What an operator (or a Redis protecting itself) does by hand.
+    // First by hand, as an operator would; the second half below has Redis
+    // do it by itself.
     let before = [metric(&n1, RECONNECTS).await, metric(&n2, RECONNECTS).await];
     let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     assert!(killed >= 2, "each node should hold a Pub/Sub connection, but CLIENT KILL TYPE pubsub closed {killed}");
     let dropped = Instant::now();
     until_live_via(&n2, &author.token, &mut [&mut s1, &mut s2], "after CLIENT KILL").await;
     let resumed = dropped.elapsed();
-    assert!(resumed < RECOVERY, "subscribers received new posts only {resumed:?} after their nodes' Pub/Sub connections were dropped");
+    assert!(
+        resumed < RECOVERY,
+        "subscribers received new posts only {resumed:?} after their nodes' Pub/Sub connections were dropped"
+    );
     let after = [metric(&n1, RECONNECTS).await, metric(&n2, RECONNECTS).await];
-    assert!(after[0] > before[0] && after[1] > before[1], "{RECONNECTS} should rise on both nodes: {before:?} -> {after:?}");
-    next_post_reaches_all(&n2, &author.token, &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)], "after the kill").await;
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "{RECONNECTS} should rise on both nodes: {before:?} -> {after:?}"
+    );
+    next_post_reaches_all(
+        &n2,
+        &author.token,
+        &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)],
+        "after the kill",
+    )
+    .await;
 
     // What Redis does on its own to a subscriber whose output buffer
     // passes `client-output-buffer-limit pubsub`: with a 1 KB hard limit a
@@ -646,14 +718,18 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
     let _: () = redis.cmd(&["CONFIG", "SET", "client-output-buffer-limit", "pubsub 1kb 0 0"]).await;
     // Published or not, this post must not cost anyone their connection.
     let _ = try_create_post(&n2, &author.token, "[too big for the buffer]", &"x".repeat(64 * 1024)).await;
-    eventually(Duration::from_secs(5), "Redis cut off both nodes' Pub/Sub connections over the buffer limit", async || {
-        let now = [metric(&n1, RECONNECTS).await, metric(&n2, RECONNECTS).await];
-        if now[0] > before[0] && now[1] > before[1] {
-            Ok(())
-        } else {
-            Err(now)
-        }
-    })
+    eventually(
+        Duration::from_secs(5),
+        "Redis cut off both nodes' Pub/Sub connections over the buffer limit",
+        async || {
+            let now = [metric(&n1, RECONNECTS).await, metric(&n2, RECONNECTS).await];
+            if now[0] > before[0] && now[1] > before[1] {
+                Ok(())
+            } else {
+                Err(now)
+            }
+        },
+    )
     .await;
     let _: () = redis.cmd(&["CONFIG", "SET", "client-output-buffer-limit", "pubsub 32mb 8mb 60"]).await;
     let cut = Instant::now();
@@ -662,5 +738,11 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
     until_live_via(&n2, &author.token, &mut [&mut s1, &mut s2], "after the buffer limit").await;
     let resumed = cut.elapsed();
     assert!(resumed < RECOVERY, "subscribers received new posts only {resumed:?} after the limit was lifted");
-    next_post_reaches_all(&n2, &author.token, &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)], "after the limit").await;
+    next_post_reaches_all(
+        &n2,
+        &author.token,
+        &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)],
+        "after the limit",
+    )
+    .await;
 }

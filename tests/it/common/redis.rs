@@ -114,7 +114,12 @@ impl TestRedis {
         let pong = client
             .get_connection_with_timeout(COMMAND_TIMEOUT)
             .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn));
-        assert_eq!(pong.as_deref().ok(), Some("PONG"), "redis-server on port {} said it was ready, yet PING gave {pong:?}", self.port);
+        assert_eq!(
+            pong.as_deref().ok(),
+            Some("PONG"),
+            "redis-server on port {} said it was ready, yet PING gave {pong:?}",
+            self.port
+        );
     }
 
     /// Runs one command, such as `["PUBSUB", "NUMSUB", "subgate:topic:posts"]`,
