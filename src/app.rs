@@ -100,6 +100,7 @@ pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()
         n => n,
     };
     let drain_timeout = Duration::from_secs(state.settings.server.drain_timeout_seconds);
+    let drain_grace = Duration::from_secs(state.settings.server.drain_grace_seconds).min(drain_timeout);
     let data = web::Data::new(state.clone());
     let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
         .workers(workers)
@@ -109,22 +110,27 @@ pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()
         .disable_signals()
         .listen(listener)?
         .run();
+    let signals = crate::shutdown::Signals::install()?;
     tracing::info!(%addr, "listening on {addr}");
     let handle = server.handle();
     let shutdown = state.shutdown.clone();
     tokio::spawn(async move {
-        crate::shutdown::signal().await;
+        signals.recv().await;
         tracing::info!(
             open = shutdown.open_connections(),
             "shutdown requested: draining for at most {}s",
             drain_timeout.as_secs()
         );
         shutdown.begin();
+        let grace_until = tokio::time::Instant::now() + drain_grace;
         let left = shutdown.drained(drain_timeout).await;
+        tokio::time::sleep_until(grace_until).await;
         if left > 0 {
             tracing::warn!(left, "drain timeout passed with connections still open");
         }
-        handle.stop(true).await;
+        // Graceful only when everything drained: after the drain timeout,
+        // what is left is dropped rather than waited for again.
+        handle.stop(left == 0).await;
     });
     server.await?;
     tracing::info!("stopped");

@@ -51,12 +51,11 @@ impl SharedEvent {
     /// Encodes `event` once.
     pub fn new(event: Event) -> Arc<Self> {
         let json = serde_json::value::to_raw_value(&event).expect("an Event always serializes");
-        let published_at_ms = event
-            .id
-            .split('-')
-            .next()
-            .and_then(|ms| ms.parse().ok())
-            .unwrap_or_else(now_ms);
+        Self::from_parts(event, json)
+    }
+
+    fn from_parts(event: Event, json: Box<RawValue>) -> Arc<Self> {
+        let published_at_ms = EventId::parse(&event.id).map_or_else(now_ms, |id| id.ms);
         Arc::new(Self { event, json, published_at_ms, typed: OnceLock::new() })
     }
 
@@ -83,13 +82,7 @@ impl SharedEvent {
     pub fn decode(text: &str) -> Result<Arc<Self>, serde_json::Error> {
         let event: Event = serde_json::from_str(text)?;
         let json = RawValue::from_string(text.to_owned())?;
-        let published_at_ms = event
-            .id
-            .split('-')
-            .next()
-            .and_then(|ms| ms.parse().ok())
-            .unwrap_or_else(now_ms);
-        Ok(Arc::new(Self { event, json, published_at_ms, typed: OnceLock::new() }))
+        Ok(Self::from_parts(event, json))
     }
 }
 

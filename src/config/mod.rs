@@ -60,6 +60,10 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// How long a drain may take before the process exits anyway.
     pub drain_timeout_seconds: u64,
+    /// How long a draining node keeps answering HTTP (`/readyz` 503, new
+    /// WebSockets refused) so that load balancers take it out of rotation
+    /// before it stops listening; within `drain_timeout_seconds`.
+    pub drain_grace_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -72,6 +76,7 @@ impl Default for ServerSettings {
             max_body_bytes: 1024 * 1024,
             max_connections: 50_000,
             drain_timeout_seconds: 10,
+            drain_grace_seconds: 0,
         }
     }
 }
@@ -351,6 +356,12 @@ impl Settings {
         positive("redis.history_ttl_seconds", self.redis.history_ttl_seconds);
         positive("auth.login_token_ttl_seconds", self.auth.login_token_ttl_seconds);
         positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
+        if self.server.drain_grace_seconds > self.server.drain_timeout_seconds {
+            errors.push(ConfigError::new(
+                "server.drain_grace_seconds",
+                "must not exceed server.drain_timeout_seconds",
+            ));
+        }
         if self.server.host.trim().is_empty() {
             errors.push(ConfigError::new("server.host", "must not be empty"));
         }

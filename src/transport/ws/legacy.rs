@@ -298,7 +298,6 @@ mod tests {
     use async_graphql::{ServerError, Value as GqlValue};
 
     use super::*;
-    use crate::transport::ws::Operation;
 
     fn verify() -> Verify {
         Arc::new(|token| match token {
@@ -319,32 +318,7 @@ mod tests {
         m
     }
 
-    fn sent(actions: &[Action]) -> Vec<Value> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn closed(actions: &[Action]) -> Option<(u16, &str)> {
-        actions.iter().find_map(|a| match a {
-            Action::Close(code, reason) => Some((*code, reason.as_str())),
-            _ => None,
-        })
-    }
-
-    fn started(actions: &[Action]) -> Vec<&Operation> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Start(op) => Some(&**op),
-                _ => None,
-            })
-            .collect()
-    }
+    use crate::transport::ws::action_tests::{closed, sent, started};
 
     fn start(id: &str) -> String {
         json!({"type": "start", "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()

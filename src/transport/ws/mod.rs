@@ -520,6 +520,44 @@ pub(crate) fn encode_bare(ty: &str, id: Option<&str>) -> String {
     encode::<()>(ty, id, None).unwrap_or_else(|_| format!("{{\"type\":\"{ty}\"}}"))
 }
 
+/// Readers of a protocol machine's actions, for the machines' unit tests.
+#[cfg(test)]
+pub(crate) mod action_tests {
+    use serde_json::Value;
+
+    use super::{Action, Operation};
+
+    /// The messages sent, decoded.
+    pub fn sent(actions: &[Action]) -> Vec<Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The close, if any.
+    pub fn closed(actions: &[Action]) -> Option<(u16, &str)> {
+        actions.iter().find_map(|a| match a {
+            Action::Close(code, reason) => Some((*code, reason.as_str())),
+            _ => None,
+        })
+    }
+
+    /// The operations started.
+    pub fn started(actions: &[Action]) -> Vec<&Operation> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start(op) => Some(&**op),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The handler and the pump over real sockets, with a schema of their

@@ -267,7 +267,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::transport::ws::Operation;
 
     fn verify() -> Verify {
         Arc::new(|token| match token {
@@ -292,32 +291,7 @@ mod tests {
         m
     }
 
-    fn sent(actions: &[Action]) -> Vec<Value> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn closed(actions: &[Action]) -> Option<(u16, &str)> {
-        actions.iter().find_map(|a| match a {
-            Action::Close(code, reason) => Some((*code, reason.as_str())),
-            _ => None,
-        })
-    }
-
-    fn started(actions: &[Action]) -> Vec<&Operation> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Start(op) => Some(&**op),
-                _ => None,
-            })
-            .collect()
-    }
+    use crate::transport::ws::action_tests::{closed, sent, started};
 
     fn subscribe(id: &str) -> String {
         json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()
