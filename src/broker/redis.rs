@@ -323,7 +323,13 @@ impl SubscriberTask {
             let cap = self.opts.max_backoff.as_millis().max(1) as u64;
             let exp = 50u64.saturating_mul(1u64 << attempt.min(16)).min(cap);
             let delay = rand::thread_rng().gen_range(exp / 2..=exp);
-            tracing::warn!(%reason, attempt, delay_ms = delay, "redis pub/sub connection lost; reconnecting");
+            // Loud on the first failure, then once in a while: an outage
+            // must not flood the log.
+            if attempt % 20 == 0 {
+                tracing::warn!(%reason, attempt, delay_ms = delay, "redis pub/sub connection lost; reconnecting");
+            } else {
+                tracing::debug!(%reason, attempt, delay_ms = delay, "redis pub/sub reconnect failed");
+            }
             attempt = attempt.saturating_add(1);
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
