@@ -56,7 +56,8 @@ impl AppState {
                 .map_err(|message| ConfigError { key: "redis.url".into(), message })?;
                 let store = Arc::new(
                     RedisStore::new(url, &r.prefix, r.pool_size, ms(r.command_timeout_ms))
-                        .map_err(|e| ConfigError { key: "redis.url".into(), message: e.to_string() })?,
+                        .map_err(|e| ConfigError { key: "redis.url".into(), message: e.to_string() })?
+                        .with_metrics(metrics.clone()),
                 );
                 // Readiness follows Redis even while no request touches the
                 // store: a ping now, then every second.

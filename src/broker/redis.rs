@@ -130,18 +130,21 @@ impl RedisBroker {
     /// Redis that is down at start is waited for, not fatal.
     pub fn new(opts: RedisBrokerOptions, metrics: Arc<Metrics>) -> Result<Self, String> {
         let client = redis::Client::open(opts.url.as_str()).map_err(|e| e.to_string())?;
-        let mut cfg = deadpool_redis::Config::from_url(opts.url.clone());
-        cfg.pool = Some(deadpool_redis::PoolConfig {
-            max_size: opts.pool_size.max(1),
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(opts.command_timeout),
-                create: Some(opts.command_timeout),
-                recycle: Some(opts.command_timeout),
-            },
-            ..Default::default()
-        });
-        let pool = cfg
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        // The command timeout bounds every call (waiting for a connection
+        // included); the client's own shorter response timeout is turned off
+        // so that the configured one is the one that applies.
+        let connection = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(opts.command_timeout))
+            .set_response_timeout(None);
+        let manager =
+            deadpool_redis::Manager::new_with_config(opts.url.as_str(), connection).map_err(|e| e.to_string())?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(opts.pool_size.max(1))
+            .wait_timeout(Some(opts.command_timeout))
+            .create_timeout(Some(opts.command_timeout))
+            .recycle_timeout(Some(opts.command_timeout))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
             opts,
@@ -320,7 +323,13 @@ impl SubscriberTask {
             let cap = self.opts.max_backoff.as_millis().max(1) as u64;
             let exp = 50u64.saturating_mul(1u64 << attempt.min(16)).min(cap);
             let delay = rand::thread_rng().gen_range(exp / 2..=exp);
-            tracing::warn!(%reason, attempt, delay_ms = delay, "redis pub/sub connection lost; reconnecting");
+            // Loud on the first failure, then once in a while: an outage
+            // must not flood the log.
+            if attempt % 20 == 0 {
+                tracing::warn!(%reason, attempt, delay_ms = delay, "redis pub/sub connection lost; reconnecting");
+            } else {
+                tracing::debug!(%reason, attempt, delay_ms = delay, "redis pub/sub reconnect failed");
+            }
             attempt = attempt.saturating_add(1);
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }

@@ -45,7 +45,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -66,6 +66,7 @@ pub struct RedisStore {
     scripts: Scripts,
     command_timeout: Duration,
     health: Health,
+    metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -107,7 +108,14 @@ impl RedisStore {
             scripts: Scripts::new(),
             command_timeout,
             health: Health::default(),
+            metrics: None,
         })
+    }
+
+    /// Records every call's latency in `subgate_redis_command_duration_seconds`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// One round trip to Redis; the node calls it when it starts and then
@@ -121,7 +129,19 @@ impl RedisStore {
     /// The one way to Redis: a pooled connection and one request, together
     /// bounded by `command_timeout`, with failures mapped and recorded.
     async fn call<T: FromRedisValue>(&self, request: Request<'_>) -> StoreResult<T> {
+        let label = match request {
+            Request::Cmd(_) => "store_command",
+            Request::Pipe(_) => "store_pipeline",
+            Request::Script(_) => "store_script",
+        };
+        let started = std::time::Instant::now();
         let outcome = self.attempt(request).await;
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .redis_command_duration_seconds
+                .with_label_values(&[label])
+                .observe(started.elapsed().as_secs_f64());
+        }
         match outcome {
             Ok(value) => {
                 self.health.up();
