@@ -140,8 +140,9 @@ async fn open(ctx: &Context<'_>, topics: Vec<String>) -> Result<impl Stream<Item
         })?;
         subs.push(sub);
     }
+    // The transport counts the subscription (it knows when it ends); this
+    // counts the deliveries.
     let metrics = deps.metrics.clone();
-    let gauge = crate::telemetry::metrics::GaugeGuard::new(metrics.subscriptions.with_label_values(&[label]));
     let merged = stream::select_all(subs).map(move |event| {
         metrics.delivered(label, event.published_at_ms);
         event
@@ -149,7 +150,6 @@ async fn open(ctx: &Context<'_>, topics: Vec<String>) -> Result<impl Stream<Item
     // When cut off, stall rather than end: the transport closes with the
     // slow-consumer code instead of reporting a normal completion.
     let tail = stream::once(async move {
-        let _gauge = gauge;
         if cutoff.as_ref().is_some_and(|c| c.reason().is_some()) {
             future::pending::<()>().await;
         }
