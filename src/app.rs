@@ -47,8 +47,8 @@ impl AppState {
                         subscribe_timeout: ms(r.subscribe_timeout_ms),
                         probe_interval: ms(r.probe_interval_ms),
                         max_backoff: ms(r.max_backoff_ms),
-                        history_size: r.history_size,
-                        history_ttl: Duration::from_secs(r.history_ttl_seconds),
+                        history_size: settings.history.size,
+                        history_ttl: Duration::from_secs(settings.history.ttl_seconds),
                         pool_size: r.pool_size,
                     },
                     metrics.clone(),
@@ -71,7 +71,13 @@ impl AppState {
                 });
                 (Arc::new(broker), store)
             }
-            None => (Arc::new(MemoryBroker::new()), Arc::new(MemoryStore::new())),
+            None => (
+                Arc::new(MemoryBroker::new(
+                    settings.history.size,
+                    Duration::from_secs(settings.history.ttl_seconds),
+                )),
+                Arc::new(MemoryStore::new()),
+            ),
         };
         let hub = Hub::new(broker, metrics.clone(), settings.hub.subscriber_queue_capacity);
         let schema = graphql::build_schema(graphql::SchemaDeps {

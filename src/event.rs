@@ -2,9 +2,12 @@
 //!
 //! Every event, on every transport and on the bus wire, is
 //! `{"id","type","topic","payload","timestamp"}`. The `id` is unique and,
-//! within one topic, ordered: it is the resume position. It has the form
-//! `MILLIS-SEQ` (the shape of a Redis stream id) so that the Redis history
-//! can use it as is.
+//! within one topic, ordered: it is the resume position, a [`Position`]
+//! `EPOCH:SEQ`. `SEQ` counts the topic's events from 1 without gaps, so a
+//! subscriber can tell a missing event from the next one; `EPOCH` names the
+//! topic's history and changes when that history is lost (its store
+//! restarted empty, the topic expired), so a position from another epoch is
+//! a gap, never a place to resume from.
 
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
@@ -34,8 +37,10 @@ pub struct SharedEvent {
     pub event: Event,
     /// The envelope as JSON, ready to write.
     pub json: Box<RawValue>,
-    /// Milliseconds since the epoch at publish time (from the id).
+    /// Milliseconds since the epoch at publish time (from the timestamp).
     pub published_at_ms: u64,
+    /// The resume position, when the id is one.
+    pub position: Option<Position>,
     /// The payload decoded into a domain type, once, by the first subscriber
     /// that asks (see [`SharedEvent::payload_as`]).
     typed: OnceLock<Option<Arc<dyn Any + Send + Sync>>>,
@@ -55,8 +60,11 @@ impl SharedEvent {
     }
 
     fn from_parts(event: Event, json: Box<RawValue>) -> Arc<Self> {
-        let published_at_ms = EventId::parse(&event.id).map_or_else(now_ms, |id| id.ms);
-        Arc::new(Self { event, json, published_at_ms, typed: OnceLock::new() })
+        let published_at_ms = DateTime::parse_from_rfc3339(&event.timestamp)
+            .map(|t| t.timestamp_millis().max(0) as u64)
+            .unwrap_or_else(|_| now_ms());
+        let position = Position::parse(&event.id);
+        Arc::new(Self { event, json, published_at_ms, position, typed: OnceLock::new() })
     }
 
     /// The payload as `T`, decoded once per node however many subscribers
@@ -99,42 +107,57 @@ impl NewEvent {
         Self { topic: topic.into(), kind: kind.into(), payload }
     }
 
-    /// Stamps this event with an id and the time.
-    pub fn stamp(self, id: EventId) -> Event {
-        let timestamp = DateTime::<Utc>::from_timestamp_millis(id.ms as i64)
-            .unwrap_or_else(Utc::now)
-            .to_rfc3339_opts(SecondsFormat::Millis, true);
-        Event { id: id.to_string(), kind: self.kind, topic: self.topic, payload: self.payload, timestamp }
+    /// Stamps this event with its position and the time.
+    pub fn stamp(self, position: &Position) -> Event {
+        Event {
+            id: position.to_string(),
+            kind: self.kind,
+            topic: self.topic,
+            payload: self.payload,
+            timestamp: timestamp_now(),
+        }
     }
 }
 
-/// `MILLIS-SEQ`, ordered first by time then by sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct EventId {
-    pub ms: u64,
+/// A resume position: the topic's history epoch and the event's sequence
+/// number in it. Written `EPOCH:SEQ`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub epoch: String,
     pub seq: u64,
 }
 
-impl EventId {
-    /// The next id after `last` at time `now_ms`: never goes backwards even
-    /// when the clock does.
-    pub fn next(last: Option<EventId>, now_ms: u64) -> EventId {
-        match last {
-            Some(last) if now_ms <= last.ms => EventId { ms: last.ms, seq: last.seq + 1 },
-            _ => EventId { ms: now_ms, seq: 0 },
-        }
+impl Position {
+    pub fn new(epoch: impl Into<String>, seq: u64) -> Self {
+        Self { epoch: epoch.into(), seq }
     }
 
-    pub fn parse(s: &str) -> Option<EventId> {
-        let (ms, seq) = s.split_once('-')?;
-        Some(EventId { ms: ms.parse().ok()?, seq: seq.parse().ok()? })
+    /// Parses `EPOCH:SEQ`; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Position> {
+        let (epoch, seq) = s.rsplit_once(':')?;
+        let valid_epoch = !epoch.is_empty() && epoch.len() <= 32 && epoch.chars().all(|c| c.is_ascii_alphanumeric());
+        if !valid_epoch || seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Position { epoch: epoch.to_owned(), seq: seq.parse().ok()? })
+    }
+
+    /// A fresh epoch name.
+    pub fn new_epoch() -> String {
+        let bytes: [u8; 6] = rand::random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
-impl std::fmt::Display for EventId {
+impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.ms, self.seq)
+        write!(f, "{}:{}", self.epoch, self.seq)
     }
+}
+
+/// The current time as RFC 3339 with milliseconds, as envelopes carry it.
+pub fn timestamp_now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 pub fn now_ms() -> u64 {
@@ -189,24 +212,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_ordered_even_when_the_clock_steps_back() {
-        let a = EventId::next(None, 1000);
-        let b = EventId::next(Some(a), 1000);
-        let c = EventId::next(Some(b), 999);
-        let d = EventId::next(Some(c), 1001);
-        assert!(a < b && b < c && c < d);
-        assert_eq!(EventId::parse(&c.to_string()), Some(c));
-        assert_eq!(EventId::parse("nope"), None);
+    fn positions_parse_and_print() {
+        let p = Position::new("a1b2c3", 42);
+        assert_eq!(p.to_string(), "a1b2c3:42");
+        assert_eq!(Position::parse("a1b2c3:42"), Some(p));
+        for bad in ["", "42", ":42", "abc:", "abc:-1", "abc:4x", "a-b:1", "abc:99999999999999999999999"] {
+            assert_eq!(Position::parse(bad), None, "{bad}");
+        }
+        assert_ne!(Position::new_epoch(), Position::new_epoch());
     }
 
     #[test]
     fn the_envelope_is_encoded_once_and_round_trips() {
-        let event = NewEvent::new("posts", "post.created", serde_json::json!({"id": "1"}))
-            .stamp(EventId { ms: 1_700_000_000_000, seq: 3 });
+        let mut event = NewEvent::new("posts", "post.created", serde_json::json!({"id": "1"}))
+            .stamp(&Position::new("e1", 3));
+        event.timestamp = "2023-11-14T22:13:20.000Z".into();
         let shared = SharedEvent::new(event.clone());
         let decoded = SharedEvent::decode(shared.json.get()).unwrap();
         assert_eq!(decoded.event, event);
         assert_eq!(decoded.published_at_ms, 1_700_000_000_000);
+        assert_eq!(decoded.position, Some(Position::new("e1", 3)));
         let v: serde_json::Value = serde_json::from_str(shared.json.get()).unwrap();
         assert_eq!(v["type"], "post.created");
         assert_eq!(v["timestamp"], "2023-11-14T22:13:20.000Z");

@@ -11,6 +11,10 @@
 //! - [`Broker::release`] says the hub has no local subscriber left for a
 //!   topic; it is synchronous and must not block (called from `Drop`).
 //! - Delivery to the sink never waits on a subscriber.
+//! - Each topic keeps a bounded, expiring history written together with the
+//!   publish, so the id a subscriber sees is the id in the history;
+//!   [`Broker::history`] reads it after a [`Position`] and says
+//!   [`History::Gap`] when it cannot resume exactly from there.
 //!
 //! Implementations: [`memory::MemoryBroker`] (one node) and
 //! [`redis::RedisBroker`] (a fleet sharing Redis).
@@ -22,7 +26,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::event::{NewEvent, SharedEvent};
+use crate::event::{NewEvent, Position, SharedEvent};
 
 /// Where a broker hands the events it receives: the node's hub.
 pub trait EventSink: Send + Sync + 'static {
@@ -32,6 +36,42 @@ pub trait EventSink: Send + Sync + 'static {
     fn topics(&self) -> Vec<String>;
     /// Whether this node has a local subscriber for `topic`.
     fn wants(&self, topic: &str) -> bool;
+}
+
+/// Why a resume position cannot be resumed from exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapReason {
+    /// The position is older than the retained history.
+    Expired,
+    /// The position belongs to a history that was lost (another epoch), or
+    /// the topic has no history at all.
+    EpochChanged,
+    /// The position is not one subgate wrote.
+    Malformed,
+    /// The history could not be read (the bus is unavailable).
+    Unavailable,
+}
+
+impl GapReason {
+    /// The stable string clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Expired => "expired",
+            GapReason::EpochChanged => "epoch_changed",
+            GapReason::Malformed => "malformed",
+            GapReason::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// What a topic's history says after a position.
+#[derive(Debug, Clone)]
+pub enum History {
+    /// Every event after the position, oldest first (at most the limit).
+    Complete(Vec<Arc<SharedEvent>>),
+    /// The position cannot be resumed from exactly; `retained` is what the
+    /// history holds now (current epoch), oldest first.
+    Gap { reason: GapReason, retained: Vec<Arc<SharedEvent>> },
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,4 +91,6 @@ pub trait Broker: Send + Sync + 'static {
     fn release(&self, topic: &str);
     /// `Err(why)` while the broker cannot serve (readiness says why).
     fn readiness(&self) -> Result<(), String>;
+    /// The events of `topic` after `after`, at most `limit`, oldest first.
+    async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError>;
 }

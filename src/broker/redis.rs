@@ -32,8 +32,8 @@ use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::{oneshot, Notify};
 
-use super::{Broker, BrokerError, EventSink};
-use crate::event::{topic, Event, NewEvent, SharedEvent};
+use super::{Broker, BrokerError, EventSink, GapReason, History};
+use crate::event::{topic, Event, NewEvent, Position, SharedEvent};
 use crate::telemetry::metrics::Metrics;
 
 /// How many channels one SUBSCRIBE or UNSUBSCRIBE names.
@@ -60,13 +60,26 @@ pub struct RedisBrokerOptions {
     pub pool_size: usize,
 }
 
-/// Appends to the topic's stream (assigning the id) and publishes the
-/// envelope, as one atomic step so that channel order is id order.
-/// KEYS[1] stream, KEYS[2] channel; ARGV[1] envelope head (`{"id":"`),
-/// ARGV[2] envelope tail (after the id), ARGV[3] max length, ARGV[4] TTL ms.
+/// Numbers the event in its topic's history, appends it there and publishes
+/// the envelope, as one atomic step, so that channel order is position order
+/// and the position a subscriber sees is the one in the history.
+/// KEYS[1] stream, KEYS[2] channel, KEYS[3] meta hash (epoch, seq);
+/// ARGV[1] envelope head (`{"id":"`), ARGV[2] envelope tail (after the id),
+/// ARGV[3] max length, ARGV[4] TTL ms, ARGV[5] an epoch for a new history.
+/// A history whose meta is gone (expired, or Redis restarted empty) starts a
+/// new epoch, and its stream is cleared so that sequence numbers restart.
 const PUBLISH_SCRIPT: &str = r#"
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
+local epoch = redis.call('HGET', KEYS[3], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[3], 'epoch', epoch)
+end
+local seq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
+local id = epoch .. ':' .. seq
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-1', 't', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', KEYS[2], ARGV[1] .. id .. ARGV[2])
 return id
 "#;
@@ -200,9 +213,14 @@ pub fn channel_name(prefix: &str, topic: &str) -> String {
     format!("{prefix}topic:{topic}")
 }
 
-/// The history stream of a topic.
+/// The history stream of a topic: entry `SEQ-1` holds the envelope's tail.
 pub fn stream_key(prefix: &str, topic: &str) -> String {
     format!("{prefix}history:{topic}")
+}
+
+/// The history's epoch and last sequence number.
+pub fn meta_key(prefix: &str, topic: &str) -> String {
+    format!("{prefix}history-meta:{topic}")
 }
 
 #[async_trait]
@@ -227,13 +245,14 @@ impl Broker for RedisBroker {
             return Err(BrokerError::InvalidTopic(event.topic));
         }
         let stream = stream_key(&self.opts.prefix, &event.topic);
+        let meta = meta_key(&self.opts.prefix, &event.topic);
         let channel = self.channel(&event.topic);
         let unstamped = Event {
             id: String::new(),
             kind: event.kind,
             topic: event.topic,
             payload: event.payload,
-            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            timestamp: crate::event::timestamp_now(),
         };
         // Encoded once, by the publisher; the id is spliced in by the script.
         let encoded = serde_json::to_string(&unstamped).map_err(|e| BrokerError::Unavailable(e.to_string()))?;
@@ -250,10 +269,12 @@ impl Broker for RedisBroker {
                 script
                     .key(stream)
                     .key(channel)
+                    .key(meta)
                     .arg(ENVELOPE_HEAD)
                     .arg(&tail)
                     .arg(max_len)
                     .arg(ttl_ms)
+                    .arg(Position::new_epoch())
                     .invoke_async(&mut conn)
                     .await
             })
@@ -286,6 +307,70 @@ impl Broker for RedisBroker {
     fn release(&self, topic: &str) {
         // The control task compares what Redis has with what the hub wants.
         self.shared.touch(topic);
+    }
+
+    async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError> {
+        let stream = stream_key(&self.opts.prefix, topic);
+        let meta = meta_key(&self.opts.prefix, topic);
+        let limit = limit.max(1);
+        let from = format!("{}-0", after.seq.saturating_add(1));
+        // One atomic read: the epoch, the last number, the oldest retained
+        // entry and the entries after the position.
+        type Entries = Vec<(String, HashMap<String, String>)>;
+        let (epoch, last, oldest, after_entries): (Option<String>, Option<u64>, Entries, Entries) = self
+            .with_conn("history", |mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .cmd("HGET")
+                    .arg(&meta)
+                    .arg("epoch")
+                    .cmd("HGET")
+                    .arg(&meta)
+                    .arg("seq")
+                    .cmd("XRANGE")
+                    .arg(&stream)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .cmd("XRANGE")
+                    .arg(&stream)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let Some(epoch) = epoch else {
+            return Ok(History::Gap { reason: GapReason::EpochChanged, retained: Vec::new() });
+        };
+        let decode = |entries: Entries| -> Vec<Arc<SharedEvent>> {
+            entries
+                .into_iter()
+                .filter_map(|(id, fields)| {
+                    let seq = id.split('-').next()?.parse::<u64>().ok()?;
+                    let tail = fields.get("t")?;
+                    let text = format!("{ENVELOPE_HEAD}{epoch}:{seq}{tail}");
+                    SharedEvent::decode(&text).ok()
+                })
+                .collect()
+        };
+        if after.epoch != epoch {
+            return Ok(History::Gap { reason: GapReason::EpochChanged, retained: decode(oldest) });
+        }
+        if after.seq > last.unwrap_or(0) {
+            return Ok(History::Gap { reason: GapReason::Malformed, retained: Vec::new() });
+        }
+        let first = oldest
+            .first()
+            .and_then(|(id, _)| id.split('-').next()?.parse::<u64>().ok())
+            .unwrap_or(last.unwrap_or(0) + 1);
+        if after.seq + 1 < first {
+            return Ok(History::Gap { reason: GapReason::Expired, retained: decode(oldest) });
+        }
+        Ok(History::Complete(decode(after_entries)))
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -579,6 +664,43 @@ pub(super) mod tests {
             assert!(Instant::now() < deadline, "the node did not unsubscribe after its last subscriber left");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn history_resumes_exactly_and_says_expired_or_lost() {
+        let redis = TestRedis::start();
+        let a = node(&redis.url());
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(a.publish(NewEvent::new("t", "x", serde_json::json!({ "i": i }))).await.unwrap());
+        }
+        let pos = |e: &Arc<SharedEvent>| e.position.clone().unwrap();
+        assert_eq!(ids.iter().map(|e| pos(e).seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        match a.broker().history("t", &pos(&ids[1]), 100).await.unwrap() {
+            History::Complete(events) => {
+                let got: Vec<_> = events.iter().map(|e| e.event.clone()).collect();
+                let want: Vec<_> = ids[2..].iter().map(|e| e.event.clone()).collect();
+                assert_eq!(got, want, "the history holds the very envelopes that were published");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The history is capped (approximately: Redis trims whole nodes).
+        for i in 0..400 {
+            a.publish(NewEvent::new("t", "x", serde_json::json!({ "i": i }))).await.unwrap();
+        }
+        assert!(matches!(
+            a.broker().history("t", &pos(&ids[0]), 100).await.unwrap(),
+            History::Gap { reason: GapReason::Expired, .. }
+        ));
+        // Redis restarted empty: the old positions belong to a lost epoch.
+        cmd(&redis, &["FLUSHALL"]);
+        let fresh = a.publish(NewEvent::new("t", "x", serde_json::json!({}))).await.unwrap();
+        assert_eq!(pos(&fresh).seq, 1);
+        assert_ne!(pos(&fresh).epoch, pos(&ids[0]).epoch);
+        assert!(matches!(
+            a.broker().history("t", &pos(&ids[4]), 100).await.unwrap(),
+            History::Gap { reason: GapReason::EpochChanged, .. }
+        ));
     }
 
     #[tokio::test]

@@ -39,6 +39,7 @@ pub struct Settings {
     pub graphql: GraphqlSettings,
     pub websocket: WebsocketSettings,
     pub hub: HubSettings,
+    pub history: HistorySettings,
     pub publish: PublishSettings,
     pub log: LogSettings,
 }
@@ -98,10 +99,6 @@ pub struct RedisSettings {
     pub max_backoff_ms: u64,
     /// Pooled connections for commands (publish, store).
     pub pool_size: usize,
-    /// Events kept per topic (approximate).
-    pub history_size: usize,
-    /// How long a topic's events are kept after its last event.
-    pub history_ttl_seconds: u64,
 }
 
 impl Default for RedisSettings {
@@ -114,8 +111,6 @@ impl Default for RedisSettings {
             probe_interval_ms: 5000,
             max_backoff_ms: 2000,
             pool_size: 32,
-            history_size: 1000,
-            history_ttl_seconds: 86400,
         }
     }
 }
@@ -215,6 +210,21 @@ pub struct HubSettings {
 impl Default for HubSettings {
     fn default() -> Self {
         Self { subscriber_queue_capacity: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    /// Events kept per topic for resuming (approximate on Redis).
+    pub size: usize,
+    /// How long a topic's history lives after its last event.
+    pub ttl_seconds: u64,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self { size: 1000, ttl_seconds: 86400 }
     }
 }
 
@@ -352,8 +362,8 @@ impl Settings {
         positive("redis.probe_interval_ms", self.redis.probe_interval_ms);
         positive("redis.max_backoff_ms", self.redis.max_backoff_ms);
         positive("redis.pool_size", self.redis.pool_size as u64);
-        positive("redis.history_size", self.redis.history_size as u64);
-        positive("redis.history_ttl_seconds", self.redis.history_ttl_seconds);
+        positive("history.size", self.history.size as u64);
+        positive("history.ttl_seconds", self.history.ttl_seconds);
         positive("auth.login_token_ttl_seconds", self.auth.login_token_ttl_seconds);
         positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
         if self.server.drain_grace_seconds > self.server.drain_timeout_seconds {

@@ -139,7 +139,7 @@ mod tests {
         let dir = std::env::temp_dir().join("subgate-graphql-test-empty");
         let settings = Arc::new(Settings::load_from(&dir, None, Vec::new()).unwrap());
         let metrics = Arc::new(Metrics::new());
-        let hub = Hub::new(Arc::new(MemoryBroker::new()), metrics.clone(), 16);
+        let hub = Hub::new(Arc::new(MemoryBroker::default()), metrics.clone(), 16);
         let auth = Arc::new(Authenticator::from_settings(&settings).unwrap());
         let schema = build_schema(SchemaDeps { settings: settings.clone(), store, hub, auth, metrics });
         (schema, settings)

@@ -8,6 +8,8 @@
 //! [`Subscription`] releases its place synchronously in `Drop`; the last one
 //! out of a topic removes the topic and releases it at the broker.
 
+pub mod resume;
+
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +74,8 @@ struct Subscriber {
 }
 
 pub struct Hub {
+    /// Most events one history read returns.
+    history_limit: usize,
     topics: Mutex<HashMap<String, HashMap<u64, Subscriber>>>,
     next_id: AtomicU64,
     capacity: usize,
@@ -83,6 +87,9 @@ impl Hub {
     /// Builds the hub and attaches it to `broker` as its sink.
     pub fn new(broker: Arc<dyn Broker>, metrics: Arc<Metrics>, capacity: usize) -> Arc<Self> {
         let hub = Arc::new(Self {
+            // One read replays at most this much; a longer absence is
+            // caught up by the next hole fill, read by read.
+            history_limit: 1000,
             topics: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             capacity: capacity.max(1),
@@ -265,7 +272,7 @@ mod tests {
     use futures_util::StreamExt;
 
     fn hub(capacity: usize) -> Arc<Hub> {
-        Hub::new(Arc::new(MemoryBroker::new()), Arc::new(Metrics::new()), capacity)
+        Hub::new(Arc::new(MemoryBroker::default()), Arc::new(Metrics::new()), capacity)
     }
 
     #[tokio::test]

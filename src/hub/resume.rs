@@ -1,0 +1,295 @@
+//! Resumable subscriptions: replay from history, then live, with no event
+//! twice across the seam and holes in the live stream filled from history.
+//!
+//! The subscription is opened before the history is read, so nothing
+//! published in between is missed; whatever the live stream repeats of the
+//! replay is dropped by position. A live event whose position does not
+//! follow the last one delivered (Pub/Sub lost a message, say across a
+//! reconnect) makes the stream read the history from the last delivered
+//! position before going on. What cannot be recovered is said out loud as a
+//! [`Delivery::Gap`], never papered over.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+
+use super::{Cutoff, Hub, Subscription};
+use crate::broker::{BrokerError, GapReason, History};
+use crate::event::{Position, SharedEvent};
+
+/// One item of a resumable stream.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Event(Arc<SharedEvent>),
+    /// Events were lost here and could not be recovered.
+    Gap(GapReason),
+}
+
+/// A resumable subscription.
+pub struct Resumed {
+    /// Why the requested position could not be resumed from exactly
+    /// (`None`: it was, or none was given). Not repeated in `stream`.
+    pub gap: Option<GapReason>,
+    /// The replay, then the live events.
+    pub stream: BoxStream<'static, Delivery>,
+}
+
+struct State {
+    live: Subscription,
+    hub: Arc<Hub>,
+    topic: String,
+    limit: usize,
+    pending: VecDeque<Delivery>,
+    /// A live event to look at again once the history read is delivered.
+    requeued: Option<Arc<SharedEvent>>,
+    last: Option<Position>,
+}
+
+impl State {
+    /// Queues `event` unless it was already delivered.
+    fn accept(&mut self, event: Arc<SharedEvent>) {
+        match (&self.last, &event.position) {
+            (Some(last), Some(pos)) if last.epoch == pos.epoch && pos.seq <= last.seq => {}
+            (_, pos) => {
+                if let Some(pos) = pos {
+                    self.last = Some(pos.clone());
+                }
+                self.pending.push_back(Delivery::Event(event));
+            }
+        }
+    }
+
+    /// Fills the hole before `event` from history, then requeues it.
+    async fn fill(&mut self, from: Position, event: Arc<SharedEvent>) {
+        let before = self.last.clone();
+        match self.hub.broker().history(&self.topic, &from, self.limit).await {
+            Ok(History::Complete(events)) => {
+                for e in events {
+                    self.accept(e);
+                }
+                if self.last == before {
+                    // The history had nothing to add: what is missing is gone.
+                    self.pending.push_back(Delivery::Gap(GapReason::Expired));
+                    self.last = event.position.clone();
+                    self.pending.push_back(Delivery::Event(event));
+                } else {
+                    self.requeued = Some(event);
+                }
+            }
+            Ok(History::Gap { reason, retained }) => {
+                self.pending.push_back(Delivery::Gap(reason));
+                self.last = None;
+                for e in retained {
+                    self.accept(e);
+                }
+                self.requeued = Some(event);
+            }
+            Err(_) => {
+                self.pending.push_back(Delivery::Gap(GapReason::Unavailable));
+                self.last = event.position.clone();
+                self.pending.push_back(Delivery::Event(event));
+            }
+        }
+    }
+
+    async fn next(mut self) -> Option<(Delivery, Self)> {
+        loop {
+            if let Some(d) = self.pending.pop_front() {
+                return Some((d, self));
+            }
+            let event = match self.requeued.take() {
+                Some(e) => e,
+                None => self.live.recv().await?,
+            };
+            let Some(pos) = event.position.clone() else {
+                // Not a position subgate wrote: nothing to order by.
+                return Some((Delivery::Event(event), self));
+            };
+            match self.last.clone() {
+                None => {
+                    self.last = Some(pos);
+                    return Some((Delivery::Event(event), self));
+                }
+                Some(last) if last.epoch != pos.epoch => {
+                    // The history was lost under us (a new epoch).
+                    self.last = Some(pos);
+                    self.pending.push_back(Delivery::Event(event));
+                    return Some((Delivery::Gap(GapReason::EpochChanged), self));
+                }
+                Some(last) if pos.seq <= last.seq => continue,
+                Some(last) if pos.seq == last.seq + 1 => {
+                    self.last = Some(pos);
+                    return Some((Delivery::Event(event), self));
+                }
+                Some(last) => self.fill(last, event).await,
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Subscribes to `topic` and, when `after` is given, first replays what
+    /// came after that position. `after` is an event id (`EPOCH:SEQ`).
+    pub async fn subscribe_from(
+        self: &Arc<Self>,
+        topic: &str,
+        after: Option<&str>,
+        transport: &'static str,
+        cutoff: Option<Arc<Cutoff>>,
+    ) -> Result<Resumed, BrokerError> {
+        // Live first, so that nothing published during the read is missed.
+        let live = self.subscribe(topic, transport, cutoff).await?;
+        let mut state = State {
+            live,
+            hub: self.clone(),
+            topic: topic.to_owned(),
+            limit: self.history_limit,
+            pending: VecDeque::new(),
+            requeued: None,
+            last: None,
+        };
+        let mut gap = None;
+        if let Some(after) = after {
+            match Position::parse(after) {
+                None => gap = Some(GapReason::Malformed),
+                Some(pos) => match self.broker().history(topic, &pos, self.history_limit).await {
+                    Ok(History::Complete(events)) => {
+                        state.last = Some(pos);
+                        for e in events {
+                            state.accept(e);
+                        }
+                    }
+                    Ok(History::Gap { reason, retained }) => {
+                        gap = Some(reason);
+                        for e in retained {
+                            state.accept(e);
+                        }
+                    }
+                    Err(_) => gap = Some(GapReason::Unavailable),
+                },
+            }
+        }
+        let stream = stream::unfold(state, State::next).boxed();
+        Ok(Resumed { gap, stream })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::event::NewEvent;
+    use crate::telemetry::metrics::Metrics;
+    use std::time::Duration;
+
+    fn hub(history: usize) -> Arc<Hub> {
+        Hub::new(Arc::new(MemoryBroker::new(history, Duration::from_secs(60))), Arc::new(Metrics::new()), 64)
+    }
+
+    async fn publish(hub: &Arc<Hub>, topic: &str, n: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(hub.publish(NewEvent::new(topic, "t", serde_json::json!({ "i": i }))).await.unwrap().event.id.clone());
+        }
+        ids
+    }
+
+    async fn take(stream: &mut BoxStream<'static, Delivery>, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            match tokio::time::timeout(Duration::from_secs(1), stream.next()).await.unwrap().unwrap() {
+                Delivery::Event(e) => out.push(e.event.id.clone()),
+                Delivery::Gap(reason) => out.push(format!("gap:{}", reason.as_str())),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn resume_replays_what_was_missed_then_goes_live_without_repeats() {
+        let hub = hub(100);
+        let ids = publish(&hub, "t", 5).await;
+        let mut resumed = hub.subscribe_from("t", Some(&ids[1]), "test", None).await.unwrap();
+        assert_eq!(resumed.gap, None);
+        let live = publish(&hub, "t", 2).await;
+        let got = take(&mut resumed.stream, 5).await;
+        assert_eq!(got, [&ids[2..], &live[..]].concat());
+    }
+
+    #[tokio::test]
+    async fn a_position_older_than_the_history_is_a_gap_then_what_is_retained() {
+        let hub = hub(3);
+        let ids = publish(&hub, "t", 6).await;
+        let mut resumed = hub.subscribe_from("t", Some(&ids[0]), "test", None).await.unwrap();
+        assert_eq!(resumed.gap, Some(GapReason::Expired));
+        assert_eq!(take(&mut resumed.stream, 3).await, ids[3..].to_vec());
+        let bad = hub.subscribe_from("t", Some("not-a-position"), "test", None).await.unwrap();
+        assert_eq!(bad.gap, Some(GapReason::Malformed));
+        let other = hub.subscribe_from("t", Some("ffffff:2"), "test", None).await.unwrap();
+        assert_eq!(other.gap, Some(GapReason::EpochChanged));
+    }
+
+    /// Drops deliveries while `losing` is set, as Pub/Sub does across a
+    /// reconnect; the history still has every event.
+    struct Lossy {
+        sink: Arc<dyn crate::broker::EventSink>,
+        losing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl crate::broker::EventSink for Lossy {
+        fn dispatch(&self, event: Arc<SharedEvent>) {
+            if !self.losing.load(std::sync::atomic::Ordering::SeqCst) {
+                self.sink.dispatch(event);
+            }
+        }
+        fn topics(&self) -> Vec<String> {
+            self.sink.topics()
+        }
+        fn wants(&self, topic: &str) -> bool {
+            self.sink.wants(topic)
+        }
+    }
+
+    struct LossyBroker {
+        inner: MemoryBroker,
+        losing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::broker::Broker for LossyBroker {
+        fn start(&self, sink: Arc<dyn crate::broker::EventSink>) {
+            self.inner.start(Arc::new(Lossy { sink, losing: self.losing.clone() }));
+        }
+        async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError> {
+            self.inner.publish(event).await
+        }
+        async fn subscribe(&self, topic: &str) -> Result<(), BrokerError> {
+            self.inner.subscribe(topic).await
+        }
+        fn release(&self, topic: &str) {
+            self.inner.release(topic)
+        }
+        fn readiness(&self) -> Result<(), String> {
+            self.inner.readiness()
+        }
+        async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError> {
+            self.inner.history(topic, after, limit).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hole_in_the_live_stream_is_filled_from_history() {
+        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let broker = LossyBroker { inner: MemoryBroker::new(100, Duration::from_secs(60)), losing: losing.clone() };
+        let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
+        let mut resumed = hub.subscribe_from("t", None, "test", None).await.unwrap();
+        let first = publish(&hub, "t", 1).await;
+        assert_eq!(take(&mut resumed.stream, 1).await, first);
+        losing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let lost = publish(&hub, "t", 3).await;
+        losing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let after = publish(&hub, "t", 2).await;
+        assert_eq!(take(&mut resumed.stream, 5).await, [&lost[..], &after[..]].concat());
+    }
+}
