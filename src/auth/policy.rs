@@ -61,3 +61,67 @@ mod tests {
         assert_eq!(can_subscribe(Some(&user("u")), "orders"), Decision::Allow);
     }
 }
+
+/// Why a subscribe was refused; the same decision on every transport,
+/// each saying it its own way (envelope `forbidden`, SSE 403, GraphQL
+/// 4403 or an error with this code).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("authentication required for {0}")]
+    Unauthorized(String),
+    #[error("not allowed to subscribe to {0}")]
+    Forbidden(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
+    #[error("{0:?} is not a valid topic name")]
+    InvalidTopic(String),
+    #[error("the authorization could not be checked: {0}")]
+    Unavailable(String),
+}
+
+impl Refusal {
+    /// The GraphQL/envelope error code.
+    pub fn code(&self) -> crate::error::ErrorCode {
+        use crate::error::ErrorCode;
+        match self {
+            Refusal::Unauthorized(_) => ErrorCode::Unauthorized,
+            Refusal::Forbidden(_) => ErrorCode::Forbidden,
+            Refusal::NotFound(_) => ErrorCode::NotFound,
+            Refusal::InvalidTopic(_) => ErrorCode::ValidationError,
+            Refusal::Unavailable(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The one authorization decision for subscribing to `topic`, used by every
+/// transport: the static rules of [`can_subscribe`], then channel
+/// membership from the store.
+pub async fn authorize(
+    store: &dyn crate::store::Store,
+    principal: Option<&Principal>,
+    topic: &str,
+) -> Result<(), Refusal> {
+    if !crate::event::topic::is_valid(topic) {
+        return Err(Refusal::InvalidTopic(topic.to_owned()));
+    }
+    match can_subscribe(principal, topic) {
+        Decision::Allow => Ok(()),
+        Decision::Unauthorized => Err(Refusal::Unauthorized(topic.to_owned())),
+        Decision::Forbidden => Err(Refusal::Forbidden(topic.to_owned())),
+        Decision::ChannelMembership => {
+            let id = topic.split_once(':').map_or("", |(_, id)| id);
+            let channel = store
+                .get_channels(&[id.to_owned()])
+                .await
+                .map_err(|e| Refusal::Unavailable(e.to_string()))?
+                .pop()
+                .flatten()
+                .ok_or_else(|| Refusal::NotFound(format!("channel {id}")))?;
+            let member = principal.is_some_and(|p| channel.member_ids.contains(&p.user_id));
+            if channel.is_private && !member {
+                return Err(Refusal::Forbidden(topic.to_owned()));
+            }
+            Ok(())
+        }
+    }
+}

@@ -14,8 +14,8 @@ use futures_util::{future, stream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
 use super::types::{Event, Message, Notification, Post, User};
-use super::{coded_error, ctx_deps, require_viewer, store_error, viewer};
-use crate::auth::policy::{can_subscribe, Decision};
+use super::{coded_error, ctx_deps, require_viewer, viewer};
+use crate::auth::policy::authorize;
 use crate::error::ErrorCode;
 use crate::event::{topic, SharedEvent};
 use crate::hub::Cutoff;
@@ -103,33 +103,9 @@ async fn open(ctx: &Context<'_>, topics: Vec<String>) -> Result<impl Stream<Item
     let deps = ctx_deps(ctx);
     let principal = viewer(ctx);
     for name in &topics {
-        if !topic::is_valid(name) {
-            return Err(coded_error(ErrorCode::ValidationError, format!("{name:?} is not a valid topic name")));
-        }
-        match can_subscribe(principal, name) {
-            Decision::Allow => {}
-            Decision::Unauthorized => {
-                return Err(coded_error(ErrorCode::Unauthorized, format!("authentication required for {name}")))
-            }
-            Decision::Forbidden => {
-                return Err(coded_error(ErrorCode::Forbidden, format!("not allowed to subscribe to {name}")))
-            }
-            Decision::ChannelMembership => {
-                let id = name.split_once(':').map_or("", |(_, id)| id);
-                let channel = deps
-                    .store
-                    .get_channels(&[id.to_owned()])
-                    .await
-                    .map_err(store_error)?
-                    .pop()
-                    .flatten()
-                    .ok_or_else(|| coded_error(ErrorCode::NotFound, format!("channel {id} not found")))?;
-                let member = principal.is_some_and(|p| channel.member_ids.contains(&p.user_id));
-                if channel.is_private && !member {
-                    return Err(coded_error(ErrorCode::Forbidden, format!("not a member of channel {id}")));
-                }
-            }
-        }
+        authorize(deps.store.as_ref(), principal, name)
+            .await
+            .map_err(|refusal| coded_error(refusal.code(), refusal.to_string()))?;
     }
     let cutoff = ctx.data_opt::<Arc<Cutoff>>().cloned();
     let label = ctx.data_opt::<TransportLabel>().map_or("graphql_ws", |l| l.0);
