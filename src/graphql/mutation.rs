@@ -555,7 +555,9 @@ impl Mutation {
         }
     }
 
-    /// Sends a message to a channel; publishes `message.created` on `channel:{id}`.
+    /// Sends a message to a channel; publishes `message.created`
+    /// `{"message": …}` on `channel:{id}`, the same event the envelope
+    /// WebSocket's `message.send` publishes.
     async fn send_message(&self, ctx: &Context<'_>, input: SendMessageInput) -> SendMessagePayload {
         let deps = ctx_deps(ctx);
         let Some(me) = viewer_id(ctx) else { return SendMessagePayload { message: None, errors: vec![unauthorized()] } };
@@ -574,7 +576,10 @@ impl Mutation {
         match deps.store.create_message(&channel.id, &me, input.content).await {
             Ok(message) => {
                 let errors =
-                    publish(deps, topic::channel(&channel.id), "message.created", &message).await.into_iter().collect();
+                    publish(deps, topic::channel(&channel.id), "message.created", &MessageCreated { message: &message })
+                        .await
+                        .into_iter()
+                        .collect();
                 SendMessagePayload { message: Some(Message(message)), errors }
             }
             Err(e) => SendMessagePayload { message: None, errors: vec![store_user_error(e, "channelId", "channel")] },
@@ -596,6 +601,12 @@ impl Mutation {
             Err(e) => MarkNotificationReadPayload { notification: None, errors: vec![store_user_error(e, "id", "notification")] },
         }
     }
+}
+
+/// The payload of `message.created`, on every transport.
+#[derive(Serialize)]
+pub struct MessageCreated<'a> {
+    pub message: &'a store::Message,
 }
 
 /// The post `id` if the caller wrote it.

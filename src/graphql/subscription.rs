@@ -61,7 +61,7 @@ impl Subscription {
     /// Messages sent to a channel (members only when it is private).
     async fn message_received(&self, ctx: &Context<'_>, channel_id: ID) -> Result<impl Stream<Item = Message>> {
         let events = open(ctx, vec![topic::channel(&channel_id)]).await?;
-        Ok(typed::<store::Message>(events, "message.created").map(Message))
+        Ok(typed::<MessageCreated>(events, "message.created").map(|m| Message(m.message)))
     }
 
     /// Events of any topics, as published. `after` (a resume position)
@@ -132,6 +132,12 @@ async fn open(ctx: &Context<'_>, topics: Vec<String>) -> Result<impl Stream<Item
     })
     .filter_map(|_| future::ready(None));
     Ok(merged.chain(tail))
+}
+
+/// The payload of `message.created`: `{"message": …}`.
+#[derive(Clone, serde::Deserialize)]
+struct MessageCreated {
+    message: store::Message,
 }
 
 /// Events of `kind` decoded into `T` (once per node, not per subscriber);
