@@ -9,6 +9,8 @@
 //! - [`broker`]: the seam to the bus (memory now; Redis Pub/Sub + history).
 //! - [`hub`]: topic -> local subscribers, bounded queues, slow-consumer cut-off.
 //! - [`store`]: the domain data behind a trait (memory; Redis).
+//! - [`domain`]: operations several transports share (sending a message,
+//!   signalling typing), decided in one place.
 //! - [`graphql`]: the schema, its loaders and limits.
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
 //!   and legacy graphql-ws).
@@ -34,6 +36,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod event;
 pub mod graphql;

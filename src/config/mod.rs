@@ -187,6 +187,12 @@ pub struct WebsocketSettings {
     pub max_frame_bytes: usize,
     /// Most concurrent subscriptions on one connection.
     pub max_subscriptions_per_connection: usize,
+    /// Envelope protocol (`/ws`): time a client has to authenticate (by
+    /// `?token=` or a first `auth` message); `auth.failed` and 4401 after it.
+    pub auth_timeout_seconds: u64,
+    /// Envelope protocol: largest text message handled; a longer one (up to
+    /// `max_frame_bytes`) is answered `error too_large` and dropped.
+    pub max_message_bytes: usize,
 }
 
 impl Default for WebsocketSettings {
@@ -196,6 +202,8 @@ impl Default for WebsocketSettings {
             connection_init_timeout_seconds: 10,
             max_frame_bytes: 64 * 1024,
             max_subscriptions_per_connection: 100,
+            auth_timeout_seconds: 10,
+            max_message_bytes: 16 * 1024,
         }
     }
 }
@@ -356,6 +364,8 @@ impl Settings {
         positive("websocket.connection_init_timeout_seconds", self.websocket.connection_init_timeout_seconds);
         positive("websocket.max_frame_bytes", self.websocket.max_frame_bytes as u64);
         positive("websocket.max_subscriptions_per_connection", self.websocket.max_subscriptions_per_connection as u64);
+        positive("websocket.auth_timeout_seconds", self.websocket.auth_timeout_seconds);
+        positive("websocket.max_message_bytes", self.websocket.max_message_bytes as u64);
         positive("hub.subscriber_queue_capacity", self.hub.subscriber_queue_capacity as u64);
         positive("redis.command_timeout_ms", self.redis.command_timeout_ms);
         positive("redis.subscribe_timeout_ms", self.redis.subscribe_timeout_ms);

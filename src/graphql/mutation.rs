@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::types::{Channel, Comment, Message, Notification, Post, User, UserError};
 use super::{ctx_deps, viewer, SchemaDeps};
+use crate::domain::{self, SendRefusal};
 use crate::error::ErrorCode;
 use crate::event::{topic, NewEvent};
 use crate::store::{self, NewUser, PostPatch, StoreError, UserPatch};
@@ -169,7 +170,6 @@ const MAX_NAME: usize = 100;
 const MAX_TITLE: usize = 200;
 const MAX_CONTENT: usize = 100_000;
 const MAX_COMMENT: usize = 10_000;
-const MAX_MESSAGE: usize = 4_000;
 const MIN_PASSWORD: usize = 8;
 const MAX_PASSWORD: usize = 128;
 
@@ -558,31 +558,34 @@ impl Mutation {
     /// Sends a message to a channel; publishes `message.created`
     /// `{"message": …}` on `channel:{id}`, the same event the envelope
     /// WebSocket's `message.send` publishes.
+    // Both go through `domain::send_message`, so they cannot drift apart.
     async fn send_message(&self, ctx: &Context<'_>, input: SendMessageInput) -> SendMessagePayload {
         let deps = ctx_deps(ctx);
         let Some(me) = viewer_id(ctx) else { return SendMessagePayload { message: None, errors: vec![unauthorized()] } };
-        let mut errors = Vec::new();
-        check_text(&mut errors, "content", &input.content, MAX_MESSAGE);
-        if !errors.is_empty() {
-            return SendMessagePayload { message: None, errors };
-        }
-        let channel = match find_channel(deps, &input.channel_id).await {
-            Ok(c) => c,
-            Err(e) => return SendMessagePayload { message: None, errors: vec![e] },
-        };
-        if !Channel(channel.clone()).readable_by(Some(&me)) {
-            return SendMessagePayload { message: None, errors: vec![not_found("channelId", "channel")] };
-        }
-        match deps.store.create_message(&channel.id, &me, input.content).await {
-            Ok(message) => {
-                let errors =
-                    publish(deps, topic::channel(&channel.id), "message.created", &MessageCreated { message: &message })
-                        .await
-                        .into_iter()
-                        .collect();
-                SendMessagePayload { message: Some(Message(message)), errors }
+        match domain::send_message(deps.store.as_ref(), &deps.hub, &me, &input.channel_id, input.content).await {
+            Ok(sent) => {
+                let errors = sent
+                    .publish_error
+                    .map(|e| {
+                        UserError::new(
+                            None,
+                            format!("saved, but the {} event could not be published: {e}", domain::MESSAGE_CREATED),
+                            ErrorCode::Internal,
+                        )
+                    })
+                    .into_iter()
+                    .collect();
+                SendMessagePayload { message: Some(Message(sent.message)), errors }
             }
-            Err(e) => SendMessagePayload { message: None, errors: vec![store_user_error(e, "channelId", "channel")] },
+            Err(refusal) => {
+                let error = match refusal {
+                    SendRefusal::Invalid { field, message } => invalid(field, message),
+                    // A private channel the caller is not in looks absent.
+                    SendRefusal::NotFound | SendRefusal::NotMember => not_found("channelId", "channel"),
+                    SendRefusal::Store(e) => store_user_error(e, "channelId", "channel"),
+                };
+                SendMessagePayload { message: None, errors: vec![error] }
+            }
         }
     }
 
@@ -601,12 +604,6 @@ impl Mutation {
             Err(e) => MarkNotificationReadPayload { notification: None, errors: vec![store_user_error(e, "id", "notification")] },
         }
     }
-}
-
-/// The payload of `message.created`, on every transport.
-#[derive(Serialize)]
-pub struct MessageCreated<'a> {
-    pub message: &'a store::Message,
 }
 
 /// The post `id` if the caller wrote it.

@@ -36,6 +36,7 @@ use serde_json::{json, Map, Value};
 
 use crate::app::AppState;
 use crate::auth::{bearer, Authenticator, Principal};
+use crate::shutdown::DrainGuard;
 use crate::transport::http::{
     is_request_error, is_websocket_upgrade, operation_label, operation_type, principal_from_header,
 };
@@ -140,7 +141,7 @@ struct TokenQuery {
 
 /// The principal the upgrade request speaks for: `Authorization: Bearer`
 /// first, else `?token=` (browsers cannot set headers on a WebSocket).
-fn upgrade_principal(state: &AppState, req: &HttpRequest) -> Result<Option<Principal>, String> {
+pub(crate) fn upgrade_principal(state: &AppState, req: &HttpRequest) -> Result<Option<Principal>, String> {
     if req.headers().contains_key(header::AUTHORIZATION) {
         return principal_from_header(state, req);
     }
@@ -167,6 +168,42 @@ fn unavailable() -> HttpResponseBuilder {
     response
 }
 
+/// The checks every WebSocket upgrade passes first: its `Origin` (403) and
+/// the drain (503).
+pub(crate) fn admit_upgrade(state: &AppState, req: &HttpRequest) -> Result<(), HttpResponse> {
+    let metrics = &state.metrics;
+    if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
+        metrics.rejected_total.with_label_values(&["origin"]).inc();
+        return Err(refuse(HttpResponse::Forbidden(), "FORBIDDEN", "this Origin may not open a WebSocket"));
+    }
+    if state.shutdown.is_draining() {
+        metrics.rejected_total.with_label_values(&["draining"]).inc();
+        return Err(refuse(unavailable(), "UNAVAILABLE", "the node is shutting down"));
+    }
+    Ok(())
+}
+
+/// The 401 for an upgrade whose token does not verify.
+pub(crate) fn unauthorized_upgrade(message: &str) -> HttpResponse {
+    HttpResponse::Unauthorized()
+        .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+        .json(json!({ "errors": [{ "message": message, "extensions": { "code": "UNAUTHORIZED" } }] }))
+}
+
+/// Counts one more long-lived connection, or refuses it (503) when the node
+/// holds `server.max_connections`. The guard keeps it counted.
+pub(crate) fn admit_connection(state: &AppState) -> Result<DrainGuard, HttpResponse> {
+    // Counted first and checked after, so that concurrent upgrades on
+    // several workers can never overshoot the limit together.
+    let drain = state.shutdown.track();
+    if state.shutdown.open_connections() > state.settings.server.max_connections {
+        drop(drain);
+        state.metrics.rejected_total.with_label_values(&["max_connections"]).inc();
+        return Err(refuse(unavailable(), "UNAVAILABLE", "the node is at its connection limit"));
+    }
+    Ok(drain)
+}
+
 /// Runs the admission checks, completes the handshake and spawns the pump
 /// that serves the connection with `executor`.
 ///
@@ -178,18 +215,8 @@ pub async fn accept<E: Executor>(
     executor: E,
     config: PumpConfig,
 ) -> HttpResponse {
-    let metrics = &state.metrics;
-    if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
-        metrics.rejected_total.with_label_values(&["origin"]).inc();
-        return refuse(
-            HttpResponse::Forbidden(),
-            "FORBIDDEN",
-            "this Origin may not open a WebSocket",
-        );
-    }
-    if state.shutdown.is_draining() {
-        metrics.rejected_total.with_label_values(&["draining"]).inc();
-        return refuse(unavailable(), "UNAVAILABLE", "the node is shutting down");
+    if let Err(refused) = admit_upgrade(state, req) {
+        return refused;
     }
     let Some(protocol) = negotiate(req.headers()) else {
         return refuse(
@@ -200,20 +227,12 @@ pub async fn accept<E: Executor>(
     };
     let principal = match upgrade_principal(state, req) {
         Ok(principal) => principal,
-        Err(message) => {
-            return HttpResponse::Unauthorized()
-                .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
-                .json(json!({ "errors": [{ "message": message, "extensions": { "code": "UNAUTHORIZED" } }] }))
-        }
+        Err(message) => return unauthorized_upgrade(&message),
     };
-    // Counted first and checked after, so that concurrent upgrades on
-    // several workers can never overshoot the limit together.
-    let drain = state.shutdown.track();
-    if state.shutdown.open_connections() > state.settings.server.max_connections {
-        drop(drain);
-        metrics.rejected_total.with_label_values(&["max_connections"]).inc();
-        return refuse(unavailable(), "UNAVAILABLE", "the node is at its connection limit");
-    }
+    let drain = match admit_connection(state) {
+        Ok(drain) => drain,
+        Err(refused) => return refused,
+    };
     let (body, oversized) = match pump::guard_frames(req, body, config.max_frame_bytes).await {
         Ok(guarded) => guarded,
         Err(e) => return e.error_response(),

@@ -209,19 +209,19 @@ impl FrameScan {
 // ---------------------------------------------------------------------------
 // Fragmented messages.
 
-enum Assembled {
+pub(crate) enum Assembled {
     Text(ByteString),
     Binary,
 }
 
-enum FrameError {
+pub(crate) enum FrameError {
     TooBig,
     Protocol,
     NotUtf8,
 }
 
 /// Joins a fragmented message, bounded by the frame limit in total.
-struct Assembler {
+pub(crate) struct Assembler {
     buf: BytesMut,
     text: bool,
     active: bool,
@@ -229,7 +229,7 @@ struct Assembler {
 }
 
 impl Assembler {
-    fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Self {
             buf: BytesMut::new(),
             text: false,
@@ -238,7 +238,7 @@ impl Assembler {
         }
     }
 
-    fn push(&mut self, item: Item) -> Result<Option<Assembled>, FrameError> {
+    pub(crate) fn push(&mut self, item: Item) -> Result<Option<Assembled>, FrameError> {
         match item {
             // A new message may not start inside another.
             Item::FirstText(_) | Item::FirstBinary(_) if self.active => Err(FrameError::Protocol),
@@ -314,7 +314,7 @@ impl Stream for OperationStream {
 
 /// Why the task stops.
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     /// The peer is gone: nothing to send.
     Gone,
     /// Close with this code and reason.
@@ -325,19 +325,23 @@ enum End {
 
 /// The socket's sending half; every write yields to the cut-off and the
 /// drain, so a client that stopped reading cannot wedge the task.
-struct Outbox {
+pub(crate) struct Outbox {
     session: Session,
     cutoff: Arc<Cutoff>,
     shutdown: Shutdown,
 }
 
 impl Outbox {
-    async fn text(&mut self, text: String) -> Result<(), End> {
+    pub(crate) fn new(session: Session, cutoff: Arc<Cutoff>, shutdown: Shutdown) -> Self {
+        Self { session, cutoff, shutdown }
+    }
+
+    pub(crate) async fn text(&mut self, text: impl Into<ByteString>) -> Result<(), End> {
         let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
         interruptible(self.session.text(text), &cutoff, &shutdown).await
     }
 
-    async fn ping(&mut self) -> Result<(), End> {
+    pub(crate) async fn ping(&mut self) -> Result<(), End> {
         let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
         interruptible(self.session.ping(b""), &cutoff, &shutdown).await
     }
@@ -367,11 +371,11 @@ async fn interruptible(
     }
 }
 
-fn slow_consumer() -> End {
+pub(crate) fn slow_consumer() -> End {
     End::Close(close::SLOW_CONSUMER, "slow consumer".into())
 }
 
-fn going_away() -> End {
+pub(crate) fn going_away() -> End {
     End::Close(close::GOING_AWAY, "server shutting down".into())
 }
 
@@ -384,6 +388,109 @@ fn close_reason(code: u16, reason: &str) -> CloseReason {
     CloseReason {
         code: CloseCode::from(code),
         description: Some(reason[..end].to_owned()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading, heartbeat and closing: what every WebSocket pump shares.
+
+/// What one frame from the client amounts to.
+pub(crate) enum Received {
+    /// A complete text message (joined from its fragments).
+    Text(ByteString),
+    /// A complete binary message.
+    Binary,
+    /// A control frame handled here, or a fragment of a message still open.
+    Nothing,
+}
+
+/// Interprets one item of the client's frame stream: joins fragments within
+/// the frame limit, answers pings, and says when the connection must end
+/// (1009 for an oversized frame, 1002/1007 for a broken one, or the peer's
+/// own close).
+pub(crate) async fn receive(
+    frame: Option<Result<Message, ProtocolError>>,
+    assembler: &mut Assembler,
+    oversized: &AtomicBool,
+    outbox: &mut Outbox,
+) -> Result<Received, End> {
+    match frame {
+        None => Err(End::Gone),
+        Some(Err(error)) => {
+            if oversized.load(Ordering::Relaxed) || matches!(error, ProtocolError::Overflow) {
+                return Err(End::Close(close::MESSAGE_TOO_BIG, "frame too large".into()));
+            }
+            Err(End::Close(PROTOCOL_ERROR, "protocol error".into()))
+        }
+        Some(Ok(Message::Text(text))) => Ok(Received::Text(text)),
+        Some(Ok(Message::Binary(_))) => Ok(Received::Binary),
+        Some(Ok(Message::Continuation(item))) => match assembler.push(item) {
+            Ok(None) => Ok(Received::Nothing),
+            Ok(Some(Assembled::Text(text))) => Ok(Received::Text(text)),
+            Ok(Some(Assembled::Binary)) => Ok(Received::Binary),
+            Err(FrameError::TooBig) => Err(End::Close(close::MESSAGE_TOO_BIG, "message too large".into())),
+            Err(FrameError::Protocol) => Err(End::Close(PROTOCOL_ERROR, "protocol error".into())),
+            Err(FrameError::NotUtf8) => Err(End::Close(INVALID_PAYLOAD, "text is not UTF-8".into())),
+        },
+        Some(Ok(Message::Ping(payload))) => outbox.pong(&payload).await.map(|()| Received::Nothing),
+        Some(Ok(Message::Pong(_) | Message::Nop)) => Ok(Received::Nothing),
+        Some(Ok(Message::Close(reason))) => Err(End::Answer(reason)),
+    }
+}
+
+/// The server's heartbeat: a WebSocket ping every interval, and the idle
+/// rule (a peer silent for [`IDLE_INTERVALS`] intervals is presumed gone).
+pub(crate) struct Heartbeat {
+    interval: tokio::time::Interval,
+    idle_limit: Duration,
+    last_heard: Instant,
+}
+
+impl Heartbeat {
+    pub(crate) fn new(ping_interval: Duration) -> Self {
+        // A zero period would make the interval panic; settings forbid it,
+        // this keeps a hand-built config from doing so.
+        let period = ping_interval.max(Duration::from_millis(1));
+        let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self { interval, idle_limit: period * IDLE_INTERVALS, last_heard: Instant::now() }
+    }
+
+    /// Resolves at the next beat.
+    pub(crate) async fn tick(&mut self) {
+        self.interval.tick().await;
+    }
+
+    /// The peer sent something (any frame, a pong included).
+    pub(crate) fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// At a beat: closes an idle peer with 1001 "idle timeout" (1001 because
+    /// a client that is in fact alive should simply reconnect), else pings.
+    pub(crate) async fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
+        if self.last_heard.elapsed() >= self.idle_limit {
+            return Err(End::Close(close::GOING_AWAY, "idle timeout".into()));
+        }
+        outbox.ping().await
+    }
+}
+
+/// Ends the connection as `end` says, counting the closes the node decides
+/// on in `ws_closes_total`.
+pub(crate) async fn finish(outbox: Outbox, end: End, metrics: &Metrics, transport: &'static str) {
+    match end {
+        End::Gone => tracing::debug!(transport, "WebSocket peer went away"),
+        End::Close(code, reason) => {
+            tracing::debug!(transport, code, %reason, "closing WebSocket");
+            metrics.ws_closes_total.with_label_values(&[&code.to_string()]).inc();
+            outbox.close(Some(close_reason(code, &reason))).await;
+        }
+        End::Answer(reason) => {
+            // Echo the peer's code, as RFC 6455 asks; not counted, as the
+            // metric counts closes the node decides on.
+            outbox.close(reason.map(|r| CloseReason { code: r.code, description: None })).await;
+        }
     }
 }
 
@@ -423,21 +530,10 @@ pub async fn run<E: Executor, P: Protocol>(
     let _open = GaugeGuard::new(metrics.connections.with_label_values(&[transport]));
 
     let cutoff = Cutoff::new();
-    let mut outbox = Outbox {
-        session,
-        cutoff: cutoff.clone(),
-        shutdown: shutdown.clone(),
-    };
+    let mut outbox = Outbox::new(session, cutoff.clone(), shutdown.clone());
     let mut operations: StreamMap<String, OperationStream> = StreamMap::new();
     let mut assembler = Assembler::new(config.max_frame_bytes);
-
-    // A zero period would make the interval panic; settings forbid it, this
-    // keeps a hand-built config from doing so.
-    let ping_interval = config.ping_interval.max(Duration::from_millis(1));
-    let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let idle_limit = ping_interval * IDLE_INTERVALS;
-    let mut last_heard = Instant::now();
+    let mut heartbeat = Heartbeat::new(config.ping_interval);
     let mut init_timer = pin!(tokio::time::sleep(config.init_timeout));
     let mut init_timer_armed = true;
     let mut drained = pin!(shutdown.wait());
@@ -450,39 +546,18 @@ pub async fn run<E: Executor, P: Protocol>(
             frame = messages.next() => Event::Frame(frame),
             Some((id, result)) = operations.next(), if !operations.is_empty() => Event::Result(id, result),
             _ = &mut init_timer, if init_timer_armed && !machine.is_initialised() => Event::InitTimeout,
-            _ = heartbeat.tick() => Event::Heartbeat,
+            () = heartbeat.tick() => Event::Heartbeat,
         };
         let actions = match event {
             Event::Drain => break going_away(),
             Event::Cut => break slow_consumer(),
             Event::Frame(frame) => {
-                last_heard = Instant::now();
-                match frame {
-                    None => break End::Gone,
-                    Some(Err(error)) => {
-                        if oversized.load(Ordering::Relaxed) || matches!(error, ProtocolError::Overflow) {
-                            break End::Close(close::MESSAGE_TOO_BIG, "frame too large".into());
-                        }
-                        break End::Close(PROTOCOL_ERROR, "protocol error".into());
-                    }
-                    Some(Ok(Message::Text(text))) => machine.on_text(&text),
-                    Some(Ok(Message::Binary(_))) => machine.on_binary(),
-                    Some(Ok(Message::Continuation(item))) => match assembler.push(item) {
-                        Ok(None) => Vec::new(),
-                        Ok(Some(Assembled::Text(text))) => machine.on_text(&text),
-                        Ok(Some(Assembled::Binary)) => machine.on_binary(),
-                        Err(FrameError::TooBig) => {
-                            break End::Close(close::MESSAGE_TOO_BIG, "message too large".into())
-                        }
-                        Err(FrameError::Protocol) => break End::Close(PROTOCOL_ERROR, "protocol error".into()),
-                        Err(FrameError::NotUtf8) => break End::Close(INVALID_PAYLOAD, "text is not UTF-8".into()),
-                    },
-                    Some(Ok(Message::Ping(payload))) => match outbox.pong(&payload).await {
-                        Ok(()) => Vec::new(),
-                        Err(end) => break end,
-                    },
-                    Some(Ok(Message::Pong(_) | Message::Nop)) => Vec::new(),
-                    Some(Ok(Message::Close(reason))) => break End::Answer(reason),
+                heartbeat.heard();
+                match receive(frame, &mut assembler, &oversized, &mut outbox).await {
+                    Ok(Received::Text(text)) => machine.on_text(&text),
+                    Ok(Received::Binary) => machine.on_binary(),
+                    Ok(Received::Nothing) => Vec::new(),
+                    Err(end) => break end,
                 }
             }
             Event::Result(id, Some(response)) => machine.on_response(&id, response),
@@ -492,10 +567,7 @@ pub async fn run<E: Executor, P: Protocol>(
                 machine.on_init_timeout()
             }
             Event::Heartbeat => {
-                if last_heard.elapsed() >= idle_limit {
-                    break End::Close(close::GOING_AWAY, "idle timeout".into());
-                }
-                if let Err(end) = outbox.ping().await {
+                if let Err(end) = heartbeat.beat(&mut outbox).await {
                     break end;
                 }
                 machine.on_heartbeat()
@@ -542,24 +614,7 @@ pub async fn run<E: Executor, P: Protocol>(
     // Release the operations (and their hub places) before the close goes
     // out, so that nothing is delivered after it.
     drop(operations);
-    match end {
-        End::Gone => tracing::debug!(transport, "WebSocket peer went away"),
-        End::Close(code, reason) => {
-            tracing::debug!(transport, code, %reason, "closing WebSocket");
-            metrics.ws_closes_total.with_label_values(&[&code.to_string()]).inc();
-            outbox.close(Some(close_reason(code, &reason))).await;
-        }
-        End::Answer(reason) => {
-            // Echo the peer's code, as RFC 6455 asks; not counted, as the
-            // metric counts closes the node decides on.
-            outbox
-                .close(reason.map(|r| CloseReason {
-                    code: r.code,
-                    description: None,
-                }))
-                .await;
-        }
-    }
+    finish(outbox, end, &metrics, transport).await;
 }
 
 #[cfg(test)]
