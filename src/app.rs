@@ -12,6 +12,7 @@ use crate::broker::{memory::MemoryBroker, Broker};
 use crate::config::{ConfigError, Settings};
 use crate::graphql::{self, AppSchema};
 use crate::hub::Hub;
+use crate::ratelimit::Limits;
 use crate::shutdown::Shutdown;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 use crate::telemetry::{health, metrics::Metrics};
@@ -26,6 +27,9 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub schema: AppSchema,
     pub metrics: Arc<Metrics>,
+    /// Shared rate limiters: per user, per publisher, typing; and the
+    /// factory of per-connection buckets.
+    pub limits: Arc<Limits>,
     pub shutdown: Shutdown,
 }
 
@@ -87,7 +91,8 @@ impl AppState {
             auth: auth.clone(),
             metrics: metrics.clone(),
         });
-        Ok(Self { settings, store, hub, auth, schema, metrics, shutdown: Shutdown::new() })
+        let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
+        Ok(Self { settings, store, hub, auth, schema, metrics, limits, shutdown: Shutdown::new() })
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`graphql`]: the schema, its loaders and limits.
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
 //!   and legacy graphql-ws).
+//! - [`ratelimit`]: token buckets per connection, user and publisher.
 //! - [`telemetry`]: logs, metrics, health.
 //! - [`shutdown`]: the drain.
 //!
@@ -38,6 +39,7 @@ pub mod error;
 pub mod event;
 pub mod graphql;
 pub mod hub;
+pub mod ratelimit;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

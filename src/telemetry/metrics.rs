@@ -53,6 +53,8 @@ pub struct Metrics {
     pub redis_probe_failures_total: prometheus::IntCounter,
     /// Redis command latency by command.
     pub redis_command_duration_seconds: HistogramVec,
+    /// Requests refused by a rate limit, by scope.
+    pub rate_limited_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -149,6 +151,14 @@ impl Metrics {
             &["command"],
         )
         .unwrap();
+        let rate_limited_total = IntCounterVec::new(
+            Opts::new(
+                "subgate_rate_limited_total",
+                "Requests refused by a rate limit, by scope (connection, user, publish, typing)",
+            ),
+            &["scope"],
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -168,6 +178,7 @@ impl Metrics {
             Box::new(redis_subscribed_channels.clone()),
             Box::new(redis_probe_failures_total.clone()),
             Box::new(redis_command_duration_seconds.clone()),
+            Box::new(rate_limited_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -198,6 +209,7 @@ impl Metrics {
             redis_subscribed_channels,
             redis_probe_failures_total,
             redis_command_duration_seconds,
+            rate_limited_total,
         }
     }
 
