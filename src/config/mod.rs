@@ -42,6 +42,7 @@ pub struct Settings {
     pub history: HistorySettings,
     pub publish: PublishSettings,
     pub ratelimit: RatelimitSettings,
+    pub presence: PresenceSettings,
     pub log: LogSettings,
 }
 
@@ -285,6 +286,26 @@ impl Default for RatelimitSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct PresenceSettings {
+    /// How long a node's claim that a user is in a channel lasts in Redis
+    /// unless renewed: a node killed outright lets its users go offline
+    /// within this.
+    pub ttl_seconds: u64,
+    /// How often a node renews the claims of its connections; below
+    /// `ttl_seconds`, so that one late renewal does not expire anyone.
+    pub refresh_seconds: u64,
+    /// How often each node looks for expired claims to remove and announce.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        Self { ttl_seconds: 15, refresh_seconds: 5, sweep_interval_ms: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `text` or `json`.
     pub format: LogFormat,
@@ -411,6 +432,12 @@ impl Settings {
         positive("ratelimit.publish_burst", self.ratelimit.publish_burst as u64);
         positive("ratelimit.typing_interval_ms", self.ratelimit.typing_interval_ms);
         positive("ratelimit.max_keys", self.ratelimit.max_keys as u64);
+        positive("presence.ttl_seconds", self.presence.ttl_seconds);
+        positive("presence.refresh_seconds", self.presence.refresh_seconds);
+        positive("presence.sweep_interval_ms", self.presence.sweep_interval_ms);
+        if self.presence.refresh_seconds >= self.presence.ttl_seconds {
+            errors.push(ConfigError::new("presence.refresh_seconds", "must be less than presence.ttl_seconds"));
+        }
         for (key, rate) in [
             ("ratelimit.messages_per_second", self.ratelimit.messages_per_second),
             ("ratelimit.user_messages_per_second", self.ratelimit.user_messages_per_second),
@@ -614,6 +641,12 @@ mod tests {
         assert_eq!(err.key, "ratelimit.publish_per_second", "{err}");
         let err = load(&[("SUBGATE__RATELIMIT__MESSAGES_BURST", "0")]).unwrap_err();
         assert_eq!(err.key, "ratelimit.messages_burst", "{err}");
+    }
+
+    #[test]
+    fn presence_renews_within_its_ttl() {
+        let err = load(&[("SUBGATE__PRESENCE__REFRESH_SECONDS", "15")]).unwrap_err();
+        assert_eq!(err.key, "presence.refresh_seconds", "{err}");
     }
 
     #[test]
