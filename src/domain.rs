@@ -145,7 +145,10 @@ mod tests {
             let (store, hub) = (store.clone(), hub.clone());
             async move { send_message(store.as_ref(), &hub, "u1", &channel, content).await.map(|s| s.message) }
         };
-        assert!(matches!(send(public.id.clone(), "  ".into()).await, Err(SendRefusal::Invalid { field: "content", .. })));
+        assert!(matches!(
+            send(public.id.clone(), "  ".into()).await,
+            Err(SendRefusal::Invalid { field: "content", .. })
+        ));
         assert!(matches!(
             send(public.id.clone(), "x".repeat(MAX_MESSAGE_CHARS + 1)).await,
             Err(SendRefusal::Invalid { field: "content", .. })

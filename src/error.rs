@@ -59,6 +59,8 @@ pub mod close {
     /// graphql-transport-ws: invalid message.
     pub const BAD_REQUEST: u16 = 4400;
     /// graphql-transport-ws: unauthorized, or subscribe before the ack.
+    /// Envelope protocol: not authenticated within
+    /// `websocket.auth_timeout_seconds`.
     pub const UNAUTHORIZED: u16 = 4401;
     /// graphql-transport-ws: forbidden.
     pub const FORBIDDEN: u16 = 4403;
@@ -73,4 +75,23 @@ pub mod close {
 
     /// The slow-consumer code (see [`TRY_AGAIN_LATER`]).
     pub const SLOW_CONSUMER: u16 = TRY_AGAIN_LATER;
+}
+
+/// The `code` of the envelope protocol's `error` (and `auth.failed`)
+/// messages on `/ws`.
+pub mod envelope {
+    /// Not JSON, not an object, an unknown type, a missing or wrong field.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The message needs an authenticated user, or a token did not verify.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// The user may not do this (a private channel they are not in).
+    pub const FORBIDDEN: &str = "forbidden";
+    /// Too many messages; the payload says when to retry.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The channel does not exist.
+    pub const NOT_FOUND: &str = "not_found";
+    /// A text message over `websocket.max_message_bytes`.
+    pub const TOO_LARGE: &str = "too_large";
+    /// The node could not do it (its store or bus failed); retry.
+    pub const INTERNAL: &str = "internal";
 }

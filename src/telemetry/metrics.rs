@@ -13,6 +13,8 @@ pub mod transport {
     pub const GRAPHQL_WS: &str = "graphql_ws";
     pub const GRAPHQL_WS_LEGACY: &str = "graphql_ws_legacy";
     pub const HTTP: &str = "http";
+    /// The event-envelope protocol on `/ws`.
+    pub const ENVELOPE_WS: &str = "envelope_ws";
 }
 
 pub struct Metrics {

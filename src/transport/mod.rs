@@ -1,5 +1,6 @@
 //! Transports: how clients reach the hub and the schema.
 
+pub mod envelope;
 pub mod http;
 pub mod ws;
 
@@ -8,5 +9,6 @@ use actix_web::web;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     // First: the upgrade on /graphql must be matched before the plain GET.
     ws::configure(cfg);
+    envelope::configure(cfg);
     http::configure(cfg);
 }

@@ -7,6 +7,7 @@ mod common;
 
 mod auth;
 mod cli;
+mod envelope;
 mod fleet;
 mod graphql;
 mod http;

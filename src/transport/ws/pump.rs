@@ -22,6 +22,10 @@
 //!
 //! A write that blocks (the client does not read) still yields to the
 //! cut-off and the drain, so a stuck client cannot hold the task.
+//!
+//! The frame guard, [`receive`], [`Heartbeat`], [`Outbox`] and [`finish`]
+//! serve the envelope protocol's pump as well, so that every subgate
+//! WebSocket enforces the same limits and closes the same way.
 
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
