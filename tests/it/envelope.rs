@@ -350,7 +350,12 @@ async fn channels_subscribe_deliver_and_unsubscribe() {
     let mut a = Client::user(&node, &ann).await;
     let mut b = Client::user(&node, &bob).await;
     assert_eq!(a.subscribe(&room, None).await, json!({ "channel_id": room, "recovered": true }));
-    b.subscribe(&room, None).await;
+    // Replies keep the order of the requests, even when the first needs the
+    // store and the second does not.
+    b.send("channel.subscribe", json!({ "channel_id": room })).await;
+    b.send("ping", json!({})).await;
+    b.expect("channel.subscribed").await;
+    b.expect("pong").await;
 
     let sent = a.say(&room, "hello bob").await;
     for client in [&mut a, &mut b] {
@@ -601,4 +606,91 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     assert!(seqs[0] > seq(&last_seen), "{ids:?} after {last_seen}");
     on_n3.nothing_else().await;
+}
+
+#[tokio::test]
+async fn the_upgrade_checks_the_origin() {
+    let node = Node::start(&[("SUBGATE__SERVER__ALLOWED_ORIGINS", "https://app.example.com")]);
+    let url = node.ws_url("/ws");
+    let connect = |origin| try_connect(&url, ConnectOptions { origin, ..Default::default() });
+    match connect(Some("https://evil.example.com")).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        Err(e) => panic!("expected 403, got {e}"),
+        Ok(_) => panic!("an upgrade from another origin was accepted"),
+    }
+    assert!(connect(Some("https://app.example.com")).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_draining_node_closes_with_1001_and_a_silent_peer_is_dropped() {
+    let node = Node::start(&[("SUBGATE__WEBSOCKET__PING_INTERVAL_SECONDS", "1")]);
+    let ann = create_user(&node, "Ann").await;
+    let room = create_channel(&node, &ann, false, &[]).await;
+
+    // A peer that answers nothing, not even pings, is gone after three
+    // intervals (1001), having been pinged.
+    let silent = tokio::spawn({
+        let (addr, token) = (node.addr, ann.token.clone());
+        async move {
+            let mut raw = RawWs::upgrade(addr, &format!("/ws?token={token}"), "none").await;
+            tokio::time::timeout(Duration::from_secs(10), raw.read_until_closed()).await
+        }
+    });
+    // One that reads (and so answers pings) outlives it.
+    let mut live = Client::user(&node, &ann).await;
+    live.subscribe(&room, None).await;
+    let reading = async {
+        loop {
+            if let Read::Closed(code, reason) = live.ws.read(Duration::from_secs(30)).await {
+                return (code, reason);
+            }
+        }
+    };
+    let (pings, code, _) = tokio::select! {
+        silent = silent => silent.unwrap().expect("the silent peer was not dropped within 10s"),
+        closed = reading => panic!("the client that answers pings was closed: {closed:?}"),
+    };
+    assert!(pings >= 1 && code == Some(1001), "pings {pings}, close {code:?}");
+    live.nothing_else().await;
+
+    node.sigterm();
+    let (_, (code, _)) = live.ws.read_until_close(WAIT).await;
+    assert_eq!(code, 1001);
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_cut_off_with_1013() {
+    let node = Node::start(&[("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "4")]);
+    let ann = create_user(&node, "Ann").await;
+    let room = create_channel(&node, &ann, false, &[]).await;
+    let url = node.ws_url(&format!("/ws?token={}", ann.token));
+    // A small receive buffer, so that a client that stops reading backs up
+    // after a few messages instead of after megabytes of kernel buffering.
+    let ws = try_connect(&url, ConnectOptions { recv_buffer_bytes: Some(4096), ..Default::default() }).await.unwrap();
+    let mut slow = Client { ws, session_id: String::new(), held: Default::default() };
+    slow.expect("connection.established").await;
+    slow.expect("auth.success").await;
+    slow.subscribe(&room, None).await;
+
+    // 16 KB messages (4000 four-byte characters) until the node cuts it off.
+    let content = "\u{1d11e}".repeat(4000);
+    for sent in 0.. {
+        assert!(sent < 600, "600 messages of 16 KB to a client that reads nothing, and it was never cut off");
+        let data = gql_ok(
+            &node,
+            SEND_MESSAGE,
+            json!({ "input": { "channelId": room, "content": content } }),
+            Some(&ann.token),
+        )
+        .await;
+        assert!(data["sendMessage"]["message"]["id"].is_string(), "{data}");
+        if sent % 10 == 9 {
+            let metrics = get(&node, "/metrics").await.body;
+            if metric_sum(&metrics, "subgate_slow_consumer_disconnects_total") >= 1.0 {
+                break;
+            }
+        }
+    }
+    let (_, (code, _)) = slow.ws.read_until_close(Duration::from_secs(20)).await;
+    assert_eq!(code, 1013);
 }
