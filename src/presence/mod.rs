@@ -29,9 +29,11 @@
 //!   outlives a disconnect for at most the TTL, so a quick reconnect keeps it.
 //!
 //! Implementations: [`memory::MemoryPresence`] (one node: the local table
-//! is the truth); a Redis one for fleets plugs in here.
+//! is the truth) and [`redis::RedisPresence`] (a fleet sharing Redis, with
+//! leases; its module docs give the key layout).
 
 pub mod memory;
+pub mod redis;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -253,6 +255,7 @@ impl Registry {
     }
 
     /// Whether `user_id` is present in `channel_id` on this node.
+    #[cfg(test)]
     pub(crate) fn holds(&self, channel_id: &str, user_id: &str) -> bool {
         self.tables().channels.get(channel_id).is_some_and(|users| users.contains_key(user_id))
     }

@@ -1,6 +1,7 @@
 //! Transports: how clients reach the hub and the schema.
 
 pub mod envelope;
+pub mod envelope_types;
 pub mod http;
 pub mod ws;
 

@@ -23,6 +23,7 @@ use crate::event::{timestamp_now, topic};
 use crate::presence::{PresenceError, Status};
 use crate::ratelimit::{ConnectionLimiter, Limited, Limits};
 use crate::store::StoreError;
+use crate::transport::envelope_types::{client, server, CLIENT_MESSAGE_TYPES};
 use crate::transport::ws::Verify;
 
 /// The per-connection limits the machine enforces.
@@ -161,10 +162,6 @@ impl Problem {
     }
 }
 
-/// The message types a client may send, as written on the wire.
-const CLIENT_TYPES: [&str; 7] =
-    ["auth", "channel.subscribe", "channel.unsubscribe", "message.send", "user.typing", "presence.update", "ping"];
-
 /// The fields of one message, read with errors that name the field.
 struct Fields {
     request: &'static str,
@@ -213,12 +210,12 @@ fn parse(text: &str) -> Result<Request, Problem> {
         Some(Value::String(kind)) => kind,
         Some(_) => return Err(Problem::bad("`type` must be a string").field("type")),
     };
-    let Some(request) = CLIENT_TYPES.iter().copied().find(|t| t == kind) else {
+    let Some(request) = CLIENT_MESSAGE_TYPES.iter().copied().find(|t| t == kind) else {
         // The unknown name is echoed, bounded, so that a client sees its typo.
         let shown: String = kind.chars().take(64).collect();
         return Err(Problem::bad(format!(
             "unknown message type {shown:?}; expected one of {}",
-            CLIENT_TYPES.join(", ")
+            CLIENT_MESSAGE_TYPES.join(", ")
         ))
         .field("type"));
     };
@@ -229,17 +226,17 @@ fn parse(text: &str) -> Result<Request, Problem> {
     };
     let fields = Fields { request, payload };
     Ok(match request {
-        "auth" => Request::Auth { token: fields.string("token", "payload.token")? },
-        "channel.subscribe" => Request::Subscribe {
+        client::AUTH => Request::Auth { token: fields.string("token", "payload.token")? },
+        client::CHANNEL_SUBSCRIBE => Request::Subscribe {
             channel_id: fields.channel_id()?,
             last_event_id: fields.optional_string("last_event_id", "payload.last_event_id")?,
         },
-        "channel.unsubscribe" => Request::Unsubscribe { channel_id: fields.channel_id()? },
-        "message.send" => {
+        client::CHANNEL_UNSUBSCRIBE => Request::Unsubscribe { channel_id: fields.channel_id()? },
+        client::MESSAGE_SEND => {
             Request::Send { channel_id: fields.channel_id()?, content: fields.string("content", "payload.content")? }
         }
-        "user.typing" => Request::Typing { channel_id: fields.channel_id()? },
-        "presence.update" => {
+        client::USER_TYPING => Request::Typing { channel_id: fields.channel_id()? },
+        client::PRESENCE_UPDATE => {
             const PATH: &str = "payload.status";
             let status = fields.string("status", PATH)?;
             let status = Status::parse(&status).ok_or_else(|| {
@@ -301,9 +298,9 @@ impl Machine {
     /// upgrade authenticated the connection.
     pub fn start(&mut self) -> Vec<Action> {
         let established = json!({ "session_id": self.session_id });
-        let mut out = vec![self.control("connection.established", None, established)];
+        let mut out = vec![self.control(server::CONNECTION_ESTABLISHED, None, established)];
         if let Some(user_id) = self.principal.as_ref().map(|p| p.user_id.clone()) {
-            out.push(self.control("auth.success", None, json!({ "user_id": user_id })));
+            out.push(self.control(server::AUTH_SUCCESS, None, json!({ "user_id": user_id })));
         }
         out
     }
@@ -355,7 +352,7 @@ impl Machine {
             "message": format!("not authenticated within {secs}s: send auth, or connect with ?token="),
         });
         vec![
-            self.control("auth.failed", None, failed),
+            self.control(server::AUTH_FAILED, None, failed),
             Action::Reject("auth_timeout"),
             Action::Close(close::UNAUTHORIZED, "authentication timeout".into()),
         ]
@@ -367,7 +364,7 @@ impl Machine {
             return Vec::new();
         }
         let payload = json!({ "channel_id": channel_id, "reason": reason.as_str() });
-        vec![self.control("channel.gap", Some(topic::channel(channel_id)), payload)]
+        vec![self.control(server::CHANNEL_GAP, Some(topic::channel(channel_id)), payload)]
     }
 
     /// An effect finished.
@@ -377,12 +374,12 @@ impl Machine {
             Outcome::Sent { channel_id, result } => self.sent_message(channel_id, result),
             Outcome::Typed { result: Ok(()), .. } | Outcome::StatusSet { result: Ok(()) } => Vec::new(),
             Outcome::Typed { channel_id, result: Err(refusal) } => {
-                let problem = Problem::new(refusal_code(&refusal), refusal.to_string()).request("user.typing");
+                let problem = Problem::new(refusal_code(&refusal), refusal.to_string()).request(client::USER_TYPING);
                 tracing::debug!(%channel_id, code = problem.code, "typing signal refused");
                 vec![self.error(problem)]
             }
             Outcome::StatusSet { result: Err(e) } => {
-                vec![self.error(Problem::new(code::INTERNAL, e.to_string()).request("presence.update"))]
+                vec![self.error(Problem::new(code::INTERNAL, e.to_string()).request(client::PRESENCE_UPDATE))]
             }
         }
     }
@@ -391,7 +388,7 @@ impl Machine {
     fn admit(&mut self, now: Instant) -> Result<(), Problem> {
         let limited = |l: Limited| {
             let mut problem = Problem::new(code::RATE_LIMITED, l.to_string());
-            problem.retry_after_ms = Some(l.retry_after.as_millis().try_into().unwrap_or(u64::MAX));
+            problem.retry_after_ms = Some(l.retry_after_ms());
             problem
         };
         self.connection.check_at(now).map_err(limited)?;
@@ -405,7 +402,7 @@ impl Machine {
         let (principal, request) = match request {
             Request::Ping { payload } => {
                 let payload = Value::Object(payload.unwrap_or_default());
-                return vec![self.control("pong", None, payload)];
+                return vec![self.control(server::PONG, None, payload)];
             }
             Request::Auth { token } => return self.authenticate(&token),
             other => match self.principal.clone() {
@@ -449,23 +446,23 @@ impl Machine {
                             "code": code::FORBIDDEN,
                             "message": "this connection is authenticated as another user; open a new one",
                         });
-                        return vec![self.control("auth.failed", None, failed)];
+                        return vec![self.control(server::AUTH_FAILED, None, failed)];
                     }
                 }
                 let user_id = principal.user_id.clone();
                 // The same user again (a refreshed token) is welcome.
                 self.principal = Some(principal);
-                vec![self.control("auth.success", None, json!({ "user_id": user_id }))]
+                vec![self.control(server::AUTH_SUCCESS, None, json!({ "user_id": user_id }))]
             }
             Err(why) => {
                 let failed = json!({ "code": code::UNAUTHORIZED, "message": why });
-                vec![self.control("auth.failed", None, failed)]
+                vec![self.control(server::AUTH_FAILED, None, failed)]
             }
         }
     }
 
     fn subscribe(&mut self, principal: Principal, channel_id: String, last_event_id: Option<String>) -> Vec<Action> {
-        const REQUEST: &str = "channel.subscribe";
+        const REQUEST: &str = client::CHANNEL_SUBSCRIBE;
         if self.channels.contains_key(&channel_id) {
             let problem = Problem::bad(format!("already subscribed to channel {channel_id}; unsubscribe first"))
                 .field("payload.channel_id")
@@ -488,12 +485,12 @@ impl Machine {
         if self.channels.remove(&channel_id).is_none() {
             let problem = Problem::bad(format!("not subscribed to channel {channel_id}"))
                 .field("payload.channel_id")
-                .request("channel.unsubscribe");
+                .request(client::CHANNEL_UNSUBSCRIBE);
             return vec![self.error(problem)];
         }
         let topic = topic::channel(&channel_id);
         let payload = json!({ "channel_id": channel_id });
-        vec![Action::Release { channel_id }, self.control("channel.unsubscribed", Some(topic), payload)]
+        vec![Action::Release { channel_id }, self.control(server::CHANNEL_UNSUBSCRIBED, Some(topic), payload)]
     }
 
     fn opened(
@@ -512,7 +509,8 @@ impl Machine {
                 if let Some(reason) = gap {
                     payload["reason"] = json!(reason.as_str());
                 }
-                let mut out = vec![self.control("channel.subscribed", Some(topic::channel(&channel_id)), payload)];
+                let mut out =
+                    vec![self.control(server::CHANNEL_SUBSCRIBED, Some(topic::channel(&channel_id)), payload)];
                 if current {
                     if let Some(channel) = self.channels.get_mut(&channel_id) {
                         channel.active = true;
@@ -527,7 +525,7 @@ impl Machine {
                     self.channels.remove(&channel_id);
                 }
                 let mut problem =
-                    Problem::new(refusal_code(&refusal), refusal.to_string()).request("channel.subscribe");
+                    Problem::new(refusal_code(&refusal), refusal.to_string()).request(client::CHANNEL_SUBSCRIBE);
                 if matches!(refusal, Refusal::NotFound(_) | Refusal::InvalidTopic(_)) {
                     problem = problem.field("payload.channel_id");
                 }
@@ -540,13 +538,13 @@ impl Machine {
         match result {
             Ok(sent) => {
                 let payload = json!({ "channel_id": channel_id, "message": sent.message });
-                let mut out = vec![self.control("message.sent", Some(topic::channel(&channel_id)), payload)];
+                let mut out = vec![self.control(server::MESSAGE_SENT, Some(topic::channel(&channel_id)), payload)];
                 if let Some(e) = sent.publish_error {
                     let problem = Problem::new(
                         code::INTERNAL,
                         format!("saved, but the {} event could not be published: {e}", domain::MESSAGE_CREATED),
                     )
-                    .request("message.send");
+                    .request(client::MESSAGE_SEND);
                     out.push(self.error(problem));
                 }
                 out
@@ -567,7 +565,7 @@ impl Machine {
             }
             SendRefusal::Store(e) => Problem::new(code::INTERNAL, format!("{e}; nothing was sent")),
         };
-        vec![self.error(problem.request("message.send"))]
+        vec![self.error(problem.request(client::MESSAGE_SEND))]
     }
 
     fn error(&mut self, problem: Problem) -> Action {
@@ -581,7 +579,7 @@ impl Machine {
         if let Some(ms) = problem.retry_after_ms {
             payload["retry_after_ms"] = json!(ms);
         }
-        self.control("error", None, payload)
+        self.control(server::ERROR, None, payload)
     }
 
     /// A control envelope with an id of its own: `c:{session}:{n}`, unique
