@@ -173,8 +173,8 @@ impl Io {
                 Ok(())
             }
             Action::Effect(effect) => {
-                // Effects never come back from an outcome; should one, it
-                // still runs in order.
+                // Outcomes answer with sends and attaches only; an effect
+                // here would simply join the end of the lane.
                 let job = effect_job(effect, &self.state, &self.cutoff);
                 self.lane.push_back(Step::Effect(job));
                 Ok(())
