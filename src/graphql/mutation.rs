@@ -580,7 +580,7 @@ impl Mutation {
                         .await
                         .into_iter()
                         .collect();
-                SendMessagePayload { message: Some(Message(message)), errors }
+                SendMessagePayload { message: Some(Message(message, None)), errors }
             }
             Err(e) => SendMessagePayload { message: None, errors: vec![store_user_error(e, "channelId", "channel")] },
         }

@@ -38,32 +38,32 @@ impl Subscription {
     /// Every new post.
     async fn post_created(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Result<Post>>> {
         let events = open(ctx, vec![(topic::POSTS.to_owned(), None)]).await?;
-        Ok(typed::<store::Post>(events, "post.created").map(|r| r.map(Post)))
+        Ok(typed::<store::Post>(events, "post.created").map(|r| r.map(|(p, _)| Post(p))))
     }
 
     /// Edits of one post.
     async fn post_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = Result<Post>>> {
         let events = open(ctx, vec![(topic::post(&id), None)]).await?;
-        Ok(typed::<store::Post>(events, "post.updated").map(|r| r.map(Post)))
+        Ok(typed::<store::Post>(events, "post.updated").map(|r| r.map(|(p, _)| Post(p))))
     }
 
     /// Profile updates of one user.
     async fn user_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = Result<User>>> {
         let events = open(ctx, vec![(topic::user(&id), None)]).await?;
-        Ok(typed::<store::User>(events, "user.updated").map(|r| r.map(User)))
+        Ok(typed::<store::User>(events, "user.updated").map(|r| r.map(|(u, _)| User(u))))
     }
 
     /// The caller's own notifications.
     async fn notification_received(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Result<Notification>>> {
         let me = require_viewer(ctx)?.user_id.clone();
         let events = open(ctx, vec![(topic::notifications(&me), None)]).await?;
-        Ok(typed::<store::Notification>(events, "notification.created").map(|r| r.map(Notification)))
+        Ok(typed::<store::Notification>(events, "notification.created").map(|r| r.map(|(n, _)| Notification(n))))
     }
 
     /// Messages sent to a channel (members only when it is private). With
-    /// `after` (the id of the last message event seen, as `events` reports
-    /// it) the messages sent since are replayed first; a position that
-    /// cannot be resumed from yields a `HISTORY_GAP` error before the rest.
+    /// `after` (the `eventId` of the last message seen) the messages sent
+    /// since are replayed first, none twice; a position that cannot be
+    /// resumed from yields a `HISTORY_GAP` error before the rest.
     async fn message_received(
         &self,
         ctx: &Context<'_>,
@@ -71,7 +71,7 @@ impl Subscription {
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<Message>>> {
         let events = open(ctx, vec![(topic::channel(&channel_id), after)]).await?;
-        Ok(typed::<MessageCreated>(events, "message.created").map(|r| r.map(|m| Message(m.message))))
+        Ok(typed::<MessageCreated>(events, "message.created").map(|r| r.map(|(m, id)| Message(m.message, Some(id)))))
     }
 
     /// Events of any topics, as published. `after` resumes: with one topic
@@ -180,12 +180,13 @@ struct MessageCreated {
     message: store::Message,
 }
 
-/// Events of `kind` decoded into `T` (once per node, not per subscriber);
-/// others, and undecodable ones, skipped; errors passed through.
+/// Events of `kind` decoded into `T` (once per node, not per subscriber),
+/// each with its event id; others, and undecodable ones, skipped; errors
+/// passed through.
 fn typed<T: DeserializeOwned + Clone + Send + Sync + 'static>(
     events: impl Stream<Item = Result<Arc<SharedEvent>>>,
     kind: &'static str,
-) -> impl Stream<Item = Result<T>> {
+) -> impl Stream<Item = Result<(T, String)>> {
     events.filter_map(move |item| {
         let out = match item {
             Err(e) => Some(Err(e)),
@@ -194,7 +195,7 @@ fn typed<T: DeserializeOwned + Clone + Send + Sync + 'static>(
                 if decoded.is_none() {
                     tracing::warn!(kind, id = %shared.event.id, "an event payload did not decode; skipped");
                 }
-                decoded.map(|v| Ok(T::clone(&v)))
+                decoded.map(|v| Ok((T::clone(&v), shared.event.id.clone())))
             }
             Ok(_) => None,
         };

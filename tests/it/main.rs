@@ -10,6 +10,7 @@ mod cli;
 mod fleet;
 mod graphql;
 mod http;
+mod resume;
 mod shutdown;
 mod slow_consumer;
 mod ws;
