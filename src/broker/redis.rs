@@ -752,7 +752,9 @@ mod fault_tests {
         // What Redis does to a Pub/Sub client over its output buffer limit.
         super::tests::cmd(&redis, &["CLIENT", "KILL", "TYPE", "pubsub"]);
         let killed = Instant::now();
-        let deadline = killed + Duration::from_secs(10);
+        // Generous: this checks that every topic comes back; the time it
+        // takes is printed (a target for benchmarks, not a timed test).
+        let deadline = killed + Duration::from_secs(30);
         while metrics.redis_reconnects_total.get() == 0 || metrics.redis_subscribed_channels.get() != 20_000 {
             assert!(Instant::now() < deadline, "the node did not resubscribe its 20,000 topics");
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -804,7 +806,7 @@ mod tests_support {
                 url: url.to_owned(),
                 prefix: "t:".into(),
                 command_timeout: Duration::from_millis(1000),
-                subscribe_timeout: Duration::from_secs(5),
+                subscribe_timeout: Duration::from_secs(30),
                 probe_interval: Duration::from_millis(200),
                 max_backoff: Duration::from_millis(200),
                 history_size: 100,
