@@ -410,7 +410,7 @@ impl SubscriberTask {
             let delay = rand::thread_rng().gen_range(exp / 2..=exp);
             // Loud on the first failure, then once in a while: an outage
             // must not flood the log.
-            if attempt % 20 == 0 {
+            if attempt.is_multiple_of(20) {
                 tracing::warn!(%reason, attempt, delay_ms = delay, "redis pub/sub connection lost; reconnecting");
             } else {
                 tracing::debug!(%reason, attempt, delay_ms = delay, "redis pub/sub reconnect failed");
