@@ -25,6 +25,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The node could not complete the operation (its store or bus failed).
     Internal,
+    /// Events were lost here: the resume position is older than the
+    /// retained history, from a lost history, or malformed (`extensions.reason`).
+    HistoryGap,
 }
 
 impl ErrorCode {
@@ -38,6 +41,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::HistoryGap => "HISTORY_GAP",
         }
     }
 }

@@ -155,6 +155,60 @@ impl std::fmt::Display for Position {
     }
 }
 
+/// Resume cursors over several topics: `topic~EPOCH:SEQ,topic~EPOCH:SEQ`
+/// (`~` and `,` never occur in topic names). With one topic a bare
+/// position is a cursor too.
+pub mod cursor {
+    use std::collections::BTreeMap;
+
+    /// Reads `text` as the positions of `topics`: a bare position when there
+    /// is exactly one topic, else `topic~position` pairs. Topics a cursor does
+    /// not name start live; a pair for a topic not asked for is an error.
+    pub fn parse(text: &str, topics: &[String]) -> Result<BTreeMap<String, String>, String> {
+        let text = text.trim();
+        if !text.contains('~') {
+            return match topics {
+                [only] => Ok(BTreeMap::from([(only.clone(), text.to_owned())])),
+                _ => Err("with several topics the cursor is `topic~position,…`".into()),
+            };
+        }
+        let mut positions = BTreeMap::new();
+        for pair in text.split(',').filter(|p| !p.is_empty()) {
+            let (topic, position) =
+                pair.split_once('~').ok_or_else(|| format!("{pair:?} is not `topic~position`"))?;
+            if !topics.iter().any(|t| t == topic) {
+                return Err(format!("the cursor names {topic:?}, which is not subscribed"));
+            }
+            positions.insert(topic.to_owned(), position.to_owned());
+        }
+        Ok(positions)
+    }
+
+    /// Writes positions as a cursor; a single topic's is its bare position.
+    pub fn format(positions: &BTreeMap<String, String>) -> String {
+        if positions.len() == 1 {
+            return positions.values().next().cloned().unwrap_or_default();
+        }
+        positions.iter().map(|(t, p)| format!("{t}~{p}")).collect::<Vec<_>>().join(",")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cursors_round_trip() {
+            let topics = vec!["posts".to_owned(), "channel:a".to_owned()];
+            let parsed = parse("posts~ab:5,channel:a~cd:9", &topics).unwrap();
+            assert_eq!(parsed["posts"], "ab:5");
+            assert_eq!(parse(&format(&parsed), &topics).unwrap(), parsed);
+            assert_eq!(parse("ab:5", &topics[..1]).unwrap()["posts"], "ab:5");
+            assert!(parse("ab:5", &topics).is_err());
+            assert!(parse("other~ab:5", &topics).is_err());
+        }
+    }
+}
+
 /// The current time as RFC 3339 with milliseconds, as envelopes carry it.
 pub fn timestamp_now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)

@@ -191,8 +191,9 @@ mod tests {
         let nodes = data["posts"]["nodes"].as_array().unwrap();
         assert_eq!(nodes.len(), 50);
         assert!(nodes.iter().all(|n| n["author"]["name"].is_string()));
-        // One call for the page, one (batched) for the authors.
-        assert!(calls <= 3, "{calls} store calls for one page of 50 posts");
+        // One call for the page and one batched call for the authors; a
+        // loaded machine may split the batch window, never into 50 calls.
+        assert!(calls <= 6, "{calls} store calls for one page of 50 posts (unbatched: 51)");
     }
 
     #[tokio::test]

@@ -575,7 +575,7 @@ impl Mutation {
                     })
                     .into_iter()
                     .collect();
-                SendMessagePayload { message: Some(Message(sent.message)), errors }
+                SendMessagePayload { message: Some(Message(sent.message, None)), errors }
             }
             Err(refusal) => {
                 let error = match refusal {

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use async_graphql::{Context, Json, Result, Subscription as SubscriptionMacro, ID};
+use async_graphql::{Context, ErrorExtensions, Json, Result, Subscription as SubscriptionMacro, ID};
 use futures_util::{future, stream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
@@ -18,6 +18,8 @@ use super::{coded_error, ctx_deps, require_viewer, viewer};
 use crate::auth::policy::authorize;
 use crate::error::ErrorCode;
 use crate::event::{topic, SharedEvent};
+use crate::broker::GapReason;
+use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::store;
 
@@ -34,50 +36,55 @@ pub struct Subscription;
 #[SubscriptionMacro]
 impl Subscription {
     /// Every new post.
-    async fn post_created(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Post>> {
-        let events = open(ctx, vec![topic::POSTS.to_owned()]).await?;
-        Ok(typed::<store::Post>(events, "post.created").map(Post))
+    async fn post_created(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Result<Post>>> {
+        let events = open(ctx, vec![(topic::POSTS.to_owned(), None)]).await?;
+        Ok(typed::<store::Post>(events, "post.created").map(|r| r.map(|(p, _)| Post(p))))
     }
 
     /// Edits of one post.
-    async fn post_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = Post>> {
-        let events = open(ctx, vec![topic::post(&id)]).await?;
-        Ok(typed::<store::Post>(events, "post.updated").map(Post))
+    async fn post_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = Result<Post>>> {
+        let events = open(ctx, vec![(topic::post(&id), None)]).await?;
+        Ok(typed::<store::Post>(events, "post.updated").map(|r| r.map(|(p, _)| Post(p))))
     }
 
     /// Profile updates of one user.
-    async fn user_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = User>> {
-        let events = open(ctx, vec![topic::user(&id)]).await?;
-        Ok(typed::<store::User>(events, "user.updated").map(User))
+    async fn user_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = Result<User>>> {
+        let events = open(ctx, vec![(topic::user(&id), None)]).await?;
+        Ok(typed::<store::User>(events, "user.updated").map(|r| r.map(|(u, _)| User(u))))
     }
 
     /// The caller's own notifications.
-    async fn notification_received(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Notification>> {
+    async fn notification_received(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Result<Notification>>> {
         let me = require_viewer(ctx)?.user_id.clone();
-        let events = open(ctx, vec![topic::notifications(&me)]).await?;
-        Ok(typed::<store::Notification>(events, "notification.created").map(Notification))
+        let events = open(ctx, vec![(topic::notifications(&me), None)]).await?;
+        Ok(typed::<store::Notification>(events, "notification.created").map(|r| r.map(|(n, _)| Notification(n))))
     }
 
-    /// Messages sent to a channel (members only when it is private).
-    async fn message_received(&self, ctx: &Context<'_>, channel_id: ID) -> Result<impl Stream<Item = Message>> {
-        let events = open(ctx, vec![topic::channel(&channel_id)]).await?;
-        Ok(typed::<MessageCreated>(events, "message.created").map(|m| Message(m.message)))
+    /// Messages sent to a channel (members only when it is private). With
+    /// `after` (the `eventId` of the last message seen) the messages sent
+    /// since are replayed first, none twice; a position that cannot be
+    /// resumed from yields a `HISTORY_GAP` error before the rest.
+    async fn message_received(
+        &self,
+        ctx: &Context<'_>,
+        channel_id: ID,
+        after: Option<String>,
+    ) -> Result<impl Stream<Item = Result<Message>>> {
+        let events = open(ctx, vec![(topic::channel(&channel_id), after)]).await?;
+        Ok(typed::<MessageCreated>(events, "message.created").map(|r| r.map(|(m, id)| Message(m.message, Some(id)))))
     }
 
-    /// Events of any topics, as published. `after` (a resume position)
-    /// needs event history, which this node does not keep yet.
+    /// Events of any topics, as published. `after` resumes: with one topic
+    /// the `id` of the last event seen; with several, `topic~id,…` naming
+    /// the last id seen per topic. Missed events are replayed first, none
+    /// twice; a position that cannot be resumed from yields a `HISTORY_GAP`
+    /// error (with `extensions.topic` and `reason`) before the rest.
     async fn events(
         &self,
         ctx: &Context<'_>,
         topics: Vec<String>,
         after: Option<String>,
-    ) -> Result<impl Stream<Item = Event>> {
-        if after.is_some() {
-            return Err(coded_error(
-                ErrorCode::ValidationError,
-                "resuming with `after` needs event history, which this node does not keep; subscribe without it",
-            ));
-        }
+    ) -> Result<impl Stream<Item = Result<Event>>> {
         if topics.is_empty() || topics.len() > MAX_TOPICS {
             return Err(coded_error(
                 ErrorCode::ValidationError,
@@ -87,41 +94,74 @@ impl Subscription {
         let mut unique = topics;
         unique.sort();
         unique.dedup();
-        let events = open(ctx, unique).await?;
-        Ok(events.map(|shared| Event {
-            id: ID(shared.event.id.clone()),
-            topic: shared.event.topic.clone(),
-            kind: shared.event.kind.clone(),
-            payload: Json(shared.event.payload.clone()),
-            timestamp_text: shared.event.timestamp.clone(),
+        let mut positions = match &after {
+            Some(text) => crate::event::cursor::parse(text, &unique)
+                .map_err(|why| coded_error(ErrorCode::ValidationError, format!("`after`: {why}")))?,
+            None => Default::default(),
+        };
+        let wanted = unique.into_iter().map(|t| {
+            let p = positions.remove(&t);
+            (t, p)
+        });
+        let events = open(ctx, wanted.collect()).await?;
+        Ok(events.map(|item| {
+            item.map(|shared| Event {
+                id: ID(shared.event.id.clone()),
+                topic: shared.event.topic.clone(),
+                kind: shared.event.kind.clone(),
+                payload: Json(shared.event.payload.clone()),
+                timestamp_text: shared.event.timestamp.clone(),
+            })
         }))
     }
 }
 
-/// Authorizes and opens hub subscriptions to `topics`, merged.
-async fn open(ctx: &Context<'_>, topics: Vec<String>) -> Result<impl Stream<Item = Arc<SharedEvent>>> {
+/// The error a subscription yields where events were lost.
+fn gap_error(topic: &str, reason: GapReason) -> async_graphql::Error {
+    let topic = topic.to_owned();
+    async_graphql::Error::new(format!("events of {topic} were lost here ({})", reason.as_str())).extend_with(
+        move |_, e| {
+            e.set("code", ErrorCode::HistoryGap.as_str());
+            e.set("topic", topic.clone());
+            e.set("reason", reason.as_str());
+        },
+    )
+}
+
+/// Authorizes and opens resumable hub subscriptions to `topics` (each with
+/// the position to resume after, if any), merged.
+async fn open(
+    ctx: &Context<'_>,
+    topics: Vec<(String, Option<String>)>,
+) -> Result<impl Stream<Item = Result<Arc<SharedEvent>>>> {
     let deps = ctx_deps(ctx);
     let principal = viewer(ctx);
-    for name in &topics {
+    for (name, _) in &topics {
         authorize(deps.store.as_ref(), principal, name)
             .await
             .map_err(|refusal| coded_error(refusal.code(), refusal.to_string()))?;
     }
     let cutoff = ctx.data_opt::<Arc<Cutoff>>().cloned();
     let label = ctx.data_opt::<TransportLabel>().map_or("graphql_ws", |l| l.0);
-    let mut subs = Vec::with_capacity(topics.len());
-    for name in &topics {
-        let sub = deps.hub.subscribe(name, label, cutoff.clone()).await.map_err(|e| {
+    let mut streams = Vec::with_capacity(topics.len());
+    for (name, after) in topics {
+        let resumed = deps.hub.subscribe_from(&name, after.as_deref(), label, cutoff.clone()).await.map_err(|e| {
             coded_error(ErrorCode::Internal, format!("could not subscribe to {name}: {e}"))
         })?;
-        subs.push(sub);
+        let initial = resumed.gap.map(|reason| Err(gap_error(&name, reason)));
+        let topic_name = name.clone();
+        let rest = resumed.stream.map(move |delivery| match delivery {
+            Delivery::Event(event) => Ok(event),
+            Delivery::Gap(reason) => Err(gap_error(&topic_name, reason)),
+        });
+        streams.push(stream::iter(initial).chain(rest).boxed());
     }
-    // The transport counts the subscription (it knows when it ends); this
-    // counts the deliveries.
     let metrics = deps.metrics.clone();
-    let merged = stream::select_all(subs).map(move |event| {
-        metrics.delivered(label, event.published_at_ms);
-        event
+    let merged = stream::select_all(streams).map(move |item| {
+        if let Ok(event) = &item {
+            metrics.delivered(label, event.published_at_ms);
+        }
+        item
     });
     // When cut off, stall rather than end: the transport closes with the
     // slow-consumer code instead of reporting a normal completion.
@@ -140,22 +180,25 @@ struct MessageCreated {
     message: store::Message,
 }
 
-/// Events of `kind` decoded into `T` (once per node, not per subscriber);
-/// others, and undecodable ones, skipped.
+/// Events of `kind` decoded into `T` (once per node, not per subscriber),
+/// each with its event id; others, and undecodable ones, skipped; errors
+/// passed through.
 fn typed<T: DeserializeOwned + Clone + Send + Sync + 'static>(
-    events: impl Stream<Item = Arc<SharedEvent>>,
+    events: impl Stream<Item = Result<Arc<SharedEvent>>>,
     kind: &'static str,
-) -> impl Stream<Item = T> {
-    events.filter_map(move |shared| {
-        let item = if shared.event.kind == kind {
-            let decoded = shared.payload_as::<T>();
-            if decoded.is_none() {
-                tracing::warn!(kind, id = %shared.event.id, "an event payload did not decode; skipped");
+) -> impl Stream<Item = Result<(T, String)>> {
+    events.filter_map(move |item| {
+        let out = match item {
+            Err(e) => Some(Err(e)),
+            Ok(shared) if shared.event.kind == kind => {
+                let decoded = shared.payload_as::<T>();
+                if decoded.is_none() {
+                    tracing::warn!(kind, id = %shared.event.id, "an event payload did not decode; skipped");
+                }
+                decoded.map(|v| Ok((T::clone(&v), shared.event.id.clone())))
             }
-            decoded.map(|v| T::clone(&v))
-        } else {
-            None
+            Ok(_) => None,
         };
-        future::ready(item)
+        future::ready(out)
     })
 }

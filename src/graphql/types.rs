@@ -179,7 +179,7 @@ impl Channel {
     async fn messages(&self, ctx: &Context<'_>, first: Option<i32>, after: Option<String>) -> Result<Conn<Message>> {
         let page = page_request(ctx, first, after)?;
         let page = ctx_deps(ctx).store.list_messages(&self.0.id, page).await.map_err(store_error)?;
-        Ok(connection(page, Message))
+        Ok(connection(page, |m| Message(m, None)))
     }
     /// The users online in this channel now, on any node, ordered by user
     /// id. Changes arrive as `presence.updated` events on `channel:{id}`.
@@ -218,7 +218,9 @@ impl Channel {
     }
 }
 
-pub struct Message(pub store::Message);
+/// A message; `.1` is the resume position of the event that delivered it,
+/// when it came through a subscription.
+pub struct Message(pub store::Message, pub Option<String>);
 
 #[Object]
 impl Message {
@@ -241,6 +243,12 @@ impl Message {
     }
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
+    }
+    /// On a subscription, the resume position of the event that delivered
+    /// this message: pass it as `messageReceived(after:)` to resume after it.
+    /// Null when the message was read by a query.
+    async fn event_id(&self) -> Option<ID> {
+        self.1.clone().map(ID)
     }
 }
 

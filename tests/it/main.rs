@@ -11,6 +11,7 @@ mod envelope;
 mod fleet;
 mod graphql;
 mod http;
+mod resume;
 mod shutdown;
 mod slow_consumer;
 mod ws;

@@ -293,21 +293,10 @@ impl Protocol for Legacy {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use async_graphql::{ServerError, Value as GqlValue};
 
     use super::*;
 
-    fn verify() -> Verify {
-        Arc::new(|token| match token {
-            "good" => Ok(Principal {
-                user_id: "u1".into(),
-                scopes: vec![],
-            }),
-            _ => Err("the token is malformed".into()),
-        })
-    }
 
     fn acked(max: usize) -> Legacy {
         let mut m = Legacy::new(None, verify(), max);
@@ -318,7 +307,7 @@ mod tests {
         m
     }
 
-    use crate::transport::ws::action_tests::{closed, sent, started};
+    use crate::transport::ws::action_tests::{closed, sent, started, verify};
 
     fn start(id: &str) -> String {
         json!({"type": "start", "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()

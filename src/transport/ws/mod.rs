@@ -542,9 +542,20 @@ pub(crate) fn encode_bare(ty: &str, id: Option<&str>) -> String {
 /// Readers of a protocol machine's actions, for the machines' unit tests.
 #[cfg(test)]
 pub(crate) mod action_tests {
+    use std::sync::Arc;
+
     use serde_json::Value;
 
-    use super::{Action, Operation};
+    use super::{Action, Operation, Verify};
+    use crate::auth::Principal;
+
+    /// A verifier that knows one token, `good`, for user `u1`.
+    pub fn verify() -> Verify {
+        Arc::new(|token| match token {
+            "good" => Ok(Principal { user_id: "u1".into(), scopes: vec![] }),
+            _ => Err("the token is malformed".into()),
+        })
+    }
 
     /// The messages sent, decoded.
     pub fn sent(actions: &[Action]) -> Vec<Value> {

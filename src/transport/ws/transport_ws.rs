@@ -260,23 +260,12 @@ impl Protocol for TransportWs {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use async_graphql::parser::types::OperationType;
     use async_graphql::{ServerError, Value as GqlValue};
     use serde_json::json;
 
     use super::*;
 
-    fn verify() -> Verify {
-        Arc::new(|token| match token {
-            "good" => Ok(Principal {
-                user_id: "u1".into(),
-                scopes: vec![],
-            }),
-            _ => Err("the token is malformed".into()),
-        })
-    }
 
     fn machine(max: usize) -> TransportWs {
         TransportWs::new(None, verify(), max)
@@ -291,7 +280,7 @@ mod tests {
         m
     }
 
-    use crate::transport::ws::action_tests::{closed, sent, started};
+    use crate::transport::ws::action_tests::{closed, sent, started, verify};
 
     fn subscribe(id: &str) -> String {
         json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()
