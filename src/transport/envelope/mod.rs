@@ -89,7 +89,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 async fn envelope_ws(state: web::Data<AppState>, req: HttpRequest, body: web::Payload) -> HttpResponse {
     if let Err(refused) = ws::admit_upgrade(&state, &req) {
-        return refused;
+        return *refused;
     }
     let principal = match ws::upgrade_principal(&state, &req) {
         Ok(principal) => principal,
@@ -97,7 +97,7 @@ async fn envelope_ws(state: web::Data<AppState>, req: HttpRequest, body: web::Pa
     };
     let drain = match ws::admit_connection(&state) {
         Ok(drain) => drain,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let settings = &state.settings.websocket;
     let (body, oversized) = match ws::pump::guard_frames(&req, body, settings.max_frame_bytes).await {

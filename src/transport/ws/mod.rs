@@ -169,16 +169,17 @@ fn unavailable() -> HttpResponseBuilder {
 }
 
 /// The checks every WebSocket upgrade passes first: its `Origin` (403) and
-/// the drain (503).
-pub(crate) fn admit_upgrade(state: &AppState, req: &HttpRequest) -> Result<(), HttpResponse> {
+/// the drain (503). The refusal is boxed: a response is large and the
+/// common case is admission.
+pub(crate) fn admit_upgrade(state: &AppState, req: &HttpRequest) -> Result<(), Box<HttpResponse>> {
     let metrics = &state.metrics;
     if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
         metrics.rejected_total.with_label_values(&["origin"]).inc();
-        return Err(refuse(HttpResponse::Forbidden(), "FORBIDDEN", "this Origin may not open a WebSocket"));
+        return Err(Box::new(refuse(HttpResponse::Forbidden(), "FORBIDDEN", "this Origin may not open a WebSocket")));
     }
     if state.shutdown.is_draining() {
         metrics.rejected_total.with_label_values(&["draining"]).inc();
-        return Err(refuse(unavailable(), "UNAVAILABLE", "the node is shutting down"));
+        return Err(Box::new(refuse(unavailable(), "UNAVAILABLE", "the node is shutting down")));
     }
     Ok(())
 }
@@ -192,14 +193,14 @@ pub(crate) fn unauthorized_upgrade(message: &str) -> HttpResponse {
 
 /// Counts one more long-lived connection, or refuses it (503) when the node
 /// holds `server.max_connections`. The guard keeps it counted.
-pub(crate) fn admit_connection(state: &AppState) -> Result<DrainGuard, HttpResponse> {
+pub(crate) fn admit_connection(state: &AppState) -> Result<DrainGuard, Box<HttpResponse>> {
     // Counted first and checked after, so that concurrent upgrades on
     // several workers can never overshoot the limit together.
     let drain = state.shutdown.track();
     if state.shutdown.open_connections() > state.settings.server.max_connections {
         drop(drain);
         state.metrics.rejected_total.with_label_values(&["max_connections"]).inc();
-        return Err(refuse(unavailable(), "UNAVAILABLE", "the node is at its connection limit"));
+        return Err(Box::new(refuse(unavailable(), "UNAVAILABLE", "the node is at its connection limit")));
     }
     Ok(drain)
 }
@@ -216,7 +217,7 @@ pub async fn accept<E: Executor>(
     config: PumpConfig,
 ) -> HttpResponse {
     if let Err(refused) = admit_upgrade(state, req) {
-        return refused;
+        return *refused;
     }
     let Some(protocol) = negotiate(req.headers()) else {
         return refuse(
@@ -231,7 +232,7 @@ pub async fn accept<E: Executor>(
     };
     let drain = match admit_connection(state) {
         Ok(drain) => drain,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let (body, oversized) = match pump::guard_frames(req, body, config.max_frame_bytes).await {
         Ok(guarded) => guarded,
