@@ -107,7 +107,7 @@ pub async fn send_message(
 /// the user may read the channel and throttled the signal.
 pub async fn signal_typing(hub: &Hub, user_id: &str, channel_id: &str) -> Result<(), BrokerError> {
     let payload = serde_json::to_value(UserTyping { user_id, channel_id }).expect("strings always serialize");
-    hub.publish(NewEvent::new(topic::channel(channel_id), USER_TYPING, payload)).await.map(drop)
+    hub.publish(NewEvent::new(topic::channel(channel_id), USER_TYPING, payload).ephemeral()).await.map(drop)
 }
 
 #[cfg(test)]

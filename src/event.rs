@@ -100,11 +100,31 @@ pub struct NewEvent {
     pub topic: String,
     pub kind: String,
     pub payload: serde_json::Value,
+    /// Delivered live only: not numbered, not kept in history, not
+    /// replayed (typing indicators). Its id is `live:…`, not a position.
+    pub ephemeral: bool,
 }
 
 impl NewEvent {
     pub fn new(topic: impl Into<String>, kind: impl Into<String>, payload: serde_json::Value) -> Self {
-        Self { topic: topic.into(), kind: kind.into(), payload }
+        Self { topic: topic.into(), kind: kind.into(), payload, ephemeral: false }
+    }
+
+    /// Makes this event live-only (see [`NewEvent::ephemeral`]).
+    pub fn ephemeral(mut self) -> Self {
+        self.ephemeral = true;
+        self
+    }
+
+    /// Stamps a live-only event with a unique id that is not a position.
+    pub fn stamp_ephemeral(self) -> Event {
+        Event {
+            id: format!("live:{}", uuid::Uuid::new_v4().simple()),
+            kind: self.kind,
+            topic: self.topic,
+            payload: self.payload,
+            timestamp: timestamp_now(),
+        }
     }
 
     /// Stamps this event with its position and the time.

@@ -68,6 +68,13 @@ impl Broker for MemoryBroker {
         if !topic::is_valid(&event.topic) {
             return Err(BrokerError::InvalidTopic(event.topic));
         }
+        if event.ephemeral {
+            let shared = SharedEvent::new(event.stamp_ephemeral());
+            if let Some(sink) = self.sink.get() {
+                sink.dispatch(shared.clone());
+            }
+            return Ok(shared);
+        }
         // The position is taken, recorded and dispatched under one lock so
         // that subscribers see events in position order.
         let mut logs = self.lock();

@@ -244,9 +244,19 @@ impl Broker for RedisBroker {
         if !topic::is_valid(&event.topic) {
             return Err(BrokerError::InvalidTopic(event.topic));
         }
+        let channel = self.channel(&event.topic);
+        if event.ephemeral {
+            // Live only: straight to the channel, nothing numbered or kept.
+            let shared = SharedEvent::new(event.stamp_ephemeral());
+            let text = shared.json.get().to_owned();
+            self.with_conn("publish", |mut conn| async move {
+                redis::cmd("PUBLISH").arg(&channel).arg(text).query_async::<i64>(&mut conn).await
+            })
+            .await?;
+            return Ok(shared);
+        }
         let stream = stream_key(&self.opts.prefix, &event.topic);
         let meta = meta_key(&self.opts.prefix, &event.topic);
-        let channel = self.channel(&event.topic);
         let unstamped = Event {
             id: String::new(),
             kind: event.kind,

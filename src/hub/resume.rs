@@ -218,6 +218,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn live_only_events_pass_through_and_stay_out_of_history() {
+        let hub = hub(100);
+        let mut resumed = hub.subscribe_from("t", None, "test", None).await.unwrap();
+        let first = publish(&hub, "t", 1).await;
+        let typing = hub.publish(NewEvent::new("t", "user.typing", serde_json::json!({})).ephemeral()).await.unwrap();
+        let second = publish(&hub, "t", 1).await;
+        assert!(typing.position.is_none());
+        assert_eq!(take(&mut resumed.stream, 3).await, vec![first[0].clone(), typing.event.id.clone(), second[0].clone()]);
+        // Resuming after the first replays the second only: the typing signal was never kept.
+        let mut again = hub.subscribe_from("t", Some(&first[0]), "test", None).await.unwrap();
+        assert_eq!(take(&mut again.stream, 1).await, second);
+        assert_eq!(second[0].split(':').nth(1), Some("2"), "live-only events take no position");
+    }
+
+    #[tokio::test]
     async fn a_position_older_than_the_history_is_a_gap_then_what_is_retained() {
         let hub = hub(3);
         let ids = publish(&hub, "t", 6).await;
