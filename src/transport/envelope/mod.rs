@@ -51,7 +51,7 @@
 //! - `user.typing` is for channels the user may read and goes out at most
 //!   once per `ratelimit.typing_interval_ms` per user and channel; the rest
 //!   are absorbed silently (counted in `subgate_rate_limited_total`).
-//!   A resumed subscription skips typing signals older than ten seconds.
+//!   Typing signals are live only: never in the history, never replayed.
 //!
 //! # Errors
 //!

@@ -34,7 +34,7 @@ use super::protocol::{Action, Effect, Machine, Outcome};
 use crate::app::AppState;
 use crate::auth::policy::{authorize, Refusal};
 use crate::domain;
-use crate::event::{now_ms, topic, SharedEvent};
+use crate::event::{topic, SharedEvent};
 use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::presence::PresenceGuard;
@@ -46,10 +46,6 @@ use crate::transport::ws::pump::{
 
 /// Most lane steps waiting before the task stops reading the socket.
 const MAX_PENDING: usize = 64;
-
-/// A typing signal older than this is not worth showing: when a resumed
-/// subscription replays history, such signals are skipped.
-const STALE_TYPING: Duration = Duration::from_secs(10);
 
 /// What the task needs besides the socket and the machine.
 pub struct Connection {
@@ -182,24 +178,12 @@ impl Io {
         }
     }
 
-    /// Writes one event as the node encoded it, unless it is a stale
-    /// typing signal from a replay.
+    /// Writes one event as the node encoded it.
     async fn forward(&mut self, event: &SharedEvent, metrics: &Metrics) -> Result<(), End> {
-        if stale_signal(event, now_ms()) {
-            return Ok(());
-        }
         self.outbox.text(event.json.get().to_owned()).await?;
         metrics.delivered(ENVELOPE_WS, event.published_at_ms);
         Ok(())
     }
-}
-
-/// Whether `event` is a typing signal too old to show at `now_ms`: typing
-/// events sit in the history like any other, and a resumed subscription
-/// should not replay "Ann is typing" from minutes ago.
-fn stale_signal(event: &SharedEvent, now_ms: u64) -> bool {
-    event.event.kind == domain::USER_TYPING
-        && now_ms.saturating_sub(event.published_at_ms) > STALE_TYPING.as_millis() as u64
 }
 
 /// Resolves with the effect at the head of the lane when it finishes;
@@ -357,20 +341,3 @@ pub async fn run(connection: Connection, mut machine: Machine, session: Session,
     finish(outbox, end, &metrics, ENVELOPE_WS).await;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::{NewEvent, Position};
-
-    #[test]
-    fn only_old_typing_signals_are_stale() {
-        let event = |kind: &str| {
-            SharedEvent::new(NewEvent::new("channel:c1", kind, serde_json::json!({})).stamp(&Position::new("e1", 1)))
-        };
-        let typing = event(domain::USER_TYPING);
-        let at = typing.published_at_ms;
-        assert!(!stale_signal(&typing, at + 1000));
-        assert!(stale_signal(&typing, at + 11_000));
-        assert!(!stale_signal(&event(domain::MESSAGE_CREATED), at + 3_600_000));
-    }
-}
