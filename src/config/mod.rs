@@ -41,6 +41,7 @@ pub struct Settings {
     pub hub: HubSettings,
     pub history: HistorySettings,
     pub publish: PublishSettings,
+    pub sse: SseSettings,
     pub log: LogSettings,
 }
 
@@ -245,6 +246,23 @@ impl Default for PublishSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct SseSettings {
+    /// How often a quiet event stream gets a `: ping` comment, so that
+    /// proxies and load balancers do not close it as idle.
+    pub heartbeat_seconds: u64,
+    /// The reconnection delay the stream tells `EventSource` clients
+    /// (its first line, `retry:`).
+    pub retry_ms: u64,
+}
+
+impl Default for SseSettings {
+    fn default() -> Self {
+        Self { heartbeat_seconds: 15, retry_ms: 3000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `text` or `json`.
     pub format: LogFormat,
@@ -366,6 +384,8 @@ impl Settings {
         positive("history.ttl_seconds", self.history.ttl_seconds);
         positive("auth.login_token_ttl_seconds", self.auth.login_token_ttl_seconds);
         positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
+        positive("sse.heartbeat_seconds", self.sse.heartbeat_seconds);
+        positive("sse.retry_ms", self.sse.retry_ms);
         if self.server.drain_grace_seconds > self.server.drain_timeout_seconds {
             errors.push(ConfigError::new(
                 "server.drain_grace_seconds",
