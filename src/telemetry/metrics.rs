@@ -13,6 +13,10 @@ pub mod transport {
     pub const GRAPHQL_WS: &str = "graphql_ws";
     pub const GRAPHQL_WS_LEGACY: &str = "graphql_ws_legacy";
     pub const HTTP: &str = "http";
+    /// The event stream, `GET /api/v1/events/stream`.
+    pub const SSE: &str = "sse";
+    /// GraphQL over Server-Sent Events, `/graphql/stream`.
+    pub const GRAPHQL_SSE: &str = "graphql_sse";
 }
 
 pub struct Metrics {
