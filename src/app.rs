@@ -12,6 +12,9 @@ use crate::broker::{memory::MemoryBroker, Broker};
 use crate::config::{ConfigError, Settings};
 use crate::graphql::{self, AppSchema};
 use crate::hub::Hub;
+use crate::presence::redis::{RedisPresence, RedisPresenceOptions};
+use crate::presence::{memory::MemoryPresence, Presence};
+use crate::ratelimit::Limits;
 use crate::shutdown::Shutdown;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 use crate::telemetry::{health, metrics::Metrics};
@@ -26,6 +29,11 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub schema: AppSchema,
     pub metrics: Arc<Metrics>,
+    /// Shared rate limiters: per user, per publisher, typing; and the
+    /// factory of per-connection buckets.
+    pub limits: Arc<Limits>,
+    /// Who is online where: Redis when `redis.url` is set.
+    pub presence: Arc<dyn Presence>,
     pub shutdown: Shutdown,
 }
 
@@ -80,14 +88,37 @@ impl AppState {
             ),
         };
         let hub = Hub::new(broker, metrics.clone(), settings.hub.subscriber_queue_capacity);
+        let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
+        let presence: Arc<dyn Presence> = match &settings.redis.url {
+            Some(url) => {
+                let r = &settings.redis;
+                let options = RedisPresenceOptions {
+                    url: url.clone(),
+                    prefix: r.prefix.clone(),
+                    command_timeout: Duration::from_millis(r.command_timeout_ms),
+                    // Presence writes are a few scripts per second per node.
+                    pool_size: r.pool_size.clamp(1, 4),
+                    ttl: presence_ttl,
+                    refresh: Duration::from_secs(settings.presence.refresh_seconds),
+                    sweep_interval: Duration::from_millis(settings.presence.sweep_interval_ms),
+                };
+                Arc::new(
+                    RedisPresence::new(options, hub.clone(), metrics.clone())
+                        .map_err(|message| ConfigError { key: "redis.url".into(), message })?,
+                )
+            }
+            None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
+        };
         let schema = graphql::build_schema(graphql::SchemaDeps {
             settings: settings.clone(),
             store: store.clone(),
             hub: hub.clone(),
             auth: auth.clone(),
             metrics: metrics.clone(),
+            presence: presence.clone(),
         });
-        Ok(Self { settings, store, hub, auth, schema, metrics, shutdown: Shutdown::new() })
+        let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
+        Ok(Self { settings, store, hub, auth, schema, metrics, limits, presence, shutdown: Shutdown::new() })
     }
 }
 

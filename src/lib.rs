@@ -12,6 +12,8 @@
 //! - [`graphql`]: the schema, its loaders and limits.
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
 //!   and legacy graphql-ws).
+//! - [`presence`]: who is online in which channel, with what status.
+//! - [`ratelimit`]: token buckets per connection, user and publisher.
 //! - [`telemetry`]: logs, metrics, health.
 //! - [`shutdown`]: the drain.
 //!
@@ -38,6 +40,8 @@ pub mod error;
 pub mod event;
 pub mod graphql;
 pub mod hub;
+pub mod presence;
+pub mod ratelimit;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

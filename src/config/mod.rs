@@ -42,6 +42,8 @@ pub struct Settings {
     pub history: HistorySettings,
     pub publish: PublishSettings,
     pub sse: SseSettings,
+    pub ratelimit: RatelimitSettings,
+    pub presence: PresenceSettings,
     pub log: LogSettings,
 }
 
@@ -263,6 +265,65 @@ impl Default for SseSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RatelimitSettings {
+    /// Envelope messages one connection may send per second, sustained.
+    pub messages_per_second: f64,
+    /// Envelope messages one connection may send at once above the rate.
+    pub messages_burst: u32,
+    /// Envelope messages one user may send per second across all their
+    /// connections on one node.
+    pub user_messages_per_second: f64,
+    /// The per-user burst.
+    pub user_messages_burst: u32,
+    /// Publishes per second by one API key or token subject.
+    pub publish_per_second: f64,
+    /// The per-publisher burst.
+    pub publish_burst: u32,
+    /// Shortest time between two typing indicators of one user in one channel.
+    pub typing_interval_ms: u64,
+    /// Most keys (users, publishers, typing pairs) each keyed limiter
+    /// tracks; idle ones are dropped, and a new key is refused while the
+    /// limiter is full of active ones.
+    pub max_keys: usize,
+}
+
+impl Default for RatelimitSettings {
+    fn default() -> Self {
+        Self {
+            messages_per_second: 10.0,
+            messages_burst: 20,
+            user_messages_per_second: 20.0,
+            user_messages_burst: 40,
+            publish_per_second: 100.0,
+            publish_burst: 200,
+            typing_interval_ms: 2000,
+            max_keys: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSettings {
+    /// How long a node's claim that a user is in a channel lasts in Redis
+    /// unless renewed: a node killed outright lets its users go offline
+    /// within this.
+    pub ttl_seconds: u64,
+    /// How often a node renews the claims of its connections; below
+    /// `ttl_seconds`, so that one late renewal does not expire anyone.
+    pub refresh_seconds: u64,
+    /// How often each node looks for expired claims to remove and announce.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        Self { ttl_seconds: 15, refresh_seconds: 5, sweep_interval_ms: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `text` or `json`.
     pub format: LogFormat,
@@ -386,6 +447,26 @@ impl Settings {
         positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
         positive("sse.heartbeat_seconds", self.sse.heartbeat_seconds);
         positive("sse.retry_ms", self.sse.retry_ms);
+        positive("ratelimit.messages_burst", self.ratelimit.messages_burst as u64);
+        positive("ratelimit.user_messages_burst", self.ratelimit.user_messages_burst as u64);
+        positive("ratelimit.publish_burst", self.ratelimit.publish_burst as u64);
+        positive("ratelimit.typing_interval_ms", self.ratelimit.typing_interval_ms);
+        positive("ratelimit.max_keys", self.ratelimit.max_keys as u64);
+        positive("presence.ttl_seconds", self.presence.ttl_seconds);
+        positive("presence.refresh_seconds", self.presence.refresh_seconds);
+        positive("presence.sweep_interval_ms", self.presence.sweep_interval_ms);
+        if self.presence.refresh_seconds >= self.presence.ttl_seconds {
+            errors.push(ConfigError::new("presence.refresh_seconds", "must be less than presence.ttl_seconds"));
+        }
+        for (key, rate) in [
+            ("ratelimit.messages_per_second", self.ratelimit.messages_per_second),
+            ("ratelimit.user_messages_per_second", self.ratelimit.user_messages_per_second),
+            ("ratelimit.publish_per_second", self.ratelimit.publish_per_second),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                errors.push(ConfigError::new(key, "must be a number greater than 0"));
+            }
+        }
         if self.server.drain_grace_seconds > self.server.drain_timeout_seconds {
             errors.push(ConfigError::new(
                 "server.drain_grace_seconds",
@@ -570,6 +651,22 @@ mod tests {
         ])
         .unwrap();
         assert!(!s.introspection_enabled());
+    }
+
+    #[test]
+    fn rate_limits_are_checked() {
+        let s = load(&[("SUBGATE__RATELIMIT__MESSAGES_PER_SECOND", "2.5")]).unwrap();
+        assert_eq!(s.ratelimit.messages_per_second, 2.5);
+        let err = load(&[("SUBGATE__RATELIMIT__PUBLISH_PER_SECOND", "0")]).unwrap_err();
+        assert_eq!(err.key, "ratelimit.publish_per_second", "{err}");
+        let err = load(&[("SUBGATE__RATELIMIT__MESSAGES_BURST", "0")]).unwrap_err();
+        assert_eq!(err.key, "ratelimit.messages_burst", "{err}");
+    }
+
+    #[test]
+    fn presence_renews_within_its_ttl() {
+        let err = load(&[("SUBGATE__PRESENCE__REFRESH_SECONDS", "15")]).unwrap_err();
+        assert_eq!(err.key, "presence.refresh_seconds", "{err}");
     }
 
     #[test]

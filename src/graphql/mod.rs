@@ -19,6 +19,7 @@ use crate::auth::{Authenticator, Principal};
 use crate::config::Settings;
 use crate::error::ErrorCode;
 use crate::hub::Hub;
+use crate::presence::Presence;
 use crate::store::{PageRequest, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 
@@ -37,6 +38,7 @@ pub struct SchemaDeps {
     pub hub: Arc<Hub>,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
+    pub presence: Arc<dyn Presence>,
 }
 
 pub type AppSchema = Schema<Query, Mutation, Subscription>;
@@ -141,7 +143,12 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(Arc::new(MemoryBroker::default()), metrics.clone(), 16);
         let auth = Arc::new(Authenticator::from_settings(&settings).unwrap());
-        let schema = build_schema(SchemaDeps { settings: settings.clone(), store, hub, auth, metrics });
+        let presence = Arc::new(crate::presence::memory::MemoryPresence::new(
+            hub.clone(),
+            &metrics,
+            std::time::Duration::from_secs(15),
+        ));
+        let schema = build_schema(SchemaDeps { settings: settings.clone(), store, hub, auth, metrics, presence });
         (schema, settings)
     }
 
@@ -212,5 +219,49 @@ mod tests {
         let query = format!("{{ {} }}", (0..31).map(|i| format!("a{i}: me {{ id }}")).collect::<Vec<_>>().join(" "));
         let response = schema.execute(query).await;
         assert!(response.errors.iter().any(|e| e.message.contains("aliases")), "{:?}", response.errors);
+    }
+
+    #[tokio::test]
+    async fn a_channel_lists_its_online_users_with_their_status() {
+        use crate::presence::{memory::MemoryPresence, Presence, Status};
+        let store = Arc::new(MemoryStore::new());
+        let ann = store
+            .create_user(crate::store::NewUser { email: "ann@example.com".into(), name: "Ann".into(), password_hash: "x".into() })
+            .await
+            .unwrap();
+        let channel = store.create_channel(&ann.id, "general".into(), false, vec![ann.id.clone()]).await.unwrap();
+        let dir = std::env::temp_dir().join("subgate-graphql-test-empty");
+        let settings = Arc::new(Settings::load_from(&dir, None, Vec::new()).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(Arc::new(MemoryBroker::default()), metrics.clone(), 16);
+        let auth = Arc::new(Authenticator::from_settings(&settings).unwrap());
+        let presence = Arc::new(MemoryPresence::new(hub.clone(), &metrics, std::time::Duration::from_secs(15)));
+        let schema = build_schema(SchemaDeps {
+            settings,
+            store,
+            hub,
+            auth,
+            metrics,
+            presence: presence.clone(),
+        });
+        let query = format!("{{ channel(id: \"{}\") {{ onlineUsers {{ userId status user {{ name }} }} }} }}", channel.id);
+
+        let response = schema.execute(query.as_str()).await;
+        assert!(response.errors.is_empty(), "{:?}", response.errors);
+        assert_eq!(response.data.into_json().unwrap()["channel"]["onlineUsers"], serde_json::json!([]));
+
+        let _ann = presence.join(&channel.id, &ann.id);
+        let _ghost = presence.join(&channel.id, "no-such-account");
+        presence.set_status(&ann.id, Status::Away).await.unwrap();
+        let response = schema.execute(query.as_str()).await;
+        assert!(response.errors.is_empty(), "{:?}", response.errors);
+        let mut online = response.data.into_json().unwrap()["channel"]["onlineUsers"].as_array().unwrap().clone();
+        online.sort_by_key(|u| u["userId"].as_str().unwrap().to_owned());
+        let mut expected = vec![
+            serde_json::json!({"userId": ann.id, "status": "AWAY", "user": {"name": "Ann"}}),
+            serde_json::json!({"userId": "no-such-account", "status": "ONLINE", "user": null}),
+        ];
+        expected.sort_by_key(|u| u["userId"].as_str().unwrap().to_owned());
+        assert_eq!(online, expected);
     }
 }

@@ -181,6 +181,34 @@ impl Channel {
         let page = ctx_deps(ctx).store.list_messages(&self.0.id, page).await.map_err(store_error)?;
         Ok(connection(page, Message))
     }
+    /// The users online in this channel now, on any node, ordered by user
+    /// id. Changes arrive as `presence.updated` events on `channel:{id}`.
+    #[graphql(complexity = "10 * child_complexity")]
+    async fn online_users(&self, ctx: &Context<'_>) -> Result<Vec<OnlineUser>> {
+        let online = ctx_deps(ctx).presence.online(&self.0.id).await.map_err(|e| {
+            tracing::warn!(error = %e, "presence unavailable");
+            super::coded_error(ErrorCode::Internal, "presence is unavailable; try again")
+        })?;
+        Ok(online.into_iter().map(OnlineUser).collect())
+    }
+}
+
+/// A user present in a channel, with the status they set.
+pub struct OnlineUser(pub crate::presence::OnlineUser);
+
+#[Object]
+impl OnlineUser {
+    async fn user_id(&self) -> ID {
+        ID(self.0.user_id.clone())
+    }
+    /// The user's profile; null when the id has no account (a token may
+    /// name any subject).
+    async fn user(&self, ctx: &Context<'_>) -> Result<Option<User>> {
+        loaders::user(ctx, &self.0.user_id).await
+    }
+    async fn status(&self) -> crate::presence::Status {
+        self.0.status
+    }
 }
 
 impl Channel {

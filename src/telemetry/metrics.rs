@@ -57,6 +57,12 @@ pub struct Metrics {
     pub redis_probe_failures_total: prometheus::IntCounter,
     /// Redis command latency by command.
     pub redis_command_duration_seconds: HistogramVec,
+    /// Requests refused by a rate limit, by scope.
+    pub rate_limited_total: IntCounterVec,
+    /// (channel, user) pairs present on this node.
+    pub presence_entries: IntGauge,
+    /// Presence writes to Redis (refreshes, joins, leaves, sweeps) that failed.
+    pub presence_refresh_failures_total: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -153,6 +159,21 @@ impl Metrics {
             &["command"],
         )
         .unwrap();
+        let rate_limited_total = IntCounterVec::new(
+            Opts::new(
+                "subgate_rate_limited_total",
+                "Requests refused by a rate limit, by scope (connection, user, publish, typing)",
+            ),
+            &["scope"],
+        )
+        .unwrap();
+        let presence_entries =
+            IntGauge::new("subgate_presence_entries", "(channel, user) pairs present on this node").unwrap();
+        let presence_refresh_failures_total = prometheus::IntCounter::new(
+            "subgate_presence_refresh_failures_total",
+            "Presence writes to Redis (refreshes, joins, leaves, sweeps) that failed",
+        )
+        .unwrap();
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -172,6 +193,9 @@ impl Metrics {
             Box::new(redis_subscribed_channels.clone()),
             Box::new(redis_probe_failures_total.clone()),
             Box::new(redis_command_duration_seconds.clone()),
+            Box::new(rate_limited_total.clone()),
+            Box::new(presence_entries.clone()),
+            Box::new(presence_refresh_failures_total.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -202,6 +226,9 @@ impl Metrics {
             redis_subscribed_channels,
             redis_probe_failures_total,
             redis_command_duration_seconds,
+            rate_limited_total,
+            presence_entries,
+            presence_refresh_failures_total,
         }
     }
 
