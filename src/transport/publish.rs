@@ -17,6 +17,9 @@
 //!   `{"users": […]}`); a publish without it keeps the topic's rule, and a
 //!   topic that never had one is readable by any authenticated caller. On a
 //!   domain topic, whose rules are built in, `readers` is refused (400).
+//! - Rate limit: a token bucket per API key or token subject on this node
+//!   (`ratelimit.publish_per_second`, `ratelimit.publish_burst`); over it,
+//!   429 with `Retry-After` (whole seconds, rounded up).
 //! - Answer: 202 `{"id": "<position>", "topic": …}` once the broker has the
 //!   event; 503 when the broker or the store cannot take it (Redis down).
 
@@ -66,6 +69,17 @@ enum Publisher {
     Key(usize),
     /// A token's `sub`.
     Subject(String),
+}
+
+impl Publisher {
+    /// The rate limit's key: distinct for every key and subject, and never
+    /// the key itself (the limiter's map is no place for a secret).
+    fn limit_key(&self) -> String {
+        match self {
+            Publisher::Key(index) => format!("key:{index}"),
+            Publisher::Subject(sub) => format!("sub:{sub}"),
+        }
+    }
 }
 
 /// The index of the key equal to `given`, if any. Every key is compared in
@@ -162,6 +176,16 @@ async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web:
         Ok(publisher) => publisher,
         Err(response) => return response,
     };
+    // Before the body is read: a publisher over its limit costs no parsing.
+    if let Err(limited) = state.limits.publish(&publisher.limit_key()) {
+        let seconds = limited.retry_after.as_millis().div_ceil(1000).max(1);
+        let mut response = api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", &limited.to_string());
+        response.headers_mut().insert(
+            actix_web::http::header::RETRY_AFTER,
+            actix_web::http::header::HeaderValue::from(seconds as u64),
+        );
+        return response;
+    }
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
         Ok(body) => body,
         Err(BodyError::TooLarge(limit)) => {
@@ -236,6 +260,14 @@ mod tests {
             assert_eq!(key_index(&keys, wrong), None, "{wrong:?}");
         }
         assert_eq!(key_index(&[], "anything"), None);
+    }
+
+    #[test]
+    fn publishers_are_limited_by_name_never_by_secret() {
+        assert_eq!(Publisher::Key(2).limit_key(), "key:2");
+        assert_eq!(Publisher::Subject("u1".into()).limit_key(), "sub:u1");
+        // A subject that looks like a key index is still another publisher.
+        assert_ne!(Publisher::Subject("2".into()).limit_key(), Publisher::Key(2).limit_key());
     }
 
     #[test]

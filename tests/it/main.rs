@@ -11,5 +11,7 @@ mod fleet;
 mod graphql;
 mod http;
 mod shutdown;
+mod publish;
 mod slow_consumer;
+mod sse;
 mod ws;
