@@ -11,7 +11,8 @@
 //! - [`store`]: the domain data behind a trait (memory; Redis).
 //! - [`graphql`]: the schema, its loaders and limits.
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
-//!   and legacy graphql-ws).
+//!   and legacy graphql-ws) and over SSE; the resumable event stream (SSE);
+//!   the backend publish API.
 //! - [`presence`]: who is online in which channel, with what status.
 //! - [`ratelimit`]: token buckets per connection, user and publisher.
 //! - [`telemetry`]: logs, metrics, health.

@@ -45,6 +45,7 @@ use std::time::Duration;
 use actix_web::http::{header, StatusCode};
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
+use futures_util::future::join_all;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -459,10 +460,12 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
         Ok(topics) => topics,
         Err(response) => return response,
     };
-    for name in &topics {
-        if let Err(refusal) = authorize(state.store.as_ref(), principal.as_ref(), name).await {
-            return refused(&refusal);
-        }
+    // Each decision may be a store round trip: all at once, and the first
+    // refusal in the order asked is the one reported.
+    let decisions =
+        join_all(topics.iter().map(|name| authorize(state.store.as_ref(), principal.as_ref(), name))).await;
+    if let Some(refusal) = decisions.into_iter().find_map(Result::err) {
+        return refused(&refusal);
     }
     let drain = match admit(&state) {
         Ok(drain) => drain,
@@ -479,17 +482,24 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     let points = resume_points(last_event_id.as_deref(), &topics);
 
     let cutoff = Cutoff::new();
+    // Subscribed together: each waits for the broker's confirmation and
+    // reads its topic's history.
+    let opened = join_all(topics.iter().zip(&points).map(|(name, from)| {
+        let after = match from {
+            ResumeFrom::After(position) => Some(position.as_str()),
+            ResumeFrom::Live | ResumeFrom::Malformed => None,
+        };
+        state.hub.subscribe_from(name, after, transport::SSE, Some(cutoff.clone()))
+    }))
+    .await;
     let mut cursor = Cursor::new(topics.clone());
     let mut head = vec![frame::retry(state.settings.sse.retry_ms)];
     let mut streams = Vec::with_capacity(topics.len());
     let mut held = Vec::with_capacity(topics.len());
-    for (index, (name, from)) in topics.iter().zip(points).enumerate() {
-        let after = match &from {
-            ResumeFrom::After(position) => Some(position.as_str()),
-            ResumeFrom::Live | ResumeFrom::Malformed => None,
-        };
-        let resumed = match state.hub.subscribe_from(name, after, transport::SSE, Some(cutoff.clone())).await {
+    for (index, ((name, from), resumed)) in topics.iter().zip(points).zip(opened).enumerate() {
+        let resumed = match resumed {
             Ok(resumed) => resumed,
+            // The topics already open are released as `opened` drops.
             Err(e) => {
                 return api_error(
                     StatusCode::SERVICE_UNAVAILABLE,
