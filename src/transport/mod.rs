@@ -21,6 +21,25 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     publish::configure(cfg);
 }
 
+/// A REST refusal not yet turned into a response (small enough to return
+/// through `Result` cheaply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    pub fn response(&self) -> HttpResponse {
+        api_error(self.status, self.code, &self.message)
+    }
+}
+
 /// The error body of the REST endpoints (`/api/v1/…`):
 /// `{"error": {"code", "message"}}`, `code` a stable machine string
 /// (`bad_request`, `unauthorized`, `forbidden`, `not_found`, `too_large`,

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use super::api_error;
+use super::{api_error, ApiError};
 use super::http::{read_body, BodyError};
 use crate::app::AppState;
 use crate::auth::bearer;
@@ -96,26 +96,26 @@ fn key_index(keys: &[String], given: &str) -> Option<usize> {
 }
 
 /// The publisher the request speaks for, or the 401/403 that says why not.
-fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Publisher, HttpResponse> {
-    let unauthorized = |message: &str| api_error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Publisher, ApiError> {
+    let unauthorized = |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
-        .ok_or_else(|| unauthorized("publishing needs Authorization: Bearer <API key or token>"))?;
+        .ok_or_else(|| unauthorized("publishing needs Authorization: Bearer <API key or token>".into()))?;
     let token = header
         .to_str()
         .ok()
         .and_then(bearer)
-        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <API key or token>`"))?;
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <API key or token>`".into()))?;
     if let Some(index) = key_index(&state.settings.publish.api_keys, token) {
         return Ok(Publisher::Key(index));
     }
     let principal = state
         .auth
         .verify(token)
-        .map_err(|e| unauthorized(&format!("neither a publish API key nor an accepted token: {e}")))?;
+        .map_err(|e| unauthorized(format!("neither a publish API key nor an accepted token: {e}")))?;
     if !principal.has_scope("publish") {
-        return Err(api_error(StatusCode::FORBIDDEN, "forbidden", "the token's scope does not include `publish`"));
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the token's scope does not include `publish`"));
     }
     Ok(Publisher::Subject(principal.user_id))
 }
@@ -174,7 +174,7 @@ pub fn valid_type(kind: &str) -> bool {
 async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web::Payload) -> HttpResponse {
     let publisher = match authenticate(&state, &req) {
         Ok(publisher) => publisher,
-        Err(response) => return response,
+        Err(refusal) => return refusal.response(),
     };
     // Before the body is read: a publisher over its limit costs no parsing.
     if let Err(limited) = state.limits.publish(&publisher.limit_key()) {

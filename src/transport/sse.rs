@@ -61,7 +61,7 @@ use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::shutdown::{DrainGuard, Shutdown};
 use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
-use crate::transport::api_error;
+use crate::transport::{api_error, ApiError};
 use crate::transport::http::principal_from_header;
 use crate::transport::ws::origin_allowed;
 
@@ -412,11 +412,11 @@ fn stream_principal(state: &AppState, req: &HttpRequest, token: Option<&str>) ->
 }
 
 /// The topics asked for, without repeats, or the caller's notifications.
-fn choose_topics(asked: Vec<String>, principal: Option<&Principal>) -> Result<Vec<String>, HttpResponse> {
+fn choose_topics(asked: Vec<String>, principal: Option<&Principal>) -> Result<Vec<String>, ApiError> {
     if asked.is_empty() {
         return match principal {
             Some(p) => Ok(vec![topic::notifications(&p.user_id)]),
-            None => Err(api_error(
+            None => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "name topics with ?topic=, or authenticate to stream your own notifications",
@@ -430,10 +430,10 @@ fn choose_topics(asked: Vec<String>, principal: Option<&Principal>) -> Result<Ve
         }
     }
     if topics.len() > MAX_TOPICS {
-        return Err(api_error(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            &format!("a stream may name at most {MAX_TOPICS} topics"),
+            format!("a stream may name at most {MAX_TOPICS} topics"),
         ));
     }
     Ok(topics)
@@ -458,7 +458,7 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     };
     let topics = match choose_topics(query.topics, principal.as_ref()) {
         Ok(topics) => topics,
-        Err(response) => return response,
+        Err(refusal) => return refusal.response(),
     };
     // Each decision may be a store round trip: all at once, and the first
     // refusal in the order asked is the one reported.
@@ -661,9 +661,9 @@ mod tests {
     fn topics_default_to_the_callers_notifications_and_are_bounded() {
         let me = Principal { user_id: "u1".into(), scopes: vec![] };
         assert_eq!(choose_topics(vec![], Some(&me)).unwrap(), ["notifications:u1"]);
-        assert_eq!(choose_topics(vec![], None).unwrap_err().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(choose_topics(vec![], None).unwrap_err().status, StatusCode::UNAUTHORIZED);
         assert_eq!(choose_topics(topics(&["a", "b", "a"]), None).unwrap(), ["a", "b"]);
         let many: Vec<String> = (0..=MAX_TOPICS).map(|i| format!("t{i}")).collect();
-        assert_eq!(choose_topics(many, Some(&me)).unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(choose_topics(many, Some(&me)).unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 }

@@ -247,6 +247,15 @@ async fn heartbeats_keep_a_quiet_stream_talking() {
     assert!((2..=4).contains(&pings), "{pings} pings in 3.5s with a 1s heartbeat");
     create_post(&node, &author.token, "after the quiet", "").await;
     assert_eq!(stream.next_event(WAIT).await.json()["payload"]["title"], "after the quiet");
+
+    // A client that goes away frees its place within a few heartbeats.
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while series(&node, "subgate_connections{transport=\"sse\"}").await != 0.0 {
+        assert!(Instant::now() < deadline, "a closed stream still counts as open after 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(series(&node, "subgate_subscriptions{transport=\"sse\"}").await, 0.0);
 }
 
 /// With the default 15 s heartbeat, a stream that carries nothing for 20 s
@@ -360,7 +369,10 @@ async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed() {
     for n in 3..=5 {
         missed.push(publish(&n2, topic, "order", json!({ "n": n })).await);
     }
-    let mut resumed = open_events(&n3, &path, &[("last-event-id", &last_id)]).await;
+    // What a reconnecting EventSource sends: the URL it was first given
+    // (here with a query id it has long moved past) and the header, which wins.
+    let reconnect = format!("{path}&lastEventId=stale");
+    let mut resumed = open_events(&n3, &reconnect, &[("last-event-id", &last_id)]).await;
     let replay = resumed.events(3, WAIT).await;
     assert_eq!(ns(&replay), [3, 4, 5], "exactly the missed events, in order");
     assert_eq!(replay.iter().map(|e| e.id().unwrap().to_owned()).collect::<Vec<_>>(), missed);
