@@ -220,6 +220,20 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
+impl Limited {
+    /// `retry_after` in whole seconds, rounded up and at least 1: the value
+    /// of an HTTP `Retry-After` header.
+    pub fn retry_after_secs(&self) -> u64 {
+        let d = self.retry_after;
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+    }
+
+    /// `retry_after` in milliseconds, for a `retry_after_ms` field.
+    pub fn retry_after_ms(&self) -> u64 {
+        u64::try_from(self.retry_after.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 impl std::fmt::Display for Limited {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} rate limit exceeded; retry after {} ms", self.scope.as_str(), self.retry_after.as_millis())
@@ -430,6 +444,15 @@ mod tests {
             let _ = l.check_at(format!("k{i}").as_str(), t0 + ms(i));
         }
         assert_eq!(l.len(), 1000);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_for_http() {
+        let limited = |ms| Limited { scope: Scope::Publish, retry_after: Duration::from_millis(ms) };
+        assert_eq!(limited(1).retry_after_secs(), 1);
+        assert_eq!(limited(1000).retry_after_secs(), 1);
+        assert_eq!(limited(1001).retry_after_secs(), 2);
+        assert_eq!(limited(250).retry_after_ms(), 250);
     }
 
     #[test]

@@ -178,7 +178,7 @@ mod tests {
         let a = presence.join("c1", "ann");
         let b = presence.join("c1", "ann");
         let bob = presence.join("c1", "bob");
-        let mut seen = vec![next(&mut sub).await, next(&mut sub).await];
+        let mut seen = [next(&mut sub).await, next(&mut sub).await];
         seen.sort_by_key(|v| v["user_id"].as_str().unwrap().to_owned());
         assert_eq!(seen[0], serde_json::json!({"user_id": "ann", "channel_id": "c1", "status": "online"}));
         assert_eq!(seen[1]["user_id"], "bob");

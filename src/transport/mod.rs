@@ -1,5 +1,6 @@
 //! Transports: how clients reach the hub and the schema.
 
+pub mod envelope_types;
 pub mod graphql_sse;
 pub mod http;
 pub mod publish;

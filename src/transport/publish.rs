@@ -178,11 +178,10 @@ async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web:
     };
     // Before the body is read: a publisher over its limit costs no parsing.
     if let Err(limited) = state.limits.publish(&publisher.limit_key()) {
-        let seconds = limited.retry_after.as_millis().div_ceil(1000).max(1);
         let mut response = api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", &limited.to_string());
         response.headers_mut().insert(
             actix_web::http::header::RETRY_AFTER,
-            actix_web::http::header::HeaderValue::from(seconds as u64),
+            actix_web::http::header::HeaderValue::from(limited.retry_after_secs()),
         );
         return response;
     }
