@@ -21,7 +21,9 @@
 //!   a position, comma-separated, e.g. `posts~ab12cd:5,channel:x~ef34ab:9`
 //!   (`~` and `,` never occur in topic names). A composite id is accepted
 //!   with one topic too, and a plain position when there is one topic. A
-//!   topic the id does not name starts live.
+//!   topic the id does not name starts at its latest event, and the stream
+//!   says where it starts with an `id:`-only block after `retry:`, so that
+//!   a client which drops before its first event still resumes exactly.
 //! - What cannot be resumed is said in the stream, never papered over:
 //!   `event: gap` with `data: {"topic": …, "reason": …}`, `reason` one of
 //!   `expired`, `epoch_changed`, `malformed`, `unavailable`.
@@ -122,6 +124,15 @@ pub mod frame {
                 None => break,
             }
         }
+        out.extend_from_slice(b"\n");
+        out.freeze()
+    }
+
+    /// A block with only `id:`: it moves the client's last event id and
+    /// dispatches nothing.
+    pub fn id(id: &str) -> Bytes {
+        let mut out = BytesMut::with_capacity(id.len() + 6);
+        field(&mut out, "id", id);
         out.extend_from_slice(b"\n");
         out.freeze()
     }
@@ -481,13 +492,27 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
         .or(query.last_event_id);
     let points = resume_points(last_event_id.as_deref(), &topics);
 
+    // A topic the client has no position for starts at its latest event,
+    // read before subscribing: what is published from then on is replayed
+    // or live, and the stream can name where it began before any event
+    // arrives. Notifications are rare; a client that drops before its
+    // first one must still resume exactly. No head (no history, or the bus
+    // unreadable): live only.
+    let broker = state.hub.broker();
+    let anchors = join_all(topics.iter().zip(&points).map(|(name, from)| async move {
+        match from {
+            ResumeFrom::After(_) => None,
+            ResumeFrom::Live | ResumeFrom::Malformed => broker.head(name).await.ok().flatten().map(|p| p.to_string()),
+        }
+    }))
+    .await;
     let cutoff = Cutoff::new();
     // Subscribed together: each waits for the broker's confirmation and
     // reads its topic's history.
-    let opened = join_all(topics.iter().zip(&points).map(|(name, from)| {
+    let opened = join_all(topics.iter().zip(&points).zip(&anchors).map(|((name, from), anchor)| {
         let after = match from {
             ResumeFrom::After(position) => Some(position.as_str()),
-            ResumeFrom::Live | ResumeFrom::Malformed => None,
+            ResumeFrom::Live | ResumeFrom::Malformed => anchor.as_deref(),
         };
         state.hub.subscribe_from(name, after, transport::SSE, Some(cutoff.clone()))
     }))
@@ -496,7 +521,7 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     let mut head = vec![frame::retry(state.settings.sse.retry_ms)];
     let mut streams = Vec::with_capacity(topics.len());
     let mut held = Vec::with_capacity(topics.len());
-    for (index, ((name, from), resumed)) in topics.iter().zip(points).zip(opened).enumerate() {
+    for (index, (((name, from), anchor), resumed)) in topics.iter().zip(points).zip(anchors).zip(opened).enumerate() {
         let resumed = match resumed {
             Ok(resumed) => resumed,
             // The topics already open are released as `opened` drops.
@@ -515,8 +540,10 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
         // The client's position stays the topic's until an event moves it,
         // even across a gap: resuming from it again replays what the
         // history holds by then. Only a position that is not one is dropped.
-        if let (ResumeFrom::After(position), false) = (&from, gap == Some(GapReason::Malformed)) {
-            cursor.set(index, position.clone());
+        match (&from, anchor) {
+            (ResumeFrom::After(position), _) if gap != Some(GapReason::Malformed) => cursor.set(index, position.clone()),
+            (_, Some(anchor)) => cursor.set(index, anchor),
+            _ => {}
         }
         if let Some(reason) = gap {
             head.push(frame::gap(name, reason));
@@ -525,6 +552,11 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
         held.push(GaugeGuard::new(state.metrics.subscriptions.with_label_values(&[transport::SSE])));
     }
 
+    // Where the stream begins, before any event: a block with only `id:`
+    // sets the client's last event id without dispatching anything.
+    if let Some(id) = cursor.id() {
+        head.push(frame::id(&id));
+    }
     let metrics = state.metrics.clone();
     let frames = stream::select_all(streams)
         .map(move |(index, delivery)| match delivery {
@@ -572,6 +604,7 @@ mod tests {
         );
         assert_eq!(text(frame::event("x", None, "{}")), "event: x\ndata: {}\n\n");
         assert_eq!(text(frame::retry(3000)), "retry: 3000\n\n");
+        assert_eq!(text(frame::id("posts~ab:1")), "id: posts~ab:1\n\n");
         assert_eq!(
             text(frame::gap("posts", GapReason::Expired)),
             "event: gap\ndata: {\"reason\":\"expired\",\"topic\":\"posts\"}\n\n"

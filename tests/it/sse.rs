@@ -50,7 +50,7 @@ async fn nothing_more(stream: &mut SseStream, what: &str) {
     loop {
         match stream.read(until.saturating_duration_since(Instant::now())).await {
             SseRead::TimedOut => return,
-            SseRead::Block(block) if block.is_comment() => {}
+            SseRead::Block(block) if !block.dispatches() => {}
             other => panic!("{what}: expected nothing more, got {other:?}"),
         }
     }
@@ -330,6 +330,41 @@ async fn a_position_the_history_no_longer_holds_is_a_gap_in_the_stream() {
     );
 }
 
+#[tokio::test]
+async fn a_client_that_drops_before_its_first_event_still_resumes_exactly() {
+    let node = publisher_node(&[]);
+    let before = publish_body(&node, &json!({ "topic": "alerts", "type": "alert", "payload": { "n": 0 }, "readers": "public" })).await;
+    let before_other = publish_body(&node, &json!({ "topic": "digests", "type": "digest", "payload": { "n": 100 }, "readers": "public" })).await;
+
+    // One topic: the stream says where it begins, and nothing else.
+    let mut quiet = open_events(&node, &format!("{STREAM}?topic=alerts"), &[]).await;
+    match quiet.read(WAIT).await {
+        SseRead::Block(block) => assert_eq!(block.fields, [("id".to_owned(), before.clone())], "{block:?}"),
+        other => panic!("no starting id: {other:?}"),
+    }
+    nothing_more(&mut quiet, "a stream with no new events").await;
+    let anchor = quiet.last_id().unwrap().to_owned();
+    drop(quiet);
+    let missed = [publish(&node, "alerts", "alert", json!({ "n": 1 })).await, publish(&node, "alerts", "alert", json!({ "n": 2 })).await];
+    let mut back = open_events(&node, &format!("{STREAM}?topic=alerts"), &[("last-event-id", &anchor)]).await;
+    let replay = back.events(2, WAIT).await;
+    assert_eq!(replay.iter().map(|e| e.id().unwrap().to_owned()).collect::<Vec<_>>(), missed);
+    nothing_more(&mut back, "after the missed alerts").await;
+    drop(back);
+
+    // Several topics: the starting id names each topic that has a history.
+    let both = format!("{STREAM}?topic=alerts&topic=digests&topic=posts");
+    let mut quiet = open_events(&node, &both, &[]).await;
+    nothing_more(&mut quiet, "a multi-topic stream with no new events").await;
+    let anchor = quiet.last_id().unwrap().to_owned();
+    assert_eq!(anchor, format!("alerts~{},digests~{before_other}", missed[1]));
+    drop(quiet);
+    let digest = publish(&node, "digests", "digest", json!({ "n": 101 })).await;
+    let mut back = open_events(&node, &both, &[("last-event-id", &anchor)]).await;
+    assert_eq!(back.next_event(WAIT).await.id(), Some(format!("alerts~{},digests~{digest}", missed[1]).as_str()));
+    nothing_more(&mut back, "after the missed digest").await;
+}
+
 /// `N` nodes sharing `redis`, each accepting the publish API key.
 fn fleet<const N: usize>(redis: &TestRedis) -> [Node; N] {
     let url = redis.url();
@@ -357,6 +392,11 @@ async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed() {
     let path = format!("{STREAM}?topic={topic}");
 
     let mut first = open_events(&n1, &path, &[]).await;
+    let mut opening = first.read(WAIT).await;
+    while matches!(&opening, SseRead::Block(b) if b.is_comment()) {
+        opening = first.read(WAIT).await;
+    }
+    assert!(matches!(&opening, SseRead::Block(b) if b.id().is_some() && !b.dispatches()), "{opening:?}");
     for n in 1..=2 {
         publish(&n2, topic, "order", json!({ "n": n })).await;
     }

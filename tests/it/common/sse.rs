@@ -1,6 +1,8 @@
 //! An event-stream client as a browser's `EventSource` would be: it reads
 //! the response body and splits it into blocks at blank lines, keeping the
-//! fields and comments of each; every read is bounded in time.
+//! fields and comments of each, and keeps the last event id as a browser
+//! does (what it would send back as `Last-Event-ID`); every read is bounded
+//! in time.
 
 use std::time::Duration;
 
@@ -49,6 +51,12 @@ impl Block {
         self.fields.is_empty() && !self.comments.is_empty()
     }
 
+    /// Whether an `EventSource` would fire an event for it: only when it
+    /// has data (a block of only `id:` or `retry:` fires nothing).
+    pub fn dispatches(&self) -> bool {
+        self.fields.iter().any(|(name, _)| name == "data")
+    }
+
     fn parse(text: &str) -> Block {
         let mut block = Block::default();
         for line in text.split('\n') {
@@ -81,6 +89,7 @@ pub struct SseStream {
     pub headers: HeaderMap,
     response: reqwest::Response,
     buf: Vec<u8>,
+    last_id: Option<String>,
 }
 
 /// A client without a total timeout (streams outlive any) or a proxy.
@@ -108,11 +117,16 @@ impl SseStream {
             let body = response.text().await.unwrap_or_default();
             return Err(Reply { status, headers, body });
         }
-        Ok(SseStream { status, headers, response, buf: Vec::new() })
+        Ok(SseStream { status, headers, response, buf: Vec::new(), last_id: None })
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The last `id:` read, as a reconnecting `EventSource` would send it.
+    pub fn last_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
     }
 
     /// The next block, within `timeout`.
@@ -122,7 +136,11 @@ impl SseStream {
             if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let block: Vec<u8> = self.buf.drain(..end + 2).collect();
                 let text = String::from_utf8(block).expect("the stream is UTF-8");
-                return SseRead::Block(Block::parse(&text[..end]));
+                let block = Block::parse(&text[..end]);
+                if let Some(id) = block.id() {
+                    self.last_id = Some(id.to_owned());
+                }
+                return SseRead::Block(block);
             }
             match tokio::time::timeout_at(deadline, self.response.chunk()).await {
                 Err(_) => return SseRead::TimedOut,
@@ -133,14 +151,15 @@ impl SseStream {
         }
     }
 
-    /// The next block that is not only a comment (heartbeats are skipped);
-    /// panics when none arrives within `timeout`.
+    /// The next block an `EventSource` would fire an event for (heartbeats
+    /// and `id:`-only blocks are skipped); panics when none arrives within
+    /// `timeout`.
     pub async fn next_event(&mut self, timeout: Duration) -> Block {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.read(left).await {
-                SseRead::Block(block) if block.is_comment() => continue,
+                SseRead::Block(block) if !block.dispatches() => continue,
                 SseRead::Block(block) => return block,
                 other => panic!("expected an event within {timeout:?}, got {other:?}"),
             }
