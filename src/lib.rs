@@ -13,7 +13,8 @@
 //!   signalling typing), decided in one place.
 //! - [`graphql`]: the schema, its loaders and limits.
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
-//!   and legacy graphql-ws), and the event-envelope protocol on `/ws`.
+//!   and legacy graphql-ws) and over SSE; the event-envelope protocol on
+//!   `/ws`; the resumable event stream (SSE); the backend publish API.
 //! - [`presence`]: who is online in which channel, with what status.
 //! - [`ratelimit`]: token buckets per connection, user and publisher.
 //! - [`telemetry`]: logs, metrics, health.

@@ -2,8 +2,11 @@
 //!
 //! Public topics (`posts`, `post:*`, `user:*`) are open to everyone;
 //! `notifications:{userId}` only to that user; `channel:*` to everyone
-//! unless the channel is private, then to members (checked by the caller
-//! against the store); any other topic (backend topics) needs a principal.
+//! unless the channel is private, then to members (checked against the
+//! store); any other topic is a backend topic, readable as the publish
+//! request that set its rule said ([`crate::store::TopicReaders`]: anyone,
+//! any authenticated caller, or listed users), and by any authenticated
+//! caller while no rule was set.
 
 use super::Principal;
 
@@ -17,6 +20,8 @@ pub enum Decision {
     Forbidden,
     /// Allowed if the caller is a member of the private channel.
     ChannelMembership,
+    /// A backend topic: as its readers rule in the store says.
+    TopicReaders,
 }
 
 pub fn can_subscribe(principal: Option<&Principal>, topic: &str) -> Decision {
@@ -30,11 +35,14 @@ pub fn can_subscribe(principal: Option<&Principal>, topic: &str) -> Decision {
             Some(_) => Decision::Forbidden,
         },
         "channel" => Decision::ChannelMembership,
-        _ => match principal {
-            None => Decision::Unauthorized,
-            Some(_) => Decision::Allow,
-        },
+        _ => Decision::TopicReaders,
     }
+}
+
+/// Whether `topic` is one of the domain's own topics (whose rules are
+/// built in) rather than a backend topic (whose rule a publish sets).
+pub fn is_domain_topic(topic: &str) -> bool {
+    !matches!(can_subscribe(None, topic), Decision::TopicReaders)
 }
 
 #[cfg(test)]
@@ -57,8 +65,38 @@ mod tests {
         assert_eq!(can_subscribe(None, "posts"), Decision::Allow);
         assert_eq!(can_subscribe(None, "post:1"), Decision::Allow);
         assert_eq!(can_subscribe(None, "user:1"), Decision::Allow);
-        assert_eq!(can_subscribe(None, "orders"), Decision::Unauthorized);
-        assert_eq!(can_subscribe(Some(&user("u")), "orders"), Decision::Allow);
+    }
+
+    #[test]
+    fn backend_topics_follow_their_readers_rule() {
+        assert_eq!(can_subscribe(None, "orders"), Decision::TopicReaders);
+        assert_eq!(can_subscribe(Some(&user("u")), "orders:eu"), Decision::TopicReaders);
+        // `posts:x` is not the `posts` topic.
+        assert_eq!(can_subscribe(None, "posts:x"), Decision::TopicReaders);
+        for domain in ["posts", "post:1", "user:1", "notifications:u1", "channel:c"] {
+            assert!(is_domain_topic(domain), "{domain}");
+        }
+        assert!(!is_domain_topic("orders"));
+    }
+
+    #[tokio::test]
+    async fn authorize_consults_the_readers_rule_of_backend_topics() {
+        use crate::store::{memory::MemoryStore, Store, TopicReaders};
+        let store = MemoryStore::new();
+        let (u1, u2) = (user("u1"), user("u2"));
+        // No rule yet: any authenticated caller.
+        assert_eq!(authorize(&store, None, "orders").await, Err(Refusal::Unauthorized("orders".into())));
+        assert_eq!(authorize(&store, Some(&u2), "orders").await, Ok(()));
+
+        store.set_topic_readers("orders", &TopicReaders::Public).await.unwrap();
+        assert_eq!(authorize(&store, None, "orders").await, Ok(()));
+
+        store.set_topic_readers("orders", &TopicReaders::Users(vec!["u1".into()])).await.unwrap();
+        assert_eq!(authorize(&store, Some(&u1), "orders").await, Ok(()));
+        assert_eq!(authorize(&store, Some(&u2), "orders").await, Err(Refusal::Forbidden("orders".into())));
+        assert_eq!(authorize(&store, None, "orders").await, Err(Refusal::Unauthorized("orders".into())));
+
+        assert_eq!(authorize(&store, None, "bad topic").await, Err(Refusal::InvalidTopic("bad topic".into())));
     }
 }
 
@@ -95,7 +133,7 @@ impl Refusal {
 
 /// The one authorization decision for subscribing to `topic`, used by every
 /// transport: the static rules of [`can_subscribe`], then channel
-/// membership from the store.
+/// membership or a backend topic's readers rule from the store.
 pub async fn authorize(
     store: &dyn crate::store::Store,
     principal: Option<&Principal>,
@@ -122,6 +160,20 @@ pub async fn authorize(
                 return Err(Refusal::Forbidden(topic.to_owned()));
             }
             Ok(())
+        }
+        Decision::TopicReaders => {
+            let rule = store
+                .topic_readers(topic)
+                .await
+                .map_err(|e| Refusal::Unavailable(e.to_string()))?
+                .unwrap_or(crate::store::TopicReaders::Authenticated);
+            let user_id = principal.map(|p| p.user_id.as_str());
+            match (rule.admits(user_id), user_id) {
+                (true, _) => Ok(()),
+                // Anonymous and refused: a token might change the answer.
+                (false, None) => Err(Refusal::Unauthorized(topic.to_owned())),
+                (false, Some(_)) => Err(Refusal::Forbidden(topic.to_owned())),
+            }
         }
     }
 }

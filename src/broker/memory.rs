@@ -121,6 +121,12 @@ impl Broker for MemoryBroker {
         };
         Ok(read(log, after, limit))
     }
+
+    async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
+        let mut logs = self.lock();
+        self.expire(&mut logs);
+        Ok(logs.get(topic).filter(|log| log.last_seq > 0).map(|log| Position::new(log.epoch.clone(), log.last_seq)))
+    }
 }
 
 /// What `log` says after `after` (shared by every history kept as a ring).
@@ -168,6 +174,17 @@ mod tests {
         assert_eq!(seqs(&a), vec![1, 2, 3]);
         assert_eq!(seqs(&other), vec![1]);
         assert_ne!(a[0].position.as_ref().unwrap().epoch, other[0].position.as_ref().unwrap().epoch);
+    }
+
+    #[test]
+    fn the_head_is_the_latest_position_of_a_history() {
+        let b = MemoryBroker::new(2, Duration::from_secs(60));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(rt.block_on(b.head("t")).unwrap(), None);
+        let events = publish(&b, "t", 3);
+        // The ring holds two; the head is the last position handed out.
+        assert_eq!(rt.block_on(b.head("t")).unwrap(), events[2].position);
+        assert_eq!(rt.block_on(b.head("other")).unwrap(), None);
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! - Each topic keeps a bounded, expiring history written together with the
 //!   publish, so the id a subscriber sees is the id in the history;
 //!   [`Broker::history`] reads it after a [`Position`] and says
-//!   [`History::Gap`] when it cannot resume exactly from there.
+//!   [`History::Gap`] when it cannot resume exactly from there;
+//!   [`Broker::head`] names its latest position, where a subscriber that
+//!   has seen nothing yet stands.
 //!
 //! Implementations: [`memory::MemoryBroker`] (one node) and
 //! [`redis::RedisBroker`] (a fleet sharing Redis).
@@ -93,4 +95,7 @@ pub trait Broker: Send + Sync + 'static {
     fn readiness(&self) -> Result<(), String>;
     /// The events of `topic` after `after`, at most `limit`, oldest first.
     async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError>;
+    /// The position of `topic`'s latest event; `None` when the topic has no
+    /// history (never published to, or expired).
+    async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError>;
 }

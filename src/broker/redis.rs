@@ -383,6 +383,19 @@ impl Broker for RedisBroker {
         Ok(History::Complete(decode(after_entries)))
     }
 
+    async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
+        let meta = meta_key(&self.opts.prefix, topic);
+        let (epoch, seq): (Option<String>, Option<u64>) = self
+            .with_conn("head", |mut conn| async move {
+                redis::cmd("HMGET").arg(&meta).arg("epoch").arg("seq").query_async(&mut conn).await
+            })
+            .await?;
+        Ok(match (epoch, seq) {
+            (Some(epoch), Some(seq)) if seq > 0 => Some(Position::new(epoch, seq)),
+            _ => None,
+        })
+    }
+
     fn readiness(&self) -> Result<(), String> {
         match &*self.shared.link.lock().unwrap_or_else(|p| p.into_inner()) {
             Link::Up => Ok(()),
@@ -678,6 +691,8 @@ pub(super) mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(a.broker().head("t").await.unwrap(), Some(pos(&ids[4])), "the head is the latest position");
+        assert_eq!(a.broker().head("never").await.unwrap(), None);
         // The history is capped (approximately: Redis trims whole nodes).
         for i in 0..400 {
             a.publish(NewEvent::new("t", "x", serde_json::json!({ "i": i }))).await.unwrap();

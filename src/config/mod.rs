@@ -41,6 +41,7 @@ pub struct Settings {
     pub hub: HubSettings,
     pub history: HistorySettings,
     pub publish: PublishSettings,
+    pub sse: SseSettings,
     pub ratelimit: RatelimitSettings,
     pub presence: PresenceSettings,
     pub log: LogSettings,
@@ -255,6 +256,23 @@ impl Default for PublishSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct SseSettings {
+    /// How often a quiet event stream gets a `: ping` comment, so that
+    /// proxies and load balancers do not close it as idle.
+    pub heartbeat_seconds: u64,
+    /// The reconnection delay the stream tells `EventSource` clients
+    /// (its first line, `retry:`).
+    pub retry_ms: u64,
+}
+
+impl Default for SseSettings {
+    fn default() -> Self {
+        Self { heartbeat_seconds: 15, retry_ms: 3000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RatelimitSettings {
     /// Envelope messages one connection may send per second, sustained.
     pub messages_per_second: f64,
@@ -437,6 +455,8 @@ impl Settings {
         positive("history.ttl_seconds", self.history.ttl_seconds);
         positive("auth.login_token_ttl_seconds", self.auth.login_token_ttl_seconds);
         positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
+        positive("sse.heartbeat_seconds", self.sse.heartbeat_seconds);
+        positive("sse.retry_ms", self.sse.retry_ms);
         positive("ratelimit.messages_burst", self.ratelimit.messages_burst as u64);
         positive("ratelimit.user_messages_burst", self.ratelimit.user_messages_burst as u64);
         positive("ratelimit.publish_burst", self.ratelimit.publish_burst as u64);

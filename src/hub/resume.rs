@@ -291,6 +291,9 @@ mod tests {
         async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError> {
             self.inner.history(topic, after, limit).await
         }
+        async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
+            self.inner.head(topic).await
+        }
     }
 
     #[tokio::test]

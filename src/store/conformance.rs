@@ -34,6 +34,7 @@ macro_rules! for_each_check {
             page_flags_at_the_edges,
             batches_keep_order_and_mark_missing_ids,
             concurrent_creates_get_distinct_positions,
+            topic_readers_are_kept_per_topic_until_replaced,
         );
     };
 }
@@ -652,4 +653,21 @@ async fn concurrent_creates_get_distinct_positions(s: Arc<dyn Store>) {
     assert_eq!(seqs.len(), 40, "every post has a position of its own");
     let listed: HashSet<String> = page.items.into_iter().map(|(_, p)| p.id).collect();
     assert_eq!(listed, created);
+}
+
+async fn topic_readers_are_kept_per_topic_until_replaced(s: Arc<dyn Store>) {
+    assert_eq!(s.topic_readers("orders").await.unwrap(), None);
+    s.set_topic_readers("orders", &TopicReaders::Public).await.unwrap();
+    assert_eq!(s.topic_readers("orders").await.unwrap(), Some(TopicReaders::Public));
+    // Another topic, even one whose name extends this one, is untouched.
+    assert_eq!(s.topic_readers("orders:eu").await.unwrap(), None);
+
+    // Replaced, not merged; the list keeps its order and odd ids intact.
+    let users = TopicReaders::Users(vec!["u2".into(), "u1".into(), "quo\"te".into(), "ünï".into()]);
+    s.set_topic_readers("orders", &users).await.unwrap();
+    assert_eq!(s.topic_readers("orders").await.unwrap(), Some(users));
+    s.set_topic_readers("orders:eu", &TopicReaders::Authenticated).await.unwrap();
+    assert_eq!(s.topic_readers("orders:eu").await.unwrap(), Some(TopicReaders::Authenticated));
+    s.set_topic_readers("orders", &TopicReaders::Users(Vec::new())).await.unwrap();
+    assert_eq!(s.topic_readers("orders").await.unwrap(), Some(TopicReaders::Users(Vec::new())));
 }

@@ -82,6 +82,7 @@ struct Data {
     messages_by_channel: HashMap<String, Index>,
     notifications: HashMap<String, Row<Notification>>,
     notifications_by_user: HashMap<String, Index>,
+    topic_readers: HashMap<String, TopicReaders>,
 }
 
 impl Data {
@@ -385,5 +386,14 @@ impl Store for MemoryStore {
         }
         row.value.read = true;
         Ok(row.value.clone())
+    }
+
+    async fn set_topic_readers(&self, topic: &str, readers: &TopicReaders) -> StoreResult<()> {
+        self.lock().topic_readers.insert(topic.to_owned(), readers.clone());
+        Ok(())
+    }
+
+    async fn topic_readers(&self, topic: &str) -> StoreResult<Option<TopicReaders>> {
+        Ok(self.lock().topic_readers.get(topic).cloned())
     }
 }

@@ -7,7 +7,10 @@
 //!   others are inserted; a page costs O(page), not O(list);
 //! - `create_user` and `update_user` enforce the unique email atomically and
 //!   answer [`StoreError::Conflict`];
-//! - only password hashes are stored, never passwords.
+//! - only password hashes are stored, never passwords;
+//! - a backend topic's [`TopicReaders`] rule, once set, stays until it is
+//!   replaced: it never expires, because a restricted topic that silently
+//!   fell back to the default would open up to every user.
 //!
 //! Implementations: [`memory::MemoryStore`]; the Redis store plugs in here.
 
@@ -84,6 +87,34 @@ pub struct Notification {
     pub payload: serde_json::Value,
     pub read: bool,
     pub created_at: DateTime<Utc>,
+}
+
+/// Who may subscribe to a backend topic (one that is not a domain topic),
+/// as the publish request that created or last restricted it said.
+///
+/// On the wire (the publish body): `"public"`, `"authenticated"` or
+/// `{"users": ["id", …]}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum TopicReaders {
+    /// Anyone, without a token.
+    Public,
+    /// Any caller with a valid token: the rule of a topic that has none.
+    Authenticated,
+    /// Only these user ids.
+    Users(Vec<String>),
+}
+
+impl TopicReaders {
+    /// Whether `user_id` (`None`: anonymous) may read under this rule.
+    pub fn admits(&self, user_id: Option<&str>) -> bool {
+        match (self, user_id) {
+            (TopicReaders::Public, _) => true,
+            (_, None) => false,
+            (TopicReaders::Authenticated, Some(_)) => true,
+            (TopicReaders::Users(ids), Some(id)) => ids.iter().any(|allowed| allowed == id),
+        }
+    }
 }
 
 /// A request for one page: up to `first` items after position `after`.
@@ -193,6 +224,12 @@ pub trait Store: Send + Sync + 'static {
     /// Marks one of `user_id`'s notifications read.
     async fn mark_notification_read(&self, user_id: &str, id: &str) -> StoreResult<Notification>;
 
+    /// Sets who may subscribe to the backend topic `topic`, replacing any
+    /// earlier rule.
+    async fn set_topic_readers(&self, topic: &str, readers: &TopicReaders) -> StoreResult<()>;
+    /// The rule set for `topic`, `None` when none was ever set.
+    async fn topic_readers(&self, topic: &str) -> StoreResult<Option<TopicReaders>>;
+
     /// `Err(why)` while the store cannot serve.
     fn readiness(&self) -> Result<(), String> {
         Ok(())
@@ -202,4 +239,32 @@ pub trait Store: Send + Sync + 'static {
 /// A new opaque id.
 pub fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TopicReaders;
+
+    #[test]
+    fn readers_rules_read_as_the_publish_body_writes_them() {
+        let parse = |s: &str| serde_json::from_str::<TopicReaders>(s);
+        assert_eq!(parse(r#""public""#).unwrap(), TopicReaders::Public);
+        assert_eq!(parse(r#""authenticated""#).unwrap(), TopicReaders::Authenticated);
+        assert_eq!(parse(r#"{"users":["a","b"]}"#).unwrap(), TopicReaders::Users(vec!["a".into(), "b".into()]));
+        for bad in [r#""everyone""#, r#"{"users":"a"}"#, r#"{"groups":["a"]}"#, "42"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(serde_json::to_string(&TopicReaders::Users(vec!["a".into()])).unwrap(), r#"{"users":["a"]}"#);
+    }
+
+    #[test]
+    fn readers_rules_admit_whom_they_say() {
+        let listed = TopicReaders::Users(vec!["u1".into()]);
+        assert!(TopicReaders::Public.admits(None));
+        assert!(!TopicReaders::Authenticated.admits(None));
+        assert!(TopicReaders::Authenticated.admits(Some("anyone")));
+        assert!(listed.admits(Some("u1")));
+        assert!(!listed.admits(Some("u2")));
+        assert!(!listed.admits(None));
+    }
 }

@@ -16,6 +16,7 @@
 //! | `{p}channel:{id}` | hash | `id name is_private owner_id member_ids created_at seq`; `member_ids` is a JSON array, in join order |
 //! | `{p}message:{id}` | hash | `id channel_id author_id content created_at seq` |
 //! | `{p}notification:{id}` | hash | `id user_id type message payload read created_at seq`; `payload` is JSON |
+//! | `{p}readers:{topic}` | string | a backend topic's readers rule as JSON (`"public"`, `"authenticated"`, `{"users":[…]}`); no TTL |
 //! | `{p}users`, `{p}posts`, `{p}channels` | sorted set | ids scored by `seq` |
 //! | `{p}posts:author:{id}`, `{p}comments:post:{id}`, `{p}messages:channel:{id}`, `{p}notifications:user:{id}` | sorted set | ids scored by `seq` |
 //!
@@ -452,6 +453,9 @@ impl Keys {
     }
     fn notifications_of_user(&self, user_id: &str) -> String {
         format!("{}notifications:user:{user_id}", self.prefix)
+    }
+    fn topic_readers(&self, topic: &str) -> String {
+        format!("{}readers:{topic}", self.prefix)
     }
 }
 
@@ -1038,6 +1042,26 @@ impl Store for RedisStore {
         without_seq(decode_notification(record))
     }
 
+    async fn set_topic_readers(&self, topic: &str, readers: &TopicReaders) -> StoreResult<()> {
+        let json = serde_json::to_string(readers)
+            .map_err(|e| StoreError::Unavailable(format!("the readers rule does not encode: {e}")))?;
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.topic_readers(topic)).arg(json);
+        let _: () = self.call(Request::Cmd(&set)).await?;
+        Ok(())
+    }
+
+    async fn topic_readers(&self, topic: &str) -> StoreResult<Option<TopicReaders>> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.keys.topic_readers(topic));
+        let json: Option<String> = self.call(Request::Cmd(&get)).await?;
+        json.map(|json| {
+            serde_json::from_str(&json)
+                .map_err(|e| StoreError::Unavailable(format!("the readers rule of {topic} does not decode: {e}")))
+        })
+        .transpose()
+    }
+
     fn readiness(&self) -> Result<(), String> {
         self.health.check()
     }
@@ -1244,6 +1268,7 @@ mod tests {
         let ch = s.create_channel(&u.id, "ch".into(), true, vec!["x\"y".into()]).await.unwrap();
         let m = s.create_message(&ch.id, &u.id, "m".into()).await.unwrap();
         let n = s.create_notification(&u.id, "k".into(), "m".into(), serde_json::json!({"a": 1})).await.unwrap();
+        s.set_topic_readers("orders:eu", &TopicReaders::Users(vec![u.id.clone()])).await.unwrap();
 
         let mut con = raw(&server).await;
         let keys: BTreeSet<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
@@ -1263,6 +1288,7 @@ mod tests {
             format!("lay:messages:channel:{}", ch.id),
             format!("lay:notification:{}", n.id),
             format!("lay:notifications:user:{}", u.id),
+            "lay:readers:orders:eu".to_owned(),
         ]
         .into();
         assert_eq!(keys, expected);
@@ -1280,6 +1306,8 @@ mod tests {
         assert_eq!(serde_json::from_str::<Vec<String>>(&members).unwrap(), vec![u.id.clone(), "x\"y".into()]);
         assert_eq!(get(format!("lay:notification:{}", n.id), "read").await, "0");
         assert_eq!(get(format!("lay:notification:{}", n.id), "payload").await, r#"{"a":1}"#);
+        let readers: String = redis::cmd("GET").arg("lay:readers:orders:eu").query_async(&mut con).await.unwrap();
+        assert_eq!(readers, format!(r#"{{"users":["{}"]}}"#, u.id));
         let created = get(format!("lay:message:{}", m.id), "created_at").await;
         assert_eq!(DateTime::parse_from_rfc3339(&created).unwrap(), m.created_at);
         // The position in the hash is the score in the index.

@@ -15,6 +15,10 @@ pub mod transport {
     pub const HTTP: &str = "http";
     /// The event-envelope protocol on `/ws`.
     pub const ENVELOPE_WS: &str = "envelope_ws";
+    /// The event stream, `GET /api/v1/events/stream`.
+    pub const SSE: &str = "sse";
+    /// GraphQL over Server-Sent Events, `/graphql/stream`.
+    pub const GRAPHQL_SSE: &str = "graphql_sse";
 }
 
 pub struct Metrics {

@@ -88,16 +88,7 @@ async fn post_graphql(
     mut payload: web::Payload,
 ) -> HttpResponse {
     let json_type = response_type(&req);
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let content_type = media_type(&req);
     if content_type != "application/json" && content_type != GRAPHQL_RESPONSE_JSON {
         return request_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -105,21 +96,19 @@ async fn post_graphql(
             json_type,
         );
     }
-    let limit = state.settings.server.max_body_bytes;
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let Ok(chunk) = chunk else {
-            return request_error(StatusCode::BAD_REQUEST, "the request body could not be read", json_type);
-        };
-        if body.len() + chunk.len() > limit {
+    let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge(limit)) => {
             return request_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("the request body exceeds {limit} bytes"),
                 json_type,
-            );
+            )
         }
-        body.extend_from_slice(&chunk);
-    }
+        Err(BodyError::Unreadable) => {
+            return request_error(StatusCode::BAD_REQUEST, "the request body could not be read", json_type)
+        }
+    };
     let batch: BatchRequest = match serde_json::from_slice(&body) {
         Ok(batch) => batch,
         Err(e) => {
@@ -144,13 +133,18 @@ struct GetParams {
 
 async fn get_graphql(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     let json_type = response_type(&req);
-    let params: GetParams = match web::Query::<GetParams>::from_query(req.query_string()) {
-        Ok(q) => q.into_inner(),
-        Err(e) => return request_error(StatusCode::BAD_REQUEST, &format!("bad query string: {e}"), json_type),
-    };
-    let Some(query) = params.query else {
-        return request_error(StatusCode::BAD_REQUEST, "the `query` parameter is required", json_type);
-    };
+    match request_from_query(req.query_string()) {
+        Ok(request) => execute(&state, &req, BatchRequest::Single(request), Method::GET, json_type).await,
+        Err(message) => request_error(StatusCode::BAD_REQUEST, &message, json_type),
+    }
+}
+
+/// The GraphQL request of a GET: `?query=&variables=&operationName=&extensions=`,
+/// `variables` and `extensions` JSON objects. `Err` says what is wrong.
+pub(crate) fn request_from_query(query_string: &str) -> Result<Request, String> {
+    let params: GetParams =
+        web::Query::<GetParams>::from_query(query_string).map_err(|e| format!("bad query string: {e}"))?.into_inner();
+    let query = params.query.ok_or("the `query` parameter is required")?;
     let mut request = Request::new(query);
     if let Some(name) = params.operation_name.filter(|n| !n.is_empty()) {
         request = request.operation_name(name);
@@ -160,15 +154,50 @@ async fn get_graphql(state: web::Data<AppState>, req: HttpRequest) -> HttpRespon
             Ok(v @ serde_json::Value::Object(_)) => {
                 request = request.variables(async_graphql::Variables::from_json(v));
             }
-            _ => return request_error(StatusCode::BAD_REQUEST, "`variables` must be a JSON object", json_type),
+            _ => return Err("`variables` must be a JSON object".into()),
         }
     }
     if let Some(ext) = params.extensions.filter(|v| !v.is_empty()) {
         if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&ext).is_err() {
-            return request_error(StatusCode::BAD_REQUEST, "`extensions` must be a JSON object", json_type);
+            return Err("`extensions` must be a JSON object".into());
         }
     }
-    execute(&state, &req, BatchRequest::Single(request), Method::GET, json_type).await
+    Ok(request)
+}
+
+/// Why a request body was not read.
+pub(crate) enum BodyError {
+    /// Over this many bytes.
+    TooLarge(usize),
+    /// The connection failed mid-body.
+    Unreadable,
+}
+
+/// Reads the whole body, refusing it as soon as it passes `limit` bytes
+/// (so an oversized body is never buffered whole).
+pub(crate) async fn read_body(payload: &mut web::Payload, limit: usize) -> Result<web::BytesMut, BodyError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| BodyError::Unreadable)?;
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The media type of a request's `Content-Type`, lowercased, without parameters.
+pub(crate) fn media_type(req: &HttpRequest) -> String {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// The type of the operation `request` would run, if its document parses.

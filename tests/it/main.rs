@@ -13,5 +13,7 @@ mod graphql;
 mod http;
 mod resume;
 mod shutdown;
+mod publish;
 mod slow_consumer;
+mod sse;
 mod ws;

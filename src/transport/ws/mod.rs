@@ -119,8 +119,9 @@ pub fn negotiate(headers: &HeaderMap) -> Option<Subprotocol> {
     legacy.then_some(Subprotocol::Legacy)
 }
 
-/// Whether the request's `Origin` may open a WebSocket.
-fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+/// Whether the request's `Origin` may open a long-lived connection
+/// (WebSocket or event stream).
+pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {
         return true;
     }

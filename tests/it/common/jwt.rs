@@ -25,6 +25,11 @@ pub fn token(secret: &str, sub: &str) -> String {
     sign(Algorithm::HS256, &json!({ "sub": sub, "exp": now() + 3600, "iat": now() }), secret)
 }
 
+/// A valid HS256 token for `sub` whose `scope` claim is `scope`.
+pub fn scoped_token(secret: &str, sub: &str, scope: &str) -> String {
+    sign(Algorithm::HS256, &json!({ "sub": sub, "exp": now() + 3600, "iat": now(), "scope": scope }), secret)
+}
+
 /// Every way a token can be wrong that the node must refuse, by name.
 /// Each is otherwise a perfectly good token for `sub`.
 pub fn bad_tokens(secret: &str, sub: &str) -> Vec<(&'static str, String)> {

@@ -5,17 +5,22 @@
 //! - [`jwt`]: good and bad tokens, and `subgate token`.
 //! - [`ws`]: a graphql-transport-ws / graphql-ws client with bounded reads.
 //! - [`redis`]: a redis-server of the test's own, to share and to break.
+//! - [`sse`]: an event-stream client; [`publish`]: the backend publish API.
 
 #![allow(dead_code)] // not every test module uses every helper
 
 pub mod gql;
 pub mod jwt;
 pub mod node;
+pub mod publish;
 pub mod redis;
+pub mod sse;
 pub mod ws;
 
 pub use gql::*;
-pub use jwt::{bad_tokens, cli_token, token};
+pub use jwt::{bad_tokens, cli_token, scoped_token, token};
+pub use publish::{publish, publish_body, publish_raw, publisher_node, API_KEY};
+pub use sse::{open_stream, Block, SseRead, SseStream};
 pub use node::{run_cli, Node, TempDir, SECRET};
 pub use self::redis::{reserve_port, TestRedis};
 pub use ws::{try_connect, until_live, ConnectOptions, GqlWs, RawWs, Read, LEGACY_WS, TRANSPORT_WS};

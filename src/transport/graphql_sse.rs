@@ -1,0 +1,285 @@
+//! GraphQL over Server-Sent Events at `/graphql/stream`, the graphql-sse
+//! protocol's "distinct connections mode": one request, one operation, one
+//! event stream.
+//!
+//! - `POST` with `Content-Type: application/json` (one request, not a
+//!   batch), or `GET` with `?query=&variables=&operationName=` for queries
+//!   and subscriptions (a mutation over GET is 405); `Accept` must allow
+//!   `text/event-stream` (406 otherwise).
+//! - Authentication: `Authorization: Bearer T` (401 when it does not
+//!   verify).
+//! - Refused before the stream starts, as JSON: a body or query string that
+//!   is not a GraphQL request, a document that does not parse (400), a body
+//!   over `server.max_body_bytes` (413), a form-like content type (415), a
+//!   foreign `Origin` (403), admission (503).
+//! - The stream: `event: next` / `data: <ExecutionResult>` for every
+//!   result, then `event: complete` when the operation is over. As the
+//!   protocol requires, a document that parses but fails validation (or
+//!   the schema's limits) is reported in the stream, as a `next` carrying
+//!   the errors, then `complete`: an `EventSource` could not read a 400's
+//!   body.
+//! - Subscriptions run with the caller's [`Viewer`], the stream's
+//!   [`Cutoff`] and [`TransportLabel`] `graphql_sse`. A stream that falls
+//!   behind is cut off and ends without `complete`, as does every stream
+//!   when the node drains: the client retries.
+//! - A quiet stream gets a comment line every `sse.heartbeat_seconds`, with
+//!   no blank line after it, and no `retry:` field is ever sent: clients of
+//!   this protocol parse the stream themselves, and some treat a field-less
+//!   blank line or `retry:` as an error.
+
+use std::time::{Duration, Instant};
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse};
+use async_graphql::parser::types::OperationType;
+use async_graphql::{Request, Response};
+use futures_util::stream::{self, StreamExt};
+use serde_json::json;
+
+use super::http::{
+    is_request_error, media_type, operation_label, operation_type, principal_from_header, read_body,
+    request_from_query, BodyError,
+};
+use super::sse::{admit, frame, Streaming};
+use super::ws::origin_allowed;
+use crate::app::AppState;
+use crate::graphql::subscription::TransportLabel;
+use crate::graphql::Viewer;
+use crate::hub::Cutoff;
+use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
+
+/// The heartbeat: a comment line alone (see the module docs for why).
+const PING: &[u8] = b": ping\n";
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/graphql/stream")
+            .route(web::post().to(post_stream))
+            .route(web::get().to(get_stream)),
+    );
+}
+
+/// A request refused before streaming, in the GraphQL error shape.
+fn refuse(status: StatusCode, code: Option<&str>, message: &str) -> HttpResponse {
+    let mut error = json!({ "message": message });
+    if let Some(code) = code {
+        error["extensions"] = json!({ "code": code });
+    }
+    let mut response = HttpResponse::build(status);
+    match status {
+        StatusCode::UNAUTHORIZED => {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            response.insert_header((header::ALLOW, "POST"));
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            response.insert_header((header::RETRY_AFTER, "1"));
+        }
+        _ => {}
+    }
+    response.content_type("application/json").json(json!({ "errors": [error] }))
+}
+
+/// Whether the client takes an event stream: `Accept` absent, or naming
+/// `text/event-stream`, `text/*` or `*/*`.
+fn accepts_event_stream(req: &HttpRequest) -> bool {
+    let Some(accept) = req.headers().get(header::ACCEPT) else { return true };
+    let Ok(accept) = accept.to_str() else { return false };
+    accept.split(',').any(|range| {
+        let media = range.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        matches!(media.as_str(), "text/event-stream" | "text/*" | "*/*")
+    })
+}
+
+async fn post_stream(state: web::Data<AppState>, req: HttpRequest, mut payload: web::Payload) -> HttpResponse {
+    // Checked before the body is read: a refused request costs no buffering.
+    if let Some(refusal) = precheck(&state, &req) {
+        return refusal;
+    }
+    if media_type(&req) != "application/json" {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            None,
+            "POST /graphql/stream takes Content-Type: application/json",
+        );
+    }
+    let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge(limit)) => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, None, &format!("the request body exceeds {limit} bytes"))
+        }
+        Err(BodyError::Unreadable) => return refuse(StatusCode::BAD_REQUEST, None, "the request body could not be read"),
+    };
+    match serde_json::from_slice::<Request>(&body) {
+        Ok(request) => stream_operation(&state, &req, request, Method::POST).await,
+        Err(e) => refuse(StatusCode::BAD_REQUEST, None, &format!("the body is not one GraphQL request: {e}")),
+    }
+}
+
+async fn get_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = precheck(&state, &req) {
+        return refusal;
+    }
+    match request_from_query(req.query_string()) {
+        Ok(request) => stream_operation(&state, &req, request, Method::GET).await,
+        Err(message) => refuse(StatusCode::BAD_REQUEST, None, &message),
+    }
+}
+
+/// What refuses a request whatever it asks: `Accept`, `Origin`, the drain.
+fn precheck(state: &AppState, req: &HttpRequest) -> Option<HttpResponse> {
+    if !accepts_event_stream(req) {
+        return Some(refuse(StatusCode::NOT_ACCEPTABLE, None, "/graphql/stream answers with text/event-stream"));
+    }
+    if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
+        state.metrics.rejected_total.with_label_values(&["origin"]).inc();
+        return Some(refuse(StatusCode::FORBIDDEN, Some("FORBIDDEN"), "this Origin may not open an event stream"));
+    }
+    if state.shutdown.is_draining() {
+        state.metrics.rejected_total.with_label_values(&["draining"]).inc();
+        return Some(refuse(StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE"), "the node is shutting down"));
+    }
+    None
+}
+
+async fn stream_operation(state: &AppState, req: &HttpRequest, request: Request, method: Method) -> HttpResponse {
+    let principal = match principal_from_header(state, req) {
+        Ok(principal) => principal,
+        Err(message) => return refuse(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message),
+    };
+    let ty = match operation_type(&request) {
+        Ok(ty) => ty,
+        Err(message) => {
+            state.metrics.graphql_operations_total.with_label_values(&["unknown", "request_error"]).inc();
+            return refuse(StatusCode::BAD_REQUEST, None, &message);
+        }
+    };
+    if method == Method::GET && ty == OperationType::Mutation {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, None, "mutations cannot be sent with GET; use POST");
+    }
+    let drain = match admit(state) {
+        Ok(drain) => drain,
+        Err(message) => return refuse(StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE"), message),
+    };
+    let cutoff = Cutoff::new();
+    let request = request
+        .data(Viewer(principal))
+        .data(cutoff.clone())
+        .data(TransportLabel(transport::GRAPHQL_SSE));
+    let held = (ty == OperationType::Subscription)
+        .then(|| GaugeGuard::new(state.metrics.subscriptions.with_label_values(&[transport::GRAPHQL_SSE])))
+        .into_iter()
+        .collect();
+    let mut outcome = Outcome::new(state.metrics.clone(), ty);
+    let results = state.schema.execute_stream(request).map(move |response| {
+        outcome.result(&response);
+        next(&response)
+    });
+    let frames = results.chain(stream::once(async { Bytes::from_static(b"event: complete\ndata: \n\n") })).boxed();
+    Streaming {
+        transport: transport::GRAPHQL_SSE,
+        heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
+        ping: PING,
+        cutoff,
+        shutdown: state.shutdown.clone(),
+        drain,
+        metrics: state.metrics.clone(),
+        held,
+    }
+    .respond(Vec::new(), frames)
+}
+
+/// `event: next` with one execution result.
+fn next(response: &Response) -> Bytes {
+    match serde_json::to_string(response) {
+        Ok(json) => frame::event("next", None, &json),
+        // A result holds only JSON values; should one still not encode,
+        // the client hears about it rather than silence.
+        Err(e) => frame::event(
+            "next",
+            None,
+            &json!({ "errors": [{ "message": format!("the result could not be encoded: {e}") }] }).to_string(),
+        ),
+    }
+}
+
+/// Counts one operation in `graphql_operations_total{type,outcome}` once,
+/// by its first result (as the WebSocket transports do): `request_error`,
+/// `field_error` or `ok`; `cancelled` when the stream ended before any.
+struct Outcome {
+    metrics: std::sync::Arc<Metrics>,
+    label: &'static str,
+    started: Instant,
+    counted: bool,
+}
+
+impl Outcome {
+    fn new(metrics: std::sync::Arc<Metrics>, ty: OperationType) -> Self {
+        Self { metrics, label: operation_label(ty), started: Instant::now(), counted: false }
+    }
+
+    fn result(&mut self, response: &Response) {
+        if self.counted {
+            return;
+        }
+        self.counted = true;
+        let outcome = if is_request_error(response) {
+            "request_error"
+        } else if response.errors.is_empty() {
+            "ok"
+        } else {
+            "field_error"
+        };
+        self.metrics.graphql_operations_total.with_label_values(&[self.label, outcome]).inc();
+        // A subscription's first result waits for its first event: only
+        // queries and mutations have an execution time worth the name.
+        if self.label != "subscription" {
+            self.metrics
+                .graphql_operation_duration_seconds
+                .with_label_values(&[self.label])
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.metrics.graphql_operations_total.with_label_values(&[self.label, "cancelled"]).inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    #[test]
+    fn accept_must_allow_an_event_stream() {
+        let with = |accept: Option<&str>| {
+            let mut req = TestRequest::default();
+            if let Some(accept) = accept {
+                req = req.insert_header((header::ACCEPT, accept));
+            }
+            accepts_event_stream(&req.to_http_request())
+        };
+        assert!(with(None));
+        assert!(with(Some("text/event-stream")));
+        assert!(with(Some("application/json, text/event-stream;q=0.9")));
+        assert!(with(Some("*/*")));
+        assert!(!with(Some("application/json")));
+        assert!(!with(Some("application/graphql-response+json")));
+    }
+
+    #[test]
+    fn results_are_next_events() {
+        let response = Response::new(async_graphql::Value::from_json(json!({"hello": "world"})).unwrap());
+        assert_eq!(
+            String::from_utf8(next(&response).to_vec()).unwrap(),
+            "event: next\ndata: {\"data\":{\"hello\":\"world\"}}\n\n"
+        );
+    }
+}

@@ -1,0 +1,314 @@
+//! `POST /api/v1/publish`: server-side publishing for trusted backends.
+//!
+//! - Body: `{"topic", "type", "payload", "readers"?}`, JSON; unknown fields
+//!   are refused so that a misspelt `readers` cannot silently publish to
+//!   a topic with the wrong rule.
+//! - Authentication: `Authorization: Bearer K` where `K` is one of
+//!   `publish.api_keys` (compared in constant time), or a JWT whose `scope`
+//!   holds `publish`. Anything else is 401; a valid token without the scope
+//!   is 403.
+//! - Validation: `topic` a valid topic name, `type` 1 to 100 characters of
+//!   `[a-z0-9._-]` (both 400); `payload` at most
+//!   `publish.max_payload_bytes` once encoded (413); a body that is not such
+//!   JSON is 400 saying why.
+//! - Any topic may be published to, the domain's included (backends notify
+//!   users on `notifications:{userId}` this way). `readers` sets who may
+//!   subscribe to a backend topic (`"public"`, `"authenticated"`, or
+//!   `{"users": […]}`); a publish without it keeps the topic's rule, and a
+//!   topic that never had one is readable by any authenticated caller. On a
+//!   domain topic, whose rules are built in, `readers` is refused (400).
+//! - Rate limit: a token bucket per API key or token subject on this node
+//!   (`ratelimit.publish_per_second`, `ratelimit.publish_burst`); over it,
+//!   429 with `Retry-After` (whole seconds, rounded up).
+//! - Answer: 202 `{"id": "<position>", "topic": …}` once the broker has the
+//!   event; 503 when the broker or the store cannot take it (Redis down).
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+use super::{api_error, ApiError};
+use super::http::{read_body, BodyError};
+use crate::app::AppState;
+use crate::auth::bearer;
+use crate::auth::policy::is_domain_topic;
+use crate::broker::BrokerError;
+use crate::event::{topic, NewEvent};
+use crate::store::TopicReaders;
+
+/// Longest event type.
+pub const MAX_TYPE_LEN: usize = 100;
+/// Most users one `readers` rule may list.
+pub const MAX_READERS: usize = 10_000;
+/// Longest user id in a `readers` rule.
+const MAX_USER_ID_LEN: usize = 200;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/v1/publish", web::post().to(publish));
+}
+
+/// The body of a publish request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    topic: String,
+    #[serde(rename = "type")]
+    kind: String,
+    payload: serde_json::Value,
+    #[serde(default)]
+    readers: Option<TopicReaders>,
+}
+
+/// Who is publishing: which configured key, or which token subject. Names
+/// the publisher for the rate limit and the logs, never with the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Publisher {
+    /// The key at this index of `publish.api_keys`.
+    Key(usize),
+    /// A token's `sub`.
+    Subject(String),
+}
+
+impl Publisher {
+    /// The rate limit's key: distinct for every key and subject, and never
+    /// the key itself (the limiter's map is no place for a secret).
+    fn limit_key(&self) -> String {
+        match self {
+            Publisher::Key(index) => format!("key:{index}"),
+            Publisher::Subject(sub) => format!("sub:{sub}"),
+        }
+    }
+}
+
+/// The index of the key equal to `given`, if any. Every key is compared in
+/// full and the match is selected without branching, so the time taken
+/// says neither how much of a key matched nor which one did. (Lengths are
+/// not hidden: a key's length is no help in guessing it.)
+fn key_index(keys: &[String], given: &str) -> Option<usize> {
+    let mut found: u64 = 0;
+    for (i, key) in keys.iter().enumerate() {
+        let equal = key.as_bytes().ct_eq(given.as_bytes());
+        found = u64::conditional_select(&found, &(i as u64 + 1), equal);
+    }
+    (found != 0).then(|| found as usize - 1)
+}
+
+/// The publisher the request speaks for, or the 401/403 that says why not.
+fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Publisher, ApiError> {
+    let unauthorized = |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("publishing needs Authorization: Bearer <API key or token>".into()))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(bearer)
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <API key or token>`".into()))?;
+    if let Some(index) = key_index(&state.settings.publish.api_keys, token) {
+        return Ok(Publisher::Key(index));
+    }
+    let principal = state
+        .auth
+        .verify(token)
+        .map_err(|e| unauthorized(format!("neither a publish API key nor an accepted token: {e}")))?;
+    if !principal.has_scope("publish") {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the token's scope does not include `publish`"));
+    }
+    Ok(Publisher::Subject(principal.user_id))
+}
+
+/// What is wrong with a publish request, as the client is told.
+#[derive(Debug, PartialEq, Eq)]
+enum Invalid {
+    BadRequest(String),
+    TooLarge(String),
+}
+
+/// Checks a decoded request against the rules of the module docs.
+fn validate(request: &PublishRequest, max_payload_bytes: usize) -> Result<(), Invalid> {
+    if !topic::is_valid(&request.topic) {
+        return Err(Invalid::BadRequest(format!(
+            "{:?} is not a valid topic: 1 to {} characters of letters, digits and :_-.@/",
+            request.topic,
+            crate::event::MAX_TOPIC_LEN
+        )));
+    }
+    if !valid_type(&request.kind) {
+        return Err(Invalid::BadRequest(format!(
+            "{:?} is not a valid type: 1 to {MAX_TYPE_LEN} characters of a-z, 0-9, '.', '_' and '-'",
+            request.kind
+        )));
+    }
+    // Measured as it will travel: encoded once, compactly.
+    let size = serde_json::to_vec(&request.payload).map_or(usize::MAX, |v| v.len());
+    if size > max_payload_bytes {
+        return Err(Invalid::TooLarge(format!(
+            "the payload is {size} bytes encoded; at most {max_payload_bytes} are accepted"
+        )));
+    }
+    match &request.readers {
+        Some(_) if is_domain_topic(&request.topic) => Err(Invalid::BadRequest(format!(
+            "`readers` applies to backend topics; who may read {} is built in",
+            request.topic
+        ))),
+        Some(TopicReaders::Users(ids)) if ids.len() > MAX_READERS => {
+            Err(Invalid::BadRequest(format!("`readers.users` may list at most {MAX_READERS} users")))
+        }
+        Some(TopicReaders::Users(ids)) if ids.iter().any(|id| id.is_empty() || id.len() > MAX_USER_ID_LEN) => Err(
+            Invalid::BadRequest(format!("every user id in `readers.users` must be 1 to {MAX_USER_ID_LEN} characters")),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// An event type: 1 to [`MAX_TYPE_LEN`] characters of `[a-z0-9._-]`.
+pub fn valid_type(kind: &str) -> bool {
+    !kind.is_empty()
+        && kind.len() <= MAX_TYPE_LEN
+        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web::Payload) -> HttpResponse {
+    let publisher = match authenticate(&state, &req) {
+        Ok(publisher) => publisher,
+        Err(refusal) => return refusal.response(),
+    };
+    // Before the body is read: a publisher over its limit costs no parsing.
+    if let Err(limited) = state.limits.publish(&publisher.limit_key()) {
+        let mut response = api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", &limited.to_string());
+        response.headers_mut().insert(
+            actix_web::http::header::RETRY_AFTER,
+            actix_web::http::header::HeaderValue::from(limited.retry_after_secs()),
+        );
+        return response;
+    }
+    let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge(limit)) => {
+            return api_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the body exceeds {limit} bytes"))
+        }
+        Err(BodyError::Unreadable) => {
+            return api_error(StatusCode::BAD_REQUEST, "bad_request", "the request body could not be read")
+        }
+    };
+    let request: PublishRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!(
+                    "the body must be JSON {{\"topic\", \"type\", \"payload\", \"readers\"?}}: {e}"
+                ),
+            )
+        }
+    };
+    match validate(&request, state.settings.publish.max_payload_bytes) {
+        Ok(()) => {}
+        Err(Invalid::BadRequest(message)) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
+        Err(Invalid::TooLarge(message)) => return api_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message),
+    }
+    let PublishRequest { topic, kind, payload, readers } = request;
+    // The rule first: once the event is out, subscribers may come for it.
+    if let Some(readers) = &readers {
+        if let Err(e) = state.store.set_topic_readers(&topic, readers).await {
+            tracing::warn!(error = %e, "a publish could not record its topic's readers");
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the topic's readers could not be recorded; nothing was published",
+            );
+        }
+    }
+    match state.hub.publish(NewEvent::new(topic, kind, payload)).await {
+        Ok(shared) => {
+            tracing::debug!(
+                namespace = topic::namespace(&shared.event.topic),
+                by_key = matches!(publisher, Publisher::Key(_)),
+                "published"
+            );
+            HttpResponse::Accepted().json(json!({ "id": shared.event.id, "topic": shared.event.topic }))
+        }
+        Err(BrokerError::InvalidTopic(topic)) => {
+            api_error(StatusCode::BAD_REQUEST, "bad_request", &format!("{topic:?} is not a valid topic"))
+        }
+        Err(BrokerError::Unavailable(why)) => {
+            tracing::warn!(%why, "a publish could not reach the bus");
+            api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the event bus is unavailable; nothing was published")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(topic: &str, kind: &str, payload: serde_json::Value, readers: Option<TopicReaders>) -> PublishRequest {
+        PublishRequest { topic: topic.into(), kind: kind.into(), payload, readers }
+    }
+
+    #[test]
+    fn api_keys_match_whole_and_only_whole() {
+        let keys = vec!["k-0123456789abcdef".to_owned(), "k-fedcba9876543210".to_owned()];
+        assert_eq!(key_index(&keys, "k-0123456789abcdef"), Some(0));
+        assert_eq!(key_index(&keys, "k-fedcba9876543210"), Some(1));
+        for wrong in ["", "k-0123456789abcde", "k-0123456789abcdef0", "K-0123456789ABCDEF", "k-fedcba9876543211"] {
+            assert_eq!(key_index(&keys, wrong), None, "{wrong:?}");
+        }
+        assert_eq!(key_index(&[], "anything"), None);
+    }
+
+    #[test]
+    fn publishers_are_limited_by_name_never_by_secret() {
+        assert_eq!(Publisher::Key(2).limit_key(), "key:2");
+        assert_eq!(Publisher::Subject("u1".into()).limit_key(), "sub:u1");
+        // A subject that looks like a key index is still another publisher.
+        assert_ne!(Publisher::Subject("2".into()).limit_key(), Publisher::Key(2).limit_key());
+    }
+
+    #[test]
+    fn types_are_short_lowercase_dotted_names() {
+        for good in ["order.shipped", "a", "x_y-z.1", &"a".repeat(MAX_TYPE_LEN)] {
+            assert!(valid_type(good), "{good}");
+        }
+        for bad in ["", "Order.Shipped", "has space", "a\nb", "é", "a/b", &"a".repeat(MAX_TYPE_LEN + 1)] {
+            assert!(!valid_type(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn requests_are_validated_field_by_field() {
+        let ok = request("orders:eu", "order.shipped", json!({"id": 1}), Some(TopicReaders::Public));
+        assert_eq!(validate(&ok, 100), Ok(()));
+        assert!(matches!(validate(&request("bad topic", "t", json!({}), None), 100), Err(Invalid::BadRequest(_))));
+        assert!(matches!(validate(&request("t", "Bad", json!({}), None), 100), Err(Invalid::BadRequest(_))));
+        // The limit is on the compact encoding: 12 bytes here.
+        let payload = json!({"a": "1234"});
+        assert_eq!(serde_json::to_vec(&payload).unwrap().len(), 12);
+        assert_eq!(validate(&request("t", "t", payload.clone(), None), 12), Ok(()));
+        assert!(matches!(validate(&request("t", "t", payload, None), 11), Err(Invalid::TooLarge(_))));
+        // Domain topics may be published to, but their readers are built in.
+        assert_eq!(validate(&request("notifications:u1", "note", json!({}), None), 100), Ok(()));
+        assert!(matches!(
+            validate(&request("notifications:u1", "note", json!({}), Some(TopicReaders::Public)), 100),
+            Err(Invalid::BadRequest(_))
+        ));
+        let empty_id = Some(TopicReaders::Users(vec!["u1".into(), String::new()]));
+        assert!(matches!(validate(&request("orders", "t", json!({}), empty_id), 100), Err(Invalid::BadRequest(_))));
+    }
+
+    #[test]
+    fn the_body_refuses_unknown_and_missing_fields() {
+        let parse = |s: &str| serde_json::from_str::<PublishRequest>(s);
+        let good = parse(r#"{"topic":"t","type":"x","payload":{},"readers":{"users":["u1"]}}"#).unwrap();
+        assert_eq!(good.readers, Some(TopicReaders::Users(vec!["u1".into()])));
+        assert_eq!(parse(r#"{"topic":"t","type":"x","payload":null}"#).unwrap().readers, None);
+        let misspelt = parse(r#"{"topic":"t","type":"x","payload":{},"reader":"public"}"#).unwrap_err();
+        assert!(misspelt.to_string().contains("unknown field `reader`"), "{misspelt}");
+        let missing = parse(r#"{"topic":"t","payload":{}}"#).unwrap_err();
+        assert!(missing.to_string().contains("missing field `type`"), "{missing}");
+    }
+}

@@ -1,0 +1,702 @@
+//! Server-Sent Events: the event stream at `GET /api/v1/events/stream`, and
+//! the streaming machinery that GraphQL over SSE shares with it.
+//!
+//! # The event stream
+//!
+//! - Topics: `?topic=` repeated (at most [`MAX_TOPICS`]); without any, the
+//!   caller's own `notifications:{userId}` (anonymous: 401).
+//! - Authentication: `Authorization: Bearer T`, or `?token=T` because
+//!   `EventSource` cannot set headers. A token that does not verify is 401.
+//! - Every topic passes the one authorization decision
+//!   ([`crate::auth::policy::authorize`]) before the response starts: a
+//!   refusal is a JSON error (401, 403, 404, 400), never a stream.
+//! - The stream: a `retry:` line first, then one block per event,
+//!   `event: <type>`, `id: <resume id>`, `data: <envelope>` and a blank
+//!   line; a `: ping` comment whenever it has been quiet for
+//!   `sse.heartbeat_seconds`. Several topics merge into one stream.
+//! - Resuming: the `Last-Event-ID` header (what `EventSource` sends when it
+//!   reconnects) or, failing that, `?lastEventId=`. With one topic the id is
+//!   the event's position `EPOCH:SEQ`. With several it must let every topic
+//!   resume, so it is composite: `topic~EPOCH:SEQ` for every topic that has
+//!   a position, comma-separated, e.g. `posts~ab12cd:5,channel:x~ef34ab:9`
+//!   (`~` and `,` never occur in topic names). A composite id is accepted
+//!   with one topic too, and a plain position when there is one topic. A
+//!   topic the id does not name starts at its latest event, and the stream
+//!   says where it starts with an `id:`-only block after `retry:`, so that
+//!   a client which drops before its first event still resumes exactly.
+//! - What cannot be resumed is said in the stream, never papered over:
+//!   `event: gap` with `data: {"topic": …, "reason": …}`, `reason` one of
+//!   `expired`, `epoch_changed`, `malformed`, `unavailable`.
+//!
+//! # Bounds
+//!
+//! Admission counts the stream against `server.max_connections` (503), and
+//! the node's `Origin` list applies (403). Each topic is a hub subscription
+//! with its bounded queue: a stream whose client does not keep up is cut
+//! off (the hub counts it) and simply ends; the client reconnects and
+//! resumes. The drain ends every stream cleanly.
+//!
+//! One task per stream writes into a small bounded queue that the response
+//! body drains; every wait in it yields to the cut-off, the drain and the
+//! client going away, so a client that stops reading cannot hold it.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::future::join_all;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::app::AppState;
+use crate::auth::policy::{authorize, Refusal};
+use crate::auth::Principal;
+use crate::broker::GapReason;
+use crate::event::topic;
+use crate::hub::resume::Delivery;
+use crate::hub::Cutoff;
+use crate::shutdown::{DrainGuard, Shutdown};
+use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
+use crate::transport::{api_error, ApiError};
+use crate::transport::http::principal_from_header;
+use crate::transport::ws::origin_allowed;
+
+pub use crate::graphql::subscription::MAX_TOPICS;
+
+/// Frames queued between a stream's task and its response body. Small on
+/// purpose: the hub's per-subscriber queue is where a slow client is
+/// measured, not here.
+const WRITE_QUEUE: usize = 8;
+
+/// The header an `EventSource` sends when it reconnects.
+const LAST_EVENT_ID: &str = "last-event-id";
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/v1/events/stream", web::get().to(events_stream));
+}
+
+// ---------------------------------------------------------------------------
+// Framing.
+
+/// The event-stream wire format.
+pub mod frame {
+    use super::*;
+
+    /// The heartbeat of the event stream: a comment, then a blank line.
+    pub const PING: &[u8] = b": ping\n\n";
+
+    /// The reconnection delay for `EventSource`.
+    pub fn retry(ms: u64) -> Bytes {
+        Bytes::from(format!("retry: {ms}\n\n"))
+    }
+
+    /// One event: `event:`, `id:` when given, a `data:` line per line of
+    /// `data`, and the blank line that dispatches it.
+    pub fn event(kind: &str, id: Option<&str>, data: &str) -> Bytes {
+        let mut out = BytesMut::with_capacity(kind.len() + id.map_or(0, str::len) + data.len() + 24);
+        field(&mut out, "event", kind);
+        if let Some(id) = id {
+            field(&mut out, "id", id);
+        }
+        // A value holding a line break would end its field early: each line
+        // of the data gets its own `data:` line (the client joins them with
+        // `\n` again). Encoded JSON has none, so the usual case is one line.
+        let mut rest = data;
+        loop {
+            let (line, next) = match rest.find(['\r', '\n']) {
+                None => (rest, None),
+                Some(at) => {
+                    let skip = if rest[at..].starts_with("\r\n") { 2 } else { 1 };
+                    (&rest[..at], Some(&rest[at + skip..]))
+                }
+            };
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\n");
+            match next {
+                Some(next) => rest = next,
+                None => break,
+            }
+        }
+        out.extend_from_slice(b"\n");
+        out.freeze()
+    }
+
+    /// A block with only `id:`: it moves the client's last event id and
+    /// dispatches nothing.
+    pub fn id(id: &str) -> Bytes {
+        let mut out = BytesMut::with_capacity(id.len() + 6);
+        field(&mut out, "id", id);
+        out.extend_from_slice(b"\n");
+        out.freeze()
+    }
+
+    /// `event: gap` for `topic`.
+    pub fn gap(topic: &str, reason: GapReason) -> Bytes {
+        event("gap", None, &json!({ "topic": topic, "reason": reason.as_str() }).to_string())
+    }
+
+    /// A one-line field; line breaks are dropped rather than allowed to
+    /// start a field of their own.
+    fn field(out: &mut BytesMut, name: &str, value: &str) {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        if value.contains(['\r', '\n']) {
+            out.extend_from_slice(value.replace(['\r', '\n'], "").as_bytes());
+        } else {
+            out.extend_from_slice(value.as_bytes());
+        }
+        out.extend_from_slice(b"\n");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Resume ids.
+
+/// Separates a topic from its position in a composite id.
+const TOPIC_SEP: char = '~';
+/// Separates the topics of a composite id.
+const ENTRY_SEP: char = ',';
+
+/// Where a stream stands: the latest position of each of its topics, and
+/// the SSE `id:` that says it.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    topics: Vec<String>,
+    positions: Vec<Option<String>>,
+}
+
+impl Cursor {
+    pub fn new(topics: Vec<String>) -> Self {
+        let positions = vec![None; topics.len()];
+        Self { topics, positions }
+    }
+
+    /// Records that topic `index` stands at `position`.
+    pub fn set(&mut self, index: usize, position: String) {
+        self.positions[index] = Some(position);
+    }
+
+    /// The resume id: one topic's position as is; for several topics
+    /// `topic~position` of each that has one, comma-separated, in the order
+    /// the topics were asked for. `None` while no topic has a position.
+    pub fn id(&self) -> Option<String> {
+        if let [only] = &self.positions[..] {
+            return only.clone();
+        }
+        let mut id = String::new();
+        for (topic, position) in self.topics.iter().zip(&self.positions) {
+            let Some(position) = position else { continue };
+            if !id.is_empty() {
+                id.push(ENTRY_SEP);
+            }
+            id.push_str(topic);
+            id.push(TOPIC_SEP);
+            id.push_str(position);
+        }
+        (!id.is_empty()).then_some(id)
+    }
+}
+
+/// Where one topic of a stream starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// No position for it: live events only.
+    Live,
+    /// After this position (checked by the hub, which says when it cannot).
+    After(String),
+    /// The id given cannot be read at all.
+    Malformed,
+}
+
+/// Where each of `topics` starts, given the client's last event id.
+pub fn resume_points(last_event_id: Option<&str>, topics: &[String]) -> Vec<ResumeFrom> {
+    let Some(id) = last_event_id.map(str::trim).filter(|id| !id.is_empty()) else {
+        return vec![ResumeFrom::Live; topics.len()];
+    };
+    if !id.contains(TOPIC_SEP) {
+        // A plain position names no topic: it can only be the one topic's.
+        return match topics {
+            [_] => vec![ResumeFrom::After(id.to_owned())],
+            _ => vec![ResumeFrom::Malformed; topics.len()],
+        };
+    }
+    let mut entries = Vec::new();
+    for entry in id.split(ENTRY_SEP) {
+        match entry.split_once(TOPIC_SEP) {
+            Some((topic, position)) if !topic.is_empty() && !position.is_empty() => {
+                entries.push((topic, position))
+            }
+            _ => return vec![ResumeFrom::Malformed; topics.len()],
+        }
+    }
+    topics
+        .iter()
+        .map(|topic| {
+            // The last entry for a topic wins, should a client repeat one.
+            entries
+                .iter()
+                .rev()
+                .find(|(t, _)| t == topic)
+                .map_or(ResumeFrom::Live, |(_, position)| ResumeFrom::After((*position).to_owned()))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The streaming task, shared with GraphQL over SSE.
+
+/// One streaming response: what bounds it besides its frames.
+pub struct Streaming {
+    /// The `transport` metric label.
+    pub transport: &'static str,
+    /// How long the stream may be quiet before `ping` is written.
+    pub heartbeat: Duration,
+    pub ping: &'static [u8],
+    /// Fired by the hub when one of the stream's subscriptions fell behind.
+    pub cutoff: Arc<Cutoff>,
+    pub shutdown: Shutdown,
+    /// Counts the stream as an open connection (admission, drain).
+    pub drain: DrainGuard,
+    pub metrics: Arc<Metrics>,
+    /// Gauges held up for as long as the stream runs (its subscriptions).
+    pub held: Vec<GaugeGuard>,
+}
+
+/// Why a stream's task ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// The frames ran out (a GraphQL operation completed).
+    Complete,
+    /// The node drains.
+    Drain,
+    /// A subscription fell behind and was cut off.
+    SlowConsumer,
+    /// The client went away.
+    Gone,
+}
+
+impl Streaming {
+    /// Answers 200 with the SSE headers and a body fed by a task that
+    /// writes `head`, then `frames` with heartbeats in between, until the
+    /// frames end, the client leaves, the node drains or the hub cuts the
+    /// stream off.
+    pub fn respond(self, head: Vec<Bytes>, frames: BoxStream<'static, Bytes>) -> HttpResponse {
+        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        self.metrics.connections_total.with_label_values(&[self.transport]).inc();
+        actix_web::rt::spawn(self.run(head, frames, tx));
+        HttpResponse::Ok()
+            .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            // Reverse proxies (nginx) must pass each event on at once.
+            .insert_header(("X-Accel-Buffering", "no"))
+            // No `Connection: keep-alive`: HTTP/1.1 connections persist by
+            // default, HTTP/2 forbids the header, and actix writes the
+            // header itself (only for HTTP/1.0, which cannot stream this).
+            .streaming(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
+    }
+
+    async fn run(self, head: Vec<Bytes>, mut frames: BoxStream<'static, Bytes>, tx: mpsc::Sender<Bytes>) {
+        let Streaming { transport, heartbeat, ping, cutoff, shutdown, drain, metrics, held } = self;
+        let _drain = drain;
+        let _held = held;
+        let _open = GaugeGuard::new(metrics.connections.with_label_values(&[transport]));
+        let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pending = head.into_iter().collect::<std::collections::VecDeque<_>>();
+        let end = loop {
+            let frame = match pending.pop_front() {
+                Some(frame) => frame,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.wait() => break End::Drain,
+                    _ = cutoff.fired() => break End::SlowConsumer,
+                    _ = tx.closed() => break End::Gone,
+                    next = frames.next() => match next {
+                        Some(frame) => frame,
+                        None => break End::Complete,
+                    },
+                    _ = beat.tick() => Bytes::from_static(ping),
+                },
+            };
+            if let Err(end) = write(&tx, frame, &cutoff, &shutdown).await {
+                break end;
+            }
+            beat.reset();
+        };
+        tracing::debug!(transport, ?end, "event stream ended");
+        // Dropping `tx` ends the body once the client has read what is
+        // queued; dropping `frames` releases the hub subscriptions.
+    }
+}
+
+/// Queues one frame for the body, yielding to the cut-off and the drain
+/// while the client is not reading.
+async fn write(tx: &mpsc::Sender<Bytes>, frame: Bytes, cutoff: &Cutoff, shutdown: &Shutdown) -> Result<(), End> {
+    match tx.try_send(frame) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
+        Err(mpsc::error::TrySendError::Full(frame)) => tokio::select! {
+            biased;
+            sent = tx.send(frame) => sent.map_err(|_| End::Gone),
+            _ = cutoff.fired() => Err(End::SlowConsumer),
+            _ = shutdown.wait() => Err(End::Drain),
+        },
+    }
+}
+
+/// Checks a long-lived request's admission: not draining, and room under
+/// `server.max_connections`. The guard counts the connection from here on.
+pub(crate) fn admit(state: &AppState) -> Result<DrainGuard, &'static str> {
+    if state.shutdown.is_draining() {
+        state.metrics.rejected_total.with_label_values(&["draining"]).inc();
+        return Err("the node is shutting down");
+    }
+    // Counted first and checked after, so that concurrent requests on
+    // several workers can never overshoot the limit together.
+    let drain = state.shutdown.track();
+    if state.shutdown.open_connections() > state.settings.server.max_connections {
+        state.metrics.rejected_total.with_label_values(&["max_connections"]).inc();
+        return Err("the node is at its connection limit");
+    }
+    Ok(drain)
+}
+
+// ---------------------------------------------------------------------------
+// The event stream endpoint.
+
+/// The query string of the event stream.
+#[derive(Debug, Default, PartialEq)]
+struct StreamQuery {
+    topics: Vec<String>,
+    token: Option<String>,
+    last_event_id: Option<String>,
+}
+
+impl StreamQuery {
+    /// `topic` (repeated), `token`, `lastEventId`; other parameters (a
+    /// client's cache buster, say) are ignored.
+    fn parse(query_string: &str) -> Result<Self, String> {
+        let pairs = web::Query::<Vec<(String, String)>>::from_query(query_string)
+            .map_err(|e| format!("the query string is malformed: {e}"))?
+            .into_inner();
+        let mut query = StreamQuery::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "topic" => query.topics.push(value),
+                "token" => query.token = Some(value).filter(|t| !t.is_empty()),
+                "lastEventId" => query.last_event_id = Some(value),
+                _ => {}
+            }
+        }
+        Ok(query)
+    }
+}
+
+/// The refusal of one topic, as the REST error it is on this endpoint.
+fn refused(refusal: &Refusal) -> HttpResponse {
+    let (status, code) = match refusal {
+        Refusal::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+        Refusal::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        Refusal::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        Refusal::InvalidTopic(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        Refusal::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    api_error(status, code, &refusal.to_string())
+}
+
+/// The caller: `Authorization: Bearer` first, else `?token=`.
+fn stream_principal(state: &AppState, req: &HttpRequest, token: Option<&str>) -> Result<Option<Principal>, String> {
+    if req.headers().contains_key(header::AUTHORIZATION) {
+        return principal_from_header(state, req);
+    }
+    match token {
+        Some(token) => state.auth.verify(token).map(Some).map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
+}
+
+/// The topics asked for, without repeats, or the caller's notifications.
+fn choose_topics(asked: Vec<String>, principal: Option<&Principal>) -> Result<Vec<String>, ApiError> {
+    if asked.is_empty() {
+        return match principal {
+            Some(p) => Ok(vec![topic::notifications(&p.user_id)]),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "name topics with ?topic=, or authenticate to stream your own notifications",
+            )),
+        };
+    }
+    let mut topics: Vec<String> = Vec::with_capacity(asked.len());
+    for topic in asked {
+        if !topics.contains(&topic) {
+            topics.push(topic);
+        }
+    }
+    if topics.len() > MAX_TOPICS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("a stream may name at most {MAX_TOPICS} topics"),
+        ));
+    }
+    Ok(topics)
+}
+
+async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
+        state.metrics.rejected_total.with_label_values(&["origin"]).inc();
+        return api_error(StatusCode::FORBIDDEN, "forbidden", "this Origin may not open an event stream");
+    }
+    if state.shutdown.is_draining() {
+        state.metrics.rejected_total.with_label_values(&["draining"]).inc();
+        return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node is shutting down");
+    }
+    let query = match StreamQuery::parse(req.query_string()) {
+        Ok(query) => query,
+        Err(message) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
+    };
+    let principal = match stream_principal(&state, &req, query.token.as_deref()) {
+        Ok(principal) => principal,
+        Err(message) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", &message),
+    };
+    let topics = match choose_topics(query.topics, principal.as_ref()) {
+        Ok(topics) => topics,
+        Err(refusal) => return refusal.response(),
+    };
+    // Each decision may be a store round trip: all at once, and the first
+    // refusal in the order asked is the one reported.
+    let decisions =
+        join_all(topics.iter().map(|name| authorize(state.store.as_ref(), principal.as_ref(), name))).await;
+    if let Some(refusal) = decisions.into_iter().find_map(Result::err) {
+        return refused(&refusal);
+    }
+    let drain = match admit(&state) {
+        Ok(drain) => drain,
+        Err(message) => return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+    };
+    // The header is what a reconnecting EventSource sends; the query
+    // parameter is the first connection's, and stale after that.
+    let last_event_id = req
+        .headers()
+        .get(LAST_EVENT_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(query.last_event_id);
+    let points = resume_points(last_event_id.as_deref(), &topics);
+
+    // A topic the client has no position for starts at its latest event,
+    // read before subscribing: what is published from then on is replayed
+    // or live, and the stream can name where it began before any event
+    // arrives. Notifications are rare; a client that drops before its
+    // first one must still resume exactly. No head (no history, or the bus
+    // unreadable): live only.
+    let broker = state.hub.broker();
+    let anchors = join_all(topics.iter().zip(&points).map(|(name, from)| async move {
+        match from {
+            ResumeFrom::After(_) => None,
+            ResumeFrom::Live | ResumeFrom::Malformed => broker.head(name).await.ok().flatten().map(|p| p.to_string()),
+        }
+    }))
+    .await;
+    let cutoff = Cutoff::new();
+    // Subscribed together: each waits for the broker's confirmation and
+    // reads its topic's history.
+    let opened = join_all(topics.iter().zip(&points).zip(&anchors).map(|((name, from), anchor)| {
+        let after = match from {
+            ResumeFrom::After(position) => Some(position.as_str()),
+            ResumeFrom::Live | ResumeFrom::Malformed => anchor.as_deref(),
+        };
+        state.hub.subscribe_from(name, after, transport::SSE, Some(cutoff.clone()))
+    }))
+    .await;
+    let mut cursor = Cursor::new(topics.clone());
+    let mut head = vec![frame::retry(state.settings.sse.retry_ms)];
+    let mut streams = Vec::with_capacity(topics.len());
+    let mut held = Vec::with_capacity(topics.len());
+    for (index, (((name, from), anchor), resumed)) in topics.iter().zip(points).zip(anchors).zip(opened).enumerate() {
+        let resumed = match resumed {
+            Ok(resumed) => resumed,
+            // The topics already open are released as `opened` drops.
+            Err(e) => {
+                return api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    &format!("could not subscribe to {name}: {e}"),
+                )
+            }
+        };
+        let gap = match from {
+            ResumeFrom::Malformed => Some(GapReason::Malformed),
+            _ => resumed.gap,
+        };
+        // The client's position stays the topic's until an event moves it,
+        // even across a gap: resuming from it again replays what the
+        // history holds by then. Only a position that is not one is dropped.
+        match (&from, anchor) {
+            (ResumeFrom::After(position), _) if gap != Some(GapReason::Malformed) => cursor.set(index, position.clone()),
+            (_, Some(anchor)) => cursor.set(index, anchor),
+            _ => {}
+        }
+        if let Some(reason) = gap {
+            head.push(frame::gap(name, reason));
+        }
+        streams.push(resumed.stream.map(move |delivery| (index, delivery)));
+        held.push(GaugeGuard::new(state.metrics.subscriptions.with_label_values(&[transport::SSE])));
+    }
+
+    // Where the stream begins, before any event: a block with only `id:`
+    // sets the client's last event id without dispatching anything.
+    if let Some(id) = cursor.id() {
+        head.push(frame::id(&id));
+    }
+    let metrics = state.metrics.clone();
+    let frames = stream::select_all(streams)
+        .map(move |(index, delivery)| match delivery {
+            Delivery::Event(event) => {
+                if event.position.is_some() {
+                    cursor.set(index, event.event.id.clone());
+                }
+                metrics.delivered(transport::SSE, event.published_at_ms);
+                frame::event(&event.event.kind, cursor.id().as_deref(), event.json.get())
+            }
+            Delivery::Gap(reason) => frame::gap(&cursor.topics[index], reason),
+        })
+        .boxed();
+    Streaming {
+        transport: transport::SSE,
+        heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
+        ping: frame::PING,
+        cutoff,
+        shutdown: state.shutdown.clone(),
+        drain,
+        metrics: state.metrics.clone(),
+        held,
+    }
+    .respond(head, frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn text(bytes: Bytes) -> String {
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn an_event_is_one_block_of_fields() {
+        let data = r#"{"id":"e1:3","type":"post.created"}"#;
+        assert_eq!(
+            text(frame::event("post.created", Some("e1:3"), data)),
+            format!("event: post.created\nid: e1:3\ndata: {data}\n\n")
+        );
+        assert_eq!(text(frame::event("x", None, "{}")), "event: x\ndata: {}\n\n");
+        assert_eq!(text(frame::retry(3000)), "retry: 3000\n\n");
+        assert_eq!(text(frame::id("posts~ab:1")), "id: posts~ab:1\n\n");
+        assert_eq!(
+            text(frame::gap("posts", GapReason::Expired)),
+            "event: gap\ndata: {\"reason\":\"expired\",\"topic\":\"posts\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn line_breaks_cannot_break_out_of_a_field() {
+        // Every kind of line break in the data becomes a `data:` line of
+        // its own, which the client joins with `\n` again.
+        assert_eq!(text(frame::event("x", None, "a\nb\r\nc\rd")), "event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
+        assert_eq!(text(frame::event("x", None, "")), "event: x\ndata: \n\n");
+        assert_eq!(text(frame::event("x\ndata: forged", Some("1\n2"), "{}")), "event: xdata: forged\nid: 12\ndata: {}\n\n");
+    }
+
+    #[test]
+    fn one_topic_resumes_from_its_plain_position() {
+        let mut cursor = Cursor::new(topics(&["posts"]));
+        assert_eq!(cursor.id(), None);
+        cursor.set(0, "ab12cd:5".into());
+        assert_eq!(cursor.id().as_deref(), Some("ab12cd:5"));
+        assert_eq!(resume_points(Some("ab12cd:5"), &topics(&["posts"])), [ResumeFrom::After("ab12cd:5".into())]);
+        // A composite id names the topic too.
+        assert_eq!(
+            resume_points(Some("channel:x~ef34ab:9,posts~ab12cd:5"), &topics(&["posts"])),
+            [ResumeFrom::After("ab12cd:5".into())]
+        );
+        for none in [None, Some(""), Some("  ")] {
+            assert_eq!(resume_points(none, &topics(&["posts"])), [ResumeFrom::Live]);
+        }
+    }
+
+    #[test]
+    fn several_topics_resume_from_a_composite_id_that_round_trips() {
+        let names = topics(&["posts", "channel:x", "orders"]);
+        let mut cursor = Cursor::new(names.clone());
+        cursor.set(1, "ef34ab:9".into());
+        assert_eq!(cursor.id().as_deref(), Some("channel:x~ef34ab:9"));
+        cursor.set(0, "ab12cd:5".into());
+        cursor.set(1, "ef34ab:10".into());
+        let id = cursor.id().unwrap();
+        assert_eq!(id, "posts~ab12cd:5,channel:x~ef34ab:10");
+        assert_eq!(
+            resume_points(Some(&id), &names),
+            [ResumeFrom::After("ab12cd:5".into()), ResumeFrom::After("ef34ab:10".into()), ResumeFrom::Live]
+        );
+        // Topics the id names but the stream does not ask for are ignored;
+        // a repeated topic's last entry wins.
+        assert_eq!(
+            resume_points(Some("gone~aa:1,posts~ab12cd:4,posts~ab12cd:5"), &topics(&["posts", "orders"])),
+            [ResumeFrom::After("ab12cd:5".into()), ResumeFrom::Live]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_id_is_malformed_for_every_topic() {
+        let names = topics(&["posts", "orders"]);
+        // A plain position cannot say which of several topics it is.
+        assert_eq!(resume_points(Some("ab12cd:5"), &names), [ResumeFrom::Malformed, ResumeFrom::Malformed]);
+        for bad in ["posts~ab:1,orders", "posts~", "~ab:1", "posts~ab:1,,orders~cd:2"] {
+            assert_eq!(resume_points(Some(bad), &names), [ResumeFrom::Malformed, ResumeFrom::Malformed], "{bad}");
+        }
+        // A malformed position inside a well-formed composite is the hub's
+        // to judge (it says `malformed` for that topic only).
+        assert_eq!(
+            resume_points(Some("posts~nonsense"), &names),
+            [ResumeFrom::After("nonsense".into()), ResumeFrom::Live]
+        );
+    }
+
+    #[test]
+    fn the_query_string_takes_repeated_topics() {
+        let q = StreamQuery::parse("topic=posts&topic=channel%3Ax&token=t&lastEventId=a~b%3A1&_=123").unwrap();
+        assert_eq!(
+            q,
+            StreamQuery {
+                topics: topics(&["posts", "channel:x"]),
+                token: Some("t".into()),
+                last_event_id: Some("a~b:1".into())
+            }
+        );
+        assert_eq!(StreamQuery::parse("").unwrap(), StreamQuery::default());
+        assert_eq!(StreamQuery::parse("token=").unwrap().token, None);
+    }
+
+    #[test]
+    fn topics_default_to_the_callers_notifications_and_are_bounded() {
+        let me = Principal { user_id: "u1".into(), scopes: vec![] };
+        assert_eq!(choose_topics(vec![], Some(&me)).unwrap(), ["notifications:u1"]);
+        assert_eq!(choose_topics(vec![], None).unwrap_err().status, StatusCode::UNAUTHORIZED);
+        assert_eq!(choose_topics(topics(&["a", "b", "a"]), None).unwrap(), ["a", "b"]);
+        let many: Vec<String> = (0..=MAX_TOPICS).map(|i| format!("t{i}")).collect();
+        assert_eq!(choose_topics(many, Some(&me)).unwrap_err().status, StatusCode::BAD_REQUEST);
+    }
+}
