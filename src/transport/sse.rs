@@ -284,13 +284,13 @@ enum End {
 
 impl Streaming {
     /// Answers 200 with the SSE headers and a body fed by a task that
-    /// writes `head`, then `frames` with heartbeats in between, until the
+    /// writes `opening`, then `frames` with heartbeats in between, until the
     /// frames end, the client leaves, the node drains or the hub cuts the
     /// stream off.
-    pub fn respond(self, head: Vec<Bytes>, frames: BoxStream<'static, Bytes>) -> HttpResponse {
+    pub fn respond(self, opening: Vec<Bytes>, frames: BoxStream<'static, Bytes>) -> HttpResponse {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         self.metrics.connections_total.with_label_values(&[self.transport]).inc();
-        actix_web::rt::spawn(self.run(head, frames, tx));
+        actix_web::rt::spawn(self.run(opening, frames, tx));
         HttpResponse::Ok()
             .insert_header((header::CONTENT_TYPE, "text/event-stream"))
             .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -302,14 +302,14 @@ impl Streaming {
             .streaming(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
     }
 
-    async fn run(self, head: Vec<Bytes>, mut frames: BoxStream<'static, Bytes>, tx: mpsc::Sender<Bytes>) {
+    async fn run(self, opening: Vec<Bytes>, mut frames: BoxStream<'static, Bytes>, tx: mpsc::Sender<Bytes>) {
         let Streaming { transport, heartbeat, ping, cutoff, shutdown, drain, metrics, held } = self;
         let _drain = drain;
         let _held = held;
         let _open = GaugeGuard::new(metrics.connections.with_label_values(&[transport]));
         let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut pending = head.into_iter().collect::<std::collections::VecDeque<_>>();
+        let mut pending = opening.into_iter().collect::<std::collections::VecDeque<_>>();
         let end = loop {
             let frame = match pending.pop_front() {
                 Some(frame) => frame,
@@ -518,7 +518,7 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     }))
     .await;
     let mut cursor = Cursor::new(topics.clone());
-    let mut head = vec![frame::retry(state.settings.sse.retry_ms)];
+    let mut opening = vec![frame::retry(state.settings.sse.retry_ms)];
     let mut streams = Vec::with_capacity(topics.len());
     let mut held = Vec::with_capacity(topics.len());
     for (index, (((name, from), anchor), resumed)) in topics.iter().zip(points).zip(anchors).zip(opened).enumerate() {
@@ -546,7 +546,7 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
             _ => {}
         }
         if let Some(reason) = gap {
-            head.push(frame::gap(name, reason));
+            opening.push(frame::gap(name, reason));
         }
         streams.push(resumed.stream.map(move |delivery| (index, delivery)));
         held.push(GaugeGuard::new(state.metrics.subscriptions.with_label_values(&[transport::SSE])));
@@ -555,7 +555,7 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     // Where the stream begins, before any event: a block with only `id:`
     // sets the client's last event id without dispatching anything.
     if let Some(id) = cursor.id() {
-        head.push(frame::id(&id));
+        opening.push(frame::id(&id));
     }
     let metrics = state.metrics.clone();
     let frames = stream::select_all(streams)
@@ -580,7 +580,7 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
         metrics: state.metrics.clone(),
         held,
     }
-    .respond(head, frames)
+    .respond(opening, frames)
 }
 
 #[cfg(test)]
