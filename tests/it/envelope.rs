@@ -694,3 +694,81 @@ async fn a_subscriber_that_stops_reading_is_cut_off_with_1013() {
     let (_, (code, _)) = slow.ws.read_until_close(Duration::from_secs(20)).await;
     assert_eq!(code, 1013);
 }
+
+/// The next presence announcement about `user_id` that `client` reads.
+async fn presence_of(client: &mut Client, user_id: &str) -> Value {
+    loop {
+        let m = client.expect("presence.updated").await;
+        if m["payload"]["user_id"] == user_id {
+            return m["payload"].clone();
+        }
+    }
+}
+
+/// The user ids `channel(id){onlineUsers}` lists on `node`.
+async fn online_users(node: &Node, channel: &str) -> Vec<String> {
+    let data = gql_ok(node, "query($id: ID!) { channel(id: $id) { onlineUsers { userId } } }", json!({ "id": channel }), None).await;
+    data["channel"]["onlineUsers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{data}"))
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_offline_within_the_ttl() {
+    let redis = TestRedis::start();
+    let url = redis.url();
+    // A short presence TTL keeps the SIGKILL case quick.
+    let env = [
+        ("SUBGATE__REDIS__URL", url.as_str()),
+        ("SUBGATE__PRESENCE__TTL_SECONDS", "3"),
+        ("SUBGATE__PRESENCE__REFRESH_SECONDS", "1"),
+        ("SUBGATE__PRESENCE__SWEEP_INTERVAL_MS", "200"),
+    ];
+    let [n1, n2, n3] = std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..3).map(|_| scope.spawn(|| Node::start(&env))).collect();
+        let nodes: Vec<Node> =
+            starting.into_iter().map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
+        <[Node; 3]>::try_from(nodes).unwrap_or_else(|_| unreachable!())
+    });
+    let ann = create_user(&n1, "Ann").await;
+    let bob = create_user(&n1, "Bob").await;
+    let cat = create_user(&n1, "Cat").await;
+    let room = create_channel(&n1, &ann, false, &[]).await;
+
+    // Bob watches from node 1, Cat from node 3; Ann joins on node 2.
+    let mut bob_n1 = Client::user(&n1, &bob).await;
+    bob_n1.subscribe(&room, None).await;
+    let mut cat_n3 = Client::user(&n3, &cat).await;
+    cat_n3.subscribe(&room, None).await;
+    let mut ann_n2 = Client::user(&n2, &ann).await;
+    ann_n2.subscribe(&room, None).await;
+    assert_eq!(presence_of(&mut bob_n1, &ann.id).await["status"], "online");
+    assert_eq!(presence_of(&mut cat_n3, &ann.id).await["status"], "online");
+    assert!(online_users(&n3, &room).await.contains(&ann.id), "node 3 answers who is online");
+
+    // Typing and messages from node 2 reach the subscribers on nodes 1 and 3.
+    ann_n2.send("user.typing", json!({ "channel_id": room })).await;
+    for watcher in [&mut bob_n1, &mut cat_n3] {
+        let typing = watcher.expect("user.typing").await;
+        assert_eq!(typing["payload"], json!({ "user_id": ann.id, "channel_id": room }));
+    }
+    ann_n2.say(&room, "hello fleet").await;
+    for watcher in [&mut bob_n1, &mut cat_n3] {
+        let created = watcher.expect("message.created").await;
+        assert_eq!(created["payload"]["message"]["content"], "hello fleet");
+    }
+
+    // Node 2 dies without a word: Ann is announced offline within the TTL.
+    let killed = tokio::time::Instant::now();
+    n2.sigkill();
+    let offline = tokio::time::timeout(Duration::from_secs(10), presence_of(&mut bob_n1, &ann.id))
+        .await
+        .expect("no offline announcement within 10 s of the SIGKILL");
+    assert_eq!(offline["status"], "offline");
+    assert!(killed.elapsed() < Duration::from_secs(3 + 2), "offline after {:?}, past the 3 s TTL", killed.elapsed());
+    assert!(!online_users(&n3, &room).await.contains(&ann.id), "Ann is no longer listed online");
+    drop(ann_n2);
+}
