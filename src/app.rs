@@ -61,10 +61,16 @@ impl AppState {
                     },
                     metrics.clone(),
                 )
-                .map_err(|message| ConfigError { key: "redis.url".into(), message })?;
+                .map_err(|message| ConfigError {
+                    key: "redis.url".into(),
+                    message,
+                })?;
                 let store = Arc::new(
                     RedisStore::new(url, &r.prefix, r.pool_size, ms(r.command_timeout_ms))
-                        .map_err(|e| ConfigError { key: "redis.url".into(), message: e.to_string() })?
+                        .map_err(|e| ConfigError {
+                            key: "redis.url".into(),
+                            message: e.to_string(),
+                        })?
                         .with_metrics(metrics.clone()),
                 );
                 // Readiness follows Redis even while no request touches the
@@ -87,7 +93,11 @@ impl AppState {
                 Arc::new(MemoryStore::new()),
             ),
         };
-        let hub = Hub::new(broker, metrics.clone(), settings.hub.subscriber_queue_capacity);
+        let hub = Hub::new(
+            broker,
+            metrics.clone(),
+            settings.hub.subscriber_queue_capacity,
+        );
         let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
         let presence: Arc<dyn Presence> = match &settings.redis.url {
             Some(url) => {
@@ -103,8 +113,12 @@ impl AppState {
                     sweep_interval: Duration::from_millis(settings.presence.sweep_interval_ms),
                 };
                 Arc::new(
-                    RedisPresence::new(options, hub.clone(), metrics.clone())
-                        .map_err(|message| ConfigError { key: "redis.url".into(), message })?,
+                    RedisPresence::new(options, hub.clone(), metrics.clone()).map_err(
+                        |message| ConfigError {
+                            key: "redis.url".into(),
+                            message,
+                        },
+                    )?,
                 )
             }
             None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
@@ -118,7 +132,17 @@ impl AppState {
             presence: presence.clone(),
         });
         let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
-        Ok(Self { settings, store, hub, auth, schema, metrics, limits, presence, shutdown: Shutdown::new() })
+        Ok(Self {
+            settings,
+            store,
+            hub,
+            auth,
+            schema,
+            metrics,
+            limits,
+            presence,
+            shutdown: Shutdown::new(),
+        })
     }
 }
 
@@ -134,11 +158,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let workers = match state.settings.server.workers {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     let drain_timeout = Duration::from_secs(state.settings.server.drain_timeout_seconds);
-    let drain_grace = Duration::from_secs(state.settings.server.drain_grace_seconds).min(drain_timeout);
+    let drain_grace =
+        Duration::from_secs(state.settings.server.drain_grace_seconds).min(drain_timeout);
     let data = web::Data::new(state.clone());
     let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
         .workers(workers)

@@ -38,7 +38,10 @@ pub struct UserTyping<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendRefusal {
     /// An input field is wrong; `field` is the input's own name.
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     /// No such channel.
     NotFound,
     /// The channel is private and the author is not a member.
@@ -59,12 +62,19 @@ pub struct Sent {
 /// Checks `content` as a message body: not blank, at most
 /// [`MAX_MESSAGE_CHARS`] characters.
 pub fn check_message_content(content: &str) -> Result<(), SendRefusal> {
-    let invalid = |message: String| Err(SendRefusal::Invalid { field: "content", message });
+    let invalid = |message: String| {
+        Err(SendRefusal::Invalid {
+            field: "content",
+            message,
+        })
+    };
     if content.trim().is_empty() {
         return invalid("content must not be empty".into());
     }
     if content.chars().count() > MAX_MESSAGE_CHARS {
-        return invalid(format!("content must be at most {MAX_MESSAGE_CHARS} characters"));
+        return invalid(format!(
+            "content must be at most {MAX_MESSAGE_CHARS} characters"
+        ));
     }
     Ok(())
 }
@@ -89,25 +99,45 @@ pub async fn send_message(
     if channel.is_private && !channel.member_ids.iter().any(|m| m == author_id) {
         return Err(SendRefusal::NotMember);
     }
-    let message = store.create_message(&channel.id, author_id, content).await.map_err(|e| match e {
-        // The channel went away between the read and the write.
-        StoreError::NotFound => SendRefusal::NotFound,
-        other => SendRefusal::Store(other),
-    })?;
-    let payload = serde_json::to_value(MessageCreated { message: &message }).expect("a message always serializes");
-    let publish_error = hub.publish(NewEvent::new(topic::channel(&channel.id), MESSAGE_CREATED, payload)).await.err();
+    let message = store
+        .create_message(&channel.id, author_id, content)
+        .await
+        .map_err(|e| match e {
+            // The channel went away between the read and the write.
+            StoreError::NotFound => SendRefusal::NotFound,
+            other => SendRefusal::Store(other),
+        })?;
+    let payload = serde_json::to_value(MessageCreated { message: &message })
+        .expect("a message always serializes");
+    let publish_error = hub
+        .publish(NewEvent::new(
+            topic::channel(&channel.id),
+            MESSAGE_CREATED,
+            payload,
+        ))
+        .await
+        .err();
     if let Some(e) = &publish_error {
         tracing::warn!(error = %e, "message stored but message.created not published");
     }
-    Ok(Sent { message, publish_error })
+    Ok(Sent {
+        message,
+        publish_error,
+    })
 }
 
 /// Publishes `user.typing {user_id, channel_id}` on `channel:{id}`. Not
 /// stored: a typing signal matters for seconds. The caller has checked that
 /// the user may read the channel and throttled the signal.
 pub async fn signal_typing(hub: &Hub, user_id: &str, channel_id: &str) -> Result<(), BrokerError> {
-    let payload = serde_json::to_value(UserTyping { user_id, channel_id }).expect("strings always serialize");
-    hub.publish(NewEvent::new(topic::channel(channel_id), USER_TYPING, payload).ephemeral()).await.map(drop)
+    let payload = serde_json::to_value(UserTyping {
+        user_id,
+        channel_id,
+    })
+    .expect("strings always serialize");
+    hub.publish(NewEvent::new(topic::channel(channel_id), USER_TYPING, payload).ephemeral())
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]
@@ -120,21 +150,39 @@ mod tests {
 
     async fn setup() -> (Arc<MemoryStore>, Arc<Hub>, store::Channel, store::Channel) {
         let store = Arc::new(MemoryStore::new());
-        let hub = Hub::new(Arc::new(MemoryBroker::default()), Arc::new(Metrics::new()), 16);
-        let public = store.create_channel("owner", "general".into(), false, vec![]).await.unwrap();
-        let private = store.create_channel("owner", "secret".into(), true, vec![]).await.unwrap();
+        let hub = Hub::new(
+            Arc::new(MemoryBroker::default()),
+            Arc::new(Metrics::new()),
+            16,
+        );
+        let public = store
+            .create_channel("owner", "general".into(), false, vec![])
+            .await
+            .unwrap();
+        let private = store
+            .create_channel("owner", "secret".into(), true, vec![])
+            .await
+            .unwrap();
         (store, hub, public, private)
     }
 
     #[tokio::test]
     async fn a_message_is_stored_and_published_as_message_created() {
         let (store, hub, public, _) = setup().await;
-        let mut sub = hub.subscribe(&topic::channel(&public.id), "test", None).await.unwrap();
-        let sent = send_message(store.as_ref(), &hub, "u1", &public.id, "hello".into()).await.unwrap();
+        let mut sub = hub
+            .subscribe(&topic::channel(&public.id), "test", None)
+            .await
+            .unwrap();
+        let sent = send_message(store.as_ref(), &hub, "u1", &public.id, "hello".into())
+            .await
+            .unwrap();
         assert!(sent.publish_error.is_none());
         let event = sub.recv().await.unwrap();
         assert_eq!(event.event.kind, MESSAGE_CREATED);
-        assert_eq!(event.event.payload["message"]["id"], sent.message.id.as_str());
+        assert_eq!(
+            event.event.payload["message"]["id"],
+            sent.message.id.as_str()
+        );
         assert_eq!(event.event.payload["message"]["content"], "hello");
     }
 
@@ -143,19 +191,41 @@ mod tests {
         let (store, hub, public, private) = setup().await;
         let send = |channel: String, content: String| {
             let (store, hub) = (store.clone(), hub.clone());
-            async move { send_message(store.as_ref(), &hub, "u1", &channel, content).await.map(|s| s.message) }
+            async move {
+                send_message(store.as_ref(), &hub, "u1", &channel, content)
+                    .await
+                    .map(|s| s.message)
+            }
         };
         assert!(matches!(
             send(public.id.clone(), "  ".into()).await,
-            Err(SendRefusal::Invalid { field: "content", .. })
+            Err(SendRefusal::Invalid {
+                field: "content",
+                ..
+            })
         ));
         assert!(matches!(
             send(public.id.clone(), "x".repeat(MAX_MESSAGE_CHARS + 1)).await,
-            Err(SendRefusal::Invalid { field: "content", .. })
+            Err(SendRefusal::Invalid {
+                field: "content",
+                ..
+            })
         ));
-        assert!(send(public.id.clone(), "é".repeat(MAX_MESSAGE_CHARS)).await.is_ok());
-        assert_eq!(send("nope".into(), "hi".into()).await.unwrap_err(), SendRefusal::NotFound);
-        assert_eq!(send(private.id.clone(), "hi".into()).await.unwrap_err(), SendRefusal::NotMember);
-        assert!(send_message(store.as_ref(), &hub, "owner", &private.id, "hi".into()).await.is_ok());
+        assert!(send(public.id.clone(), "é".repeat(MAX_MESSAGE_CHARS))
+            .await
+            .is_ok());
+        assert_eq!(
+            send("nope".into(), "hi".into()).await.unwrap_err(),
+            SendRefusal::NotFound
+        );
+        assert_eq!(
+            send(private.id.clone(), "hi".into()).await.unwrap_err(),
+            SendRefusal::NotMember
+        );
+        assert!(
+            send_message(store.as_ref(), &hub, "owner", &private.id, "hi".into())
+                .await
+                .is_ok()
+        );
     }
 }

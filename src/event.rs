@@ -48,7 +48,9 @@ pub struct SharedEvent {
 
 impl std::fmt::Debug for SharedEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedEvent").field("event", &self.event).finish_non_exhaustive()
+        f.debug_struct("SharedEvent")
+            .field("event", &self.event)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,7 +66,13 @@ impl SharedEvent {
             .map(|t| t.timestamp_millis().max(0) as u64)
             .unwrap_or_else(|_| now_ms());
         let position = Position::parse(&event.id);
-        Arc::new(Self { event, json, published_at_ms, position, typed: OnceLock::new() })
+        Arc::new(Self {
+            event,
+            json,
+            published_at_ms,
+            position,
+            typed: OnceLock::new(),
+        })
     }
 
     /// The payload as `T`, decoded once per node however many subscribers
@@ -79,7 +87,9 @@ impl SharedEvent {
             Some(any) => match any.clone().downcast::<T>() {
                 Ok(v) => Some(v),
                 // Another type was decoded first: decode this one uncached.
-                Err(_) => serde_json::from_value::<T>(self.event.payload.clone()).ok().map(Arc::new),
+                Err(_) => serde_json::from_value::<T>(self.event.payload.clone())
+                    .ok()
+                    .map(Arc::new),
             },
             None => None,
         }
@@ -106,8 +116,17 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    pub fn new(topic: impl Into<String>, kind: impl Into<String>, payload: serde_json::Value) -> Self {
-        Self { topic: topic.into(), kind: kind.into(), payload, ephemeral: false }
+    pub fn new(
+        topic: impl Into<String>,
+        kind: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
+        Self {
+            topic: topic.into(),
+            kind: kind.into(),
+            payload,
+            ephemeral: false,
+        }
     }
 
     /// Makes this event live-only (see [`NewEvent::ephemeral`]).
@@ -149,17 +168,25 @@ pub struct Position {
 
 impl Position {
     pub fn new(epoch: impl Into<String>, seq: u64) -> Self {
-        Self { epoch: epoch.into(), seq }
+        Self {
+            epoch: epoch.into(),
+            seq,
+        }
     }
 
     /// Parses `EPOCH:SEQ`; `None` for anything else.
     pub fn parse(s: &str) -> Option<Position> {
         let (epoch, seq) = s.rsplit_once(':')?;
-        let valid_epoch = !epoch.is_empty() && epoch.len() <= 32 && epoch.chars().all(|c| c.is_ascii_alphanumeric());
+        let valid_epoch = !epoch.is_empty()
+            && epoch.len() <= 32
+            && epoch.chars().all(|c| c.is_ascii_alphanumeric());
         if !valid_epoch || seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        Some(Position { epoch: epoch.to_owned(), seq: seq.parse().ok()? })
+        Some(Position {
+            epoch: epoch.to_owned(),
+            seq: seq.parse().ok()?,
+        })
     }
 
     /// A fresh epoch name.
@@ -194,10 +221,13 @@ pub mod cursor {
         }
         let mut positions = BTreeMap::new();
         for pair in text.split(',').filter(|p| !p.is_empty()) {
-            let (topic, position) =
-                pair.split_once('~').ok_or_else(|| format!("{pair:?} is not `topic~position`"))?;
+            let (topic, position) = pair
+                .split_once('~')
+                .ok_or_else(|| format!("{pair:?} is not `topic~position`"))?;
             if !topics.iter().any(|t| t == topic) {
-                return Err(format!("the cursor names {topic:?}, which is not subscribed"));
+                return Err(format!(
+                    "the cursor names {topic:?}, which is not subscribed"
+                ));
             }
             positions.insert(topic.to_owned(), position.to_owned());
         }
@@ -209,7 +239,11 @@ pub mod cursor {
         if positions.len() == 1 {
             return positions.values().next().cloned().unwrap_or_default();
         }
-        positions.iter().map(|(t, p)| format!("{t}~{p}")).collect::<Vec<_>>().join(",")
+        positions
+            .iter()
+            .map(|(t, p)| format!("{t}~{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     #[cfg(test)]
@@ -275,9 +309,9 @@ pub mod topic {
     pub fn is_valid(topic: &str) -> bool {
         !topic.is_empty()
             && topic.len() <= super::MAX_TOPIC_LEN
-            && topic
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '@' | '/'))
+            && topic.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '@' | '/')
+            })
     }
 }
 
@@ -290,7 +324,16 @@ mod tests {
         let p = Position::new("a1b2c3", 42);
         assert_eq!(p.to_string(), "a1b2c3:42");
         assert_eq!(Position::parse("a1b2c3:42"), Some(p));
-        for bad in ["", "42", ":42", "abc:", "abc:-1", "abc:4x", "a-b:1", "abc:99999999999999999999999"] {
+        for bad in [
+            "",
+            "42",
+            ":42",
+            "abc:",
+            "abc:-1",
+            "abc:4x",
+            "a-b:1",
+            "abc:99999999999999999999999",
+        ] {
             assert_eq!(Position::parse(bad), None, "{bad}");
         }
         assert_ne!(Position::new_epoch(), Position::new_epoch());

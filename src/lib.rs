@@ -49,5 +49,6 @@ pub mod ratelimit;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+pub mod test_support;
 pub mod transport;
-#[cfg(test)] pub mod test_support;

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use subgate::config::Settings;
 
 #[derive(Parser)]
-#[command(name = "subgate", version, about = "A horizontally scalable GraphQL subscription gateway")]
+#[command(
+    name = "subgate",
+    version,
+    about = "A horizontally scalable GraphQL subscription gateway"
+)]
 struct Cli {
     /// A configuration file layered over config/default.toml and config/$SUBGATE_ENV.toml.
     #[arg(long, global = true, value_name = "FILE")]
@@ -81,14 +85,19 @@ fn serve(settings: Settings) -> ExitCode {
     let listener = match std::net::TcpListener::bind((addr.0.as_str(), addr.1)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("subgate: invalid configuration: server.port: cannot listen on {}:{}: {e}", addr.0, addr.1);
+            eprintln!(
+                "subgate: invalid configuration: server.port: cannot listen on {}:{}: {e}",
+                addr.0, addr.1
+            );
             return ExitCode::FAILURE;
         }
     };
     // The node is built inside the runtime: the broker starts tasks.
     let result = actix_web::rt::System::new().block_on(async move {
         let state = subgate::app::AppState::build(settings).map_err(|e| e.to_string())?;
-        subgate::app::serve(state, listener).await.map_err(|e| e.to_string())
+        subgate::app::serve(state, listener)
+            .await
+            .map_err(|e| e.to_string())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

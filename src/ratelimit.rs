@@ -40,8 +40,15 @@ impl Rate {
         // A zero burst would refuse everything forever, a non-positive rate
         // would never refill: both are configuration errors caught by
         // validation, so here they are only clamped to stay well defined.
-        let per_second = if per_second.is_finite() && per_second > 0.0 { per_second } else { f64::MIN_POSITIVE };
-        Self { per_second, burst: burst.max(1) }
+        let per_second = if per_second.is_finite() && per_second > 0.0 {
+            per_second
+        } else {
+            f64::MIN_POSITIVE
+        };
+        Self {
+            per_second,
+            burst: burst.max(1),
+        }
     }
 
     /// One event per `interval`, no burst: a throttle.
@@ -68,7 +75,11 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket as of `now`.
     pub fn new(rate: Rate, now: Instant) -> Self {
-        Self { rate, tokens: rate.burst as f64, updated: now }
+        Self {
+            rate,
+            tokens: rate.burst as f64,
+            updated: now,
+        }
     }
 
     /// Takes one token, or says how long until one is available.
@@ -99,7 +110,8 @@ impl TokenBucket {
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         if elapsed > 0.0 {
-            self.tokens = (self.tokens + elapsed * self.rate.per_second).min(self.rate.burst as f64);
+            self.tokens =
+                (self.tokens + elapsed * self.rate.per_second).min(self.rate.burst as f64);
             self.updated = now;
         }
     }
@@ -129,12 +141,17 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
     fn with_start(rate: Rate, max_keys: usize, now: Instant) -> Self {
         // Sweeping more often than a bucket can refill finds nothing new;
         // at least once a second keeps a full map's refusals short.
-        let sweep_every = rate.time_to_full().clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let sweep_every = rate
+            .time_to_full()
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
         Self {
             rate,
             max_keys: max_keys.max(1),
             sweep_every,
-            inner: Mutex::new(Buckets { map: HashMap::new(), next_sweep: now + sweep_every }),
+            inner: Mutex::new(Buckets {
+                map: HashMap::new(),
+                next_sweep: now + sweep_every,
+            }),
         }
     }
 
@@ -164,7 +181,10 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
             // Deliberate refusal: the map is full of buckets still in use
             // (the sweep above ran at most `sweep_every` ago). The newcomer
             // may retry once the next sweep can make room.
-            return Err(inner.next_sweep.saturating_duration_since(now).max(Duration::from_millis(1)));
+            return Err(inner
+                .next_sweep
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1)));
         }
         let mut bucket = TokenBucket::new(self.rate, now);
         let taken = bucket.try_take(now);
@@ -174,7 +194,11 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
 
     /// Keys with a bucket right now (idle ones included until the next sweep).
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -236,7 +260,12 @@ impl Limited {
 
 impl std::fmt::Display for Limited {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} rate limit exceeded; retry after {} ms", self.scope.as_str(), self.retry_after.as_millis())
+        write!(
+            f,
+            "{} rate limit exceeded; retry after {} ms",
+            self.scope.as_str(),
+            self.retry_after.as_millis()
+        )
     }
 }
 
@@ -259,8 +288,17 @@ struct Counters {
 
 impl Counters {
     fn of(metrics: &Metrics) -> Self {
-        let c = |scope: Scope| metrics.rate_limited_total.with_label_values(&[scope.as_str()]);
-        Self { connection: c(Scope::Connection), user: c(Scope::User), publish: c(Scope::Publish), typing: c(Scope::Typing) }
+        let c = |scope: Scope| {
+            metrics
+                .rate_limited_total
+                .with_label_values(&[scope.as_str()])
+        };
+        Self {
+            connection: c(Scope::Connection),
+            user: c(Scope::User),
+            publish: c(Scope::Publish),
+            typing: c(Scope::Typing),
+        }
     }
 }
 
@@ -269,9 +307,18 @@ impl Limits {
         let s = settings;
         Self {
             connection_rate: Rate::new(s.messages_per_second, s.messages_burst),
-            users: KeyedLimiter::new(Rate::new(s.user_messages_per_second, s.user_messages_burst), s.max_keys),
-            publishers: KeyedLimiter::new(Rate::new(s.publish_per_second, s.publish_burst), s.max_keys),
-            typing: KeyedLimiter::new(Rate::every(Duration::from_millis(s.typing_interval_ms)), s.max_keys),
+            users: KeyedLimiter::new(
+                Rate::new(s.user_messages_per_second, s.user_messages_burst),
+                s.max_keys,
+            ),
+            publishers: KeyedLimiter::new(
+                Rate::new(s.publish_per_second, s.publish_burst),
+                s.max_keys,
+            ),
+            typing: KeyedLimiter::new(
+                Rate::every(Duration::from_millis(s.typing_interval_ms)),
+                s.max_keys,
+            ),
             counters: Counters::of(metrics),
         }
     }
@@ -290,7 +337,10 @@ impl Limits {
     pub fn user_message(&self, user_id: &str) -> Result<(), Limited> {
         self.users.check(user_id).map_err(|retry_after| {
             self.counters.user.inc();
-            Limited { scope: Scope::User, retry_after }
+            Limited {
+                scope: Scope::User,
+                retry_after,
+            }
         })
     }
 
@@ -298,7 +348,10 @@ impl Limits {
     pub fn publish(&self, publisher: &str) -> Result<(), Limited> {
         self.publishers.check(publisher).map_err(|retry_after| {
             self.counters.publish.inc();
-            Limited { scope: Scope::Publish, retry_after }
+            Limited {
+                scope: Scope::Publish,
+                retry_after,
+            }
         })
     }
 
@@ -309,7 +362,10 @@ impl Limits {
         let key = format!("{user_id}\u{0}{channel_id}");
         self.typing.check(key.as_str()).map_err(|retry_after| {
             self.counters.typing.inc();
-            Limited { scope: Scope::Typing, retry_after }
+            Limited {
+                scope: Scope::Typing,
+                retry_after,
+            }
         })
     }
 }
@@ -329,7 +385,10 @@ impl ConnectionLimiter {
     pub fn check_at(&mut self, now: Instant) -> Result<(), Limited> {
         self.bucket.try_take(now).map_err(|retry_after| {
             self.refused.inc();
-            Limited { scope: Scope::Connection, retry_after }
+            Limited {
+                scope: Scope::Connection,
+                retry_after,
+            }
         })
     }
 }
@@ -427,7 +486,10 @@ mod tests {
             l.check_at(key, t0).unwrap();
         }
         let refused = l.check_at("d", t0).unwrap_err();
-        assert!(refused > Duration::ZERO && refused <= Duration::from_secs(1), "{refused:?}");
+        assert!(
+            refused > Duration::ZERO && refused <= Duration::from_secs(1),
+            "{refused:?}"
+        );
         assert!(l.check_at("a", t0).is_ok(), "a known key keeps its bucket");
         assert_eq!(l.len(), 3);
         // Once the others have refilled, a sweep makes room.
@@ -448,7 +510,10 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up_for_http() {
-        let limited = |ms| Limited { scope: Scope::Publish, retry_after: Duration::from_millis(ms) };
+        let limited = |ms| Limited {
+            scope: Scope::Publish,
+            retry_after: Duration::from_millis(ms),
+        };
         assert_eq!(limited(1).retry_after_secs(), 1);
         assert_eq!(limited(1000).retry_after_secs(), 1);
         assert_eq!(limited(1001).retry_after_secs(), 2);
@@ -478,11 +543,19 @@ mod tests {
         assert!(limits.publish("key").is_ok());
         assert_eq!(limits.publish("key").unwrap_err().scope, Scope::Publish);
         assert!(limits.typing("u1", "c1").is_ok());
-        assert!(limits.typing("u1", "c2").is_ok(), "typing is throttled per channel");
+        assert!(
+            limits.typing("u1", "c2").is_ok(),
+            "typing is throttled per channel"
+        );
         assert_eq!(limits.typing("u1", "c1").unwrap_err().scope, Scope::Typing);
         let text = metrics.render();
         for scope in ["connection", "user", "publish", "typing"] {
-            assert!(text.contains(&format!("subgate_rate_limited_total{{scope=\"{scope}\"}} 1")), "{scope}: {text}");
+            assert!(
+                text.contains(&format!(
+                    "subgate_rate_limited_total{{scope=\"{scope}\"}} 1"
+                )),
+                "{scope}: {text}"
+            );
         }
     }
 }

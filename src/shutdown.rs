@@ -62,7 +62,9 @@ impl Shutdown {
     /// Tracks one long-lived connection until the guard drops.
     pub fn track(&self) -> DrainGuard {
         self.inner.open.fetch_add(1, Ordering::SeqCst);
-        DrainGuard { inner: self.inner.clone() }
+        DrainGuard {
+            inner: self.inner.clone(),
+        }
     }
 
     /// Connections still open.
@@ -117,7 +119,10 @@ impl Signals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
         #[cfg(not(unix))]
         {

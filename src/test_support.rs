@@ -40,7 +40,16 @@ impl RedisServer {
 
     fn try_start_on(port: u16) -> Result<Self, String> {
         let spawned = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             // No persistence is configured, but a working directory outside
             // the source tree keeps a stray dump file out of the repository.
             .args(["--dir", &std::env::temp_dir().to_string_lossy()])
@@ -58,7 +67,10 @@ impl RedisServer {
         };
         // From here on the child is owned by `server`, so every early return
         // kills it.
-        let mut server = Self { child: Some(child), port };
+        let mut server = Self {
+            child: Some(child),
+            port,
+        };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if answers_ping(port) {
@@ -71,7 +83,9 @@ impl RedisServer {
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("no PING answer on port {port} within {STARTUP_TIMEOUT:?}"));
+                return Err(format!(
+                    "no PING answer on port {port} within {STARTUP_TIMEOUT:?}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -109,7 +123,10 @@ impl Drop for RedisServer {
 /// listener that is closed at once.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe listener on 127.0.0.1:0");
-    listener.local_addr().expect("probe listener address").port()
+    listener
+        .local_addr()
+        .expect("probe listener address")
+        .port()
 }
 
 /// One inline PING over a plain socket: no client library involved, so a

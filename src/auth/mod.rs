@@ -87,15 +87,23 @@ impl Authenticator {
             })?;
             (key, Algorithm::RS256)
         } else {
-            let secret = settings.effective_jwt_secret().ok_or_else(|| crate::config::ConfigError {
-                key: "auth.jwt_secret".into(),
-                message: "no secret configured".into(),
-            })?;
-            (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
+            let secret =
+                settings
+                    .effective_jwt_secret()
+                    .ok_or_else(|| crate::config::ConfigError {
+                        key: "auth.jwt_secret".into(),
+                        message: "no secret configured".into(),
+                    })?;
+            (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            )
         };
         // Minting uses the HS256 secret only; an RS256 node verifies only.
         let encoding = if algorithm == Algorithm::HS256 {
-            settings.effective_jwt_secret().map(|s| EncodingKey::from_secret(s.as_bytes()))
+            settings
+                .effective_jwt_secret()
+                .map(|s| EncodingKey::from_secret(s.as_bytes()))
         } else {
             None
         };
@@ -128,16 +136,20 @@ impl Authenticator {
         if token.is_empty() || token.len() > 8192 {
             return Err(AuthError::Malformed);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-            ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                AuthError::BadSignature
-            }
-            ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience | ErrorKind::InvalidSubject => AuthError::BadClaims,
-            ErrorKind::MissingRequiredClaim(_) => AuthError::Malformed,
-            _ => AuthError::Malformed,
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidSignature
+                | ErrorKind::InvalidAlgorithm
+                | ErrorKind::InvalidAlgorithmName => AuthError::BadSignature,
+                ErrorKind::InvalidIssuer
+                | ErrorKind::InvalidAudience
+                | ErrorKind::InvalidSubject => AuthError::BadClaims,
+                ErrorKind::MissingRequiredClaim(_) => AuthError::Malformed,
+                _ => AuthError::Malformed,
+            },
+        )?;
         let claims = data.claims;
         if claims.sub.is_empty() {
             return Err(AuthError::Malformed);
@@ -154,7 +166,12 @@ impl Authenticator {
     }
 
     /// Mints an HS256 token for `sub`, valid for `ttl`.
-    pub fn mint(&self, sub: &str, ttl: std::time::Duration, scope: Option<&str>) -> Result<String, AuthError> {
+    pub fn mint(
+        &self,
+        sub: &str,
+        ttl: std::time::Duration,
+        scope: Option<&str>,
+    ) -> Result<String, AuthError> {
         let key = self.encoding.as_ref().ok_or(AuthError::CannotMint)?;
         let now = crate::event::now_ms() / 1000;
         let claims = Claims {
@@ -166,14 +183,18 @@ impl Authenticator {
             aud: self.audience.clone(),
             scope: scope.map(str::to_owned),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).map_err(|_| AuthError::CannotMint)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
+            .map_err(|_| AuthError::CannotMint)
     }
 }
 
 /// The token in an `Authorization: Bearer T` header value.
 pub fn bearer(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -183,14 +204,22 @@ mod tests {
 
     fn auth_with(vars: &[(&str, &str)]) -> Authenticator {
         let dir = std::env::temp_dir().join("subgate-auth-test-empty");
-        let mut all = vec![("SUBGATE__AUTH__JWT_SECRET".to_string(), "test-secret".to_string())];
+        let mut all = vec![(
+            "SUBGATE__AUTH__JWT_SECRET".to_string(),
+            "test-secret".to_string(),
+        )];
         all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let settings = Settings::load_from(&dir, None, all).unwrap();
         Authenticator::from_settings(&settings).unwrap()
     }
 
     fn sign(claims: serde_json::Value, secret: &str, alg: Algorithm) -> String {
-        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        jsonwebtoken::encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     fn now() -> u64 {
@@ -200,7 +229,13 @@ mod tests {
     #[test]
     fn a_minted_token_verifies() {
         let auth = auth_with(&[]);
-        let token = auth.mint("u1", std::time::Duration::from_secs(60), Some("publish read")).unwrap();
+        let token = auth
+            .mint(
+                "u1",
+                std::time::Duration::from_secs(60),
+                Some("publish read"),
+            )
+            .unwrap();
         let p = auth.verify(&token).unwrap();
         assert_eq!(p.user_id, "u1");
         assert!(p.has_scope("publish"));
@@ -209,7 +244,11 @@ mod tests {
     #[test]
     fn expired_not_yet_valid_and_missing_exp_are_refused() {
         let auth = auth_with(&[]);
-        let expired = sign(serde_json::json!({"sub": "u", "exp": now() - 100}), "test-secret", Algorithm::HS256);
+        let expired = sign(
+            serde_json::json!({"sub": "u", "exp": now() - 100}),
+            "test-secret",
+            Algorithm::HS256,
+        );
         assert_eq!(auth.verify(&expired), Err(AuthError::Expired));
         let early = sign(
             serde_json::json!({"sub": "u", "exp": now() + 100, "nbf": now() + 50}),
@@ -217,22 +256,39 @@ mod tests {
             Algorithm::HS256,
         );
         assert_eq!(auth.verify(&early), Err(AuthError::NotYetValid));
-        let no_exp = sign(serde_json::json!({"sub": "u"}), "test-secret", Algorithm::HS256);
+        let no_exp = sign(
+            serde_json::json!({"sub": "u"}),
+            "test-secret",
+            Algorithm::HS256,
+        );
         assert_eq!(auth.verify(&no_exp), Err(AuthError::Malformed));
     }
 
     #[test]
     fn tampered_wrong_key_wrong_alg_and_none_are_refused() {
         let auth = auth_with(&[]);
-        let good = sign(serde_json::json!({"sub": "u", "exp": now() + 100}), "test-secret", Algorithm::HS256);
-        let wrong_key = sign(serde_json::json!({"sub": "u", "exp": now() + 100}), "other", Algorithm::HS256);
+        let good = sign(
+            serde_json::json!({"sub": "u", "exp": now() + 100}),
+            "test-secret",
+            Algorithm::HS256,
+        );
+        let wrong_key = sign(
+            serde_json::json!({"sub": "u", "exp": now() + 100}),
+            "other",
+            Algorithm::HS256,
+        );
         assert_eq!(auth.verify(&wrong_key), Err(AuthError::BadSignature));
-        let hs512 = sign(serde_json::json!({"sub": "u", "exp": now() + 100}), "test-secret", Algorithm::HS512);
+        let hs512 = sign(
+            serde_json::json!({"sub": "u", "exp": now() + 100}),
+            "test-secret",
+            Algorithm::HS512,
+        );
         assert_eq!(auth.verify(&hs512), Err(AuthError::BadSignature));
         // Swap the payload for another user's, keeping the signature.
         let parts: Vec<&str> = good.split('.').collect();
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let forged = b64.encode(serde_json::json!({"sub": "admin", "exp": now() + 100}).to_string());
+        let forged =
+            b64.encode(serde_json::json!({"sub": "admin", "exp": now() + 100}).to_string());
         let tampered = format!("{}.{}.{}", parts[0], forged, parts[2]);
         assert_eq!(auth.verify(&tampered), Err(AuthError::BadSignature));
         let none_header = b64.encode(r#"{"alg":"none","typ":"JWT"}"#);
@@ -243,7 +299,10 @@ mod tests {
 
     #[test]
     fn issuer_and_audience_are_checked_when_configured() {
-        let auth = auth_with(&[("SUBGATE__AUTH__ISSUER", "https://id.example"), ("SUBGATE__AUTH__AUDIENCE", "subgate")]);
+        let auth = auth_with(&[
+            ("SUBGATE__AUTH__ISSUER", "https://id.example"),
+            ("SUBGATE__AUTH__AUDIENCE", "subgate"),
+        ]);
         let ok = sign(
             serde_json::json!({"sub": "u", "exp": now() + 100, "iss": "https://id.example", "aud": "subgate"}),
             "test-secret",
@@ -267,10 +326,19 @@ mod tests {
     #[test]
     fn rs256_tokens_verify_with_the_public_key_and_hs256_ones_do_not() {
         let dir = std::env::temp_dir().join("subgate-auth-test-empty");
-        let key = concat!(env!("CARGO_MANIFEST_DIR"), "/src/auth/testdata/rs256-test-public.pem");
-        let settings =
-            Settings::load_from(&dir, None, vec![("SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE".to_string(), key.to_string())])
-                .unwrap();
+        let key = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/auth/testdata/rs256-test-public.pem"
+        );
+        let settings = Settings::load_from(
+            &dir,
+            None,
+            vec![(
+                "SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE".to_string(),
+                key.to_string(),
+            )],
+        )
+        .unwrap();
         let auth = Authenticator::from_settings(&settings).unwrap();
         let private = include_bytes!("testdata/rs256-test-private.pem");
         let claims = serde_json::json!({"sub": "u1", "exp": now() + 100});
@@ -283,10 +351,17 @@ mod tests {
         assert_eq!(auth.verify(&token).unwrap().user_id, "u1");
         // An HS256 token signed with the public key's bytes (the classic
         // algorithm-confusion forgery) is refused.
-        let forged = sign(claims, &std::fs::read_to_string(key).unwrap(), Algorithm::HS256);
+        let forged = sign(
+            claims,
+            &std::fs::read_to_string(key).unwrap(),
+            Algorithm::HS256,
+        );
         assert_eq!(auth.verify(&forged), Err(AuthError::BadSignature));
         // An RS256 node cannot mint.
-        assert_eq!(auth.mint("u1", std::time::Duration::from_secs(60), None), Err(AuthError::CannotMint));
+        assert_eq!(
+            auth.mint("u1", std::time::Duration::from_secs(60), None),
+            Err(AuthError::CannotMint)
+        );
     }
 
     #[test]

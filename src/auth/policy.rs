@@ -50,14 +50,26 @@ mod tests {
     use super::*;
 
     fn user(id: &str) -> Principal {
-        Principal { user_id: id.into(), scopes: vec![] }
+        Principal {
+            user_id: id.into(),
+            scopes: vec![],
+        }
     }
 
     #[test]
     fn notifications_are_private() {
-        assert_eq!(can_subscribe(None, "notifications:u1"), Decision::Unauthorized);
-        assert_eq!(can_subscribe(Some(&user("u2")), "notifications:u1"), Decision::Forbidden);
-        assert_eq!(can_subscribe(Some(&user("u1")), "notifications:u1"), Decision::Allow);
+        assert_eq!(
+            can_subscribe(None, "notifications:u1"),
+            Decision::Unauthorized
+        );
+        assert_eq!(
+            can_subscribe(Some(&user("u2")), "notifications:u1"),
+            Decision::Forbidden
+        );
+        assert_eq!(
+            can_subscribe(Some(&user("u1")), "notifications:u1"),
+            Decision::Allow
+        );
     }
 
     #[test]
@@ -70,7 +82,10 @@ mod tests {
     #[test]
     fn backend_topics_follow_their_readers_rule() {
         assert_eq!(can_subscribe(None, "orders"), Decision::TopicReaders);
-        assert_eq!(can_subscribe(Some(&user("u")), "orders:eu"), Decision::TopicReaders);
+        assert_eq!(
+            can_subscribe(Some(&user("u")), "orders:eu"),
+            Decision::TopicReaders
+        );
         // `posts:x` is not the `posts` topic.
         assert_eq!(can_subscribe(None, "posts:x"), Decision::TopicReaders);
         for domain in ["posts", "post:1", "user:1", "notifications:u1", "channel:c"] {
@@ -85,18 +100,36 @@ mod tests {
         let store = MemoryStore::new();
         let (u1, u2) = (user("u1"), user("u2"));
         // No rule yet: any authenticated caller.
-        assert_eq!(authorize(&store, None, "orders").await, Err(Refusal::Unauthorized("orders".into())));
+        assert_eq!(
+            authorize(&store, None, "orders").await,
+            Err(Refusal::Unauthorized("orders".into()))
+        );
         assert_eq!(authorize(&store, Some(&u2), "orders").await, Ok(()));
 
-        store.set_topic_readers("orders", &TopicReaders::Public).await.unwrap();
+        store
+            .set_topic_readers("orders", &TopicReaders::Public)
+            .await
+            .unwrap();
         assert_eq!(authorize(&store, None, "orders").await, Ok(()));
 
-        store.set_topic_readers("orders", &TopicReaders::Users(vec!["u1".into()])).await.unwrap();
+        store
+            .set_topic_readers("orders", &TopicReaders::Users(vec!["u1".into()]))
+            .await
+            .unwrap();
         assert_eq!(authorize(&store, Some(&u1), "orders").await, Ok(()));
-        assert_eq!(authorize(&store, Some(&u2), "orders").await, Err(Refusal::Forbidden("orders".into())));
-        assert_eq!(authorize(&store, None, "orders").await, Err(Refusal::Unauthorized("orders".into())));
+        assert_eq!(
+            authorize(&store, Some(&u2), "orders").await,
+            Err(Refusal::Forbidden("orders".into()))
+        );
+        assert_eq!(
+            authorize(&store, None, "orders").await,
+            Err(Refusal::Unauthorized("orders".into()))
+        );
 
-        assert_eq!(authorize(&store, None, "bad topic").await, Err(Refusal::InvalidTopic("bad topic".into())));
+        assert_eq!(
+            authorize(&store, None, "bad topic").await,
+            Err(Refusal::InvalidTopic("bad topic".into()))
+        );
     }
 }
 

@@ -113,11 +113,19 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError> {
+    async fn history(
+        &self,
+        topic: &str,
+        after: &Position,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
         let mut logs = self.lock();
         self.expire(&mut logs);
         let Some(log) = logs.get(topic) else {
-            return Ok(History::Gap { reason: GapReason::EpochChanged, retained: Vec::new() });
+            return Ok(History::Gap {
+                reason: GapReason::EpochChanged,
+                retained: Vec::new(),
+            });
         };
         Ok(read(log, after, limit))
     }
@@ -125,22 +133,38 @@ impl Broker for MemoryBroker {
     async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
         let mut logs = self.lock();
         self.expire(&mut logs);
-        Ok(logs.get(topic).filter(|log| log.last_seq > 0).map(|log| Position::new(log.epoch.clone(), log.last_seq)))
+        Ok(logs
+            .get(topic)
+            .filter(|log| log.last_seq > 0)
+            .map(|log| Position::new(log.epoch.clone(), log.last_seq)))
     }
 }
 
 /// What `log` says after `after` (shared by every history kept as a ring).
 fn read(log: &Log, after: &Position, limit: usize) -> History {
     if after.epoch != log.epoch {
-        return History::Gap { reason: GapReason::EpochChanged, retained: retained(log, limit) };
+        return History::Gap {
+            reason: GapReason::EpochChanged,
+            retained: retained(log, limit),
+        };
     }
     if after.seq > log.last_seq {
         // A position this history never handed out.
-        return History::Gap { reason: GapReason::Malformed, retained: Vec::new() };
+        return History::Gap {
+            reason: GapReason::Malformed,
+            retained: Vec::new(),
+        };
     }
-    let first = log.ring.front().and_then(|e| e.position.as_ref()).map_or(log.last_seq + 1, |p| p.seq);
+    let first = log
+        .ring
+        .front()
+        .and_then(|e| e.position.as_ref())
+        .map_or(log.last_seq + 1, |p| p.seq);
     if after.seq + 1 < first {
-        return History::Gap { reason: GapReason::Expired, retained: retained(log, limit) };
+        return History::Gap {
+            reason: GapReason::Expired,
+            retained: retained(log, limit),
+        };
     }
     let skip = (after.seq + 1 - first) as usize;
     History::Complete(log.ring.iter().skip(skip).take(limit).cloned().collect())
@@ -151,19 +175,29 @@ mod tests {
     use super::*;
 
     fn publish(b: &MemoryBroker, topic: &str, n: u64) -> Vec<Arc<SharedEvent>> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         (0..n)
-            .map(|i| rt.block_on(b.publish(NewEvent::new(topic, "t", serde_json::json!({ "i": i })))).unwrap())
+            .map(|i| {
+                rt.block_on(b.publish(NewEvent::new(topic, "t", serde_json::json!({ "i": i }))))
+                    .unwrap()
+            })
             .collect()
     }
 
     fn history(b: &MemoryBroker, topic: &str, after: &Position) -> History {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(b.history(topic, after, 100)).unwrap()
     }
 
     fn seqs(events: &[Arc<SharedEvent>]) -> Vec<u64> {
-        events.iter().map(|e| e.position.as_ref().unwrap().seq).collect()
+        events
+            .iter()
+            .map(|e| e.position.as_ref().unwrap().seq)
+            .collect()
     }
 
     #[test]
@@ -173,13 +207,18 @@ mod tests {
         let other = publish(&b, "b", 1);
         assert_eq!(seqs(&a), vec![1, 2, 3]);
         assert_eq!(seqs(&other), vec![1]);
-        assert_ne!(a[0].position.as_ref().unwrap().epoch, other[0].position.as_ref().unwrap().epoch);
+        assert_ne!(
+            a[0].position.as_ref().unwrap().epoch,
+            other[0].position.as_ref().unwrap().epoch
+        );
     }
 
     #[test]
     fn the_head_is_the_latest_position_of_a_history() {
         let b = MemoryBroker::new(2, Duration::from_secs(60));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         assert_eq!(rt.block_on(b.head("t")).unwrap(), None);
         let events = publish(&b, "t", 3);
         // The ring holds two; the head is the last position handed out.
@@ -202,19 +241,36 @@ mod tests {
         }
         // Events 1..=3 fell out of the ring of 5: resuming after 1 would skip 2 and 3.
         match history(&b, "t", &Position::new(epoch.clone(), 1)) {
-            History::Gap { reason: GapReason::Expired, retained } => assert_eq!(seqs(&retained), vec![4, 5, 6, 7, 8]),
+            History::Gap {
+                reason: GapReason::Expired,
+                retained,
+            } => assert_eq!(seqs(&retained), vec![4, 5, 6, 7, 8]),
             other => panic!("{other:?}"),
         }
         // Resuming after 3 is exact: 4 is the oldest retained.
-        assert!(matches!(history(&b, "t", &Position::new(epoch.clone(), 3)), History::Complete(e) if e.len() == 5));
+        assert!(
+            matches!(history(&b, "t", &Position::new(epoch.clone(), 3)), History::Complete(e) if e.len() == 5)
+        );
         assert!(matches!(
             history(&b, "t", &Position::new("other", 3)),
-            History::Gap { reason: GapReason::EpochChanged, .. }
+            History::Gap {
+                reason: GapReason::EpochChanged,
+                ..
+            }
         ));
-        assert!(matches!(history(&b, "t", &Position::new(epoch, 99)), History::Gap { reason: GapReason::Malformed, .. }));
+        assert!(matches!(
+            history(&b, "t", &Position::new(epoch, 99)),
+            History::Gap {
+                reason: GapReason::Malformed,
+                ..
+            }
+        ));
         assert!(matches!(
             history(&b, "never", &Position::new("x", 1)),
-            History::Gap { reason: GapReason::EpochChanged, .. }
+            History::Gap {
+                reason: GapReason::EpochChanged,
+                ..
+            }
         ));
     }
 
@@ -224,9 +280,18 @@ mod tests {
         let first = publish(&b, "t", 1);
         std::thread::sleep(Duration::from_millis(40));
         let second = publish(&b, "t", 1);
-        let (p1, p2) = (first[0].position.clone().unwrap(), second[0].position.clone().unwrap());
+        let (p1, p2) = (
+            first[0].position.clone().unwrap(),
+            second[0].position.clone().unwrap(),
+        );
         assert_ne!(p1.epoch, p2.epoch);
         assert_eq!(p2.seq, 1);
-        assert!(matches!(history(&b, "t", &p1), History::Gap { reason: GapReason::EpochChanged, .. }));
+        assert!(matches!(
+            history(&b, "t", &p1),
+            History::Gap {
+                reason: GapReason::EpochChanged,
+                ..
+            }
+        ));
     }
 }

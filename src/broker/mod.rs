@@ -73,7 +73,10 @@ pub enum History {
     Complete(Vec<Arc<SharedEvent>>),
     /// The position cannot be resumed from exactly; `retained` is what the
     /// history holds now (current epoch), oldest first.
-    Gap { reason: GapReason, retained: Vec<Arc<SharedEvent>> },
+    Gap {
+        reason: GapReason,
+        retained: Vec<Arc<SharedEvent>>,
+    },
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -94,7 +97,12 @@ pub trait Broker: Send + Sync + 'static {
     /// `Err(why)` while the broker cannot serve (readiness says why).
     fn readiness(&self) -> Result<(), String>;
     /// The events of `topic` after `after`, at most `limit`, oldest first.
-    async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError>;
+    async fn history(
+        &self,
+        topic: &str,
+        after: &Position,
+        limit: usize,
+    ) -> Result<History, BrokerError>;
     /// The position of `topic`'s latest event; `None` when the topic has no
     /// history (never published to, or expired).
     async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError>;

@@ -124,7 +124,10 @@ impl Shared {
 
     /// Marks `topic` for the next reconcile and wakes the control task.
     fn touch(&self, topic: &str) {
-        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).insert(topic.to_owned());
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_owned());
         self.wake.notify_one();
     }
 }
@@ -149,8 +152,8 @@ impl RedisBroker {
         let connection = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(opts.command_timeout))
             .set_response_timeout(None);
-        let manager =
-            deadpool_redis::Manager::new_with_config(opts.url.as_str(), connection).map_err(|e| e.to_string())?;
+        let manager = deadpool_redis::Manager::new_with_config(opts.url.as_str(), connection)
+            .map_err(|e| e.to_string())?;
         let pool = deadpool_redis::Pool::builder(manager)
             .max_size(opts.pool_size.max(1))
             .wait_timeout(Some(opts.command_timeout))
@@ -194,11 +197,21 @@ impl RedisBroker {
     {
         let started = Instant::now();
         let result = tokio::time::timeout(self.opts.command_timeout, async {
-            let conn = self.pool.get().await.map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-            f(conn).await.map_err(|e| BrokerError::Unavailable(e.to_string()))
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            f(conn)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
         })
         .await
-        .unwrap_or_else(|_| Err(BrokerError::Unavailable(format!("redis {command} timed out"))));
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Unavailable(format!(
+                "redis {command} timed out"
+            )))
+        });
         self.shared
             .metrics
             .redis_command_duration_seconds
@@ -250,7 +263,11 @@ impl Broker for RedisBroker {
             let shared = SharedEvent::new(event.stamp_ephemeral());
             let text = shared.json.get().to_owned();
             self.with_conn("publish", |mut conn| async move {
-                redis::cmd("PUBLISH").arg(&channel).arg(text).query_async::<i64>(&mut conn).await
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(text)
+                    .query_async::<i64>(&mut conn)
+                    .await
             })
             .await?;
             return Ok(shared);
@@ -265,12 +282,15 @@ impl Broker for RedisBroker {
             timestamp: crate::event::timestamp_now(),
         };
         // Encoded once, by the publisher; the id is spliced in by the script.
-        let encoded = serde_json::to_string(&unstamped).map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let encoded = serde_json::to_string(&unstamped)
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
         let tail = encoded
             .strip_prefix(ENVELOPE_HEAD)
             .and_then(|rest| rest.strip_prefix('"'))
             .map(|rest| format!("\"{rest}"))
-            .ok_or_else(|| BrokerError::Unavailable("the envelope did not start with its id".into()))?;
+            .ok_or_else(|| {
+                BrokerError::Unavailable("the envelope did not start with its id".into())
+            })?;
         let max_len = self.opts.history_size.max(1);
         let ttl_ms = self.opts.history_ttl.as_millis().max(1) as u64;
         let script = &self.script;
@@ -299,7 +319,11 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        self.shared.waiters().entry(topic.to_owned()).or_default().push(tx);
+        self.shared
+            .waiters()
+            .entry(topic.to_owned())
+            .or_default()
+            .push(tx);
         // Confirmed between the check and the registration: done.
         if self.shared.confirmed().contains(topic) {
             return Ok(());
@@ -319,7 +343,12 @@ impl Broker for RedisBroker {
         self.shared.touch(topic);
     }
 
-    async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError> {
+    async fn history(
+        &self,
+        topic: &str,
+        after: &Position,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
         let stream = stream_key(&self.opts.prefix, topic);
         let meta = meta_key(&self.opts.prefix, topic);
         let limit = limit.max(1);
@@ -327,8 +356,8 @@ impl Broker for RedisBroker {
         // One atomic read: the epoch, the last number, the oldest retained
         // entry and the entries after the position.
         type Entries = Vec<(String, HashMap<String, String>)>;
-        let (epoch, last, oldest, after_entries): (Option<String>, Option<u64>, Entries, Entries) = self
-            .with_conn("history", |mut conn| async move {
+        let (epoch, last, oldest, after_entries): (Option<String>, Option<u64>, Entries, Entries) =
+            self.with_conn("history", |mut conn| async move {
                 redis::pipe()
                     .atomic()
                     .cmd("HGET")
@@ -354,7 +383,10 @@ impl Broker for RedisBroker {
             })
             .await?;
         let Some(epoch) = epoch else {
-            return Ok(History::Gap { reason: GapReason::EpochChanged, retained: Vec::new() });
+            return Ok(History::Gap {
+                reason: GapReason::EpochChanged,
+                retained: Vec::new(),
+            });
         };
         let decode = |entries: Entries| -> Vec<Arc<SharedEvent>> {
             entries
@@ -368,17 +400,26 @@ impl Broker for RedisBroker {
                 .collect()
         };
         if after.epoch != epoch {
-            return Ok(History::Gap { reason: GapReason::EpochChanged, retained: decode(oldest) });
+            return Ok(History::Gap {
+                reason: GapReason::EpochChanged,
+                retained: decode(oldest),
+            });
         }
         if after.seq > last.unwrap_or(0) {
-            return Ok(History::Gap { reason: GapReason::Malformed, retained: Vec::new() });
+            return Ok(History::Gap {
+                reason: GapReason::Malformed,
+                retained: Vec::new(),
+            });
         }
         let first = oldest
             .first()
             .and_then(|(id, _)| id.split('-').next()?.parse::<u64>().ok())
             .unwrap_or(last.unwrap_or(0) + 1);
         if after.seq + 1 < first {
-            return Ok(History::Gap { reason: GapReason::Expired, retained: decode(oldest) });
+            return Ok(History::Gap {
+                reason: GapReason::Expired,
+                retained: decode(oldest),
+            });
         }
         Ok(History::Complete(decode(after_entries)))
     }
@@ -387,7 +428,12 @@ impl Broker for RedisBroker {
         let meta = meta_key(&self.opts.prefix, topic);
         let (epoch, seq): (Option<String>, Option<u64>) = self
             .with_conn("head", |mut conn| async move {
-                redis::cmd("HMGET").arg(&meta).arg("epoch").arg("seq").query_async(&mut conn).await
+                redis::cmd("HMGET")
+                    .arg(&meta)
+                    .arg("epoch")
+                    .arg("seq")
+                    .query_async(&mut conn)
+                    .await
             })
             .await?;
         Ok(match (epoch, seq) {
@@ -445,10 +491,11 @@ impl SubscriberTask {
 
     /// Serves one Pub/Sub connection until it fails; `Err` says why.
     async fn connect_and_serve(&self, attempt: &mut u32) -> Result<(), String> {
-        let pubsub = tokio::time::timeout(self.opts.command_timeout, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let pubsub =
+            tokio::time::timeout(self.opts.command_timeout, self.client.get_async_pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
         let (mut sink, mut stream) = pubsub.split();
         self.timed(sink.subscribe(&self.probe_channel)).await?;
         self.shared.set_link(Link::Up);
@@ -464,13 +511,20 @@ impl SubscriberTask {
                 while let Some(msg) = stream.next().await {
                     let channel = msg.get_channel_name();
                     if channel == probe_channel {
-                        if let Ok(seq) = std::str::from_utf8(msg.get_payload_bytes()).unwrap_or("").parse::<u64>() {
+                        if let Ok(seq) = std::str::from_utf8(msg.get_payload_bytes())
+                            .unwrap_or("")
+                            .parse::<u64>()
+                        {
                             shared.probe_seen.fetch_max(seq, Ordering::SeqCst);
                         }
                         continue;
                     }
                     let Ok(text) = std::str::from_utf8(msg.get_payload_bytes()) else {
-                        shared.metrics.events_dropped_total.with_label_values(&["undecodable"]).inc();
+                        shared
+                            .metrics
+                            .events_dropped_total
+                            .with_label_values(&["undecodable"])
+                            .inc();
                         continue;
                     };
                     match SharedEvent::decode(text) {
@@ -479,7 +533,11 @@ impl SubscriberTask {
                                 sink.dispatch(event);
                             }
                         }
-                        Err(_) => shared.metrics.events_dropped_total.with_label_values(&["undecodable"]).inc(),
+                        Err(_) => shared
+                            .metrics
+                            .events_dropped_total
+                            .with_label_values(&["undecodable"])
+                            .inc(),
                     }
                 }
                 let _ = ended_tx.send(());
@@ -526,7 +584,10 @@ impl SubscriberTask {
         }
     }
 
-    async fn timed<T>(&self, fut: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, String> {
         tokio::time::timeout(self.opts.command_timeout, fut)
             .await
             .map_err(|_| "redis command timed out".to_owned())?
@@ -538,16 +599,27 @@ impl SubscriberTask {
     /// topics touched since the last pass are looked at, so the cost of a
     /// pass is the size of the change, not of the node.
     async fn reconcile(&self, sink: &mut redis::aio::PubSubSink, full: bool) -> Result<(), String> {
-        let Some(hub) = self.shared.sink.get() else { return Ok(()) };
-        let dirty: Vec<String> = std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_iter()
-            .collect();
+        let Some(hub) = self.shared.sink.get() else {
+            return Ok(());
+        };
+        let dirty: Vec<String> =
+            std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
         let (to_add, to_remove): (Vec<String>, Vec<String>) = if full {
             let wanted: HashSet<String> = hub.topics().into_iter().collect();
             let confirmed = self.shared.confirmed();
             (
-                wanted.iter().filter(|t| !confirmed.contains(*t)).cloned().collect(),
-                confirmed.iter().filter(|t| !wanted.contains(*t)).cloned().collect(),
+                wanted
+                    .iter()
+                    .filter(|t| !confirmed.contains(*t))
+                    .cloned()
+                    .collect(),
+                confirmed
+                    .iter()
+                    .filter(|t| !wanted.contains(*t))
+                    .cloned()
+                    .collect(),
             )
         } else {
             let confirmed = self.shared.confirmed();
@@ -563,7 +635,10 @@ impl SubscriberTask {
             (add, remove)
         };
         for chunk in to_add.chunks(BATCH) {
-            let channels: Vec<String> = chunk.iter().map(|t| channel_name(&self.prefix, t)).collect();
+            let channels: Vec<String> = chunk
+                .iter()
+                .map(|t| channel_name(&self.prefix, t))
+                .collect();
             self.timed(sink.subscribe(channels)).await?;
             let mut waiters = self.shared.waiters();
             let mut confirmed = self.shared.confirmed();
@@ -575,7 +650,10 @@ impl SubscriberTask {
             }
         }
         for chunk in to_remove.chunks(BATCH) {
-            let channels: Vec<String> = chunk.iter().map(|t| channel_name(&self.prefix, t)).collect();
+            let channels: Vec<String> = chunk
+                .iter()
+                .map(|t| channel_name(&self.prefix, t))
+                .collect();
             self.timed(sink.unsubscribe(channels)).await?;
             let mut confirmed = self.shared.confirmed();
             for topic in chunk {
@@ -599,7 +677,10 @@ impl SubscriberTask {
             });
         }
         let count = self.shared.confirmed().len();
-        self.shared.metrics.redis_subscribed_channels.set(count as i64);
+        self.shared
+            .metrics
+            .redis_subscribed_channels
+            .set(count as i64);
         Ok(())
     }
 }
@@ -651,24 +732,38 @@ pub(super) mod tests {
         let b = node(&redis.url());
         assert_eq!(numsub(&redis, "posts"), 0);
         let mut sub = a.subscribe("posts", "test", None).await.unwrap();
-        assert_eq!(numsub(&redis, "posts"), 1, "only the node with a subscriber subscribes");
+        assert_eq!(
+            numsub(&redis, "posts"),
+            1,
+            "only the node with a subscriber subscribes"
+        );
         let mut ids = Vec::new();
         for i in 0..50 {
             let e = b
-                .publish(NewEvent::new("posts", "post.created", serde_json::json!({ "i": i })))
+                .publish(NewEvent::new(
+                    "posts",
+                    "post.created",
+                    serde_json::json!({ "i": i }),
+                ))
                 .await
                 .unwrap();
             ids.push(e.event.id.clone());
         }
         for (i, id) in ids.iter().enumerate() {
-            let got = tokio::time::timeout(Duration::from_secs(2), sub.recv()).await.unwrap().unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(2), sub.recv())
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(&got.event.id, id);
             assert_eq!(got.event.payload["i"], i);
         }
         drop(sub);
         let deadline = Instant::now() + Duration::from_secs(2);
         while numsub(&redis, "posts") != 0 {
-            assert!(Instant::now() < deadline, "the node did not unsubscribe after its last subscriber left");
+            assert!(
+                Instant::now() < deadline,
+                "the node did not unsubscribe after its last subscriber left"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -679,36 +774,61 @@ pub(super) mod tests {
         let a = node(&redis.url());
         let mut ids = Vec::new();
         for i in 0..5 {
-            ids.push(a.publish(NewEvent::new("t", "x", serde_json::json!({ "i": i }))).await.unwrap());
+            ids.push(
+                a.publish(NewEvent::new("t", "x", serde_json::json!({ "i": i })))
+                    .await
+                    .unwrap(),
+            );
         }
         let pos = |e: &Arc<SharedEvent>| e.position.clone().unwrap();
-        assert_eq!(ids.iter().map(|e| pos(e).seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            ids.iter().map(|e| pos(e).seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
         match a.broker().history("t", &pos(&ids[1]), 100).await.unwrap() {
             History::Complete(events) => {
                 let got: Vec<_> = events.iter().map(|e| e.event.clone()).collect();
                 let want: Vec<_> = ids[2..].iter().map(|e| e.event.clone()).collect();
-                assert_eq!(got, want, "the history holds the very envelopes that were published");
+                assert_eq!(
+                    got, want,
+                    "the history holds the very envelopes that were published"
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(a.broker().head("t").await.unwrap(), Some(pos(&ids[4])), "the head is the latest position");
+        assert_eq!(
+            a.broker().head("t").await.unwrap(),
+            Some(pos(&ids[4])),
+            "the head is the latest position"
+        );
         assert_eq!(a.broker().head("never").await.unwrap(), None);
         // The history is capped (approximately: Redis trims whole nodes).
         for i in 0..400 {
-            a.publish(NewEvent::new("t", "x", serde_json::json!({ "i": i }))).await.unwrap();
+            a.publish(NewEvent::new("t", "x", serde_json::json!({ "i": i })))
+                .await
+                .unwrap();
         }
         assert!(matches!(
             a.broker().history("t", &pos(&ids[0]), 100).await.unwrap(),
-            History::Gap { reason: GapReason::Expired, .. }
+            History::Gap {
+                reason: GapReason::Expired,
+                ..
+            }
         ));
         // Redis restarted empty: the old positions belong to a lost epoch.
         cmd(&redis, &["FLUSHALL"]);
-        let fresh = a.publish(NewEvent::new("t", "x", serde_json::json!({}))).await.unwrap();
+        let fresh = a
+            .publish(NewEvent::new("t", "x", serde_json::json!({})))
+            .await
+            .unwrap();
         assert_eq!(pos(&fresh).seq, 1);
         assert_ne!(pos(&fresh).epoch, pos(&ids[0]).epoch);
         assert!(matches!(
             a.broker().history("t", &pos(&ids[4]), 100).await.unwrap(),
-            History::Gap { reason: GapReason::EpochChanged, .. }
+            History::Gap {
+                reason: GapReason::EpochChanged,
+                ..
+            }
         ));
     }
 
@@ -720,11 +840,20 @@ pub(super) mod tests {
         let mut sub = a.subscribe("user:1", "test", None).await.unwrap();
         assert!(a.broker().readiness().is_ok());
         drop(redis);
-        let err = a.publish(NewEvent::new("user:1", "user.updated", serde_json::json!({}))).await;
+        let err = a
+            .publish(NewEvent::new(
+                "user:1",
+                "user.updated",
+                serde_json::json!({}),
+            ))
+            .await;
         assert!(err.is_err(), "a publish with Redis down must fail");
         let deadline = Instant::now() + Duration::from_secs(3);
         while a.broker().readiness().is_ok() {
-            assert!(Instant::now() < deadline, "readiness did not notice the outage");
+            assert!(
+                Instant::now() < deadline,
+                "readiness did not notice the outage"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         redis = TestRedis::start_on(port);
@@ -733,11 +862,24 @@ pub(super) mod tests {
             if a.broker().readiness().is_ok() && numsub(&redis, "user:1") == 1 {
                 break;
             }
-            assert!(Instant::now() < deadline, "the node did not resubscribe after Redis came back");
+            assert!(
+                Instant::now() < deadline,
+                "the node did not resubscribe after Redis came back"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let sent = a.publish(NewEvent::new("user:1", "user.updated", serde_json::json!({"n": 1}))).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv()).await.unwrap().unwrap();
+        let sent = a
+            .publish(NewEvent::new(
+                "user:1",
+                "user.updated",
+                serde_json::json!({"n": 1}),
+            ))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.event.id, sent.event.id);
     }
 }
@@ -753,7 +895,9 @@ mod fault_tests {
         let (hub, metrics) = node_with_metrics(&redis.url());
         let mut subs = Vec::new();
         let names: Vec<String> = (0..20_000).map(|i| format!("channel:{i}")).collect();
-        let opened = futures_util::future::join_all(names.iter().map(|n| hub.subscribe(n, "test", None))).await;
+        let opened =
+            futures_util::future::join_all(names.iter().map(|n| hub.subscribe(n, "test", None)))
+                .await;
         for sub in opened {
             subs.push(sub.unwrap());
         }
@@ -764,25 +908,43 @@ mod fault_tests {
         // Generous: this checks that every topic comes back; the time it
         // takes is printed (a target for benchmarks, not a timed test).
         let deadline = killed + Duration::from_secs(30);
-        while metrics.redis_reconnects_total.get() == 0 || metrics.redis_subscribed_channels.get() != 20_000 {
-            assert!(Instant::now() < deadline, "the node did not resubscribe its 20,000 topics");
+        while metrics.redis_reconnects_total.get() == 0
+            || metrics.redis_subscribed_channels.get() != 20_000
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the node did not resubscribe its 20,000 topics"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        eprintln!("20,000 topics resubscribed {:?} after the connection was killed", killed.elapsed());
+        eprintln!(
+            "20,000 topics resubscribed {:?} after the connection was killed",
+            killed.elapsed()
+        );
         // Delivery works again. Under a loaded machine the probe may restart
         // the connection once more, so an event may be lost in that window
         // (these are plain, not resumable, subscriptions): publish until one
         // arrives.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let sent = hub.publish(NewEvent::new("channel:19999", "message.created", serde_json::json!({}))).await;
-            if let (Ok(sent), Ok(Some(got))) =
-                (sent, tokio::time::timeout(Duration::from_millis(500), subs[19_999].recv()).await)
-            {
+            let sent = hub
+                .publish(NewEvent::new(
+                    "channel:19999",
+                    "message.created",
+                    serde_json::json!({}),
+                ))
+                .await;
+            if let (Ok(sent), Ok(Some(got))) = (
+                sent,
+                tokio::time::timeout(Duration::from_millis(500), subs[19_999].recv()).await,
+            ) {
                 assert_eq!(got.event.topic, sent.event.topic);
                 break;
             }
-            assert!(Instant::now() < deadline, "no event reached a resubscribed topic");
+            assert!(
+                Instant::now() < deadline,
+                "no event reached a resubscribed topic"
+            );
         }
     }
 
@@ -798,16 +960,32 @@ mod fault_tests {
         proxy.freeze_existing();
         let deadline = Instant::now() + Duration::from_secs(10);
         while metrics.redis_probe_failures_total.get() == 0 {
-            assert!(Instant::now() < deadline, "the silent connection was not detected");
+            assert!(
+                Instant::now() < deadline,
+                "the silent connection was not detected"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while metrics.redis_subscribed_channels.get() != 1 || hub.broker().readiness().is_err() {
-            assert!(Instant::now() < deadline, "the node did not resubscribe after the probe failed");
+            assert!(
+                Instant::now() < deadline,
+                "the node did not resubscribe after the probe failed"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let sent = hub.publish(NewEvent::new("posts", "post.created", serde_json::json!({}))).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv()).await.unwrap().unwrap();
+        let sent = hub
+            .publish(NewEvent::new(
+                "posts",
+                "post.created",
+                serde_json::json!({}),
+            ))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.event.id, sent.event.id);
     }
 }
@@ -857,7 +1035,11 @@ mod tests_support {
             let registry = frozen.clone();
             let task = tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else { continue };
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        continue;
+                    };
                     let flag = Arc::new(AtomicBool::new(false));
                     registry.lock().unwrap().push(flag.clone());
                     let (mut cr, mut cw) = client.into_split();

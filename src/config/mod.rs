@@ -220,7 +220,9 @@ pub struct HubSettings {
 
 impl Default for HubSettings {
     fn default() -> Self {
-        Self { subscriber_queue_capacity: 256 }
+        Self {
+            subscriber_queue_capacity: 256,
+        }
     }
 }
 
@@ -235,7 +237,10 @@ pub struct HistorySettings {
 
 impl Default for HistorySettings {
     fn default() -> Self {
-        Self { size: 1000, ttl_seconds: 86400 }
+        Self {
+            size: 1000,
+            ttl_seconds: 86400,
+        }
     }
 }
 
@@ -250,7 +255,10 @@ pub struct PublishSettings {
 
 impl Default for PublishSettings {
     fn default() -> Self {
-        Self { api_keys: Vec::new(), max_payload_bytes: 64 * 1024 }
+        Self {
+            api_keys: Vec::new(),
+            max_payload_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -267,7 +275,10 @@ pub struct SseSettings {
 
 impl Default for SseSettings {
     fn default() -> Self {
-        Self { heartbeat_seconds: 15, retry_ms: 3000 }
+        Self {
+            heartbeat_seconds: 15,
+            retry_ms: 3000,
+        }
     }
 }
 
@@ -326,7 +337,11 @@ pub struct PresenceSettings {
 
 impl Default for PresenceSettings {
     fn default() -> Self {
-        Self { ttl_seconds: 15, refresh_seconds: 5, sweep_interval_ms: 1000 }
+        Self {
+            ttl_seconds: 15,
+            refresh_seconds: 5,
+            sweep_interval_ms: 1000,
+        }
     }
 }
 
@@ -341,7 +356,10 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -359,7 +377,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { key: key.into(), message: message.into() }
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -384,15 +405,26 @@ impl Settings {
         let mut builder = config::Config::builder()
             .add_source(config::File::from(dir.join("config/default.toml")).required(false));
         if let Some(name) = &env_name {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(ConfigError::new("SUBGATE_ENV", format!("{name:?} is not a valid environment name")));
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::new(
+                    "SUBGATE_ENV",
+                    format!("{name:?} is not a valid environment name"),
+                ));
             }
-            builder = builder
-                .add_source(config::File::from(dir.join(format!("config/{name}.toml"))).required(false));
+            builder = builder.add_source(
+                config::File::from(dir.join(format!("config/{name}.toml"))).required(false),
+            );
         }
         if let Some(file) = file {
             if !file.is_file() {
-                return Err(ConfigError::new("--config", format!("{} is not a readable file", file.display())));
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} is not a readable file", file.display()),
+                ));
             }
             builder = builder.add_source(config::File::from(file).required(true));
         }
@@ -413,10 +445,16 @@ impl Settings {
         let raw = builder.build().map_err(config_error)?;
         // Enum-valued keys are checked by name first: the config crate's own
         // message for an unknown variant does not say which key it was.
-        for (key, allowed) in [("environment", &["development", "production"][..]), ("log.format", &["text", "json"][..])] {
+        for (key, allowed) in [
+            ("environment", &["development", "production"][..]),
+            ("log.format", &["text", "json"][..]),
+        ] {
             if let Ok(value) = raw.get_string(key) {
                 if !allowed.contains(&value.as_str()) {
-                    return Err(ConfigError::new(key, format!("{value:?} is not one of {}", allowed.join(", "))));
+                    return Err(ConfigError::new(
+                        key,
+                        format!("{value:?} is not one of {}", allowed.join(", ")),
+                    ));
                 }
             }
         }
@@ -439,39 +477,96 @@ impl Settings {
         positive("graphql.max_complexity", self.graphql.max_complexity as u64);
         positive("graphql.max_batch_size", self.graphql.max_batch_size as u64);
         positive("graphql.max_page_size", self.graphql.max_page_size as u64);
-        positive("websocket.ping_interval_seconds", self.websocket.ping_interval_seconds);
-        positive("websocket.connection_init_timeout_seconds", self.websocket.connection_init_timeout_seconds);
-        positive("websocket.max_frame_bytes", self.websocket.max_frame_bytes as u64);
-        positive("websocket.max_subscriptions_per_connection", self.websocket.max_subscriptions_per_connection as u64);
-        positive("websocket.auth_timeout_seconds", self.websocket.auth_timeout_seconds);
-        positive("websocket.max_message_bytes", self.websocket.max_message_bytes as u64);
-        positive("hub.subscriber_queue_capacity", self.hub.subscriber_queue_capacity as u64);
+        positive(
+            "websocket.ping_interval_seconds",
+            self.websocket.ping_interval_seconds,
+        );
+        positive(
+            "websocket.connection_init_timeout_seconds",
+            self.websocket.connection_init_timeout_seconds,
+        );
+        positive(
+            "websocket.max_frame_bytes",
+            self.websocket.max_frame_bytes as u64,
+        );
+        positive(
+            "websocket.max_subscriptions_per_connection",
+            self.websocket.max_subscriptions_per_connection as u64,
+        );
+        positive(
+            "websocket.auth_timeout_seconds",
+            self.websocket.auth_timeout_seconds,
+        );
+        positive(
+            "websocket.max_message_bytes",
+            self.websocket.max_message_bytes as u64,
+        );
+        positive(
+            "hub.subscriber_queue_capacity",
+            self.hub.subscriber_queue_capacity as u64,
+        );
         positive("redis.command_timeout_ms", self.redis.command_timeout_ms);
-        positive("redis.subscribe_timeout_ms", self.redis.subscribe_timeout_ms);
+        positive(
+            "redis.subscribe_timeout_ms",
+            self.redis.subscribe_timeout_ms,
+        );
         positive("redis.probe_interval_ms", self.redis.probe_interval_ms);
         positive("redis.max_backoff_ms", self.redis.max_backoff_ms);
         positive("redis.pool_size", self.redis.pool_size as u64);
         positive("history.size", self.history.size as u64);
         positive("history.ttl_seconds", self.history.ttl_seconds);
-        positive("auth.login_token_ttl_seconds", self.auth.login_token_ttl_seconds);
-        positive("publish.max_payload_bytes", self.publish.max_payload_bytes as u64);
+        positive(
+            "auth.login_token_ttl_seconds",
+            self.auth.login_token_ttl_seconds,
+        );
+        positive(
+            "publish.max_payload_bytes",
+            self.publish.max_payload_bytes as u64,
+        );
         positive("sse.heartbeat_seconds", self.sse.heartbeat_seconds);
         positive("sse.retry_ms", self.sse.retry_ms);
-        positive("ratelimit.messages_burst", self.ratelimit.messages_burst as u64);
-        positive("ratelimit.user_messages_burst", self.ratelimit.user_messages_burst as u64);
-        positive("ratelimit.publish_burst", self.ratelimit.publish_burst as u64);
-        positive("ratelimit.typing_interval_ms", self.ratelimit.typing_interval_ms);
+        positive(
+            "ratelimit.messages_burst",
+            self.ratelimit.messages_burst as u64,
+        );
+        positive(
+            "ratelimit.user_messages_burst",
+            self.ratelimit.user_messages_burst as u64,
+        );
+        positive(
+            "ratelimit.publish_burst",
+            self.ratelimit.publish_burst as u64,
+        );
+        positive(
+            "ratelimit.typing_interval_ms",
+            self.ratelimit.typing_interval_ms,
+        );
         positive("ratelimit.max_keys", self.ratelimit.max_keys as u64);
         positive("presence.ttl_seconds", self.presence.ttl_seconds);
         positive("presence.refresh_seconds", self.presence.refresh_seconds);
-        positive("presence.sweep_interval_ms", self.presence.sweep_interval_ms);
+        positive(
+            "presence.sweep_interval_ms",
+            self.presence.sweep_interval_ms,
+        );
         if self.presence.refresh_seconds >= self.presence.ttl_seconds {
-            errors.push(ConfigError::new("presence.refresh_seconds", "must be less than presence.ttl_seconds"));
+            errors.push(ConfigError::new(
+                "presence.refresh_seconds",
+                "must be less than presence.ttl_seconds",
+            ));
         }
         for (key, rate) in [
-            ("ratelimit.messages_per_second", self.ratelimit.messages_per_second),
-            ("ratelimit.user_messages_per_second", self.ratelimit.user_messages_per_second),
-            ("ratelimit.publish_per_second", self.ratelimit.publish_per_second),
+            (
+                "ratelimit.messages_per_second",
+                self.ratelimit.messages_per_second,
+            ),
+            (
+                "ratelimit.user_messages_per_second",
+                self.ratelimit.user_messages_per_second,
+            ),
+            (
+                "ratelimit.publish_per_second",
+                self.ratelimit.publish_per_second,
+            ),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
                 errors.push(ConfigError::new(key, "must be a number greater than 0"));
@@ -487,15 +582,24 @@ impl Settings {
             errors.push(ConfigError::new("server.host", "must not be empty"));
         }
         if let Some(url) = &self.redis.url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-                errors.push(ConfigError::new("redis.url", "must start with redis://, rediss:// or unix://"));
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                errors.push(ConfigError::new(
+                    "redis.url",
+                    "must start with redis://, rediss:// or unix://",
+                ));
             }
         }
         if let Some(secret) = &self.auth.jwt_secret {
             if secret.is_empty() {
                 errors.push(ConfigError::new("auth.jwt_secret", "must not be empty"));
             } else if self.environment == Environment::Production && secret.len() < 32 {
-                errors.push(ConfigError::new("auth.jwt_secret", "must be at least 32 bytes in production"));
+                errors.push(ConfigError::new(
+                    "auth.jwt_secret",
+                    "must be at least 32 bytes in production",
+                ));
             }
         }
         if let Some(path) = &self.auth.jwt_public_key_file {
@@ -525,7 +629,10 @@ impl Settings {
         }
         for key in &self.publish.api_keys {
             if key.len() < 16 {
-                errors.push(ConfigError::new("publish.api_keys", "every key must be at least 16 characters"));
+                errors.push(ConfigError::new(
+                    "publish.api_keys",
+                    "every key must be at least 16 characters",
+                ));
                 break;
             }
         }
@@ -555,7 +662,9 @@ impl Settings {
     pub fn effective_jwt_secret(&self) -> Option<&str> {
         match (&self.auth.jwt_secret, self.environment) {
             (Some(secret), _) => Some(secret),
-            (None, Environment::Development) if self.auth.jwt_public_key_file.is_none() => Some(DEV_JWT_SECRET),
+            (None, Environment::Development) if self.auth.jwt_public_key_file.is_none() => {
+                Some(DEV_JWT_SECRET)
+            }
             _ => None,
         }
     }
@@ -565,13 +674,17 @@ impl Settings {
 fn config_error(err: config::ConfigError) -> ConfigError {
     use config::ConfigError as E;
     match err {
-        E::Type { key: Some(key), unexpected, expected, .. } => {
-            ConfigError::new(key, format!("expected {expected}, found {unexpected}"))
-        }
+        E::Type {
+            key: Some(key),
+            unexpected,
+            expected,
+            ..
+        } => ConfigError::new(key, format!("expected {expected}, found {unexpected}")),
         E::NotFound(key) => ConfigError::new(key, "missing"),
-        E::FileParse { uri, cause } => {
-            ConfigError::new(uri.unwrap_or_else(|| "config file".into()), cause.to_string())
-        }
+        E::FileParse { uri, cause } => ConfigError::new(
+            uri.unwrap_or_else(|| "config file".into()),
+            cause.to_string(),
+        ),
         E::Message(message) => {
             // serde messages: "unknown field `x`, expected one of ..." or
             // "unknown variant `x` ... for key `environment`".
@@ -624,7 +737,10 @@ mod tests {
             ("SUBGATE__SERVER__PORT", "0"),
             ("SUBGATE__REDIS__URL", "redis://127.0.0.1:7000"),
             ("SUBGATE__AUTH__JWT_SECRET", "s3cret"),
-            ("SUBGATE__SERVER__ALLOWED_ORIGINS", "https://a.example,https://b.example"),
+            (
+                "SUBGATE__SERVER__ALLOWED_ORIGINS",
+                "https://a.example,https://b.example",
+            ),
         ])
         .unwrap();
         assert_eq!(s.server.port, 0);
@@ -647,7 +763,8 @@ mod tests {
 
     #[test]
     fn an_unreadable_key_file_names_the_key() {
-        let err = load(&[("SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")]).unwrap_err();
+        let err =
+            load(&[("SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem")]).unwrap_err();
         assert_eq!(err.key, "auth.jwt_public_key_file", "{err}");
     }
 
@@ -657,7 +774,10 @@ mod tests {
         assert_eq!(err.key, "auth.jwt_secret", "{err}");
         let s = load(&[
             ("SUBGATE__ENVIRONMENT", "production"),
-            ("SUBGATE__AUTH__JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+            (
+                "SUBGATE__AUTH__JWT_SECRET",
+                "0123456789abcdef0123456789abcdef",
+            ),
         ])
         .unwrap();
         assert!(!s.introspection_enabled());

@@ -18,7 +18,10 @@ pub struct DocumentLimits {
 
 impl ExtensionFactory for DocumentLimits {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(DocumentLimitsExtension { max_aliases: self.max_aliases, introspection: self.introspection })
+        Arc::new(DocumentLimitsExtension {
+            max_aliases: self.max_aliases,
+            introspection: self.introspection,
+        })
     }
 }
 
@@ -40,12 +43,18 @@ impl Extension for DocumentLimitsExtension {
         let count = count_aliases(&doc);
         if count > self.max_aliases {
             return Err(ServerError::new(
-                format!("the document has {count} aliases; at most {} are allowed", self.max_aliases),
+                format!(
+                    "the document has {count} aliases; at most {} are allowed",
+                    self.max_aliases
+                ),
                 None,
             ));
         }
         if !self.introspection && selects_introspection(&doc) {
-            return Err(ServerError::new("introspection is disabled on this server", None));
+            return Err(ServerError::new(
+                "introspection is disabled on this server",
+                None,
+            ));
         }
         Ok(doc)
     }
@@ -65,8 +74,15 @@ pub fn count_aliases(doc: &ExecutableDocument) -> usize {
             })
             .sum()
     }
-    doc.operations.iter().map(|(_, op)| walk(&op.node.selection_set.node)).sum::<usize>()
-        + doc.fragments.values().map(|f| walk(&f.node.selection_set.node)).sum::<usize>()
+    doc.operations
+        .iter()
+        .map(|(_, op)| walk(&op.node.selection_set.node))
+        .sum::<usize>()
+        + doc
+            .fragments
+            .values()
+            .map(|f| walk(&f.node.selection_set.node))
+            .sum::<usize>()
 }
 
 /// Whether the document selects `__schema` or `__type` anywhere.
@@ -74,14 +90,20 @@ pub fn selects_introspection(doc: &ExecutableDocument) -> bool {
     fn walk(set: &SelectionSet) -> bool {
         set.items.iter().any(|item| match &item.node {
             Selection::Field(f) => {
-                matches!(f.node.name.node.as_str(), "__schema" | "__type") || walk(&f.node.selection_set.node)
+                matches!(f.node.name.node.as_str(), "__schema" | "__type")
+                    || walk(&f.node.selection_set.node)
             }
             Selection::InlineFragment(f) => walk(&f.node.selection_set.node),
             Selection::FragmentSpread(_) => false,
         })
     }
-    doc.operations.iter().any(|(_, op)| walk(&op.node.selection_set.node))
-        || doc.fragments.values().any(|f| walk(&f.node.selection_set.node))
+    doc.operations
+        .iter()
+        .any(|(_, op)| walk(&op.node.selection_set.node))
+        || doc
+            .fragments
+            .values()
+            .any(|f| walk(&f.node.selection_set.node))
 }
 
 #[cfg(test)]
@@ -99,8 +121,10 @@ mod tests {
 
     #[test]
     fn introspection_is_found_in_fragments_too() {
-        let doc = async_graphql::parser::parse_query("{ ...F } fragment F on Query { __type(name: \"User\") { name } }")
-            .unwrap();
+        let doc = async_graphql::parser::parse_query(
+            "{ ...F } fragment F on Query { __type(name: \"User\") { name } }",
+        )
+        .unwrap();
         assert!(selects_introspection(&doc));
         let doc = async_graphql::parser::parse_query("{ me { __typename } }").unwrap();
         assert!(!selects_introspection(&doc));

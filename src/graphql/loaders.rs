@@ -18,7 +18,9 @@ pub struct Loaders {
 
 impl Loaders {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { by_id: DataLoader::new(ByIdLoader(store), tokio::spawn) }
+        Self {
+            by_id: DataLoader::new(ByIdLoader(store), tokio::spawn),
+        }
     }
 }
 
@@ -35,7 +37,11 @@ pub struct PostId(pub String);
 pub struct ChannelId(pub String);
 
 fn by_id<T>(ids: &[String], found: Vec<Option<T>>) -> HashMap<String, T> {
-    ids.iter().cloned().zip(found).filter_map(|(id, v)| v.map(|v| (id, v))).collect()
+    ids.iter()
+        .cloned()
+        .zip(found)
+        .filter_map(|(id, v)| v.map(|v| (id, v)))
+        .collect()
 }
 
 impl Loader<UserId> for ByIdLoader {
@@ -45,7 +51,10 @@ impl Loader<UserId> for ByIdLoader {
     async fn load(&self, keys: &[UserId]) -> Result<HashMap<UserId, Self::Value>, Self::Error> {
         let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
         let found = self.0.get_users(&ids).await.map_err(store_error)?;
-        Ok(by_id(&ids, found).into_iter().map(|(k, v)| (UserId(k), v)).collect())
+        Ok(by_id(&ids, found)
+            .into_iter()
+            .map(|(k, v)| (UserId(k), v))
+            .collect())
     }
 }
 
@@ -56,7 +65,10 @@ impl Loader<PostId> for ByIdLoader {
     async fn load(&self, keys: &[PostId]) -> Result<HashMap<PostId, Self::Value>, Self::Error> {
         let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
         let found = self.0.get_posts(&ids).await.map_err(store_error)?;
-        Ok(by_id(&ids, found).into_iter().map(|(k, v)| (PostId(k), v)).collect())
+        Ok(by_id(&ids, found)
+            .into_iter()
+            .map(|(k, v)| (PostId(k), v))
+            .collect())
     }
 }
 
@@ -64,10 +76,16 @@ impl Loader<ChannelId> for ByIdLoader {
     type Value = store::Channel;
     type Error = async_graphql::Error;
 
-    async fn load(&self, keys: &[ChannelId]) -> Result<HashMap<ChannelId, Self::Value>, Self::Error> {
+    async fn load(
+        &self,
+        keys: &[ChannelId],
+    ) -> Result<HashMap<ChannelId, Self::Value>, Self::Error> {
         let ids: Vec<String> = keys.iter().map(|k| k.0.clone()).collect();
         let found = self.0.get_channels(&ids).await.map_err(store_error)?;
-        Ok(by_id(&ids, found).into_iter().map(|(k, v)| (ChannelId(k), v)).collect())
+        Ok(by_id(&ids, found)
+            .into_iter()
+            .map(|(k, v)| (ChannelId(k), v))
+            .collect())
     }
 }
 
@@ -76,13 +94,25 @@ fn loaders<'a>(ctx: &'a Context<'_>) -> &'a Loaders {
 }
 
 pub async fn user(ctx: &Context<'_>, id: &str) -> async_graphql::Result<Option<User>> {
-    Ok(loaders(ctx).by_id.load_one(UserId(id.to_owned())).await?.map(User))
+    Ok(loaders(ctx)
+        .by_id
+        .load_one(UserId(id.to_owned()))
+        .await?
+        .map(User))
 }
 
 pub async fn post(ctx: &Context<'_>, id: &str) -> async_graphql::Result<Option<Post>> {
-    Ok(loaders(ctx).by_id.load_one(PostId(id.to_owned())).await?.map(Post))
+    Ok(loaders(ctx)
+        .by_id
+        .load_one(PostId(id.to_owned()))
+        .await?
+        .map(Post))
 }
 
 pub async fn channel(ctx: &Context<'_>, id: &str) -> async_graphql::Result<Option<Channel>> {
-    Ok(loaders(ctx).by_id.load_one(ChannelId(id.to_owned())).await?.map(Channel))
+    Ok(loaders(ctx)
+        .by_id
+        .load_one(ChannelId(id.to_owned()))
+        .await?
+        .map(Channel))
 }

@@ -91,7 +91,9 @@ pub(crate) fn require_viewer<'a>(ctx: &'a Context<'_>) -> async_graphql::Result<
 pub(crate) fn store_error(err: StoreError) -> async_graphql::Error {
     match err {
         StoreError::NotFound => coded_error(ErrorCode::NotFound, "not found"),
-        StoreError::Conflict { field } => coded_error(ErrorCode::Conflict, format!("{field} is already taken")),
+        StoreError::Conflict { field } => {
+            coded_error(ErrorCode::Conflict, format!("{field} is already taken"))
+        }
         StoreError::Unavailable(why) => {
             tracing::warn!(%why, "store unavailable");
             coded_error(ErrorCode::Internal, "the store is unavailable; try again")
@@ -117,12 +119,17 @@ pub(crate) fn page_request(
     let after = match after {
         Some(cursor) => Some(
             types::Cursor::decode_cursor(&cursor)
-                .map_err(|_| coded_error(ErrorCode::ValidationError, "`after` is not a valid cursor"))?
+                .map_err(|_| {
+                    coded_error(ErrorCode::ValidationError, "`after` is not a valid cursor")
+                })?
                 .0,
         ),
         None => None,
     };
-    Ok(PageRequest { first: first as usize, after })
+    Ok(PageRequest {
+        first: first as usize,
+        after,
+    })
 }
 
 /// Complexity of a list field: its page size times what each item costs.
@@ -148,7 +155,14 @@ mod tests {
             &metrics,
             std::time::Duration::from_secs(15),
         ));
-        let schema = build_schema(SchemaDeps { settings: settings.clone(), store, hub, auth, metrics, presence });
+        let schema = build_schema(SchemaDeps {
+            settings: settings.clone(),
+            store,
+            hub,
+            auth,
+            metrics,
+            presence,
+        });
         (schema, settings)
     }
 
@@ -178,7 +192,10 @@ mod tests {
             authors.push(user.id);
         }
         for i in 0..60 {
-            store.create_post(&authors[i % 10], format!("p{i}"), String::new()).await.unwrap();
+            store
+                .create_post(&authors[i % 10], format!("p{i}"), String::new())
+                .await
+                .unwrap();
         }
         let (schema, _) = schema_with(store.clone());
         let before = store.calls();
@@ -193,7 +210,10 @@ mod tests {
         assert!(nodes.iter().all(|n| n["author"]["name"].is_string()));
         // One call for the page and one batched call for the authors; a
         // loaded machine may split the batch window, never into 50 calls.
-        assert!(calls <= 6, "{calls} store calls for one page of 50 posts (unbatched: 51)");
+        assert!(
+            calls <= 6,
+            "{calls} store calls for one page of 50 posts (unbatched: 51)"
+        );
     }
 
     #[tokio::test]
@@ -208,7 +228,10 @@ mod tests {
         let eleven = "{ posts(first: 1) { nodes { ...A } } } fragment A on Post { author { posts(first: 1) { nodes { author { posts(first: 1) { nodes { author { posts(first: 1) { totalCount } } } } } } } } }";
         let response = schema.execute(eleven).await;
         assert!(
-            response.errors.iter().any(|e| e.message.contains("nested too deep")),
+            response
+                .errors
+                .iter()
+                .any(|e| e.message.contains("nested too deep")),
             "{:?}",
             response.errors
         );
@@ -217,9 +240,22 @@ mod tests {
     #[tokio::test]
     async fn too_many_aliases_are_refused() {
         let (schema, _) = schema_with(Arc::new(MemoryStore::new()));
-        let query = format!("{{ {} }}", (0..31).map(|i| format!("a{i}: me {{ id }}")).collect::<Vec<_>>().join(" "));
+        let query = format!(
+            "{{ {} }}",
+            (0..31)
+                .map(|i| format!("a{i}: me {{ id }}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let response = schema.execute(query).await;
-        assert!(response.errors.iter().any(|e| e.message.contains("aliases")), "{:?}", response.errors);
+        assert!(
+            response
+                .errors
+                .iter()
+                .any(|e| e.message.contains("aliases")),
+            "{:?}",
+            response.errors
+        );
     }
 
     #[tokio::test]
@@ -227,16 +263,27 @@ mod tests {
         use crate::presence::{memory::MemoryPresence, Presence, Status};
         let store = Arc::new(MemoryStore::new());
         let ann = store
-            .create_user(crate::store::NewUser { email: "ann@example.com".into(), name: "Ann".into(), password_hash: "x".into() })
+            .create_user(crate::store::NewUser {
+                email: "ann@example.com".into(),
+                name: "Ann".into(),
+                password_hash: "x".into(),
+            })
             .await
             .unwrap();
-        let channel = store.create_channel(&ann.id, "general".into(), false, vec![ann.id.clone()]).await.unwrap();
+        let channel = store
+            .create_channel(&ann.id, "general".into(), false, vec![ann.id.clone()])
+            .await
+            .unwrap();
         let dir = std::env::temp_dir().join("subgate-graphql-test-empty");
         let settings = Arc::new(Settings::load_from(&dir, None, Vec::new()).unwrap());
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(Arc::new(MemoryBroker::default()), metrics.clone(), 16);
         let auth = Arc::new(Authenticator::from_settings(&settings).unwrap());
-        let presence = Arc::new(MemoryPresence::new(hub.clone(), &metrics, std::time::Duration::from_secs(15)));
+        let presence = Arc::new(MemoryPresence::new(
+            hub.clone(),
+            &metrics,
+            std::time::Duration::from_secs(15),
+        ));
         let schema = build_schema(SchemaDeps {
             settings,
             store,
@@ -245,18 +292,27 @@ mod tests {
             metrics,
             presence: presence.clone(),
         });
-        let query = format!("{{ channel(id: \"{}\") {{ onlineUsers {{ userId status user {{ name }} }} }} }}", channel.id);
+        let query = format!(
+            "{{ channel(id: \"{}\") {{ onlineUsers {{ userId status user {{ name }} }} }} }}",
+            channel.id
+        );
 
         let response = schema.execute(query.as_str()).await;
         assert!(response.errors.is_empty(), "{:?}", response.errors);
-        assert_eq!(response.data.into_json().unwrap()["channel"]["onlineUsers"], serde_json::json!([]));
+        assert_eq!(
+            response.data.into_json().unwrap()["channel"]["onlineUsers"],
+            serde_json::json!([])
+        );
 
         let _ann = presence.join(&channel.id, &ann.id);
         let _ghost = presence.join(&channel.id, "no-such-account");
         presence.set_status(&ann.id, Status::Away).await.unwrap();
         let response = schema.execute(query.as_str()).await;
         assert!(response.errors.is_empty(), "{:?}", response.errors);
-        let mut online = response.data.into_json().unwrap()["channel"]["onlineUsers"].as_array().unwrap().clone();
+        let mut online = response.data.into_json().unwrap()["channel"]["onlineUsers"]
+            .as_array()
+            .unwrap()
+            .clone();
         online.sort_by_key(|u| u["userId"].as_str().unwrap().to_owned());
         let mut expected = vec![
             serde_json::json!({"userId": ann.id, "status": "AWAY", "user": {"name": "Ann"}}),

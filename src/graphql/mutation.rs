@@ -186,19 +186,29 @@ fn forbidden(message: &str) -> UserError {
 }
 
 fn not_found(field: &str, what: &str) -> UserError {
-    UserError::new(Some(field), format!("{what} not found"), ErrorCode::NotFound)
+    UserError::new(
+        Some(field),
+        format!("{what} not found"),
+        ErrorCode::NotFound,
+    )
 }
 
 /// The user error for a store failure.
 fn store_user_error(err: StoreError, field: &str, what: &str) -> UserError {
     match err {
         StoreError::NotFound => not_found(field, what),
-        StoreError::Conflict { field } => {
-            UserError::new(Some(field), format!("{field} is already taken"), ErrorCode::Conflict)
-        }
+        StoreError::Conflict { field } => UserError::new(
+            Some(field),
+            format!("{field} is already taken"),
+            ErrorCode::Conflict,
+        ),
         StoreError::Unavailable(why) => {
             tracing::warn!(%why, "store unavailable during a mutation");
-            UserError::new(None, "the store is unavailable; nothing was changed; try again", ErrorCode::Internal)
+            UserError::new(
+                None,
+                "the store is unavailable; nothing was changed; try again",
+                ErrorCode::Internal,
+            )
         }
     }
 }
@@ -209,7 +219,9 @@ pub fn valid_email(email: &str) -> bool {
     if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return false;
     }
-    let Some((local, domain)) = email.split_once('@') else { return false };
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
     !local.is_empty()
         && !domain.contains('@')
         && domain.contains('.')
@@ -222,7 +234,10 @@ fn check_text(errors: &mut Vec<UserError>, field: &str, value: &str, max: usize)
     if value.trim().is_empty() {
         errors.push(invalid(field, format!("{field} must not be empty")));
     } else if value.chars().count() > max {
-        errors.push(invalid(field, format!("{field} must be at most {max} characters")));
+        errors.push(invalid(
+            field,
+            format!("{field} must be at most {max} characters"),
+        ));
     }
 }
 
@@ -241,19 +256,31 @@ async fn hash_password(password: String) -> Result<String, UserError> {
     tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
         let salt = SaltString::generate(&mut OsRng);
-        argon2::Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+        argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
     })
     .await
     .ok()
     .and_then(Result::ok)
-    .ok_or_else(|| UserError::new(Some("password"), "the password could not be hashed", ErrorCode::Internal))
+    .ok_or_else(|| {
+        UserError::new(
+            Some("password"),
+            "the password could not be hashed",
+            ErrorCode::Internal,
+        )
+    })
 }
 
 async fn verify_password(password: String, hash: String) -> bool {
     tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{PasswordHash, PasswordVerifier};
         PasswordHash::new(&hash)
-            .map(|parsed| argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+            .map(|parsed| {
+                argon2::Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
     .await
@@ -262,10 +289,21 @@ async fn verify_password(password: String, hash: String) -> bool {
 
 /// Publishes `payload` as an event; a failure becomes a user error (the
 /// write stands, and the client is told the event did not go out).
-async fn publish(deps: &SchemaDeps, topic: String, kind: &str, payload: &impl Serialize) -> Option<UserError> {
+async fn publish(
+    deps: &SchemaDeps,
+    topic: String,
+    kind: &str,
+    payload: &impl Serialize,
+) -> Option<UserError> {
     let payload = match serde_json::to_value(payload) {
         Ok(v) => v,
-        Err(_) => return Some(UserError::new(None, "the event could not be encoded", ErrorCode::Internal)),
+        Err(_) => {
+            return Some(UserError::new(
+                None,
+                "the event could not be encoded",
+                ErrorCode::Internal,
+            ))
+        }
     };
     match deps.hub.publish(NewEvent::new(topic, kind, payload)).await {
         Ok(_) => None,
@@ -301,12 +339,27 @@ impl Mutation {
         }
         let password_hash = match hash_password(input.password).await {
             Ok(h) => h,
-            Err(e) => return CreateUserPayload { user: None, errors: vec![e] },
+            Err(e) => {
+                return CreateUserPayload {
+                    user: None,
+                    errors: vec![e],
+                }
+            }
         };
-        let new = NewUser { email, name: input.name.trim().to_owned(), password_hash };
+        let new = NewUser {
+            email,
+            name: input.name.trim().to_owned(),
+            password_hash,
+        };
         match deps.store.create_user(new).await {
-            Ok(user) => CreateUserPayload { user: Some(User(user)), errors: vec![] },
-            Err(e) => CreateUserPayload { user: None, errors: vec![store_user_error(e, "email", "user")] },
+            Ok(user) => CreateUserPayload {
+                user: Some(User(user)),
+                errors: vec![],
+            },
+            Err(e) => CreateUserPayload {
+                user: None,
+                errors: vec![store_user_error(e, "email", "user")],
+            },
         }
     }
 
@@ -316,7 +369,11 @@ impl Mutation {
         let refused = || LoginPayload {
             token: None,
             user: None,
-            errors: vec![UserError::new(None, "the email or password is wrong", ErrorCode::Unauthorized)],
+            errors: vec![UserError::new(
+                None,
+                "the email or password is wrong",
+                ErrorCode::Unauthorized,
+            )],
         };
         let user = match deps.store.find_user_by_email(input.email.trim()).await {
             Ok(Some(user)) => user,
@@ -325,14 +382,23 @@ impl Mutation {
                 let _ = hash_password(input.password).await;
                 return refused();
             }
-            Err(e) => return LoginPayload { errors: vec![store_user_error(e, "email", "user")], ..Default::default() },
+            Err(e) => {
+                return LoginPayload {
+                    errors: vec![store_user_error(e, "email", "user")],
+                    ..Default::default()
+                }
+            }
         };
         if !verify_password(input.password, user.password_hash.clone()).await {
             return refused();
         }
         let ttl = std::time::Duration::from_secs(deps.settings.auth.login_token_ttl_seconds);
         match deps.auth.mint(&user.id, ttl, None) {
-            Ok(token) => LoginPayload { token: Some(token), user: Some(User(user)), errors: vec![] },
+            Ok(token) => LoginPayload {
+                token: Some(token),
+                user: Some(User(user)),
+                errors: vec![],
+            },
             Err(e) => LoginPayload {
                 errors: vec![UserError::new(None, e.to_string(), ErrorCode::Internal)],
                 ..Default::default()
@@ -343,9 +409,17 @@ impl Mutation {
     /// Updates the caller's own profile.
     async fn update_user(&self, ctx: &Context<'_>, input: UpdateUserInput) -> UpdateUserPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return UpdateUserPayload { user: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return UpdateUserPayload {
+                user: None,
+                errors: vec![unauthorized()],
+            };
+        };
         if me != input.id.as_str() {
-            return UpdateUserPayload { user: None, errors: vec![forbidden("you may only update your own profile")] };
+            return UpdateUserPayload {
+                user: None,
+                errors: vec![forbidden("you may only update your own profile")],
+            };
         }
         let mut errors = Vec::new();
         let email = input.email.map(|e| e.trim().to_owned());
@@ -366,126 +440,263 @@ impl Mutation {
         let password_hash = match input.password {
             Some(p) => match hash_password(p).await {
                 Ok(h) => Some(h),
-                Err(e) => return UpdateUserPayload { user: None, errors: vec![e] },
+                Err(e) => {
+                    return UpdateUserPayload {
+                        user: None,
+                        errors: vec![e],
+                    }
+                }
             },
             None => None,
         };
-        let patch = UserPatch { email, name: input.name.map(|n| n.trim().to_owned()), password_hash };
+        let patch = UserPatch {
+            email,
+            name: input.name.map(|n| n.trim().to_owned()),
+            password_hash,
+        };
         match deps.store.update_user(&me, patch).await {
             Ok(user) => {
-                let errors = publish(deps, topic::user(&user.id), "user.updated", &user).await.into_iter().collect();
-                UpdateUserPayload { user: Some(User(user)), errors }
+                let errors = publish(deps, topic::user(&user.id), "user.updated", &user)
+                    .await
+                    .into_iter()
+                    .collect();
+                UpdateUserPayload {
+                    user: Some(User(user)),
+                    errors,
+                }
             }
-            Err(e) => UpdateUserPayload { user: None, errors: vec![store_user_error(e, "id", "user")] },
+            Err(e) => UpdateUserPayload {
+                user: None,
+                errors: vec![store_user_error(e, "id", "user")],
+            },
         }
     }
 
     /// Deletes the caller's own account.
     async fn delete_user(&self, ctx: &Context<'_>, input: DeleteUserInput) -> DeleteUserPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return DeleteUserPayload { user: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return DeleteUserPayload {
+                user: None,
+                errors: vec![unauthorized()],
+            };
+        };
         if me != input.id.as_str() {
-            return DeleteUserPayload { user: None, errors: vec![forbidden("you may only delete your own account")] };
+            return DeleteUserPayload {
+                user: None,
+                errors: vec![forbidden("you may only delete your own account")],
+            };
         }
         match deps.store.delete_user(&me).await {
             Ok(user) => {
-                let errors = publish(deps, topic::user(&user.id), "user.deleted", &user).await.into_iter().collect();
-                DeleteUserPayload { user: Some(User(user)), errors }
+                let errors = publish(deps, topic::user(&user.id), "user.deleted", &user)
+                    .await
+                    .into_iter()
+                    .collect();
+                DeleteUserPayload {
+                    user: Some(User(user)),
+                    errors,
+                }
             }
-            Err(e) => DeleteUserPayload { user: None, errors: vec![store_user_error(e, "id", "user")] },
+            Err(e) => DeleteUserPayload {
+                user: None,
+                errors: vec![store_user_error(e, "id", "user")],
+            },
         }
     }
 
     /// Creates a post by the caller; publishes `post.created` on `posts`.
     async fn create_post(&self, ctx: &Context<'_>, input: CreatePostInput) -> CreatePostPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return CreatePostPayload { post: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return CreatePostPayload {
+                post: None,
+                errors: vec![unauthorized()],
+            };
+        };
         let mut errors = Vec::new();
         check_text(&mut errors, "title", &input.title, MAX_TITLE);
         if input.content.chars().count() > MAX_CONTENT {
-            errors.push(invalid("content", format!("content must be at most {MAX_CONTENT} characters")));
+            errors.push(invalid(
+                "content",
+                format!("content must be at most {MAX_CONTENT} characters"),
+            ));
         }
         if !errors.is_empty() {
             return CreatePostPayload { post: None, errors };
         }
-        match deps.store.create_post(&me, input.title.trim().to_owned(), input.content).await {
+        match deps
+            .store
+            .create_post(&me, input.title.trim().to_owned(), input.content)
+            .await
+        {
             Ok(post) => {
-                let errors = publish(deps, topic::POSTS.to_owned(), "post.created", &post).await.into_iter().collect();
-                CreatePostPayload { post: Some(Post(post)), errors }
+                let errors = publish(deps, topic::POSTS.to_owned(), "post.created", &post)
+                    .await
+                    .into_iter()
+                    .collect();
+                CreatePostPayload {
+                    post: Some(Post(post)),
+                    errors,
+                }
             }
-            Err(e) => CreatePostPayload { post: None, errors: vec![store_user_error(e, "id", "post")] },
+            Err(e) => CreatePostPayload {
+                post: None,
+                errors: vec![store_user_error(e, "id", "post")],
+            },
         }
     }
 
     /// Edits one of the caller's posts; publishes `post.updated` on `post:{id}`.
     async fn update_post(&self, ctx: &Context<'_>, input: UpdatePostInput) -> UpdatePostPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return UpdatePostPayload { post: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return UpdatePostPayload {
+                post: None,
+                errors: vec![unauthorized()],
+            };
+        };
         let mut errors = Vec::new();
         if let Some(title) = &input.title {
             check_text(&mut errors, "title", title, MAX_TITLE);
         }
-        if input.content.as_ref().is_some_and(|c| c.chars().count() > MAX_CONTENT) {
-            errors.push(invalid("content", format!("content must be at most {MAX_CONTENT} characters")));
+        if input
+            .content
+            .as_ref()
+            .is_some_and(|c| c.chars().count() > MAX_CONTENT)
+        {
+            errors.push(invalid(
+                "content",
+                format!("content must be at most {MAX_CONTENT} characters"),
+            ));
         }
         if !errors.is_empty() {
             return UpdatePostPayload { post: None, errors };
         }
         match owned_post(deps, &input.id, &me).await {
             Ok(_) => {}
-            Err(e) => return UpdatePostPayload { post: None, errors: vec![e] },
+            Err(e) => {
+                return UpdatePostPayload {
+                    post: None,
+                    errors: vec![e],
+                }
+            }
         }
-        let patch = PostPatch { title: input.title.map(|t| t.trim().to_owned()), content: input.content };
+        let patch = PostPatch {
+            title: input.title.map(|t| t.trim().to_owned()),
+            content: input.content,
+        };
         match deps.store.update_post(&input.id, patch).await {
             Ok(post) => {
-                let errors = publish(deps, topic::post(&post.id), "post.updated", &post).await.into_iter().collect();
-                UpdatePostPayload { post: Some(Post(post)), errors }
+                let errors = publish(deps, topic::post(&post.id), "post.updated", &post)
+                    .await
+                    .into_iter()
+                    .collect();
+                UpdatePostPayload {
+                    post: Some(Post(post)),
+                    errors,
+                }
             }
-            Err(e) => UpdatePostPayload { post: None, errors: vec![store_user_error(e, "id", "post")] },
+            Err(e) => UpdatePostPayload {
+                post: None,
+                errors: vec![store_user_error(e, "id", "post")],
+            },
         }
     }
 
     /// Deletes one of the caller's posts; publishes `post.deleted` on `post:{id}`.
     async fn delete_post(&self, ctx: &Context<'_>, input: DeletePostInput) -> DeletePostPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return DeletePostPayload { post: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return DeletePostPayload {
+                post: None,
+                errors: vec![unauthorized()],
+            };
+        };
         if let Err(e) = owned_post(deps, &input.id, &me).await {
-            return DeletePostPayload { post: None, errors: vec![e] };
+            return DeletePostPayload {
+                post: None,
+                errors: vec![e],
+            };
         }
         match deps.store.delete_post(&input.id).await {
             Ok(post) => {
-                let errors = publish(deps, topic::post(&post.id), "post.deleted", &post).await.into_iter().collect();
-                DeletePostPayload { post: Some(Post(post)), errors }
+                let errors = publish(deps, topic::post(&post.id), "post.deleted", &post)
+                    .await
+                    .into_iter()
+                    .collect();
+                DeletePostPayload {
+                    post: Some(Post(post)),
+                    errors,
+                }
             }
-            Err(e) => DeletePostPayload { post: None, errors: vec![store_user_error(e, "id", "post")] },
+            Err(e) => DeletePostPayload {
+                post: None,
+                errors: vec![store_user_error(e, "id", "post")],
+            },
         }
     }
 
     /// Comments on a post; publishes `comment.created` on `post:{id}` and
     /// notifies the post's author.
-    async fn create_comment(&self, ctx: &Context<'_>, input: CreateCommentInput) -> CreateCommentPayload {
+    async fn create_comment(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateCommentInput,
+    ) -> CreateCommentPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return CreateCommentPayload { comment: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return CreateCommentPayload {
+                comment: None,
+                errors: vec![unauthorized()],
+            };
+        };
         let mut errors = Vec::new();
         check_text(&mut errors, "content", &input.content, MAX_COMMENT);
         if !errors.is_empty() {
-            return CreateCommentPayload { comment: None, errors };
+            return CreateCommentPayload {
+                comment: None,
+                errors,
+            };
         }
         let post = match deps.store.get_posts(&[input.post_id.to_string()]).await {
             Ok(mut found) => match found.pop().flatten() {
                 Some(post) => post,
-                None => return CreateCommentPayload { comment: None, errors: vec![not_found("postId", "post")] },
+                None => {
+                    return CreateCommentPayload {
+                        comment: None,
+                        errors: vec![not_found("postId", "post")],
+                    }
+                }
             },
-            Err(e) => return CreateCommentPayload { comment: None, errors: vec![store_user_error(e, "postId", "post")] },
+            Err(e) => {
+                return CreateCommentPayload {
+                    comment: None,
+                    errors: vec![store_user_error(e, "postId", "post")],
+                }
+            }
         };
-        let comment = match deps.store.create_comment(&post.id, &me, input.content).await {
+        let comment = match deps
+            .store
+            .create_comment(&post.id, &me, input.content)
+            .await
+        {
             Ok(c) => c,
-            Err(e) => return CreateCommentPayload { comment: None, errors: vec![store_user_error(e, "postId", "post")] },
+            Err(e) => {
+                return CreateCommentPayload {
+                    comment: None,
+                    errors: vec![store_user_error(e, "postId", "post")],
+                }
+            }
         };
         let mut errors: Vec<UserError> =
-            publish(deps, topic::post(&post.id), "comment.created", &comment).await.into_iter().collect();
+            publish(deps, topic::post(&post.id), "comment.created", &comment)
+                .await
+                .into_iter()
+                .collect();
         if post.author_id != me {
-            let payload = serde_json::json!({ "postId": post.id, "commentId": comment.id, "authorId": me });
+            let payload =
+                serde_json::json!({ "postId": post.id, "commentId": comment.id, "authorId": me });
             match deps
                 .store
                 .create_notification(
@@ -496,24 +707,47 @@ impl Mutation {
                 )
                 .await
             {
-                Ok(n) => errors.extend(publish(deps, topic::notifications(&n.user_id), "notification.created", &n).await),
+                Ok(n) => errors.extend(
+                    publish(
+                        deps,
+                        topic::notifications(&n.user_id),
+                        "notification.created",
+                        &n,
+                    )
+                    .await,
+                ),
                 Err(e) => errors.push(store_user_error(e, "postId", "post")),
             }
         }
-        CreateCommentPayload { comment: Some(Comment(comment)), errors }
+        CreateCommentPayload {
+            comment: Some(Comment(comment)),
+            errors,
+        }
     }
 
     /// Creates a channel owned by the caller.
-    async fn create_channel(&self, ctx: &Context<'_>, input: CreateChannelInput) -> CreateChannelPayload {
+    async fn create_channel(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateChannelInput,
+    ) -> CreateChannelPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return CreateChannelPayload { channel: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return CreateChannelPayload {
+                channel: None,
+                errors: vec![unauthorized()],
+            };
+        };
         let mut errors = Vec::new();
         check_text(&mut errors, "name", &input.name, MAX_NAME);
         if input.member_ids.len() > 1000 {
             errors.push(invalid("memberIds", "at most 1000 members at creation"));
         }
         if !errors.is_empty() {
-            return CreateChannelPayload { channel: None, errors };
+            return CreateChannelPayload {
+                channel: None,
+                errors,
+            };
         }
         let member_ids: Vec<String> = input.member_ids.into_iter().map(|id| id.0).collect();
         match deps.store.get_users(&member_ids).await {
@@ -529,29 +763,68 @@ impl Mutation {
                     };
                 }
             }
-            Err(e) => return CreateChannelPayload { channel: None, errors: vec![store_user_error(e, "memberIds", "user")] },
+            Err(e) => {
+                return CreateChannelPayload {
+                    channel: None,
+                    errors: vec![store_user_error(e, "memberIds", "user")],
+                }
+            }
         }
-        match deps.store.create_channel(&me, input.name.trim().to_owned(), input.is_private, member_ids).await {
-            Ok(channel) => CreateChannelPayload { channel: Some(Channel(channel)), errors: vec![] },
-            Err(e) => CreateChannelPayload { channel: None, errors: vec![store_user_error(e, "name", "channel")] },
+        match deps
+            .store
+            .create_channel(
+                &me,
+                input.name.trim().to_owned(),
+                input.is_private,
+                member_ids,
+            )
+            .await
+        {
+            Ok(channel) => CreateChannelPayload {
+                channel: Some(Channel(channel)),
+                errors: vec![],
+            },
+            Err(e) => CreateChannelPayload {
+                channel: None,
+                errors: vec![store_user_error(e, "name", "channel")],
+            },
         }
     }
 
     /// Joins a public channel.
     async fn join_channel(&self, ctx: &Context<'_>, input: JoinChannelInput) -> JoinChannelPayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return JoinChannelPayload { channel: None, errors: vec![unauthorized()] } };
+        let Some(me) = viewer_id(ctx) else {
+            return JoinChannelPayload {
+                channel: None,
+                errors: vec![unauthorized()],
+            };
+        };
         let channel = match find_channel(deps, &input.channel_id).await {
             Ok(c) => c,
-            Err(e) => return JoinChannelPayload { channel: None, errors: vec![e] },
+            Err(e) => {
+                return JoinChannelPayload {
+                    channel: None,
+                    errors: vec![e],
+                }
+            }
         };
         if !Channel(channel.clone()).readable_by(Some(&me)) {
             // A private channel the caller is not in looks absent.
-            return JoinChannelPayload { channel: None, errors: vec![not_found("channelId", "channel")] };
+            return JoinChannelPayload {
+                channel: None,
+                errors: vec![not_found("channelId", "channel")],
+            };
         }
         match deps.store.add_channel_member(&channel.id, &me).await {
-            Ok(channel) => JoinChannelPayload { channel: Some(Channel(channel)), errors: vec![] },
-            Err(e) => JoinChannelPayload { channel: None, errors: vec![store_user_error(e, "channelId", "channel")] },
+            Ok(channel) => JoinChannelPayload {
+                channel: Some(Channel(channel)),
+                errors: vec![],
+            },
+            Err(e) => JoinChannelPayload {
+                channel: None,
+                errors: vec![store_user_error(e, "channelId", "channel")],
+            },
         }
     }
 
@@ -561,30 +834,54 @@ impl Mutation {
     // Both go through `domain::send_message`, so they cannot drift apart.
     async fn send_message(&self, ctx: &Context<'_>, input: SendMessageInput) -> SendMessagePayload {
         let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else { return SendMessagePayload { message: None, errors: vec![unauthorized()] } };
-        match domain::send_message(deps.store.as_ref(), &deps.hub, &me, &input.channel_id, input.content).await {
+        let Some(me) = viewer_id(ctx) else {
+            return SendMessagePayload {
+                message: None,
+                errors: vec![unauthorized()],
+            };
+        };
+        match domain::send_message(
+            deps.store.as_ref(),
+            &deps.hub,
+            &me,
+            &input.channel_id,
+            input.content,
+        )
+        .await
+        {
             Ok(sent) => {
                 let errors = sent
                     .publish_error
                     .map(|e| {
                         UserError::new(
                             None,
-                            format!("saved, but the {} event could not be published: {e}", domain::MESSAGE_CREATED),
+                            format!(
+                                "saved, but the {} event could not be published: {e}",
+                                domain::MESSAGE_CREATED
+                            ),
                             ErrorCode::Internal,
                         )
                     })
                     .into_iter()
                     .collect();
-                SendMessagePayload { message: Some(Message(sent.message, None)), errors }
+                SendMessagePayload {
+                    message: Some(Message(sent.message, None)),
+                    errors,
+                }
             }
             Err(refusal) => {
                 let error = match refusal {
                     SendRefusal::Invalid { field, message } => invalid(field, message),
                     // A private channel the caller is not in looks absent.
-                    SendRefusal::NotFound | SendRefusal::NotMember => not_found("channelId", "channel"),
+                    SendRefusal::NotFound | SendRefusal::NotMember => {
+                        not_found("channelId", "channel")
+                    }
                     SendRefusal::Store(e) => store_user_error(e, "channelId", "channel"),
                 };
-                SendMessagePayload { message: None, errors: vec![error] }
+                SendMessagePayload {
+                    message: None,
+                    errors: vec![error],
+                }
             }
         }
     }
@@ -597,11 +894,20 @@ impl Mutation {
     ) -> MarkNotificationReadPayload {
         let deps = ctx_deps(ctx);
         let Some(me) = viewer_id(ctx) else {
-            return MarkNotificationReadPayload { notification: None, errors: vec![unauthorized()] };
+            return MarkNotificationReadPayload {
+                notification: None,
+                errors: vec![unauthorized()],
+            };
         };
         match deps.store.mark_notification_read(&me, &input.id).await {
-            Ok(n) => MarkNotificationReadPayload { notification: Some(Notification(n)), errors: vec![] },
-            Err(e) => MarkNotificationReadPayload { notification: None, errors: vec![store_user_error(e, "id", "notification")] },
+            Ok(n) => MarkNotificationReadPayload {
+                notification: Some(Notification(n)),
+                errors: vec![],
+            },
+            Err(e) => MarkNotificationReadPayload {
+                notification: None,
+                errors: vec![store_user_error(e, "id", "notification")],
+            },
         }
     }
 }
@@ -641,7 +947,9 @@ mod tests {
         for ok in ["a@b.co", "first.last+tag@sub.example.org"] {
             assert!(valid_email(ok), "{ok}");
         }
-        for bad in ["", "a", "a@b", "@b.co", "a@@b.co", "a b@c.de", "a@.b.co", "a@b.co.", "a@b..co"] {
+        for bad in [
+            "", "a", "a@b", "@b.co", "a@@b.co", "a b@c.de", "a@.b.co", "a@b.co.", "a@b..co",
+        ] {
             assert!(!valid_email(bad), "{bad}");
         }
     }

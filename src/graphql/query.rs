@@ -27,9 +27,18 @@ impl Query {
 
     /// Users, oldest first.
     #[graphql(complexity = "super::list_complexity(first, child_complexity)")]
-    async fn users(&self, ctx: &Context<'_>, first: Option<i32>, after: Option<String>) -> Result<Conn<User>> {
+    async fn users(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Conn<User>> {
         let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx).store.list_users(page).await.map_err(store_error)?;
+        let page = ctx_deps(ctx)
+            .store
+            .list_users(page)
+            .await
+            .map_err(store_error)?;
         Ok(connection(page, User))
     }
 
@@ -55,18 +64,30 @@ impl Query {
     /// is not a member.
     async fn channel(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Channel>> {
         let me = viewer(ctx).map(|p| p.user_id.clone());
-        Ok(loaders::channel(ctx, &id).await?.filter(|c| c.readable_by(me.as_deref())))
+        Ok(loaders::channel(ctx, &id)
+            .await?
+            .filter(|c| c.readable_by(me.as_deref())))
     }
 
     /// Channels, oldest first; private ones only to their members.
     #[graphql(complexity = "super::list_complexity(first, child_complexity)")]
-    async fn channels(&self, ctx: &Context<'_>, first: Option<i32>, after: Option<String>) -> Result<Conn<Channel>> {
+    async fn channels(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Conn<Channel>> {
         let page = page_request(ctx, first, after)?;
         let me = viewer(ctx).map(|p| p.user_id.clone());
-        let mut page = ctx_deps(ctx).store.list_channels(page).await.map_err(store_error)?;
+        let mut page = ctx_deps(ctx)
+            .store
+            .list_channels(page)
+            .await
+            .map_err(store_error)?;
         // Private channels the caller cannot see are left out of the page;
         // totalCount still counts every channel.
-        page.items.retain(|(_, c)| Channel(c.clone()).readable_by(me.as_deref()));
+        page.items
+            .retain(|(_, c)| Channel(c.clone()).readable_by(me.as_deref()));
         Ok(connection(page, Channel))
     }
 

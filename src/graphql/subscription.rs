@@ -9,16 +9,18 @@
 
 use std::sync::Arc;
 
-use async_graphql::{Context, ErrorExtensions, Json, Result, Subscription as SubscriptionMacro, ID};
+use async_graphql::{
+    Context, ErrorExtensions, Json, Result, Subscription as SubscriptionMacro, ID,
+};
 use futures_util::{future, stream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
 use super::types::{Event, Message, Notification, Post, User};
 use super::{coded_error, ctx_deps, require_viewer, viewer};
 use crate::auth::policy::authorize;
+use crate::broker::GapReason;
 use crate::error::ErrorCode;
 use crate::event::{topic, SharedEvent};
-use crate::broker::GapReason;
 use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::store;
@@ -42,22 +44,34 @@ impl Subscription {
     }
 
     /// Edits of one post.
-    async fn post_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = Result<Post>>> {
+    async fn post_updated(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> Result<impl Stream<Item = Result<Post>>> {
         let events = open(ctx, vec![(topic::post(&id), None)]).await?;
         Ok(typed::<store::Post>(events, "post.updated").map(|r| r.map(|(p, _)| Post(p))))
     }
 
     /// Profile updates of one user.
-    async fn user_updated(&self, ctx: &Context<'_>, id: ID) -> Result<impl Stream<Item = Result<User>>> {
+    async fn user_updated(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> Result<impl Stream<Item = Result<User>>> {
         let events = open(ctx, vec![(topic::user(&id), None)]).await?;
         Ok(typed::<store::User>(events, "user.updated").map(|r| r.map(|(u, _)| User(u))))
     }
 
     /// The caller's own notifications.
-    async fn notification_received(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Result<Notification>>> {
+    async fn notification_received(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<impl Stream<Item = Result<Notification>>> {
         let me = require_viewer(ctx)?.user_id.clone();
         let events = open(ctx, vec![(topic::notifications(&me), None)]).await?;
-        Ok(typed::<store::Notification>(events, "notification.created").map(|r| r.map(|(n, _)| Notification(n))))
+        Ok(typed::<store::Notification>(events, "notification.created")
+            .map(|r| r.map(|(n, _)| Notification(n))))
     }
 
     /// Messages sent to a channel (members only when it is private). With
@@ -71,7 +85,8 @@ impl Subscription {
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<Message>>> {
         let events = open(ctx, vec![(topic::channel(&channel_id), after)]).await?;
-        Ok(typed::<MessageCreated>(events, "message.created").map(|r| r.map(|(m, id)| Message(m.message, Some(id)))))
+        Ok(typed::<MessageCreated>(events, "message.created")
+            .map(|r| r.map(|(m, id)| Message(m.message, Some(id)))))
     }
 
     /// Events of any topics, as published. `after` resumes: with one topic
@@ -95,8 +110,9 @@ impl Subscription {
         unique.sort();
         unique.dedup();
         let mut positions = match &after {
-            Some(text) => crate::event::cursor::parse(text, &unique)
-                .map_err(|why| coded_error(ErrorCode::ValidationError, format!("`after`: {why}")))?,
+            Some(text) => crate::event::cursor::parse(text, &unique).map_err(|why| {
+                coded_error(ErrorCode::ValidationError, format!("`after`: {why}"))
+            })?,
             None => Default::default(),
         };
         let wanted = unique.into_iter().map(|t| {
@@ -119,13 +135,15 @@ impl Subscription {
 /// The error a subscription yields where events were lost.
 fn gap_error(topic: &str, reason: GapReason) -> async_graphql::Error {
     let topic = topic.to_owned();
-    async_graphql::Error::new(format!("events of {topic} were lost here ({})", reason.as_str())).extend_with(
-        move |_, e| {
-            e.set("code", ErrorCode::HistoryGap.as_str());
-            e.set("topic", topic.clone());
-            e.set("reason", reason.as_str());
-        },
-    )
+    async_graphql::Error::new(format!(
+        "events of {topic} were lost here ({})",
+        reason.as_str()
+    ))
+    .extend_with(move |_, e| {
+        e.set("code", ErrorCode::HistoryGap.as_str());
+        e.set("topic", topic.clone());
+        e.set("reason", reason.as_str());
+    })
 }
 
 /// Authorizes and opens resumable hub subscriptions to `topics` (each with
@@ -142,12 +160,21 @@ async fn open(
             .map_err(|refusal| coded_error(refusal.code(), refusal.to_string()))?;
     }
     let cutoff = ctx.data_opt::<Arc<Cutoff>>().cloned();
-    let label = ctx.data_opt::<TransportLabel>().map_or("graphql_ws", |l| l.0);
+    let label = ctx
+        .data_opt::<TransportLabel>()
+        .map_or("graphql_ws", |l| l.0);
     let mut streams = Vec::with_capacity(topics.len());
     for (name, after) in topics {
-        let resumed = deps.hub.subscribe_from(&name, after.as_deref(), label, cutoff.clone()).await.map_err(|e| {
-            coded_error(ErrorCode::Internal, format!("could not subscribe to {name}: {e}"))
-        })?;
+        let resumed = deps
+            .hub
+            .subscribe_from(&name, after.as_deref(), label, cutoff.clone())
+            .await
+            .map_err(|e| {
+                coded_error(
+                    ErrorCode::Internal,
+                    format!("could not subscribe to {name}: {e}"),
+                )
+            })?;
         let initial = resumed.gap.map(|reason| Err(gap_error(&name, reason)));
         let topic_name = name.clone();
         let rest = resumed.stream.map(move |delivery| match delivery {

@@ -42,13 +42,22 @@ pub struct ConnectionFields {
 pub type Conn<T> = Connection<Cursor, T, ConnectionFields>;
 
 /// Turns a store page into a connection of `T`.
-pub fn connection<S, T: async_graphql::OutputType>(page: Page<S>, wrap: impl Fn(S) -> T) -> Conn<T> {
+pub fn connection<S, T: async_graphql::OutputType>(
+    page: Page<S>,
+    wrap: impl Fn(S) -> T,
+) -> Conn<T> {
     let mut conn = Connection::with_additional_fields(
         page.has_previous_page,
         page.has_next_page,
-        ConnectionFields { total_count: page.total_count },
+        ConnectionFields {
+            total_count: page.total_count,
+        },
     );
-    conn.edges.extend(page.items.into_iter().map(|(seq, item)| Edge::new(Cursor(seq), wrap(item))));
+    conn.edges.extend(
+        page.items
+            .into_iter()
+            .map(|(seq, item)| Edge::new(Cursor(seq), wrap(item))),
+    );
     conn
 }
 
@@ -63,7 +72,11 @@ pub struct UserError {
 
 impl UserError {
     pub fn new(field: Option<&str>, message: impl Into<String>, code: ErrorCode) -> Self {
-        Self { field: field.map(str::to_owned), message: message.into(), code }
+        Self {
+            field: field.map(str::to_owned),
+            message: message.into(),
+            code,
+        }
     }
 }
 
@@ -88,10 +101,19 @@ impl User {
     }
     /// The user's posts, newest first.
     #[graphql(complexity = "super::list_complexity(first, child_complexity)")]
-    async fn posts(&self, ctx: &Context<'_>, first: Option<i32>, after: Option<String>) -> Result<Conn<Post>> {
+    async fn posts(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Conn<Post>> {
         let page = page_request(ctx, first, after)?;
         let deps = ctx_deps(ctx);
-        let page = deps.store.list_posts(Some(&self.0.id), page).await.map_err(store_error)?;
+        let page = deps
+            .store
+            .list_posts(Some(&self.0.id), page)
+            .await
+            .map_err(store_error)?;
         Ok(connection(page, Post))
     }
 }
@@ -121,9 +143,18 @@ impl Post {
     }
     /// Comments, oldest first.
     #[graphql(complexity = "super::list_complexity(first, child_complexity)")]
-    async fn comments(&self, ctx: &Context<'_>, first: Option<i32>, after: Option<String>) -> Result<Conn<Comment>> {
+    async fn comments(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Conn<Comment>> {
         let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx).store.list_comments(&self.0.id, page).await.map_err(store_error)?;
+        let page = ctx_deps(ctx)
+            .store
+            .list_comments(&self.0.id, page)
+            .await
+            .map_err(store_error)?;
         Ok(connection(page, Comment))
     }
 }
@@ -168,7 +199,11 @@ impl Channel {
     }
     #[graphql(complexity = "10 * child_complexity")]
     async fn members(&self, ctx: &Context<'_>) -> Result<Vec<User>> {
-        let users = ctx_deps(ctx).store.get_users(&self.0.member_ids).await.map_err(store_error)?;
+        let users = ctx_deps(ctx)
+            .store
+            .get_users(&self.0.member_ids)
+            .await
+            .map_err(store_error)?;
         Ok(users.into_iter().flatten().map(User).collect())
     }
     async fn created_at(&self) -> DateTime<Utc> {
@@ -176,19 +211,32 @@ impl Channel {
     }
     /// Messages, newest first.
     #[graphql(complexity = "super::list_complexity(first, child_complexity)")]
-    async fn messages(&self, ctx: &Context<'_>, first: Option<i32>, after: Option<String>) -> Result<Conn<Message>> {
+    async fn messages(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Conn<Message>> {
         let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx).store.list_messages(&self.0.id, page).await.map_err(store_error)?;
+        let page = ctx_deps(ctx)
+            .store
+            .list_messages(&self.0.id, page)
+            .await
+            .map_err(store_error)?;
         Ok(connection(page, |m| Message(m, None)))
     }
     /// The users online in this channel now, on any node, ordered by user
     /// id. Changes arrive as `presence.updated` events on `channel:{id}`.
     #[graphql(complexity = "10 * child_complexity")]
     async fn online_users(&self, ctx: &Context<'_>) -> Result<Vec<OnlineUser>> {
-        let online = ctx_deps(ctx).presence.online(&self.0.id).await.map_err(|e| {
-            tracing::warn!(error = %e, "presence unavailable");
-            super::coded_error(ErrorCode::Internal, "presence is unavailable; try again")
-        })?;
+        let online = ctx_deps(ctx)
+            .presence
+            .online(&self.0.id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "presence unavailable");
+                super::coded_error(ErrorCode::Internal, "presence is unavailable; try again")
+            })?;
         Ok(online.into_iter().map(OnlineUser).collect())
     }
 }

@@ -117,14 +117,25 @@ impl Hub {
         {
             let mut topics = self.lock();
             let subs = topics.entry(topic.to_owned()).or_default();
-            subs.insert(id, Subscriber { tx, cutoff, transport });
+            subs.insert(
+                id,
+                Subscriber {
+                    tx,
+                    cutoff,
+                    transport,
+                },
+            );
             self.metrics.hub_topics.set(topics.len() as i64);
         }
         // Constructed before the await so that a cancelled or failed
         // subscribe still releases its place.
         let subscription = Subscription {
             rx,
-            guard: SubscriptionGuard { hub: self.clone(), topic: topic.to_owned(), id },
+            guard: SubscriptionGuard {
+                hub: self.clone(),
+                topic: topic.to_owned(),
+                id,
+            },
         };
         self.broker.subscribe(topic).await?;
         Ok(subscription)
@@ -135,7 +146,10 @@ impl Hub {
         let namespace = crate::event::topic::namespace(&event.topic);
         match self.broker.publish(event).await {
             Ok(shared) => {
-                self.metrics.events_published_total.with_label_values(&[namespace]).inc();
+                self.metrics
+                    .events_published_total
+                    .with_label_values(&[namespace])
+                    .inc();
                 Ok(shared)
             }
             Err(e) => {
@@ -143,7 +157,10 @@ impl Hub {
                     BrokerError::Unavailable(_) => "unavailable",
                     BrokerError::InvalidTopic(_) => "invalid_topic",
                 };
-                self.metrics.publish_failures_total.with_label_values(&[reason]).inc();
+                self.metrics
+                    .publish_failures_total
+                    .with_label_values(&[reason])
+                    .inc();
                 Err(e)
             }
         }
@@ -168,7 +185,9 @@ impl Hub {
     fn remove(&self, topic: &str, id: u64) {
         let released = {
             let mut topics = self.lock();
-            let Some(subs) = topics.get_mut(topic) else { return };
+            let Some(subs) = topics.get_mut(topic) else {
+                return;
+            };
             subs.remove(&id);
             let empty = subs.is_empty();
             if empty {
@@ -197,7 +216,10 @@ impl EventSink for Hub {
         {
             let mut topics = self.lock();
             let Some(subs) = topics.get_mut(&event.event.topic) else {
-                self.metrics.events_dropped_total.with_label_values(&["no_subscriber"]).inc();
+                self.metrics
+                    .events_dropped_total
+                    .with_label_values(&["no_subscriber"])
+                    .inc();
                 return;
             };
             subs.retain(|_, sub| match sub.tx.try_send(event.clone()) {
@@ -219,8 +241,14 @@ impl EventSink for Hub {
             }
         }
         for (cutoff, transport) in slow {
-            self.metrics.events_dropped_total.with_label_values(&["slow_consumer"]).inc();
-            self.metrics.slow_consumer_disconnects_total.with_label_values(&[transport]).inc();
+            self.metrics
+                .events_dropped_total
+                .with_label_values(&["slow_consumer"])
+                .inc();
+            self.metrics
+                .slow_consumer_disconnects_total
+                .with_label_values(&[transport])
+                .inc();
             if let Some(cutoff) = cutoff {
                 cutoff.cut(CutoffReason::SlowConsumer);
             }
@@ -272,7 +300,11 @@ mod tests {
     use futures_util::StreamExt;
 
     fn hub(capacity: usize) -> Arc<Hub> {
-        Hub::new(Arc::new(MemoryBroker::default()), Arc::new(Metrics::new()), capacity)
+        Hub::new(
+            Arc::new(MemoryBroker::default()),
+            Arc::new(Metrics::new()),
+            capacity,
+        )
     }
 
     #[tokio::test]
@@ -282,7 +314,11 @@ mod tests {
         let mut b = hub.subscribe("posts", "test", None).await.unwrap();
         let published = hub
             .broker()
-            .publish(NewEvent::new("posts", "post.created", serde_json::json!({})))
+            .publish(NewEvent::new(
+                "posts",
+                "post.created",
+                serde_json::json!({}),
+            ))
             .await
             .unwrap();
         let ea = a.next().await.unwrap();
@@ -307,7 +343,10 @@ mod tests {
     async fn a_full_queue_cuts_off_only_the_slow_subscriber() {
         let hub = hub(2);
         let slow_cut = Cutoff::new();
-        let mut slow = hub.subscribe("t", "test", Some(slow_cut.clone())).await.unwrap();
+        let mut slow = hub
+            .subscribe("t", "test", Some(slow_cut.clone()))
+            .await
+            .unwrap();
         let mut fast = hub.subscribe("t", "test", None).await.unwrap();
         for i in 0..5 {
             hub.broker()

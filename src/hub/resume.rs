@@ -63,7 +63,12 @@ impl State {
     /// Fills the hole before `event` from history, then requeues it.
     async fn fill(&mut self, from: Position, event: Arc<SharedEvent>) {
         let before = self.last.clone();
-        match self.hub.broker().history(&self.topic, &from, self.limit).await {
+        match self
+            .hub
+            .broker()
+            .history(&self.topic, &from, self.limit)
+            .await
+        {
             Ok(History::Complete(events)) => {
                 for e in events {
                     self.accept(e);
@@ -86,7 +91,8 @@ impl State {
                 self.requeued = Some(event);
             }
             Err(_) => {
-                self.pending.push_back(Delivery::Gap(GapReason::Unavailable));
+                self.pending
+                    .push_back(Delivery::Gap(GapReason::Unavailable));
                 self.last = event.position.clone();
                 self.pending.push_back(Delivery::Event(event));
             }
@@ -184,13 +190,24 @@ mod tests {
     use std::time::Duration;
 
     fn hub(history: usize) -> Arc<Hub> {
-        Hub::new(Arc::new(MemoryBroker::new(history, Duration::from_secs(60))), Arc::new(Metrics::new()), 64)
+        Hub::new(
+            Arc::new(MemoryBroker::new(history, Duration::from_secs(60))),
+            Arc::new(Metrics::new()),
+            64,
+        )
     }
 
     async fn publish(hub: &Arc<Hub>, topic: &str, n: usize) -> Vec<String> {
         let mut ids = Vec::new();
         for i in 0..n {
-            ids.push(hub.publish(NewEvent::new(topic, "t", serde_json::json!({ "i": i }))).await.unwrap().event.id.clone());
+            ids.push(
+                hub.publish(NewEvent::new(topic, "t", serde_json::json!({ "i": i })))
+                    .await
+                    .unwrap()
+                    .event
+                    .id
+                    .clone(),
+            );
         }
         ids
     }
@@ -198,7 +215,11 @@ mod tests {
     async fn take(stream: &mut BoxStream<'static, Delivery>, n: usize) -> Vec<String> {
         let mut out = Vec::new();
         for _ in 0..n {
-            match tokio::time::timeout(Duration::from_secs(1), stream.next()).await.unwrap().unwrap() {
+            match tokio::time::timeout(Duration::from_secs(1), stream.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 Delivery::Event(e) => out.push(e.event.id.clone()),
                 Delivery::Gap(reason) => out.push(format!("gap:{}", reason.as_str())),
             }
@@ -210,7 +231,10 @@ mod tests {
     async fn resume_replays_what_was_missed_then_goes_live_without_repeats() {
         let hub = hub(100);
         let ids = publish(&hub, "t", 5).await;
-        let mut resumed = hub.subscribe_from("t", Some(&ids[1]), "test", None).await.unwrap();
+        let mut resumed = hub
+            .subscribe_from("t", Some(&ids[1]), "test", None)
+            .await
+            .unwrap();
         assert_eq!(resumed.gap, None);
         let live = publish(&hub, "t", 2).await;
         let got = take(&mut resumed.stream, 5).await;
@@ -222,26 +246,48 @@ mod tests {
         let hub = hub(100);
         let mut resumed = hub.subscribe_from("t", None, "test", None).await.unwrap();
         let first = publish(&hub, "t", 1).await;
-        let typing = hub.publish(NewEvent::new("t", "user.typing", serde_json::json!({})).ephemeral()).await.unwrap();
+        let typing = hub
+            .publish(NewEvent::new("t", "user.typing", serde_json::json!({})).ephemeral())
+            .await
+            .unwrap();
         let second = publish(&hub, "t", 1).await;
         assert!(typing.position.is_none());
-        assert_eq!(take(&mut resumed.stream, 3).await, vec![first[0].clone(), typing.event.id.clone(), second[0].clone()]);
+        assert_eq!(
+            take(&mut resumed.stream, 3).await,
+            vec![first[0].clone(), typing.event.id.clone(), second[0].clone()]
+        );
         // Resuming after the first replays the second only: the typing signal was never kept.
-        let mut again = hub.subscribe_from("t", Some(&first[0]), "test", None).await.unwrap();
+        let mut again = hub
+            .subscribe_from("t", Some(&first[0]), "test", None)
+            .await
+            .unwrap();
         assert_eq!(take(&mut again.stream, 1).await, second);
-        assert_eq!(second[0].split(':').nth(1), Some("2"), "live-only events take no position");
+        assert_eq!(
+            second[0].split(':').nth(1),
+            Some("2"),
+            "live-only events take no position"
+        );
     }
 
     #[tokio::test]
     async fn a_position_older_than_the_history_is_a_gap_then_what_is_retained() {
         let hub = hub(3);
         let ids = publish(&hub, "t", 6).await;
-        let mut resumed = hub.subscribe_from("t", Some(&ids[0]), "test", None).await.unwrap();
+        let mut resumed = hub
+            .subscribe_from("t", Some(&ids[0]), "test", None)
+            .await
+            .unwrap();
         assert_eq!(resumed.gap, Some(GapReason::Expired));
         assert_eq!(take(&mut resumed.stream, 3).await, ids[3..].to_vec());
-        let bad = hub.subscribe_from("t", Some("not-a-position"), "test", None).await.unwrap();
+        let bad = hub
+            .subscribe_from("t", Some("not-a-position"), "test", None)
+            .await
+            .unwrap();
         assert_eq!(bad.gap, Some(GapReason::Malformed));
-        let other = hub.subscribe_from("t", Some("ffffff:2"), "test", None).await.unwrap();
+        let other = hub
+            .subscribe_from("t", Some("ffffff:2"), "test", None)
+            .await
+            .unwrap();
         assert_eq!(other.gap, Some(GapReason::EpochChanged));
     }
 
@@ -274,7 +320,10 @@ mod tests {
     #[async_trait::async_trait]
     impl crate::broker::Broker for LossyBroker {
         fn start(&self, sink: Arc<dyn crate::broker::EventSink>) {
-            self.inner.start(Arc::new(Lossy { sink, losing: self.losing.clone() }));
+            self.inner.start(Arc::new(Lossy {
+                sink,
+                losing: self.losing.clone(),
+            }));
         }
         async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError> {
             self.inner.publish(event).await
@@ -288,7 +337,12 @@ mod tests {
         fn readiness(&self) -> Result<(), String> {
             self.inner.readiness()
         }
-        async fn history(&self, topic: &str, after: &Position, limit: usize) -> Result<History, BrokerError> {
+        async fn history(
+            &self,
+            topic: &str,
+            after: &Position,
+            limit: usize,
+        ) -> Result<History, BrokerError> {
             self.inner.history(topic, after, limit).await
         }
         async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
@@ -299,7 +353,10 @@ mod tests {
     #[tokio::test]
     async fn a_hole_in_the_live_stream_is_filled_from_history() {
         let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let broker = LossyBroker { inner: MemoryBroker::new(100, Duration::from_secs(60)), losing: losing.clone() };
+        let broker = LossyBroker {
+            inner: MemoryBroker::new(100, Duration::from_secs(60)),
+            losing: losing.clone(),
+        };
         let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
         let mut resumed = hub.subscribe_from("t", None, "test", None).await.unwrap();
         let first = publish(&hub, "t", 1).await;
@@ -308,6 +365,9 @@ mod tests {
         let lost = publish(&hub, "t", 3).await;
         losing.store(false, std::sync::atomic::Ordering::SeqCst);
         let after = publish(&hub, "t", 2).await;
-        assert_eq!(take(&mut resumed.stream, 5).await, [&lost[..], &after[..]].concat());
+        assert_eq!(
+            take(&mut resumed.stream, 5).await,
+            [&lost[..], &after[..]].concat()
+        );
     }
 }

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{updated_event, OnlineUser, Pair, Presence, PresenceError, PresenceGuard, Registry, Status, TaskGuard, OFFLINE};
+use super::{
+    updated_event, OnlineUser, Pair, Presence, PresenceError, PresenceGuard, Registry, Status,
+    TaskGuard, OFFLINE,
+};
 use crate::hub::Hub;
 use crate::telemetry::metrics::Metrics;
 
@@ -46,7 +49,10 @@ impl MemoryPresence {
             state: Mutex::new(State::default()),
         });
         let task = TaskGuard::spawn(announce(shared.clone()));
-        Self { shared, _task: task }
+        Self {
+            shared,
+            _task: task,
+        }
     }
 }
 
@@ -56,7 +62,10 @@ impl Shared {
     }
 
     fn status(state: &State, user_id: &str) -> Status {
-        state.statuses.get(user_id).map_or(Status::Online, |(s, _)| *s)
+        state
+            .statuses
+            .get(user_id)
+            .map_or(Status::Online, |(s, _)| *s)
     }
 }
 
@@ -93,7 +102,10 @@ async fn announce(shared: Arc<Shared>) {
             if let Some(status) = announcement {
                 // A refused publish (an id that is no valid topic) is counted
                 // by the hub; presence itself is still right.
-                let _ = shared.hub.publish(updated_event(&pair.0, &pair.1, status)).await;
+                let _ = shared
+                    .hub
+                    .publish(updated_event(&pair.0, &pair.1, status))
+                    .await;
             }
         }
     }
@@ -110,7 +122,9 @@ impl Presence for MemoryPresence {
             let mut state = self.shared.state();
             let old = match status {
                 Status::Online => state.statuses.remove(user_id),
-                other => state.statuses.insert(user_id.to_owned(), (other, Instant::now())),
+                other => state
+                    .statuses
+                    .insert(user_id.to_owned(), (other, Instant::now())),
             };
             if old.map_or(Status::Online, |(s, _)| s) == status {
                 return Ok(());
@@ -125,7 +139,11 @@ impl Presence for MemoryPresence {
                 .collect()
         };
         for channel in channels {
-            let _ = self.shared.hub.publish(updated_event(&channel, user_id, status.as_str())).await;
+            let _ = self
+                .shared
+                .hub
+                .publish(updated_event(&channel, user_id, status.as_str()))
+                .await;
         }
         Ok(())
     }
@@ -153,11 +171,18 @@ mod tests {
     fn node() -> (MemoryPresence, Arc<Hub>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(Arc::new(MemoryBroker::default()), metrics.clone(), 64);
-        (MemoryPresence::new(hub.clone(), &metrics, Duration::from_secs(15)), hub, metrics)
+        (
+            MemoryPresence::new(hub.clone(), &metrics, Duration::from_secs(15)),
+            hub,
+            metrics,
+        )
     }
 
     async fn next(sub: &mut Subscription) -> serde_json::Value {
-        let event = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.expect("an announcement").unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("an announcement")
+            .unwrap();
         assert_eq!(event.event.kind, "presence.updated");
         event.event.payload.clone()
     }
@@ -168,7 +193,10 @@ mod tests {
     }
 
     fn user(id: &str, status: Status) -> OnlineUser {
-        OnlineUser { user_id: id.into(), status }
+        OnlineUser {
+            user_id: id.into(),
+            status,
+        }
     }
 
     #[tokio::test]
@@ -180,18 +208,34 @@ mod tests {
         let bob = presence.join("c1", "bob");
         let mut seen = [next(&mut sub).await, next(&mut sub).await];
         seen.sort_by_key(|v| v["user_id"].as_str().unwrap().to_owned());
-        assert_eq!(seen[0], serde_json::json!({"user_id": "ann", "channel_id": "c1", "status": "online"}));
+        assert_eq!(
+            seen[0],
+            serde_json::json!({"user_id": "ann", "channel_id": "c1", "status": "online"})
+        );
         assert_eq!(seen[1]["user_id"], "bob");
         quiet(&mut sub).await;
-        assert_eq!(presence.online("c1").await.unwrap(), vec![user("ann", Status::Online), user("bob", Status::Online)]);
+        assert_eq!(
+            presence.online("c1").await.unwrap(),
+            vec![user("ann", Status::Online), user("bob", Status::Online)]
+        );
         assert_eq!(metrics.presence_entries.get(), 2);
 
         drop(a);
         quiet(&mut sub).await;
-        assert_eq!(presence.online("c1").await.unwrap().len(), 2, "ann still has a connection");
+        assert_eq!(
+            presence.online("c1").await.unwrap().len(),
+            2,
+            "ann still has a connection"
+        );
         drop(b);
-        assert_eq!(next(&mut sub).await, serde_json::json!({"user_id": "ann", "channel_id": "c1", "status": "offline"}));
-        assert_eq!(presence.online("c1").await.unwrap(), vec![user("bob", Status::Online)]);
+        assert_eq!(
+            next(&mut sub).await,
+            serde_json::json!({"user_id": "ann", "channel_id": "c1", "status": "offline"})
+        );
+        assert_eq!(
+            presence.online("c1").await.unwrap(),
+            vec![user("bob", Status::Online)]
+        );
         drop(bob);
         assert_eq!(next(&mut sub).await["status"], "offline");
         assert!(presence.online("c1").await.unwrap().is_empty());
@@ -208,12 +252,18 @@ mod tests {
         next(&mut c1).await;
         next(&mut c2).await;
         presence.set_status("ann", Status::Away).await.unwrap();
-        assert_eq!(next(&mut c1).await, serde_json::json!({"user_id": "ann", "channel_id": "c1", "status": "away"}));
+        assert_eq!(
+            next(&mut c1).await,
+            serde_json::json!({"user_id": "ann", "channel_id": "c1", "status": "away"})
+        );
         assert_eq!(next(&mut c2).await["status"], "away");
         // Setting the same status again is no transition.
         presence.set_status("ann", Status::Away).await.unwrap();
         quiet(&mut c1).await;
-        assert_eq!(presence.online("c1").await.unwrap(), vec![user("ann", Status::Away)]);
+        assert_eq!(
+            presence.online("c1").await.unwrap(),
+            vec![user("ann", Status::Away)]
+        );
     }
 
     #[tokio::test]
@@ -234,10 +284,15 @@ mod tests {
         }
         // Whatever was announced, the last word is not "online".
         let mut last = None;
-        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(100), sub.recv()).await
+        {
             last = Some(event.event.payload["status"].clone());
         }
-        assert!(last.is_none() || last == Some(serde_json::json!("offline")), "{last:?}");
+        assert!(
+            last.is_none() || last == Some(serde_json::json!("offline")),
+            "{last:?}"
+        );
         assert!(presence.online("c1").await.unwrap().is_empty());
     }
 }

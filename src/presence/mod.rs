@@ -49,7 +49,9 @@ use crate::event::{topic, NewEvent};
 pub const PRESENCE_UPDATED: &str = "presence.updated";
 
 /// A status a user sets for themselves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, async_graphql::Enum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, async_graphql::Enum,
+)]
 #[serde(rename_all = "lowercase")]
 #[graphql(name = "PresenceStatus")]
 pub enum Status {
@@ -174,7 +176,11 @@ struct Tables {
 
 impl Registry {
     pub(crate) fn new(entries: IntGauge) -> Arc<Self> {
-        Arc::new(Self { tables: Mutex::new(Tables::default()), wake: Notify::new(), entries })
+        Arc::new(Self {
+            tables: Mutex::new(Tables::default()),
+            wake: Notify::new(),
+            entries,
+        })
     }
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -186,11 +192,19 @@ impl Registry {
     pub(crate) fn join(self: &Arc<Self>, channel_id: &str, user_id: &str) -> PresenceGuard {
         let first = {
             let mut t = self.tables();
-            let count = t.channels.entry(channel_id.to_owned()).or_default().entry(user_id.to_owned()).or_insert(0);
+            let count = t
+                .channels
+                .entry(channel_id.to_owned())
+                .or_default()
+                .entry(user_id.to_owned())
+                .or_insert(0);
             *count += 1;
             let first = *count == 1;
             if first {
-                t.users.entry(user_id.to_owned()).or_default().insert(channel_id.to_owned());
+                t.users
+                    .entry(user_id.to_owned())
+                    .or_default()
+                    .insert(channel_id.to_owned());
                 t.dirty.insert((channel_id.to_owned(), user_id.to_owned()));
             }
             first
@@ -199,14 +213,22 @@ impl Registry {
             self.entries.inc();
             self.wake.notify_one();
         }
-        PresenceGuard { registry: self.clone(), channel_id: channel_id.to_owned(), user_id: user_id.to_owned() }
+        PresenceGuard {
+            registry: self.clone(),
+            channel_id: channel_id.to_owned(),
+            user_id: user_id.to_owned(),
+        }
     }
 
     fn leave(&self, channel_id: &str, user_id: &str) {
         let last = {
             let mut t = self.tables();
-            let Some(users) = t.channels.get_mut(channel_id) else { return };
-            let Some(count) = users.get_mut(user_id) else { return };
+            let Some(users) = t.channels.get_mut(channel_id) else {
+                return;
+            };
+            let Some(count) = users.get_mut(user_id) else {
+                return;
+            };
             *count -= 1;
             if *count > 0 {
                 return;
@@ -242,7 +264,10 @@ impl Registry {
         dirty
             .into_iter()
             .map(|pair| {
-                let held = t.channels.get(&pair.0).is_some_and(|users| users.contains_key(&pair.1));
+                let held = t
+                    .channels
+                    .get(&pair.0)
+                    .is_some_and(|users| users.contains_key(&pair.1));
                 (pair, held)
             })
             .collect()
@@ -257,7 +282,10 @@ impl Registry {
     /// Whether `user_id` is present in `channel_id` on this node.
     #[cfg(test)]
     pub(crate) fn holds(&self, channel_id: &str, user_id: &str) -> bool {
-        self.tables().channels.get(channel_id).is_some_and(|users| users.contains_key(user_id))
+        self.tables()
+            .channels
+            .get(channel_id)
+            .is_some_and(|users| users.contains_key(user_id))
     }
 
     /// Every present pair on this node.
@@ -265,18 +293,30 @@ impl Registry {
         let t = self.tables();
         t.channels
             .iter()
-            .flat_map(|(channel, users)| users.keys().map(move |user| (channel.clone(), user.clone())))
+            .flat_map(|(channel, users)| {
+                users
+                    .keys()
+                    .map(move |user| (channel.clone(), user.clone()))
+            })
             .collect()
     }
 
     /// The users present in `channel_id` on this node.
     pub(crate) fn users_in(&self, channel_id: &str) -> Vec<String> {
-        self.tables().channels.get(channel_id).map(|users| users.keys().cloned().collect()).unwrap_or_default()
+        self.tables()
+            .channels
+            .get(channel_id)
+            .map(|users| users.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The channels `user_id` is present in on this node.
     pub(crate) fn channels_of(&self, user_id: &str) -> Vec<String> {
-        self.tables().users.get(user_id).map(|c| c.iter().cloned().collect()).unwrap_or_default()
+        self.tables()
+            .users
+            .get(user_id)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Whether `user_id` is present in any channel on this node.
@@ -323,13 +363,26 @@ mod tests {
         let a = r.join("c1", "ann");
         let b = r.join("c1", "ann");
         let c = r.join("c2", "ann");
-        assert_eq!(r.entries.get(), 2, "one entry per pair, however many connections");
+        assert_eq!(
+            r.entries.get(),
+            2,
+            "one entry per pair, however many connections"
+        );
         let mut dirty: Vec<_> = r.take_dirty();
         dirty.sort();
-        assert_eq!(dirty, vec![(("c1".into(), "ann".into()), true), (("c2".into(), "ann".into()), true)]);
+        assert_eq!(
+            dirty,
+            vec![
+                (("c1".into(), "ann".into()), true),
+                (("c2".into(), "ann".into()), true)
+            ]
+        );
         drop(a);
         assert!(r.holds("c1", "ann"));
-        assert!(r.take_dirty().is_empty(), "a leave that is not the last changes nothing");
+        assert!(
+            r.take_dirty().is_empty(),
+            "a leave that is not the last changes nothing"
+        );
         drop(b);
         assert!(!r.holds("c1", "ann"));
         assert_eq!(r.take_dirty(), vec![(("c1".into(), "ann".into()), false)]);

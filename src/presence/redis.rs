@@ -45,7 +45,10 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{AsyncConnectionConfig, FromRedisValue, Script, ScriptInvocation};
 use deadpool_redis::{Connection, Manager, Pool, Runtime};
 
-use super::{updated_event, OnlineUser, Pair, Presence, PresenceError, PresenceGuard, Registry, Status, TaskGuard, OFFLINE};
+use super::{
+    updated_event, OnlineUser, Pair, Presence, PresenceError, PresenceGuard, Registry, Status,
+    TaskGuard, OFFLINE,
+};
 use crate::hub::Hub;
 use crate::telemetry::metrics::Metrics;
 
@@ -253,13 +256,18 @@ struct Shared {
 impl RedisPresence {
     /// Presence on the Redis at `opts.url`, announced through `hub`.
     /// Connects lazily: only a malformed URL fails here.
-    pub fn new(opts: RedisPresenceOptions, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn new(
+        opts: RedisPresenceOptions,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         // As in the store: the call's own deadline bounds every command, so
         // the client's shorter response timeout is turned off.
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(opts.command_timeout))
             .set_response_timeout(None);
-        let manager = Manager::new_with_config(opts.url.as_str(), connection).map_err(|e| e.to_string())?;
+        let manager =
+            Manager::new_with_config(opts.url.as_str(), connection).map_err(|e| e.to_string())?;
         let pool = Pool::builder(manager)
             .max_size(opts.pool_size.max(1))
             .wait_timeout(Some(opts.command_timeout))
@@ -277,8 +285,14 @@ impl RedisPresence {
             scripts: Scripts::new(),
             metrics,
         });
-        let tasks = [TaskGuard::spawn(write(shared.clone())), TaskGuard::spawn(sweep(shared.clone()))];
-        Ok(Self { shared, _tasks: tasks })
+        let tasks = [
+            TaskGuard::spawn(write(shared.clone())),
+            TaskGuard::spawn(sweep(shared.clone())),
+        ];
+        Ok(Self {
+            shared,
+            _tasks: tasks,
+        })
     }
 }
 
@@ -286,7 +300,12 @@ impl Shared {
     /// One script on a pooled connection, within the command timeout.
     async fn run<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, String> {
         let deadline = tokio::time::Instant::now() + self.opts.command_timeout;
-        let too_late = || format!("Redis did not answer within {:?}", self.opts.command_timeout);
+        let too_late = || {
+            format!(
+                "Redis did not answer within {:?}",
+                self.opts.command_timeout
+            )
+        };
         let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(format!("no Redis connection: {e}")),
@@ -349,13 +368,20 @@ impl Shared {
     async fn announce(&self, channel_id: &str, user_id: &str, status: &str) {
         // A refused publish (the bus is down, an id that is no topic) is
         // counted by the hub; the presence entries themselves are right.
-        let _ = self.hub.publish(updated_event(channel_id, user_id, status)).await;
+        let _ = self
+            .hub
+            .publish(updated_event(channel_id, user_id, status))
+            .await;
     }
 
     /// Writes the pairs that changed: joins as leases, last leaves as
     /// releases. Failed pairs go back for the next round.
     async fn write_changes(&self) -> Result<(), String> {
-        let (held, left): (Vec<_>, Vec<_>) = self.registry.take_dirty().into_iter().partition(|(_, held)| *held);
+        let (held, left): (Vec<_>, Vec<_>) = self
+            .registry
+            .take_dirty()
+            .into_iter()
+            .partition(|(_, held)| *held);
         let held: Vec<Pair> = held.into_iter().map(|(pair, _)| pair).collect();
         let left: Vec<Pair> = left.into_iter().map(|(pair, _)| pair).collect();
         let mut failure = None;
@@ -440,7 +466,9 @@ impl Presence for RedisPresence {
     async fn set_status(&self, user_id: &str, status: Status) -> Result<(), PresenceError> {
         let shared = &self.shared;
         let mut inv = shared.invocation(&shared.scripts.set_status);
-        inv.arg(user_id).arg(status.as_str()).arg(shared.opts.ttl.as_millis() as u64);
+        inv.arg(user_id)
+            .arg(status.as_str())
+            .arg(shared.opts.ttl.as_millis() as u64);
         let channels: Vec<String> = shared.run(&inv).await.map_err(PresenceError::Unavailable)?;
         for channel in channels {
             shared.announce(&channel, user_id, status.as_str()).await;
@@ -481,7 +509,11 @@ mod tests {
     /// every announcement, whichever node makes it, is seen (and counted)
     /// in one place.
     fn bus() -> Arc<Hub> {
-        Hub::new(Arc::new(MemoryBroker::default()), Arc::new(Metrics::new()), 256)
+        Hub::new(
+            Arc::new(MemoryBroker::default()),
+            Arc::new(Metrics::new()),
+            256,
+        )
     }
 
     fn node(server: &RedisServer, hub: &Arc<Hub>) -> RedisPresence {
@@ -498,7 +530,10 @@ mod tests {
     }
 
     async fn next(sub: &mut Subscription) -> serde_json::Value {
-        let event = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await.expect("an announcement").unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("an announcement")
+            .unwrap();
         assert_eq!(event.event.kind, "presence.updated");
         event.event.payload.clone()
     }
@@ -506,11 +541,20 @@ mod tests {
     /// Asserts that nothing is announced for `wait`.
     async fn quiet(sub: &mut Subscription, wait: Duration) {
         let more = tokio::time::timeout(wait, sub.recv()).await;
-        assert!(more.is_err(), "unexpected announcement: {:?}", more.map(|e| e.map(|e| e.event.payload.clone())));
+        assert!(
+            more.is_err(),
+            "unexpected announcement: {:?}",
+            more.map(|e| e.map(|e| e.event.payload.clone()))
+        );
     }
 
     async fn online_ids(p: &RedisPresence, channel: &str) -> Vec<String> {
-        p.online(channel).await.unwrap().into_iter().map(|u| u.user_id).collect()
+        p.online(channel)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.user_id)
+            .collect()
     }
 
     /// Polls until `channel` lists exactly `want` on `p`.
@@ -521,7 +565,10 @@ mod tests {
             if ids == want {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{channel}: {ids:?}, expected {want:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{channel}: {ids:?}, expected {want:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -529,7 +576,11 @@ mod tests {
     async fn presence_keys(server: &RedisServer) -> Vec<String> {
         let client = deadpool_redis::redis::Client::open(server.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        deadpool_redis::redis::cmd("KEYS").arg("subgate:presence:*").query_async(&mut conn).await.unwrap()
+        deadpool_redis::redis::cmd("KEYS")
+            .arg("subgate:presence:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap()
     }
 
     fn status(payload: &serde_json::Value) -> (&str, &str, &str) {
@@ -565,7 +616,10 @@ mod tests {
         assert_eq!(status(&next(&mut sub).await), ("ann", "c1", "offline"));
         assert!(online_ids(&a, "c1").await.is_empty());
         quiet(&mut sub, TTL).await;
-        assert!(presence_keys(&server).await.is_empty(), "a departed user leaves no key behind");
+        assert!(
+            presence_keys(&server).await.is_empty(),
+            "a departed user leaves no key behind"
+        );
     }
 
     #[tokio::test]
@@ -577,7 +631,10 @@ mod tests {
         let _bob = b.join("c1", "bob");
         let ann = a.join("c1", "ann");
         eventually(&b, "c1", &["ann", "bob"]).await;
-        let mut came = vec![status(&next(&mut sub).await).0.to_owned(), status(&next(&mut sub).await).0.to_owned()];
+        let mut came = vec![
+            status(&next(&mut sub).await).0.to_owned(),
+            status(&next(&mut sub).await).0.to_owned(),
+        ];
         came.sort();
         assert_eq!(came, ["ann", "bob"]);
 
@@ -589,7 +646,10 @@ mod tests {
         assert_eq!(online_ids(&b, "c1").await, ["ann", "bob"]);
         assert_eq!(status(&next(&mut sub).await), ("ann", "c1", "offline"));
         let took = killed.elapsed();
-        assert!(took <= TTL + Duration::from_millis(500), "offline after {took:?}, TTL {TTL:?}");
+        assert!(
+            took <= TTL + Duration::from_millis(500),
+            "offline after {took:?}, TTL {TTL:?}"
+        );
         assert_eq!(online_ids(&b, "c1").await, ["bob"]);
         // Bob's node keeps renewing him; nothing else is announced, and the
         // offline announcement was made once (two sweepers were running
@@ -604,12 +664,18 @@ mod tests {
         let hub = bus();
         let mut sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
         let dying = node(&server, &hub);
-        let guards: Vec<_> = (0..20).map(|i| dying.join("c1", &format!("u{i:02}"))).collect();
+        let guards: Vec<_> = (0..20)
+            .map(|i| dying.join("c1", &format!("u{i:02}")))
+            .collect();
         for _ in 0..20 {
             next(&mut sub).await;
         }
         // Three live nodes sweep concurrently.
-        let survivors = [node(&server, &hub), node(&server, &hub), node(&server, &hub)];
+        let survivors = [
+            node(&server, &hub),
+            node(&server, &hub),
+            node(&server, &hub),
+        ];
         drop(dying);
         drop(guards);
         let mut offline = Vec::new();
@@ -624,7 +690,10 @@ mod tests {
         assert_eq!(offline.len(), 20);
         quiet(&mut sub, TTL).await;
         assert!(online_ids(&survivors[0], "c1").await.is_empty());
-        assert!(presence_keys(&server).await.is_empty(), "the sweep leaves no key behind");
+        assert!(
+            presence_keys(&server).await.is_empty(),
+            "the sweep leaves no key behind"
+        );
     }
 
     #[tokio::test]
@@ -643,7 +712,13 @@ mod tests {
         a.set_status("ann", Status::Away).await.unwrap();
         assert_eq!(status(&next(&mut c1).await), ("ann", "c1", "away"));
         assert_eq!(status(&next(&mut c2).await), ("ann", "c2", "away"));
-        assert_eq!(b.online("c1").await.unwrap(), vec![OnlineUser { user_id: "ann".into(), status: Status::Away }]);
+        assert_eq!(
+            b.online("c1").await.unwrap(),
+            vec![OnlineUser {
+                user_id: "ann".into(),
+                status: Status::Away
+            }]
+        );
         // No change, no announcement; and the status outlives a TTL while
         // the user stays (the refresh renews it).
         b.set_status("ann", Status::Away).await.unwrap();
@@ -663,7 +738,10 @@ mod tests {
         let _g = a.join("c1", "ann");
         eventually(&a, "c1", &["ann"]).await;
         server.stop();
-        assert!(matches!(a.online("c1").await, Err(PresenceError::Unavailable(_))));
+        assert!(matches!(
+            a.online("c1").await,
+            Err(PresenceError::Unavailable(_))
+        ));
         assert!(a.set_status("ann", Status::Busy).await.is_err());
         // Back, empty: the next refresh puts the node's users back.
         let _server = RedisServer::start_on(server.port());

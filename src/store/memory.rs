@@ -35,9 +35,14 @@ impl Index {
     fn page(&self, req: PageRequest, dir: Direction) -> (Vec<(u64, String)>, usize, bool, bool) {
         let take = req.first;
         let (mut items, has_prev): (Vec<(u64, String)>, bool) = match (dir, req.after) {
-            (Direction::OldestFirst, None) => {
-                (self.by_seq.iter().take(take + 1).map(|(s, i)| (*s, i.clone())).collect(), false)
-            }
+            (Direction::OldestFirst, None) => (
+                self.by_seq
+                    .iter()
+                    .take(take + 1)
+                    .map(|(s, i)| (*s, i.clone()))
+                    .collect(),
+                false,
+            ),
             (Direction::OldestFirst, Some(after)) => (
                 self.by_seq
                     .range((Bound::Excluded(after), Bound::Unbounded))
@@ -46,11 +51,22 @@ impl Index {
                     .collect(),
                 self.by_seq.range(..=after).next().is_some(),
             ),
-            (Direction::NewestFirst, None) => {
-                (self.by_seq.iter().rev().take(take + 1).map(|(s, i)| (*s, i.clone())).collect(), false)
-            }
+            (Direction::NewestFirst, None) => (
+                self.by_seq
+                    .iter()
+                    .rev()
+                    .take(take + 1)
+                    .map(|(s, i)| (*s, i.clone()))
+                    .collect(),
+                false,
+            ),
             (Direction::NewestFirst, Some(after)) => (
-                self.by_seq.range(..after).rev().take(take + 1).map(|(s, i)| (*s, i.clone())).collect(),
+                self.by_seq
+                    .range(..after)
+                    .rev()
+                    .take(take + 1)
+                    .map(|(s, i)| (*s, i.clone()))
+                    .collect(),
                 self.by_seq.range(after..).next().is_some(),
             ),
         };
@@ -120,7 +136,9 @@ fn page_of<T: Clone>(
     req: PageRequest,
     dir: Direction,
 ) -> Page<T> {
-    let Some(index) = index else { return Page::empty() };
+    let Some(index) = index else {
+        return Page::empty();
+    };
     let (ids, total_count, has_next_page, has_previous_page) = index.page(req, dir);
     Page {
         items: ids
@@ -157,18 +175,30 @@ impl Store for MemoryStore {
         let seq = d.next_seq();
         d.emails.insert(key, user.id.clone());
         d.user_index.insert(seq, user.id.clone());
-        d.users.insert(user.id.clone(), Row { seq, value: user.clone() });
+        d.users.insert(
+            user.id.clone(),
+            Row {
+                seq,
+                value: user.clone(),
+            },
+        );
         Ok(user)
     }
 
     async fn get_users(&self, ids: &[String]) -> StoreResult<Vec<Option<User>>> {
         let d = self.lock();
-        Ok(ids.iter().map(|id| d.users.get(id).map(|r| r.value.clone())).collect())
+        Ok(ids
+            .iter()
+            .map(|id| d.users.get(id).map(|r| r.value.clone()))
+            .collect())
     }
 
     async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
         let d = self.lock();
-        Ok(d.emails.get(&email_key(email)).and_then(|id| d.users.get(id)).map(|r| r.value.clone()))
+        Ok(d.emails
+            .get(&email_key(email))
+            .and_then(|id| d.users.get(id))
+            .map(|r| r.value.clone()))
     }
 
     async fn update_user(&self, id: &str, patch: UserPatch) -> StoreResult<User> {
@@ -206,23 +236,52 @@ impl Store for MemoryStore {
 
     async fn list_users(&self, page: PageRequest) -> StoreResult<Page<User>> {
         let d = self.lock();
-        Ok(page_of(Some(&d.user_index), &d.users, page, Direction::OldestFirst))
+        Ok(page_of(
+            Some(&d.user_index),
+            &d.users,
+            page,
+            Direction::OldestFirst,
+        ))
     }
 
-    async fn create_post(&self, author_id: &str, title: String, content: String) -> StoreResult<Post> {
+    async fn create_post(
+        &self,
+        author_id: &str,
+        title: String,
+        content: String,
+    ) -> StoreResult<Post> {
         let mut d = self.lock();
         let now = Utc::now();
-        let post = Post { id: new_id(), author_id: author_id.to_owned(), title, content, created_at: now, updated_at: now };
+        let post = Post {
+            id: new_id(),
+            author_id: author_id.to_owned(),
+            title,
+            content,
+            created_at: now,
+            updated_at: now,
+        };
         let seq = d.next_seq();
         d.post_index.insert(seq, post.id.clone());
-        d.posts_by_author.entry(author_id.to_owned()).or_default().insert(seq, post.id.clone());
-        d.posts.insert(post.id.clone(), Row { seq, value: post.clone() });
+        d.posts_by_author
+            .entry(author_id.to_owned())
+            .or_default()
+            .insert(seq, post.id.clone());
+        d.posts.insert(
+            post.id.clone(),
+            Row {
+                seq,
+                value: post.clone(),
+            },
+        );
         Ok(post)
     }
 
     async fn get_posts(&self, ids: &[String]) -> StoreResult<Vec<Option<Post>>> {
         let d = self.lock();
-        Ok(ids.iter().map(|id| d.posts.get(id).map(|r| r.value.clone())).collect())
+        Ok(ids
+            .iter()
+            .map(|id| d.posts.get(id).map(|r| r.value.clone()))
+            .collect())
     }
 
     async fn update_post(&self, id: &str, patch: PostPatch) -> StoreResult<Post> {
@@ -248,7 +307,11 @@ impl Store for MemoryStore {
         Ok(row.value)
     }
 
-    async fn list_posts(&self, author_id: Option<&str>, page: PageRequest) -> StoreResult<Page<Post>> {
+    async fn list_posts(
+        &self,
+        author_id: Option<&str>,
+        page: PageRequest,
+    ) -> StoreResult<Page<Post>> {
         let d = self.lock();
         let index = match author_id {
             Some(author) => d.posts_by_author.get(author),
@@ -257,7 +320,12 @@ impl Store for MemoryStore {
         Ok(page_of(index, &d.posts, page, Direction::NewestFirst))
     }
 
-    async fn create_comment(&self, post_id: &str, author_id: &str, content: String) -> StoreResult<Comment> {
+    async fn create_comment(
+        &self,
+        post_id: &str,
+        author_id: &str,
+        content: String,
+    ) -> StoreResult<Comment> {
         let mut d = self.lock();
         if !d.posts.contains_key(post_id) {
             return Err(StoreError::NotFound);
@@ -270,14 +338,28 @@ impl Store for MemoryStore {
             created_at: Utc::now(),
         };
         let seq = d.next_seq();
-        d.comments_by_post.entry(post_id.to_owned()).or_default().insert(seq, comment.id.clone());
-        d.comments.insert(comment.id.clone(), Row { seq, value: comment.clone() });
+        d.comments_by_post
+            .entry(post_id.to_owned())
+            .or_default()
+            .insert(seq, comment.id.clone());
+        d.comments.insert(
+            comment.id.clone(),
+            Row {
+                seq,
+                value: comment.clone(),
+            },
+        );
         Ok(comment)
     }
 
     async fn list_comments(&self, post_id: &str, page: PageRequest) -> StoreResult<Page<Comment>> {
         let d = self.lock();
-        Ok(page_of(d.comments_by_post.get(post_id), &d.comments, page, Direction::OldestFirst))
+        Ok(page_of(
+            d.comments_by_post.get(post_id),
+            &d.comments,
+            page,
+            Direction::OldestFirst,
+        ))
     }
 
     async fn create_channel(
@@ -304,13 +386,22 @@ impl Store for MemoryStore {
         };
         let seq = d.next_seq();
         d.channel_index.insert(seq, channel.id.clone());
-        d.channels.insert(channel.id.clone(), Row { seq, value: channel.clone() });
+        d.channels.insert(
+            channel.id.clone(),
+            Row {
+                seq,
+                value: channel.clone(),
+            },
+        );
         Ok(channel)
     }
 
     async fn get_channels(&self, ids: &[String]) -> StoreResult<Vec<Option<Channel>>> {
         let d = self.lock();
-        Ok(ids.iter().map(|id| d.channels.get(id).map(|r| r.value.clone())).collect())
+        Ok(ids
+            .iter()
+            .map(|id| d.channels.get(id).map(|r| r.value.clone()))
+            .collect())
     }
 
     async fn add_channel_member(&self, channel_id: &str, user_id: &str) -> StoreResult<Channel> {
@@ -324,10 +415,20 @@ impl Store for MemoryStore {
 
     async fn list_channels(&self, page: PageRequest) -> StoreResult<Page<Channel>> {
         let d = self.lock();
-        Ok(page_of(Some(&d.channel_index), &d.channels, page, Direction::OldestFirst))
+        Ok(page_of(
+            Some(&d.channel_index),
+            &d.channels,
+            page,
+            Direction::OldestFirst,
+        ))
     }
 
-    async fn create_message(&self, channel_id: &str, author_id: &str, content: String) -> StoreResult<Message> {
+    async fn create_message(
+        &self,
+        channel_id: &str,
+        author_id: &str,
+        content: String,
+    ) -> StoreResult<Message> {
         let mut d = self.lock();
         if !d.channels.contains_key(channel_id) {
             return Err(StoreError::NotFound);
@@ -340,14 +441,32 @@ impl Store for MemoryStore {
             created_at: Utc::now(),
         };
         let seq = d.next_seq();
-        d.messages_by_channel.entry(channel_id.to_owned()).or_default().insert(seq, message.id.clone());
-        d.messages.insert(message.id.clone(), Row { seq, value: message.clone() });
+        d.messages_by_channel
+            .entry(channel_id.to_owned())
+            .or_default()
+            .insert(seq, message.id.clone());
+        d.messages.insert(
+            message.id.clone(),
+            Row {
+                seq,
+                value: message.clone(),
+            },
+        );
         Ok(message)
     }
 
-    async fn list_messages(&self, channel_id: &str, page: PageRequest) -> StoreResult<Page<Message>> {
+    async fn list_messages(
+        &self,
+        channel_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Message>> {
         let d = self.lock();
-        Ok(page_of(d.messages_by_channel.get(channel_id), &d.messages, page, Direction::NewestFirst))
+        Ok(page_of(
+            d.messages_by_channel.get(channel_id),
+            &d.messages,
+            page,
+            Direction::NewestFirst,
+        ))
     }
 
     async fn create_notification(
@@ -368,14 +487,32 @@ impl Store for MemoryStore {
             created_at: Utc::now(),
         };
         let seq = d.next_seq();
-        d.notifications_by_user.entry(user_id.to_owned()).or_default().insert(seq, notification.id.clone());
-        d.notifications.insert(notification.id.clone(), Row { seq, value: notification.clone() });
+        d.notifications_by_user
+            .entry(user_id.to_owned())
+            .or_default()
+            .insert(seq, notification.id.clone());
+        d.notifications.insert(
+            notification.id.clone(),
+            Row {
+                seq,
+                value: notification.clone(),
+            },
+        );
         Ok(notification)
     }
 
-    async fn list_notifications(&self, user_id: &str, page: PageRequest) -> StoreResult<Page<Notification>> {
+    async fn list_notifications(
+        &self,
+        user_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Notification>> {
         let d = self.lock();
-        Ok(page_of(d.notifications_by_user.get(user_id), &d.notifications, page, Direction::NewestFirst))
+        Ok(page_of(
+            d.notifications_by_user.get(user_id),
+            &d.notifications,
+            page,
+            Direction::NewestFirst,
+        ))
     }
 
     async fn mark_notification_read(&self, user_id: &str, id: &str) -> StoreResult<Notification> {
@@ -389,7 +526,9 @@ impl Store for MemoryStore {
     }
 
     async fn set_topic_readers(&self, topic: &str, readers: &TopicReaders) -> StoreResult<()> {
-        self.lock().topic_readers.insert(topic.to_owned(), readers.clone());
+        self.lock()
+            .topic_readers
+            .insert(topic.to_owned(), readers.clone());
         Ok(())
     }
 

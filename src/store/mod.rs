@@ -14,9 +14,10 @@
 //!
 //! Implementations: [`memory::MemoryStore`]; the Redis store plugs in here.
 
+#[cfg(test)]
+mod conformance;
 pub mod memory;
 pub mod redis;
-#[cfg(test)] mod conformance;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -135,7 +136,12 @@ pub struct Page<T> {
 
 impl<T> Page<T> {
     pub fn empty() -> Self {
-        Self { items: Vec::new(), total_count: 0, has_next_page: false, has_previous_page: false }
+        Self {
+            items: Vec::new(),
+            total_count: 0,
+            has_next_page: false,
+            has_previous_page: false,
+        }
     }
 }
 
@@ -184,14 +190,28 @@ pub trait Store: Send + Sync + 'static {
     /// Oldest first.
     async fn list_users(&self, page: PageRequest) -> StoreResult<Page<User>>;
 
-    async fn create_post(&self, author_id: &str, title: String, content: String) -> StoreResult<Post>;
+    async fn create_post(
+        &self,
+        author_id: &str,
+        title: String,
+        content: String,
+    ) -> StoreResult<Post>;
     async fn get_posts(&self, ids: &[String]) -> StoreResult<Vec<Option<Post>>>;
     async fn update_post(&self, id: &str, patch: PostPatch) -> StoreResult<Post>;
     async fn delete_post(&self, id: &str) -> StoreResult<Post>;
     /// Newest first; only `author_id`'s when given.
-    async fn list_posts(&self, author_id: Option<&str>, page: PageRequest) -> StoreResult<Page<Post>>;
+    async fn list_posts(
+        &self,
+        author_id: Option<&str>,
+        page: PageRequest,
+    ) -> StoreResult<Page<Post>>;
 
-    async fn create_comment(&self, post_id: &str, author_id: &str, content: String) -> StoreResult<Comment>;
+    async fn create_comment(
+        &self,
+        post_id: &str,
+        author_id: &str,
+        content: String,
+    ) -> StoreResult<Comment>;
     /// Oldest first.
     async fn list_comments(&self, post_id: &str, page: PageRequest) -> StoreResult<Page<Comment>>;
 
@@ -208,9 +228,18 @@ pub trait Store: Send + Sync + 'static {
     /// Oldest first.
     async fn list_channels(&self, page: PageRequest) -> StoreResult<Page<Channel>>;
 
-    async fn create_message(&self, channel_id: &str, author_id: &str, content: String) -> StoreResult<Message>;
+    async fn create_message(
+        &self,
+        channel_id: &str,
+        author_id: &str,
+        content: String,
+    ) -> StoreResult<Message>;
     /// Newest first.
-    async fn list_messages(&self, channel_id: &str, page: PageRequest) -> StoreResult<Page<Message>>;
+    async fn list_messages(
+        &self,
+        channel_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Message>>;
 
     async fn create_notification(
         &self,
@@ -220,7 +249,11 @@ pub trait Store: Send + Sync + 'static {
         payload: serde_json::Value,
     ) -> StoreResult<Notification>;
     /// Newest first.
-    async fn list_notifications(&self, user_id: &str, page: PageRequest) -> StoreResult<Page<Notification>>;
+    async fn list_notifications(
+        &self,
+        user_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Notification>>;
     /// Marks one of `user_id`'s notifications read.
     async fn mark_notification_read(&self, user_id: &str, id: &str) -> StoreResult<Notification>;
 
@@ -249,12 +282,26 @@ mod tests {
     fn readers_rules_read_as_the_publish_body_writes_them() {
         let parse = |s: &str| serde_json::from_str::<TopicReaders>(s);
         assert_eq!(parse(r#""public""#).unwrap(), TopicReaders::Public);
-        assert_eq!(parse(r#""authenticated""#).unwrap(), TopicReaders::Authenticated);
-        assert_eq!(parse(r#"{"users":["a","b"]}"#).unwrap(), TopicReaders::Users(vec!["a".into(), "b".into()]));
-        for bad in [r#""everyone""#, r#"{"users":"a"}"#, r#"{"groups":["a"]}"#, "42"] {
+        assert_eq!(
+            parse(r#""authenticated""#).unwrap(),
+            TopicReaders::Authenticated
+        );
+        assert_eq!(
+            parse(r#"{"users":["a","b"]}"#).unwrap(),
+            TopicReaders::Users(vec!["a".into(), "b".into()])
+        );
+        for bad in [
+            r#""everyone""#,
+            r#"{"users":"a"}"#,
+            r#"{"groups":["a"]}"#,
+            "42",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(serde_json::to_string(&TopicReaders::Users(vec!["a".into()])).unwrap(), r#"{"users":["a"]}"#);
+        assert_eq!(
+            serde_json::to_string(&TopicReaders::Users(vec!["a".into()])).unwrap(),
+            r#"{"users":["a"]}"#
+        );
     }
 
     #[test]

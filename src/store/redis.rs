@@ -52,7 +52,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_redis::redis::{
-    self, AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation,
+    self, AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisError, Script,
+    ScriptInvocation,
 };
 use deadpool_redis::{Connection, Manager, Pool, PoolError, Runtime};
 
@@ -85,13 +86,19 @@ impl RedisStore {
     ///
     /// Connects lazily: only a malformed `url` fails here. Each call may take
     /// at most `command_timeout`, waiting for a pooled connection included.
-    pub fn new(url: &str, prefix: &str, pool_size: usize, command_timeout: Duration) -> Result<Self, StoreError> {
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        pool_size: usize,
+        command_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         // The client would otherwise time responses out after its own 500 ms;
         // our deadline bounds every call instead, so the configured timeout
         // is the one that applies. Connecting keeps a bound of its own
         // because the pool may also connect outside any call.
-        let connection =
-            AsyncConnectionConfig::new().set_connection_timeout(Some(command_timeout)).set_response_timeout(None);
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(command_timeout))
+            .set_response_timeout(None);
         let manager = Manager::new_with_config(url, connection)
             .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
         let pool = Pool::builder(manager)
@@ -105,7 +112,9 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("cannot build the Redis pool: {e}")))?;
         Ok(Self {
             pool,
-            keys: Keys { prefix: prefix.to_owned() },
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
             scripts: Scripts::new(),
             command_timeout,
             health: Health::default(),
@@ -164,7 +173,12 @@ impl RedisStore {
     /// Takes a connection and sends the request, both within one deadline.
     async fn attempt<T: FromRedisValue>(&self, request: Request<'_>) -> Result<T, Failure> {
         let deadline = tokio::time::Instant::now() + self.command_timeout;
-        let too_late = || Failure::Connection(format!("Redis did not answer within {:?}", self.command_timeout));
+        let too_late = || {
+            Failure::Connection(format!(
+                "Redis did not answer within {:?}",
+                self.command_timeout
+            ))
+        };
         let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
             Ok(got) => got.map_err(Failure::from_pool)?,
             Err(_) => return Err(too_late()),
@@ -211,7 +225,11 @@ impl RedisStore {
         let found = self.hashes(ids.iter().map(|id| key(id))).await?;
         found
             .into_iter()
-            .map(|fields| Record::found(fields, "").map(|r| decode(r).map(|(_, v)| v)).transpose())
+            .map(|fields| {
+                Record::found(fields, "")
+                    .map(|r| decode(r).map(|(_, v)| v))
+                    .transpose()
+            })
             .collect()
     }
 
@@ -233,11 +251,23 @@ impl RedisStore {
         match (dir, req.after) {
             (Direction::OldestFirst, after) => {
                 let min = after.map_or_else(|| "-inf".to_owned(), |a| format!("({a}"));
-                pipe.cmd("ZRANGEBYSCORE").arg(list).arg(min).arg("+inf").arg("LIMIT").arg(0).arg(take + 1);
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(list)
+                    .arg(min)
+                    .arg("+inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(take + 1);
             }
             (Direction::NewestFirst, after) => {
                 let max = after.map_or_else(|| "+inf".to_owned(), |a| format!("({a}"));
-                pipe.cmd("ZREVRANGEBYSCORE").arg(list).arg(max).arg("-inf").arg("LIMIT").arg(0).arg(take + 1);
+                pipe.cmd("ZREVRANGEBYSCORE")
+                    .arg(list)
+                    .arg(max)
+                    .arg("-inf")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(take + 1);
             }
         }
         pipe.cmd("ZCARD").arg(list);
@@ -250,7 +280,8 @@ impl RedisStore {
             Direction::OldestFirst => pipe.cmd("ZCOUNT").arg(list).arg("-inf").arg(after),
             Direction::NewestFirst => pipe.cmd("ZCOUNT").arg(list).arg(after).arg("+inf"),
         };
-        let (mut ids, total_count, before): (Vec<String>, usize, usize) = self.call(Request::Pipe(&pipe)).await?;
+        let (mut ids, total_count, before): (Vec<String>, usize, usize) =
+            self.call(Request::Pipe(&pipe)).await?;
         let has_next_page = ids.len() > take;
         ids.truncate(take);
         let mut items = Vec::with_capacity(ids.len());
@@ -261,7 +292,12 @@ impl RedisStore {
                 items.push(decode(record)?);
             }
         }
-        Ok(Page { items, total_count, has_next_page, has_previous_page: req.after.is_some() && before > 0 })
+        Ok(Page {
+            items,
+            total_count,
+            has_next_page,
+            has_previous_page: req.after.is_some() && before > 0,
+        })
     }
 
     /// Runs the create script: entity and indexes in one step, after
@@ -275,7 +311,10 @@ impl RedisStore {
         fields: &[(&str, String)],
     ) -> StoreResult<u64> {
         let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(self.keys.seq()).key(entity).key(guards).key(indexes);
+        inv.key(self.keys.seq())
+            .key(entity)
+            .key(guards)
+            .key(indexes);
         inv.arg(id).arg(guards.len());
         for (name, value) in fields {
             inv.arg(*name).arg(value);
@@ -292,7 +331,9 @@ impl RedisStore {
             "ok" => Ok(Record { fields, kind }),
             "notfound" => Err(StoreError::NotFound),
             "conflict" => Err(StoreError::Conflict { field: "email" }),
-            other => Err(StoreError::Unavailable(format!("unexpected script status {other:?}"))),
+            other => Err(StoreError::Unavailable(format!(
+                "unexpected script status {other:?}"
+            ))),
         }
     }
 
@@ -349,7 +390,9 @@ impl Failure {
                 e.kind(),
                 ErrorKind::AuthenticationFailed
                     | ErrorKind::Server(
-                        ServerErrorKind::BusyLoading | ServerErrorKind::MasterDown | ServerErrorKind::ReadOnly
+                        ServerErrorKind::BusyLoading
+                            | ServerErrorKind::MasterDown
+                            | ServerErrorKind::ReadOnly
                     )
             );
         if unreachable {
@@ -490,16 +533,23 @@ impl Record {
     fn malformed(&self, field: &str) -> StoreError {
         // Only a bug or a foreign writer under our prefix gets here; the
         // caller sees an unavailable store rather than a half-read entity.
-        StoreError::Unavailable(format!("malformed {} record in Redis: field {field}", self.kind))
+        StoreError::Unavailable(format!(
+            "malformed {} record in Redis: field {field}",
+            self.kind
+        ))
     }
 
     fn text(&mut self, field: &str) -> StoreResult<String> {
-        self.fields.remove(field).ok_or_else(|| self.malformed(field))
+        self.fields
+            .remove(field)
+            .ok_or_else(|| self.malformed(field))
     }
 
     fn time(&mut self, field: &str) -> StoreResult<DateTime<Utc>> {
         let raw = self.text(field)?;
-        DateTime::parse_from_rfc3339(&raw).map(|t| t.with_timezone(&Utc)).map_err(|_| self.malformed(field))
+        DateTime::parse_from_rfc3339(&raw)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| self.malformed(field))
     }
 
     fn flag(&mut self, field: &str) -> StoreResult<bool> {
@@ -765,7 +815,10 @@ impl Store for RedisStore {
         };
         let normalized = normalize_email(&user.email);
         let mut inv = self.scripts.create_user.prepare_invoke();
-        inv.key(self.keys.email(&normalized)).key(self.keys.seq()).key(self.keys.user(&user.id)).key(self.keys.users());
+        inv.key(self.keys.email(&normalized))
+            .key(self.keys.seq())
+            .key(self.keys.user(&user.id))
+            .key(self.keys.users());
         inv.arg(&user.id);
         for (name, value) in [
             ("id", user.id.clone()),
@@ -791,9 +844,12 @@ impl Store for RedisStore {
 
     async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<User>> {
         let mut inv = self.scripts.user_by_email.prepare_invoke();
-        inv.key(self.keys.email(&normalize_email(email))).arg(self.keys.user_prefix());
+        inv.key(self.keys.email(&normalize_email(email)))
+            .arg(self.keys.user_prefix());
         let fields: Fields = self.call(Request::Script(&inv)).await?;
-        Record::found(fields, "user").map(|r| without_seq(decode_user(r))).transpose()
+        Record::found(fields, "user")
+            .map(|r| without_seq(decode_user(r)))
+            .transpose()
     }
 
     async fn update_user(&self, id: &str, patch: UserPatch) -> StoreResult<User> {
@@ -821,18 +877,39 @@ impl Store for RedisStore {
 
     async fn delete_user(&self, id: &str) -> StoreResult<User> {
         let mut inv = self.scripts.delete_user.prepare_invoke();
-        inv.key(self.keys.user(id)).key(self.keys.users()).arg(id).arg(self.keys.email_prefix());
+        inv.key(self.keys.user(id))
+            .key(self.keys.users())
+            .arg(id)
+            .arg(self.keys.email_prefix());
         without_seq(decode_user(self.outcome(&inv, "user").await?))
     }
 
     async fn list_users(&self, page: PageRequest) -> StoreResult<Page<User>> {
-        self.page(&self.keys.users(), page, Direction::OldestFirst, |id| self.keys.user(id), decode_user).await
+        self.page(
+            &self.keys.users(),
+            page,
+            Direction::OldestFirst,
+            |id| self.keys.user(id),
+            decode_user,
+        )
+        .await
     }
 
-    async fn create_post(&self, author_id: &str, title: String, content: String) -> StoreResult<Post> {
+    async fn create_post(
+        &self,
+        author_id: &str,
+        title: String,
+        content: String,
+    ) -> StoreResult<Post> {
         let now = Utc::now();
-        let post =
-            Post { id: new_id(), author_id: author_id.to_owned(), title, content, created_at: now, updated_at: now };
+        let post = Post {
+            id: new_id(),
+            author_id: author_id.to_owned(),
+            title,
+            content,
+            created_at: now,
+            updated_at: now,
+        };
         self.create(
             self.keys.post(&post.id),
             &post.id,
@@ -863,24 +940,46 @@ impl Store for RedisStore {
         if let Some(content) = patch.content {
             fields.push(("content", content));
         }
-        without_seq(decode_post(self.patch(self.keys.post(id), None, &fields, "post").await?))
+        without_seq(decode_post(
+            self.patch(self.keys.post(id), None, &fields, "post")
+                .await?,
+        ))
     }
 
     async fn delete_post(&self, id: &str) -> StoreResult<Post> {
         let mut inv = self.scripts.delete_post.prepare_invoke();
-        inv.key(self.keys.post(id)).key(self.keys.posts()).arg(id).arg(self.keys.posts_by_author_prefix());
+        inv.key(self.keys.post(id))
+            .key(self.keys.posts())
+            .arg(id)
+            .arg(self.keys.posts_by_author_prefix());
         without_seq(decode_post(self.outcome(&inv, "post").await?))
     }
 
-    async fn list_posts(&self, author_id: Option<&str>, page: PageRequest) -> StoreResult<Page<Post>> {
+    async fn list_posts(
+        &self,
+        author_id: Option<&str>,
+        page: PageRequest,
+    ) -> StoreResult<Page<Post>> {
         let list = match author_id {
             Some(author) => self.keys.posts_by_author(author),
             None => self.keys.posts(),
         };
-        self.page(&list, page, Direction::NewestFirst, |id| self.keys.post(id), decode_post).await
+        self.page(
+            &list,
+            page,
+            Direction::NewestFirst,
+            |id| self.keys.post(id),
+            decode_post,
+        )
+        .await
     }
 
-    async fn create_comment(&self, post_id: &str, author_id: &str, content: String) -> StoreResult<Comment> {
+    async fn create_comment(
+        &self,
+        post_id: &str,
+        author_id: &str,
+        content: String,
+    ) -> StoreResult<Comment> {
         let comment = Comment {
             id: new_id(),
             post_id: post_id.to_owned(),
@@ -907,7 +1006,14 @@ impl Store for RedisStore {
 
     async fn list_comments(&self, post_id: &str, page: PageRequest) -> StoreResult<Page<Comment>> {
         let list = self.keys.comments_of_post(post_id);
-        self.page(&list, page, Direction::OldestFirst, |id| self.keys.comment(id), decode_comment).await
+        self.page(
+            &list,
+            page,
+            Direction::OldestFirst,
+            |id| self.keys.comment(id),
+            decode_comment,
+        )
+        .await
     }
 
     async fn create_channel(
@@ -953,7 +1059,8 @@ impl Store for RedisStore {
     }
 
     async fn get_channels(&self, ids: &[String]) -> StoreResult<Vec<Option<Channel>>> {
-        self.batch(ids, |id| self.keys.channel(id), decode_channel).await
+        self.batch(ids, |id| self.keys.channel(id), decode_channel)
+            .await
     }
 
     async fn add_channel_member(&self, channel_id: &str, user_id: &str) -> StoreResult<Channel> {
@@ -963,10 +1070,22 @@ impl Store for RedisStore {
     }
 
     async fn list_channels(&self, page: PageRequest) -> StoreResult<Page<Channel>> {
-        self.page(&self.keys.channels(), page, Direction::OldestFirst, |id| self.keys.channel(id), decode_channel).await
+        self.page(
+            &self.keys.channels(),
+            page,
+            Direction::OldestFirst,
+            |id| self.keys.channel(id),
+            decode_channel,
+        )
+        .await
     }
 
-    async fn create_message(&self, channel_id: &str, author_id: &str, content: String) -> StoreResult<Message> {
+    async fn create_message(
+        &self,
+        channel_id: &str,
+        author_id: &str,
+        content: String,
+    ) -> StoreResult<Message> {
         let message = Message {
             id: new_id(),
             channel_id: channel_id.to_owned(),
@@ -991,9 +1110,20 @@ impl Store for RedisStore {
         Ok(message)
     }
 
-    async fn list_messages(&self, channel_id: &str, page: PageRequest) -> StoreResult<Page<Message>> {
+    async fn list_messages(
+        &self,
+        channel_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Message>> {
         let list = self.keys.messages_of_channel(channel_id);
-        self.page(&list, page, Direction::NewestFirst, |id| self.keys.message(id), decode_message).await
+        self.page(
+            &list,
+            page,
+            Direction::NewestFirst,
+            |id| self.keys.message(id),
+            decode_message,
+        )
+        .await
     }
 
     async fn create_notification(
@@ -1031,20 +1161,39 @@ impl Store for RedisStore {
         Ok(notification)
     }
 
-    async fn list_notifications(&self, user_id: &str, page: PageRequest) -> StoreResult<Page<Notification>> {
+    async fn list_notifications(
+        &self,
+        user_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Notification>> {
         let list = self.keys.notifications_of_user(user_id);
-        self.page(&list, page, Direction::NewestFirst, |id| self.keys.notification(id), decode_notification).await
+        self.page(
+            &list,
+            page,
+            Direction::NewestFirst,
+            |id| self.keys.notification(id),
+            decode_notification,
+        )
+        .await
     }
 
     async fn mark_notification_read(&self, user_id: &str, id: &str) -> StoreResult<Notification> {
         let key = self.keys.notification(id);
-        let record = self.patch(key, Some(("user_id", user_id)), &[("read", flag(true))], "notification").await?;
+        let record = self
+            .patch(
+                key,
+                Some(("user_id", user_id)),
+                &[("read", flag(true))],
+                "notification",
+            )
+            .await?;
         without_seq(decode_notification(record))
     }
 
     async fn set_topic_readers(&self, topic: &str, readers: &TopicReaders) -> StoreResult<()> {
-        let json = serde_json::to_string(readers)
-            .map_err(|e| StoreError::Unavailable(format!("the readers rule does not encode: {e}")))?;
+        let json = serde_json::to_string(readers).map_err(|e| {
+            StoreError::Unavailable(format!("the readers rule does not encode: {e}"))
+        })?;
         let mut set = redis::cmd("SET");
         set.arg(self.keys.topic_readers(topic)).arg(json);
         let _: () = self.call(Request::Cmd(&set)).await?;
@@ -1056,8 +1205,9 @@ impl Store for RedisStore {
         get.arg(self.keys.topic_readers(topic));
         let json: Option<String> = self.call(Request::Cmd(&get)).await?;
         json.map(|json| {
-            serde_json::from_str(&json)
-                .map_err(|e| StoreError::Unavailable(format!("the readers rule of {topic} does not decode: {e}")))
+            serde_json::from_str(&json).map_err(|e| {
+                StoreError::Unavailable(format!("the readers rule of {topic} does not decode: {e}"))
+            })
         })
         .transpose()
     }
@@ -1090,7 +1240,11 @@ mod tests {
     }
 
     fn new_user(email: &str) -> NewUser {
-        NewUser { email: email.into(), name: "n".into(), password_hash: "h".into() }
+        NewUser {
+            email: email.into(),
+            name: "n".into(),
+            password_hash: "h".into(),
+        }
     }
 
     async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
@@ -1099,13 +1253,19 @@ mod tests {
     }
 
     fn assert_unavailable<T: fmt::Debug>(what: &str, result: StoreResult<T>) {
-        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{what}: expected Unavailable, got {result:?}");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{what}: expected Unavailable, got {result:?}"
+        );
     }
 
     /// Every kind of call fails, and fails fast, while Redis is away. The
     /// calls run together, so together they must finish within one timeout.
     async fn assert_every_call_unavailable(s: &RedisStore) {
-        let page = PageRequest { first: 10, after: None };
+        let page = PageRequest {
+            first: 10,
+            after: None,
+        };
         let ids = ["a".to_owned(), "b".to_owned()];
         let started = Instant::now();
         let (ping, create, get, find, list, send, mark) = tokio::join!(
@@ -1117,7 +1277,11 @@ mod tests {
             s.create_message("c", "u", "hi".into()),
             s.mark_notification_read("u", "n"),
         );
-        assert!(started.elapsed() < TIMEOUT + SLACK, "answered after {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < TIMEOUT + SLACK,
+            "answered after {:?}",
+            started.elapsed()
+        );
         assert_unavailable("ping", ping);
         assert_unavailable("create_user", create);
         assert_unavailable("get_users", get);
@@ -1129,7 +1293,10 @@ mod tests {
 
     #[test]
     fn a_malformed_url_is_refused_up_front() {
-        assert!(matches!(RedisStore::new("not a url", "p:", 4, TIMEOUT), Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            RedisStore::new("not a url", "p:", 4, TIMEOUT),
+            Err(StoreError::Unavailable(_))
+        ));
     }
 
     #[tokio::test]
@@ -1155,7 +1322,9 @@ mod tests {
         let s = store(&server.url(), "subgate:");
         let before = s.create_user(new_user("before@example.com")).await.unwrap();
         // Several pooled connections, all of which go stale together.
-        let reads: Vec<_> = (0..8).map(|_| s.get_users(std::slice::from_ref(&before.id))).collect();
+        let reads: Vec<_> = (0..8)
+            .map(|_| s.get_users(std::slice::from_ref(&before.id)))
+            .collect();
         for read in futures_util::future::join_all(reads).await {
             read.unwrap();
         }
@@ -1179,7 +1348,10 @@ mod tests {
         // The kernel completes connections into the backlog, nobody ever
         // reads or answers: the worst kind of outage for a client.
         let silent = TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = store(&format!("redis://{}/", silent.local_addr().unwrap()), "subgate:");
+        let s = store(
+            &format!("redis://{}/", silent.local_addr().unwrap()),
+            "subgate:",
+        );
         assert_every_call_unavailable(&s).await;
         assert!(s.readiness().is_err());
     }
@@ -1203,8 +1375,14 @@ mod tests {
         kill(pid, Signal::SIGCONT).unwrap();
         // Answers to the abandoned requests may still arrive; they must not
         // be taken for answers to new ones.
-        assert_eq!(s.get_users(std::slice::from_ref(&user.id)).await.unwrap(), vec![Some(user.clone())]);
-        assert_eq!(s.find_user_by_email("p@example.com").await.unwrap(), Some(user));
+        assert_eq!(
+            s.get_users(std::slice::from_ref(&user.id)).await.unwrap(),
+            vec![Some(user.clone())]
+        );
+        assert_eq!(
+            s.find_user_by_email("p@example.com").await.unwrap(),
+            Some(user)
+        );
         assert!(s.readiness().is_ok());
     }
 
@@ -1214,20 +1392,45 @@ mod tests {
         let s = store(&server.url(), "bad:");
         let mut con = raw(&server).await;
         // A foreign writer put the wrong type under our prefix.
-        let _: () = redis::cmd("SET").arg("bad:users").arg("not a sorted set").query_async(&mut con).await.unwrap();
-        let _: () = redis::cmd("HSET").arg("bad:post:half").arg("id").arg("half").query_async(&mut con).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("bad:users")
+            .arg("not a sorted set")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg("bad:post:half")
+            .arg("id")
+            .arg("half")
+            .query_async(&mut con)
+            .await
+            .unwrap();
 
-        let listed = s.list_users(PageRequest { first: 5, after: None }).await;
-        assert!(matches!(listed, Err(StoreError::Unavailable(_))), "{listed:?}");
+        let listed = s
+            .list_users(PageRequest {
+                first: 5,
+                after: None,
+            })
+            .await;
+        assert!(
+            matches!(listed, Err(StoreError::Unavailable(_))),
+            "{listed:?}"
+        );
         let half = s.get_posts(&["half".into()]).await;
-        assert!(matches!(&half, Err(StoreError::Unavailable(why)) if why.contains("malformed post")), "{half:?}");
+        assert!(
+            matches!(&half, Err(StoreError::Unavailable(why)) if why.contains("malformed post")),
+            "{half:?}"
+        );
         assert!(s.readiness().is_ok(), "Redis answered; it is reachable");
     }
 
     #[tokio::test]
     async fn two_nodes_racing_for_one_email_have_one_winner() {
         let server = RedisServer::start();
-        let nodes = [Arc::new(store(&server.url(), "subgate:")), Arc::new(store(&server.url(), "subgate:"))];
+        let nodes = [
+            Arc::new(store(&server.url(), "subgate:")),
+            Arc::new(store(&server.url(), "subgate:")),
+        ];
         let tasks: Vec<_> = (0..20)
             .map(|i| {
                 let node = nodes[i % 2].clone();
@@ -1244,18 +1447,49 @@ mod tests {
         assert_eq!(wins, 1);
         // Either node sees the one user.
         for node in &nodes {
-            assert_eq!(node.list_users(PageRequest { first: 5, after: None }).await.unwrap().total_count, 1);
+            assert_eq!(
+                node.list_users(PageRequest {
+                    first: 5,
+                    after: None
+                })
+                .await
+                .unwrap()
+                .total_count,
+                1
+            );
         }
     }
 
     #[tokio::test]
     async fn prefixes_keep_deployments_apart() {
         let server = RedisServer::start();
-        let (blue, green) = (store(&server.url(), "blue:"), store(&server.url(), "green:"));
-        let b = blue.create_user(new_user("same@example.com")).await.unwrap();
-        let g = green.create_user(new_user("same@example.com")).await.unwrap();
-        assert_eq!(blue.get_users(&[b.id.clone(), g.id.clone()]).await.unwrap(), vec![Some(b), None]);
-        assert_eq!(green.list_users(PageRequest { first: 5, after: None }).await.unwrap().total_count, 1);
+        let (blue, green) = (
+            store(&server.url(), "blue:"),
+            store(&server.url(), "green:"),
+        );
+        let b = blue
+            .create_user(new_user("same@example.com"))
+            .await
+            .unwrap();
+        let g = green
+            .create_user(new_user("same@example.com"))
+            .await
+            .unwrap();
+        assert_eq!(
+            blue.get_users(&[b.id.clone(), g.id.clone()]).await.unwrap(),
+            vec![Some(b), None]
+        );
+        assert_eq!(
+            green
+                .list_users(PageRequest {
+                    first: 5,
+                    after: None
+                })
+                .await
+                .unwrap()
+                .total_count,
+            1
+        );
     }
 
     #[tokio::test]
@@ -1265,13 +1499,25 @@ mod tests {
         let u = s.create_user(new_user(" Lay@Example.com")).await.unwrap();
         let p = s.create_post(&u.id, "t".into(), "c".into()).await.unwrap();
         let c = s.create_comment(&p.id, &u.id, "c".into()).await.unwrap();
-        let ch = s.create_channel(&u.id, "ch".into(), true, vec!["x\"y".into()]).await.unwrap();
+        let ch = s
+            .create_channel(&u.id, "ch".into(), true, vec!["x\"y".into()])
+            .await
+            .unwrap();
         let m = s.create_message(&ch.id, &u.id, "m".into()).await.unwrap();
-        let n = s.create_notification(&u.id, "k".into(), "m".into(), serde_json::json!({"a": 1})).await.unwrap();
-        s.set_topic_readers("orders:eu", &TopicReaders::Users(vec![u.id.clone()])).await.unwrap();
+        let n = s
+            .create_notification(&u.id, "k".into(), "m".into(), serde_json::json!({"a": 1}))
+            .await
+            .unwrap();
+        s.set_topic_readers("orders:eu", &TopicReaders::Users(vec![u.id.clone()]))
+            .await
+            .unwrap();
 
         let mut con = raw(&server).await;
-        let keys: BTreeSet<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
+        let keys: BTreeSet<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut con)
+            .await
+            .unwrap();
         let expected: BTreeSet<String> = [
             "lay:seq".to_owned(),
             format!("lay:user:{}", u.id),
@@ -1296,34 +1542,80 @@ mod tests {
         let reader = con.clone();
         let get = |key: String, field: &'static str| {
             let mut con = reader.clone();
-            async move { redis::cmd("HGET").arg(key).arg(field).query_async::<String>(&mut con).await.unwrap() }
+            async move {
+                redis::cmd("HGET")
+                    .arg(key)
+                    .arg(field)
+                    .query_async::<String>(&mut con)
+                    .await
+                    .unwrap()
+            }
         };
-        let owner: String = redis::cmd("GET").arg("lay:email:lay@example.com").query_async(&mut con).await.unwrap();
+        let owner: String = redis::cmd("GET")
+            .arg("lay:email:lay@example.com")
+            .query_async(&mut con)
+            .await
+            .unwrap();
         assert_eq!(owner, u.id);
-        assert_eq!(get(format!("lay:user:{}", u.id), "email").await, " Lay@Example.com");
-        assert_eq!(get(format!("lay:channel:{}", ch.id), "is_private").await, "1");
+        assert_eq!(
+            get(format!("lay:user:{}", u.id), "email").await,
+            " Lay@Example.com"
+        );
+        assert_eq!(
+            get(format!("lay:channel:{}", ch.id), "is_private").await,
+            "1"
+        );
         let members = get(format!("lay:channel:{}", ch.id), "member_ids").await;
-        assert_eq!(serde_json::from_str::<Vec<String>>(&members).unwrap(), vec![u.id.clone(), "x\"y".into()]);
+        assert_eq!(
+            serde_json::from_str::<Vec<String>>(&members).unwrap(),
+            vec![u.id.clone(), "x\"y".into()]
+        );
         assert_eq!(get(format!("lay:notification:{}", n.id), "read").await, "0");
-        assert_eq!(get(format!("lay:notification:{}", n.id), "payload").await, r#"{"a":1}"#);
-        let readers: String = redis::cmd("GET").arg("lay:readers:orders:eu").query_async(&mut con).await.unwrap();
+        assert_eq!(
+            get(format!("lay:notification:{}", n.id), "payload").await,
+            r#"{"a":1}"#
+        );
+        let readers: String = redis::cmd("GET")
+            .arg("lay:readers:orders:eu")
+            .query_async(&mut con)
+            .await
+            .unwrap();
         assert_eq!(readers, format!(r#"{{"users":["{}"]}}"#, u.id));
         let created = get(format!("lay:message:{}", m.id), "created_at").await;
-        assert_eq!(DateTime::parse_from_rfc3339(&created).unwrap(), m.created_at);
+        assert_eq!(
+            DateTime::parse_from_rfc3339(&created).unwrap(),
+            m.created_at
+        );
         // The position in the hash is the score in the index.
         let seq = get(format!("lay:post:{}", p.id), "seq").await;
-        let score: String = redis::cmd("ZSCORE").arg("lay:posts").arg(&p.id).query_async(&mut con).await.unwrap();
+        let score: String = redis::cmd("ZSCORE")
+            .arg("lay:posts")
+            .arg(&p.id)
+            .query_async(&mut con)
+            .await
+            .unwrap();
         assert_eq!(seq, score);
 
         // Deleting removes the entity and its index entries, not the lists.
         s.delete_post(&p.id).await.unwrap();
         s.delete_user(&u.id).await.unwrap();
-        let keys: BTreeSet<String> = redis::cmd("KEYS").arg("*").query_async(&mut con).await.unwrap();
-        for gone in [format!("lay:post:{}", p.id), format!("lay:user:{}", u.id), "lay:email:lay@example.com".into()] {
+        let keys: BTreeSet<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        for gone in [
+            format!("lay:post:{}", p.id),
+            format!("lay:user:{}", u.id),
+            "lay:email:lay@example.com".into(),
+        ] {
             assert!(!keys.contains(&gone), "{gone} is left behind");
         }
-        let indexed: usize =
-            redis::cmd("ZCARD").arg(format!("lay:posts:author:{}", u.id)).query_async(&mut con).await.unwrap();
+        let indexed: usize = redis::cmd("ZCARD")
+            .arg(format!("lay:posts:author:{}", u.id))
+            .query_async(&mut con)
+            .await
+            .unwrap();
         assert_eq!(indexed, 0);
     }
 }

@@ -24,7 +24,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if problems.is_empty() {
         HttpResponse::Ok().json(json!({ "status": "ready" }))
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({ "status": "unavailable", "reasons": problems }))
+        HttpResponse::ServiceUnavailable()
+            .json(json!({ "status": "unavailable", "reasons": problems }))
     }
 }
 

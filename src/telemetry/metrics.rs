@@ -5,7 +5,8 @@
 //! type, topic namespace; never a raw topic or a user id.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Transport labels.
@@ -71,17 +72,26 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let connections = IntGaugeVec::new(
-            Opts::new("subgate_connections", "Open long-lived connections by transport"),
+            Opts::new(
+                "subgate_connections",
+                "Open long-lived connections by transport",
+            ),
             &["transport"],
         )
         .unwrap();
         let connections_total = IntCounterVec::new(
-            Opts::new("subgate_connections_total", "Connections accepted by transport"),
+            Opts::new(
+                "subgate_connections_total",
+                "Connections accepted by transport",
+            ),
             &["transport"],
         )
         .unwrap();
         let rejected_total = IntCounterVec::new(
-            Opts::new("subgate_rejected_total", "Connections or subscriptions refused at admission by reason"),
+            Opts::new(
+                "subgate_rejected_total",
+                "Connections or subscriptions refused at admission by reason",
+            ),
             &["reason"],
         )
         .unwrap();
@@ -90,24 +100,40 @@ impl Metrics {
             &["transport"],
         )
         .unwrap();
-        let hub_topics = IntGauge::new("subgate_hub_topics", "Topics with at least one local subscriber").unwrap();
+        let hub_topics = IntGauge::new(
+            "subgate_hub_topics",
+            "Topics with at least one local subscriber",
+        )
+        .unwrap();
         let events_published_total = IntCounterVec::new(
-            Opts::new("subgate_events_published_total", "Events accepted by the broker by topic namespace"),
+            Opts::new(
+                "subgate_events_published_total",
+                "Events accepted by the broker by topic namespace",
+            ),
             &["namespace"],
         )
         .unwrap();
         let publish_failures_total = IntCounterVec::new(
-            Opts::new("subgate_publish_failures_total", "Publishes the broker refused by reason"),
+            Opts::new(
+                "subgate_publish_failures_total",
+                "Publishes the broker refused by reason",
+            ),
             &["reason"],
         )
         .unwrap();
         let events_delivered_total = IntCounterVec::new(
-            Opts::new("subgate_events_delivered_total", "Events handed to clients by transport"),
+            Opts::new(
+                "subgate_events_delivered_total",
+                "Events handed to clients by transport",
+            ),
             &["transport"],
         )
         .unwrap();
         let events_dropped_total = IntCounterVec::new(
-            Opts::new("subgate_events_dropped_total", "Events not delivered by reason"),
+            Opts::new(
+                "subgate_events_dropped_total",
+                "Events not delivered by reason",
+            ),
             &["reason"],
         )
         .unwrap();
@@ -124,40 +150,62 @@ impl Metrics {
                 "subgate_delivery_latency_seconds",
                 "Time from publish to the hand-off to the client's socket",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
             &["transport"],
         )
         .unwrap();
         let graphql_operations_total = IntCounterVec::new(
-            Opts::new("subgate_graphql_operations_total", "GraphQL operations by type and outcome"),
+            Opts::new(
+                "subgate_graphql_operations_total",
+                "GraphQL operations by type and outcome",
+            ),
             &["type", "outcome"],
         )
         .unwrap();
         let graphql_operation_duration_seconds = HistogramVec::new(
-            HistogramOpts::new("subgate_graphql_operation_duration_seconds", "GraphQL execution time by type")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            HistogramOpts::new(
+                "subgate_graphql_operation_duration_seconds",
+                "GraphQL execution time by type",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             &["type"],
         )
         .unwrap();
         let ws_closes_total = IntCounterVec::new(
-            Opts::new("subgate_ws_closes_total", "WebSocket closes sent by the node, by close code"),
+            Opts::new(
+                "subgate_ws_closes_total",
+                "WebSocket closes sent by the node, by close code",
+            ),
             &["code"],
         )
         .unwrap();
-        let redis_reconnects_total =
-            prometheus::IntCounter::new("subgate_redis_reconnects_total", "Pub/Sub connections lost and restarted")
-                .unwrap();
-        let redis_subscribed_channels =
-            IntGauge::new("subgate_redis_subscribed_channels", "Channels subscribed on this node's Pub/Sub connection")
-                .unwrap();
+        let redis_reconnects_total = prometheus::IntCounter::new(
+            "subgate_redis_reconnects_total",
+            "Pub/Sub connections lost and restarted",
+        )
+        .unwrap();
+        let redis_subscribed_channels = IntGauge::new(
+            "subgate_redis_subscribed_channels",
+            "Channels subscribed on this node's Pub/Sub connection",
+        )
+        .unwrap();
         let redis_probe_failures_total = prometheus::IntCounter::new(
             "subgate_redis_probe_failures_total",
             "Pub/Sub connections restarted because the probe did not come back",
         )
         .unwrap();
         let redis_command_duration_seconds = HistogramVec::new(
-            HistogramOpts::new("subgate_redis_command_duration_seconds", "Redis command latency by command")
-                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            HistogramOpts::new(
+                "subgate_redis_command_duration_seconds",
+                "Redis command latency by command",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
             &["command"],
         )
         .unwrap();
@@ -169,8 +217,11 @@ impl Metrics {
             &["scope"],
         )
         .unwrap();
-        let presence_entries =
-            IntGauge::new("subgate_presence_entries", "(channel, user) pairs present on this node").unwrap();
+        let presence_entries = IntGauge::new(
+            "subgate_presence_entries",
+            "(channel, user) pairs present on this node",
+        )
+        .unwrap();
         let presence_refresh_failures_total = prometheus::IntCounter::new(
             "subgate_presence_refresh_failures_total",
             "Presence writes to Redis (refreshes, joins, leaves, sweeps) that failed",
@@ -203,10 +254,12 @@ impl Metrics {
         }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::new(
-                std::process::id() as i32,
-                "subgate",
-            )))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::new(
+                    std::process::id() as i32,
+                    "subgate",
+                ),
+            ))
             .expect("process collector registers once");
         Self {
             registry,
@@ -245,10 +298,14 @@ impl Metrics {
 
     /// Records the delivery of one event published at `published_at_ms`.
     pub fn delivered(&self, transport: &str, published_at_ms: u64) {
-        self.events_delivered_total.with_label_values(&[transport]).inc();
+        self.events_delivered_total
+            .with_label_values(&[transport])
+            .inc();
         let now = crate::event::now_ms();
         let secs = now.saturating_sub(published_at_ms) as f64 / 1000.0;
-        self.delivery_latency_seconds.with_label_values(&[transport]).observe(secs);
+        self.delivery_latency_seconds
+            .with_label_values(&[transport])
+            .observe(secs);
     }
 }
 

@@ -83,7 +83,10 @@ mod tests {
     fn asyncapi_documents_exactly_the_protocols_types() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("asyncapi.yaml");
         let spec = std::fs::read_to_string(&path).expect("asyncapi.yaml at the repository root");
-        for (direction, types) in [("client", CLIENT_MESSAGE_TYPES), ("server", SERVER_MESSAGE_TYPES)] {
+        for (direction, types) in [
+            ("client", CLIENT_MESSAGE_TYPES),
+            ("server", SERVER_MESSAGE_TYPES),
+        ] {
             let in_code: BTreeSet<String> = types.iter().map(|t| t.to_string()).collect();
             let in_spec = documented(&spec, direction);
             let undocumented: Vec<_> = in_code.difference(&in_spec).collect();
@@ -95,7 +98,10 @@ mod tests {
             );
             // Each one also states its type as the envelope's `type` value.
             for t in types {
-                assert!(spec.contains(&format!("const: {t}\n")), "asyncapi.yaml: no `const: {t}` for the type field");
+                assert!(
+                    spec.contains(&format!("const: {t}\n")),
+                    "asyncapi.yaml: no `const: {t}` for the type field"
+                );
             }
         }
     }

@@ -38,8 +38,8 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use super::http::{
-    is_request_error, media_type, operation_label, operation_type, principal_from_header, read_body,
-    request_from_query, BodyError,
+    is_request_error, media_type, operation_label, operation_type, principal_from_header,
+    read_body, request_from_query, BodyError,
 };
 use super::sse::{admit, frame, Streaming};
 use super::ws::origin_allowed;
@@ -79,21 +79,36 @@ fn refuse(status: StatusCode, code: Option<&str>, message: &str) -> HttpResponse
         }
         _ => {}
     }
-    response.content_type("application/json").json(json!({ "errors": [error] }))
+    response
+        .content_type("application/json")
+        .json(json!({ "errors": [error] }))
 }
 
 /// Whether the client takes an event stream: `Accept` absent, or naming
 /// `text/event-stream`, `text/*` or `*/*`.
 fn accepts_event_stream(req: &HttpRequest) -> bool {
-    let Some(accept) = req.headers().get(header::ACCEPT) else { return true };
-    let Ok(accept) = accept.to_str() else { return false };
+    let Some(accept) = req.headers().get(header::ACCEPT) else {
+        return true;
+    };
+    let Ok(accept) = accept.to_str() else {
+        return false;
+    };
     accept.split(',').any(|range| {
-        let media = range.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let media = range
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         matches!(media.as_str(), "text/event-stream" | "text/*" | "*/*")
     })
 }
 
-async fn post_stream(state: web::Data<AppState>, req: HttpRequest, mut payload: web::Payload) -> HttpResponse {
+async fn post_stream(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> HttpResponse {
     // Checked before the body is read: a refused request costs no buffering.
     if let Some(refusal) = precheck(&state, &req) {
         return refusal;
@@ -108,13 +123,27 @@ async fn post_stream(state: web::Data<AppState>, req: HttpRequest, mut payload: 
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
         Ok(body) => body,
         Err(BodyError::TooLarge(limit)) => {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, None, &format!("the request body exceeds {limit} bytes"))
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                &format!("the request body exceeds {limit} bytes"),
+            )
         }
-        Err(BodyError::Unreadable) => return refuse(StatusCode::BAD_REQUEST, None, "the request body could not be read"),
+        Err(BodyError::Unreadable) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                None,
+                "the request body could not be read",
+            )
+        }
     };
     match serde_json::from_slice::<Request>(&body) {
         Ok(request) => stream_operation(&state, &req, request, Method::POST).await,
-        Err(e) => refuse(StatusCode::BAD_REQUEST, None, &format!("the body is not one GraphQL request: {e}")),
+        Err(e) => refuse(
+            StatusCode::BAD_REQUEST,
+            None,
+            &format!("the body is not one GraphQL request: {e}"),
+        ),
     }
 }
 
@@ -131,20 +160,45 @@ async fn get_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpRespons
 /// What refuses a request whatever it asks: `Accept`, `Origin`, the drain.
 fn precheck(state: &AppState, req: &HttpRequest) -> Option<HttpResponse> {
     if !accepts_event_stream(req) {
-        return Some(refuse(StatusCode::NOT_ACCEPTABLE, None, "/graphql/stream answers with text/event-stream"));
+        return Some(refuse(
+            StatusCode::NOT_ACCEPTABLE,
+            None,
+            "/graphql/stream answers with text/event-stream",
+        ));
     }
     if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
-        state.metrics.rejected_total.with_label_values(&["origin"]).inc();
-        return Some(refuse(StatusCode::FORBIDDEN, Some("FORBIDDEN"), "this Origin may not open an event stream"));
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["origin"])
+            .inc();
+        return Some(refuse(
+            StatusCode::FORBIDDEN,
+            Some("FORBIDDEN"),
+            "this Origin may not open an event stream",
+        ));
     }
     if state.shutdown.is_draining() {
-        state.metrics.rejected_total.with_label_values(&["draining"]).inc();
-        return Some(refuse(StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE"), "the node is shutting down"));
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["draining"])
+            .inc();
+        return Some(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("UNAVAILABLE"),
+            "the node is shutting down",
+        ));
     }
     None
 }
 
-async fn stream_operation(state: &AppState, req: &HttpRequest, request: Request, method: Method) -> HttpResponse {
+async fn stream_operation(
+    state: &AppState,
+    req: &HttpRequest,
+    request: Request,
+    method: Method,
+) -> HttpResponse {
     let principal = match principal_from_header(state, req) {
         Ok(principal) => principal,
         Err(message) => return refuse(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message),
@@ -152,16 +206,30 @@ async fn stream_operation(state: &AppState, req: &HttpRequest, request: Request,
     let ty = match operation_type(&request) {
         Ok(ty) => ty,
         Err(message) => {
-            state.metrics.graphql_operations_total.with_label_values(&["unknown", "request_error"]).inc();
+            state
+                .metrics
+                .graphql_operations_total
+                .with_label_values(&["unknown", "request_error"])
+                .inc();
             return refuse(StatusCode::BAD_REQUEST, None, &message);
         }
     };
     if method == Method::GET && ty == OperationType::Mutation {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, None, "mutations cannot be sent with GET; use POST");
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            None,
+            "mutations cannot be sent with GET; use POST",
+        );
     }
     let drain = match admit(state) {
         Ok(drain) => drain,
-        Err(message) => return refuse(StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE"), message),
+        Err(message) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("UNAVAILABLE"),
+                message,
+            )
+        }
     };
     let cutoff = Cutoff::new();
     let request = request
@@ -169,7 +237,14 @@ async fn stream_operation(state: &AppState, req: &HttpRequest, request: Request,
         .data(cutoff.clone())
         .data(TransportLabel(transport::GRAPHQL_SSE));
     let held = (ty == OperationType::Subscription)
-        .then(|| GaugeGuard::new(state.metrics.subscriptions.with_label_values(&[transport::GRAPHQL_SSE])))
+        .then(|| {
+            GaugeGuard::new(
+                state
+                    .metrics
+                    .subscriptions
+                    .with_label_values(&[transport::GRAPHQL_SSE]),
+            )
+        })
         .into_iter()
         .collect();
     let mut outcome = Outcome::new(state.metrics.clone(), ty);
@@ -177,7 +252,11 @@ async fn stream_operation(state: &AppState, req: &HttpRequest, request: Request,
         outcome.result(&response);
         next(&response)
     });
-    let frames = results.chain(stream::once(async { Bytes::from_static(b"event: complete\ndata: \n\n") })).boxed();
+    let frames = results
+        .chain(stream::once(async {
+            Bytes::from_static(b"event: complete\ndata: \n\n")
+        }))
+        .boxed();
     Streaming {
         transport: transport::GRAPHQL_SSE,
         heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
@@ -200,7 +279,8 @@ fn next(response: &Response) -> Bytes {
         Err(e) => frame::event(
             "next",
             None,
-            &json!({ "errors": [{ "message": format!("the result could not be encoded: {e}") }] }).to_string(),
+            &json!({ "errors": [{ "message": format!("the result could not be encoded: {e}") }] })
+                .to_string(),
         ),
     }
 }
@@ -217,7 +297,12 @@ struct Outcome {
 
 impl Outcome {
     fn new(metrics: std::sync::Arc<Metrics>, ty: OperationType) -> Self {
-        Self { metrics, label: operation_label(ty), started: Instant::now(), counted: false }
+        Self {
+            metrics,
+            label: operation_label(ty),
+            started: Instant::now(),
+            counted: false,
+        }
     }
 
     fn result(&mut self, response: &Response) {
@@ -232,7 +317,10 @@ impl Outcome {
         } else {
             "field_error"
         };
-        self.metrics.graphql_operations_total.with_label_values(&[self.label, outcome]).inc();
+        self.metrics
+            .graphql_operations_total
+            .with_label_values(&[self.label, outcome])
+            .inc();
         // A subscription's first result waits for its first event: only
         // queries and mutations have an execution time worth the name.
         if self.label != "subscription" {
@@ -247,7 +335,10 @@ impl Outcome {
 impl Drop for Outcome {
     fn drop(&mut self) {
         if !self.counted {
-            self.metrics.graphql_operations_total.with_label_values(&[self.label, "cancelled"]).inc();
+            self.metrics
+                .graphql_operations_total
+                .with_label_values(&[self.label, "cancelled"])
+                .inc();
         }
     }
 }
@@ -276,7 +367,8 @@ mod tests {
 
     #[test]
     fn results_are_next_events() {
-        let response = Response::new(async_graphql::Value::from_json(json!({"hello": "world"})).unwrap());
+        let response =
+            Response::new(async_graphql::Value::from_json(json!({"hello": "world"})).unwrap());
         assert_eq!(
             String::from_utf8(next(&response).to_vec()).unwrap(),
             "event: next\ndata: {\"data\":{\"hello\":\"world\"}}\n\n"

@@ -59,7 +59,11 @@ fn request_error(status: StatusCode, message: &str, json_type: &'static str) -> 
 
 /// Which media type the response uses, per the client's `Accept`.
 fn response_type(req: &HttpRequest) -> &'static str {
-    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if accept.contains(GRAPHQL_RESPONSE_JSON) {
         GRAPHQL_RESPONSE_JSON
     } else {
@@ -68,18 +72,32 @@ fn response_type(req: &HttpRequest) -> &'static str {
 }
 
 /// The principal from `Authorization: Bearer`, or an error response.
-pub fn principal_from_header(state: &AppState, req: &HttpRequest) -> Result<Option<Principal>, String> {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else { return Ok(None) };
-    let value = value.to_str().map_err(|_| "the Authorization header is not text".to_owned())?;
-    let token = bearer(value).ok_or_else(|| "the Authorization header must be `Bearer <token>`".to_owned())?;
-    state.auth.verify(token).map(Some).map_err(|e| e.to_string())
+pub fn principal_from_header(
+    state: &AppState,
+    req: &HttpRequest,
+) -> Result<Option<Principal>, String> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| "the Authorization header is not text".to_owned())?;
+    let token = bearer(value)
+        .ok_or_else(|| "the Authorization header must be `Bearer <token>`".to_owned())?;
+    state
+        .auth
+        .verify(token)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 fn unauthorized(message: &str, json_type: &'static str) -> HttpResponse {
     HttpResponse::Unauthorized()
         .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
         .content_type(json_type)
-        .json(json!({ "errors": [{ "message": message, "extensions": { "code": "UNAUTHORIZED" } }] }))
+        .json(
+            json!({ "errors": [{ "message": message, "extensions": { "code": "UNAUTHORIZED" } }] }),
+        )
 }
 
 async fn post_graphql(
@@ -106,7 +124,11 @@ async fn post_graphql(
             )
         }
         Err(BodyError::Unreadable) => {
-            return request_error(StatusCode::BAD_REQUEST, "the request body could not be read", json_type)
+            return request_error(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+                json_type,
+            )
         }
     };
     let batch: BatchRequest = match serde_json::from_slice(&body) {
@@ -134,7 +156,16 @@ struct GetParams {
 async fn get_graphql(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     let json_type = response_type(&req);
     match request_from_query(req.query_string()) {
-        Ok(request) => execute(&state, &req, BatchRequest::Single(request), Method::GET, json_type).await,
+        Ok(request) => {
+            execute(
+                &state,
+                &req,
+                BatchRequest::Single(request),
+                Method::GET,
+                json_type,
+            )
+            .await
+        }
         Err(message) => request_error(StatusCode::BAD_REQUEST, &message, json_type),
     }
 }
@@ -142,8 +173,9 @@ async fn get_graphql(state: web::Data<AppState>, req: HttpRequest) -> HttpRespon
 /// The GraphQL request of a GET: `?query=&variables=&operationName=&extensions=`,
 /// `variables` and `extensions` JSON objects. `Err` says what is wrong.
 pub(crate) fn request_from_query(query_string: &str) -> Result<Request, String> {
-    let params: GetParams =
-        web::Query::<GetParams>::from_query(query_string).map_err(|e| format!("bad query string: {e}"))?.into_inner();
+    let params: GetParams = web::Query::<GetParams>::from_query(query_string)
+        .map_err(|e| format!("bad query string: {e}"))?
+        .into_inner();
     let query = params.query.ok_or("the `query` parameter is required")?;
     let mut request = Request::new(query);
     if let Some(name) = params.operation_name.filter(|n| !n.is_empty()) {
@@ -175,7 +207,10 @@ pub(crate) enum BodyError {
 
 /// Reads the whole body, refusing it as soon as it passes `limit` bytes
 /// (so an oversized body is never buffered whole).
-pub(crate) async fn read_body(payload: &mut web::Payload, limit: usize) -> Result<web::BytesMut, BodyError> {
+pub(crate) async fn read_body(
+    payload: &mut web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, BodyError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| BodyError::Unreadable)?;
@@ -213,7 +248,9 @@ pub fn operation_type(request: &Request) -> Result<OperationType, String> {
             let mut iter = ops.iter();
             match (iter.next(), iter.next()) {
                 (Some((_, op)), None) => op.node.ty,
-                (Some(_), Some(_)) => return Err("operationName is required with several operations".into()),
+                (Some(_), Some(_)) => {
+                    return Err("operationName is required with several operations".into())
+                }
                 (None, _) => return Err("the document has no operation".into()),
             }
         }
@@ -249,7 +286,10 @@ async fn execute(
             if rs.len() > state.settings.graphql.max_batch_size {
                 return request_error(
                     StatusCode::BAD_REQUEST,
-                    &format!("a batch may hold at most {} operations", state.settings.graphql.max_batch_size),
+                    &format!(
+                        "a batch may hold at most {} operations",
+                        state.settings.graphql.max_batch_size
+                    ),
                     json_type,
                 );
             }
@@ -263,14 +303,18 @@ async fn execute(
         let ty = match operation_type(&request) {
             Ok(ty) => ty,
             Err(message) => {
-                state.metrics.graphql_operations_total.with_label_values(&["unknown", "request_error"]).inc();
+                state
+                    .metrics
+                    .graphql_operations_total
+                    .with_label_values(&["unknown", "request_error"])
+                    .inc();
                 if !batched {
                     return request_error(StatusCode::BAD_REQUEST, &message, json_type);
                 }
                 any_request_error = true;
-                responses.push(async_graphql::Response::from_errors(vec![async_graphql::ServerError::new(
-                    message, None,
-                )]));
+                responses.push(async_graphql::Response::from_errors(vec![
+                    async_graphql::ServerError::new(message, None),
+                ]));
                 continue;
             }
         };
@@ -281,7 +325,11 @@ async fn execute(
                 .json(json!({ "errors": [{ "message": "only queries may be sent with GET; use POST" }] }));
         }
         if ty == OperationType::Subscription {
-            state.metrics.graphql_operations_total.with_label_values(&["subscription", "request_error"]).inc();
+            state
+                .metrics
+                .graphql_operations_total
+                .with_label_values(&["subscription", "request_error"])
+                .inc();
             if !batched {
                 return request_error(
                     StatusCode::BAD_REQUEST,
@@ -290,15 +338,20 @@ async fn execute(
                 );
             }
             any_request_error = true;
-            responses.push(async_graphql::Response::from_errors(vec![async_graphql::ServerError::new(
-                "subscriptions are served over WebSocket at /graphql/ws",
-                None,
-            )]));
+            responses.push(async_graphql::Response::from_errors(vec![
+                async_graphql::ServerError::new(
+                    "subscriptions are served over WebSocket at /graphql/ws",
+                    None,
+                ),
+            ]));
             continue;
         }
         let label = operation_label(ty);
         let started = Instant::now();
-        let response = state.schema.execute(request.data(Viewer(principal.clone()))).await;
+        let response = state
+            .schema
+            .execute(request.data(Viewer(principal.clone())))
+            .await;
         state
             .metrics
             .graphql_operation_duration_seconds
@@ -313,18 +366,32 @@ async fn execute(
         } else {
             "field_error"
         };
-        state.metrics.graphql_operations_total.with_label_values(&[label, outcome]).inc();
+        state
+            .metrics
+            .graphql_operations_total
+            .with_label_values(&[label, outcome])
+            .inc();
         responses.push(response);
     }
-    let status = if any_request_error && !batched { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    let status = if any_request_error && !batched {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
     let body = if batched {
         serde_json::to_vec(&BatchResponse::Batch(responses))
     } else {
         serde_json::to_vec(&responses.pop().expect("one response"))
     };
     match body {
-        Ok(body) => HttpResponse::build(status).content_type(json_type).body(body),
-        Err(_) => request_error(StatusCode::INTERNAL_SERVER_ERROR, "the response could not be encoded", json_type),
+        Ok(body) => HttpResponse::build(status)
+            .content_type(json_type)
+            .body(body),
+        Err(_) => request_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the response could not be encoded",
+            json_type,
+        ),
     }
 }
 

@@ -29,8 +29,8 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use super::{api_error, ApiError};
 use super::http::{read_body, BodyError};
+use super::{api_error, ApiError};
 use crate::app::AppState;
 use crate::auth::bearer;
 use crate::auth::policy::is_domain_topic;
@@ -97,25 +97,31 @@ fn key_index(keys: &[String], given: &str) -> Option<usize> {
 
 /// The publisher the request speaks for, or the 401/403 that says why not.
 fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Publisher, ApiError> {
-    let unauthorized = |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let unauthorized =
+        |message: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
     let header = req
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
-        .ok_or_else(|| unauthorized("publishing needs Authorization: Bearer <API key or token>".into()))?;
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(bearer)
-        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <API key or token>`".into()))?;
+        .ok_or_else(|| {
+            unauthorized("publishing needs Authorization: Bearer <API key or token>".into())
+        })?;
+    let token = header.to_str().ok().and_then(bearer).ok_or_else(|| {
+        unauthorized("the Authorization header must be `Bearer <API key or token>`".into())
+    })?;
     if let Some(index) = key_index(&state.settings.publish.api_keys, token) {
         return Ok(Publisher::Key(index));
     }
-    let principal = state
-        .auth
-        .verify(token)
-        .map_err(|e| unauthorized(format!("neither a publish API key nor an accepted token: {e}")))?;
+    let principal = state.auth.verify(token).map_err(|e| {
+        unauthorized(format!(
+            "neither a publish API key nor an accepted token: {e}"
+        ))
+    })?;
     if !principal.has_scope("publish") {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the token's scope does not include `publish`"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token's scope does not include `publish`",
+        ));
     }
     Ok(Publisher::Subject(principal.user_id))
 }
@@ -154,12 +160,18 @@ fn validate(request: &PublishRequest, max_payload_bytes: usize) -> Result<(), In
             "`readers` applies to backend topics; who may read {} is built in",
             request.topic
         ))),
-        Some(TopicReaders::Users(ids)) if ids.len() > MAX_READERS => {
-            Err(Invalid::BadRequest(format!("`readers.users` may list at most {MAX_READERS} users")))
+        Some(TopicReaders::Users(ids)) if ids.len() > MAX_READERS => Err(Invalid::BadRequest(
+            format!("`readers.users` may list at most {MAX_READERS} users"),
+        )),
+        Some(TopicReaders::Users(ids))
+            if ids
+                .iter()
+                .any(|id| id.is_empty() || id.len() > MAX_USER_ID_LEN) =>
+        {
+            Err(Invalid::BadRequest(format!(
+                "every user id in `readers.users` must be 1 to {MAX_USER_ID_LEN} characters"
+            )))
         }
-        Some(TopicReaders::Users(ids)) if ids.iter().any(|id| id.is_empty() || id.len() > MAX_USER_ID_LEN) => Err(
-            Invalid::BadRequest(format!("every user id in `readers.users` must be 1 to {MAX_USER_ID_LEN} characters")),
-        ),
         _ => Ok(()),
     }
 }
@@ -168,17 +180,27 @@ fn validate(request: &PublishRequest, max_payload_bytes: usize) -> Result<(), In
 pub fn valid_type(kind: &str) -> bool {
     !kind.is_empty()
         && kind.len() <= MAX_TYPE_LEN
-        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && kind.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
 }
 
-async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web::Payload) -> HttpResponse {
+async fn publish(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> HttpResponse {
     let publisher = match authenticate(&state, &req) {
         Ok(publisher) => publisher,
         Err(refusal) => return refusal.response(),
     };
     // Before the body is read: a publisher over its limit costs no parsing.
     if let Err(limited) = state.limits.publish(&publisher.limit_key()) {
-        let mut response = api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", &limited.to_string());
+        let mut response = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &limited.to_string(),
+        );
         response.headers_mut().insert(
             actix_web::http::header::RETRY_AFTER,
             actix_web::http::header::HeaderValue::from(limited.retry_after_secs()),
@@ -188,10 +210,18 @@ async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web:
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
         Ok(body) => body,
         Err(BodyError::TooLarge(limit)) => {
-            return api_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the body exceeds {limit} bytes"))
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("the body exceeds {limit} bytes"),
+            )
         }
         Err(BodyError::Unreadable) => {
-            return api_error(StatusCode::BAD_REQUEST, "bad_request", "the request body could not be read")
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the request body could not be read",
+            )
         }
     };
     let request: PublishRequest = match serde_json::from_slice(&body) {
@@ -208,10 +238,19 @@ async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web:
     };
     match validate(&request, state.settings.publish.max_payload_bytes) {
         Ok(()) => {}
-        Err(Invalid::BadRequest(message)) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
-        Err(Invalid::TooLarge(message)) => return api_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message),
+        Err(Invalid::BadRequest(message)) => {
+            return api_error(StatusCode::BAD_REQUEST, "bad_request", &message)
+        }
+        Err(Invalid::TooLarge(message)) => {
+            return api_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
+        }
     }
-    let PublishRequest { topic, kind, payload, readers } = request;
+    let PublishRequest {
+        topic,
+        kind,
+        payload,
+        readers,
+    } = request;
     // The rule first: once the event is out, subscribers may come for it.
     if let Some(readers) = &readers {
         if let Err(e) = state.store.set_topic_readers(&topic, readers).await {
@@ -230,14 +269,21 @@ async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web:
                 by_key = matches!(publisher, Publisher::Key(_)),
                 "published"
             );
-            HttpResponse::Accepted().json(json!({ "id": shared.event.id, "topic": shared.event.topic }))
+            HttpResponse::Accepted()
+                .json(json!({ "id": shared.event.id, "topic": shared.event.topic }))
         }
-        Err(BrokerError::InvalidTopic(topic)) => {
-            api_error(StatusCode::BAD_REQUEST, "bad_request", &format!("{topic:?} is not a valid topic"))
-        }
+        Err(BrokerError::InvalidTopic(topic)) => api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{topic:?} is not a valid topic"),
+        ),
         Err(BrokerError::Unavailable(why)) => {
             tracing::warn!(%why, "a publish could not reach the bus");
-            api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the event bus is unavailable; nothing was published")
+            api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the event bus is unavailable; nothing was published",
+            )
         }
     }
 }
@@ -246,16 +292,35 @@ async fn publish(state: web::Data<AppState>, req: HttpRequest, mut payload: web:
 mod tests {
     use super::*;
 
-    fn request(topic: &str, kind: &str, payload: serde_json::Value, readers: Option<TopicReaders>) -> PublishRequest {
-        PublishRequest { topic: topic.into(), kind: kind.into(), payload, readers }
+    fn request(
+        topic: &str,
+        kind: &str,
+        payload: serde_json::Value,
+        readers: Option<TopicReaders>,
+    ) -> PublishRequest {
+        PublishRequest {
+            topic: topic.into(),
+            kind: kind.into(),
+            payload,
+            readers,
+        }
     }
 
     #[test]
     fn api_keys_match_whole_and_only_whole() {
-        let keys = vec!["k-0123456789abcdef".to_owned(), "k-fedcba9876543210".to_owned()];
+        let keys = vec![
+            "k-0123456789abcdef".to_owned(),
+            "k-fedcba9876543210".to_owned(),
+        ];
         assert_eq!(key_index(&keys, "k-0123456789abcdef"), Some(0));
         assert_eq!(key_index(&keys, "k-fedcba9876543210"), Some(1));
-        for wrong in ["", "k-0123456789abcde", "k-0123456789abcdef0", "K-0123456789ABCDEF", "k-fedcba9876543211"] {
+        for wrong in [
+            "",
+            "k-0123456789abcde",
+            "k-0123456789abcdef0",
+            "K-0123456789ABCDEF",
+            "k-fedcba9876543211",
+        ] {
             assert_eq!(key_index(&keys, wrong), None, "{wrong:?}");
         }
         assert_eq!(key_index(&[], "anything"), None);
@@ -266,7 +331,10 @@ mod tests {
         assert_eq!(Publisher::Key(2).limit_key(), "key:2");
         assert_eq!(Publisher::Subject("u1".into()).limit_key(), "sub:u1");
         // A subject that looks like a key index is still another publisher.
-        assert_ne!(Publisher::Subject("2".into()).limit_key(), Publisher::Key(2).limit_key());
+        assert_ne!(
+            Publisher::Subject("2".into()).limit_key(),
+            Publisher::Key(2).limit_key()
+        );
     }
 
     #[test]
@@ -274,41 +342,93 @@ mod tests {
         for good in ["order.shipped", "a", "x_y-z.1", &"a".repeat(MAX_TYPE_LEN)] {
             assert!(valid_type(good), "{good}");
         }
-        for bad in ["", "Order.Shipped", "has space", "a\nb", "é", "a/b", &"a".repeat(MAX_TYPE_LEN + 1)] {
+        for bad in [
+            "",
+            "Order.Shipped",
+            "has space",
+            "a\nb",
+            "é",
+            "a/b",
+            &"a".repeat(MAX_TYPE_LEN + 1),
+        ] {
             assert!(!valid_type(bad), "{bad:?}");
         }
     }
 
     #[test]
     fn requests_are_validated_field_by_field() {
-        let ok = request("orders:eu", "order.shipped", json!({"id": 1}), Some(TopicReaders::Public));
+        let ok = request(
+            "orders:eu",
+            "order.shipped",
+            json!({"id": 1}),
+            Some(TopicReaders::Public),
+        );
         assert_eq!(validate(&ok, 100), Ok(()));
-        assert!(matches!(validate(&request("bad topic", "t", json!({}), None), 100), Err(Invalid::BadRequest(_))));
-        assert!(matches!(validate(&request("t", "Bad", json!({}), None), 100), Err(Invalid::BadRequest(_))));
+        assert!(matches!(
+            validate(&request("bad topic", "t", json!({}), None), 100),
+            Err(Invalid::BadRequest(_))
+        ));
+        assert!(matches!(
+            validate(&request("t", "Bad", json!({}), None), 100),
+            Err(Invalid::BadRequest(_))
+        ));
         // The limit is on the compact encoding: 12 bytes here.
         let payload = json!({"a": "1234"});
         assert_eq!(serde_json::to_vec(&payload).unwrap().len(), 12);
-        assert_eq!(validate(&request("t", "t", payload.clone(), None), 12), Ok(()));
-        assert!(matches!(validate(&request("t", "t", payload, None), 11), Err(Invalid::TooLarge(_))));
-        // Domain topics may be published to, but their readers are built in.
-        assert_eq!(validate(&request("notifications:u1", "note", json!({}), None), 100), Ok(()));
+        assert_eq!(
+            validate(&request("t", "t", payload.clone(), None), 12),
+            Ok(())
+        );
         assert!(matches!(
-            validate(&request("notifications:u1", "note", json!({}), Some(TopicReaders::Public)), 100),
+            validate(&request("t", "t", payload, None), 11),
+            Err(Invalid::TooLarge(_))
+        ));
+        // Domain topics may be published to, but their readers are built in.
+        assert_eq!(
+            validate(&request("notifications:u1", "note", json!({}), None), 100),
+            Ok(())
+        );
+        assert!(matches!(
+            validate(
+                &request(
+                    "notifications:u1",
+                    "note",
+                    json!({}),
+                    Some(TopicReaders::Public)
+                ),
+                100
+            ),
             Err(Invalid::BadRequest(_))
         ));
         let empty_id = Some(TopicReaders::Users(vec!["u1".into(), String::new()]));
-        assert!(matches!(validate(&request("orders", "t", json!({}), empty_id), 100), Err(Invalid::BadRequest(_))));
+        assert!(matches!(
+            validate(&request("orders", "t", json!({}), empty_id), 100),
+            Err(Invalid::BadRequest(_))
+        ));
     }
 
     #[test]
     fn the_body_refuses_unknown_and_missing_fields() {
         let parse = |s: &str| serde_json::from_str::<PublishRequest>(s);
-        let good = parse(r#"{"topic":"t","type":"x","payload":{},"readers":{"users":["u1"]}}"#).unwrap();
+        let good =
+            parse(r#"{"topic":"t","type":"x","payload":{},"readers":{"users":["u1"]}}"#).unwrap();
         assert_eq!(good.readers, Some(TopicReaders::Users(vec!["u1".into()])));
-        assert_eq!(parse(r#"{"topic":"t","type":"x","payload":null}"#).unwrap().readers, None);
-        let misspelt = parse(r#"{"topic":"t","type":"x","payload":{},"reader":"public"}"#).unwrap_err();
-        assert!(misspelt.to_string().contains("unknown field `reader`"), "{misspelt}");
+        assert_eq!(
+            parse(r#"{"topic":"t","type":"x","payload":null}"#)
+                .unwrap()
+                .readers,
+            None
+        );
+        let misspelt =
+            parse(r#"{"topic":"t","type":"x","payload":{},"reader":"public"}"#).unwrap_err();
+        assert!(
+            misspelt.to_string().contains("unknown field `reader`"),
+            "{misspelt}"
+        );
         let missing = parse(r#"{"topic":"t","payload":{}}"#).unwrap_err();
-        assert!(missing.to_string().contains("missing field `type`"), "{missing}");
+        assert!(
+            missing.to_string().contains("missing field `type`"),
+            "{missing}"
+        );
     }
 }

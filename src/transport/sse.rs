@@ -63,9 +63,9 @@ use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::shutdown::{DrainGuard, Shutdown};
 use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
-use crate::transport::{api_error, ApiError};
 use crate::transport::http::principal_from_header;
 use crate::transport::ws::origin_allowed;
+use crate::transport::{api_error, ApiError};
 
 pub use crate::graphql::subscription::MAX_TOPICS;
 
@@ -99,7 +99,8 @@ pub mod frame {
     /// One event: `event:`, `id:` when given, a `data:` line per line of
     /// `data`, and the blank line that dispatches it.
     pub fn event(kind: &str, id: Option<&str>, data: &str) -> Bytes {
-        let mut out = BytesMut::with_capacity(kind.len() + id.map_or(0, str::len) + data.len() + 24);
+        let mut out =
+            BytesMut::with_capacity(kind.len() + id.map_or(0, str::len) + data.len() + 24);
         field(&mut out, "event", kind);
         if let Some(id) = id {
             field(&mut out, "id", id);
@@ -139,7 +140,11 @@ pub mod frame {
 
     /// `event: gap` for `topic`.
     pub fn gap(topic: &str, reason: GapReason) -> Bytes {
-        event("gap", None, &json!({ "topic": topic, "reason": reason.as_str() }).to_string())
+        event(
+            "gap",
+            None,
+            &json!({ "topic": topic, "reason": reason.as_str() }).to_string(),
+        )
     }
 
     /// A one-line field; line breaks are dropped rather than allowed to
@@ -244,7 +249,9 @@ pub fn resume_points(last_event_id: Option<&str>, topics: &[String]) -> Vec<Resu
                 .iter()
                 .rev()
                 .find(|(t, _)| t == topic)
-                .map_or(ResumeFrom::Live, |(_, position)| ResumeFrom::After((*position).to_owned()))
+                .map_or(ResumeFrom::Live, |(_, position)| {
+                    ResumeFrom::After((*position).to_owned())
+                })
         })
         .collect()
 }
@@ -289,7 +296,10 @@ impl Streaming {
     /// stream off.
     pub fn respond(self, opening: Vec<Bytes>, frames: BoxStream<'static, Bytes>) -> HttpResponse {
         let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        self.metrics.connections_total.with_label_values(&[self.transport]).inc();
+        self.metrics
+            .connections_total
+            .with_label_values(&[self.transport])
+            .inc();
         actix_web::rt::spawn(self.run(opening, frames, tx));
         HttpResponse::Ok()
             .insert_header((header::CONTENT_TYPE, "text/event-stream"))
@@ -302,14 +312,30 @@ impl Streaming {
             .streaming(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
     }
 
-    async fn run(self, opening: Vec<Bytes>, mut frames: BoxStream<'static, Bytes>, tx: mpsc::Sender<Bytes>) {
-        let Streaming { transport, heartbeat, ping, cutoff, shutdown, drain, metrics, held } = self;
+    async fn run(
+        self,
+        opening: Vec<Bytes>,
+        mut frames: BoxStream<'static, Bytes>,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let Streaming {
+            transport,
+            heartbeat,
+            ping,
+            cutoff,
+            shutdown,
+            drain,
+            metrics,
+            held,
+        } = self;
         let _drain = drain;
         let _held = held;
         let _open = GaugeGuard::new(metrics.connections.with_label_values(&[transport]));
         let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut pending = opening.into_iter().collect::<std::collections::VecDeque<_>>();
+        let mut pending = opening
+            .into_iter()
+            .collect::<std::collections::VecDeque<_>>();
         let end = loop {
             let frame = match pending.pop_front() {
                 Some(frame) => frame,
@@ -338,7 +364,12 @@ impl Streaming {
 
 /// Queues one frame for the body, yielding to the cut-off and the drain
 /// while the client is not reading.
-async fn write(tx: &mpsc::Sender<Bytes>, frame: Bytes, cutoff: &Cutoff, shutdown: &Shutdown) -> Result<(), End> {
+async fn write(
+    tx: &mpsc::Sender<Bytes>,
+    frame: Bytes,
+    cutoff: &Cutoff,
+    shutdown: &Shutdown,
+) -> Result<(), End> {
     match tx.try_send(frame) {
         Ok(()) => Ok(()),
         Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
@@ -355,14 +386,22 @@ async fn write(tx: &mpsc::Sender<Bytes>, frame: Bytes, cutoff: &Cutoff, shutdown
 /// `server.max_connections`. The guard counts the connection from here on.
 pub(crate) fn admit(state: &AppState) -> Result<DrainGuard, &'static str> {
     if state.shutdown.is_draining() {
-        state.metrics.rejected_total.with_label_values(&["draining"]).inc();
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["draining"])
+            .inc();
         return Err("the node is shutting down");
     }
     // Counted first and checked after, so that concurrent requests on
     // several workers can never overshoot the limit together.
     let drain = state.shutdown.track();
     if state.shutdown.open_connections() > state.settings.server.max_connections {
-        state.metrics.rejected_total.with_label_values(&["max_connections"]).inc();
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["max_connections"])
+            .inc();
         return Err("the node is at its connection limit");
     }
     Ok(drain)
@@ -412,18 +451,29 @@ fn refused(refusal: &Refusal) -> HttpResponse {
 }
 
 /// The caller: `Authorization: Bearer` first, else `?token=`.
-fn stream_principal(state: &AppState, req: &HttpRequest, token: Option<&str>) -> Result<Option<Principal>, String> {
+fn stream_principal(
+    state: &AppState,
+    req: &HttpRequest,
+    token: Option<&str>,
+) -> Result<Option<Principal>, String> {
     if req.headers().contains_key(header::AUTHORIZATION) {
         return principal_from_header(state, req);
     }
     match token {
-        Some(token) => state.auth.verify(token).map(Some).map_err(|e| e.to_string()),
+        Some(token) => state
+            .auth
+            .verify(token)
+            .map(Some)
+            .map_err(|e| e.to_string()),
         None => Ok(None),
     }
 }
 
 /// The topics asked for, without repeats, or the caller's notifications.
-fn choose_topics(asked: Vec<String>, principal: Option<&Principal>) -> Result<Vec<String>, ApiError> {
+fn choose_topics(
+    asked: Vec<String>,
+    principal: Option<&Principal>,
+) -> Result<Vec<String>, ApiError> {
     if asked.is_empty() {
         return match principal {
             Some(p) => Ok(vec![topic::notifications(&p.user_id)]),
@@ -452,12 +502,28 @@ fn choose_topics(asked: Vec<String>, principal: Option<&Principal>) -> Result<Ve
 
 async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
     if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
-        state.metrics.rejected_total.with_label_values(&["origin"]).inc();
-        return api_error(StatusCode::FORBIDDEN, "forbidden", "this Origin may not open an event stream");
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["origin"])
+            .inc();
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this Origin may not open an event stream",
+        );
     }
     if state.shutdown.is_draining() {
-        state.metrics.rejected_total.with_label_values(&["draining"]).inc();
-        return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the node is shutting down");
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["draining"])
+            .inc();
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the node is shutting down",
+        );
     }
     let query = match StreamQuery::parse(req.query_string()) {
         Ok(query) => query,
@@ -473,8 +539,12 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     };
     // Each decision may be a store round trip: all at once, and the first
     // refusal in the order asked is the one reported.
-    let decisions =
-        join_all(topics.iter().map(|name| authorize(state.store.as_ref(), principal.as_ref(), name))).await;
+    let decisions = join_all(
+        topics
+            .iter()
+            .map(|name| authorize(state.store.as_ref(), principal.as_ref(), name)),
+    )
+    .await;
     if let Some(refusal) = decisions.into_iter().find_map(Result::err) {
         return refused(&refusal);
     }
@@ -502,26 +572,41 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     let anchors = join_all(topics.iter().zip(&points).map(|(name, from)| async move {
         match from {
             ResumeFrom::After(_) => None,
-            ResumeFrom::Live | ResumeFrom::Malformed => broker.head(name).await.ok().flatten().map(|p| p.to_string()),
+            ResumeFrom::Live | ResumeFrom::Malformed => broker
+                .head(name)
+                .await
+                .ok()
+                .flatten()
+                .map(|p| p.to_string()),
         }
     }))
     .await;
     let cutoff = Cutoff::new();
     // Subscribed together: each waits for the broker's confirmation and
     // reads its topic's history.
-    let opened = join_all(topics.iter().zip(&points).zip(&anchors).map(|((name, from), anchor)| {
-        let after = match from {
-            ResumeFrom::After(position) => Some(position.as_str()),
-            ResumeFrom::Live | ResumeFrom::Malformed => anchor.as_deref(),
-        };
-        state.hub.subscribe_from(name, after, transport::SSE, Some(cutoff.clone()))
-    }))
+    let opened = join_all(topics.iter().zip(&points).zip(&anchors).map(
+        |((name, from), anchor)| {
+            let after = match from {
+                ResumeFrom::After(position) => Some(position.as_str()),
+                ResumeFrom::Live | ResumeFrom::Malformed => anchor.as_deref(),
+            };
+            state
+                .hub
+                .subscribe_from(name, after, transport::SSE, Some(cutoff.clone()))
+        },
+    ))
     .await;
     let mut cursor = Cursor::new(topics.clone());
     let mut opening = vec![frame::retry(state.settings.sse.retry_ms)];
     let mut streams = Vec::with_capacity(topics.len());
     let mut held = Vec::with_capacity(topics.len());
-    for (index, (((name, from), anchor), resumed)) in topics.iter().zip(points).zip(anchors).zip(opened).enumerate() {
+    for (index, (((name, from), anchor), resumed)) in topics
+        .iter()
+        .zip(points)
+        .zip(anchors)
+        .zip(opened)
+        .enumerate()
+    {
         let resumed = match resumed {
             Ok(resumed) => resumed,
             // The topics already open are released as `opened` drops.
@@ -541,7 +626,9 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
         // even across a gap: resuming from it again replays what the
         // history holds by then. Only a position that is not one is dropped.
         match (&from, anchor) {
-            (ResumeFrom::After(position), _) if gap != Some(GapReason::Malformed) => cursor.set(index, position.clone()),
+            (ResumeFrom::After(position), _) if gap != Some(GapReason::Malformed) => {
+                cursor.set(index, position.clone())
+            }
             (_, Some(anchor)) => cursor.set(index, anchor),
             _ => {}
         }
@@ -549,7 +636,12 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
             opening.push(frame::gap(name, reason));
         }
         streams.push(resumed.stream.map(move |delivery| (index, delivery)));
-        held.push(GaugeGuard::new(state.metrics.subscriptions.with_label_values(&[transport::SSE])));
+        held.push(GaugeGuard::new(
+            state
+                .metrics
+                .subscriptions
+                .with_label_values(&[transport::SSE]),
+        ));
     }
 
     // Where the stream begins, before any event: a block with only `id:`
@@ -602,7 +694,10 @@ mod tests {
             text(frame::event("post.created", Some("e1:3"), data)),
             format!("event: post.created\nid: e1:3\ndata: {data}\n\n")
         );
-        assert_eq!(text(frame::event("x", None, "{}")), "event: x\ndata: {}\n\n");
+        assert_eq!(
+            text(frame::event("x", None, "{}")),
+            "event: x\ndata: {}\n\n"
+        );
         assert_eq!(text(frame::retry(3000)), "retry: 3000\n\n");
         assert_eq!(text(frame::id("posts~ab:1")), "id: posts~ab:1\n\n");
         assert_eq!(
@@ -615,9 +710,15 @@ mod tests {
     fn line_breaks_cannot_break_out_of_a_field() {
         // Every kind of line break in the data becomes a `data:` line of
         // its own, which the client joins with `\n` again.
-        assert_eq!(text(frame::event("x", None, "a\nb\r\nc\rd")), "event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
+        assert_eq!(
+            text(frame::event("x", None, "a\nb\r\nc\rd")),
+            "event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
         assert_eq!(text(frame::event("x", None, "")), "event: x\ndata: \n\n");
-        assert_eq!(text(frame::event("x\ndata: forged", Some("1\n2"), "{}")), "event: xdata: forged\nid: 12\ndata: {}\n\n");
+        assert_eq!(
+            text(frame::event("x\ndata: forged", Some("1\n2"), "{}")),
+            "event: xdata: forged\nid: 12\ndata: {}\n\n"
+        );
     }
 
     #[test]
@@ -626,10 +727,16 @@ mod tests {
         assert_eq!(cursor.id(), None);
         cursor.set(0, "ab12cd:5".into());
         assert_eq!(cursor.id().as_deref(), Some("ab12cd:5"));
-        assert_eq!(resume_points(Some("ab12cd:5"), &topics(&["posts"])), [ResumeFrom::After("ab12cd:5".into())]);
+        assert_eq!(
+            resume_points(Some("ab12cd:5"), &topics(&["posts"])),
+            [ResumeFrom::After("ab12cd:5".into())]
+        );
         // A composite id names the topic too.
         assert_eq!(
-            resume_points(Some("channel:x~ef34ab:9,posts~ab12cd:5"), &topics(&["posts"])),
+            resume_points(
+                Some("channel:x~ef34ab:9,posts~ab12cd:5"),
+                &topics(&["posts"])
+            ),
             [ResumeFrom::After("ab12cd:5".into())]
         );
         for none in [None, Some(""), Some("  ")] {
@@ -649,12 +756,19 @@ mod tests {
         assert_eq!(id, "posts~ab12cd:5,channel:x~ef34ab:10");
         assert_eq!(
             resume_points(Some(&id), &names),
-            [ResumeFrom::After("ab12cd:5".into()), ResumeFrom::After("ef34ab:10".into()), ResumeFrom::Live]
+            [
+                ResumeFrom::After("ab12cd:5".into()),
+                ResumeFrom::After("ef34ab:10".into()),
+                ResumeFrom::Live
+            ]
         );
         // Topics the id names but the stream does not ask for are ignored;
         // a repeated topic's last entry wins.
         assert_eq!(
-            resume_points(Some("gone~aa:1,posts~ab12cd:4,posts~ab12cd:5"), &topics(&["posts", "orders"])),
+            resume_points(
+                Some("gone~aa:1,posts~ab12cd:4,posts~ab12cd:5"),
+                &topics(&["posts", "orders"])
+            ),
             [ResumeFrom::After("ab12cd:5".into()), ResumeFrom::Live]
         );
     }
@@ -663,9 +777,21 @@ mod tests {
     fn an_unreadable_id_is_malformed_for_every_topic() {
         let names = topics(&["posts", "orders"]);
         // A plain position cannot say which of several topics it is.
-        assert_eq!(resume_points(Some("ab12cd:5"), &names), [ResumeFrom::Malformed, ResumeFrom::Malformed]);
-        for bad in ["posts~ab:1,orders", "posts~", "~ab:1", "posts~ab:1,,orders~cd:2"] {
-            assert_eq!(resume_points(Some(bad), &names), [ResumeFrom::Malformed, ResumeFrom::Malformed], "{bad}");
+        assert_eq!(
+            resume_points(Some("ab12cd:5"), &names),
+            [ResumeFrom::Malformed, ResumeFrom::Malformed]
+        );
+        for bad in [
+            "posts~ab:1,orders",
+            "posts~",
+            "~ab:1",
+            "posts~ab:1,,orders~cd:2",
+        ] {
+            assert_eq!(
+                resume_points(Some(bad), &names),
+                [ResumeFrom::Malformed, ResumeFrom::Malformed],
+                "{bad}"
+            );
         }
         // A malformed position inside a well-formed composite is the hub's
         // to judge (it says `malformed` for that topic only).
@@ -677,7 +803,9 @@ mod tests {
 
     #[test]
     fn the_query_string_takes_repeated_topics() {
-        let q = StreamQuery::parse("topic=posts&topic=channel%3Ax&token=t&lastEventId=a~b%3A1&_=123").unwrap();
+        let q =
+            StreamQuery::parse("topic=posts&topic=channel%3Ax&token=t&lastEventId=a~b%3A1&_=123")
+                .unwrap();
         assert_eq!(
             q,
             StreamQuery {
@@ -692,11 +820,26 @@ mod tests {
 
     #[test]
     fn topics_default_to_the_callers_notifications_and_are_bounded() {
-        let me = Principal { user_id: "u1".into(), scopes: vec![] };
-        assert_eq!(choose_topics(vec![], Some(&me)).unwrap(), ["notifications:u1"]);
-        assert_eq!(choose_topics(vec![], None).unwrap_err().status, StatusCode::UNAUTHORIZED);
-        assert_eq!(choose_topics(topics(&["a", "b", "a"]), None).unwrap(), ["a", "b"]);
+        let me = Principal {
+            user_id: "u1".into(),
+            scopes: vec![],
+        };
+        assert_eq!(
+            choose_topics(vec![], Some(&me)).unwrap(),
+            ["notifications:u1"]
+        );
+        assert_eq!(
+            choose_topics(vec![], None).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            choose_topics(topics(&["a", "b", "a"]), None).unwrap(),
+            ["a", "b"]
+        );
         let many: Vec<String> = (0..=MAX_TOPICS).map(|i| format!("t{i}")).collect();
-        assert_eq!(choose_topics(many, Some(&me)).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            choose_topics(many, Some(&me)).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
     }
 }

@@ -21,15 +21,29 @@ async fn bad_tokens_are_refused_over_http_with_401() {
 
     for (what, bad) in bad_tokens(node.secret(), "user-1") {
         let reply = post_json(&node, &query, Some(&bad)).await;
-        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "a token that is {what} must be 401: {}", reply.body);
+        assert_eq!(
+            reply.status,
+            StatusCode::UNAUTHORIZED,
+            "a token that is {what} must be 401: {}",
+            reply.body
+        );
         assert!(
-            reply.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
+            reply
+                .header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Bearer")),
             "a 401 names the scheme ({what}): {:?}",
             reply.headers
         );
         let body = reply.json();
-        assert!(!error_messages(&body).is_empty(), "a 401 says why ({what}): {}", reply.body);
-        assert!(!reply.body.contains(&bad), "the refusal must not echo the token ({what})");
+        assert!(
+            !error_messages(&body).is_empty(),
+            "a 401 says why ({what}): {}",
+            reply.body
+        );
+        assert!(
+            !reply.body.contains(&bad),
+            "the refusal must not echo the token ({what})"
+        );
     }
     // Over GET too.
     let (what, bad) = bad_tokens(node.secret(), "user-1").remove(0);
@@ -40,7 +54,11 @@ async fn bad_tokens_are_refused_over_http_with_401() {
         .send()
         .await
         .unwrap();
-    assert_eq!(reply.status(), StatusCode::UNAUTHORIZED, "GET with a token that is {what}");
+    assert_eq!(
+        reply.status(),
+        StatusCode::UNAUTHORIZED,
+        "GET with a token that is {what}"
+    );
 
     // Headers that are not a bearer token at all.
     for header in ["Basic dXNlcjpwYXNz", "Bearer", "Bearer    ", good.as_str()] {
@@ -53,7 +71,11 @@ async fn bad_tokens_are_refused_over_http_with_401() {
             .send()
             .await
             .unwrap();
-        assert_eq!(reply.status(), StatusCode::UNAUTHORIZED, "Authorization: {header:?} must be 401");
+        assert_eq!(
+            reply.status(),
+            StatusCode::UNAUTHORIZED,
+            "Authorization: {header:?} must be 401"
+        );
     }
 
     // Tokens never reach the logs.
@@ -69,7 +91,10 @@ async fn bad_tokens_are_refused_over_http_with_401() {
 /// Opens a graphql-transport-ws connection, sends `connection_init` with
 /// `payload`, and returns the first thing the server answers:
 /// `Ok(message)` or `Err((close code, reason))`.
-async fn init_with(url: String, payload: serde_json::Value) -> Result<serde_json::Value, (u16, String)> {
+async fn init_with(
+    url: String,
+    payload: serde_json::Value,
+) -> Result<serde_json::Value, (u16, String)> {
     let mut ws = GqlWs::connect(&url, TRANSPORT_WS).await;
     ws.connection_init(payload).await;
     match ws.read(Duration::from_secs(5)).await {
@@ -86,7 +111,10 @@ async fn bad_tokens_are_refused_over_websocket_with_4403() {
     let good = token(node.secret(), "user-1");
 
     // Both accepted forms, with a good token: acknowledged.
-    for payload in [json!({ "authorization": format!("Bearer {good}") }), json!({ "token": good })] {
+    for payload in [
+        json!({ "authorization": format!("Bearer {good}") }),
+        json!({ "token": good }),
+    ] {
         let answer = init_with(url.clone(), payload.clone()).await;
         assert!(
             answer.as_ref().is_ok_and(|m| m["type"] == "connection_ack"),
@@ -99,12 +127,20 @@ async fn bad_tokens_are_refused_over_websocket_with_4403() {
         .into_iter()
         .flat_map(|(what, bad)| {
             [
-                (format!("{what} (authorization)"), json!({ "authorization": format!("Bearer {bad}") })),
+                (
+                    format!("{what} (authorization)"),
+                    json!({ "authorization": format!("Bearer {bad}") }),
+                ),
                 (format!("{what} (token)"), json!({ "token": bad })),
             ]
         })
         .collect();
-    let answers = join_all(cases.iter().map(|(_, payload)| init_with(url.clone(), payload.clone()))).await;
+    let answers = join_all(
+        cases
+            .iter()
+            .map(|(_, payload)| init_with(url.clone(), payload.clone())),
+    )
+    .await;
     let wrong: Vec<String> = cases
         .iter()
         .zip(answers)
@@ -113,5 +149,9 @@ async fn bad_tokens_are_refused_over_websocket_with_4403() {
             other => Some(format!("{what}: expected close 4403, got {other:?}")),
         })
         .collect();
-    assert!(wrong.is_empty(), "bad tokens not refused with 4403:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "bad tokens not refused with 4403:\n{}",
+        wrong.join("\n")
+    );
 }

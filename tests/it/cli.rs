@@ -19,16 +19,43 @@ fn bad_configuration_exits_non_zero_before_listening_naming_the_key() {
     let dir = TempDir::new();
     let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
         ("server.port", vec![("SUBGATE__SERVER__PORT", "70000")]),
-        ("server.port", vec![("SUBGATE__SERVER__PORT", taken_port.as_str())]),
+        (
+            "server.port",
+            vec![("SUBGATE__SERVER__PORT", taken_port.as_str())],
+        ),
         ("environment", vec![("SUBGATE__ENVIRONMENT", "staging")]),
-        ("auth.jwt_public_key_file", vec![("SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE", "/nope")]),
+        (
+            "auth.jwt_public_key_file",
+            vec![("SUBGATE__AUTH__JWT_PUBLIC_KEY_FILE", "/nope")],
+        ),
         // Production has no development secret, and a short one is refused.
-        ("auth.jwt_secret", vec![("SUBGATE__ENVIRONMENT", "production")]),
-        ("auth.jwt_secret", vec![("SUBGATE__ENVIRONMENT", "production"), ("SUBGATE__AUTH__JWT_SECRET", "short")]),
-        ("server.max_body_bytes", vec![("SUBGATE__SERVER__MAX_BODY_BYTES", "0")]),
-        ("server.allowed_origins", vec![("SUBGATE__SERVER__ALLOWED_ORIGINS", "app.example.com")]),
-        ("websocket.max_frame_bytes", vec![("SUBGATE__WEBSOCKET__MAX_FRAME_BYTES", "lots")]),
-        ("redis.url", vec![("SUBGATE__REDIS__URL", "http://localhost:6379")]),
+        (
+            "auth.jwt_secret",
+            vec![("SUBGATE__ENVIRONMENT", "production")],
+        ),
+        (
+            "auth.jwt_secret",
+            vec![
+                ("SUBGATE__ENVIRONMENT", "production"),
+                ("SUBGATE__AUTH__JWT_SECRET", "short"),
+            ],
+        ),
+        (
+            "server.max_body_bytes",
+            vec![("SUBGATE__SERVER__MAX_BODY_BYTES", "0")],
+        ),
+        (
+            "server.allowed_origins",
+            vec![("SUBGATE__SERVER__ALLOWED_ORIGINS", "app.example.com")],
+        ),
+        (
+            "websocket.max_frame_bytes",
+            vec![("SUBGATE__WEBSOCKET__MAX_FRAME_BYTES", "lots")],
+        ),
+        (
+            "redis.url",
+            vec![("SUBGATE__REDIS__URL", "http://localhost:6379")],
+        ),
     ];
     // Each refusal is its own process; run them side by side.
     let results: Vec<_> = std::thread::scope(|scope| {
@@ -42,18 +69,46 @@ fn bad_configuration_exits_non_zero_before_listening_naming_the_key() {
                         env.push(("SUBGATE__SERVER__PORT", "0"));
                     }
                     let out = run_cli(&[], &env, dir, REFUSAL_TIMEOUT);
-                    (key, env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(), out)
+                    (
+                        key,
+                        env.iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>(),
+                        out,
+                    )
                 })
             })
             .collect();
         runs.into_iter().map(|run| run.join().unwrap()).collect()
     });
     for (key, env, out) in results {
-        assert!(!out.status.success(), "{env:?} must be refused (exit non-zero), got {:?}\nstderr:\n{}", out.status, out.stderr);
-        assert!(!out.stderr.contains("listening on"), "{env:?} must be refused before listening:\n{}", out.stderr);
-        let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "{env:?} must be refused with one line, got:\n{}", out.stderr);
-        assert!(lines[0].contains(key), "{env:?}: the refusal must name `{key}`, got: {}", lines[0]);
+        assert!(
+            !out.status.success(),
+            "{env:?} must be refused (exit non-zero), got {:?}\nstderr:\n{}",
+            out.status,
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("listening on"),
+            "{env:?} must be refused before listening:\n{}",
+            out.stderr
+        );
+        let lines: Vec<&str> = out
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{env:?} must be refused with one line, got:\n{}",
+            out.stderr
+        );
+        assert!(
+            lines[0].contains(key),
+            "{env:?}: the refusal must name `{key}`, got: {}",
+            lines[0]
+        );
     }
     drop(taken);
 }
@@ -62,79 +117,206 @@ fn bad_configuration_exits_non_zero_before_listening_naming_the_key() {
 async fn configuration_layers_files_then_environment() {
     // Four layers, each with a key that only it or a later one sets:
     // config/default.toml < config/$SUBGATE_ENV.toml < --config FILE < SUBGATE__ variables.
-    let env = [("SUBGATE_ENV", "ci"), ("SUBGATE__GRAPHQL__MAX_BATCH_SIZE", "4")];
+    let env = [
+        ("SUBGATE_ENV", "ci"),
+        ("SUBGATE__GRAPHQL__MAX_BATCH_SIZE", "4"),
+    ];
     let node = Node::start_with(&["--config", "extra.toml"], &env, |dir| {
         std::fs::create_dir_all(dir.join("config")).unwrap();
-        let default = "[graphql]\nmax_batch_size = 2\nmax_depth = 3\nmax_aliases = 50\nmax_page_size = 100\n";
+        let default =
+            "[graphql]\nmax_batch_size = 2\nmax_depth = 3\nmax_aliases = 50\nmax_page_size = 100\n";
         std::fs::write(dir.join("config/default.toml"), default).unwrap();
-        std::fs::write(dir.join("config/ci.toml"), "[graphql]\nmax_aliases = 20\nmax_page_size = 7\n").unwrap();
-        std::fs::write(dir.join("extra.toml"), "[graphql]\nmax_batch_size = 3\nmax_aliases = 1\n").unwrap();
+        std::fs::write(
+            dir.join("config/ci.toml"),
+            "[graphql]\nmax_aliases = 20\nmax_page_size = 7\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("extra.toml"),
+            "[graphql]\nmax_batch_size = 3\nmax_aliases = 1\n",
+        )
+        .unwrap();
     });
     // config/ci.toml (max_page_size 7) beats config/default.toml (100).
-    let reply = post_json(&node, &json!({ "query": "{ posts(first: 7) { totalCount } }" }), None).await;
-    assert_eq!(reply.status, StatusCode::OK, "first: 7 with config/ci.toml max_page_size = 7: {}", reply.body);
-    let reply = post_json(&node, &json!({ "query": "{ posts(first: 8) { totalCount } }" }), None).await;
-    assert!(!error_messages(&reply.json()).is_empty(), "first: 8 with config/ci.toml max_page_size = 7: {}", reply.body);
+    let reply = post_json(
+        &node,
+        &json!({ "query": "{ posts(first: 7) { totalCount } }" }),
+        None,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "first: 7 with config/ci.toml max_page_size = 7: {}",
+        reply.body
+    );
+    let reply = post_json(
+        &node,
+        &json!({ "query": "{ posts(first: 8) { totalCount } }" }),
+        None,
+    )
+    .await;
+    assert!(
+        !error_messages(&reply.json()).is_empty(),
+        "first: 8 with config/ci.toml max_page_size = 7: {}",
+        reply.body
+    );
     // The environment (4) beats both files (2, 3).
-    let batch = |n: usize| serde_json::Value::Array((0..n).map(|_| json!({ "query": "{ __typename }" })).collect());
+    let batch = |n: usize| {
+        serde_json::Value::Array(
+            (0..n)
+                .map(|_| json!({ "query": "{ __typename }" }))
+                .collect(),
+        )
+    };
     let reply = post_json(&node, &batch(4), None).await;
-    assert_eq!(reply.status, StatusCode::OK, "the environment (4) must override the files: {}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "the environment (4) must override the files: {}",
+        reply.body
+    );
     let reply = post_json(&node, &batch(5), None).await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "a batch of 5 over a limit of 4: {}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "a batch of 5 over a limit of 4: {}",
+        reply.body
+    );
     // --config (max_aliases 1) beats config/ci.toml (20) and config/default.toml (50).
     let reply = post_json(&node, &json!({ "query": "{ a: __typename }" }), None).await;
-    assert_eq!(reply.status, StatusCode::OK, "one alias with max_aliases = 1: {}", reply.body);
-    let reply = post_json(&node, &json!({ "query": "{ a: __typename b: __typename }" }), None).await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "two aliases with --config max_aliases = 1: {}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "one alias with max_aliases = 1: {}",
+        reply.body
+    );
+    let reply = post_json(
+        &node,
+        &json!({ "query": "{ a: __typename b: __typename }" }),
+        None,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "two aliases with --config max_aliases = 1: {}",
+        reply.body
+    );
     // config/default.toml in the working directory applies where nothing
     // overrides it: max_depth 3 refuses depth 4.
     let deep = "{ __schema { queryType { fields { name } } } }";
     let reply = post_json(&node, &json!({ "query": deep }), None).await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "depth 4 with config/default.toml max_depth = 3: {}", reply.body);
-    let reply = post_json(&node, &json!({ "query": "{ __schema { queryType { name } } }" }), None).await;
-    assert_eq!(reply.status, StatusCode::OK, "depth 3 with max_depth = 3: {}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "depth 4 with config/default.toml max_depth = 3: {}",
+        reply.body
+    );
+    let reply = post_json(
+        &node,
+        &json!({ "query": "{ __schema { queryType { name } } }" }),
+        None,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "depth 3 with max_depth = 3: {}",
+        reply.body
+    );
 
     // A --config file that does not exist is refused, naming the option.
     let dir = TempDir::new();
-    let out = run_cli(&["--config", "missing.toml"], &[("SUBGATE__SERVER__PORT", "0")], dir.path(), REFUSAL_TIMEOUT);
-    assert!(!out.status.success(), "a missing --config file must be refused:\n{}", out.stderr);
-    assert!(out.stderr.contains("--config") || out.stderr.contains("missing.toml"), "{}", out.stderr);
+    let out = run_cli(
+        &["--config", "missing.toml"],
+        &[("SUBGATE__SERVER__PORT", "0")],
+        dir.path(),
+        REFUSAL_TIMEOUT,
+    );
+    assert!(
+        !out.status.success(),
+        "a missing --config file must be refused:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("--config") || out.stderr.contains("missing.toml"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[tokio::test]
 async fn subgate_token_mints_a_token_the_node_accepts() {
     let node = Node::start(&[]);
-    let token = cli_token(&node, &["--sub", "user-42", "--ttl", "1h", "--scope", "publish"]);
-    assert_eq!(token.lines().count(), 1, "`subgate token` prints the token alone: {token:?}");
+    let token = cli_token(
+        &node,
+        &["--sub", "user-42", "--ttl", "1h", "--scope", "publish"],
+    );
+    assert_eq!(
+        token.lines().count(),
+        1,
+        "`subgate token` prints the token alone: {token:?}"
+    );
     assert_eq!(token.split('.').count(), 3, "not a JWT: {token:?}");
     let claims = jwt::claims(&token);
     assert_eq!(claims["sub"], "user-42", "{claims}");
     let ttl = claims["exp"].as_i64().expect("exp") - jwt::now();
-    assert!((3500..=3700).contains(&ttl), "--ttl 1h must give exp ~ now + 3600, got now + {ttl}");
     assert!(
-        claims["scope"].as_str().unwrap_or("").split(' ').any(|s| s == "publish"),
+        (3500..=3700).contains(&ttl),
+        "--ttl 1h must give exp ~ now + 3600, got now + {ttl}"
+    );
+    assert!(
+        claims["scope"]
+            .as_str()
+            .unwrap_or("")
+            .split(' ')
+            .any(|s| s == "publish"),
         "--scope publish must be in the scope claim: {claims}"
     );
     // The node verifies it: the request runs instead of answering 401.
     let reply = post_json(&node, &json!({ "query": "{ __typename }" }), Some(&token)).await;
-    assert_eq!(reply.status, StatusCode::OK, "a token from `subgate token` refused: {}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "a token from `subgate token` refused: {}",
+        reply.body
+    );
     // A token minted with another secret is not: the check above can fail.
     let other = run_cli(
         &["token", "--sub", "user-42"],
-        &[("SUBGATE__AUTH__JWT_SECRET", "a-different-secret-for-this-one-run-only")],
+        &[(
+            "SUBGATE__AUTH__JWT_SECRET",
+            "a-different-secret-for-this-one-run-only",
+        )],
         node.dir(),
         REFUSAL_TIMEOUT,
     );
     assert!(other.status.success(), "{}", other.stderr);
-    let reply = post_json(&node, &json!({ "query": "{ __typename }" }), Some(other.stdout.trim())).await;
-    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "a token signed with another secret: {}", reply.body);
+    let reply = post_json(
+        &node,
+        &json!({ "query": "{ __typename }" }),
+        Some(other.stdout.trim()),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNAUTHORIZED,
+        "a token signed with another secret: {}",
+        reply.body
+    );
 }
 
 #[test]
 fn subgate_schema_prints_the_sdl_kept_in_the_repository() {
     let dir = TempDir::new();
     let out = run_cli(&["schema"], &[], dir.path(), REFUSAL_TIMEOUT);
-    assert!(out.status.success(), "`subgate schema` failed: {:?}\n{}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "`subgate schema` failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
     let sdl = out.stdout;
     for needle in [
         "type Query",
@@ -156,6 +338,10 @@ fn subgate_schema_prints_the_sdl_kept_in_the_repository() {
     }
     // INTERFACE.md: schema.graphql at the repository root is the SDL, kept identical.
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.graphql");
-    let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{} must exist: {e}", path.display()));
-    assert!(committed.trim_end() == sdl.trim_end(), "schema.graphql differs from `subgate schema`; regenerate it");
+    let committed = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} must exist: {e}", path.display()));
+    assert!(
+        committed.trim_end() == sdl.trim_end(),
+        "schema.graphql differs from `subgate schema`; regenerate it"
+    );
 }

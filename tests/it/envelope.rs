@@ -17,7 +17,8 @@ const CREATE_CHANNEL: &str =
     "mutation($input: CreateChannelInput!) { createChannel(input: $input) { channel { id } errors { field message code } } }";
 const SEND_MESSAGE: &str =
     "mutation($input: SendMessageInput!) { sendMessage(input: $input) { message { id content } errors { field message code } } }";
-const MESSAGE_RECEIVED: &str = "subscription($c: ID!) { messageReceived(channelId: $c) { id content author { id } } }";
+const MESSAGE_RECEIVED: &str =
+    "subscription($c: ID!) { messageReceived(channelId: $c) { id content author { id } } }";
 
 /// An envelope-protocol client.
 struct Client {
@@ -35,15 +36,23 @@ impl Client {
             Some(token) => node.ws_url(&format!("/ws?token={token}")),
             None => node.ws_url("/ws"),
         };
-        let ws = match tokio::time::timeout(WAIT, try_connect(&url, ConnectOptions::default())).await {
-            Ok(Ok(ws)) => ws,
-            Ok(Err(e)) => panic!("the upgrade of /ws failed: {e}"),
-            Err(_) => panic!("the upgrade of /ws did not finish within {WAIT:?}"),
+        let ws =
+            match tokio::time::timeout(WAIT, try_connect(&url, ConnectOptions::default())).await {
+                Ok(Ok(ws)) => ws,
+                Ok(Err(e)) => panic!("the upgrade of /ws failed: {e}"),
+                Err(_) => panic!("the upgrade of /ws did not finish within {WAIT:?}"),
+            };
+        let mut client = Client {
+            ws,
+            session_id: String::new(),
+            held: Default::default(),
         };
-        let mut client = Client { ws, session_id: String::new(), held: Default::default() };
         let hello = client.next().await;
         assert_eq!(hello["type"], "connection.established", "{hello}");
-        client.session_id = hello["payload"]["session_id"].as_str().expect("a session id").to_owned();
+        client.session_id = hello["payload"]["session_id"]
+            .as_str()
+            .expect("a session id")
+            .to_owned();
         if token.is_some() {
             client.expect("auth.success").await;
         }
@@ -55,13 +64,18 @@ impl Client {
     }
 
     async fn send(&mut self, kind: &str, payload: Value) {
-        self.ws.send_json(json!({ "type": kind, "payload": payload })).await;
+        self.ws
+            .send_json(json!({ "type": kind, "payload": payload }))
+            .await;
     }
 
     /// The next message, checked to be an envelope.
     async fn next(&mut self) -> Value {
         let m = self.ws.next_message(WAIT).await;
-        assert!(m["id"].as_str().is_some_and(|id| !id.is_empty()), "an envelope without id: {m}");
+        assert!(
+            m["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "an envelope without id: {m}"
+        );
         assert!(
             m["type"].is_string() && m["payload"].is_object() && m["timestamp"].is_string(),
             "not an envelope: {m}"
@@ -123,7 +137,11 @@ impl Client {
 
     /// Sends a message and returns the stored message from `message.sent`.
     async fn say(&mut self, channel_id: &str, content: &str) -> Value {
-        self.send("message.send", json!({ "channel_id": channel_id, "content": content })).await;
+        self.send(
+            "message.send",
+            json!({ "channel_id": channel_id, "content": content }),
+        )
+        .await;
         let sent = self.expect("message.sent").await;
         assert_eq!(sent["payload"]["message"]["content"], content, "{sent}");
         sent["payload"]["message"].clone()
@@ -149,12 +167,17 @@ async fn create_channel(node: &Node, owner: &TestUser, private: bool, members: &
         Some(&owner.token),
     )
     .await;
-    data["createChannel"]["channel"]["id"].as_str().unwrap_or_else(|| panic!("createChannel failed: {data}")).to_owned()
+    data["createChannel"]["channel"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("createChannel failed: {data}"))
+        .to_owned()
 }
 
 /// The sequence number of an event id `EPOCH:SEQ`.
 fn seq(id: &str) -> u64 {
-    id.rsplit_once(':').and_then(|(_, n)| n.parse().ok()).unwrap_or_else(|| panic!("{id:?} is not EPOCH:SEQ"))
+    id.rsplit_once(':')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or_else(|| panic!("{id:?} is not EPOCH:SEQ"))
 }
 
 #[tokio::test]
@@ -166,7 +189,9 @@ async fn auth_by_query_token_by_first_message_and_a_bad_token_refused_before_the
     assert!(!by_query.session_id.is_empty());
 
     let mut by_message = Client::connect(&node, None).await;
-    by_message.send("auth", json!({ "token": "not-a-jwt" })).await;
+    by_message
+        .send("auth", json!({ "token": "not-a-jwt" }))
+        .await;
     let failed = by_message.expect("auth.failed").await;
     assert_eq!(failed["payload"]["code"], "unauthorized");
     by_message.send("auth", json!({ "token": ann.token })).await;
@@ -222,7 +247,10 @@ async fn every_bad_input_gets_its_code_and_the_connection_lives_on() {
     for (kind, payload) in [
         ("channel.subscribe", json!({ "channel_id": "c" })),
         ("channel.unsubscribe", json!({ "channel_id": "c" })),
-        ("message.send", json!({ "channel_id": "c", "content": "hi" })),
+        (
+            "message.send",
+            json!({ "channel_id": "c", "content": "hi" }),
+        ),
         ("user.typing", json!({ "channel_id": "c" })),
         ("presence.update", json!({ "status": "away" })),
     ] {
@@ -237,16 +265,29 @@ async fn every_bad_input_gets_its_code_and_the_connection_lives_on() {
         ("[1, 2, 3]".into(), "bad_request", None),
         ("{}".into(), "bad_request", Some("type")),
         (r#"{"type": 42}"#.into(), "bad_request", Some("type")),
-        (r#"{"type": "channel.join", "payload": {}}"#.into(), "bad_request", Some("type")),
-        (r#"{"type": "channel.subscribe"}"#.into(), "bad_request", Some("payload.channel_id")),
-        (r#"{"type": "channel.subscribe", "payload": "c"}"#.into(), "bad_request", Some("payload")),
+        (
+            r#"{"type": "channel.join", "payload": {}}"#.into(),
+            "bad_request",
+            Some("type"),
+        ),
+        (
+            r#"{"type": "channel.subscribe"}"#.into(),
+            "bad_request",
+            Some("payload.channel_id"),
+        ),
+        (
+            r#"{"type": "channel.subscribe", "payload": "c"}"#.into(),
+            "bad_request",
+            Some("payload"),
+        ),
         (
             r#"{"type": "channel.subscribe", "payload": {"channel_id": 7}}"#.into(),
             "bad_request",
             Some("payload.channel_id"),
         ),
         (
-            r#"{"type": "channel.subscribe", "payload": {"channel_id": "c", "last_event_id": 1}}"#.into(),
+            r#"{"type": "channel.subscribe", "payload": {"channel_id": "c", "last_event_id": 1}}"#
+                .into(),
             "bad_request",
             Some("payload.last_event_id"),
         ),
@@ -276,31 +317,57 @@ async fn every_bad_input_gets_its_code_and_the_connection_lives_on() {
             Some("payload.content"),
         ),
         (
-            r#"{"type": "message.send", "payload": {"channel_id": "nope", "content": "hi"}}"#.into(),
+            r#"{"type": "message.send", "payload": {"channel_id": "nope", "content": "hi"}}"#
+                .into(),
             "not_found",
             Some("payload.channel_id"),
         ),
-        (r#"{"type": "user.typing", "payload": {}}"#.into(), "bad_request", Some("payload.channel_id")),
+        (
+            r#"{"type": "user.typing", "payload": {}}"#.into(),
+            "bad_request",
+            Some("payload.channel_id"),
+        ),
         (
             r#"{"type": "presence.update", "payload": {"status": "asleep"}}"#.into(),
             "bad_request",
             Some("payload.status"),
         ),
-        (r#"{"type": "auth", "payload": {}}"#.into(), "bad_request", Some("payload.token")),
-        (format!(r#"{{"type": "ping", "payload": {{"pad": "{}"}}}}"#, "x".repeat(3000)), "too_large", None),
+        (
+            r#"{"type": "auth", "payload": {}}"#.into(),
+            "bad_request",
+            Some("payload.token"),
+        ),
+        (
+            format!(
+                r#"{{"type": "ping", "payload": {{"pad": "{}"}}}}"#,
+                "x".repeat(3000)
+            ),
+            "too_large",
+            None,
+        ),
     ];
     for (text, code, field) in &cases {
         client.ws.send_text(text.clone()).await;
         let error = client.error().await;
         assert_eq!(error["code"], *code, "{text:.80}: {error}");
         assert_eq!(error["field"].as_str(), *field, "{text:.80}: {error}");
-        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{error}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{error}"
+        );
     }
     // The unknown type is named.
     client.ws.send_text(r#"{"type": "channel.join"}"#).await;
-    assert!(client.error().await["message"].as_str().unwrap().contains("channel.join"));
+    assert!(client.error().await["message"]
+        .as_str()
+        .unwrap()
+        .contains("channel.join"));
     // Binary frames are bad input too, not a reason to close.
-    client.ws.send_raw(tungstenite::Message::Binary(vec![1, 2, 3])).await.unwrap();
+    client
+        .ws
+        .send_raw(tungstenite::Message::Binary(vec![1, 2, 3]))
+        .await
+        .unwrap();
     assert_eq!(client.error().await["code"], "bad_request");
     client.nothing_else().await;
 
@@ -309,9 +376,17 @@ async fn every_bad_input_gets_its_code_and_the_connection_lives_on() {
     let bob = create_user(&relaxed, "Bob").await;
     let room = create_channel(&relaxed, &bob, false, &[]).await;
     let mut roomy = Client::user(&relaxed, &bob).await;
-    roomy.send("message.send", json!({ "channel_id": room, "content": "é".repeat(4001) })).await;
+    roomy
+        .send(
+            "message.send",
+            json!({ "channel_id": room, "content": "é".repeat(4001) }),
+        )
+        .await;
     let error = roomy.error().await;
-    assert_eq!((error["code"].as_str(), error["field"].as_str()), (Some("bad_request"), Some("payload.content")));
+    assert_eq!(
+        (error["code"].as_str(), error["field"].as_str()),
+        (Some("bad_request"), Some("payload.content"))
+    );
     roomy.say(&room, &"é".repeat(4000)).await;
 
     // Only a frame over the frame limit closes, with 1009.
@@ -322,8 +397,10 @@ async fn every_bad_input_gets_its_code_and_the_connection_lives_on() {
 
 #[tokio::test]
 async fn a_client_that_sends_too_fast_is_told_rate_limited_and_stays() {
-    let node =
-        Node::start(&[("SUBGATE__RATELIMIT__MESSAGES_PER_SECOND", "2"), ("SUBGATE__RATELIMIT__MESSAGES_BURST", "5")]);
+    let node = Node::start(&[
+        ("SUBGATE__RATELIMIT__MESSAGES_PER_SECOND", "2"),
+        ("SUBGATE__RATELIMIT__MESSAGES_BURST", "5"),
+    ]);
     let mut client = Client::connect(&node, None).await;
     for i in 0..5 {
         client.send("ping", json!({ "i": i })).await;
@@ -334,11 +411,19 @@ async fn a_client_that_sends_too_fast_is_told_rate_limited_and_stays() {
     }
     let limited = client.error().await;
     assert_eq!(limited["code"], "rate_limited");
-    assert!(limited["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0 && ms <= 500), "{limited}");
+    assert!(
+        limited["retry_after_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 0 && ms <= 500),
+        "{limited}"
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     client.nothing_else().await;
     let metrics = get(&node, "/metrics").await.body;
-    assert!(metric_sum(&metrics, "subgate_rate_limited_total") >= 1.0, "{metrics}");
+    assert!(
+        metric_sum(&metrics, "subgate_rate_limited_total") >= 1.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -349,10 +434,14 @@ async fn channels_subscribe_deliver_and_unsubscribe() {
     let room = create_channel(&node, &ann, false, &[]).await;
     let mut a = Client::user(&node, &ann).await;
     let mut b = Client::user(&node, &bob).await;
-    assert_eq!(a.subscribe(&room, None).await, json!({ "channel_id": room, "recovered": true }));
+    assert_eq!(
+        a.subscribe(&room, None).await,
+        json!({ "channel_id": room, "recovered": true })
+    );
     // Replies keep the order of the requests, even when the first needs the
     // store and the second does not.
-    b.send("channel.subscribe", json!({ "channel_id": room })).await;
+    b.send("channel.subscribe", json!({ "channel_id": room }))
+        .await;
     b.send("ping", json!({})).await;
     b.expect("channel.subscribed").await;
     b.expect("pong").await;
@@ -361,16 +450,24 @@ async fn channels_subscribe_deliver_and_unsubscribe() {
     for client in [&mut a, &mut b] {
         let event = client.expect("message.created").await;
         assert_eq!(event["topic"], format!("channel:{room}"));
-        assert_eq!(event["payload"]["message"], sent, "the event carries the stored message");
+        assert_eq!(
+            event["payload"]["message"], sent,
+            "the event carries the stored message"
+        );
         seq(event["id"].as_str().unwrap());
     }
 
     // A second subscribe to the same channel is refused; the first stays.
-    b.send("channel.subscribe", json!({ "channel_id": room })).await;
+    b.send("channel.subscribe", json!({ "channel_id": room }))
+        .await;
     let dup = b.error().await;
-    assert_eq!((dup["code"].as_str(), dup["request"].as_str()), (Some("bad_request"), Some("channel.subscribe")));
+    assert_eq!(
+        (dup["code"].as_str(), dup["request"].as_str()),
+        (Some("bad_request"), Some("channel.subscribe"))
+    );
 
-    b.send("channel.unsubscribe", json!({ "channel_id": room })).await;
+    b.send("channel.unsubscribe", json!({ "channel_id": room }))
+        .await;
     let gone = b.expect("channel.unsubscribed").await;
     assert_eq!(gone["payload"], json!({ "channel_id": room }));
     a.say(&room, "bob has left").await;
@@ -378,8 +475,16 @@ async fn channels_subscribe_deliver_and_unsubscribe() {
     b.nothing_else().await;
 
     let metrics = get(&node, "/metrics").await.body;
-    let line = |name: &str| metrics.lines().any(|l| l.starts_with(name) && l.contains(r#"transport="envelope_ws""#));
-    for name in ["subgate_connections{", "subgate_subscriptions{", "subgate_events_delivered_total{"] {
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with(name) && l.contains(r#"transport="envelope_ws""#))
+    };
+    for name in [
+        "subgate_connections{",
+        "subgate_subscriptions{",
+        "subgate_events_delivered_total{",
+    ] {
         assert!(line(name), "{name} has no envelope_ws series:\n{metrics}");
     }
 }
@@ -394,8 +499,12 @@ async fn messages_cross_between_the_envelope_protocol_and_graphql() {
     listener.subscribe(&room, None).await;
 
     let mut gql_ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
-    gql_ws.init_ack(json!({ "authorization": format!("Bearer {}", ann.token) })).await;
-    gql_ws.subscribe("m", MESSAGE_RECEIVED, json!({ "c": room })).await;
+    gql_ws
+        .init_ack(json!({ "authorization": format!("Bearer {}", ann.token) }))
+        .await;
+    gql_ws
+        .subscribe("m", MESSAGE_RECEIVED, json!({ "c": room }))
+        .await;
     until_live(&mut [&mut gql_ws], "m", async |n| {
         let content = format!("warm-up {n}");
         sender.say(&room, &content).await;
@@ -403,15 +512,27 @@ async fn messages_cross_between_the_envelope_protocol_and_graphql() {
     })
     .await;
     // The listener saw the warm-up messages too.
-    while matches!(listener.ws.read(Duration::from_millis(200)).await, Read::Message(_)) {}
+    while matches!(
+        listener.ws.read(Duration::from_millis(200)).await,
+        Read::Message(_)
+    ) {}
 
     // /ws → GraphQL (and /ws).
     let sent = sender.say(&room, "from the envelope protocol").await;
     let delivered = gql_ws.next_data("m", WAIT).await;
     assert_eq!(delivered["data"]["messageReceived"]["id"], sent["id"]);
-    assert_eq!(delivered["data"]["messageReceived"]["content"], "from the envelope protocol");
-    assert_eq!(delivered["data"]["messageReceived"]["author"]["id"], ann.id.as_str());
-    assert_eq!(listener.expect("message.created").await["payload"]["message"], sent);
+    assert_eq!(
+        delivered["data"]["messageReceived"]["content"],
+        "from the envelope protocol"
+    );
+    assert_eq!(
+        delivered["data"]["messageReceived"]["author"]["id"],
+        ann.id.as_str()
+    );
+    assert_eq!(
+        listener.expect("message.created").await["payload"]["message"],
+        sent
+    );
 
     // GraphQL → /ws (and GraphQL).
     let data = gql_ok(
@@ -421,12 +542,18 @@ async fn messages_cross_between_the_envelope_protocol_and_graphql() {
         Some(&ann.token),
     )
     .await;
-    let id = data["sendMessage"]["message"]["id"].as_str().unwrap().to_owned();
+    let id = data["sendMessage"]["message"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let event = listener.expect("message.created").await;
     assert_eq!(event["payload"]["message"]["id"], id.as_str());
     assert_eq!(event["payload"]["message"]["content"], "from GraphQL");
     assert_eq!(event["payload"]["message"]["authorId"], ann.id.as_str());
-    assert_eq!(gql_ws.next_data("m", WAIT).await["data"]["messageReceived"]["id"], id.as_str());
+    assert_eq!(
+        gql_ws.next_data("m", WAIT).await["data"]["messageReceived"]["id"],
+        id.as_str()
+    );
 }
 
 #[tokio::test]
@@ -446,13 +573,24 @@ async fn typing_reaches_the_other_subscribers_once_per_interval() {
     a.say(&room, "done typing").await;
     let typing = b.expect("user.typing").await;
     assert_eq!(typing["topic"], format!("channel:{room}"));
-    assert_eq!(typing["payload"], json!({ "user_id": ann.id, "channel_id": room }));
+    assert_eq!(
+        typing["payload"],
+        json!({ "user_id": ann.id, "channel_id": room })
+    );
     // The extra signals were absorbed: the message comes next, and nothing
     // else after it.
-    assert_eq!(b.next_non_presence().await["payload"]["message"]["content"], "done typing");
+    assert_eq!(
+        b.next_non_presence().await["payload"]["message"]["content"],
+        "done typing"
+    );
     b.nothing_else().await;
     let metrics = get(&node, "/metrics").await.body;
-    assert!(metrics.lines().any(|l| l.starts_with(r#"subgate_rate_limited_total{scope="typing"} 2"#)), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(r#"subgate_rate_limited_total{scope="typing"} 2"#)),
+        "{metrics}"
+    );
 
     // Typing is for channels the user may read.
     let secret = create_channel(&node, &ann, true, &[]).await;
@@ -469,10 +607,18 @@ async fn a_private_channel_is_refused_to_non_members() {
     let secret = create_channel(&node, &ann, true, &[&carol.id]).await;
 
     let mut b = Client::user(&node, &bob).await;
-    b.send("channel.subscribe", json!({ "channel_id": secret })).await;
+    b.send("channel.subscribe", json!({ "channel_id": secret }))
+        .await;
     let refused = b.error().await;
-    assert_eq!((refused["code"].as_str(), refused["request"].as_str()), (Some("forbidden"), Some("channel.subscribe")));
-    b.send("message.send", json!({ "channel_id": secret, "content": "let me in" })).await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["request"].as_str()),
+        (Some("forbidden"), Some("channel.subscribe"))
+    );
+    b.send(
+        "message.send",
+        json!({ "channel_id": secret, "content": "let me in" }),
+    )
+    .await;
     assert_eq!(b.error().await["code"], "forbidden");
     // Refused, the channel is not held: nothing arrives from it.
     let mut c = Client::user(&node, &carol).await;
@@ -504,7 +650,10 @@ async fn presence_follows_subscriptions_and_status_updates() {
     }
     assert_eq!(about(&mut b, &ann.id).await["status"], "online");
     a.send("presence.update", json!({ "status": "busy" })).await;
-    assert_eq!(about(&mut b, &ann.id).await, json!({ "user_id": ann.id, "channel_id": room, "status": "busy" }));
+    assert_eq!(
+        about(&mut b, &ann.id).await,
+        json!({ "user_id": ann.id, "channel_id": room, "status": "busy" })
+    );
     drop(a);
     assert_eq!(about(&mut b, &ann.id).await["status"], "offline");
 }
@@ -517,30 +666,42 @@ async fn a_last_event_id_older_than_the_history_is_not_recovered() {
     let mut a = Client::user(&node, &ann).await;
     a.subscribe(&room, None).await;
     a.say(&room, "first").await;
-    let first = a.expect("message.created").await["id"].as_str().unwrap().to_owned();
+    let first = a.expect("message.created").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     for i in 0..8 {
         a.say(&room, &format!("later {i}")).await;
     }
     let mut late = Client::user(&node, &ann).await;
     let ack = late.subscribe(&room, Some(&first)).await;
-    assert_eq!(ack, json!({ "channel_id": room, "recovered": false, "reason": "expired" }));
+    assert_eq!(
+        ack,
+        json!({ "channel_id": room, "recovered": false, "reason": "expired" })
+    );
     // What the history still holds follows, oldest first.
     let retained = late.expect("message.created").await;
     assert!(seq(retained["id"].as_str().unwrap()) > seq(&first) + 1);
 
     let mut lost = Client::user(&node, &ann).await;
     let ack = lost.subscribe(&room, Some("not-an-event-id")).await;
-    assert_eq!(ack, json!({ "channel_id": room, "recovered": false, "reason": "malformed" }));
+    assert_eq!(
+        ack,
+        json!({ "channel_id": room, "recovered": false, "reason": "malformed" })
+    );
 }
 
 /// Three nodes on one real Redis.
 fn fleet(redis: &TestRedis) -> [Node; 3] {
     let url = redis.url();
     std::thread::scope(|scope| {
-        let starting: Vec<_> =
-            (0..3).map(|_| scope.spawn(|| Node::start(&[("SUBGATE__REDIS__URL", url.as_str())]))).collect();
-        let nodes: Vec<Node> =
-            starting.into_iter().map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
+        let starting: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| Node::start(&[("SUBGATE__REDIS__URL", url.as_str())])))
+            .collect();
+        let nodes: Vec<Node> = starting
+            .into_iter()
+            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect();
         nodes.try_into().unwrap_or_else(|_| unreachable!())
     })
 }
@@ -596,12 +757,18 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
         let event = on_n3.next().await;
         ids.push(event["id"].as_str().unwrap().to_owned());
         if event["type"] == "message.created" {
-            assert_eq!(event["payload"]["message"], live, "the live message comes next");
+            assert_eq!(
+                event["payload"]["message"], live,
+                "the live message comes next"
+            );
             break;
         }
     }
     // Nothing twice: every id after the one she resumed from, increasing.
-    assert!(ids.iter().all(|id| !seen.contains(id)), "{ids:?} repeats some of {seen:?}");
+    assert!(
+        ids.iter().all(|id| !seen.contains(id)),
+        "{ids:?} repeats some of {seen:?}"
+    );
     let seqs: Vec<u64> = ids.iter().map(|id| seq(id)).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     assert!(seqs[0] > seq(&last_seen), "{ids:?} after {last_seen}");
@@ -610,9 +777,20 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
 
 #[tokio::test]
 async fn the_upgrade_checks_the_origin() {
-    let node = Node::start(&[("SUBGATE__SERVER__ALLOWED_ORIGINS", "https://app.example.com")]);
+    let node = Node::start(&[(
+        "SUBGATE__SERVER__ALLOWED_ORIGINS",
+        "https://app.example.com",
+    )]);
     let url = node.ws_url("/ws");
-    let connect = |origin| try_connect(&url, ConnectOptions { origin, ..Default::default() });
+    let connect = |origin| {
+        try_connect(
+            &url,
+            ConnectOptions {
+                origin,
+                ..Default::default()
+            },
+        )
+    };
     match connect(Some("https://evil.example.com")).await {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
         Err(e) => panic!("expected 403, got {e}"),
@@ -650,7 +828,10 @@ async fn a_draining_node_closes_with_1001_and_a_silent_peer_is_dropped() {
         silent = silent => silent.unwrap().expect("the silent peer was not dropped within 10s"),
         closed = reading => panic!("the client that answers pings was closed: {closed:?}"),
     };
-    assert!(pings >= 1 && code == Some(1001), "pings {pings}, close {code:?}");
+    assert!(
+        pings >= 1 && code == Some(1001),
+        "pings {pings}, close {code:?}"
+    );
     live.nothing_else().await;
 
     node.sigterm();
@@ -666,8 +847,20 @@ async fn a_subscriber_that_stops_reading_is_cut_off_with_1013() {
     let url = node.ws_url(&format!("/ws?token={}", ann.token));
     // A small receive buffer, so that a client that stops reading backs up
     // after a few messages instead of after megabytes of kernel buffering.
-    let ws = try_connect(&url, ConnectOptions { recv_buffer_bytes: Some(4096), ..Default::default() }).await.unwrap();
-    let mut slow = Client { ws, session_id: String::new(), held: Default::default() };
+    let ws = try_connect(
+        &url,
+        ConnectOptions {
+            recv_buffer_bytes: Some(4096),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut slow = Client {
+        ws,
+        session_id: String::new(),
+        held: Default::default(),
+    };
     slow.expect("connection.established").await;
     slow.expect("auth.success").await;
     slow.subscribe(&room, None).await;
@@ -675,7 +868,10 @@ async fn a_subscriber_that_stops_reading_is_cut_off_with_1013() {
     // 16 KB messages (4000 four-byte characters) until the node cuts it off.
     let content = "\u{1d11e}".repeat(4000);
     for sent in 0.. {
-        assert!(sent < 600, "600 messages of 16 KB to a client that reads nothing, and it was never cut off");
+        assert!(
+            sent < 600,
+            "600 messages of 16 KB to a client that reads nothing, and it was never cut off"
+        );
         let data = gql_ok(
             &node,
             SEND_MESSAGE,
@@ -707,7 +903,13 @@ async fn presence_of(client: &mut Client, user_id: &str) -> Value {
 
 /// The user ids `channel(id){onlineUsers}` lists on `node`.
 async fn online_users(node: &Node, channel: &str) -> Vec<String> {
-    let data = gql_ok(node, "query($id: ID!) { channel(id: $id) { onlineUsers { userId } } }", json!({ "id": channel }), None).await;
+    let data = gql_ok(
+        node,
+        "query($id: ID!) { channel(id: $id) { onlineUsers { userId } } }",
+        json!({ "id": channel }),
+        None,
+    )
+    .await;
     data["channel"]["onlineUsers"]
         .as_array()
         .unwrap_or_else(|| panic!("{data}"))
@@ -717,7 +919,8 @@ async fn online_users(node: &Node, channel: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_offline_within_the_ttl() {
+async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_offline_within_the_ttl(
+) {
     let redis = TestRedis::start();
     let url = redis.url();
     // A short presence TTL keeps the SIGKILL case quick.
@@ -729,8 +932,10 @@ async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_off
     ];
     let [n1, n2, n3] = std::thread::scope(|scope| {
         let starting: Vec<_> = (0..3).map(|_| scope.spawn(|| Node::start(&env))).collect();
-        let nodes: Vec<Node> =
-            starting.into_iter().map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
+        let nodes: Vec<Node> = starting
+            .into_iter()
+            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect();
         <[Node; 3]>::try_from(nodes).unwrap_or_else(|_| unreachable!())
     });
     let ann = create_user(&n1, "Ann").await;
@@ -747,13 +952,21 @@ async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_off
     ann_n2.subscribe(&room, None).await;
     assert_eq!(presence_of(&mut bob_n1, &ann.id).await["status"], "online");
     assert_eq!(presence_of(&mut cat_n3, &ann.id).await["status"], "online");
-    assert!(online_users(&n3, &room).await.contains(&ann.id), "node 3 answers who is online");
+    assert!(
+        online_users(&n3, &room).await.contains(&ann.id),
+        "node 3 answers who is online"
+    );
 
     // Typing and messages from node 2 reach the subscribers on nodes 1 and 3.
-    ann_n2.send("user.typing", json!({ "channel_id": room })).await;
+    ann_n2
+        .send("user.typing", json!({ "channel_id": room }))
+        .await;
     for watcher in [&mut bob_n1, &mut cat_n3] {
         let typing = watcher.expect("user.typing").await;
-        assert_eq!(typing["payload"], json!({ "user_id": ann.id, "channel_id": room }));
+        assert_eq!(
+            typing["payload"],
+            json!({ "user_id": ann.id, "channel_id": room })
+        );
     }
     ann_n2.say(&room, "hello fleet").await;
     for watcher in [&mut bob_n1, &mut cat_n3] {
@@ -768,7 +981,14 @@ async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_off
         .await
         .expect("no offline announcement within 10 s of the SIGKILL");
     assert_eq!(offline["status"], "offline");
-    assert!(killed.elapsed() < Duration::from_secs(3 + 2), "offline after {:?}, past the 3 s TTL", killed.elapsed());
-    assert!(!online_users(&n3, &room).await.contains(&ann.id), "Ann is no longer listed online");
+    assert!(
+        killed.elapsed() < Duration::from_secs(3 + 2),
+        "offline after {:?}, past the 3 s TTL",
+        killed.elapsed()
+    );
+    assert!(
+        !online_users(&n3, &room).await.contains(&ann.id),
+        "Ann is no longer listed online"
+    );
     drop(ann_n2);
 }

@@ -36,7 +36,10 @@ const RECOVERY: Duration = Duration::from_secs(5);
 /// A node on the Redis at `redis_url`. A 200ms cap on reconnect backoff keeps the time a
 /// node takes to notice a returning Redis well inside [`RECOVERY`].
 fn fleet_node(redis_url: &str) -> Node {
-    Node::start(&[("SUBGATE__REDIS__URL", redis_url), ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200")])
+    Node::start(&[
+        ("SUBGATE__REDIS__URL", redis_url),
+        ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
+    ])
 }
 
 /// `N` nodes on `redis`, started side by side (each start waits for its
@@ -46,8 +49,10 @@ fn fleet<const N: usize>(redis: &TestRedis) -> [Node; N] {
     std::thread::scope(|scope| {
         let starting: Vec<_> = (0..N).map(|_| scope.spawn(|| fleet_node(&url))).collect();
         // A node that fails to start fails the test with its own message.
-        let nodes: Vec<Node> =
-            starting.into_iter().map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
+        let nodes: Vec<Node> = starting
+            .into_iter()
+            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect();
         nodes.try_into().unwrap_or_else(|_| unreachable!())
     })
 }
@@ -63,7 +68,12 @@ async fn subscriber(node: &Node) -> GqlWs {
 
 /// `createPost` on `node`: the new post's id, or the whole response when
 /// the node did not report a clean success.
-async fn try_create_post(node: &Node, token: &str, title: &str, content: &str) -> Result<String, Value> {
+async fn try_create_post(
+    node: &Node,
+    token: &str,
+    title: &str,
+    content: &str,
+) -> Result<String, Value> {
     let reply = post_json(
         node,
         &json!({ "query": CREATE_POST, "variables": { "input": { "title": title, "content": content } } }),
@@ -110,7 +120,10 @@ async fn posts_until_end(ws: &mut GqlWs, gap: Duration, who: &str) -> Vec<(Strin
                 panic!("{who} was disconnected ({code} {reason:?}) after {} posts", posts.len())
             }
         };
-        assert!(message["type"] == "next" && message["id"] == FEED, "{who} expected a post, got {message}");
+        assert!(
+            message["type"] == "next" && message["id"] == FEED,
+            "{who} expected a post, got {message}"
+        );
         let post = &message["payload"]["data"]["postCreated"];
         let (Some(id), Some(title)) = (post["id"].as_str(), post["title"].as_str()) else {
             panic!("{who} got a delivery without a post: {message}");
@@ -133,7 +146,9 @@ async fn eventually<T, O: std::fmt::Debug>(
     loop {
         match probe().await {
             Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => panic!("{what}: not so within {within:?}; last seen: {last:?}"),
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not so within {within:?}; last seen: {last:?}")
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
         }
     }
@@ -141,27 +156,35 @@ async fn eventually<T, O: std::fmt::Debug>(
 
 /// Waits until `/readyz` on `node` answers `want`; returns its body.
 async fn readyz_becomes(node: &Node, want: StatusCode, within: Duration, name: &str) -> String {
-    eventually(within, &format!("/readyz of {name} answers {want}"), async || {
-        let reply = get(node, "/readyz").await;
-        if reply.status == want {
-            Ok(reply.body)
-        } else {
-            Err((reply.status, reply.body))
-        }
-    })
+    eventually(
+        within,
+        &format!("/readyz of {name} answers {want}"),
+        async || {
+            let reply = get(node, "/readyz").await;
+            if reply.status == want {
+                Ok(reply.body)
+            } else {
+                Err((reply.status, reply.body))
+            }
+        },
+    )
     .await
 }
 
 /// Waits until `PUBSUB NUMSUB` of the posts channel is `want`.
 async fn numsub_becomes(redis: &TestRedis, want: i64, within: Duration, why: &str) {
-    eventually(within, &format!("PUBSUB NUMSUB {POSTS_CHANNEL} = {want} ({why})"), async || {
-        let n = redis.numsub(POSTS_CHANNEL).await;
-        if n == want {
-            Ok(())
-        } else {
-            Err(n)
-        }
-    })
+    eventually(
+        within,
+        &format!("PUBSUB NUMSUB {POSTS_CHANNEL} = {want} ({why})"),
+        async || {
+            let n = redis.numsub(POSTS_CHANNEL).await;
+            if n == want {
+                Ok(())
+            } else {
+                Err(n)
+            }
+        },
+    )
     .await
 }
 
@@ -173,12 +196,21 @@ async fn metric(node: &Node, name: &str) -> f64 {
 
 /// Creates one post on `publisher` and checks it is the very next delivery
 /// of every client: live, once, nothing stale in between.
-async fn next_post_reaches_all(publisher: &Node, token: &str, clients: &mut [(&str, &mut GqlWs)], title: &str) {
+async fn next_post_reaches_all(
+    publisher: &Node,
+    token: &str,
+    clients: &mut [(&str, &mut GqlWs)],
+    title: &str,
+) {
     let id = create_post(publisher, token, title, "").await;
     create_post(publisher, token, END, "").await;
     for (who, ws) in clients.iter_mut() {
         let got = posts_until_end(ws, Duration::from_secs(10), who).await;
-        assert_eq!(got, vec![(id.clone(), title.to_owned())], "{who} should receive exactly the post {title:?} next");
+        assert_eq!(
+            got,
+            vec![(id.clone(), title.to_owned())],
+            "{who} should receive exactly the post {title:?} next"
+        );
     }
 }
 
@@ -201,9 +233,15 @@ async fn posts_created_on_one_node_reach_subscribers_on_two_others_once_each_in_
     // Equality with the published list is all three properties at once:
     // nothing missing, nothing twice (a duplicate of a warm-up post would
     // show too), and publish order.
-    for (who, ws) in [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)] {
+    for (who, ws) in [
+        ("the subscriber on node 1", &mut s1),
+        ("the subscriber on node 2", &mut s2),
+    ] {
         let got = posts_until_end(ws, Duration::from_secs(10), who).await;
-        assert_eq!(got, published, "{who} should receive the 30 posts created on node 3, once each, in order");
+        assert_eq!(
+            got, published,
+            "{who} should receive the 30 posts created on node 3, once each, in order"
+        );
     }
 }
 
@@ -219,7 +257,11 @@ async fn a_thousand_posts_published_from_two_nodes_at_once_reach_every_node_once
     // the nodes share a store.
     let left = create_user(&n1, "Left").await;
     let right = create_user(&n2, "Right").await;
-    let mut subs = [subscriber(&n1).await, subscriber(&n2).await, subscriber(&n3).await];
+    let mut subs = [
+        subscriber(&n1).await,
+        subscriber(&n2).await,
+        subscriber(&n3).await,
+    ];
     {
         let [a, b, c] = &mut subs;
         until_live_via(&n1, &left.token, &mut [a, b, c], "warm-up").await;
@@ -239,33 +281,53 @@ async fn a_thousand_posts_published_from_two_nodes_at_once_reach_every_node_once
         .collect();
 
     let started = Instant::now();
-    let lanes = [(1, &n1, &left), (2, &n2, &right)].into_iter().flat_map(|(k, node, author)| {
-        (0..LANES).map(move |lane| async move {
-            let mut posts = Vec::with_capacity(PER_LANE);
-            for i in 0..PER_LANE {
-                let title = format!("n{k}-l{lane}-{i}");
-                posts.push((create_post(node, &author.token, &title, "").await, title));
-            }
-            posts
-        })
-    });
+    let lanes = [(1, &n1, &left), (2, &n2, &right)]
+        .into_iter()
+        .flat_map(|(k, node, author)| {
+            (0..LANES).map(move |lane| async move {
+                let mut posts = Vec::with_capacity(PER_LANE);
+                for i in 0..PER_LANE {
+                    let title = format!("n{k}-l{lane}-{i}");
+                    posts.push((create_post(node, &author.token, &title, "").await, title));
+                }
+                posts
+            })
+        });
     let published: Vec<(String, String)> = join_all(lanes).await.into_iter().flatten().collect();
     let publish_took = started.elapsed();
     create_post(&n3, &left.token, END, "").await;
 
     let ids: HashSet<&str> = published.iter().map(|(id, _)| id.as_str()).collect();
-    assert_eq!(ids.len(), 2 * LANES * PER_LANE, "createPost returned a post id twice");
+    assert_eq!(
+        ids.len(),
+        2 * LANES * PER_LANE,
+        "createPost returned a post id twice"
+    );
     let mut sequences = Vec::new();
     for (i, reader) in readers.into_iter().enumerate() {
         let who = format!("the subscriber on node {}", i + 1);
-        let got = reader.await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let got = reader
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (id, _) in &got {
             *seen.entry(id.as_str()).or_default() += 1;
         }
-        let missing: Vec<&str> = ids.iter().copied().filter(|id| !seen.contains_key(id)).collect();
-        let twice: Vec<&str> = seen.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
-        let unknown: Vec<&str> = seen.keys().copied().filter(|id| !ids.contains(id)).collect();
+        let missing: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !seen.contains_key(id))
+            .collect();
+        let twice: Vec<&str> = seen
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| *id)
+            .collect();
+        let unknown: Vec<&str> = seen
+            .keys()
+            .copied()
+            .filter(|id| !ids.contains(id))
+            .collect();
         assert!(
             missing.is_empty() && twice.is_empty() && unknown.is_empty(),
             "{who} received {} deliveries for {} posts: {} missing (e.g. {:?}), {} more than once (e.g. {:?}), {} never published (e.g. {:?})",
@@ -285,7 +347,10 @@ async fn a_thousand_posts_published_from_two_nodes_at_once_reach_every_node_once
             let (lane, n) = title.rsplit_once('-').expect("a lane title");
             let n: usize = n.parse().expect("a lane sequence number");
             let expected = next_in_lane.entry(lane.to_owned()).or_default();
-            assert_eq!(n, *expected, "{who} received {lane}'s post {n} when its post {expected} was due");
+            assert_eq!(
+                n, *expected,
+                "{who} received {lane}'s post {n} when its post {expected} was due"
+            );
             *expected += 1;
         }
         sequences.push((who, got));
@@ -330,33 +395,62 @@ async fn a_node_listens_to_a_topic_channel_only_while_it_has_subscribers() {
     // subscriptions before it stops counting the connection, so one open
     // connection left means the leaver's subscription is gone.
     drop(a);
-    eventually(Duration::from_secs(10), "node 1 counts one open connection after a client left", async || {
-        let n = metric(&n1, "subgate_connections").await;
-        if n == 1.0 {
-            Ok(())
-        } else {
-            Err(n)
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "node 1 counts one open connection after a client left",
+        async || {
+            let n = metric(&n1, "subgate_connections").await;
+            if n == 1.0 {
+                Ok(())
+            } else {
+                Err(n)
+            }
+        },
+    )
     .await;
-    assert_eq!(redis.numsub(POSTS_CHANNEL).await, 1, "node 1 still has a subscriber, so it must still listen");
-    next_post_reaches_all(&n2, &author.token, &mut [("the remaining subscriber", &mut b)], "still there").await;
+    assert_eq!(
+        redis.numsub(POSTS_CHANNEL).await,
+        1,
+        "node 1 still has a subscriber, so it must still listen"
+    );
+    next_post_reaches_all(
+        &n2,
+        &author.token,
+        &mut [("the remaining subscriber", &mut b)],
+        "still there",
+    )
+    .await;
 
     // The last one leaves with a proper close handshake.
-    b.send_raw(Message::Close(None)).await.expect("send a close frame");
+    b.send_raw(Message::Close(None))
+        .await
+        .expect("send a close frame");
     b.expect_close(Duration::from_secs(5)).await;
-    numsub_becomes(&redis, 0, Duration::from_secs(10), "node 1 unsubscribes after its last subscriber left").await;
+    numsub_becomes(
+        &redis,
+        0,
+        Duration::from_secs(10),
+        "node 1 unsubscribes after its last subscriber left",
+    )
+    .await;
 
     // And listens again for the next one.
     let mut c = subscriber(&n1).await;
     until_live_via(&n2, &author.token, &mut [&mut c], "again").await;
-    assert_eq!(redis.numsub(POSTS_CHANNEL).await, 1, "a new subscriber on node 1 should make it listen again");
+    assert_eq!(
+        redis.numsub(POSTS_CHANNEL).await,
+        1,
+        "a new subscriber on node 1 should make it listen again"
+    );
 
     // What the nodes report agrees with what Redis sees: one subscription
     // on node 1, none on node 2.
     for (name, node, want) in [("node 1", &n1, 1.0), ("node 2", &n2, 0.0)] {
         let counted = metric(node, "subgate_subscriptions").await;
-        assert_eq!(counted, want, "subgate_subscriptions on {name}, which has {want} postCreated subscribers");
+        assert_eq!(
+            counted, want,
+            "subgate_subscriptions on {name}, which has {want} postCreated subscribers"
+        );
     }
 }
 
@@ -371,8 +465,17 @@ async fn redis_killed_and_restarted_costs_no_connection_and_delivery_resumes_wit
 
     redis.kill();
     for (name, node) in [("node 1", &n1), ("node 2", &n2)] {
-        let body = readyz_becomes(node, StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(5), name).await;
-        assert!(body.to_lowercase().contains("redis"), "/readyz of {name} should say Redis is the problem: {body}");
+        let body = readyz_becomes(
+            node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(5),
+            name,
+        )
+        .await;
+        assert!(
+            body.to_lowercase().contains("redis"),
+            "/readyz of {name} should say Redis is the problem: {body}"
+        );
     }
     // A write that cannot be published must not look like a success, and
     // must not hang until the client gives up.
@@ -389,23 +492,44 @@ async fn redis_killed_and_restarted_costs_no_connection_and_delivery_resumes_wit
         graphql_errors || payload_codes.contains(&"INTERNAL"),
         "createPost while Redis is down should fail with a GraphQL error or a payload error INTERNAL: {response}"
     );
-    assert!(took < Duration::from_secs(5), "createPost while Redis is down took {took:?} to fail");
+    assert!(
+        took < Duration::from_secs(5),
+        "createPost while Redis is down took {took:?} to fail"
+    );
 
     redis.restart();
     let back = Instant::now();
     // The same connections as before the outage: until_live fails if any
     // of them was closed.
-    until_live_via(&n2, &author.token, &mut [&mut s1, &mut s2], "after the outage").await;
+    until_live_via(
+        &n2,
+        &author.token,
+        &mut [&mut s1, &mut s2],
+        "after the outage",
+    )
+    .await;
     let resumed = back.elapsed();
-    assert!(resumed < RECOVERY, "Redis has been back for {resumed:?} before both subscribers received a new post");
+    assert!(
+        resumed < RECOVERY,
+        "Redis has been back for {resumed:?} before both subscribers received a new post"
+    );
     for (name, node) in [("node 1", &n1), ("node 2", &n2)] {
-        readyz_becomes(node, StatusCode::OK, RECOVERY.saturating_sub(back.elapsed()), name).await;
+        readyz_becomes(
+            node,
+            StatusCode::OK,
+            RECOVERY.saturating_sub(back.elapsed()),
+            name,
+        )
+        .await;
     }
     // Nothing from the outage turns up late, and delivery is exact again.
     next_post_reaches_all(
         &n2,
         &author.token,
-        &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)],
+        &mut [
+            ("the subscriber on node 1", &mut s1),
+            ("the subscriber on node 2", &mut s2),
+        ],
         "healed",
     )
     .await;
@@ -418,8 +542,17 @@ async fn a_node_started_before_its_redis_is_unready_until_redis_appears_then_ser
     // It listened (Node::start waited for the line); it must not claim to
     // be ready, and must say why.
     let reply = get(&node, "/readyz").await;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "/readyz with no Redis: {}", reply.body);
-    assert!(reply.body.to_lowercase().contains("redis"), "/readyz should say Redis is the problem: {}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "/readyz with no Redis: {}",
+        reply.body
+    );
+    assert!(
+        reply.body.to_lowercase().contains("redis"),
+        "/readyz should say Redis is the problem: {}",
+        reply.body
+    );
 
     let _redis = TestRedis::start_on(port);
     let appeared = Instant::now();
@@ -429,7 +562,13 @@ async fn a_node_started_before_its_redis_is_unready_until_redis_appears_then_ser
     let author = create_user(&node, "Late").await;
     let mut ws = subscriber(&node).await;
     until_live_via(&node, &author.token, &mut [&mut ws], "warm-up").await;
-    next_post_reaches_all(&node, &author.token, &mut [("the subscriber", &mut ws)], "served").await;
+    next_post_reaches_all(
+        &node,
+        &author.token,
+        &mut [("the subscriber", &mut ws)],
+        "served",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -441,28 +580,57 @@ async fn a_node_killed_with_sigkill_drops_only_its_own_clients() {
     let mut s1 = subscriber(&n1).await;
     let mut s2 = subscriber(&n2).await;
     let mut s3 = subscriber(&n3).await;
-    until_live_via(&n1, &left.token, &mut [&mut s1, &mut s2, &mut s3], "warm-up").await;
-    assert_eq!(redis.numsub(POSTS_CHANNEL).await, 3, "each of the three nodes has a subscriber");
+    until_live_via(
+        &n1,
+        &left.token,
+        &mut [&mut s1, &mut s2, &mut s3],
+        "warm-up",
+    )
+    .await;
+    assert_eq!(
+        redis.numsub(POSTS_CHANNEL).await,
+        3,
+        "each of the three nodes has a subscriber"
+    );
 
     n3.sigkill();
     // A killed process sends no close frame: the client sees the TCP
     // connection end (1006).
     let (code, reason) = s3.expect_close(Duration::from_secs(5)).await;
-    assert_eq!(code, 1006, "the client of the killed node should see the connection drop (reason {reason:?})");
+    assert_eq!(
+        code, 1006,
+        "the client of the killed node should see the connection drop (reason {reason:?})"
+    );
     n3.wait_exit(Duration::from_secs(5)).await;
-    numsub_becomes(&redis, 2, Duration::from_secs(10), "the killed node's Pub/Sub connection is gone").await;
+    numsub_becomes(
+        &redis,
+        2,
+        Duration::from_secs(10),
+        "the killed node's Pub/Sub connection is gone",
+    )
+    .await;
 
     // Both surviving nodes keep publishing and delivering, every post.
     let mut published = Vec::new();
     for i in 0..20 {
-        let (node, author) = if i % 2 == 0 { (&n1, &left) } else { (&n2, &right) };
+        let (node, author) = if i % 2 == 0 {
+            (&n1, &left)
+        } else {
+            (&n2, &right)
+        };
         let title = format!("after the crash {i}");
         published.push((create_post(node, &author.token, &title, "").await, title));
     }
     create_post(&n1, &left.token, END, "").await;
-    for (who, ws) in [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)] {
+    for (who, ws) in [
+        ("the subscriber on node 1", &mut s1),
+        ("the subscriber on node 2", &mut s2),
+    ] {
         let got = posts_until_end(ws, Duration::from_secs(10), who).await;
-        assert_eq!(got, published, "{who} should receive every post after node 3 died, once, in order");
+        assert_eq!(
+            got, published,
+            "{who} should receive every post after node 3 died, once, in order"
+        );
     }
 }
 
@@ -474,7 +642,13 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
 
     // A user signed up on node 1 exists on node 2 and can log in on node 3.
     let ann = create_user(&n1, "Ann").await;
-    let data = gql_ok(&n2, "query($id: ID!) { user(id: $id) { id email name } }", json!({ "id": ann.id }), None).await;
+    let data = gql_ok(
+        &n2,
+        "query($id: ID!) { user(id: $id) { id email name } }",
+        json!({ "id": ann.id }),
+        None,
+    )
+    .await;
     assert_eq!(
         data["user"],
         json!({ "id": ann.id, "email": ann.email, "name": "Ann" }),
@@ -492,7 +666,10 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
         json!(ann.id),
         "log in on node 3 as the user signed up on node 1 {needs}: {data}"
     );
-    assert!(data["login"]["token"].is_string(), "login on node 3 gave no token: {data}");
+    assert!(
+        data["login"]["token"].is_string(),
+        "login on node 3 gave no token: {data}"
+    );
 
     // A post written on node 2 is read on node 3 (with its author) and
     // listed on node 1.
@@ -533,7 +710,9 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
     .await;
     let comment_id = data["createComment"]["comment"]["id"]
         .as_str()
-        .unwrap_or_else(|| panic!("createComment on node 1 on a post from node 2 failed {needs}: {data}"))
+        .unwrap_or_else(|| {
+            panic!("createComment on node 1 on a post from node 2 failed {needs}: {data}")
+        })
         .to_owned();
     let data = gql_ok(
         &n2,
@@ -573,7 +752,11 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
     .await;
     let members: HashSet<&str> = data["channel"]["members"]
         .as_array()
-        .unwrap_or_else(|| panic!("Bob cannot read on node 3 the private channel he is a member of {needs}: {data}"))
+        .unwrap_or_else(|| {
+            panic!(
+                "Bob cannot read on node 3 the private channel he is a member of {needs}: {data}"
+            )
+        })
         .iter()
         .filter_map(|m| m["id"].as_str())
         .collect();
@@ -584,7 +767,9 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
     );
 
     let mut listener = GqlWs::connect(&n2.ws_url("/graphql/ws"), TRANSPORT_WS).await;
-    listener.init_ack(json!({ "authorization": format!("Bearer {}", bob.token) })).await;
+    listener
+        .init_ack(json!({ "authorization": format!("Bearer {}", bob.token) }))
+        .await;
     listener
         .subscribe(
             "chat",
@@ -594,9 +779,13 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
         .await;
     const SEND: &str = "mutation($input: SendMessageInput!) { sendMessage(input: $input) { message { id } errors { field message code } } }";
     let send = async |content: &str| -> String {
-        let data =
-            gql_ok(&n3, SEND, json!({ "input": { "channelId": channel_id, "content": content } }), Some(&ann.token))
-                .await;
+        let data = gql_ok(
+            &n3,
+            SEND,
+            json!({ "input": { "channelId": channel_id, "content": content } }),
+            Some(&ann.token),
+        )
+        .await;
         data["sendMessage"]["message"]["id"]
             .as_str()
             .unwrap_or_else(|| panic!("sendMessage on node 3 failed {needs}: {data}"))
@@ -625,7 +814,11 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
     )
     .await;
     let messages = &data["channel"]["messages"];
-    assert_eq!(messages["totalCount"], json!(warm_ups + 1), "every message sent on node 3, counted on node 1: {data}");
+    assert_eq!(
+        messages["totalCount"],
+        json!(warm_ups + 1),
+        "every message sent on node 3, counted on node 1: {data}"
+    );
     assert_eq!(
         messages["nodes"][0],
         json!({ "id": message_id, "content": "hello from node 3" }),
@@ -651,13 +844,20 @@ async fn ten_concurrent_signups_with_one_email_across_the_fleet_make_one_user() 
     });
     let results = join_all(attempts).await;
 
-    let winners: Vec<&(usize, Value)> = results.iter().filter(|(_, p)| p["user"]["id"].is_string()).collect();
+    let winners: Vec<&(usize, Value)> = results
+        .iter()
+        .filter(|(_, p)| p["user"]["id"].is_string())
+        .collect();
     assert_eq!(
         winners.len(),
         1,
         "exactly one of 10 concurrent createUser with one email (on three nodes) should succeed; these did: {winners:?}"
     );
-    assert!(payload_errors(&winners[0].1).is_empty(), "the winning createUser also reported errors: {:?}", winners[0]);
+    assert!(
+        payload_errors(&winners[0].1).is_empty(),
+        "the winning createUser also reported errors: {:?}",
+        winners[0]
+    );
     for (node, payload) in results.iter().filter(|(_, p)| !p["user"]["id"].is_string()) {
         assert_eq!(
             payload_errors(payload),
@@ -666,7 +866,13 @@ async fn ten_concurrent_signups_with_one_email_across_the_fleet_make_one_user() 
         );
     }
     for (i, node) in nodes.iter().enumerate() {
-        let data = gql_ok(node, "{ users(first: 100) { totalCount nodes { email } } }", json!({}), None).await;
+        let data = gql_ok(
+            node,
+            "{ users(first: 100) { totalCount nodes { email } } }",
+            json!({}),
+            None,
+        )
+        .await;
         assert_eq!(
             data["users"],
             json!({ "totalCount": 1, "nodes": [{ "email": email }] }),
@@ -690,9 +896,18 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
     // do it by itself.
     let before = [metric(&n1, RECONNECTS).await, metric(&n2, RECONNECTS).await];
     let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
-    assert!(killed >= 2, "each node should hold a Pub/Sub connection, but CLIENT KILL TYPE pubsub closed {killed}");
+    assert!(
+        killed >= 2,
+        "each node should hold a Pub/Sub connection, but CLIENT KILL TYPE pubsub closed {killed}"
+    );
     let dropped = Instant::now();
-    until_live_via(&n2, &author.token, &mut [&mut s1, &mut s2], "after CLIENT KILL").await;
+    until_live_via(
+        &n2,
+        &author.token,
+        &mut [&mut s1, &mut s2],
+        "after CLIENT KILL",
+    )
+    .await;
     let resumed = dropped.elapsed();
     assert!(
         resumed < RECOVERY,
@@ -706,7 +921,10 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
     next_post_reaches_all(
         &n2,
         &author.token,
-        &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)],
+        &mut [
+            ("the subscriber on node 1", &mut s1),
+            ("the subscriber on node 2", &mut s2),
+        ],
         "after the kill",
     )
     .await;
@@ -715,9 +933,22 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
     // passes `client-output-buffer-limit pubsub`: with a 1 KB hard limit a
     // 64 KB post is over it at once, on every node that listens to posts.
     let before = after;
-    let _: () = redis.cmd(&["CONFIG", "SET", "client-output-buffer-limit", "pubsub 1kb 0 0"]).await;
+    let _: () = redis
+        .cmd(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 1kb 0 0",
+        ])
+        .await;
     // Published or not, this post must not cost anyone their connection.
-    let _ = try_create_post(&n2, &author.token, "[too big for the buffer]", &"x".repeat(64 * 1024)).await;
+    let _ = try_create_post(
+        &n2,
+        &author.token,
+        "[too big for the buffer]",
+        &"x".repeat(64 * 1024),
+    )
+    .await;
     eventually(
         Duration::from_secs(5),
         "Redis cut off both nodes' Pub/Sub connections over the buffer limit",
@@ -731,17 +962,36 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
         },
     )
     .await;
-    let _: () = redis.cmd(&["CONFIG", "SET", "client-output-buffer-limit", "pubsub 32mb 8mb 60"]).await;
+    let _: () = redis
+        .cmd(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 32mb 8mb 60",
+        ])
+        .await;
     let cut = Instant::now();
     // The big post may have reached a subscriber before the cut; until_live
     // skips it like any delivery that is not a marker.
-    until_live_via(&n2, &author.token, &mut [&mut s1, &mut s2], "after the buffer limit").await;
+    until_live_via(
+        &n2,
+        &author.token,
+        &mut [&mut s1, &mut s2],
+        "after the buffer limit",
+    )
+    .await;
     let resumed = cut.elapsed();
-    assert!(resumed < RECOVERY, "subscribers received new posts only {resumed:?} after the limit was lifted");
+    assert!(
+        resumed < RECOVERY,
+        "subscribers received new posts only {resumed:?} after the limit was lifted"
+    );
     next_post_reaches_all(
         &n2,
         &author.token,
-        &mut [("the subscriber on node 1", &mut s1), ("the subscriber on node 2", &mut s2)],
+        &mut [
+            ("the subscriber on node 1", &mut s1),
+            ("the subscriber on node 2", &mut s2),
+        ],
         "after the limit",
     )
     .await;

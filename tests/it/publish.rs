@@ -16,8 +16,16 @@ const WAIT: Duration = Duration::from_secs(10);
 fn error_code(reply: &Reply, status: StatusCode) -> String {
     assert_eq!(reply.status, status, "{}", reply.body);
     let body = reply.json();
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    body["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code: {body}")).to_owned()
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code: {body}"))
+        .to_owned()
 }
 
 /// An event stream that must be accepted, past its `retry:` line.
@@ -45,7 +53,12 @@ async fn stream_status(node: &Node, path: &str, token: Option<&str>) -> StatusCo
 async fn a_publish_is_accepted_with_its_position_and_reaches_subscribers_as_published() {
     let node = publisher_node(&[]);
     let reader = create_user(&node, "Reader").await;
-    let mut stream = subscribed(&node, &format!("{STREAM}?topic=orders"), Some(&reader.token)).await;
+    let mut stream = subscribed(
+        &node,
+        &format!("{STREAM}?topic=orders"),
+        Some(&reader.token),
+    )
+    .await;
 
     let reply = publish_raw(
         &node,
@@ -57,10 +70,16 @@ async fn a_publish_is_accepted_with_its_position_and_reaches_subscribers_as_publ
     let answer = reply.json();
     assert_eq!(answer["topic"], "orders");
     let id = answer["id"].as_str().unwrap().to_owned();
-    let (epoch, seq) = id.rsplit_once(':').unwrap_or_else(|| panic!("{id} is not EPOCH:SEQ"));
+    let (epoch, seq) = id
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{id} is not EPOCH:SEQ"));
     assert_eq!(seq, "1", "the first event of a topic");
     let second = publish(&node, "orders", "order.cancelled", json!({ "order": 42 })).await;
-    assert_eq!(second, format!("{epoch}:2"), "the next position of the same history");
+    assert_eq!(
+        second,
+        format!("{epoch}:2"),
+        "the next position of the same history"
+    );
 
     let shipped = stream.next_event(WAIT).await;
     assert_eq!(shipped.event(), Some("order.shipped"));
@@ -69,16 +88,33 @@ async fn a_publish_is_accepted_with_its_position_and_reaches_subscribers_as_publ
     assert_eq!(envelope["id"], id.as_str());
     assert_eq!(envelope["topic"], "orders");
     assert_eq!(envelope["type"], "order.shipped");
-    assert_eq!(envelope["payload"], json!({ "order": 42, "items": ["a", "b"] }));
-    assert!(envelope["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{envelope}");
+    assert_eq!(
+        envelope["payload"],
+        json!({ "order": 42, "items": ["a", "b"] })
+    );
+    assert!(
+        envelope["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{envelope}"
+    );
     assert_eq!(stream.next_event(WAIT).await.id(), Some(second.as_str()));
 
     // The domain's own topics take backend events too: this is how a
     // backend notifies a user.
     let mut mine = subscribed(&node, STREAM, Some(&reader.token)).await;
-    let note = publish(&node, &format!("notifications:{}", reader.id), "invoice.ready", json!({ "amount": 12 })).await;
+    let note = publish(
+        &node,
+        &format!("notifications:{}", reader.id),
+        "invoice.ready",
+        json!({ "amount": 12 }),
+    )
+    .await;
     let got = mine.next_event(WAIT).await;
-    assert_eq!((got.event(), got.id()), (Some("invoice.ready"), Some(note.as_str())));
+    assert_eq!(
+        (got.event(), got.id()),
+        (Some("invoice.ready"), Some(note.as_str()))
+    );
 }
 
 #[tokio::test]
@@ -87,19 +123,35 @@ async fn api_keys_and_tokens_with_the_publish_scope_may_publish_and_nothing_else
     let body = json!({ "topic": "audit", "type": "login", "payload": {} }).to_string();
     let secret = node.secret().to_owned();
 
-    assert_eq!(publish_raw(&node, Some(API_KEY), body.clone()).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        publish_raw(&node, Some(API_KEY), body.clone()).await.status,
+        StatusCode::ACCEPTED
+    );
     for scope in ["publish", "read publish write"] {
         let token = scoped_token(&secret, "billing-service", scope);
         let reply = publish_raw(&node, Some(&token), body.clone()).await;
-        assert_eq!(reply.status, StatusCode::ACCEPTED, "scope {scope:?}: {}", reply.body);
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "scope {scope:?}: {}",
+            reply.body
+        );
     }
 
     // Wrong or missing credentials: 401, with the challenge.
     let near_miss = format!("{}x", &API_KEY[..API_KEY.len() - 1]);
     let (_, expired) = bad_tokens(&secret, "billing-service").remove(0);
-    for (what, bearer) in [("a wrong key", Some(near_miss.as_str())), ("an expired token", Some(&*expired)), ("nothing", None)] {
+    for (what, bearer) in [
+        ("a wrong key", Some(near_miss.as_str())),
+        ("an expired token", Some(&*expired)),
+        ("nothing", None),
+    ] {
         let reply = publish_raw(&node, bearer, body.clone()).await;
-        assert_eq!(error_code(&reply, StatusCode::UNAUTHORIZED), "unauthorized", "{what}");
+        assert_eq!(
+            error_code(&reply, StatusCode::UNAUTHORIZED),
+            "unauthorized",
+            "{what}"
+        );
         assert_eq!(reply.header("www-authenticate"), Some("Bearer"), "{what}");
     }
     let basic = node
@@ -119,7 +171,11 @@ async fn api_keys_and_tokens_with_the_publish_scope_may_publish_and_nothing_else
             None => token(&secret, "someone"),
         };
         let reply = publish_raw(&node, Some(&token), body.clone()).await;
-        assert_eq!(error_code(&reply, StatusCode::FORBIDDEN), "forbidden", "scope {scope:?}");
+        assert_eq!(
+            error_code(&reply, StatusCode::FORBIDDEN),
+            "forbidden",
+            "scope {scope:?}"
+        );
     }
 }
 
@@ -129,8 +185,14 @@ async fn bad_publishes_are_refused_saying_why() {
     let refused = async |body: String, status: StatusCode, code: &str, says: &str| {
         let reply = publish_raw(&node, Some(API_KEY), body.clone()).await;
         assert_eq!(error_code(&reply, status), code, "{body}");
-        let message = reply.json()["error"]["message"].as_str().unwrap().to_owned();
-        assert!(message.contains(says), "{body}: the message {message:?} should mention {says:?}");
+        let message = reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            message.contains(says),
+            "{body}: the message {message:?} should mention {says:?}"
+        );
     };
     let with = |topic: &str, kind: &str, payload: serde_json::Value| {
         json!({ "topic": topic, "type": kind, "payload": payload }).to_string()
@@ -138,18 +200,83 @@ async fn bad_publishes_are_refused_saying_why() {
 
     // The payload limit is on the payload, not the body around it.
     let fits = json!({ "blob": "x".repeat(1000) });
-    assert_eq!(publish_raw(&node, Some(API_KEY), with("t", "x", fits)).await.status, StatusCode::ACCEPTED);
-    refused(with("t", "x", json!({ "blob": "x".repeat(1100) })), StatusCode::PAYLOAD_TOO_LARGE, "too_large", "1024").await;
+    assert_eq!(
+        publish_raw(&node, Some(API_KEY), with("t", "x", fits))
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    refused(
+        with("t", "x", json!({ "blob": "x".repeat(1100) })),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        "1024",
+    )
+    .await;
 
-    refused(with("has space", "x", json!({})), StatusCode::BAD_REQUEST, "bad_request", "topic").await;
-    refused(with("", "x", json!({})), StatusCode::BAD_REQUEST, "bad_request", "topic").await;
-    refused(with(&"t".repeat(201), "x", json!({})), StatusCode::BAD_REQUEST, "bad_request", "topic").await;
-    refused(with("t", "Order.Shipped", json!({})), StatusCode::BAD_REQUEST, "bad_request", "type").await;
-    refused(with("t", "", json!({})), StatusCode::BAD_REQUEST, "bad_request", "type").await;
-    refused(with("t", &"a".repeat(101), json!({})), StatusCode::BAD_REQUEST, "bad_request", "type").await;
-    refused("not json".into(), StatusCode::BAD_REQUEST, "bad_request", "JSON").await;
-    refused(json!({ "topic": "t", "payload": {} }).to_string(), StatusCode::BAD_REQUEST, "bad_request", "type").await;
-    refused(json!({ "topic": "t", "type": "x" }).to_string(), StatusCode::BAD_REQUEST, "bad_request", "payload").await;
+    refused(
+        with("has space", "x", json!({})),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "topic",
+    )
+    .await;
+    refused(
+        with("", "x", json!({})),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "topic",
+    )
+    .await;
+    refused(
+        with(&"t".repeat(201), "x", json!({})),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "topic",
+    )
+    .await;
+    refused(
+        with("t", "Order.Shipped", json!({})),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "type",
+    )
+    .await;
+    refused(
+        with("t", "", json!({})),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "type",
+    )
+    .await;
+    refused(
+        with("t", &"a".repeat(101), json!({})),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "type",
+    )
+    .await;
+    refused(
+        "not json".into(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "JSON",
+    )
+    .await;
+    refused(
+        json!({ "topic": "t", "payload": {} }).to_string(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "type",
+    )
+    .await;
+    refused(
+        json!({ "topic": "t", "type": "x" }).to_string(),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "payload",
+    )
+    .await;
     refused(
         json!({ "topic": "t", "type": "x", "payload": {}, "reader": "public" }).to_string(),
         StatusCode::BAD_REQUEST,
@@ -186,7 +313,11 @@ async fn a_backend_topic_is_readable_as_its_publisher_said_until_told_otherwise(
             stream_status(&node, &path, None).await,
         ]
     };
-    let (ok, forbidden, unauthorized) = (StatusCode::OK, StatusCode::FORBIDDEN, StatusCode::UNAUTHORIZED);
+    let (ok, forbidden, unauthorized) = (
+        StatusCode::OK,
+        StatusCode::FORBIDDEN,
+        StatusCode::UNAUTHORIZED,
+    );
 
     // No rule yet: any authenticated caller.
     assert_eq!(statuses().await, [ok, ok, unauthorized]);
@@ -204,7 +335,12 @@ async fn a_backend_topic_is_readable_as_its_publisher_said_until_told_otherwise(
     publish_body(&node, &readers(json!({ "users": [ann.id] }))).await;
     let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     ws.init_ack(json!({ "token": bob.token })).await;
-    ws.subscribe("r", "subscription { events(topics: [\"reports\"]) { id } }", json!({})).await;
+    ws.subscribe(
+        "r",
+        "subscription { events(topics: [\"reports\"]) { id } }",
+        json!({}),
+    )
+    .await;
     let refusal = ws.next_message(WAIT).await;
     assert!(refusal.to_string().contains("FORBIDDEN"), "{refusal}");
 }
@@ -217,15 +353,28 @@ async fn a_publisher_over_its_rate_is_told_when_to_retry() {
     ]);
     let body = json!({ "topic": "metered", "type": "tick", "payload": {} }).to_string();
     for _ in 0..2 {
-        assert_eq!(publish_raw(&node, Some(API_KEY), body.clone()).await.status, StatusCode::ACCEPTED);
+        assert_eq!(
+            publish_raw(&node, Some(API_KEY), body.clone()).await.status,
+            StatusCode::ACCEPTED
+        );
     }
     let limited = publish_raw(&node, Some(API_KEY), body.clone()).await;
-    assert_eq!(error_code(&limited, StatusCode::TOO_MANY_REQUESTS), "rate_limited");
-    let retry_after: u64 = limited.header("retry-after").expect("Retry-After").parse().expect("whole seconds");
+    assert_eq!(
+        error_code(&limited, StatusCode::TOO_MANY_REQUESTS),
+        "rate_limited"
+    );
+    let retry_after: u64 = limited
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("whole seconds");
     assert!((1..=2).contains(&retry_after), "Retry-After: {retry_after}");
     // Another publisher has a bucket of its own.
     let token = scoped_token(node.secret(), "other-service", "publish");
-    assert_eq!(publish_raw(&node, Some(&token), body).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        publish_raw(&node, Some(&token), body).await.status,
+        StatusCode::ACCEPTED
+    );
 }
 
 #[tokio::test]
@@ -237,12 +386,17 @@ async fn a_publish_the_bus_cannot_take_is_503_never_202() {
         ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
     ]);
     let plain = json!({ "topic": "jobs", "type": "job.done", "payload": {} });
-    let with_readers = json!({ "topic": "jobs", "type": "job.done", "payload": {}, "readers": "public" });
+    let with_readers =
+        json!({ "topic": "jobs", "type": "job.done", "payload": {}, "readers": "public" });
     publish_body(&node, &with_readers).await;
     redis.kill();
     for body in [&plain, &with_readers] {
         let reply = publish_raw(&node, Some(API_KEY), body.to_string()).await;
-        assert_eq!(error_code(&reply, StatusCode::SERVICE_UNAVAILABLE), "unavailable", "{body}");
+        assert_eq!(
+            error_code(&reply, StatusCode::SERVICE_UNAVAILABLE),
+            "unavailable",
+            "{body}"
+        );
         assert_eq!(reply.header("retry-after"), Some("1"));
     }
     // Back: publishing works again without anyone doing anything.
@@ -253,7 +407,12 @@ async fn a_publish_the_bus_cannot_take_is_503_never_202() {
         if reply.status == StatusCode::ACCEPTED {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "still {} after Redis returned: {}", reply.status, reply.body);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {} after Redis returned: {}",
+            reply.status,
+            reply.body
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

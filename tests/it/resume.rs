@@ -16,7 +16,13 @@ const EVENTS: &str = "subscription($topics: [String!]!, $after: String) { events
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn send(node: &Node, token: &str, channel: &str, content: &str) {
-    let reply = gql_ok(node, SEND, json!({ "input": { "channelId": channel, "content": content } }), Some(token)).await;
+    let reply = gql_ok(
+        node,
+        SEND,
+        json!({ "input": { "channelId": channel, "content": content } }),
+        Some(token),
+    )
+    .await;
     assert_eq!(reply["sendMessage"]["errors"], json!([]), "{reply}");
 }
 
@@ -28,7 +34,10 @@ async fn public_channel(node: &Node, token: &str) -> String {
         Some(token),
     )
     .await;
-    reply["createChannel"]["channel"]["id"].as_str().unwrap().to_owned()
+    reply["createChannel"]["channel"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The next `next` payload for operation `id`: its data, or its errors.
@@ -46,7 +55,12 @@ async fn next_result(ws: &mut GqlWs, id: &str) -> Value {
 #[tokio::test]
 async fn a_subscriber_resumes_on_another_node_with_exactly_what_it_missed() {
     let redis = TestRedis::start();
-    let env = |url: &str| vec![("SUBGATE__REDIS__URL", url.to_owned()), ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200".into())];
+    let env = |url: &str| {
+        vec![
+            ("SUBGATE__REDIS__URL", url.to_owned()),
+            ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200".into()),
+        ]
+    };
     let url = redis.url();
     let start = |_| {
         let vars = env(&url);
@@ -60,13 +74,23 @@ async fn a_subscriber_resumes_on_another_node_with_exactly_what_it_missed() {
     // Node 1: subscribe and see one message, so there is a position to keep.
     let mut first = GqlWs::connect(&nodes[0].ws_url("/graphql/ws"), TRANSPORT_WS).await;
     first.init_ack(json!({})).await;
-    first.subscribe("m", RECEIVED, json!({ "channel": channel })).await;
+    first
+        .subscribe("m", RECEIVED, json!({ "channel": channel }))
+        .await;
     let mut last_seen = None;
     for attempt in 0..50 {
-        send(&nodes[1], &author.token, &channel, &format!("warm-up {attempt}")).await;
+        send(
+            &nodes[1],
+            &author.token,
+            &channel,
+            &format!("warm-up {attempt}"),
+        )
+        .await;
         if let Read::Message(m) = first.read(Duration::from_millis(200)).await {
             if m["type"] == "next" {
-                last_seen = m["payload"]["data"]["messageReceived"]["eventId"].as_str().map(str::to_owned);
+                last_seen = m["payload"]["data"]["messageReceived"]["eventId"]
+                    .as_str()
+                    .map(str::to_owned);
                 break;
             }
         }
@@ -89,27 +113,55 @@ async fn a_subscriber_resumes_on_another_node_with_exactly_what_it_missed() {
     // Resume on node 3: the missed messages in order, then live ones, none twice.
     let mut resumed = GqlWs::connect(&nodes[2].ws_url("/graphql/ws"), TRANSPORT_WS).await;
     resumed.init_ack(json!({})).await;
-    resumed.subscribe("m", RECEIVED, json!({ "channel": channel, "after": last_seen })).await;
+    resumed
+        .subscribe(
+            "m",
+            RECEIVED,
+            json!({ "channel": channel, "after": last_seen }),
+        )
+        .await;
     let mut got = Vec::new();
     for _ in 0..missed.len() {
         let result = next_result(&mut resumed, "m").await;
-        got.push(result["data"]["messageReceived"]["content"].as_str().unwrap_or("?").to_owned());
+        got.push(
+            result["data"]["messageReceived"]["content"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        );
     }
     assert_eq!(got, missed, "exactly the missed messages, in order");
     send(&nodes[0], &author.token, &channel, "live").await;
     let live = next_result(&mut resumed, "m").await;
-    assert_eq!(live["data"]["messageReceived"]["content"], "live", "then the live stream, nothing repeated");
+    assert_eq!(
+        live["data"]["messageReceived"]["content"], "live",
+        "then the live stream, nothing repeated"
+    );
 
     // The same through the generic `events` subscription.
     let mut generic = GqlWs::connect(&nodes[2].ws_url("/graphql/ws"), TRANSPORT_WS).await;
     generic.init_ack(json!({})).await;
     let topic = format!("channel:{channel}");
-    generic.subscribe("e", EVENTS, json!({ "topics": [topic], "after": last_seen })).await;
+    generic
+        .subscribe(
+            "e",
+            EVENTS,
+            json!({ "topics": [topic], "after": last_seen }),
+        )
+        .await;
     let mut contents = Vec::new();
     for _ in 0..missed.len() + 1 {
         let result = next_result(&mut generic, "e").await;
-        assert_eq!(result["data"]["events"]["type"], "message.created", "{result}");
-        contents.push(result["data"]["events"]["payload"]["message"]["content"].as_str().unwrap().to_owned());
+        assert_eq!(
+            result["data"]["events"]["type"], "message.created",
+            "{result}"
+        );
+        contents.push(
+            result["data"]["events"]["payload"]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let mut expected = missed.clone();
     expected.push("live".into());
@@ -125,13 +177,16 @@ async fn a_position_older_than_the_history_is_a_history_gap_before_what_is_retai
     let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     ws.init_ack(json!({})).await;
     // Learn the first position through a live subscription.
-    ws.subscribe("live", EVENTS, json!({ "topics": [topic] })).await;
+    ws.subscribe("live", EVENTS, json!({ "topics": [topic] }))
+        .await;
     let mut first_id = None;
     for attempt in 0..50 {
         send(&node, &author.token, &channel, &format!("m{attempt}")).await;
         if let Read::Message(m) = ws.read(Duration::from_millis(200)).await {
             if m["type"] == "next" {
-                first_id = m["payload"]["data"]["events"]["id"].as_str().map(str::to_owned);
+                first_id = m["payload"]["data"]["events"]["id"]
+                    .as_str()
+                    .map(str::to_owned);
                 break;
             }
         }
@@ -141,7 +196,12 @@ async fn a_position_older_than_the_history_is_a_history_gap_before_what_is_retai
     for i in 0..6 {
         send(&node, &author.token, &channel, &format!("later {i}")).await;
     }
-    ws.subscribe("old", EVENTS, json!({ "topics": [topic], "after": first_id })).await;
+    ws.subscribe(
+        "old",
+        EVENTS,
+        json!({ "topics": [topic], "after": first_id }),
+    )
+    .await;
     let gap = next_result(&mut ws, "old").await;
     let error = &gap["errors"][0];
     assert_eq!(error["extensions"]["code"], "HISTORY_GAP", "{gap}");
@@ -150,10 +210,23 @@ async fn a_position_older_than_the_history_is_a_history_gap_before_what_is_retai
     let mut contents = Vec::new();
     for _ in 0..3 {
         let r = next_result(&mut ws, "old").await;
-        contents.push(r["data"]["events"]["payload"]["message"]["content"].as_str().unwrap().to_owned());
+        contents.push(
+            r["data"]["events"]["payload"]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     assert_eq!(contents, ["later 3", "later 4", "later 5"]);
-    ws.subscribe("bad", EVENTS, json!({ "topics": [topic], "after": "not-a-position" })).await;
+    ws.subscribe(
+        "bad",
+        EVENTS,
+        json!({ "topics": [topic], "after": "not-a-position" }),
+    )
+    .await;
     let bad = next_result(&mut ws, "bad").await;
-    assert_eq!(bad["errors"][0]["extensions"]["reason"], "malformed", "{bad}");
+    assert_eq!(
+        bad["errors"][0]["extensions"]["reason"], "malformed",
+        "{bad}"
+    );
 }

@@ -26,7 +26,11 @@ async fn open_events(node: &Node, path: &str, headers: &[(&str, &str)]) -> SseSt
         .await
         .unwrap_or_else(|reply| panic!("GET {path} was refused: {} {}", reply.status, reply.body));
     match stream.read(WAIT).await {
-        SseRead::Block(block) => assert_eq!(block.get("retry"), Some("3000"), "the stream opens with retry: {block:?}"),
+        SseRead::Block(block) => assert_eq!(
+            block.get("retry"),
+            Some("3000"),
+            "the stream opens with retry: {block:?}"
+        ),
         other => panic!("GET {path}: no retry: line, got {other:?}"),
     }
     stream
@@ -48,7 +52,10 @@ fn bearer(token: &str) -> String {
 async fn nothing_more(stream: &mut SseStream, what: &str) {
     let until = Instant::now() + QUIET;
     loop {
-        match stream.read(until.saturating_duration_since(Instant::now())).await {
+        match stream
+            .read(until.saturating_duration_since(Instant::now()))
+            .await
+        {
             SseRead::TimedOut => return,
             SseRead::Block(block) if !block.dispatches() => {}
             other => panic!("{what}: expected nothing more, got {other:?}"),
@@ -60,15 +67,24 @@ async fn nothing_more(stream: &mut SseStream, what: &str) {
 async fn series(node: &Node, series: &str) -> f64 {
     let text = get(node, "/metrics").await.body;
     text.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
 /// The sequence number of a position `EPOCH:SEQ`.
 fn seq(position: &str) -> u64 {
-    let (epoch, seq) = position.rsplit_once(':').unwrap_or_else(|| panic!("{position:?} is not EPOCH:SEQ"));
-    assert!(!epoch.is_empty() && epoch.chars().all(|c| c.is_ascii_alphanumeric()), "{position:?}");
-    seq.parse().unwrap_or_else(|_| panic!("{position:?} is not EPOCH:SEQ"))
+    let (epoch, seq) = position
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{position:?} is not EPOCH:SEQ"));
+    assert!(
+        !epoch.is_empty() && epoch.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{position:?}"
+    );
+    seq.parse()
+        .unwrap_or_else(|_| panic!("{position:?} is not EPOCH:SEQ"))
 }
 
 #[tokio::test]
@@ -91,7 +107,15 @@ async fn a_stream_answers_with_sse_headers_then_retry_then_typed_events_carrying
         let event = stream.next_event(WAIT).await;
         assert_eq!(event.event(), Some("post.created"), "{event:?}");
         // The envelope, on one data line, as every transport sends it.
-        assert_eq!(event.fields.iter().filter(|(name, _)| name == "data").count(), 1, "{event:?}");
+        assert_eq!(
+            event
+                .fields
+                .iter()
+                .filter(|(name, _)| name == "data")
+                .count(),
+            1,
+            "{event:?}"
+        );
         let envelope = event.json();
         assert_eq!(envelope["type"], "post.created");
         assert_eq!(envelope["topic"], "posts");
@@ -105,13 +129,23 @@ async fn a_stream_answers_with_sse_headers_then_retry_then_typed_events_carrying
         assert!(this > last_seq, "positions grow: {this} after {last_seq}");
         last_seq = this;
     }
-    assert_eq!(series(&node, "subgate_connections{transport=\"sse\"}").await, 1.0);
-    assert_eq!(series(&node, "subgate_subscriptions{transport=\"sse\"}").await, 1.0);
-    assert_eq!(series(&node, "subgate_events_delivered_total{transport=\"sse\"}").await, 2.0);
+    assert_eq!(
+        series(&node, "subgate_connections{transport=\"sse\"}").await,
+        1.0
+    );
+    assert_eq!(
+        series(&node, "subgate_subscriptions{transport=\"sse\"}").await,
+        1.0
+    );
+    assert_eq!(
+        series(&node, "subgate_events_delivered_total{transport=\"sse\"}").await,
+        2.0
+    );
 }
 
 #[tokio::test]
-async fn without_topics_a_stream_carries_the_callers_notifications_authenticated_by_header_or_query() {
+async fn without_topics_a_stream_carries_the_callers_notifications_authenticated_by_header_or_query(
+) {
     let node = publisher_node(&[]);
     let ann = create_user(&node, "Ann").await;
     let bob = create_user(&node, "Bob").await;
@@ -132,13 +166,29 @@ async fn without_topics_a_stream_carries_the_callers_notifications_authenticated
     let published = publish(&node, &topic, "billing.reminder", json!({ "due": "soon" })).await;
     for (how, stream) in [("by header", &mut by_header), ("by ?token=", &mut by_query)] {
         let comment = stream.next_event(WAIT).await;
-        assert_eq!(comment.event(), Some("notification.created"), "{how}: {comment:?}");
+        assert_eq!(
+            comment.event(),
+            Some("notification.created"),
+            "{how}: {comment:?}"
+        );
         assert_eq!(comment.json()["topic"], topic.as_str(), "{how}");
-        assert_eq!(comment.json()["payload"]["userId"], ann.id.as_str(), "{how}");
+        assert_eq!(
+            comment.json()["payload"]["userId"],
+            ann.id.as_str(),
+            "{how}"
+        );
         let reminder = stream.next_event(WAIT).await;
-        assert_eq!(reminder.event(), Some("billing.reminder"), "{how}: {reminder:?}");
+        assert_eq!(
+            reminder.event(),
+            Some("billing.reminder"),
+            "{how}: {reminder:?}"
+        );
         assert_eq!(reminder.id(), Some(published.as_str()), "{how}");
-        assert_eq!(reminder.json()["payload"], json!({ "due": "soon" }), "{how}");
+        assert_eq!(
+            reminder.json()["payload"],
+            json!({ "due": "soon" }),
+            "{how}"
+        );
     }
 
     // Nobody to default to: 401, with the challenge.
@@ -149,9 +199,17 @@ async fn without_topics_a_stream_carries_the_callers_notifications_authenticated
     // A token that does not verify is refused wherever it comes from.
     let (name, bad) = &bad_tokens(node.secret(), &ann.id)[0];
     let by_header = refused(&node, STREAM, &[("authorization", &bearer(bad))]).await;
-    assert_eq!(by_header.status, StatusCode::UNAUTHORIZED, "{name} token by header");
+    assert_eq!(
+        by_header.status,
+        StatusCode::UNAUTHORIZED,
+        "{name} token by header"
+    );
     let by_query = refused(&node, &format!("{STREAM}?topic=posts&token={bad}"), &[]).await;
-    assert_eq!(by_query.status, StatusCode::UNAUTHORIZED, "{name} token by query");
+    assert_eq!(
+        by_query.status,
+        StatusCode::UNAUTHORIZED,
+        "{name} token by query"
+    );
 }
 
 #[tokio::test]
@@ -161,11 +219,21 @@ async fn every_topic_is_authorized_before_the_stream_starts() {
     let bob = create_user(&node, "Bob").await;
     let check = async |path: &str, token: Option<&str>, want: StatusCode, code: &str| {
         let auth = token.map(bearer);
-        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
         let reply = refused(&node, path, &headers).await;
         assert_eq!(reply.status, want, "GET {path}: {}", reply.body);
-        assert_eq!(reply.json()["error"]["code"], code, "GET {path}: {}", reply.body);
-        assert!(reply.json()["error"]["message"].is_string(), "{}", reply.body);
+        assert_eq!(
+            reply.json()["error"]["code"],
+            code,
+            "GET {path}: {}",
+            reply.body
+        );
+        assert!(
+            reply.json()["error"]["message"].is_string(),
+            "{}",
+            reply.body
+        );
     };
     let admitted = async |path: &str, token: &str| {
         drop(open_events(&node, path, &[("authorization", &bearer(token))]).await);
@@ -187,24 +255,57 @@ async fn every_topic_is_authorized_before_the_stream_starts() {
         Some(&ann.token),
     )
     .await;
-    let channel = data["createChannel"]["channel"]["id"].as_str().unwrap().to_owned();
+    let channel = data["createChannel"]["channel"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let private = format!("{STREAM}?topic=channel:{channel}");
-    check(&private, Some(&bob.token), StatusCode::FORBIDDEN, "forbidden").await;
+    check(
+        &private,
+        Some(&bob.token),
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
     admitted(&private, &ann.token).await;
-    check(&format!("{STREAM}?topic=channel:nope"), Some(&ann.token), StatusCode::NOT_FOUND, "not_found").await;
+    check(
+        &format!("{STREAM}?topic=channel:nope"),
+        Some(&ann.token),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
 
     // A backend topic its publisher restricted to Ann.
     publish_body(&node, &json!({ "topic": "payroll", "type": "pay.slip", "payload": {}, "readers": { "users": [ann.id] } }))
         .await;
     let payroll = format!("{STREAM}?topic=payroll");
-    check(&payroll, Some(&bob.token), StatusCode::FORBIDDEN, "forbidden").await;
+    check(
+        &payroll,
+        Some(&bob.token),
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
     check(&payroll, None, StatusCode::UNAUTHORIZED, "unauthorized").await;
     admitted(&payroll, &ann.token).await;
 
     // Not a topic at all; too many.
-    check(&format!("{STREAM}?topic=has%20space"), Some(&ann.token), StatusCode::BAD_REQUEST, "bad_request").await;
+    check(
+        &format!("{STREAM}?topic=has%20space"),
+        Some(&ann.token),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
     let many: String = (0..21).map(|i| format!("topic=t{i}&")).collect();
-    check(&format!("{STREAM}?{many}"), Some(&ann.token), StatusCode::BAD_REQUEST, "bad_request").await;
+    check(
+        &format!("{STREAM}?{many}"),
+        Some(&ann.token),
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -223,8 +324,14 @@ async fn a_foreign_origin_and_a_full_node_are_refused() {
     assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(full.header("retry-after"), Some("1"));
     assert_eq!(full.json()["error"]["code"], "unavailable");
-    assert_eq!(series(&node, "subgate_rejected_total{reason=\"max_connections\"}").await, 1.0);
-    assert_eq!(series(&node, "subgate_rejected_total{reason=\"origin\"}").await, 1.0);
+    assert_eq!(
+        series(&node, "subgate_rejected_total{reason=\"max_connections\"}").await,
+        1.0
+    );
+    assert_eq!(
+        series(&node, "subgate_rejected_total{reason=\"origin\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -241,21 +348,35 @@ async fn heartbeats_keep_a_quiet_stream_talking() {
                 assert_eq!(block.comments, ["ping"]);
                 pings += 1;
             }
-            other => panic!("a quiet stream with a 1s heartbeat gave {other:?} after {pings} pings"),
+            other => {
+                panic!("a quiet stream with a 1s heartbeat gave {other:?} after {pings} pings")
+            }
         }
     }
-    assert!((2..=4).contains(&pings), "{pings} pings in 3.5s with a 1s heartbeat");
+    assert!(
+        (2..=4).contains(&pings),
+        "{pings} pings in 3.5s with a 1s heartbeat"
+    );
     create_post(&node, &author.token, "after the quiet", "").await;
-    assert_eq!(stream.next_event(WAIT).await.json()["payload"]["title"], "after the quiet");
+    assert_eq!(
+        stream.next_event(WAIT).await.json()["payload"]["title"],
+        "after the quiet"
+    );
 
     // A client that goes away frees its place within a few heartbeats.
     drop(stream);
     let deadline = Instant::now() + Duration::from_secs(5);
     while series(&node, "subgate_connections{transport=\"sse\"}").await != 0.0 {
-        assert!(Instant::now() < deadline, "a closed stream still counts as open after 5 s");
+        assert!(
+            Instant::now() < deadline,
+            "a closed stream still counts as open after 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(series(&node, "subgate_subscriptions{transport=\"sse\"}").await, 0.0);
+    assert_eq!(
+        series(&node, "subgate_subscriptions{transport=\"sse\"}").await,
+        0.0
+    );
 }
 
 /// With the default 15 s heartbeat, a stream that carries nothing for 20 s
@@ -276,79 +397,154 @@ async fn a_twenty_second_quiet_spell_is_bridged_by_the_default_heartbeat() {
             other => panic!("a quiet stream gave {other:?}"),
         }
     }
-    assert_eq!(pings.len(), 1, "one ping in 20 s with a 15 s heartbeat, got them at {pings:?}");
+    assert_eq!(
+        pings.len(),
+        1,
+        "one ping in 20 s with a 15 s heartbeat, got them at {pings:?}"
+    );
     assert!(
         pings[0] >= Duration::from_secs(14) && pings[0] <= Duration::from_secs(17),
         "the ping came after {:?}",
         pings[0]
     );
     create_post(&node, &author.token, "after twenty seconds", "").await;
-    assert_eq!(stream.next_event(WAIT).await.json()["payload"]["title"], "after twenty seconds");
+    assert_eq!(
+        stream.next_event(WAIT).await.json()["payload"]["title"],
+        "after twenty seconds"
+    );
 }
 
 #[tokio::test]
 async fn a_position_the_history_no_longer_holds_is_a_gap_in_the_stream() {
     let node = publisher_node(&[("SUBGATE__HISTORY__SIZE", "3")]);
-    let first = publish_body(&node, &json!({ "topic": "ledger", "type": "entry", "payload": { "n": 0 }, "readers": "public" })).await;
+    let first = publish_body(
+        &node,
+        &json!({ "topic": "ledger", "type": "entry", "payload": { "n": 0 }, "readers": "public" }),
+    )
+    .await;
     let mut later = Vec::new();
     for n in 1..=5 {
         later.push(publish(&node, "ledger", "entry", json!({ "n": n })).await);
     }
 
     // Expired: said, then what the history still holds (the last three).
-    let mut stream = open_events(&node, &format!("{STREAM}?topic=ledger&lastEventId={first}"), &[]).await;
+    let mut stream = open_events(
+        &node,
+        &format!("{STREAM}?topic=ledger&lastEventId={first}"),
+        &[],
+    )
+    .await;
     let gap = stream.next_event(WAIT).await;
     assert_eq!(gap.event(), Some("gap"));
-    assert_eq!(gap.json(), json!({ "topic": "ledger", "reason": "expired" }));
+    assert_eq!(
+        gap.json(),
+        json!({ "topic": "ledger", "reason": "expired" })
+    );
     let retained = stream.events(3, WAIT).await;
-    assert_eq!(retained.iter().map(|e| e.id().unwrap().to_owned()).collect::<Vec<_>>(), later[2..]);
-    assert_eq!(retained.iter().map(|e| e.json()["payload"]["n"].clone()).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(
+        retained
+            .iter()
+            .map(|e| e.id().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        later[2..]
+    );
+    assert_eq!(
+        retained
+            .iter()
+            .map(|e| e.json()["payload"]["n"].clone())
+            .collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
     nothing_more(&mut stream, "after the retained events").await;
     drop(stream);
 
     // Not a position at all; a position of another (lost) history.
-    for (id, reason) in [("garbage", "malformed"), ("ffffffffffff:2", "epoch_changed")] {
-        let mut stream = open_events(&node, &format!("{STREAM}?topic=ledger"), &[("last-event-id", id)]).await;
+    for (id, reason) in [
+        ("garbage", "malformed"),
+        ("ffffffffffff:2", "epoch_changed"),
+    ] {
+        let mut stream = open_events(
+            &node,
+            &format!("{STREAM}?topic=ledger"),
+            &[("last-event-id", id)],
+        )
+        .await;
         let gap = stream.next_event(WAIT).await;
-        assert_eq!(gap.json(), json!({ "topic": "ledger", "reason": reason }), "Last-Event-ID {id}");
+        assert_eq!(
+            gap.json(),
+            json!({ "topic": "ledger", "reason": reason }),
+            "Last-Event-ID {id}"
+        );
         if reason == "epoch_changed" {
             let retained = stream.events(3, WAIT).await;
-            assert_eq!(retained.last().unwrap().id(), later.last().map(String::as_str));
+            assert_eq!(
+                retained.last().unwrap().id(),
+                later.last().map(String::as_str)
+            );
         }
         nothing_more(&mut stream, id).await;
     }
 
     // A plain position cannot say which of several topics it belongs to.
-    let mut stream =
-        open_events(&node, &format!("{STREAM}?topic=ledger&topic=posts"), &[("last-event-id", &later[4])]).await;
+    let mut stream = open_events(
+        &node,
+        &format!("{STREAM}?topic=ledger&topic=posts"),
+        &[("last-event-id", &later[4])],
+    )
+    .await;
     let gaps = stream.events(2, WAIT).await;
     let mut said: Vec<Value> = gaps.iter().map(Block::json).collect();
     said.sort_by_key(|gap| gap["topic"].as_str().unwrap().to_owned());
     assert_eq!(
         said,
-        [json!({ "topic": "ledger", "reason": "malformed" }), json!({ "topic": "posts", "reason": "malformed" })]
+        [
+            json!({ "topic": "ledger", "reason": "malformed" }),
+            json!({ "topic": "posts", "reason": "malformed" })
+        ]
     );
 }
 
 #[tokio::test]
 async fn a_client_that_drops_before_its_first_event_still_resumes_exactly() {
     let node = publisher_node(&[]);
-    let before = publish_body(&node, &json!({ "topic": "alerts", "type": "alert", "payload": { "n": 0 }, "readers": "public" })).await;
+    let before = publish_body(
+        &node,
+        &json!({ "topic": "alerts", "type": "alert", "payload": { "n": 0 }, "readers": "public" }),
+    )
+    .await;
     let before_other = publish_body(&node, &json!({ "topic": "digests", "type": "digest", "payload": { "n": 100 }, "readers": "public" })).await;
 
     // One topic: the stream says where it begins, and nothing else.
     let mut quiet = open_events(&node, &format!("{STREAM}?topic=alerts"), &[]).await;
     match quiet.read(WAIT).await {
-        SseRead::Block(block) => assert_eq!(block.fields, [("id".to_owned(), before.clone())], "{block:?}"),
+        SseRead::Block(block) => assert_eq!(
+            block.fields,
+            [("id".to_owned(), before.clone())],
+            "{block:?}"
+        ),
         other => panic!("no starting id: {other:?}"),
     }
     nothing_more(&mut quiet, "a stream with no new events").await;
     let anchor = quiet.last_id().unwrap().to_owned();
     drop(quiet);
-    let missed = [publish(&node, "alerts", "alert", json!({ "n": 1 })).await, publish(&node, "alerts", "alert", json!({ "n": 2 })).await];
-    let mut back = open_events(&node, &format!("{STREAM}?topic=alerts"), &[("last-event-id", &anchor)]).await;
+    let missed = [
+        publish(&node, "alerts", "alert", json!({ "n": 1 })).await,
+        publish(&node, "alerts", "alert", json!({ "n": 2 })).await,
+    ];
+    let mut back = open_events(
+        &node,
+        &format!("{STREAM}?topic=alerts"),
+        &[("last-event-id", &anchor)],
+    )
+    .await;
     let replay = back.events(2, WAIT).await;
-    assert_eq!(replay.iter().map(|e| e.id().unwrap().to_owned()).collect::<Vec<_>>(), missed);
+    assert_eq!(
+        replay
+            .iter()
+            .map(|e| e.id().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        missed
+    );
     nothing_more(&mut back, "after the missed alerts").await;
     drop(back);
 
@@ -357,11 +553,17 @@ async fn a_client_that_drops_before_its_first_event_still_resumes_exactly() {
     let mut quiet = open_events(&node, &both, &[]).await;
     nothing_more(&mut quiet, "a multi-topic stream with no new events").await;
     let anchor = quiet.last_id().unwrap().to_owned();
-    assert_eq!(anchor, format!("alerts~{},digests~{before_other}", missed[1]));
+    assert_eq!(
+        anchor,
+        format!("alerts~{},digests~{before_other}", missed[1])
+    );
     drop(quiet);
     let digest = publish(&node, "digests", "digest", json!({ "n": 101 })).await;
     let mut back = open_events(&node, &both, &[("last-event-id", &anchor)]).await;
-    assert_eq!(back.next_event(WAIT).await.id(), Some(format!("alerts~{},digests~{digest}", missed[1]).as_str()));
+    assert_eq!(
+        back.next_event(WAIT).await.id(),
+        Some(format!("alerts~{},digests~{digest}", missed[1]).as_str())
+    );
     nothing_more(&mut back, "after the missed digest").await;
 }
 
@@ -369,17 +571,27 @@ async fn a_client_that_drops_before_its_first_event_still_resumes_exactly() {
 fn fleet<const N: usize>(redis: &TestRedis) -> [Node; N] {
     let url = redis.url();
     std::thread::scope(|scope| {
-        let starting: Vec<_> =
-            (0..N).map(|_| scope.spawn(|| publisher_node(&[("SUBGATE__REDIS__URL", &url)]))).collect();
-        let nodes: Vec<Node> =
-            starting.into_iter().map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect();
+        let starting: Vec<_> = (0..N)
+            .map(|_| scope.spawn(|| publisher_node(&[("SUBGATE__REDIS__URL", &url)])))
+            .collect();
+        let nodes: Vec<Node> = starting
+            .into_iter()
+            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect();
         nodes.try_into().unwrap_or_else(|_| unreachable!())
     })
 }
 
 /// The `n` payload field of each event.
 fn ns(events: &[Block]) -> Vec<i64> {
-    events.iter().map(|e| e.json()["payload"]["n"].as_i64().unwrap_or_else(|| panic!("{e:?}"))).collect()
+    events
+        .iter()
+        .map(|e| {
+            e.json()["payload"]["n"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{e:?}"))
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -388,7 +600,11 @@ async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed() {
     let [n1, n2, n3] = fleet(&redis);
     let topic = "orders:eu";
     // Published before anyone listens: never part of what follows.
-    publish_body(&n2, &json!({ "topic": topic, "type": "order", "payload": { "n": 0 }, "readers": "public" })).await;
+    publish_body(
+        &n2,
+        &json!({ "topic": topic, "type": "order", "payload": { "n": 0 }, "readers": "public" }),
+    )
+    .await;
     let path = format!("{STREAM}?topic={topic}");
 
     let mut first = open_events(&n1, &path, &[]).await;
@@ -396,7 +612,10 @@ async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed() {
     while matches!(&opening, SseRead::Block(b) if b.is_comment()) {
         opening = first.read(WAIT).await;
     }
-    assert!(matches!(&opening, SseRead::Block(b) if b.id().is_some() && !b.dispatches()), "{opening:?}");
+    assert!(
+        matches!(&opening, SseRead::Block(b) if b.id().is_some() && !b.dispatches()),
+        "{opening:?}"
+    );
     for n in 1..=2 {
         publish(&n2, topic, "order", json!({ "n": n })).await;
     }
@@ -414,8 +633,18 @@ async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed() {
     let reconnect = format!("{path}&lastEventId=stale");
     let mut resumed = open_events(&n3, &reconnect, &[("last-event-id", &last_id)]).await;
     let replay = resumed.events(3, WAIT).await;
-    assert_eq!(ns(&replay), [3, 4, 5], "exactly the missed events, in order");
-    assert_eq!(replay.iter().map(|e| e.id().unwrap().to_owned()).collect::<Vec<_>>(), missed);
+    assert_eq!(
+        ns(&replay),
+        [3, 4, 5],
+        "exactly the missed events, in order"
+    );
+    assert_eq!(
+        replay
+            .iter()
+            .map(|e| e.id().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        missed
+    );
     for n in 6..=7 {
         publish(&n2, topic, "order", json!({ "n": n })).await;
     }
@@ -429,7 +658,11 @@ async fn a_stream_of_several_topics_resumes_every_topic_from_its_composite_id() 
     let [n1, n2, n3] = fleet(&redis);
     let (eu, us) = ("orders:eu", "orders:us");
     for topic in [eu, us] {
-        publish_body(&n2, &json!({ "topic": topic, "type": "order", "payload": { "n": 0 }, "readers": "public" })).await;
+        publish_body(
+            &n2,
+            &json!({ "topic": topic, "type": "order", "payload": { "n": 0 }, "readers": "public" }),
+        )
+        .await;
     }
     let path = format!("{STREAM}?topic={eu}&topic={us}");
 
@@ -442,26 +675,44 @@ async fn a_stream_of_several_topics_resumes_every_topic_from_its_composite_id() 
     assert_eq!(last_id, format!("{eu}~{eu1},{us}~{us1}"));
     drop(first);
 
-    let missed_eu = [publish(&n2, eu, "order", json!({ "n": 2 })).await, publish(&n2, eu, "order", json!({ "n": 3 })).await];
+    let missed_eu = [
+        publish(&n2, eu, "order", json!({ "n": 2 })).await,
+        publish(&n2, eu, "order", json!({ "n": 3 })).await,
+    ];
     let missed_us = [publish(&n2, us, "order", json!({ "n": 102 })).await];
     let mut resumed = open_events(&n3, &path, &[("last-event-id", &last_id)]).await;
     let replay = resumed.events(3, WAIT).await;
     let by_topic = |events: &[Block]| {
         let mut topics: HashMap<String, Vec<String>> = HashMap::new();
         for e in events {
-            topics.entry(e.json()["topic"].as_str().unwrap().to_owned()).or_default().push(e.json()["id"].as_str().unwrap().to_owned());
+            topics
+                .entry(e.json()["topic"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(e.json()["id"].as_str().unwrap().to_owned());
         }
         topics
     };
     let replayed = by_topic(&replay);
-    assert_eq!(replayed[eu], missed_eu, "the missed events of {eu}, in order");
+    assert_eq!(
+        replayed[eu], missed_eu,
+        "the missed events of {eu}, in order"
+    );
     assert_eq!(replayed[us], missed_us, "the missed events of {us}");
 
     let live_us = publish(&n2, us, "order", json!({ "n": 103 })).await;
     let live_eu = publish(&n2, eu, "order", json!({ "n": 4 })).await;
     let live = resumed.events(2, WAIT).await;
-    assert_eq!(by_topic(&live), HashMap::from([(eu.to_owned(), vec![live_eu.clone()]), (us.to_owned(), vec![live_us.clone()])]));
-    assert_eq!(live[1].id(), Some(format!("{eu}~{live_eu},{us}~{live_us}").as_str()));
+    assert_eq!(
+        by_topic(&live),
+        HashMap::from([
+            (eu.to_owned(), vec![live_eu.clone()]),
+            (us.to_owned(), vec![live_us.clone()])
+        ])
+    );
+    assert_eq!(
+        live[1].id(),
+        Some(format!("{eu}~{live_eu},{us}~{live_us}").as_str())
+    );
     nothing_more(&mut resumed, "after the live events").await;
 }
 
@@ -479,13 +730,25 @@ async fn a_draining_node_ends_its_streams_cleanly() {
 #[tokio::test]
 async fn a_stream_whose_client_stops_reading_is_cut_off_and_counted() {
     let node = publisher_node(&[("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "4")]);
-    publish_body(&node, &json!({ "topic": "firehose", "type": "big", "payload": {}, "readers": "public" })).await;
+    publish_body(
+        &node,
+        &json!({ "topic": "firehose", "type": "big", "payload": {}, "readers": "public" }),
+    )
+    .await;
     // A raw client with a small receive buffer that stops reading after
     // the response head: its socket backs up after a few events.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut raw = socket.connect(node.addr).await.unwrap();
-    raw.write_all(format!("GET {STREAM}?topic=firehose HTTP/1.1\r\nHost: {}\r\n\r\n", node.addr).as_bytes()).await.unwrap();
+    raw.write_all(
+        format!(
+            "GET {STREAM}?topic=firehose HTTP/1.1\r\nHost: {}\r\n\r\n",
+            node.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut head = [0u8; 12];
     raw.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
@@ -494,7 +757,10 @@ async fn a_stream_whose_client_stops_reading_is_cut_off_and_counted() {
     let cut = "subgate_slow_consumer_disconnects_total{transport=\"sse\"}";
     let mut published = 0;
     while series(&node, cut).await < 1.0 {
-        assert!(published < 400, "{published} events of 50 KB to a client that reads nothing, and no cut-off");
+        assert!(
+            published < 400,
+            "{published} events of 50 KB to a client that reads nothing, and no cut-off"
+        );
         publish(&node, "firehose", "big", json!({ "blob": big })).await;
         published += 1;
     }
@@ -502,7 +768,10 @@ async fn a_stream_whose_client_stops_reading_is_cut_off_and_counted() {
     // nothing: it no longer counts as an open connection.
     let deadline = Instant::now() + Duration::from_secs(5);
     while series(&node, "subgate_connections{transport=\"sse\"}").await != 0.0 {
-        assert!(Instant::now() < deadline, "the cut-off stream still counts as open");
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off stream still counts as open"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Reading again, the client finds the response ended properly.
@@ -519,7 +788,10 @@ async fn a_stream_whose_client_stops_reading_is_cut_off_and_counted() {
     })
     .await
     .expect("the rest of the response arrives");
-    assert!(ended, "the response ended with its last chunk rather than a dropped connection");
+    assert!(
+        ended,
+        "the response ended with its last chunk rather than a dropped connection"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -528,7 +800,11 @@ async fn a_stream_whose_client_stops_reading_is_cut_off_and_counted() {
 const GRAPHQL_STREAM: &str = "/graphql/stream";
 
 /// `POST /graphql/stream` with a JSON body.
-async fn graphql_stream(node: &Node, body: &Value, token: Option<&str>) -> Result<SseStream, Reply> {
+async fn graphql_stream(
+    node: &Node,
+    body: &Value,
+    token: Option<&str>,
+) -> Result<SseStream, Reply> {
     let mut request = stream_client()
         .post(node.http_url(GRAPHQL_STREAM))
         .header("accept", "text/event-stream")
@@ -540,14 +816,17 @@ async fn graphql_stream(node: &Node, body: &Value, token: Option<&str>) -> Resul
     SseStream::from_response(request.send().await.expect("POST /graphql/stream")).await
 }
 
-
 #[tokio::test]
 async fn a_graphql_subscription_over_sse_receives_posts_created_over_http() {
     let node = Node::start(&[]);
     let author = create_user(&node, "Author").await;
-    let mut stream = graphql_stream(&node, &json!({ "query": "subscription { postCreated { id title } }" }), Some(&author.token))
-        .await
-        .unwrap_or_else(|reply| panic!("refused: {} {}", reply.status, reply.body));
+    let mut stream = graphql_stream(
+        &node,
+        &json!({ "query": "subscription { postCreated { id title } }" }),
+        Some(&author.token),
+    )
+    .await
+    .unwrap_or_else(|reply| panic!("refused: {} {}", reply.status, reply.body));
     assert_eq!(stream.header("content-type"), Some("text/event-stream"));
     // The operation starts once the stream does: create marker posts until
     // one arrives, so that the real one is known to be live.
@@ -569,47 +848,91 @@ async fn a_graphql_subscription_over_sse_receives_posts_created_over_http() {
         if post["title"] == "over graphql-sse" {
             break post;
         }
-        assert!(post["title"].as_str().unwrap().starts_with("[warm-up"), "{post}");
+        assert!(
+            post["title"].as_str().unwrap().starts_with("[warm-up"),
+            "{post}"
+        );
     };
     assert_eq!(found["id"], id.as_str());
-    assert_eq!(series(&node, "subgate_subscriptions{transport=\"graphql_sse\"}").await, 1.0);
+    assert_eq!(
+        series(&node, "subgate_subscriptions{transport=\"graphql_sse\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn graphql_over_sse_refuses_unparseable_requests_and_streams_the_rest() {
     let node = Node::start(&[]);
     // A document that does not parse: 400 before any stream.
-    let bad = graphql_stream(&node, &json!({ "query": "subscription { postCreated { id " }), None).await.err().unwrap();
+    let bad = graphql_stream(
+        &node,
+        &json!({ "query": "subscription { postCreated { id " }),
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
-    assert!(bad.json()["errors"][0]["message"].is_string(), "{}", bad.body);
+    assert!(
+        bad.json()["errors"][0]["message"].is_string(),
+        "{}",
+        bad.body
+    );
     // Not a GraphQL request at all.
-    let not_graphql = graphql_stream(&node, &json!({ "nope": 1 }), None).await.err().unwrap();
+    let not_graphql = graphql_stream(&node, &json!({ "nope": 1 }), None)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(not_graphql.status, StatusCode::BAD_REQUEST);
 
     // A query: its result, then complete, then the response ends.
-    let mut query = graphql_stream(&node, &json!({ "query": "{ __typename }" }), None).await.unwrap();
+    let mut query = graphql_stream(&node, &json!({ "query": "{ __typename }" }), None)
+        .await
+        .unwrap();
     let blocks = query.until_ended(WAIT).await;
     assert_eq!(blocks.len(), 2, "{blocks:?}");
-    assert_eq!((blocks[0].event(), blocks[0].json()), (Some("next"), json!({ "data": { "__typename": "Query" } })));
+    assert_eq!(
+        (blocks[0].event(), blocks[0].json()),
+        (Some("next"), json!({ "data": { "__typename": "Query" } }))
+    );
     assert_eq!(blocks[1].event(), Some("complete"));
 
     // Parsed but invalid: the errors travel in the stream, as the protocol
     // requires (a browser could not read them from a 400).
-    let mut invalid = graphql_stream(&node, &json!({ "query": "{ nope }" }), None).await.unwrap();
+    let mut invalid = graphql_stream(&node, &json!({ "query": "{ nope }" }), None)
+        .await
+        .unwrap();
     let blocks = invalid.until_ended(WAIT).await;
     assert_eq!(blocks[0].event(), Some("next"));
-    assert!(blocks[0].json()["errors"][0]["message"].as_str().unwrap().contains("nope"), "{blocks:?}");
+    assert!(
+        blocks[0].json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nope"),
+        "{blocks:?}"
+    );
     assert_eq!(blocks[1].event(), Some("complete"));
 
     // GET takes queries and subscriptions, not mutations; the client must
     // take an event stream.
     let client = stream_client();
     let get = |query: &str| {
-        client.get(node.http_url(GRAPHQL_STREAM)).query(&[("query", query)]).header("accept", "text/event-stream").send()
+        client
+            .get(node.http_url(GRAPHQL_STREAM))
+            .query(&[("query", query)])
+            .header("accept", "text/event-stream")
+            .send()
     };
-    let mut by_get = SseStream::from_response(get("{ __typename }").await.unwrap()).await.unwrap();
-    assert_eq!(by_get.until_ended(WAIT).await[0].json()["data"]["__typename"], "Query");
-    let mutation = get("mutation { deletePost(input: { id: \"x\" }) { errors { code } } }").await.unwrap();
+    let mut by_get = SseStream::from_response(get("{ __typename }").await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        by_get.until_ended(WAIT).await[0].json()["data"]["__typename"],
+        "Query"
+    );
+    let mutation = get("mutation { deletePost(input: { id: \"x\" }) { errors { code } } }")
+        .await
+        .unwrap();
     assert_eq!(mutation.status(), StatusCode::METHOD_NOT_ALLOWED);
     let json_only = client
         .post(node.http_url(GRAPHQL_STREAM))
@@ -622,6 +945,13 @@ async fn graphql_over_sse_refuses_unparseable_requests_and_streams_the_rest() {
     assert_eq!(json_only.status(), StatusCode::NOT_ACCEPTABLE);
     // A token that does not verify.
     let (_, bad_token) = &bad_tokens(node.secret(), "u1")[0];
-    let unauthorized = graphql_stream(&node, &json!({ "query": "{ __typename }" }), Some(bad_token)).await.err().unwrap();
+    let unauthorized = graphql_stream(
+        &node,
+        &json!({ "query": "{ __typename }" }),
+        Some(bad_token),
+    )
+    .await
+    .err()
+    .unwrap();
     assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
 }

@@ -27,12 +27,18 @@ async fn live_on_post_created(node: &Node, token: &str, clients: &mut [&mut GqlW
 /// carries only errors (then `complete`). Returns the GraphQL errors.
 async fn expect_refused(ws: &mut GqlWs, id: &str) -> Vec<Value> {
     let message = ws.next_message(Duration::from_secs(5)).await;
-    assert_eq!(message["id"], id, "expected the refusal of operation {id:?}, got {message}");
+    assert_eq!(
+        message["id"], id,
+        "expected the refusal of operation {id:?}, got {message}"
+    );
     let errors = match message["type"].as_str() {
         Some("error") => message["payload"].clone(),
         Some("next") | Some("data") => {
             let payload = &message["payload"];
-            assert!(payload["data"].is_null(), "a refused subscription must not deliver data: {message}");
+            assert!(
+                payload["data"].is_null(),
+                "a refused subscription must not deliver data: {message}"
+            );
             payload["errors"].clone()
         }
         _ => panic!("expected the refusal of operation {id:?}, got {message}"),
@@ -60,7 +66,13 @@ async fn graphql_transport_ws_delivers_the_post_a_mutation_creates_on_both_paths
         ws.ping_pong().await;
         ws.subscribe("s1", POST_CREATED, json!({})).await;
     }
-    live_on_post_created(&node, &author.token, &mut [&mut on_ws_path, &mut on_graphql_path], "s1").await;
+    live_on_post_created(
+        &node,
+        &author.token,
+        &mut [&mut on_ws_path, &mut on_graphql_path],
+        "s1",
+    )
+    .await;
 
     let post_id = create_post(&node, &author.token, "Breaking news", "content").await;
     for ws in [&mut on_ws_path, &mut on_graphql_path] {
@@ -79,8 +91,11 @@ async fn graphql_transport_ws_delivers_the_post_a_mutation_creates_on_both_paths
     live_on_post_created(&node, &author.token, &mut [&mut on_ws_path], "s1").await;
     let post_id = create_post(&node, &author.token, "Second", "").await;
     let payload = on_ws_path.next_data("s1", Duration::from_secs(5)).await;
-    assert_eq!(payload["data"]["postCreated"]["id"], post_id.as_str(), "{payload}");
-
+    assert_eq!(
+        payload["data"]["postCreated"]["id"],
+        post_id.as_str(),
+        "{payload}"
+    );
 }
 
 #[tokio::test]
@@ -94,13 +109,19 @@ async fn legacy_graphql_ws_delivers_the_post_a_mutation_creates() {
         ws.subscribe("1", POST_CREATED, json!({})).await;
         clients.push(ws);
     }
-    let [on_graphql, on_ws] = clients.as_mut_slice() else { unreachable!() };
+    let [on_graphql, on_ws] = clients.as_mut_slice() else {
+        unreachable!()
+    };
     live_on_post_created(&node, &author.token, &mut [on_graphql, on_ws], "1").await;
 
     let post_id = create_post(&node, &author.token, "Old school", "").await;
     for ws in clients.iter_mut() {
         let payload = ws.next_data("1", Duration::from_secs(5)).await;
-        assert_eq!(payload["data"]["postCreated"]["id"], post_id.as_str(), "legacy `data` message: {payload}");
+        assert_eq!(
+            payload["data"]["postCreated"]["id"],
+            post_id.as_str(),
+            "legacy `data` message: {payload}"
+        );
         assert_eq!(payload["data"]["postCreated"]["title"], "Old school");
     }
     // `stop` ends the operation; the connection stays usable.
@@ -130,30 +151,88 @@ async fn every_graphql_transport_ws_close_code_is_sent_when_provoked() {
         ("SUBGATE__WEBSOCKET__MAX_FRAME_BYTES", "4096"),
     ]);
     let url = node.ws_url("/graphql/ws");
-    let subscribe = |id: &str| json!({ "id": id, "type": "subscribe", "payload": { "query": POST_CREATED } }).to_string();
-    let init = |payload: Value| json!({ "type": "connection_init", "payload": payload }).to_string();
+    let subscribe = |id: &str| {
+        json!({ "id": id, "type": "subscribe", "payload": { "query": POST_CREATED } }).to_string()
+    };
+    let init =
+        |payload: Value| json!({ "type": "connection_init", "payload": payload }).to_string();
     let big = json!({ "type": "ping", "payload": { "pad": "x".repeat(8192) } }).to_string();
     let cases: Vec<(&str, u16, bool, Vec<String>)> = vec![
         ("no connection_init within the timeout", 4408, false, vec![]),
-        ("subscribe before connection_ack", 4401, false, vec![subscribe("a")]),
-        ("a message that is not JSON", 4400, true, vec!["hello".to_owned()]),
-        ("a message of unknown type", 4400, true, vec![json!({ "type": "bogus" }).to_string()]),
-        ("subscribe without an id", 4400, true, vec![json!({ "type": "subscribe", "payload": { "query": POST_CREATED } }).to_string()]),
-        ("a bad token in connection_init", 4403, false, vec![init(json!({ "token": "not-a-jwt" }))]),
-        ("two operations with one id", 4409, true, vec![subscribe("dup"), subscribe("dup")]),
-        ("a second connection_init", 4429, true, vec![init(json!({}))]),
-        ("a frame over max_frame_bytes", 1009, true, vec![big.clone()]),
-        ("a frame over max_frame_bytes before init", 1009, false, vec![big]),
+        (
+            "subscribe before connection_ack",
+            4401,
+            false,
+            vec![subscribe("a")],
+        ),
+        (
+            "a message that is not JSON",
+            4400,
+            true,
+            vec!["hello".to_owned()],
+        ),
+        (
+            "a message of unknown type",
+            4400,
+            true,
+            vec![json!({ "type": "bogus" }).to_string()],
+        ),
+        (
+            "subscribe without an id",
+            4400,
+            true,
+            vec![json!({ "type": "subscribe", "payload": { "query": POST_CREATED } }).to_string()],
+        ),
+        (
+            "a bad token in connection_init",
+            4403,
+            false,
+            vec![init(json!({ "token": "not-a-jwt" }))],
+        ),
+        (
+            "two operations with one id",
+            4409,
+            true,
+            vec![subscribe("dup"), subscribe("dup")],
+        ),
+        (
+            "a second connection_init",
+            4429,
+            true,
+            vec![init(json!({}))],
+        ),
+        (
+            "a frame over max_frame_bytes",
+            1009,
+            true,
+            vec![big.clone()],
+        ),
+        (
+            "a frame over max_frame_bytes before init",
+            1009,
+            false,
+            vec![big],
+        ),
     ];
     // Independent connections: provoke them all at once.
-    let results = join_all(cases.iter().map(|(_, _, init, messages)| provoke(url.clone(), *init, messages.clone()))).await;
+    let results = join_all(
+        cases
+            .iter()
+            .map(|(_, _, init, messages)| provoke(url.clone(), *init, messages.clone())),
+    )
+    .await;
     let mut wrong = Vec::new();
     for ((what, expected, _, _), (code, reason, elapsed)) in cases.iter().zip(&results) {
         if code != expected {
-            wrong.push(format!("{what}: expected {expected}, got {code} {reason:?}"));
+            wrong.push(format!(
+                "{what}: expected {expected}, got {code} {reason:?}"
+            ));
         }
         if *expected == 4408 {
-            assert!(*elapsed >= Duration::from_millis(900), "4408 came after {elapsed:?}, before the 1s init timeout");
+            assert!(
+                *elapsed >= Duration::from_millis(900),
+                "4408 came after {elapsed:?}, before the 1s init timeout"
+            );
         }
     }
     assert!(wrong.is_empty(), "wrong close codes:\n{}", wrong.join("\n"));
@@ -173,7 +252,8 @@ async fn subscriptions_per_connection_are_limited_without_harming_the_others() {
     ws.init_ack(json!({})).await;
     let by_author = "subscription($id: ID!) { userUpdated(id: $id) { id name } }";
     ws.subscribe("one", POST_CREATED, json!({})).await;
-    ws.subscribe("two", by_author, json!({ "id": author.id })).await;
+    ws.subscribe("two", by_author, json!({ "id": author.id }))
+        .await;
     ws.subscribe("three", POST_CREATED, json!({})).await;
     // The third is refused with an `error` for its id; the connection stays.
     let errors = expect_refused(&mut ws, "three").await;
@@ -181,11 +261,18 @@ async fn subscriptions_per_connection_are_limited_without_harming_the_others() {
     live_on_post_created(&node, &author.token, &mut [&mut ws], "one").await;
     // Once one ends, there is room again.
     ws.complete("two").await;
-    ws.subscribe("four", by_author, json!({ "id": author.id })).await;
+    ws.subscribe("four", by_author, json!({ "id": author.id }))
+        .await;
     let rename = "mutation($input: UpdateUserInput!) { updateUser(input: $input) { user { id } errors { code } } }";
     until_live(&mut [&mut ws], "four", async |n| {
         let name = format!("[name {n}]");
-        gql_ok(&node, rename, json!({ "input": { "id": author.id, "name": name } }), Some(&author.token)).await;
+        gql_ok(
+            &node,
+            rename,
+            json!({ "input": { "id": author.id, "name": name } }),
+            Some(&author.token),
+        )
+        .await;
         name
     })
     .await;
@@ -217,28 +304,56 @@ async fn a_peer_that_stops_answering_pings_is_dropped_and_a_live_one_is_not() {
         closed = reading => panic!("the client that answers pings was closed: {closed:?}"),
     };
     let after = dropped_at - started;
-    assert!(pings >= 1, "the server never pinged the silent client (dropped after {after:?}, close {code:?})");
-    assert!(after >= Duration::from_millis(1500), "the silent peer was dropped after only {after:?}");
+    assert!(
+        pings >= 1,
+        "the server never pinged the silent client (dropped after {after:?}, close {code:?})"
+    );
+    assert!(
+        after >= Duration::from_millis(1500),
+        "the silent peer was dropped after only {after:?}"
+    );
     // The live client is still served after the silent one is gone.
     live.ping_pong().await;
 }
 
 #[tokio::test]
 async fn upgrades_from_origins_not_allowed_are_refused() {
-    let node = Node::start(&[("SUBGATE__SERVER__ALLOWED_ORIGINS", "https://app.example.com,https://admin.example.com")]);
+    let node = Node::start(&[(
+        "SUBGATE__SERVER__ALLOWED_ORIGINS",
+        "https://app.example.com,https://admin.example.com",
+    )]);
     let url = node.ws_url("/graphql/ws");
-    let connect = |origin| try_connect(&url, ConnectOptions { subprotocol: Some(TRANSPORT_WS), origin, ..Default::default() });
-    for origin in ["https://evil.example.com", "http://app.example.com", "https://app.example.com.evil.net"] {
+    let connect = |origin| {
+        try_connect(
+            &url,
+            ConnectOptions {
+                subprotocol: Some(TRANSPORT_WS),
+                origin,
+                ..Default::default()
+            },
+        )
+    };
+    for origin in [
+        "https://evil.example.com",
+        "http://app.example.com",
+        "https://app.example.com.evil.net",
+    ] {
         match connect(Some(origin)).await {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                assert_eq!(response.status(), 403, "Origin {origin} must be refused with 403")
+                assert_eq!(
+                    response.status(),
+                    403,
+                    "Origin {origin} must be refused with 403"
+                )
             }
             Err(e) => panic!("Origin {origin}: expected an HTTP 403 refusal, got {e}"),
             Ok(_) => panic!("Origin {origin} is not allowed, yet the upgrade succeeded"),
         }
     }
     for origin in ["https://app.example.com", "https://admin.example.com"] {
-        let mut ws = connect(Some(origin)).await.unwrap_or_else(|e| panic!("allowed Origin {origin} refused: {e}"));
+        let mut ws = connect(Some(origin))
+            .await
+            .unwrap_or_else(|e| panic!("allowed Origin {origin} refused: {e}"));
         ws.init_ack(json!({})).await;
     }
 }
@@ -262,7 +377,10 @@ async fn subscriptions_deliver_only_what_their_arguments_select() {
                 Some(&token),
             )
             .await;
-            data["createChannel"]["channel"]["id"].as_str().unwrap_or_else(|| panic!("{data}")).to_owned()
+            data["createChannel"]["channel"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{data}"))
+                .to_owned()
         }
     };
     let general = channel(false, "general").await;
@@ -271,12 +389,22 @@ async fn subscriptions_deliver_only_what_their_arguments_select() {
 
     let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     ws.init_ack(json!({ "token": outsider.token })).await;
-    ws.subscribe("post", "subscription($id: ID!) { postUpdated(id: $id) { id title } }", json!({ "id": watched })).await;
+    ws.subscribe(
+        "post",
+        "subscription($id: ID!) { postUpdated(id: $id) { id title } }",
+        json!({ "id": watched }),
+    )
+    .await;
     ws.subscribe("chan", "subscription($c: ID!) { messageReceived(channelId: $c) { id channelId content author { id } } }", json!({ "c": general }))
         .await;
 
     // A private channel the caller is not in is refused.
-    ws.subscribe("secret", "subscription($c: ID!) { messageReceived(channelId: $c) { id } }", json!({ "c": secret })).await;
+    ws.subscribe(
+        "secret",
+        "subscription($c: ID!) { messageReceived(channelId: $c) { id } }",
+        json!({ "c": secret }),
+    )
+    .await;
     let errors = expect_refused(&mut ws, "secret").await;
     assert_eq!(errors[0]["extensions"]["code"], "FORBIDDEN", "{errors:?}");
 
@@ -284,25 +412,64 @@ async fn subscriptions_deliver_only_what_their_arguments_select() {
     let send = "mutation($input: SendMessageInput!) { sendMessage(input: $input) { message { id } errors { code } } }";
     until_live(&mut [&mut ws], "post", async |n| {
         let title = format!("[edit {n}]");
-        gql_ok(&node, update, json!({ "input": { "id": watched, "title": title } }), Some(&owner.token)).await;
+        gql_ok(
+            &node,
+            update,
+            json!({ "input": { "id": watched, "title": title } }),
+            Some(&owner.token),
+        )
+        .await;
         title
     })
     .await;
     until_live(&mut [&mut ws], "chan", async |n| {
         let content = format!("[hello {n}]");
-        gql_ok(&node, send, json!({ "input": { "channelId": general, "content": content } }), Some(&owner.token)).await;
+        gql_ok(
+            &node,
+            send,
+            json!({ "input": { "channelId": general, "content": content } }),
+            Some(&owner.token),
+        )
+        .await;
         content
     })
     .await;
 
     // The other post and the other channel change first; had they leaked,
     // they would arrive before the events that were selected.
-    gql_ok(&node, update, json!({ "input": { "id": ignored, "title": "not for you" } }), Some(&owner.token)).await;
-    gql_ok(&node, send, json!({ "input": { "channelId": random, "content": "not for you" } }), Some(&owner.token)).await;
-    gql_ok(&node, update, json!({ "input": { "id": watched, "title": "for you" } }), Some(&owner.token)).await;
+    gql_ok(
+        &node,
+        update,
+        json!({ "input": { "id": ignored, "title": "not for you" } }),
+        Some(&owner.token),
+    )
+    .await;
+    gql_ok(
+        &node,
+        send,
+        json!({ "input": { "channelId": random, "content": "not for you" } }),
+        Some(&owner.token),
+    )
+    .await;
+    gql_ok(
+        &node,
+        update,
+        json!({ "input": { "id": watched, "title": "for you" } }),
+        Some(&owner.token),
+    )
+    .await;
     let payload = ws.next_data("post", Duration::from_secs(5)).await;
-    assert_eq!(payload["data"]["postUpdated"], json!({ "id": watched, "title": "for you" }));
-    let data = gql_ok(&node, send, json!({ "input": { "channelId": general, "content": "for you" } }), Some(&owner.token)).await;
+    assert_eq!(
+        payload["data"]["postUpdated"],
+        json!({ "id": watched, "title": "for you" })
+    );
+    let data = gql_ok(
+        &node,
+        send,
+        json!({ "input": { "channelId": general, "content": "for you" } }),
+        Some(&owner.token),
+    )
+    .await;
     let message_id = data["sendMessage"]["message"]["id"].clone();
     let payload = ws.next_data("chan", Duration::from_secs(5)).await;
     assert_eq!(
@@ -316,7 +483,13 @@ async fn subscriptions_deliver_only_what_their_arguments_select() {
 async fn new_notification(node: &Node, user: &TestUser, known: &mut Vec<String>) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let data = gql_ok(node, "{ notifications(first: 100) { nodes { id } } }", json!({}), Some(&user.token)).await;
+        let data = gql_ok(
+            node,
+            "{ notifications(first: 100) { nodes { id } } }",
+            json!({}),
+            Some(&user.token),
+        )
+        .await;
         let ids: Vec<String> = data["notifications"]["nodes"]
             .as_array()
             .expect("nodes")
@@ -327,7 +500,11 @@ async fn new_notification(node: &Node, user: &TestUser, known: &mut Vec<String>)
             known.push(id.clone());
             return id;
         }
-        assert!(Instant::now() < deadline, "no new notification for {} within 5s", user.id);
+        assert!(
+            Instant::now() < deadline,
+            "no new notification for {} within 5s",
+            user.id
+        );
     }
 }
 
@@ -355,11 +532,16 @@ async fn notification_received_yields_only_the_callers_own() {
     anonymous.init_ack(json!({})).await;
     anonymous.subscribe("n", subscription, json!({})).await;
     let errors = expect_refused(&mut anonymous, "n").await;
-    assert_eq!(errors[0]["extensions"]["code"], "UNAUTHORIZED", "{errors:?}");
+    assert_eq!(
+        errors[0]["extensions"]["code"], "UNAUTHORIZED",
+        "{errors:?}"
+    );
 
     // Both token forms of connection_init.
     let mut alice_ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
-    alice_ws.init_ack(json!({ "authorization": format!("Bearer {}", alice.token) })).await;
+    alice_ws
+        .init_ack(json!({ "authorization": format!("Bearer {}", alice.token) }))
+        .await;
     alice_ws.subscribe("n", subscription, json!({})).await;
     let mut carol_ws = GqlWs::connect(&node.ws_url("/graphql"), TRANSPORT_WS).await;
     carol_ws.init_ack(json!({ "token": carol.token })).await;
@@ -386,13 +568,20 @@ async fn notification_received_yields_only_the_callers_own() {
 
     let payload = carol_ws.next_data("n", Duration::from_secs(5)).await;
     let got = &payload["data"]["notificationReceived"];
-    assert_eq!(got["id"], for_carol.as_str(), "Carol received someone else's notification: {payload}");
+    assert_eq!(
+        got["id"],
+        for_carol.as_str(),
+        "Carol received someone else's notification: {payload}"
+    );
     let payload = alice_ws.next_data("n", Duration::from_secs(5)).await;
     let got = &payload["data"]["notificationReceived"];
     assert_eq!(got["id"], for_alice.as_str(), "{payload}");
     assert_eq!(got["type"], "comment.created");
     assert_eq!(got["read"], false);
-    assert!(got["payload"].to_string().contains(&alice_post), "the payload names the post: {got}");
+    assert!(
+        got["payload"].to_string().contains(&alice_post),
+        "the payload names the post: {got}"
+    );
 }
 
 #[tokio::test]
@@ -406,11 +595,21 @@ async fn events_delivers_the_envelopes_of_the_named_topics_and_keeps_private_one
     let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     ws.init_ack(json!({ "token": bob.token })).await;
     // The generic subscription must not be a way around notification privacy.
-    ws.subscribe("theirs", events, json!({ "topics": [format!("notifications:{}", alice.id)] })).await;
+    ws.subscribe(
+        "theirs",
+        events,
+        json!({ "topics": [format!("notifications:{}", alice.id)] }),
+    )
+    .await;
     let errors = expect_refused(&mut ws, "theirs").await;
     assert_eq!(errors[0]["extensions"]["code"], "FORBIDDEN", "{errors:?}");
 
-    ws.subscribe("e", events, json!({ "topics": ["posts", format!("post:{post}")] })).await;
+    ws.subscribe(
+        "e",
+        events,
+        json!({ "topics": ["posts", format!("post:{post}")] }),
+    )
+    .await;
     until_live(&mut [&mut ws], "e", async |n| {
         let title = format!("[warm-up {n}]");
         create_post(&node, &alice.token, &title, "").await;
@@ -434,22 +633,44 @@ async fn events_delivers_the_envelopes_of_the_named_topics_and_keeps_private_one
     }
     received.sort_by_key(|event| event["type"].as_str().unwrap_or("").to_owned());
     let mut ids = Vec::new();
-    let expected = [("posts", "post.created", &created, "fresh"), (&format!("post:{post}")[..], "post.updated", &post, "edited")];
+    let expected = [
+        ("posts", "post.created", &created, "fresh"),
+        (&format!("post:{post}")[..], "post.updated", &post, "edited"),
+    ];
     for (event, (topic, kind, id, title)) in received.iter().zip(expected) {
         assert_eq!(event["topic"], topic, "{event}");
         assert_eq!(event["type"], kind, "{event}");
-        assert_eq!(event["payload"]["id"], id.as_str(), "the envelope carries the entity: {event}");
+        assert_eq!(
+            event["payload"]["id"],
+            id.as_str(),
+            "the envelope carries the entity: {event}"
+        );
         assert_eq!(event["payload"]["title"], title, "{event}");
-        let timestamp = event["timestamp"].as_str().unwrap_or_else(|| panic!("no timestamp: {event}"));
-        assert!(chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(), "timestamp {timestamp:?} is not RFC 3339");
-        ids.push(event["id"].as_str().unwrap_or_else(|| panic!("no id: {event}")).to_owned());
+        let timestamp = event["timestamp"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no timestamp: {event}"));
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(timestamp).is_ok(),
+            "timestamp {timestamp:?} is not RFC 3339"
+        );
+        ids.push(
+            event["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no id: {event}"))
+                .to_owned(),
+        );
     }
     assert_ne!(ids[0], ids[1], "event ids are unique");
 
     // Topics that backends publish to need a caller.
     let mut anonymous = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     anonymous.init_ack(json!({})).await;
-    anonymous.subscribe("orders", events, json!({ "topics": ["orders"] })).await;
+    anonymous
+        .subscribe("orders", events, json!({ "topics": ["orders"] }))
+        .await;
     let errors = expect_refused(&mut anonymous, "orders").await;
-    assert_eq!(errors[0]["extensions"]["code"], "UNAUTHORIZED", "{errors:?}");
+    assert_eq!(
+        errors[0]["extensions"]["code"], "UNAUTHORIZED",
+        "{errors:?}"
+    );
 }

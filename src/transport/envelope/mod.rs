@@ -87,7 +87,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws", web::get().to(envelope_ws));
 }
 
-async fn envelope_ws(state: web::Data<AppState>, req: HttpRequest, body: web::Payload) -> HttpResponse {
+async fn envelope_ws(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> HttpResponse {
     if let Err(refused) = ws::admit_upgrade(&state, &req) {
         return *refused;
     }
@@ -100,7 +104,8 @@ async fn envelope_ws(state: web::Data<AppState>, req: HttpRequest, body: web::Pa
         Err(refused) => return *refused,
     };
     let settings = &state.settings.websocket;
-    let (body, oversized) = match ws::pump::guard_frames(&req, body, settings.max_frame_bytes).await {
+    let (body, oversized) = match ws::pump::guard_frames(&req, body, settings.max_frame_bytes).await
+    {
         Ok(guarded) => guarded,
         Err(e) => return e.error_response(),
     };
@@ -116,8 +121,18 @@ async fn envelope_ws(state: web::Data<AppState>, req: HttpRequest, body: web::Pa
         auth_timeout: Duration::from_secs(settings.auth_timeout_seconds),
     };
     let session_id = uuid::Uuid::new_v4().simple().to_string();
-    let machine = Machine::new(session_id, principal, verifier(state.auth.clone()), config, state.limits.clone());
-    let connection = Connection { state: state.get_ref().clone(), drain, oversized };
+    let machine = Machine::new(
+        session_id,
+        principal,
+        verifier(state.auth.clone()),
+        config,
+        state.limits.clone(),
+    );
+    let connection = Connection {
+        state: state.get_ref().clone(),
+        drain,
+        oversized,
+    };
     actix_web::rt::spawn(pump::run(connection, machine, session, messages));
     response
 }

@@ -61,14 +61,30 @@ pub enum Action {
 pub enum Effect {
     /// Authorize `channel:{id}` for `principal` and subscribe from
     /// `last_event_id`; answered with [`Outcome::Opened`].
-    Open { channel_id: String, subscription: u64, last_event_id: Option<String>, principal: Principal },
+    Open {
+        channel_id: String,
+        subscription: u64,
+        last_event_id: Option<String>,
+        principal: Principal,
+    },
     /// Store and publish a message; answered with [`Outcome::Sent`].
-    SendMessage { channel_id: String, content: String, principal: Principal },
+    SendMessage {
+        channel_id: String,
+        content: String,
+        principal: Principal,
+    },
     /// Publish `user.typing`, after authorizing the channel unless
     /// `authorized` (this connection subscribes to it already).
-    Typing { channel_id: String, principal: Principal, authorized: bool },
+    Typing {
+        channel_id: String,
+        principal: Principal,
+        authorized: bool,
+    },
     /// Hand a status to presence; answered with [`Outcome::StatusSet`].
-    SetStatus { principal: Principal, status: Status },
+    SetStatus {
+        principal: Principal,
+        status: Status,
+    },
 }
 
 /// What an [`Effect`] came to.
@@ -121,13 +137,29 @@ pub struct Machine {
 /// A client message, parsed.
 #[derive(Debug, PartialEq)]
 enum Request {
-    Auth { token: String },
-    Subscribe { channel_id: String, last_event_id: Option<String> },
-    Unsubscribe { channel_id: String },
-    Send { channel_id: String, content: String },
-    Typing { channel_id: String },
-    Presence { status: Status },
-    Ping { payload: Option<Map<String, Value>> },
+    Auth {
+        token: String,
+    },
+    Subscribe {
+        channel_id: String,
+        last_event_id: Option<String>,
+    },
+    Unsubscribe {
+        channel_id: String,
+    },
+    Send {
+        channel_id: String,
+        content: String,
+    },
+    Typing {
+        channel_id: String,
+    },
+    Presence {
+        status: Status,
+    },
+    Ping {
+        payload: Option<Map<String, Value>>,
+    },
 }
 
 /// An `error` to send instead of acting on a message.
@@ -144,7 +176,13 @@ struct Problem {
 
 impl Problem {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, request: None, retry_after_ms: None }
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+            request: None,
+            retry_after_ms: None,
+        }
     }
 
     fn bad(message: impl Into<String>) -> Self {
@@ -170,14 +208,21 @@ struct Fields {
 
 impl Fields {
     fn get(&self, name: &str) -> Option<&Value> {
-        self.payload.as_ref().and_then(|p| p.get(name)).filter(|v| !v.is_null())
+        self.payload
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .filter(|v| !v.is_null())
     }
 
     fn string(&self, name: &str, path: &'static str) -> Result<String, Problem> {
         match self.get(name) {
-            None => Err(Problem::bad(format!("missing field `{path}`")).field(path).request(self.request)),
+            None => Err(Problem::bad(format!("missing field `{path}`"))
+                .field(path)
+                .request(self.request)),
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(_) => Err(Problem::bad(format!("`{path}` must be a string")).field(path).request(self.request)),
+            Some(_) => Err(Problem::bad(format!("`{path}` must be a string"))
+                .field(path)
+                .request(self.request)),
         }
     }
 
@@ -192,7 +237,9 @@ impl Fields {
         const PATH: &str = "payload.channel_id";
         let id = self.string("channel_id", PATH)?;
         if id.is_empty() || !topic::is_valid(&topic::channel(&id)) {
-            return Err(Problem::bad(format!("`{PATH}` is not a valid channel id")).field(PATH).request(self.request));
+            return Err(Problem::bad(format!("`{PATH}` is not a valid channel id"))
+                .field(PATH)
+                .request(self.request));
         }
         Ok(id)
     }
@@ -222,29 +269,44 @@ fn parse(text: &str) -> Result<Request, Problem> {
     let payload = match message.remove("payload") {
         None | Some(Value::Null) => None,
         Some(Value::Object(payload)) => Some(payload),
-        Some(_) => return Err(Problem::bad("`payload` must be an object").field("payload").request(request)),
+        Some(_) => {
+            return Err(Problem::bad("`payload` must be an object")
+                .field("payload")
+                .request(request))
+        }
     };
     let fields = Fields { request, payload };
     Ok(match request {
-        client::AUTH => Request::Auth { token: fields.string("token", "payload.token")? },
+        client::AUTH => Request::Auth {
+            token: fields.string("token", "payload.token")?,
+        },
         client::CHANNEL_SUBSCRIBE => Request::Subscribe {
             channel_id: fields.channel_id()?,
             last_event_id: fields.optional_string("last_event_id", "payload.last_event_id")?,
         },
-        client::CHANNEL_UNSUBSCRIBE => Request::Unsubscribe { channel_id: fields.channel_id()? },
-        client::MESSAGE_SEND => {
-            Request::Send { channel_id: fields.channel_id()?, content: fields.string("content", "payload.content")? }
-        }
-        client::USER_TYPING => Request::Typing { channel_id: fields.channel_id()? },
+        client::CHANNEL_UNSUBSCRIBE => Request::Unsubscribe {
+            channel_id: fields.channel_id()?,
+        },
+        client::MESSAGE_SEND => Request::Send {
+            channel_id: fields.channel_id()?,
+            content: fields.string("content", "payload.content")?,
+        },
+        client::USER_TYPING => Request::Typing {
+            channel_id: fields.channel_id()?,
+        },
         client::PRESENCE_UPDATE => {
             const PATH: &str = "payload.status";
             let status = fields.string("status", PATH)?;
             let status = Status::parse(&status).ok_or_else(|| {
-                Problem::bad(format!("`{PATH}` must be one of online, away, busy")).field(PATH).request(request)
+                Problem::bad(format!("`{PATH}` must be one of online, away, busy"))
+                    .field(PATH)
+                    .request(request)
             })?;
             Request::Presence { status }
         }
-        _ => Request::Ping { payload: fields.payload },
+        _ => Request::Ping {
+            payload: fields.payload,
+        },
     })
 }
 
@@ -321,7 +383,10 @@ impl Machine {
         }
         if text.len() > self.config.max_message_bytes {
             let max = self.config.max_message_bytes;
-            return vec![self.error(Problem::new(code::TOO_LARGE, format!("messages are limited to {max} bytes")))];
+            return vec![self.error(Problem::new(
+                code::TOO_LARGE,
+                format!("messages are limited to {max} bytes"),
+            ))];
         }
         match parse(text) {
             Ok(request) => self.handle(request),
@@ -338,7 +403,9 @@ impl Machine {
         if let Err(problem) = self.admit(now) {
             return vec![self.error(problem)];
         }
-        vec![self.error(Problem::bad("binary messages are not accepted; send JSON text"))]
+        vec![self.error(Problem::bad(
+            "binary messages are not accepted; send JSON text",
+        ))]
     }
 
     /// The connection was not authenticated in time.
@@ -364,22 +431,38 @@ impl Machine {
             return Vec::new();
         }
         let payload = json!({ "channel_id": channel_id, "reason": reason.as_str() });
-        vec![self.control(server::CHANNEL_GAP, Some(topic::channel(channel_id)), payload)]
+        vec![self.control(
+            server::CHANNEL_GAP,
+            Some(topic::channel(channel_id)),
+            payload,
+        )]
     }
 
     /// An effect finished.
     pub fn on_outcome(&mut self, outcome: Outcome) -> Vec<Action> {
         match outcome {
-            Outcome::Opened { channel_id, subscription, result } => self.opened(channel_id, subscription, result),
+            Outcome::Opened {
+                channel_id,
+                subscription,
+                result,
+            } => self.opened(channel_id, subscription, result),
             Outcome::Sent { channel_id, result } => self.sent_message(channel_id, result),
-            Outcome::Typed { result: Ok(()), .. } | Outcome::StatusSet { result: Ok(()) } => Vec::new(),
-            Outcome::Typed { channel_id, result: Err(refusal) } => {
-                let problem = Problem::new(refusal_code(&refusal), refusal.to_string()).request(client::USER_TYPING);
+            Outcome::Typed { result: Ok(()), .. } | Outcome::StatusSet { result: Ok(()) } => {
+                Vec::new()
+            }
+            Outcome::Typed {
+                channel_id,
+                result: Err(refusal),
+            } => {
+                let problem = Problem::new(refusal_code(&refusal), refusal.to_string())
+                    .request(client::USER_TYPING);
                 tracing::debug!(%channel_id, code = problem.code, "typing signal refused");
                 vec![self.error(problem)]
             }
             Outcome::StatusSet { result: Err(e) } => {
-                vec![self.error(Problem::new(code::INTERNAL, e.to_string()).request(client::PRESENCE_UPDATE))]
+                vec![self.error(
+                    Problem::new(code::INTERNAL, e.to_string()).request(client::PRESENCE_UPDATE),
+                )]
             }
         }
     }
@@ -393,7 +476,9 @@ impl Machine {
         };
         self.connection.check_at(now).map_err(limited)?;
         if let Some(principal) = &self.principal {
-            self.limits.user_message(&principal.user_id).map_err(limited)?;
+            self.limits
+                .user_message(&principal.user_id)
+                .map_err(limited)?;
         }
         Ok(())
     }
@@ -408,20 +493,32 @@ impl Machine {
             other => match self.principal.clone() {
                 Some(principal) => (principal, other),
                 None => {
-                    let problem =
-                        Problem::new(code::UNAUTHORIZED, "authenticate first: send auth, or connect with ?token=");
+                    let problem = Problem::new(
+                        code::UNAUTHORIZED,
+                        "authenticate first: send auth, or connect with ?token=",
+                    );
                     return vec![self.error(problem)];
                 }
             },
         };
         match request {
-            Request::Subscribe { channel_id, last_event_id } => self.subscribe(principal, channel_id, last_event_id),
+            Request::Subscribe {
+                channel_id,
+                last_event_id,
+            } => self.subscribe(principal, channel_id, last_event_id),
             Request::Unsubscribe { channel_id } => self.unsubscribe(channel_id),
-            Request::Send { channel_id, content } => {
+            Request::Send {
+                channel_id,
+                content,
+            } => {
                 if let Err(refusal) = domain::check_message_content(&content) {
                     return self.send_refused(&channel_id, refusal);
                 }
-                vec![Action::Effect(Effect::SendMessage { channel_id, content, principal })]
+                vec![Action::Effect(Effect::SendMessage {
+                    channel_id,
+                    content,
+                    principal,
+                })]
             }
             Request::Typing { channel_id } => {
                 if self.limits.typing(&principal.user_id, &channel_id).is_err() {
@@ -430,9 +527,15 @@ impl Machine {
                     return Vec::new();
                 }
                 let authorized = self.channels.get(&channel_id).is_some_and(|c| c.active);
-                vec![Action::Effect(Effect::Typing { channel_id, principal, authorized })]
+                vec![Action::Effect(Effect::Typing {
+                    channel_id,
+                    principal,
+                    authorized,
+                })]
             }
-            Request::Presence { status } => vec![Action::Effect(Effect::SetStatus { principal, status })],
+            Request::Presence { status } => {
+                vec![Action::Effect(Effect::SetStatus { principal, status })]
+            }
             Request::Ping { .. } | Request::Auth { .. } => unreachable!("answered above"),
         }
     }
@@ -461,24 +564,44 @@ impl Machine {
         }
     }
 
-    fn subscribe(&mut self, principal: Principal, channel_id: String, last_event_id: Option<String>) -> Vec<Action> {
+    fn subscribe(
+        &mut self,
+        principal: Principal,
+        channel_id: String,
+        last_event_id: Option<String>,
+    ) -> Vec<Action> {
         const REQUEST: &str = client::CHANNEL_SUBSCRIBE;
         if self.channels.contains_key(&channel_id) {
-            let problem = Problem::bad(format!("already subscribed to channel {channel_id}; unsubscribe first"))
-                .field("payload.channel_id")
-                .request(REQUEST);
+            let problem = Problem::bad(format!(
+                "already subscribed to channel {channel_id}; unsubscribe first"
+            ))
+            .field("payload.channel_id")
+            .request(REQUEST);
             return vec![self.error(problem)];
         }
         if self.channels.len() >= self.config.max_subscriptions {
             let max = self.config.max_subscriptions;
-            let problem = Problem::bad(format!("at most {max} channels per connection; unsubscribe from one first"))
-                .request(REQUEST);
+            let problem = Problem::bad(format!(
+                "at most {max} channels per connection; unsubscribe from one first"
+            ))
+            .request(REQUEST);
             return vec![Action::Reject("max_subscriptions"), self.error(problem)];
         }
         self.next_subscription += 1;
         let subscription = self.next_subscription;
-        self.channels.insert(channel_id.clone(), Channel { subscription, active: false });
-        vec![Action::Effect(Effect::Open { channel_id, subscription, last_event_id, principal })]
+        self.channels.insert(
+            channel_id.clone(),
+            Channel {
+                subscription,
+                active: false,
+            },
+        );
+        vec![Action::Effect(Effect::Open {
+            channel_id,
+            subscription,
+            last_event_id,
+            principal,
+        })]
     }
 
     fn unsubscribe(&mut self, channel_id: String) -> Vec<Action> {
@@ -490,7 +613,10 @@ impl Machine {
         }
         let topic = topic::channel(&channel_id);
         let payload = json!({ "channel_id": channel_id });
-        vec![Action::Release { channel_id }, self.control(server::CHANNEL_UNSUBSCRIBED, Some(topic), payload)]
+        vec![
+            Action::Release { channel_id },
+            self.control(server::CHANNEL_UNSUBSCRIBED, Some(topic), payload),
+        ]
     }
 
     fn opened(
@@ -502,21 +628,34 @@ impl Machine {
         // Not current: unsubscribed (and maybe subscribed again) while this
         // one was opening. The client still hears how its request went, in
         // order, but the subscription itself is not kept.
-        let current = self.channels.get(&channel_id).is_some_and(|c| c.subscription == subscription);
+        let current = self
+            .channels
+            .get(&channel_id)
+            .is_some_and(|c| c.subscription == subscription);
         match result {
             Ok(gap) => {
                 let mut payload = json!({ "channel_id": channel_id, "recovered": gap.is_none() });
                 if let Some(reason) = gap {
                     payload["reason"] = json!(reason.as_str());
                 }
-                let mut out =
-                    vec![self.control(server::CHANNEL_SUBSCRIBED, Some(topic::channel(&channel_id)), payload)];
+                let mut out = vec![self.control(
+                    server::CHANNEL_SUBSCRIBED,
+                    Some(topic::channel(&channel_id)),
+                    payload,
+                )];
                 if current {
                     if let Some(channel) = self.channels.get_mut(&channel_id) {
                         channel.active = true;
                     }
-                    let user_id = self.principal.as_ref().map(|p| p.user_id.clone()).unwrap_or_default();
-                    out.push(Action::Attach { channel_id, user_id });
+                    let user_id = self
+                        .principal
+                        .as_ref()
+                        .map(|p| p.user_id.clone())
+                        .unwrap_or_default();
+                    out.push(Action::Attach {
+                        channel_id,
+                        user_id,
+                    });
                 }
                 out
             }
@@ -524,8 +663,8 @@ impl Machine {
                 if current {
                     self.channels.remove(&channel_id);
                 }
-                let mut problem =
-                    Problem::new(refusal_code(&refusal), refusal.to_string()).request(client::CHANNEL_SUBSCRIBE);
+                let mut problem = Problem::new(refusal_code(&refusal), refusal.to_string())
+                    .request(client::CHANNEL_SUBSCRIBE);
                 if matches!(refusal, Refusal::NotFound(_) | Refusal::InvalidTopic(_)) {
                     problem = problem.field("payload.channel_id");
                 }
@@ -534,15 +673,26 @@ impl Machine {
         }
     }
 
-    fn sent_message(&mut self, channel_id: String, result: Result<Sent, SendRefusal>) -> Vec<Action> {
+    fn sent_message(
+        &mut self,
+        channel_id: String,
+        result: Result<Sent, SendRefusal>,
+    ) -> Vec<Action> {
         match result {
             Ok(sent) => {
                 let payload = json!({ "channel_id": channel_id, "message": sent.message });
-                let mut out = vec![self.control(server::MESSAGE_SENT, Some(topic::channel(&channel_id)), payload)];
+                let mut out = vec![self.control(
+                    server::MESSAGE_SENT,
+                    Some(topic::channel(&channel_id)),
+                    payload,
+                )];
                 if let Some(e) = sent.publish_error {
                     let problem = Problem::new(
                         code::INTERNAL,
-                        format!("saved, but the {} event could not be published: {e}", domain::MESSAGE_CREATED),
+                        format!(
+                            "saved, but the {} event could not be published: {e}",
+                            domain::MESSAGE_CREATED
+                        ),
                     )
                     .request(client::MESSAGE_SEND);
                     out.push(self.error(problem));
@@ -556,13 +706,15 @@ impl Machine {
     fn send_refused(&mut self, channel_id: &str, refusal: SendRefusal) -> Vec<Action> {
         let problem = match refusal {
             SendRefusal::Invalid { message, .. } => Problem::bad(message).field("payload.content"),
-            SendRefusal::NotFound | SendRefusal::Store(StoreError::NotFound) => {
-                Problem::new(code::NOT_FOUND, format!("channel {channel_id} does not exist"))
-                    .field("payload.channel_id")
-            }
-            SendRefusal::NotMember => {
-                Problem::new(code::FORBIDDEN, format!("channel {channel_id} is private and you are not a member"))
-            }
+            SendRefusal::NotFound | SendRefusal::Store(StoreError::NotFound) => Problem::new(
+                code::NOT_FOUND,
+                format!("channel {channel_id} does not exist"),
+            )
+            .field("payload.channel_id"),
+            SendRefusal::NotMember => Problem::new(
+                code::FORBIDDEN,
+                format!("channel {channel_id} is private and you are not a member"),
+            ),
             SendRefusal::Store(e) => Problem::new(code::INTERNAL, format!("{e}; nothing was sent")),
         };
         vec![self.error(problem.request(client::MESSAGE_SEND))]
@@ -610,8 +762,14 @@ mod tests {
 
     fn verify() -> Verify {
         Arc::new(|token: &str| match token {
-            ANN => Ok(Principal { user_id: "ann".into(), scopes: vec![] }),
-            BOB => Ok(Principal { user_id: "bob".into(), scopes: vec![] }),
+            ANN => Ok(Principal {
+                user_id: "ann".into(),
+                scopes: vec![],
+            }),
+            BOB => Ok(Principal {
+                user_id: "bob".into(),
+                scopes: vec![],
+            }),
             _ => Err("the token is malformed".into()),
         })
     }
@@ -628,7 +786,11 @@ mod tests {
     }
 
     fn config() -> MachineConfig {
-        MachineConfig { max_subscriptions: 2, max_message_bytes: 1024, auth_timeout: Duration::from_secs(10) }
+        MachineConfig {
+            max_subscriptions: 2,
+            max_message_bytes: 1024,
+            auth_timeout: Duration::from_secs(10),
+        }
     }
 
     fn machine_with(token: Option<&str>, burst: u32) -> Machine {
@@ -674,8 +836,16 @@ mod tests {
     fn error_of(actions: &[Action]) -> (String, Option<String>) {
         let m = only(actions);
         assert_eq!(m["type"], "error", "{m}");
-        assert!(m["payload"]["message"].as_str().is_some_and(|s| !s.is_empty()), "{m}");
-        (m["payload"]["code"].as_str().unwrap().to_owned(), m["payload"]["field"].as_str().map(str::to_owned))
+        assert!(
+            m["payload"]["message"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+            "{m}"
+        );
+        (
+            m["payload"]["code"].as_str().unwrap().to_owned(),
+            m["payload"]["field"].as_str().map(str::to_owned),
+        )
     }
 
     fn effects(actions: Vec<Action>) -> Vec<Effect> {
@@ -694,9 +864,17 @@ mod tests {
 
     /// Subscribes ann's machine to `channel` and completes the open.
     fn subscribed(m: &mut Machine, channel: &str) -> Vec<Action> {
-        let actions = m.on_text(&json!({"type": "channel.subscribe", "payload": {"channel_id": channel}}).to_string());
-        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else { panic!("no open") };
-        m.on_outcome(Outcome::Opened { channel_id: channel.into(), subscription, result: Ok(None) })
+        let actions = m.on_text(
+            &json!({"type": "channel.subscribe", "payload": {"channel_id": channel}}).to_string(),
+        );
+        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
+            panic!("no open")
+        };
+        m.on_outcome(Outcome::Opened {
+            channel_id: channel.into(),
+            subscription,
+            result: Ok(None),
+        })
     }
 
     #[test]
@@ -723,21 +901,29 @@ mod tests {
         );
         assert!(!m.is_authenticated());
         let ok = only(&m.on_text(&json!({"type": "auth", "payload": {"token": ANN}}).to_string()));
-        assert_eq!((ok["type"].as_str(), ok["payload"]["user_id"].as_str()), (Some("auth.success"), Some("ann")));
+        assert_eq!(
+            (ok["type"].as_str(), ok["payload"]["user_id"].as_str()),
+            (Some("auth.success"), Some("ann"))
+        );
         assert!(m.is_authenticated());
         // A refreshed token of the same user is fine; another user is not.
         assert_eq!(
-            only(&m.on_text(&json!({"type": "auth", "payload": {"token": ANN}}).to_string()))["type"],
+            only(&m.on_text(&json!({"type": "auth", "payload": {"token": ANN}}).to_string()))
+                ["type"],
             "auth.success"
         );
-        let other = only(&m.on_text(&json!({"type": "auth", "payload": {"token": BOB}}).to_string()));
+        let other =
+            only(&m.on_text(&json!({"type": "auth", "payload": {"token": BOB}}).to_string()));
         assert_eq!(
             (other["type"].as_str(), other["payload"]["code"].as_str()),
             (Some("auth.failed"), Some("forbidden"))
         );
         let bad = only(&m.on_text(r#"{"type":"auth","payload":{"token":"nope"}}"#));
         assert_eq!(bad["type"], "auth.failed");
-        assert!(m.is_authenticated(), "a bad token does not undo the authentication");
+        assert!(
+            m.is_authenticated(),
+            "a bad token does not undo the authentication"
+        );
     }
 
     #[test]
@@ -760,12 +946,36 @@ mod tests {
             (r#""ping""#.into(), "bad_request", None),
             ("{}".into(), "bad_request", Some("type")),
             (r#"{"type":7}"#.into(), "bad_request", Some("type")),
-            (r#"{"type":"channel.join"}"#.into(), "bad_request", Some("type")),
-            (r#"{"type":"ping","payload":[1]}"#.into(), "bad_request", Some("payload")),
-            (r#"{"type":"auth"}"#.into(), "bad_request", Some("payload.token")),
-            (r#"{"type":"auth","payload":{"token":5}}"#.into(), "bad_request", Some("payload.token")),
-            (r#"{"type":"channel.subscribe","payload":{}}"#.into(), "bad_request", Some("payload.channel_id")),
-            (r#"{"type":"channel.subscribe"}"#.into(), "bad_request", Some("payload.channel_id")),
+            (
+                r#"{"type":"channel.join"}"#.into(),
+                "bad_request",
+                Some("type"),
+            ),
+            (
+                r#"{"type":"ping","payload":[1]}"#.into(),
+                "bad_request",
+                Some("payload"),
+            ),
+            (
+                r#"{"type":"auth"}"#.into(),
+                "bad_request",
+                Some("payload.token"),
+            ),
+            (
+                r#"{"type":"auth","payload":{"token":5}}"#.into(),
+                "bad_request",
+                Some("payload.token"),
+            ),
+            (
+                r#"{"type":"channel.subscribe","payload":{}}"#.into(),
+                "bad_request",
+                Some("payload.channel_id"),
+            ),
+            (
+                r#"{"type":"channel.subscribe"}"#.into(),
+                "bad_request",
+                Some("payload.channel_id"),
+            ),
             (
                 r#"{"type":"channel.subscribe","payload":{"channel_id":1}}"#.into(),
                 "bad_request",
@@ -782,29 +992,46 @@ mod tests {
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"channel.subscribe","payload":{"channel_id":"c","last_event_id":3}}"#.into(),
+                r#"{"type":"channel.subscribe","payload":{"channel_id":"c","last_event_id":3}}"#
+                    .into(),
                 "bad_request",
                 Some("payload.last_event_id"),
             ),
-            (r#"{"type":"channel.unsubscribe","payload":{}}"#.into(), "bad_request", Some("payload.channel_id")),
+            (
+                r#"{"type":"channel.unsubscribe","payload":{}}"#.into(),
+                "bad_request",
+                Some("payload.channel_id"),
+            ),
             (
                 r#"{"type":"channel.unsubscribe","payload":{"channel_id":"c"}}"#.into(),
                 "bad_request",
                 Some("payload.channel_id"),
             ),
-            (r#"{"type":"message.send","payload":{"channel_id":"c"}}"#.into(), "bad_request", Some("payload.content")),
+            (
+                r#"{"type":"message.send","payload":{"channel_id":"c"}}"#.into(),
+                "bad_request",
+                Some("payload.content"),
+            ),
             (
                 r#"{"type":"message.send","payload":{"channel_id":"c","content":"  "}}"#.into(),
                 "bad_request",
                 Some("payload.content"),
             ),
-            (r#"{"type":"message.send","payload":{"content":"hi"}}"#.into(), "bad_request", Some("payload.channel_id")),
+            (
+                r#"{"type":"message.send","payload":{"content":"hi"}}"#.into(),
+                "bad_request",
+                Some("payload.channel_id"),
+            ),
             (
                 r#"{"type":"user.typing","payload":{"channel_id":false}}"#.into(),
                 "bad_request",
                 Some("payload.channel_id"),
             ),
-            (r#"{"type":"presence.update","payload":{}}"#.into(), "bad_request", Some("payload.status")),
+            (
+                r#"{"type":"presence.update","payload":{}}"#.into(),
+                "bad_request",
+                Some("payload.status"),
+            ),
             (
                 r#"{"type":"presence.update","payload":{"status":"offline"}}"#.into(),
                 "bad_request",
@@ -816,19 +1043,30 @@ mod tests {
         for (text, want_code, want_field) in &cases {
             let actions = m.on_text(text);
             assert!(!closes(&actions), "{text} closed the connection");
-            assert_eq!(error_of(&actions), (want_code.to_string(), want_field.map(str::to_owned)), "{text}");
+            assert_eq!(
+                error_of(&actions),
+                (want_code.to_string(), want_field.map(str::to_owned)),
+                "{text}"
+            );
         }
         // Content over 4000 characters, in a message within the size limit.
         let mut roomy = Machine::new(
             "s1".into(),
             verify()(ANN).ok(),
             verify(),
-            MachineConfig { max_message_bytes: 64 * 1024, ..config() },
+            MachineConfig {
+                max_message_bytes: 64 * 1024,
+                ..config()
+            },
             limits(1000),
         );
         let long = "x".repeat(domain::MAX_MESSAGE_CHARS + 1);
-        let text = json!({"type": "message.send", "payload": {"channel_id": "c", "content": long}}).to_string();
-        assert_eq!(error_of(&roomy.on_text(&text)), ("bad_request".into(), Some("payload.content".into())));
+        let text = json!({"type": "message.send", "payload": {"channel_id": "c", "content": long}})
+            .to_string();
+        assert_eq!(
+            error_of(&roomy.on_text(&text)),
+            ("bad_request".into(), Some("payload.content".into()))
+        );
         let actions = m.on_binary();
         assert_eq!(error_of(&actions).0, "bad_request");
         assert!(!closes(&actions));
@@ -839,7 +1077,13 @@ mod tests {
     #[test]
     fn an_unknown_type_is_named_in_the_error() {
         let m = only(&anonymous().on_text(r#"{"type":"channel.join"}"#));
-        assert!(m["payload"]["message"].as_str().unwrap().contains("\"channel.join\""), "{m}");
+        assert!(
+            m["payload"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("\"channel.join\""),
+            "{m}"
+        );
     }
 
     #[test]
@@ -855,7 +1099,10 @@ mod tests {
             assert_eq!(error_of(&m.on_text(text)).0, "unauthorized", "{text}");
         }
         let pong = only(&m.on_text(r#"{"type":"ping","payload":{"t":1}}"#));
-        assert_eq!((pong["type"].as_str(), &pong["payload"]), (Some("pong"), &json!({"t": 1})));
+        assert_eq!(
+            (pong["type"].as_str(), &pong["payload"]),
+            (Some("pong"), &json!({"t": 1}))
+        );
         assert_eq!(only(&m.on_text(r#"{"type":"ping"}"#))["payload"], json!({}));
     }
 
@@ -864,32 +1111,57 @@ mod tests {
         let mut m = machine_with(None, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(only(&m.on_text_at(r#"{"type":"ping"}"#, t0))["type"], "pong");
+            assert_eq!(
+                only(&m.on_text_at(r#"{"type":"ping"}"#, t0))["type"],
+                "pong"
+            );
         }
         let refused = only(&m.on_text_at(r#"{"type":"ping"}"#, t0));
         assert_eq!(refused["payload"]["code"], "rate_limited");
         assert_eq!(refused["payload"]["retry_after_ms"], 100);
         // Bad input counts too, so a flood of garbage is limited as well.
         assert_eq!(error_of(&m.on_text_at("garbage", t0)).0, "rate_limited");
-        assert_eq!(only(&m.on_text_at(r#"{"type":"ping"}"#, t0 + Duration::from_millis(100)))["type"], "pong");
+        assert_eq!(
+            only(&m.on_text_at(r#"{"type":"ping"}"#, t0 + Duration::from_millis(100)))["type"],
+            "pong"
+        );
     }
 
     #[test]
     fn a_subscribe_opens_then_acknowledges_and_attaches() {
         let mut m = ann();
-        let actions = m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1","last_event_id":"e:3"}}"#);
-        let Some(Effect::Open { channel_id, subscription, last_event_id, principal }) = effects(actions).pop() else {
+        let actions = m.on_text(
+            r#"{"type":"channel.subscribe","payload":{"channel_id":"c1","last_event_id":"e:3"}}"#,
+        );
+        let Some(Effect::Open {
+            channel_id,
+            subscription,
+            last_event_id,
+            principal,
+        }) = effects(actions).pop()
+        else {
             panic!("no open");
         };
         assert_eq!(
-            (channel_id.as_str(), last_event_id.as_deref(), principal.user_id.as_str()),
+            (
+                channel_id.as_str(),
+                last_event_id.as_deref(),
+                principal.user_id.as_str()
+            ),
             ("c1", Some("e:3"), "ann")
         );
-        let actions = m.on_outcome(Outcome::Opened { channel_id: "c1".into(), subscription, result: Ok(None) });
+        let actions = m.on_outcome(Outcome::Opened {
+            channel_id: "c1".into(),
+            subscription,
+            result: Ok(None),
+        });
         let ack = only(&actions);
         assert_eq!(ack["type"], "channel.subscribed");
         assert_eq!(ack["topic"], "channel:c1");
-        assert_eq!(ack["payload"], json!({"channel_id": "c1", "recovered": true}));
+        assert_eq!(
+            ack["payload"],
+            json!({"channel_id": "c1", "recovered": true})
+        );
         assert!(
             matches!(&actions[1], Action::Attach { channel_id, user_id } if channel_id == "c1" && user_id == "ann")
         );
@@ -898,11 +1170,22 @@ mod tests {
     #[test]
     fn a_position_that_cannot_be_resumed_is_recovered_false_with_the_reason() {
         let mut m = ann();
-        let actions = m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1","last_event_id":"x"}}"#);
-        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else { panic!() };
+        let actions = m.on_text(
+            r#"{"type":"channel.subscribe","payload":{"channel_id":"c1","last_event_id":"x"}}"#,
+        );
+        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
+            panic!()
+        };
         let result = Ok(Some(GapReason::Malformed));
-        let ack = only(&m.on_outcome(Outcome::Opened { channel_id: "c1".into(), subscription, result }));
-        assert_eq!(ack["payload"], json!({"channel_id": "c1", "recovered": false, "reason": "malformed"}));
+        let ack = only(&m.on_outcome(Outcome::Opened {
+            channel_id: "c1".into(),
+            subscription,
+            result,
+        }));
+        assert_eq!(
+            ack["payload"],
+            json!({"channel_id": "c1", "recovered": false, "reason": "malformed"})
+        );
     }
 
     #[test]
@@ -913,13 +1196,24 @@ mod tests {
             (Refusal::Unavailable("down".into()), "internal"),
         ] {
             let mut m = ann();
-            let actions = m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#);
-            let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else { panic!() };
-            let actions = m.on_outcome(Outcome::Opened { channel_id: "c1".into(), subscription, result: Err(refusal) });
+            let actions =
+                m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#);
+            let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
+                panic!()
+            };
+            let actions = m.on_outcome(Outcome::Opened {
+                channel_id: "c1".into(),
+                subscription,
+                result: Err(refusal),
+            });
             assert_eq!(error_of(&actions).0, want);
             assert!(!actions.iter().any(|a| matches!(a, Action::Attach { .. })));
             // The channel is free to subscribe to again.
-            assert_eq!(effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#)).len(), 1);
+            assert_eq!(
+                effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#))
+                    .len(),
+                1
+            );
         }
     }
 
@@ -928,9 +1222,16 @@ mod tests {
         let mut m = ann();
         subscribed(&mut m, "c1");
         let dup = m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#);
-        assert_eq!(error_of(&dup), ("bad_request".into(), Some("payload.channel_id".into())));
+        assert_eq!(
+            error_of(&dup),
+            ("bad_request".into(), Some("payload.channel_id".into()))
+        );
         // A subscribe still opening counts too.
-        assert_eq!(effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c2"}}"#)).len(), 1);
+        assert_eq!(
+            effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c2"}}"#))
+                .len(),
+            1
+        );
         let dup = m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c2"}}"#);
         assert_eq!(error_of(&dup).0, "bad_request");
         let full = m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c3"}}"#);
@@ -956,15 +1257,35 @@ mod tests {
     #[test]
     fn a_subscribe_undone_while_opening_is_answered_but_not_attached() {
         let mut m = ann();
-        let first = effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
-        let Some(Effect::Open { subscription: s1, .. }) = first.into_iter().next() else { panic!() };
+        let first =
+            effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
+        let Some(Effect::Open {
+            subscription: s1, ..
+        }) = first.into_iter().next()
+        else {
+            panic!()
+        };
         m.on_text(r#"{"type":"channel.unsubscribe","payload":{"channel_id":"c1"}}"#);
-        let second = effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
-        let Some(Effect::Open { subscription: s2, .. }) = second.into_iter().next() else { panic!() };
-        let stale = m.on_outcome(Outcome::Opened { channel_id: "c1".into(), subscription: s1, result: Ok(None) });
+        let second =
+            effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
+        let Some(Effect::Open {
+            subscription: s2, ..
+        }) = second.into_iter().next()
+        else {
+            panic!()
+        };
+        let stale = m.on_outcome(Outcome::Opened {
+            channel_id: "c1".into(),
+            subscription: s1,
+            result: Ok(None),
+        });
         assert_eq!(only(&stale)["type"], "channel.subscribed");
         assert!(!stale.iter().any(|a| matches!(a, Action::Attach { .. })));
-        let current = m.on_outcome(Outcome::Opened { channel_id: "c1".into(), subscription: s2, result: Ok(None) });
+        let current = m.on_outcome(Outcome::Opened {
+            channel_id: "c1".into(),
+            subscription: s2,
+            result: Ok(None),
+        });
         assert!(current.iter().any(|a| matches!(a, Action::Attach { .. })));
     }
 
@@ -981,11 +1302,32 @@ mod tests {
     #[test]
     fn a_message_is_stored_through_an_effect_and_acknowledged() {
         let mut m = ann();
-        let actions = m.on_text(r#"{"type":"message.send","payload":{"channel_id":"c1","content":"hi"}}"#);
-        let Some(Effect::SendMessage { channel_id, content, principal }) = effects(actions).pop() else { panic!() };
-        assert_eq!((channel_id.as_str(), content.as_str(), principal.user_id.as_str()), ("c1", "hi", "ann"));
-        let stored = Sent { message: a_message("c1"), publish_error: None };
-        let ack = only(&m.on_outcome(Outcome::Sent { channel_id: "c1".into(), result: Ok(stored) }));
+        let actions =
+            m.on_text(r#"{"type":"message.send","payload":{"channel_id":"c1","content":"hi"}}"#);
+        let Some(Effect::SendMessage {
+            channel_id,
+            content,
+            principal,
+        }) = effects(actions).pop()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                channel_id.as_str(),
+                content.as_str(),
+                principal.user_id.as_str()
+            ),
+            ("c1", "hi", "ann")
+        );
+        let stored = Sent {
+            message: a_message("c1"),
+            publish_error: None,
+        };
+        let ack = only(&m.on_outcome(Outcome::Sent {
+            channel_id: "c1".into(),
+            result: Ok(stored),
+        }));
         assert_eq!(ack["type"], "message.sent");
         assert_eq!(ack["payload"]["message"]["id"], "m1");
         assert_eq!(ack["payload"]["message"]["channelId"], "c1");
@@ -993,10 +1335,16 @@ mod tests {
             message: a_message("c1"),
             publish_error: Some(crate::broker::BrokerError::Unavailable("down".into())),
         };
-        let actions = m.on_outcome(Outcome::Sent { channel_id: "c1".into(), result: Ok(unpublished) });
+        let actions = m.on_outcome(Outcome::Sent {
+            channel_id: "c1".into(),
+            result: Ok(unpublished),
+        });
         let both = sent(&actions);
         assert_eq!(
-            (both[0]["type"].as_str(), both[1]["payload"]["code"].as_str()),
+            (
+                both[0]["type"].as_str(),
+                both[1]["payload"]["code"].as_str()
+            ),
             (Some("message.sent"), Some("internal"))
         );
     }
@@ -1006,10 +1354,22 @@ mod tests {
         for (refusal, want) in [
             (SendRefusal::NotFound, "not_found"),
             (SendRefusal::NotMember, "forbidden"),
-            (SendRefusal::Store(StoreError::Unavailable("down".into())), "internal"),
-            (SendRefusal::Invalid { field: "content", message: "too long".into() }, "bad_request"),
+            (
+                SendRefusal::Store(StoreError::Unavailable("down".into())),
+                "internal",
+            ),
+            (
+                SendRefusal::Invalid {
+                    field: "content",
+                    message: "too long".into(),
+                },
+                "bad_request",
+            ),
         ] {
-            let actions = ann().on_outcome(Outcome::Sent { channel_id: "c1".into(), result: Err(refusal) });
+            let actions = ann().on_outcome(Outcome::Sent {
+                channel_id: "c1".into(),
+                result: Err(refusal),
+            });
             assert_eq!(error_of(&actions).0, want);
         }
     }
@@ -1018,18 +1378,39 @@ mod tests {
     fn typing_is_published_once_per_interval_and_refusals_are_reported() {
         let mut m = ann();
         subscribed(&mut m, "c1");
-        let typing = |channel: &str| json!({"type": "user.typing", "payload": {"channel_id": channel}}).to_string();
-        let Some(Effect::Typing { channel_id, authorized, .. }) = effects(m.on_text(&typing("c1"))).pop() else {
+        let typing = |channel: &str| {
+            json!({"type": "user.typing", "payload": {"channel_id": channel}}).to_string()
+        };
+        let Some(Effect::Typing {
+            channel_id,
+            authorized,
+            ..
+        }) = effects(m.on_text(&typing("c1"))).pop()
+        else {
             panic!("no typing effect");
         };
         assert_eq!((channel_id.as_str(), authorized), ("c1", true));
-        assert!(m.on_text(&typing("c1")).is_empty(), "a second signal within the interval is absorbed");
+        assert!(
+            m.on_text(&typing("c1")).is_empty(),
+            "a second signal within the interval is absorbed"
+        );
         // Another channel has its own allowance, and needs authorizing.
-        let Some(Effect::Typing { authorized, .. }) = effects(m.on_text(&typing("c2"))).pop() else { panic!() };
+        let Some(Effect::Typing { authorized, .. }) = effects(m.on_text(&typing("c2"))).pop()
+        else {
+            panic!()
+        };
         assert!(!authorized);
-        let refused = Outcome::Typed { channel_id: "c2".into(), result: Err(Refusal::Forbidden("channel:c2".into())) };
+        let refused = Outcome::Typed {
+            channel_id: "c2".into(),
+            result: Err(Refusal::Forbidden("channel:c2".into())),
+        };
         assert_eq!(error_of(&m.on_outcome(refused)).0, "forbidden");
-        assert!(m.on_outcome(Outcome::Typed { channel_id: "c1".into(), result: Ok(()) }).is_empty());
+        assert!(m
+            .on_outcome(Outcome::Typed {
+                channel_id: "c1".into(),
+                result: Ok(())
+            })
+            .is_empty());
     }
 
     #[test]
@@ -1041,7 +1422,9 @@ mod tests {
             panic!()
         };
         assert_eq!((status, principal.user_id.as_str()), (Status::Busy, "ann"));
-        let failed = Outcome::StatusSet { result: Err(PresenceError::Unavailable("down".into())) };
+        let failed = Outcome::StatusSet {
+            result: Err(PresenceError::Unavailable("down".into())),
+        };
         assert_eq!(error_of(&m.on_outcome(failed)).0, "internal");
     }
 
@@ -1051,17 +1434,30 @@ mod tests {
         subscribed(&mut m, "c1");
         let gap = only(&m.on_gap("c1", GapReason::Expired));
         assert_eq!(gap["type"], "channel.gap");
-        assert_eq!(gap["payload"], json!({"channel_id": "c1", "reason": "expired"}));
+        assert_eq!(
+            gap["payload"],
+            json!({"channel_id": "c1", "reason": "expired"})
+        );
         assert!(m.on_gap("c9", GapReason::Expired).is_empty());
     }
 
     #[test]
     fn control_ids_are_unique_and_never_look_like_event_ids() {
         let mut m = ann();
-        let ids: Vec<String> =
-            (0..5).map(|_| only(&m.on_text(r#"{"type":"ping"}"#))["id"].as_str().unwrap().to_owned()).collect();
+        let ids: Vec<String> = (0..5)
+            .map(|_| {
+                only(&m.on_text(r#"{"type":"ping"}"#))["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
         let unique: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
-        assert!(ids.iter().all(|id| crate::event::Position::parse(id).is_none()), "{ids:?}");
+        assert!(
+            ids.iter()
+                .all(|id| crate::event::Position::parse(id).is_none()),
+            "{ids:?}"
+        );
     }
 }

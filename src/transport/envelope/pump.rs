@@ -138,7 +138,9 @@ impl Io {
         // hub place.
         drop(opened);
         while let Some(Step::Then(_)) = self.lane.front() {
-            let Some(Step::Then(action)) = self.lane.pop_front() else { unreachable!() };
+            let Some(Step::Then(action)) = self.lane.pop_front() else {
+                unreachable!()
+            };
             self.perform(action, &mut None).await?;
         }
         Ok(())
@@ -148,13 +150,18 @@ impl Io {
         match action {
             Action::Send(text) => self.outbox.text(text).await,
             Action::Close(code, reason) => Err(End::Close(code, reason)),
-            Action::Attach { channel_id, user_id } => {
+            Action::Attach {
+                channel_id,
+                user_id,
+            } => {
                 if let Some(Opened { stream }) = opened.take() {
                     let metrics = &self.state.metrics;
                     let channel = ChannelStream {
                         inner: stream,
                         _presence: self.state.presence.join(&channel_id, &user_id),
-                        _active: GaugeGuard::new(metrics.subscriptions.with_label_values(&[ENVELOPE_WS])),
+                        _active: GaugeGuard::new(
+                            metrics.subscriptions.with_label_values(&[ENVELOPE_WS]),
+                        ),
                     };
                     self.channels.insert(channel_id, channel);
                 }
@@ -165,7 +172,11 @@ impl Io {
                 Ok(())
             }
             Action::Reject(reason) => {
-                self.state.metrics.rejected_total.with_label_values(&[reason]).inc();
+                self.state
+                    .metrics
+                    .rejected_total
+                    .with_label_values(&[reason])
+                    .inc();
                 Ok(())
             }
             Action::Effect(effect) => {
@@ -202,7 +213,12 @@ async fn head(lane: &mut VecDeque<Step>) -> Done {
 fn effect_job(effect: Effect, state: &AppState, cutoff: &Arc<Cutoff>) -> BoxFuture<'static, Done> {
     let state = state.clone();
     match effect {
-        Effect::Open { channel_id, subscription, last_event_id, principal } => {
+        Effect::Open {
+            channel_id,
+            subscription,
+            last_event_id,
+            principal,
+        } => {
             let cutoff = cutoff.clone();
             Box::pin(async move {
                 let name = topic::channel(&channel_id);
@@ -217,59 +233,111 @@ fn effect_job(effect: Effect, state: &AppState, cutoff: &Arc<Cutoff>) -> BoxFutu
                 .await;
                 match opened {
                     Ok(resumed) => Done {
-                        outcome: Outcome::Opened { channel_id, subscription, result: Ok(resumed.gap) },
-                        opened: Some(Opened { stream: resumed.stream }),
+                        outcome: Outcome::Opened {
+                            channel_id,
+                            subscription,
+                            result: Ok(resumed.gap),
+                        },
+                        opened: Some(Opened {
+                            stream: resumed.stream,
+                        }),
                     },
                     Err(refusal) => Done {
-                        outcome: Outcome::Opened { channel_id, subscription, result: Err(refusal) },
+                        outcome: Outcome::Opened {
+                            channel_id,
+                            subscription,
+                            result: Err(refusal),
+                        },
                         opened: None,
                     },
                 }
             })
         }
-        Effect::SendMessage { channel_id, content, principal } => {
+        Effect::SendMessage {
+            channel_id,
+            content,
+            principal,
+        } => {
             // Spawned, so that a client that disconnects mid-send cannot
             // cancel it between the store write and the publish.
             let task = tokio::spawn({
                 let channel_id = channel_id.clone();
                 async move {
-                    domain::send_message(state.store.as_ref(), &state.hub, &principal.user_id, &channel_id, content)
-                        .await
+                    domain::send_message(
+                        state.store.as_ref(),
+                        &state.hub,
+                        &principal.user_id,
+                        &channel_id,
+                        content,
+                    )
+                    .await
                 }
             });
             Box::pin(async move {
                 let result = task.await.unwrap_or_else(|e| {
-                    Err(domain::SendRefusal::Store(crate::store::StoreError::Unavailable(format!("send failed: {e}"))))
+                    Err(domain::SendRefusal::Store(
+                        crate::store::StoreError::Unavailable(format!("send failed: {e}")),
+                    ))
                 });
-                Done { outcome: Outcome::Sent { channel_id, result }, opened: None }
+                Done {
+                    outcome: Outcome::Sent { channel_id, result },
+                    opened: None,
+                }
             })
         }
-        Effect::Typing { channel_id, principal, authorized } => Box::pin(async move {
+        Effect::Typing {
+            channel_id,
+            principal,
+            authorized,
+        } => Box::pin(async move {
             let result = async {
                 if !authorized {
-                    authorize(state.store.as_ref(), Some(&principal), &topic::channel(&channel_id)).await?;
+                    authorize(
+                        state.store.as_ref(),
+                        Some(&principal),
+                        &topic::channel(&channel_id),
+                    )
+                    .await?;
                 }
                 domain::signal_typing(&state.hub, &principal.user_id, &channel_id)
                     .await
                     .map_err(|e| Refusal::Unavailable(e.to_string()))
             }
             .await;
-            Done { outcome: Outcome::Typed { channel_id, result }, opened: None }
+            Done {
+                outcome: Outcome::Typed { channel_id, result },
+                opened: None,
+            }
         }),
         Effect::SetStatus { principal, status } => Box::pin(async move {
             let result = state.presence.set_status(&principal.user_id, status).await;
-            Done { outcome: Outcome::StatusSet { result }, opened: None }
+            Done {
+                outcome: Outcome::StatusSet { result },
+                opened: None,
+            }
         }),
     }
 }
 
 /// Serves one connection until either side closes it.
-pub async fn run(connection: Connection, mut machine: Machine, session: Session, mut messages: MessageStream) {
-    let Connection { state, drain, oversized } = connection;
+pub async fn run(
+    connection: Connection,
+    mut machine: Machine,
+    session: Session,
+    mut messages: MessageStream,
+) {
+    let Connection {
+        state,
+        drain,
+        oversized,
+    } = connection;
     let _drain = drain;
     let metrics = state.metrics.clone();
     let settings = state.settings.websocket.clone();
-    metrics.connections_total.with_label_values(&[ENVELOPE_WS]).inc();
+    metrics
+        .connections_total
+        .with_label_values(&[ENVELOPE_WS])
+        .inc();
     let _open = GaugeGuard::new(metrics.connections.with_label_values(&[ENVELOPE_WS]));
 
     let cutoff = Cutoff::new();
@@ -283,7 +351,9 @@ pub async fn run(connection: Connection, mut machine: Machine, session: Session,
     };
     let mut assembler = Assembler::new(settings.max_frame_bytes);
     let mut heartbeat = Heartbeat::new(Duration::from_secs(settings.ping_interval_seconds));
-    let mut auth_deadline = pin!(tokio::time::sleep(Duration::from_secs(settings.auth_timeout_seconds)));
+    let mut auth_deadline = pin!(tokio::time::sleep(Duration::from_secs(
+        settings.auth_timeout_seconds
+    )));
     let mut auth_armed = !machine.is_authenticated();
     let mut drained = pin!(shutdown.wait());
     let mut cut = pin!(cutoff.fired());
@@ -319,7 +389,9 @@ pub async fn run(connection: Connection, mut machine: Machine, session: Session,
                 }
                 Wake::Done(done) => io.finished(&mut machine, done).await,
                 Wake::Delivery(_, Delivery::Event(event)) => io.forward(&event, &metrics).await,
-                Wake::Delivery(channel_id, Delivery::Gap(reason)) => io.run(machine.on_gap(&channel_id, reason)).await,
+                Wake::Delivery(channel_id, Delivery::Gap(reason)) => {
+                    io.run(machine.on_gap(&channel_id, reason)).await
+                }
                 Wake::AuthTimeout => {
                     auth_armed = false;
                     io.run(machine.on_auth_timeout()).await
@@ -335,9 +407,13 @@ pub async fn run(connection: Connection, mut machine: Machine, session: Session,
     // Release the subscriptions (hub places, presence) and abandon the
     // effects still waiting before the close goes out, so that nothing is
     // delivered after it. A message send under way finishes on its own.
-    let Io { outbox, lane, channels, .. } = io;
+    let Io {
+        outbox,
+        lane,
+        channels,
+        ..
+    } = io;
     drop(channels);
     drop(lane);
     finish(outbox, end, &metrics, ENVELOPE_WS).await;
 }
-

@@ -28,8 +28,8 @@ use async_graphql::Response;
 use serde_json::{json, Map, Value};
 
 use super::{
-    encode, encode_bare, init_token, parse_request, too_many_operations, Action, Admission, Delivery, Operations,
-    Protocol, Verify,
+    encode, encode_bare, init_token, parse_request, too_many_operations, Action, Admission,
+    Delivery, Operations, Protocol, Verify,
 };
 use crate::auth::Principal;
 use crate::error::close;
@@ -133,7 +133,14 @@ impl Legacy {
     // Encoding a `serde_json::Value` cannot fail (its keys are strings), so
     // the fallbacks below are never sent.
     fn connection_error(message: &str) -> Action {
-        Action::Send(encode("connection_error", None, Some(json!({ "message": message }))).unwrap_or_default())
+        Action::Send(
+            encode(
+                "connection_error",
+                None,
+                Some(json!({ "message": message })),
+            )
+            .unwrap_or_default(),
+        )
     }
 
     fn error(id: Option<&str>, payload: Value) -> Action {
@@ -196,7 +203,9 @@ impl Legacy {
             Admission::Started(op) => out.push(Action::Start(op)),
             // Unreachable after the cancel above; answered like a bad start
             // rather than trusted to stay so.
-            Admission::Duplicate => out.push(Self::error(Some(&id), json!({ "message": "duplicate id" }))),
+            Admission::Duplicate => {
+                out.push(Self::error(Some(&id), json!({ "message": "duplicate id" })))
+            }
             Admission::Full => {
                 out.push(Action::Reject("max_subscriptions"));
                 out.push(Self::error(
@@ -228,7 +237,9 @@ impl Protocol for Legacy {
             }
             Parsed::Terminate => self.close(close::NORMAL, "Normal Closure"),
             Parsed::Unparseable(message) => vec![Self::connection_error(&message)],
-            Parsed::Invalid { id, message } => vec![Self::error(id.as_deref(), json!({ "message": message }))],
+            Parsed::Invalid { id, message } => {
+                vec![Self::error(id.as_deref(), json!({ "message": message }))]
+            }
         }
     }
 
@@ -297,7 +308,6 @@ mod tests {
 
     use super::*;
 
-
     fn acked(max: usize) -> Legacy {
         let mut m = Legacy::new(None, verify(), max);
         assert_eq!(
@@ -310,7 +320,8 @@ mod tests {
     use crate::transport::ws::action_tests::{closed, sent, started, verify};
 
     fn start(id: &str) -> String {
-        json!({"type": "start", "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()
+        json!({"type": "start", "id": id, "payload": {"query": "subscription { ticks }"}})
+            .to_string()
     }
 
     fn data(n: i32) -> Response {
@@ -329,12 +340,18 @@ mod tests {
 
     #[test]
     fn init_tokens_authenticate() {
-        for payload in [json!({"authorization": "Bearer good"}), json!({"token": "good"})] {
+        for payload in [
+            json!({"authorization": "Bearer good"}),
+            json!({"token": "good"}),
+        ] {
             let mut m = Legacy::new(None, verify(), 10);
             m.on_text(&json!({"type": "connection_init", "payload": payload}).to_string());
             assert_eq!(m.principal().unwrap().user_id, "u1");
             let actions = m.on_text(&start("1"));
-            assert_eq!(started(&actions)[0].principal.as_ref().unwrap().user_id, "u1");
+            assert_eq!(
+                started(&actions)[0].principal.as_ref().unwrap().user_id,
+                "u1"
+            );
         }
     }
 
@@ -344,7 +361,9 @@ mod tests {
         let actions = m.on_text(r#"{"type":"connection_init","payload":{"token":"bad"}}"#);
         assert_eq!(
             sent(&actions),
-            vec![json!({"type": "connection_error", "payload": {"message": "the token is malformed"}})]
+            vec![
+                json!({"type": "connection_error", "payload": {"message": "the token is malformed"}})
+            ]
         );
         assert_eq!(closed(&actions), Some((4403, "Forbidden")));
         let mut m = Legacy::new(None, verify(), 10);
@@ -356,7 +375,10 @@ mod tests {
     #[test]
     fn start_before_init_is_unauthorized_and_a_second_init_too_many() {
         let mut m = Legacy::new(None, verify(), 10);
-        assert_eq!(closed(&m.on_text(&start("1"))), Some((4401, "Unauthorized")));
+        assert_eq!(
+            closed(&m.on_text(&start("1"))),
+            Some((4401, "Unauthorized"))
+        );
         let mut m = acked(10);
         assert_eq!(
             closed(&m.on_text(r#"{"type":"connection_init"}"#)).map(|c| c.0),
@@ -369,7 +391,10 @@ mod tests {
         let mut m = Legacy::new(None, verify(), 10);
         let actions = m.on_init_timeout();
         assert_eq!(sent(&actions)[0]["type"], "connection_error");
-        assert_eq!(closed(&actions), Some((4408, "Connection initialisation timeout")));
+        assert_eq!(
+            closed(&actions),
+            Some((4408, "Connection initialisation timeout"))
+        );
     }
 
     #[test]
@@ -390,7 +415,9 @@ mod tests {
         let actions = m.on_text(r#"{"type":"subscribe","id":"7"}"#);
         assert_eq!(
             sent(&actions),
-            vec![json!({"type": "error", "id": "7", "payload": {"message": "unknown message type"}})]
+            vec![
+                json!({"type": "error", "id": "7", "payload": {"message": "unknown message type"}})
+            ]
         );
         let actions = m.on_text(r#"{"type":"start","payload":{"query":"{ a }"}}"#);
         assert_eq!(sent(&actions)[0]["type"], "error");
@@ -423,7 +450,10 @@ mod tests {
                 outcome: "ok"
             }
         )));
-        assert_eq!(sent(&m.on_end("s")), vec![json!({"type": "complete", "id": "s"})]);
+        assert_eq!(
+            sent(&m.on_end("s")),
+            vec![json!({"type": "complete", "id": "s"})]
+        );
         assert!(m.on_end("s").is_empty());
     }
 
@@ -442,7 +472,9 @@ mod tests {
                 "errors": [{"message": "Unknown field"}]
             }})]
         );
-        assert!(actions.iter().any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
         assert!(m.on_end("s").is_empty());
     }
 
@@ -451,7 +483,9 @@ mod tests {
         let mut m = acked(10);
         m.on_text(&start("s"));
         let actions = m.on_text(r#"{"type":"stop","id":"s"}"#);
-        assert!(actions.iter().any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
         assert_eq!(sent(&actions), vec![json!({"type": "complete", "id": "s"})]);
         assert!(m.on_response("s", data(1)).is_empty());
         assert!(m.on_text(r#"{"type":"stop","id":"s"}"#).is_empty());
@@ -467,7 +501,10 @@ mod tests {
             .iter()
             .position(|a| matches!(a, Action::Stop(id) if id == "s"))
             .unwrap();
-        let begin = actions.iter().position(|a| matches!(a, Action::Start(_))).unwrap();
+        let begin = actions
+            .iter()
+            .position(|a| matches!(a, Action::Start(_)))
+            .unwrap();
         assert!(stop < begin);
         assert!(sent(&actions).is_empty());
     }
@@ -479,7 +516,9 @@ mod tests {
         let actions = m.on_text(&start("2"));
         assert!(closed(&actions).is_none());
         assert!(started(&actions).is_empty());
-        assert!(actions.iter().any(|a| matches!(a, Action::Reject("max_subscriptions"))));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Reject("max_subscriptions"))));
         let error = &sent(&actions)[0];
         assert_eq!(error["type"], "error");
         assert_eq!(error["id"], "2");

@@ -74,7 +74,11 @@ impl actix_web::guard::Guard for UpgradeGuard {
     }
 }
 
-async fn graphql_ws(state: web::Data<AppState>, req: HttpRequest, body: web::Payload) -> HttpResponse {
+async fn graphql_ws(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> HttpResponse {
     let config = PumpConfig::from_settings(&state.settings.websocket);
     accept(&state, &req, body, state.schema.clone(), config).await
 }
@@ -128,7 +132,9 @@ pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let Ok(origin) = origin.to_str() else { return false };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
     let origin = origin.trim().trim_end_matches('/');
     allowed
         .iter()
@@ -142,14 +148,21 @@ struct TokenQuery {
 
 /// The principal the upgrade request speaks for: `Authorization: Bearer`
 /// first, else `?token=` (browsers cannot set headers on a WebSocket).
-pub(crate) fn upgrade_principal(state: &AppState, req: &HttpRequest) -> Result<Option<Principal>, String> {
+pub(crate) fn upgrade_principal(
+    state: &AppState,
+    req: &HttpRequest,
+) -> Result<Option<Principal>, String> {
     if req.headers().contains_key(header::AUTHORIZATION) {
         return principal_from_header(state, req);
     }
     let query = web::Query::<TokenQuery>::from_query(req.query_string())
         .map_err(|_| "the query string is malformed".to_owned())?;
     match query.into_inner().token.filter(|t| !t.is_empty()) {
-        Some(token) => state.auth.verify(&token).map(Some).map_err(|e| e.to_string()),
+        Some(token) => state
+            .auth
+            .verify(&token)
+            .map(Some)
+            .map_err(|e| e.to_string()),
         None => Ok(None),
     }
 }
@@ -176,11 +189,22 @@ pub(crate) fn admit_upgrade(state: &AppState, req: &HttpRequest) -> Result<(), B
     let metrics = &state.metrics;
     if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
         metrics.rejected_total.with_label_values(&["origin"]).inc();
-        return Err(Box::new(refuse(HttpResponse::Forbidden(), "FORBIDDEN", "this Origin may not open a WebSocket")));
+        return Err(Box::new(refuse(
+            HttpResponse::Forbidden(),
+            "FORBIDDEN",
+            "this Origin may not open a WebSocket",
+        )));
     }
     if state.shutdown.is_draining() {
-        metrics.rejected_total.with_label_values(&["draining"]).inc();
-        return Err(Box::new(refuse(unavailable(), "UNAVAILABLE", "the node is shutting down")));
+        metrics
+            .rejected_total
+            .with_label_values(&["draining"])
+            .inc();
+        return Err(Box::new(refuse(
+            unavailable(),
+            "UNAVAILABLE",
+            "the node is shutting down",
+        )));
     }
     Ok(())
 }
@@ -189,7 +213,9 @@ pub(crate) fn admit_upgrade(state: &AppState, req: &HttpRequest) -> Result<(), B
 pub(crate) fn unauthorized_upgrade(message: &str) -> HttpResponse {
     HttpResponse::Unauthorized()
         .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
-        .json(json!({ "errors": [{ "message": message, "extensions": { "code": "UNAUTHORIZED" } }] }))
+        .json(
+            json!({ "errors": [{ "message": message, "extensions": { "code": "UNAUTHORIZED" } }] }),
+        )
 }
 
 /// Counts one more long-lived connection, or refuses it (503) when the node
@@ -200,8 +226,16 @@ pub(crate) fn admit_connection(state: &AppState) -> Result<DrainGuard, Box<HttpR
     let drain = state.shutdown.track();
     if state.shutdown.open_connections() > state.settings.server.max_connections {
         drop(drain);
-        state.metrics.rejected_total.with_label_values(&["max_connections"]).inc();
-        return Err(Box::new(refuse(unavailable(), "UNAVAILABLE", "the node is at its connection limit")));
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["max_connections"])
+            .inc();
+        return Err(Box::new(refuse(
+            unavailable(),
+            "UNAVAILABLE",
+            "the node is at its connection limit",
+        )));
     }
     Ok(drain)
 }
@@ -305,7 +339,10 @@ pub enum Action {
     Stop(String),
     /// Count one finished or failed operation in
     /// `graphql_operations_total{type,outcome}`.
-    Count { ty: &'static str, outcome: &'static str },
+    Count {
+        ty: &'static str,
+        outcome: &'static str,
+    },
     /// Count a refusal in `rejected_total{reason}`.
     Reject(&'static str),
 }
@@ -385,7 +422,12 @@ impl Operations {
         self.max
     }
 
-    pub(crate) fn admit(&mut self, id: &str, request: Request, principal: Option<Principal>) -> Admission {
+    pub(crate) fn admit(
+        &mut self,
+        id: &str,
+        request: Request,
+        principal: Option<Principal>,
+    ) -> Admission {
         if self.active.contains_key(id) {
             return Admission::Duplicate;
         }
@@ -394,7 +436,13 @@ impl Operations {
         }
         let kind = operation_type(&request).ok();
         let label = kind.map_or("unknown", operation_label);
-        self.active.insert(id.to_owned(), Active { label, answered: false });
+        self.active.insert(
+            id.to_owned(),
+            Active {
+                label,
+                answered: false,
+            },
+        );
         Admission::Started(Box::new(Operation {
             id: id.to_owned(),
             request,
@@ -405,7 +453,12 @@ impl Operations {
 
     /// Classifies a result of `id`; `None` when `id` is no longer active (a
     /// result that raced a stop is dropped on purpose).
-    pub(crate) fn deliver(&mut self, id: &str, response: Response, out: &mut Vec<Action>) -> Option<Delivery> {
+    pub(crate) fn deliver(
+        &mut self,
+        id: &str,
+        response: Response,
+        out: &mut Vec<Action>,
+    ) -> Option<Delivery> {
         let op = self.active.get_mut(id)?;
         if op.answered {
             return Some(Delivery::Next(response));
@@ -433,7 +486,9 @@ impl Operations {
     /// The stream of `id` ended; `true` when it was active (the client is
     /// then told it completed).
     pub(crate) fn end(&mut self, id: &str, out: &mut Vec<Action>) -> bool {
-        let Some(op) = self.active.remove(id) else { return false };
+        let Some(op) = self.active.remove(id) else {
+            return false;
+        };
         if !op.answered {
             out.push(Action::Count {
                 ty: op.label,
@@ -445,7 +500,9 @@ impl Operations {
 
     /// The client stopped `id`; `true` when it was active.
     pub(crate) fn cancel(&mut self, id: &str, out: &mut Vec<Action>) -> bool {
-        let Some(op) = self.active.remove(id) else { return false };
+        let Some(op) = self.active.remove(id) else {
+            return false;
+        };
         if !op.answered {
             out.push(Action::Count {
                 ty: op.label,
@@ -469,8 +526,13 @@ pub(crate) fn too_many_operations(max: usize) -> Value {
 /// "Bearer T"}` (the key in any case, as clients copy header names) or
 /// `{"token": "T"}`. `Err` when one is present but unusable.
 pub(crate) fn init_token(payload: Option<&Map<String, Value>>) -> Result<Option<&str>, String> {
-    let Some(payload) = payload else { return Ok(None) };
-    if let Some((_, value)) = payload.iter().find(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
+    let Some(payload) = payload else {
+        return Ok(None);
+    };
+    if let Some((_, value)) = payload
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+    {
         let value = value.as_str().ok_or("authorization must be a string")?;
         return bearer(value)
             .map(Some)
@@ -501,17 +563,20 @@ pub(crate) fn parse_request(payload: Value) -> Result<Request, String> {
     if !payload.is_object() {
         return Err("the payload must be an object".into());
     }
-    let p: RequestPayload = serde_json::from_value(payload).map_err(|e| format!("invalid payload: {e}"))?;
+    let p: RequestPayload =
+        serde_json::from_value(payload).map_err(|e| format!("invalid payload: {e}"))?;
     let mut request = Request::new(p.query);
     if let Some(name) = p.operation_name {
         request = request.operation_name(name);
     }
     if let Some(variables) = p.variables {
-        request = request.variables(async_graphql::Variables::from_json(Value::Object(variables)));
+        request = request.variables(async_graphql::Variables::from_json(Value::Object(
+            variables,
+        )));
     }
     if let Some(extensions) = p.extensions {
-        request.extensions =
-            serde_json::from_value(Value::Object(extensions)).map_err(|e| format!("invalid extensions: {e}"))?;
+        request.extensions = serde_json::from_value(Value::Object(extensions))
+            .map_err(|e| format!("invalid extensions: {e}"))?;
     }
     Ok(request)
 }
@@ -554,7 +619,10 @@ pub(crate) mod action_tests {
     /// A verifier that knows one token, `good`, for user `u1`.
     pub fn verify() -> Verify {
         Arc::new(|token| match token {
-            "good" => Ok(Principal { user_id: "u1".into(), scopes: vec![] }),
+            "good" => Ok(Principal {
+                user_id: "u1".into(),
+                scopes: vec![],
+            }),
             _ => Err("the token is malformed".into()),
         })
     }
@@ -655,11 +723,16 @@ mod tests {
         }
 
         /// Large items as fast as they are taken.
-        async fn flood(&self, ctx: &Context<'_>) -> async_graphql::Result<impl Stream<Item = String>> {
+        async fn flood(
+            &self,
+            ctx: &Context<'_>,
+        ) -> async_graphql::Result<impl Stream<Item = String>> {
             *FLOODED.lock().unwrap() = Some(ctx.data::<Arc<Cutoff>>()?.clone());
-            Ok(futures_util::stream::repeat("x".repeat(64 * 1024)).inspect(|_| {
-                FLOOD_ITEMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }))
+            Ok(
+                futures_util::stream::repeat("x".repeat(64 * 1024)).inspect(|_| {
+                    FLOOD_ITEMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }),
+            )
         }
 
         /// One item, then the connection is cut off as the hub would.
@@ -711,7 +784,10 @@ mod tests {
         AppState::build(settings).unwrap()
     }
 
-    fn app_config(state: AppState, config: PumpConfig) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
+    fn app_config(
+        state: AppState,
+        config: PumpConfig,
+    ) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
         let deps = TestDeps {
             schema: Schema::new(TestQuery, TestMutation, TestSubscription),
             config,
@@ -743,12 +819,17 @@ mod tests {
 
     type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
-    async fn connect(addr: SocketAddr, path: &str, protocol: Option<&'static str>) -> (Client, Option<String>) {
+    async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        protocol: Option<&'static str>,
+    ) -> (Client, Option<String>) {
         let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
         if let Some(protocol) = protocol {
-            request
-                .headers_mut()
-                .insert("Sec-WebSocket-Protocol", ClientHeaderValue::from_static(protocol));
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                ClientHeaderValue::from_static(protocol),
+            );
         }
         let (ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
         let chosen = response
@@ -821,7 +902,10 @@ mod tests {
             map
         };
         assert_eq!(negotiate(&headers(&[])), Some(Subprotocol::TransportWs));
-        assert_eq!(negotiate(&headers(&["graphql-ws"])), Some(Subprotocol::Legacy));
+        assert_eq!(
+            negotiate(&headers(&["graphql-ws"])),
+            Some(Subprotocol::Legacy)
+        );
         assert_eq!(
             negotiate(&headers(&["graphql-ws, graphql-transport-ws"])),
             Some(Subprotocol::TransportWs)
@@ -830,7 +914,10 @@ mod tests {
             negotiate(&headers(&["graphql-ws", "graphql-transport-ws"])),
             Some(Subprotocol::TransportWs)
         );
-        assert_eq!(negotiate(&headers(&["chat", "graphql-ws"])), Some(Subprotocol::Legacy));
+        assert_eq!(
+            negotiate(&headers(&["chat", "graphql-ws"])),
+            Some(Subprotocol::Legacy)
+        );
         assert_eq!(negotiate(&headers(&["chat"])), None);
     }
 
@@ -859,7 +946,9 @@ mod tests {
             s.server.allowed_origins = vec!["https://app.example".into()];
             s.server.max_connections = 1;
         });
-        let app = actix_test::init_service(App::new().configure(app_config(state.clone(), config()))).await;
+        let app =
+            actix_test::init_service(App::new().configure(app_config(state.clone(), config())))
+                .await;
 
         let res = actix_test::call_service(
             &app,
@@ -893,12 +982,17 @@ mod tests {
         )
         .await;
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-        let res = actix_test::call_service(&app, upgrade_request("/test/ws?token=nope").to_request()).await;
+        let res =
+            actix_test::call_service(&app, upgrade_request("/test/ws?token=nope").to_request())
+                .await;
         assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 
         // An allowed Origin with a good token passes (the pump ends at once:
         // a test request has no socket behind it).
-        let token = state.auth.mint("u1", Duration::from_secs(60), None).unwrap();
+        let token = state
+            .auth
+            .mint("u1", Duration::from_secs(60), None)
+            .unwrap();
         let res = actix_test::call_service(
             &app,
             upgrade_request(&format!("/test/ws?token={token}"))
@@ -908,7 +1002,10 @@ mod tests {
         )
         .await;
         assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
-        assert_eq!(res.headers().get(header::SEC_WEBSOCKET_PROTOCOL).unwrap(), "graphql-ws");
+        assert_eq!(
+            res.headers().get(header::SEC_WEBSOCKET_PROTOCOL).unwrap(),
+            "graphql-ws"
+        );
 
         // At the connection limit.
         let held = state.shutdown.track();
@@ -962,7 +1059,10 @@ mod tests {
     #[actix_web::test]
     async fn operations_run_over_the_socket() {
         let state = state_with(|_| {});
-        let token = state.auth.mint("u1", Duration::from_secs(60), None).unwrap();
+        let token = state
+            .auth
+            .mint("u1", Duration::from_secs(60), None)
+            .unwrap();
         let (addr, server) = serve(state.clone(), config()).await;
         let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
         send(
@@ -983,7 +1083,10 @@ mod tests {
                 json!({"type": "next", "id": "s", "payload": {"data": {"ticks": i}}})
             );
         }
-        assert_eq!(next_json(&mut ws).await, json!({"type": "complete", "id": "s"}));
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type": "complete", "id": "s"})
+        );
 
         send(
             &mut ws,
@@ -994,7 +1097,10 @@ mod tests {
             next_json(&mut ws).await,
             json!({"type": "next", "id": "q", "payload": {"data": {"hello": "world", "whoami": "u1"}}})
         );
-        assert_eq!(next_json(&mut ws).await, json!({"type": "complete", "id": "q"}));
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type": "complete", "id": "q"})
+        );
 
         send(&mut ws, json!({"type": "subscribe", "id": "m", "payload": {"query": "mutation($a: Int!) { add(a: $a, b: 2) }", "variables": {"a": 1}}})).await;
         assert_eq!(next_json(&mut ws).await["payload"]["data"]["add"], 3);
@@ -1024,8 +1130,14 @@ mod tests {
             }
         };
         assert_eq!(refused["id"], "f4");
-        assert_eq!(refused["payload"][0]["extensions"]["code"], "TOO_MANY_SUBSCRIPTIONS");
-        let gauge = state.metrics.subscriptions.with_label_values(&[transport::GRAPHQL_WS]);
+        assert_eq!(
+            refused["payload"][0]["extensions"]["code"],
+            "TOO_MANY_SUBSCRIPTIONS"
+        );
+        let gauge = state
+            .metrics
+            .subscriptions
+            .with_label_values(&[transport::GRAPHQL_WS]);
         assert_eq!(gauge.get(), 3);
         assert_eq!(
             state
@@ -1051,12 +1163,20 @@ mod tests {
         let ops = &state.metrics.graphql_operations_total;
         // The `forever` ones count as ok or cancelled, by whether their
         // first tick beat the client's complete.
-        let subscriptions = ["ok", "cancelled"].map(|o| ops.with_label_values(&["subscription", o]).get());
+        let subscriptions =
+            ["ok", "cancelled"].map(|o| ops.with_label_values(&["subscription", o]).get());
         assert_eq!(subscriptions.iter().sum::<u64>(), 4);
         assert_eq!(ops.with_label_values(&["query", "ok"]).get(), 1);
         assert_eq!(ops.with_label_values(&["mutation", "ok"]).get(), 1);
         assert_eq!(ops.with_label_values(&["query", "request_error"]).get(), 1);
-        assert_eq!(state.metrics.ws_closes_total.with_label_values(&["4429"]).get(), 1);
+        assert_eq!(
+            state
+                .metrics
+                .ws_closes_total
+                .with_label_values(&["4429"])
+                .get(),
+            1
+        );
         server.stop(false).await;
     }
 
@@ -1081,7 +1201,10 @@ mod tests {
             next_json(&mut ws).await,
             json!({"type": "data", "id": "1", "payload": {"data": {"ticks": 1}}})
         );
-        assert_eq!(next_json(&mut ws).await, json!({"type": "complete", "id": "1"}));
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type": "complete", "id": "1"})
+        );
         send(&mut ws, json!({"type": "connection_terminate"})).await;
         assert_eq!(next_close(&mut ws).await.0, 1000);
         server.stop(false).await;
@@ -1106,7 +1229,14 @@ mod tests {
         let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
         assert_eq!(next_json(&mut ws).await["type"], "connection_error");
         assert_eq!(next_close(&mut ws).await.0, 4408);
-        assert_eq!(state.metrics.ws_closes_total.with_label_values(&["4408"]).get(), 2);
+        assert_eq!(
+            state
+                .metrics
+                .ws_closes_total
+                .with_label_values(&["4408"])
+                .get(),
+            2
+        );
         server.stop(false).await;
     }
 
@@ -1137,7 +1267,10 @@ mod tests {
             json!({"type": "subscribe", "id": "1", "payload": {"query": "{ hello }"}}),
         )
         .await;
-        assert_eq!(next_json(&mut good).await["payload"]["data"]["hello"], "world");
+        assert_eq!(
+            next_json(&mut good).await["payload"]["data"]["hello"],
+            "world"
+        );
         server.stop(false).await;
     }
 
@@ -1188,7 +1321,14 @@ mod tests {
         // The blocked write yields to the cut-off; the close cannot get
         // through a full socket, so the task gives up on it and ends.
         assert_eq!(state.shutdown.drained(Duration::from_secs(3)).await, 0);
-        assert_eq!(state.metrics.ws_closes_total.with_label_values(&["1013"]).get(), 1);
+        assert_eq!(
+            state
+                .metrics
+                .ws_closes_total
+                .with_label_values(&["1013"])
+                .get(),
+            1
+        );
         assert_eq!(
             state
                 .metrics
@@ -1213,11 +1353,17 @@ mod tests {
         )
         .await;
         next_json(&mut ws).await;
-        let connections = state.metrics.connections.with_label_values(&[transport::GRAPHQL_WS]);
+        let connections = state
+            .metrics
+            .connections
+            .with_label_values(&[transport::GRAPHQL_WS]);
         assert_eq!(connections.get(), 1);
         assert_eq!(state.shutdown.open_connections(), 1);
         state.shutdown.begin();
-        assert_eq!(next_close(&mut ws).await, (1001, "server shutting down".into()));
+        assert_eq!(
+            next_close(&mut ws).await,
+            (1001, "server shutting down".into())
+        );
         assert_eq!(state.shutdown.drained(Duration::from_secs(2)).await, 0);
         assert_eq!(connections.get(), 0);
         server.stop(false).await;
@@ -1240,15 +1386,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let mut kas = 0;
         let close = loop {
-            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap() {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .unwrap()
+            {
                 Some(Ok(WsMessage::Text(text))) => kas += usize::from(text.contains("\"ka\"")),
-                Some(Ok(WsMessage::Close(Some(frame)))) => break (u16::from(frame.code), frame.reason.into_owned()),
+                Some(Ok(WsMessage::Close(Some(frame)))) => {
+                    break (u16::from(frame.code), frame.reason.into_owned())
+                }
                 Some(Ok(_)) => {}
                 other => panic!("{other:?}"),
             }
         };
         assert_eq!(close, (1001, "idle timeout".into()));
-        assert!(kas >= 2, "the ack's ka and at least one periodic ka, got {kas}");
+        assert!(
+            kas >= 2,
+            "the ack's ka and at least one periodic ka, got {kas}"
+        );
         server.stop(false).await;
     }
 }

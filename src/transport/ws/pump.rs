@@ -36,7 +36,9 @@ use std::time::Duration;
 use actix_http::error::PayloadError;
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{dev, FromRequest, HttpRequest};
-use actix_ws::{CloseCode, CloseReason, Closed, Item, Message, MessageStream, ProtocolError, Session};
+use actix_ws::{
+    CloseCode, CloseReason, Closed, Item, Message, MessageStream, ProtocolError, Session,
+};
 use async_graphql::parser::types::OperationType;
 use async_graphql::{Executor, Response};
 use bytestring::ByteString;
@@ -195,7 +197,9 @@ impl FrameScan {
             if self.have == self.need {
                 let len = match self.header[1] & 0x7f {
                     126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
-                    127 => self.header[2..10].iter().fold(0u64, |acc, b| acc << 8 | u64::from(*b)),
+                    127 => self.header[2..10]
+                        .iter()
+                        .fold(0u64, |acc, b| acc << 8 | u64::from(*b)),
                     n => u64::from(n),
                 };
                 if len > self.max {
@@ -337,7 +341,11 @@ pub(crate) struct Outbox {
 
 impl Outbox {
     pub(crate) fn new(session: Session, cutoff: Arc<Cutoff>, shutdown: Shutdown) -> Self {
-        Self { session, cutoff, shutdown }
+        Self {
+            session,
+            cutoff,
+            shutdown,
+        }
     }
 
     pub(crate) async fn text(&mut self, text: impl Into<ByteString>) -> Result<(), End> {
@@ -432,9 +440,14 @@ pub(crate) async fn receive(
             Ok(None) => Ok(Received::Nothing),
             Ok(Some(Assembled::Text(text))) => Ok(Received::Text(text)),
             Ok(Some(Assembled::Binary)) => Ok(Received::Binary),
-            Err(FrameError::TooBig) => Err(End::Close(close::MESSAGE_TOO_BIG, "message too large".into())),
+            Err(FrameError::TooBig) => Err(End::Close(
+                close::MESSAGE_TOO_BIG,
+                "message too large".into(),
+            )),
             Err(FrameError::Protocol) => Err(End::Close(PROTOCOL_ERROR, "protocol error".into())),
-            Err(FrameError::NotUtf8) => Err(End::Close(INVALID_PAYLOAD, "text is not UTF-8".into())),
+            Err(FrameError::NotUtf8) => {
+                Err(End::Close(INVALID_PAYLOAD, "text is not UTF-8".into()))
+            }
         },
         Some(Ok(Message::Ping(payload))) => outbox.pong(&payload).await.map(|()| Received::Nothing),
         Some(Ok(Message::Pong(_) | Message::Nop)) => Ok(Received::Nothing),
@@ -457,7 +470,11 @@ impl Heartbeat {
         let period = ping_interval.max(Duration::from_millis(1));
         let mut interval = tokio::time::interval_at(Instant::now() + period, period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        Self { interval, idle_limit: period * IDLE_INTERVALS, last_heard: Instant::now() }
+        Self {
+            interval,
+            idle_limit: period * IDLE_INTERVALS,
+            last_heard: Instant::now(),
+        }
     }
 
     /// Resolves at the next beat.
@@ -487,13 +504,21 @@ pub(crate) async fn finish(outbox: Outbox, end: End, metrics: &Metrics, transpor
         End::Gone => tracing::debug!(transport, "WebSocket peer went away"),
         End::Close(code, reason) => {
             tracing::debug!(transport, code, %reason, "closing WebSocket");
-            metrics.ws_closes_total.with_label_values(&[&code.to_string()]).inc();
+            metrics
+                .ws_closes_total
+                .with_label_values(&[&code.to_string()])
+                .inc();
             outbox.close(Some(close_reason(code, &reason))).await;
         }
         End::Answer(reason) => {
             // Echo the peer's code, as RFC 6455 asks; not counted, as the
             // metric counts closes the node decides on.
-            outbox.close(reason.map(|r| CloseReason { code: r.code, description: None })).await;
+            outbox
+                .close(reason.map(|r| CloseReason {
+                    code: r.code,
+                    description: None,
+                }))
+                .await;
         }
     }
 }
@@ -530,7 +555,10 @@ pub async fn run<E: Executor, P: Protocol>(
     } = connection;
     let _drain = drain;
     let transport = P::TRANSPORT;
-    metrics.connections_total.with_label_values(&[transport]).inc();
+    metrics
+        .connections_total
+        .with_label_values(&[transport])
+        .inc();
     let _open = GaugeGuard::new(metrics.connections.with_label_values(&[transport]));
 
     let cutoff = Cutoff::new();
@@ -586,8 +614,9 @@ pub async fn run<E: Executor, P: Protocol>(
                 }
                 Action::Close(code, reason) => break 'connection End::Close(code, reason),
                 Action::Start(operation) => {
-                    let active = (operation.kind == Some(OperationType::Subscription))
-                        .then(|| GaugeGuard::new(metrics.subscriptions.with_label_values(&[transport])));
+                    let active = (operation.kind == Some(OperationType::Subscription)).then(|| {
+                        GaugeGuard::new(metrics.subscriptions.with_label_values(&[transport]))
+                    });
                     let operation = *operation;
                     let request = operation
                         .request
@@ -608,7 +637,10 @@ pub async fn run<E: Executor, P: Protocol>(
                     operations.remove(&id);
                 }
                 Action::Count { ty, outcome } => {
-                    metrics.graphql_operations_total.with_label_values(&[ty, outcome]).inc();
+                    metrics
+                        .graphql_operations_total
+                        .with_label_values(&[ty, outcome])
+                        .inc();
                 }
                 Action::Reject(reason) => metrics.rejected_total.with_label_values(&[reason]).inc(),
             }
@@ -677,13 +709,22 @@ mod tests {
     #[test]
     fn fragments_join_within_the_limit() {
         let mut a = Assembler::new(10);
-        assert!(matches!(a.push(Item::FirstText(Bytes::from_static(b"ab"))), Ok(None)));
-        assert!(matches!(a.push(Item::Continue(Bytes::from_static(b"cd"))), Ok(None)));
+        assert!(matches!(
+            a.push(Item::FirstText(Bytes::from_static(b"ab"))),
+            Ok(None)
+        ));
+        assert!(matches!(
+            a.push(Item::Continue(Bytes::from_static(b"cd"))),
+            Ok(None)
+        ));
         match a.push(Item::Last(Bytes::from_static(b"ef"))) {
             Ok(Some(Assembled::Text(t))) => assert_eq!(&*t, "abcdef"),
             _ => panic!("expected text"),
         }
-        assert!(matches!(a.push(Item::FirstBinary(Bytes::from_static(b"x"))), Ok(None)));
+        assert!(matches!(
+            a.push(Item::FirstBinary(Bytes::from_static(b"x"))),
+            Ok(None)
+        ));
         assert!(matches!(
             a.push(Item::Last(Bytes::from_static(b"y"))),
             Ok(Some(Assembled::Binary))
@@ -701,14 +742,20 @@ mod tests {
             a.push(Item::Continue(Bytes::new())),
             Err(FrameError::Protocol)
         ));
-        assert!(matches!(a.push(Item::FirstText(Bytes::from_static(&[0xff]))), Ok(None)));
+        assert!(matches!(
+            a.push(Item::FirstText(Bytes::from_static(&[0xff]))),
+            Ok(None)
+        ));
         assert!(matches!(
             a.push(Item::FirstText(Bytes::new())),
             Err(FrameError::Protocol)
         ));
         let mut a = Assembler::new(10);
         a.push(Item::FirstText(Bytes::from_static(&[0xff]))).ok();
-        assert!(matches!(a.push(Item::Last(Bytes::new())), Err(FrameError::NotUtf8)));
+        assert!(matches!(
+            a.push(Item::Last(Bytes::new())),
+            Err(FrameError::NotUtf8)
+        ));
     }
 
     #[test]

@@ -15,8 +15,8 @@ use async_graphql::Response;
 use serde_json::{Map, Value};
 
 use super::{
-    encode, encode_bare, init_token, parse_request, too_many_operations, Action, Admission, Delivery, Operations,
-    Protocol, Verify,
+    encode, encode_bare, init_token, parse_request, too_many_operations, Action, Admission,
+    Delivery, Operations, Protocol, Verify,
 };
 use crate::auth::Principal;
 use crate::error::close;
@@ -93,11 +93,19 @@ impl TransportWs {
         }
         let request = match parse_request(payload) {
             Ok(request) => request,
-            Err(reason) => return self.close(close::BAD_REQUEST, format!("Invalid message received: {reason}")),
+            Err(reason) => {
+                return self.close(
+                    close::BAD_REQUEST,
+                    format!("Invalid message received: {reason}"),
+                )
+            }
         };
         match self.ops.admit(&id, request, self.principal.clone()) {
             Admission::Started(op) => vec![Action::Start(op)],
-            Admission::Duplicate => self.close(close::SUBSCRIBER_EXISTS, format!("Subscriber for {id} already exists")),
+            Admission::Duplicate => self.close(
+                close::SUBSCRIBER_EXISTS,
+                format!("Subscriber for {id} already exists"),
+            ),
             Admission::Full => {
                 let errors = too_many_operations(self.ops.max());
                 let mut out = vec![Action::Reject("max_subscriptions")];
@@ -138,13 +146,19 @@ fn parse(text: &str) -> Result<ClientMessage, String> {
         "connection_init" => match message.remove("payload") {
             None | Some(Value::Null) => Ok(ClientMessage::ConnectionInit(None)),
             Some(Value::Object(payload)) => Ok(ClientMessage::ConnectionInit(Some(payload))),
-            Some(_) => Err("Invalid message received: connection_init payload must be an object".into()),
+            Some(_) => {
+                Err("Invalid message received: connection_init payload must be an object".into())
+            }
         },
         "ping" | "pong" => {
             let payload = match message.remove("payload") {
                 None | Some(Value::Null) => None,
                 Some(payload @ Value::Object(_)) => Some(payload),
-                Some(_) => return Err(format!("Invalid message received: {ty} payload must be an object")),
+                Some(_) => {
+                    return Err(format!(
+                        "Invalid message received: {ty} payload must be an object"
+                    ))
+                }
             };
             Ok(if ty == "ping" {
                 ClientMessage::Ping(payload)
@@ -159,8 +173,12 @@ fn parse(text: &str) -> Result<ClientMessage, String> {
                 _ => Err("Invalid message received: subscribe needs an object \"payload\"".into()),
             }
         }
-        "complete" => Ok(ClientMessage::Complete { id: id(&mut message)? }),
-        "connection_ack" | "next" | "error" => Err(format!("Unexpected message of type {ty} received")),
+        "complete" => Ok(ClientMessage::Complete {
+            id: id(&mut message)?,
+        }),
+        "connection_ack" | "next" | "error" => {
+            Err(format!("Unexpected message of type {ty} received"))
+        }
         _ => Err(format!(
             "Invalid message received: unknown type {:?}",
             truncate(&ty, 32)
@@ -224,7 +242,9 @@ impl Protocol for TransportWs {
         let sent = match self.ops.deliver(id, response, &mut out) {
             None => return out,
             Some(Delivery::Next(response)) => self.send(encode("next", Some(id), Some(&response))),
-            Some(Delivery::Failed(response)) => self.send(encode("error", Some(id), Some(&response.errors))),
+            Some(Delivery::Failed(response)) => {
+                self.send(encode("error", Some(id), Some(&response.errors)))
+            }
         };
         out.extend(sent);
         out
@@ -266,7 +286,6 @@ mod tests {
 
     use super::*;
 
-
     fn machine(max: usize) -> TransportWs {
         TransportWs::new(None, verify(), max)
     }
@@ -283,7 +302,8 @@ mod tests {
     use crate::transport::ws::action_tests::{closed, sent, started, verify};
 
     fn subscribe(id: &str) -> String {
-        json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()
+        json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}})
+            .to_string()
     }
 
     fn data(n: i32) -> Response {
@@ -302,7 +322,10 @@ mod tests {
     #[test]
     fn ping_is_answered_with_pong_even_before_the_ack() {
         let mut m = machine(10);
-        assert_eq!(sent(&m.on_text(r#"{"type":"ping"}"#)), vec![json!({"type": "pong"})]);
+        assert_eq!(
+            sent(&m.on_text(r#"{"type":"ping"}"#)),
+            vec![json!({"type": "pong"})]
+        );
         assert_eq!(
             sent(&m.on_text(r#"{"type":"ping","payload":{"t":1}}"#)),
             vec![json!({"type": "pong", "payload": {"t": 1}})]
@@ -324,7 +347,10 @@ mod tests {
         ] {
             let mut m = TransportWs::new(upgrade.clone(), verify(), 10);
             let init = json!({"type": "connection_init", "payload": payload}).to_string();
-            assert_eq!(sent(&m.on_text(&init)), vec![json!({"type": "connection_ack"})]);
+            assert_eq!(
+                sent(&m.on_text(&init)),
+                vec![json!({"type": "connection_ack"})]
+            );
             assert_eq!(m.principal().unwrap().user_id, "u1");
             let ops = m.on_text(&subscribe("1"));
             assert_eq!(started(&ops)[0].principal.as_ref().unwrap().user_id, "u1");
@@ -364,7 +390,10 @@ mod tests {
     #[test]
     fn subscribe_before_the_ack_is_unauthorized() {
         let mut m = machine(10);
-        assert_eq!(closed(&m.on_text(&subscribe("1"))), Some((4401, "Unauthorized")));
+        assert_eq!(
+            closed(&m.on_text(&subscribe("1"))),
+            Some((4401, "Unauthorized"))
+        );
         // Closed: nothing more happens.
         assert!(m.on_text(r#"{"type":"connection_init"}"#).is_empty());
     }
@@ -431,7 +460,10 @@ mod tests {
         m.on_end("a");
         assert_eq!(started(&m.on_text(&subscribe("a"))).len(), 1);
         // Failed before execution.
-        m.on_response("a", Response::from_errors(vec![ServerError::new("bad", None)]));
+        m.on_response(
+            "a",
+            Response::from_errors(vec![ServerError::new("bad", None)]),
+        );
         assert_eq!(started(&m.on_text(&subscribe("a"))).len(), 1);
     }
 
@@ -443,7 +475,9 @@ mod tests {
         let actions = m.on_text(&subscribe("3"));
         assert!(closed(&actions).is_none());
         assert!(started(&actions).is_empty());
-        assert!(actions.iter().any(|a| matches!(a, Action::Reject("max_subscriptions"))));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Reject("max_subscriptions"))));
         assert_eq!(
             sent(&actions),
             vec![json!({"type": "error", "id": "3", "payload": [{
@@ -478,7 +512,10 @@ mod tests {
             vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 2}}})]
         );
         assert!(!second.iter().any(|a| matches!(a, Action::Count { .. })));
-        assert_eq!(sent(&m.on_end("s")), vec![json!({"type": "complete", "id": "s"})]);
+        assert_eq!(
+            sent(&m.on_end("s")),
+            vec![json!({"type": "complete", "id": "s"})]
+        );
         // A stale end or result for a finished id says nothing.
         assert!(m.on_end("s").is_empty());
         assert!(m.on_response("s", data(3)).is_empty());
@@ -513,7 +550,9 @@ mod tests {
             sent(&actions),
             vec![json!({"type": "error", "id": "s", "payload": [{"message": "Unknown field"}]})]
         );
-        assert!(actions.iter().any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
         assert!(actions.iter().any(|a| matches!(
             a,
             Action::Count {
@@ -530,7 +569,9 @@ mod tests {
         m.on_text(&subscribe("s"));
         let actions = m.on_text(r#"{"type":"complete","id":"s"}"#);
         assert!(sent(&actions).is_empty());
-        assert!(actions.iter().any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
         assert!(m.on_response("s", data(1)).is_empty());
         assert!(m.on_end("s").is_empty());
         // Completing an unknown id is ignored.

@@ -24,8 +24,12 @@ impl Reply {
 
     /// The body as JSON; panics with the body when it is not.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("the body is not JSON ({e}); status {}: {}", self.status, self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "the body is not JSON ({e}); status {}: {}",
+                self.status, self.body
+            )
+        })
     }
 }
 
@@ -33,18 +37,36 @@ async fn reply(response: reqwest::Response) -> Reply {
     let status = response.status();
     let headers = response.headers().clone();
     let body = response.text().await.expect("read the response body");
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// `GET path` on the node.
 pub async fn get(node: &Node, path: &str) -> Reply {
-    let response = node.http.get(node.http_url(path)).send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let response = node
+        .http
+        .get(node.http_url(path))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
     reply(response).await
 }
 
 /// `POST /graphql` with a raw body and content type (None: no header).
-pub async fn post_raw(node: &Node, content_type: Option<&str>, body: impl Into<reqwest::Body>, token: Option<&str>) -> Reply {
-    let mut request = node.http.post(node.http_url("/graphql")).header(ACCEPT, GRAPHQL_RESPONSE_JSON).body(body);
+pub async fn post_raw(
+    node: &Node,
+    content_type: Option<&str>,
+    body: impl Into<reqwest::Body>,
+    token: Option<&str>,
+) -> Reply {
+    let mut request = node
+        .http
+        .post(node.http_url("/graphql"))
+        .header(ACCEPT, GRAPHQL_RESPONSE_JSON)
+        .body(body);
     if let Some(ct) = content_type {
         request = request.header(CONTENT_TYPE, ct);
     }
@@ -60,7 +82,12 @@ pub async fn post_json(node: &Node, body: &Value, token: Option<&str>) -> Reply 
 }
 
 /// `GET /graphql?query=..&variables=..&operationName=..`.
-pub async fn get_graphql(node: &Node, query: &str, variables: Option<&Value>, operation_name: Option<&str>) -> Reply {
+pub async fn get_graphql(
+    node: &Node,
+    query: &str,
+    variables: Option<&Value>,
+    operation_name: Option<&str>,
+) -> Reply {
     let mut params = vec![("query", query.to_owned())];
     if let Some(v) = variables {
         params.push(("variables", v.to_string()));
@@ -82,8 +109,19 @@ pub async fn get_graphql(node: &Node, query: &str, variables: Option<&Value>, op
 /// Runs one operation; asserts HTTP 200 and returns the whole response
 /// (`data` and `errors`).
 pub async fn gql(node: &Node, query: &str, variables: Value, token: Option<&str>) -> Value {
-    let reply = post_json(node, &json!({ "query": query, "variables": variables }), token).await;
-    assert_eq!(reply.status, StatusCode::OK, "operation {query}\nanswered {}: {}", reply.status, reply.body);
+    let reply = post_json(
+        node,
+        &json!({ "query": query, "variables": variables }),
+        token,
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "operation {query}\nanswered {}: {}",
+        reply.status,
+        reply.body
+    );
     reply.json()
 }
 
@@ -91,7 +129,9 @@ pub async fn gql(node: &Node, query: &str, variables: Value, token: Option<&str>
 pub async fn gql_ok(node: &Node, query: &str, variables: Value, token: Option<&str>) -> Value {
     let response = gql(node, query, variables, token).await;
     assert!(
-        response.get("errors").is_none_or(|e| e.as_array().is_some_and(|a| a.is_empty())),
+        response
+            .get("errors")
+            .is_none_or(|e| e.as_array().is_some_and(|a| a.is_empty())),
         "operation {query}\nfailed: {response}"
     );
     response["data"].clone()
@@ -112,7 +152,10 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates a user with a fresh email and signs a token for it.
 pub async fn create_user(node: &Node, name: &str) -> TestUser {
-    let email = format!("{}@example.com", unique(&format!("{}-", name.to_lowercase())));
+    let email = format!(
+        "{}@example.com",
+        unique(&format!("{}-", name.to_lowercase()))
+    );
     let data = gql_ok(
         node,
         "mutation($input: CreateUserInput!) { createUser(input: $input) { user { id email } errors { field message code } } }",
@@ -125,7 +168,10 @@ pub async fn create_user(node: &Node, name: &str) -> TestUser {
         payload["errors"].as_array().is_none_or(|e| e.is_empty()),
         "createUser {email} returned errors: {payload}"
     );
-    let id = payload["user"]["id"].as_str().unwrap_or_else(|| panic!("createUser has no user id: {payload}")).to_owned();
+    let id = payload["user"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("createUser has no user id: {payload}"))
+        .to_owned();
     let token = super::jwt::token(node.secret(), &id);
     TestUser { id, email, token }
 }
@@ -154,7 +200,10 @@ pub fn payload_errors(payload: &Value) -> Vec<(String, Option<String>)> {
         .iter()
         .map(|e| {
             (
-                e["code"].as_str().unwrap_or_else(|| panic!("a UserError without code: {e}")).to_owned(),
+                e["code"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a UserError without code: {e}"))
+                    .to_owned(),
                 e["field"].as_str().map(str::to_owned),
             )
         })
@@ -165,7 +214,13 @@ pub fn payload_errors(payload: &Value) -> Vec<(String, Option<String>)> {
 pub fn error_messages(response: &Value) -> String {
     response["errors"]
         .as_array()
-        .map(|errors| errors.iter().map(|e| e["message"].as_str().unwrap_or("").to_owned()).collect::<Vec<_>>().join(" | "))
+        .map(|errors| {
+            errors
+                .iter()
+                .map(|e| e["message"].as_str().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
         .unwrap_or_default()
 }
 
@@ -177,7 +232,9 @@ pub fn metric_sum(exposition: &str, name: &str) -> f64 {
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
             let metric = series.split('{').next()?;
-            (metric == name).then(|| value.parse::<f64>().ok()).flatten()
+            (metric == name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
         })
         .sum()
 }

@@ -17,10 +17,12 @@ pub mod redis;
 pub mod sse;
 pub mod ws;
 
+pub use self::redis::{reserve_port, TestRedis};
 pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, scoped_token, token};
+pub use node::{run_cli, Node, TempDir, SECRET};
 pub use publish::{publish, publish_body, publish_raw, publisher_node, API_KEY};
 pub use sse::{open_stream, Block, SseRead, SseStream};
-pub use node::{run_cli, Node, TempDir, SECRET};
-pub use self::redis::{reserve_port, TestRedis};
-pub use ws::{try_connect, until_live, ConnectOptions, GqlWs, RawWs, Read, LEGACY_WS, TRANSPORT_WS};
+pub use ws::{
+    try_connect, until_live, ConnectOptions, GqlWs, RawWs, Read, LEGACY_WS, TRANSPORT_WS,
+};

@@ -97,13 +97,20 @@ impl Capture {
     /// The whole text once the pipe has closed (or whatever came within `timeout`).
     pub fn wait_closed(&self, timeout: Duration) -> String {
         let guard = self.state.lock().unwrap();
-        let (guard, _) = self.changed.wait_timeout_while(guard, timeout, |s| !s.1).unwrap();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |s| !s.1)
+            .unwrap();
         guard.0.clone()
     }
 
     /// Waits until `pick` finds something in the text; `Err` with the text
     /// when the pipe closed first or `timeout` passed.
-    pub fn wait_for<T>(&self, timeout: Duration, mut pick: impl FnMut(&str) -> Option<T>) -> Result<T, String> {
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut pick: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T, String> {
         let deadline = Instant::now() + timeout;
         let mut state = self.state.lock().unwrap();
         loop {
@@ -159,7 +166,10 @@ struct ExitCell {
 impl ExitCell {
     fn wait(&self, timeout: Duration) -> Option<ExitStatus> {
         let guard = self.status.lock().unwrap();
-        let (guard, _) = self.set.wait_timeout_while(guard, timeout, |s| s.is_none()).unwrap();
+        let (guard, _) = self
+            .set
+            .wait_timeout_while(guard, timeout, |s| s.is_none())
+            .unwrap();
         *guard
     }
 }
@@ -181,7 +191,9 @@ fn command(args: &[&str], env: &[(String, String)], cwd: &Path) -> Command {
 }
 
 fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
-    env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// What a one-shot run of the binary produced.
@@ -218,7 +230,11 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)], cwd: &Path, timeout: Duratio
     // The pipes close when the process exits; let the readers finish.
     let stdout = stdout.wait_closed(Duration::from_secs(5));
     let stderr = stderr.wait_closed(Duration::from_secs(5));
-    CliOutput { status, stdout, stderr }
+    CliOutput {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 /// Hands `child` to a thread that waits for it, so that an exit is noticed
@@ -295,7 +311,15 @@ impl Node {
             .timeout(Duration::from_secs(30))
             .build()
             .expect("build the HTTP client");
-        Node { addr, pid, stderr, exit, env: full, dir, http }
+        Node {
+            addr,
+            pid,
+            stderr,
+            exit,
+            env: full,
+            dir,
+            http,
+        }
     }
 
     pub fn http_url(&self, path: &str) -> String {
@@ -313,7 +337,10 @@ impl Node {
 
     /// The environment the node was started with (for `subgate token`).
     pub fn env(&self) -> Vec<(&str, &str)> {
-        self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -330,14 +357,20 @@ impl Node {
     }
 
     pub fn sigterm(&self) {
-        assert!(self.exit.status.lock().unwrap().is_none(), "the node has already exited");
+        assert!(
+            self.exit.status.lock().unwrap().is_none(),
+            "the node has already exited"
+        );
         kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM).expect("send SIGTERM to the node");
     }
 
     /// SIGKILL: the node dies at once, as in a crash or an OOM kill; its
     /// sockets are closed by the kernel, without any close frame.
     pub fn sigkill(&self) {
-        assert!(self.exit.status.lock().unwrap().is_none(), "the node has already exited");
+        assert!(
+            self.exit.status.lock().unwrap().is_none(),
+            "the node has already exited"
+        );
         kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL).expect("send SIGKILL to the node");
     }
 
@@ -349,10 +382,15 @@ impl Node {
     /// Waits for the node to exit; panics with its stderr after `timeout`.
     pub async fn wait_exit(&self, timeout: Duration) -> ExitStatus {
         let exit = self.exit.clone();
-        let status = tokio::task::spawn_blocking(move || exit.wait(timeout)).await.expect("join the waiter");
+        let status = tokio::task::spawn_blocking(move || exit.wait(timeout))
+            .await
+            .expect("join the waiter");
         match status {
             Some(status) => status,
-            None => panic!("the node did not exit within {timeout:?}\nstderr:\n{}", self.stderr_text()),
+            None => panic!(
+                "the node did not exit within {timeout:?}\nstderr:\n{}",
+                self.stderr_text()
+            ),
         }
     }
 }
@@ -368,7 +406,11 @@ impl Drop for Node {
         // Printed only when the test fails (libtest captures it otherwise):
         // the node's own account of what happened.
         if std::thread::panicking() {
-            eprintln!("---- stderr of the node on {} ----\n{}", self.addr, self.stderr_text());
+            eprintln!(
+                "---- stderr of the node on {} ----\n{}",
+                self.addr,
+                self.stderr_text()
+            );
         }
     }
 }

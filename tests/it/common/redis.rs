@@ -67,7 +67,11 @@ impl TestRedis {
     /// Starts a server on `port` (see [`reserve_port`]) and waits until it answers.
     pub fn start_on(port: u16) -> TestRedis {
         let (child, log) = spawn(port);
-        let mut redis = TestRedis { port, child: Some(child), log };
+        let mut redis = TestRedis {
+            port,
+            child: Some(child),
+            log,
+        };
         redis.wait_ready();
         redis
     }
@@ -85,7 +89,8 @@ impl TestRedis {
     /// sockets are closed by then).
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("this redis-server is not running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("send SIGKILL to redis-server");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL)
+            .expect("send SIGKILL to redis-server");
         child.wait().expect("reap redis-server");
     }
 
@@ -102,9 +107,14 @@ impl TestRedis {
     /// checks that it answers PING; panics with its log if it exits first
     /// (the port was taken) or takes too long.
     fn wait_ready(&mut self) {
-        let ready = self.log.wait_for(START_TIMEOUT, |log| log.contains("Ready to accept connections").then_some(()));
+        let ready = self.log.wait_for(START_TIMEOUT, |log| {
+            log.contains("Ready to accept connections").then_some(())
+        });
         if let Err(log) = ready {
-            let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let status = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             panic!(
                 "redis-server on port {} was not ready within {START_TIMEOUT:?} (exit: {status:?}):\n{log}",
                 self.port
@@ -137,15 +147,22 @@ impl TestRedis {
         match tokio::time::timeout(COMMAND_TIMEOUT, run).await {
             Ok(Ok(value)) => value,
             Ok(Err(e)) => panic!("redis {args:?} on port {} failed: {e}", self.port),
-            Err(_) => panic!("redis {args:?} on port {} did not answer within {COMMAND_TIMEOUT:?}", self.port),
+            Err(_) => panic!(
+                "redis {args:?} on port {} did not answer within {COMMAND_TIMEOUT:?}",
+                self.port
+            ),
         }
     }
 
     /// How many connections are subscribed to `channel` (`PUBSUB NUMSUB`):
     /// with subgate, how many nodes listen to it.
     pub async fn numsub(&self, channel: &str) -> i64 {
-        let counts: std::collections::HashMap<String, i64> = self.cmd(&["PUBSUB", "NUMSUB", channel]).await;
-        counts.get(channel).copied().unwrap_or_else(|| panic!("PUBSUB NUMSUB did not name {channel}: {counts:?}"))
+        let counts: std::collections::HashMap<String, i64> =
+            self.cmd(&["PUBSUB", "NUMSUB", channel]).await;
+        counts
+            .get(channel)
+            .copied()
+            .unwrap_or_else(|| panic!("PUBSUB NUMSUB did not name {channel}: {counts:?}"))
     }
 
     /// The server's log so far.
@@ -156,7 +173,16 @@ impl TestRedis {
 
 fn spawn(port: u16) -> (Child, Arc<Capture>) {
     let spawned = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -179,7 +205,11 @@ impl Drop for TestRedis {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("---- log of redis-server on port {} ----\n{}", self.port, self.log.text());
+            eprintln!(
+                "---- log of redis-server on port {} ----\n{}",
+                self.port,
+                self.log.text()
+            );
         }
     }
 }

@@ -25,7 +25,11 @@ pub struct Block {
 impl Block {
     /// The last value of field `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.fields.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn event(&self) -> Option<&str> {
@@ -38,12 +42,18 @@ impl Block {
 
     /// The `data:` lines joined with `\n`, as `EventSource` joins them.
     pub fn data(&self) -> String {
-        self.fields.iter().filter(|(n, _)| n == "data").map(|(_, v)| v.as_str()).collect::<Vec<_>>().join("\n")
+        self.fields
+            .iter()
+            .filter(|(n, _)| n == "data")
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The data as JSON; panics with the block when it is not.
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data()).unwrap_or_else(|e| panic!("the data of {self:?} is not JSON: {e}"))
+        serde_json::from_str(&self.data())
+            .unwrap_or_else(|e| panic!("the data of {self:?} is not JSON: {e}"))
     }
 
     /// Whether the block is only comments (a heartbeat).
@@ -64,7 +74,10 @@ impl Block {
                 block.comments.push(comment.trim_start().to_owned());
             } else if !line.is_empty() {
                 let (name, value) = line.split_once(':').unwrap_or((line, ""));
-                block.fields.push((name.to_owned(), value.strip_prefix(' ').unwrap_or(value).to_owned()));
+                block.fields.push((
+                    name.to_owned(),
+                    value.strip_prefix(' ').unwrap_or(value).to_owned(),
+                ));
             }
         }
         block
@@ -94,17 +107,29 @@ pub struct SseStream {
 
 /// A client without a total timeout (streams outlive any) or a proxy.
 pub fn stream_client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().expect("build the HTTP client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("build the HTTP client")
 }
 
 /// Opens `GET path` on `node` with `headers`; a status other than 200 is
 /// `Err` with the whole (JSON) answer.
-pub async fn open_stream(node: &Node, path: &str, headers: &[(&str, &str)]) -> Result<SseStream, Reply> {
-    let mut request = stream_client().get(node.http_url(path)).header("accept", "text/event-stream");
+pub async fn open_stream(
+    node: &Node,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<SseStream, Reply> {
+    let mut request = stream_client()
+        .get(node.http_url(path))
+        .header("accept", "text/event-stream");
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = request.send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
     SseStream::from_response(response).await
 }
 
@@ -115,9 +140,19 @@ impl SseStream {
         let headers = response.headers().clone();
         if status != StatusCode::OK {
             let body = response.text().await.unwrap_or_default();
-            return Err(Reply { status, headers, body });
+            return Err(Reply {
+                status,
+                headers,
+                body,
+            });
         }
-        Ok(SseStream { status, headers, response, buf: Vec::new(), last_id: None })
+        Ok(SseStream {
+            status,
+            headers,
+            response,
+            buf: Vec::new(),
+            last_id: None,
+        })
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -185,7 +220,9 @@ impl SseStream {
             match self.read(left).await {
                 SseRead::Block(block) => blocks.push(block),
                 SseRead::Ended => return blocks,
-                other => panic!("expected the stream to end within {timeout:?}, got {other:?} after {blocks:?}"),
+                other => panic!(
+                    "expected the stream to end within {timeout:?}, got {other:?} after {blocks:?}"
+                ),
             }
         }
     }

@@ -50,17 +50,27 @@ pub struct GqlWs {
 
 /// Opens a WebSocket; `Err` carries tungstenite's error (an HTTP refusal of
 /// the upgrade is `Error::Http(response)`).
-pub async fn try_connect(url: &str, options: ConnectOptions<'_>) -> Result<GqlWs, tungstenite::Error> {
+pub async fn try_connect(
+    url: &str,
+    options: ConnectOptions<'_>,
+) -> Result<GqlWs, tungstenite::Error> {
     let mut request = url.into_client_request()?;
     if let Some(protocol) = options.subprotocol {
-        request.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(protocol).unwrap());
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_str(protocol).unwrap(),
+        );
     }
     if let Some(origin) = options.origin {
-        request.headers_mut().insert("Origin", HeaderValue::from_str(origin).unwrap());
+        request
+            .headers_mut()
+            .insert("Origin", HeaderValue::from_str(origin).unwrap());
     }
     let host = request.uri().host().expect("a host in the URL").to_owned();
     let port = request.uri().port_u16().expect("a port in the URL");
-    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().expect("a numeric address in the URL");
+    let addr: std::net::SocketAddr = format!("{host}:{port}")
+        .parse()
+        .expect("a numeric address in the URL");
     let socket = TcpSocket::new_v4()?;
     if let Some(bytes) = options.recv_buffer_bytes {
         socket.set_recv_buffer_size(bytes)?;
@@ -68,28 +78,46 @@ pub async fn try_connect(url: &str, options: ConnectOptions<'_>) -> Result<GqlWs
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
     // Generous client limits: the slow-consumer test reads 50 KB messages.
-    let config = WebSocketConfig { max_message_size: Some(64 << 20), max_frame_size: Some(64 << 20), ..Default::default() };
-    let (socket, response) = tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+    let config = WebSocketConfig {
+        max_message_size: Some(64 << 20),
+        max_frame_size: Some(64 << 20),
+        ..Default::default()
+    };
+    let (socket, response) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
     let protocol = response
         .headers()
         .get("Sec-WebSocket-Protocol")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    Ok(GqlWs { socket, protocol, closed: None })
+    Ok(GqlWs {
+        socket,
+        protocol,
+        closed: None,
+    })
 }
 
 impl GqlWs {
     /// Connects offering `subprotocol`; panics (with the reason) if the
     /// server refuses the upgrade or picks another subprotocol.
     pub async fn connect(url: &str, subprotocol: &str) -> GqlWs {
-        let attempt = try_connect(url, ConnectOptions { subprotocol: Some(subprotocol), ..Default::default() });
+        let attempt = try_connect(
+            url,
+            ConnectOptions {
+                subprotocol: Some(subprotocol),
+                ..Default::default()
+            },
+        );
         let ws = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
             Err(_) => panic!("the WebSocket handshake with {url} did not finish within 10s"),
             Ok(Err(e)) => panic!("the WebSocket upgrade at {url} with {subprotocol} failed: {e}"),
             Ok(Ok(ws)) => ws,
         };
-        assert_eq!(ws.protocol, subprotocol, "the server accepted another subprotocol at {url}");
+        assert_eq!(
+            ws.protocol, subprotocol,
+            "the server accepted another subprotocol at {url}"
+        );
         ws
     }
 
@@ -98,7 +126,10 @@ impl GqlWs {
     }
 
     pub async fn send_text(&mut self, text: impl Into<String>) {
-        self.socket.send(Message::Text(text.into())).await.expect("send a WebSocket text frame");
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send a WebSocket text frame");
     }
 
     pub async fn send_json(&mut self, message: Value) {
@@ -111,14 +142,18 @@ impl GqlWs {
     }
 
     pub async fn connection_init(&mut self, payload: Value) {
-        self.send_json(json!({ "type": "connection_init", "payload": payload })).await;
+        self.send_json(json!({ "type": "connection_init", "payload": payload }))
+            .await;
     }
 
     /// `connection_init` and its `connection_ack` (within 5s).
     pub async fn init_ack(&mut self, payload: Value) -> Value {
         self.connection_init(payload.clone()).await;
         let ack = self.next_message(Duration::from_secs(5)).await;
-        assert_eq!(ack["type"], "connection_ack", "connection_init {payload} was not acknowledged: {ack}");
+        assert_eq!(
+            ack["type"], "connection_ack",
+            "connection_init {payload} was not acknowledged: {ack}"
+        );
         ack
     }
 
@@ -139,7 +174,10 @@ impl GqlWs {
     pub async fn ping_pong(&mut self) {
         self.send_json(json!({ "type": "ping" })).await;
         let pong = self.next_message(Duration::from_secs(5)).await;
-        assert_eq!(pong["type"], "pong", "expected the pong to our ping, got {pong}");
+        assert_eq!(
+            pong["type"], "pong",
+            "expected the pong to our ping, got {pong}"
+        );
     }
 
     /// The next protocol message within `timeout`. Keep-alives (`ka`) and
@@ -157,13 +195,14 @@ impl GqlWs {
             };
             let text = match frame {
                 Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Binary(bytes))) => {
-                    String::from_utf8(bytes).unwrap_or_else(|_| panic!("the server sent a non-UTF-8 binary frame"))
-                }
+                Some(Ok(Message::Binary(bytes))) => String::from_utf8(bytes)
+                    .unwrap_or_else(|_| panic!("the server sent a non-UTF-8 binary frame")),
                 // tungstenite answers WebSocket pings itself while reading.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(frame))) => {
-                    let closed = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.into_owned()));
+                    let closed = frame.map_or((1005, String::new()), |f| {
+                        (u16::from(f.code), f.reason.into_owned())
+                    });
                     self.closed = Some(closed.clone());
                     return Read::Closed(closed.0, closed.1);
                 }
@@ -173,8 +212,8 @@ impl GqlWs {
                     return Read::Closed(1006, String::new());
                 }
             };
-            let message: Value =
-                serde_json::from_str(&text).unwrap_or_else(|e| panic!("the server sent a non-JSON message ({e}): {text}"));
+            let message: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("the server sent a non-JSON message ({e}): {text}"));
             match message["type"].as_str() {
                 Some("ka") if self.legacy() => continue,
                 Some("ping") if !self.legacy() => {
@@ -191,7 +230,9 @@ impl GqlWs {
         match self.read(timeout).await {
             Read::Message(message) => message,
             Read::TimedOut => panic!("no message from the server within {timeout:?}"),
-            Read::Closed(code, reason) => panic!("the server closed the connection ({code} {reason:?}) while a message was expected"),
+            Read::Closed(code, reason) => panic!(
+                "the server closed the connection ({code} {reason:?}) while a message was expected"
+            ),
         }
     }
 
@@ -212,10 +253,15 @@ impl GqlWs {
     pub async fn expect_close(&mut self, timeout: Duration) -> (u16, String) {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.read(deadline.saturating_duration_since(Instant::now())).await {
+            match self
+                .read(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 Read::Closed(code, reason) => return (code, reason),
                 Read::Message(_) => continue,
-                Read::TimedOut => panic!("the server did not close the connection within {timeout:?}"),
+                Read::TimedOut => {
+                    panic!("the server did not close the connection within {timeout:?}")
+                }
             }
         }
     }
@@ -225,7 +271,10 @@ impl GqlWs {
         let deadline = Instant::now() + timeout;
         let mut messages = Vec::new();
         loop {
-            match self.read(deadline.saturating_duration_since(Instant::now())).await {
+            match self
+                .read(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 Read::Closed(code, reason) => return (messages, (code, reason)),
                 Read::Message(message) => messages.push(message),
                 Read::TimedOut => panic!(
@@ -249,7 +298,11 @@ impl GqlWs {
 /// message contains (a unique title, an id). Deliveries for other operations
 /// of the same connection are skipped; anything else for `id` (an error, a
 /// complete) fails the test.
-pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl AsyncFnMut(usize) -> String) {
+pub async fn until_live(
+    clients: &mut [&mut GqlWs],
+    id: &str,
+    mut publish: impl AsyncFnMut(usize) -> String,
+) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut live = vec![false; clients.len()];
     let mut seen_last = vec![false; clients.len()];
@@ -266,7 +319,10 @@ pub async fn until_live(clients: &mut [&mut GqlWs], id: &str, mut publish: impl 
                 continue;
             }
             let window = Instant::now() + Duration::from_millis(200);
-            while let Some(message) = client.delivery(id, window.saturating_duration_since(Instant::now())).await {
+            while let Some(message) = client
+                .delivery(id, window.saturating_duration_since(Instant::now()))
+                .await
+            {
                 if message["id"] == id {
                     live[i] = true;
                     seen_last[i] = message.to_string().contains(&last);
@@ -297,17 +353,25 @@ impl GqlWs {
     async fn delivery(&mut self, id: &str, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.read(deadline.saturating_duration_since(Instant::now())).await {
+            match self
+                .read(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 Read::Message(message) => {
                     let kind = message["type"].as_str().unwrap_or("");
                     if kind == "complete" && message["id"] != id {
                         continue;
                     }
-                    assert!(kind == "next" || kind == "data", "while waiting for operation {id:?} to deliver, got {message}");
+                    assert!(
+                        kind == "next" || kind == "data",
+                        "while waiting for operation {id:?} to deliver, got {message}"
+                    );
                     return Some(message);
                 }
                 Read::TimedOut => return None,
-                Read::Closed(code, reason) => panic!("closed ({code} {reason:?}) while waiting for operation {id:?}"),
+                Read::Closed(code, reason) => {
+                    panic!("closed ({code} {reason:?}) while waiting for operation {id:?}")
+                }
             }
         }
     }
@@ -330,7 +394,10 @@ impl RawWs {
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
              Sec-WebSocket-Protocol: {subprotocol}\r\n\r\n"
         );
-        stream.write_all(request.as_bytes()).await.expect("send the upgrade request");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send the upgrade request");
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         let head_end = loop {
@@ -345,7 +412,10 @@ impl RawWs {
             }
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "the upgrade was refused: {head}");
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "the upgrade was refused: {head}"
+        );
         buf.drain(..head_end);
         RawWs { stream, buf }
     }
@@ -381,9 +451,12 @@ impl RawWs {
             while let Some((opcode, body)) = self.take_frame() {
                 match opcode {
                     0x9 => pings += 1,
-                    0x1 if String::from_utf8_lossy(&body).contains(r#""type":"ping""#) => pings += 1,
+                    0x1 if String::from_utf8_lossy(&body).contains(r#""type":"ping""#) => {
+                        pings += 1
+                    }
                     0x8 => {
-                        let code = (body.len() >= 2).then(|| u16::from_be_bytes([body[0], body[1]]));
+                        let code =
+                            (body.len() >= 2).then(|| u16::from_be_bytes([body[0], body[1]]));
                         return (pings, code, Instant::now());
                     }
                     _ => {}
@@ -404,7 +477,10 @@ impl RawWs {
         }
         let (len, header) = match buf[1] & 0x7f {
             126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-            127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
+            127 if buf.len() >= 10 => (
+                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
             126 | 127 => return None,
             n => (n as usize, 2),
         };
