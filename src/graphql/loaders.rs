@@ -98,7 +98,7 @@ pub async fn user(ctx: &Context<'_>, id: &str) -> async_graphql::Result<Option<U
         .by_id
         .load_one(UserId(id.to_owned()))
         .await?
-        .map(User))
+        .map(User::new))
 }
 
 pub async fn post(ctx: &Context<'_>, id: &str) -> async_graphql::Result<Option<Post>> {
@@ -106,7 +106,7 @@ pub async fn post(ctx: &Context<'_>, id: &str) -> async_graphql::Result<Option<P
         .by_id
         .load_one(PostId(id.to_owned()))
         .await?
-        .map(Post))
+        .map(Post::new))
 }
 
 pub async fn channel(ctx: &Context<'_>, id: &str) -> async_graphql::Result<Option<Channel>> {

@@ -353,7 +353,7 @@ impl Mutation {
         };
         match deps.store.create_user(new).await {
             Ok(user) => CreateUserPayload {
-                user: Some(User(user)),
+                user: Some(User::new(user)),
                 errors: vec![],
             },
             Err(e) => CreateUserPayload {
@@ -396,7 +396,7 @@ impl Mutation {
         match deps.auth.mint(&user.id, ttl, None) {
             Ok(token) => LoginPayload {
                 token: Some(token),
-                user: Some(User(user)),
+                user: Some(User::new(user)),
                 errors: vec![],
             },
             Err(e) => LoginPayload {
@@ -461,7 +461,7 @@ impl Mutation {
                     .into_iter()
                     .collect();
                 UpdateUserPayload {
-                    user: Some(User(user)),
+                    user: Some(User::new(user)),
                     errors,
                 }
             }
@@ -494,7 +494,7 @@ impl Mutation {
                     .into_iter()
                     .collect();
                 DeleteUserPayload {
-                    user: Some(User(user)),
+                    user: Some(User::new(user)),
                     errors,
                 }
             }
@@ -536,7 +536,7 @@ impl Mutation {
                     .into_iter()
                     .collect();
                 CreatePostPayload {
-                    post: Some(Post(post)),
+                    post: Some(Post::new(post)),
                     errors,
                 }
             }
@@ -593,7 +593,7 @@ impl Mutation {
                     .into_iter()
                     .collect();
                 UpdatePostPayload {
-                    post: Some(Post(post)),
+                    post: Some(Post::new(post)),
                     errors,
                 }
             }
@@ -626,7 +626,7 @@ impl Mutation {
                     .into_iter()
                     .collect();
                 DeletePostPayload {
-                    post: Some(Post(post)),
+                    post: Some(Post::new(post)),
                     errors,
                 }
             }
@@ -865,7 +865,7 @@ impl Mutation {
                     .into_iter()
                     .collect();
                 SendMessagePayload {
-                    message: Some(Message(sent.message, None)),
+                    message: Some(Message::new(sent.message)),
                     errors,
                 }
             }
@@ -901,7 +901,7 @@ impl Mutation {
         };
         match deps.store.mark_notification_read(&me, &input.id).await {
             Ok(n) => MarkNotificationReadPayload {
-                notification: Some(Notification(n)),
+                notification: Some(Notification::new(n)),
                 errors: vec![],
             },
             Err(e) => MarkNotificationReadPayload {

@@ -39,7 +39,7 @@ impl Query {
             .list_users(page)
             .await
             .map_err(store_error)?;
-        Ok(connection(page, User))
+        Ok(connection(page, User::new))
     }
 
     /// Posts, newest first; only one author's with `authorId`.
@@ -57,7 +57,7 @@ impl Query {
             .list_posts(author_id.as_ref().map(|id| id.as_str()), page)
             .await
             .map_err(store_error)?;
-        Ok(connection(page, Post))
+        Ok(connection(page, Post::new))
     }
 
     /// A channel; null when it does not exist or is private and the caller
@@ -106,6 +106,6 @@ impl Query {
             .list_notifications(&me.user_id, page)
             .await
             .map_err(store_error)?;
-        Ok(connection(page, Notification))
+        Ok(connection(page, Notification::new))
     }
 }

@@ -86,7 +86,7 @@ impl Subscription {
     ) -> Result<impl Stream<Item = Result<Message>>> {
         let events = open(ctx, vec![(topic::channel(&channel_id), after)]).await?;
         Ok(typed::<MessageCreated>(events, "message.created")
-            .map(|r| r.map(|(m, id)| Message(m.message, Some(id)))))
+            .map(|r| r.map(|(m, id)| Message(m.message.clone(), Some(id)))))
     }
 
     /// Events of any topics, as published. `after` resumes: with one topic
@@ -204,16 +204,16 @@ async fn open(
 /// The payload of `message.created`: `{"message": …}`.
 #[derive(Clone, serde::Deserialize)]
 struct MessageCreated {
-    message: store::Message,
+    message: Arc<store::Message>,
 }
 
 /// Events of `kind` decoded into `T` (once per node, not per subscriber),
 /// each with its event id; others, and undecodable ones, skipped; errors
 /// passed through.
-fn typed<T: DeserializeOwned + Clone + Send + Sync + 'static>(
+fn typed<T: DeserializeOwned + Send + Sync + 'static>(
     events: impl Stream<Item = Result<Arc<SharedEvent>>>,
     kind: &'static str,
-) -> impl Stream<Item = Result<(T, String)>> {
+) -> impl Stream<Item = Result<(Arc<T>, String)>> {
     events.filter_map(move |item| {
         let out = match item {
             Err(e) => Some(Err(e)),
@@ -222,7 +222,7 @@ fn typed<T: DeserializeOwned + Clone + Send + Sync + 'static>(
                 if decoded.is_none() {
                     tracing::warn!(kind, id = %shared.event.id, "an event payload did not decode; skipped");
                 }
-                decoded.map(|v| Ok((T::clone(&v), shared.event.id.clone())))
+                decoded.map(|v| Ok((v, shared.event.id.clone())))
             }
             Ok(_) => None,
         };

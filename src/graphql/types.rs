@@ -1,5 +1,7 @@
 //! The object types of the schema, their cursors and connections.
 
+use std::sync::Arc;
+
 use async_graphql::connection::{Connection, CursorType, Edge};
 use async_graphql::{ComplexObject, Context, Json, Object, Result, SimpleObject, ID};
 use base64::Engine;
@@ -80,7 +82,14 @@ impl UserError {
     }
 }
 
-pub struct User(pub store::User);
+/// Shared, so that one decoded event serves every subscriber without a copy.
+pub struct User(pub Arc<store::User>);
+
+impl User {
+    pub fn new(value: store::User) -> Self {
+        Self(Arc::new(value))
+    }
+}
 
 #[Object]
 impl User {
@@ -114,11 +123,18 @@ impl User {
             .list_posts(Some(&self.0.id), page)
             .await
             .map_err(store_error)?;
-        Ok(connection(page, Post))
+        Ok(connection(page, Post::new))
     }
 }
 
-pub struct Post(pub store::Post);
+/// Shared, so that one decoded event serves every subscriber without a copy.
+pub struct Post(pub Arc<store::Post>);
+
+impl Post {
+    pub fn new(value: store::Post) -> Self {
+        Self(Arc::new(value))
+    }
+}
 
 #[Object]
 impl Post {
@@ -204,7 +220,7 @@ impl Channel {
             .get_users(&self.0.member_ids)
             .await
             .map_err(store_error)?;
-        Ok(users.into_iter().flatten().map(User).collect())
+        Ok(users.into_iter().flatten().map(User::new).collect())
     }
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
@@ -223,7 +239,7 @@ impl Channel {
             .list_messages(&self.0.id, page)
             .await
             .map_err(store_error)?;
-        Ok(connection(page, |m| Message(m, None)))
+        Ok(connection(page, Message::new))
     }
     /// The users online in this channel now, on any node, ordered by user
     /// id. Changes arrive as `presence.updated` events on `channel:{id}`.
@@ -268,7 +284,14 @@ impl Channel {
 
 /// A message; `.1` is the resume position of the event that delivered it,
 /// when it came through a subscription.
-pub struct Message(pub store::Message, pub Option<String>);
+pub struct Message(pub Arc<store::Message>, pub Option<String>);
+
+impl Message {
+    /// A message read or written here, not delivered by an event.
+    pub fn new(value: store::Message) -> Self {
+        Self(Arc::new(value), None)
+    }
+}
 
 #[Object]
 impl Message {
@@ -300,7 +323,14 @@ impl Message {
     }
 }
 
-pub struct Notification(pub store::Notification);
+/// Shared, so that one decoded event serves every subscriber without a copy.
+pub struct Notification(pub Arc<store::Notification>);
+
+impl Notification {
+    pub fn new(value: store::Notification) -> Self {
+        Self(Arc::new(value))
+    }
+}
 
 #[Object]
 impl Notification {

@@ -20,10 +20,17 @@ pub mod transport {
     pub const SSE: &str = "sse";
     /// GraphQL over Server-Sent Events, `/graphql/stream`.
     pub const GRAPHQL_SSE: &str = "graphql_sse";
+
+    /// Every transport that delivers events.
+    pub const DELIVERING: &[&str] = &[GRAPHQL_WS, GRAPHQL_WS_LEGACY, ENVELOPE_WS, SSE, GRAPHQL_SSE];
 }
 
 pub struct Metrics {
     registry: Registry,
+    /// The delivered counter and latency histogram of each delivering
+    /// transport, resolved once: `delivered` runs per event per subscriber
+    /// and should not hash its label every time.
+    delivery: Vec<(&'static str, prometheus::IntCounter, prometheus::Histogram)>,
     /// Open long-lived connections by transport.
     pub connections: IntGaugeVec,
     /// Connections accepted, by transport.
@@ -261,8 +268,19 @@ impl Metrics {
                 ),
             ))
             .expect("process collector registers once");
+        let delivery = transport::DELIVERING
+            .iter()
+            .map(|t| {
+                (
+                    *t,
+                    events_delivered_total.with_label_values(&[t]),
+                    delivery_latency_seconds.with_label_values(&[t]),
+                )
+            })
+            .collect();
         Self {
             registry,
+            delivery,
             connections,
             connections_total,
             rejected_total,
@@ -298,14 +316,21 @@ impl Metrics {
 
     /// Records the delivery of one event published at `published_at_ms`.
     pub fn delivered(&self, transport: &str, published_at_ms: u64) {
-        self.events_delivered_total
-            .with_label_values(&[transport])
-            .inc();
-        let now = crate::event::now_ms();
-        let secs = now.saturating_sub(published_at_ms) as f64 / 1000.0;
-        self.delivery_latency_seconds
-            .with_label_values(&[transport])
-            .observe(secs);
+        let secs = crate::event::now_ms().saturating_sub(published_at_ms) as f64 / 1000.0;
+        match self.delivery.iter().find(|(t, _, _)| *t == transport) {
+            Some((_, count, latency)) => {
+                count.inc();
+                latency.observe(secs);
+            }
+            None => {
+                self.events_delivered_total
+                    .with_label_values(&[transport])
+                    .inc();
+                self.delivery_latency_seconds
+                    .with_label_values(&[transport])
+                    .observe(secs);
+            }
+        }
     }
 }
 
