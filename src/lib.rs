@@ -18,6 +18,7 @@
 //! - [`presence`]: who is online in which channel, with what status.
 //! - [`ratelimit`]: token buckets per connection, user and publisher.
 //! - [`telemetry`]: logs, metrics, health.
+//! - [`healthcheck`]: the `subgate healthcheck` probe (the container's HEALTHCHECK).
 //! - [`shutdown`]: the drain.
 //!
 //! ## Data flow
@@ -43,6 +44,7 @@ pub mod domain;
 pub mod error;
 pub mod event;
 pub mod graphql;
+pub mod healthcheck;
 pub mod hub;
 pub mod presence;
 pub mod ratelimit;

@@ -39,10 +39,21 @@ enum Command {
         #[arg(long)]
         scope: Option<String>,
     },
+    /// Exit 0 when a node's /healthz answers 200 (the container HEALTHCHECK).
+    Healthcheck {
+        /// The URL to probe; default: this configuration's own /healthz.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A probe with an explicit URL needs no configuration: it must answer
+    // even where the node's own settings would not load in this shell.
+    if let Some(Command::Healthcheck { url: Some(url) }) = &cli.command {
+        return healthcheck(url);
+    }
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let settings = match Settings::load(&dir, cli.config.as_deref()) {
         Ok(s) => s,
@@ -75,7 +86,21 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Healthcheck { url } => {
+            let url = url.unwrap_or_else(|| subgate::healthcheck::default_url(&settings));
+            healthcheck(&url)
+        }
         Command::Serve => serve(settings),
+    }
+}
+
+fn healthcheck(url: &str) -> ExitCode {
+    match subgate::healthcheck::check(url) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("subgate: unhealthy: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

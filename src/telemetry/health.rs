@@ -10,7 +10,8 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+/// Why the node should not get traffic now; empty when it is ready.
+fn readiness_problems(state: &AppState) -> Vec<String> {
     let mut problems = Vec::new();
     if state.shutdown.is_draining() {
         problems.push("draining".to_owned());
@@ -21,6 +22,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if let Err(why) = state.store.readiness() {
         problems.push(format!("store: {why}"));
     }
+    problems
+}
+
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let problems = readiness_problems(&state);
     if problems.is_empty() {
         HttpResponse::Ok().json(json!({ "status": "ready" }))
     } else {
@@ -30,6 +36,15 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    // The state gauges are read, not maintained: one scrape, one decision.
+    state
+        .metrics
+        .draining
+        .set(i64::from(state.shutdown.is_draining()));
+    state
+        .metrics
+        .ready
+        .set(i64::from(readiness_problems(&state).is_empty()));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

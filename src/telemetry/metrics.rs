@@ -73,6 +73,10 @@ pub struct Metrics {
     pub presence_entries: IntGauge,
     /// Presence writes to Redis (refreshes, joins, leaves, sweeps) that failed.
     pub presence_refresh_failures_total: prometheus::IntCounter,
+    /// 1 while the node drains (SIGTERM received), else 0.
+    pub draining: IntGauge,
+    /// 1 while `/readyz` would answer 200, else 0; set at each scrape.
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -234,6 +238,24 @@ impl Metrics {
             "Presence writes to Redis (refreshes, joins, leaves, sweeps) that failed",
         )
         .unwrap();
+        let draining = IntGauge::new(
+            "subgate_draining",
+            "1 while the node drains after a stop signal, else 0",
+        )
+        .unwrap();
+        let ready = IntGauge::new(
+            "subgate_ready",
+            "1 while the node is ready for traffic (as /readyz), else 0",
+        )
+        .unwrap();
+        let build_info = IntGaugeVec::new(
+            Opts::new("subgate_build_info", "Always 1; the version in a label"),
+            &["version"],
+        )
+        .unwrap();
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_total.clone()),
@@ -256,18 +278,47 @@ impl Metrics {
             Box::new(rate_limited_total.clone()),
             Box::new(presence_entries.clone()),
             Box::new(presence_refresh_failures_total.clone()),
+            Box::new(draining.clone()),
+            Box::new(ready.clone()),
+            Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
         }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::new(
-                    std::process::id() as i32,
-                    "subgate",
-                ),
-            ))
+            .register(Box::new(super::process::ProcessCollector::new("subgate")))
             .expect("process collector registers once");
+        // Every bounded label value is created up front, so that each series
+        // exists (at 0) from the first scrape: dashboards and alert rules
+        // then see a flat zero instead of "no data", and `rate()` sees the
+        // first increment.
+        for t in transport::DELIVERING {
+            connections.with_label_values(&[t]);
+            connections_total.with_label_values(&[t]);
+            subscriptions.with_label_values(&[t]);
+            events_delivered_total.with_label_values(&[t]);
+            slow_consumer_disconnects_total.with_label_values(&[t]);
+            delivery_latency_seconds.with_label_values(&[t]);
+        }
+        subscriptions.with_label_values(&[transport::HTTP]);
+        for reason in ["origin", "draining", "max_connections", "max_subscriptions"] {
+            rejected_total.with_label_values(&[reason]);
+        }
+        for reason in ["no_subscriber", "slow_consumer", "undecodable"] {
+            events_dropped_total.with_label_values(&[reason]);
+        }
+        for reason in ["unavailable", "invalid_topic"] {
+            publish_failures_total.with_label_values(&[reason]);
+        }
+        for namespace in ["posts", "post", "user", "notifications", "channel", "other"] {
+            events_published_total.with_label_values(&[namespace]);
+        }
+        for scope in ["connection", "user", "publish", "typing"] {
+            rate_limited_total.with_label_values(&[scope]);
+        }
+        for code in ["1001", "1009", "1013"] {
+            ws_closes_total.with_label_values(&[code]);
+        }
         let delivery = transport::DELIVERING
             .iter()
             .map(|t| {
@@ -302,6 +353,8 @@ impl Metrics {
             rate_limited_total,
             presence_entries,
             presence_refresh_failures_total,
+            draining,
+            ready,
         }
     }
 

@@ -2,6 +2,8 @@
 
 pub mod health;
 pub mod metrics;
+#[cfg(target_os = "linux")]
+pub mod process;
 
 use crate::config::{LogFormat, Settings};
 

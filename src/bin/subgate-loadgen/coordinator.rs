@@ -1,0 +1,480 @@
+//! The run, phase by phase: set up, start the workers, connect, warm up
+//! (publish markers until every subscriber has seen one, so nothing is
+//! still subscribing when measuring starts), measure, drain, settle, report.
+
+use std::io::IsTerminal;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+
+use crate::marker::Kind;
+use crate::plan::{normalize_url, Args, Command, Status, WorkerMessage, WorkerReport};
+use crate::publisher;
+use crate::report::{self, Connections, Deliveries, Publish, Report};
+use crate::scrape::Targets;
+use crate::setup;
+
+/// Warm-up markers go to every topic this often until all are live.
+const WARMUP_EVERY: Duration = Duration::from_millis(500);
+/// How long workers get to send their final reports.
+const FINAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the workers have said, shared with the tasks reading their pipes.
+#[derive(Default)]
+struct Board {
+    status: Vec<Status>,
+    finals: Vec<Option<WorkerReport>>,
+    fatal: Option<String>,
+}
+
+impl Board {
+    fn total(&self) -> Status {
+        let mut t = Status::default();
+        for s in &self.status {
+            t.attempted += s.attempted;
+            t.open += s.open;
+            t.live += s.live;
+            t.received += s.received;
+            t.frames += s.frames;
+            t.reconnects += s.reconnects;
+            t.connect_errors += s.connect_errors;
+        }
+        t
+    }
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+pub async fn run(args: Args) -> Result<ExitCode, String> {
+    if args.connections == 0 {
+        return Err("--connections must be at least 1".into());
+    }
+    if args.rate < 0.0 || args.duration <= 0.0 || args.ramp <= 0.0 {
+        return Err("--rate must be >= 0, --duration and --ramp > 0".into());
+    }
+    let urls: Vec<String> = args
+        .urls
+        .iter()
+        .map(|u| normalize_url(u))
+        .collect::<Result<_, _>>()?;
+    let publish_urls: Vec<String> = if args.publish_urls.is_empty() {
+        urls.clone()
+    } else {
+        args.publish_urls
+            .iter()
+            .map(|u| normalize_url(u))
+            .collect::<Result<_, _>>()?
+    };
+    let metrics_urls: Vec<String> = if args.metrics_urls.is_empty() {
+        let mut u = urls.clone();
+        u.dedup();
+        u
+    } else {
+        args.metrics_urls
+            .iter()
+            .map(|u| normalize_url(u))
+            .collect::<Result<_, _>>()?
+    };
+    let targets = Targets::resolve(&metrics_urls).await?;
+    let labels = targets.labels();
+    let baseline = targets.sample().await;
+    let prepared = setup::prepare(&args, &urls, &publish_urls).await?;
+    let plan = prepared.plan;
+    let publisher = Arc::new(prepared.publisher);
+    let topics = plan.topics.len();
+
+    // Workers: each holds an even share of the subscribers.
+    let n_workers = args
+        .workers
+        .unwrap_or_else(|| args.connections.div_ceil(args.per_worker.max(1)))
+        .clamp(1, args.connections);
+    let board = Arc::new(Mutex::new(Board {
+        status: vec![Status::default(); n_workers],
+        finals: (0..n_workers).map(|_| None).collect(),
+        fatal: None,
+    }));
+    let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+    let mut workers = Vec::with_capacity(n_workers);
+    let mut first = 0;
+    for w in 0..n_workers {
+        let count = args.connections / n_workers + usize::from(w < args.connections % n_workers);
+        let mut child = tokio::process::Command::new(&exe)
+            .arg("--worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting worker {w}: {e}"))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let mut worker_plan = plan.clone();
+        worker_plan.ramp = args.ramp / n_workers as f64;
+        let start = Command::Start {
+            plan: worker_plan,
+            first,
+            count,
+        };
+        write_command(&mut stdin, &start).await?;
+        first += count;
+        let board = board.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) => match serde_json::from_str::<WorkerMessage>(&line) {
+                        Ok(WorkerMessage::Status(s)) => board.lock().status[w] = s,
+                        Ok(WorkerMessage::Final(r)) => {
+                            let mut b = board.lock();
+                            b.status[w] = r.status.clone();
+                            b.finals[w] = Some(*r);
+                        }
+                        Ok(WorkerMessage::Fatal(e)) => {
+                            board.lock().fatal = Some(format!("worker {w}: {e}"))
+                        }
+                        Err(e) => {
+                            board.lock().fatal = Some(format!("worker {w} said {line:?}: {e}"))
+                        }
+                    },
+                    _ => {
+                        let mut b = board.lock();
+                        if b.finals[w].is_none() && b.fatal.is_none() {
+                            b.fatal = Some(format!("worker {w} ended before its report"));
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        workers.push(Worker { child, stdin });
+    }
+
+    let progress = Progress::new();
+    let sent = Arc::new(AtomicU64::new(0));
+    let peak_rss = Arc::new(Mutex::new(vec![None::<f64>; labels.len()]));
+    let sampler = {
+        let peak = peak_rss.clone();
+        let targets_clone = Arc::new(targets);
+        let t = targets_clone.clone();
+        let handle = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let samples = t.sample().await;
+                let mut peak = peak.lock();
+                for (p, s) in peak.iter_mut().zip(samples) {
+                    if let Some(s) = s {
+                        *p = Some(p.map_or(s.rss_bytes, |v: f64| v.max(s.rss_bytes)));
+                    }
+                }
+            }
+        });
+        (handle, targets_clone)
+    };
+    let targets = sampler.1.clone();
+
+    // Connect.
+    let connecting_since = Instant::now();
+    let connect_deadline =
+        connecting_since + Duration::from_secs_f64(args.connections as f64 / args.ramp + 30.0);
+    loop {
+        let (total, fatal) = {
+            let b = board.lock();
+            (b.total(), b.fatal.clone())
+        };
+        if let Some(f) = fatal {
+            return Err(f);
+        }
+        progress.show("connecting", &total, &sent, args.connections);
+        if total.attempted as usize >= args.connections || Instant::now() > connect_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Warm up: markers until every subscriber that can be live is.
+    let warmup_deadline = Instant::now() + Duration::from_secs_f64(args.warmup_timeout);
+    let mut round = 0u64;
+    let mut next_marker = Instant::now();
+    loop {
+        let (total, fatal) = {
+            let b = board.lock();
+            (b.total(), b.fatal.clone())
+        };
+        if let Some(f) = fatal {
+            return Err(f);
+        }
+        let can_be_live = if args.resume {
+            args.connections as u64
+        } else {
+            (args.connections as u64).saturating_sub(total.connect_errors)
+        };
+        progress.show("warming up", &total, &sent, args.connections);
+        if total.live >= can_be_live || Instant::now() > warmup_deadline {
+            break;
+        }
+        if Instant::now() >= next_marker {
+            for topic in 0..topics {
+                let p = publisher.clone();
+                let n = round * topics as u64 + topic as u64;
+                tokio::spawn(async move { p.publish(n, Kind::Warmup, topic, 0).await });
+            }
+            round += 1;
+            next_marker = Instant::now() + WARMUP_EVERY;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let warmup_seconds = connecting_since.elapsed().as_secs_f64();
+    // Let the last markers land before measuring starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Measure.
+    let start_sample = targets.sample().await;
+    let measured_since = Instant::now();
+    let received_before = board.lock().total().received;
+    let duration = Duration::from_secs_f64(args.duration);
+    let tally = if args.rate > 0.0 {
+        let paced = tokio::spawn(publisher::run_paced(
+            publisher.clone(),
+            args.rate,
+            duration,
+            args.max_in_flight,
+            sent.clone(),
+        ));
+        tokio::pin!(paced);
+        loop {
+            tokio::select! {
+                t = &mut paced => break t.map_err(|e| format!("the publisher failed: {e}"))?,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    let total = board.lock().total();
+                    progress.show("measuring", &total, &sent, args.connections);
+                }
+            }
+        }
+    } else {
+        let until = Instant::now() + duration;
+        while Instant::now() < until {
+            let total = board.lock().total();
+            progress.show("holding", &total, &sent, args.connections);
+            tokio::time::sleep(Duration::from_millis(500).min(until - Instant::now())).await;
+        }
+        publisher::Tally {
+            published: vec![0; topics],
+            unacked: vec![Vec::new(); topics],
+            ..Default::default()
+        }
+    };
+    let publish_elapsed = measured_since.elapsed().as_secs_f64();
+
+    // Drain: wait for what is still in flight.
+    let subscribers_of = |topic: usize| {
+        (args.connections / topics + usize::from(topic < args.connections % topics)) as u64
+    };
+    let expected: u64 = (0..topics)
+        .map(|k| (tally.published[k] - tally.unacked[k].len() as u64) * subscribers_of(k))
+        .sum();
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
+    if args.rate > 0.0 {
+        loop {
+            let total = board.lock().total();
+            progress.show("draining", &total, &sent, args.connections);
+            if total.received - received_before >= expected || Instant::now() > drain_deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let measured_elapsed = measured_since.elapsed().as_secs_f64();
+    let end_sample = targets.sample().await;
+    let open_at_end = board.lock().total().open;
+
+    // Settle: every worker counts its loss against what was acknowledged.
+    let finish = Command::Finish {
+        published: tally.published.clone(),
+        unacked: tally.unacked.clone(),
+    };
+    for w in &mut workers {
+        write_command(&mut w.stdin, &finish).await?;
+    }
+    let final_deadline = Instant::now() + FINAL_TIMEOUT;
+    let finals = loop {
+        {
+            let b = board.lock();
+            if let Some(f) = &b.fatal {
+                return Err(f.clone());
+            }
+            if b.finals.iter().all(Option::is_some) {
+                break b.finals.iter().flatten().cloned().collect::<Vec<_>>();
+            }
+        }
+        if Instant::now() > final_deadline {
+            return Err("workers did not report in time".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    sampler.0.abort();
+    progress.finish();
+    for mut w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), w.child.wait()).await;
+    }
+
+    let (merged, histogram) = report::merge(&finals);
+    let measured_received = merged.status.received.saturating_sub(received_before);
+    let server = report::server(
+        &labels,
+        &baseline,
+        &start_sample,
+        &end_sample,
+        &peak_rss.lock(),
+        if args.rate > 0.0 {
+            measured_received
+        } else {
+            0
+        },
+        (args.rate == 0.0).then_some(open_at_end),
+    );
+    let mut report = Report {
+        run: plan.run.clone(),
+        transport: plan.transport.name().to_owned(),
+        publisher: format!("{:?}", publisher.kind).to_lowercase(),
+        urls,
+        topics,
+        workers: n_workers,
+        target_rate: args.rate,
+        duration_seconds: args.duration,
+        connections: Connections {
+            target: args.connections,
+            live: merged.status.live,
+            never_live: merged.never_live,
+            open_at_end,
+            connect_errors: merged.status.connect_errors,
+            connect_error_reasons: merged.connect_error_reasons.clone(),
+            closes: merged.closes.clone(),
+            reconnects: merged.status.reconnects,
+            server_errors: merged.server_errors.clone(),
+            warmup_seconds,
+        },
+        publish: Publish {
+            sent: tally.sent,
+            acked: tally.acked,
+            failed: tally.sent - tally.acked,
+            failures: tally.failures.clone(),
+            late: tally.late,
+            achieved_rate: if publish_elapsed > 0.0 {
+                tally.acked as f64 / publish_elapsed
+            } else {
+                0.0
+            },
+        },
+        deliveries: Deliveries {
+            expected,
+            received: measured_received,
+            lost: merged.lost,
+            duplicates: merged.duplicates,
+            out_of_order: merged.out_of_order,
+            gaps: merged.gaps,
+            per_second: if measured_elapsed > 0.0 {
+                measured_received as f64 / measured_elapsed
+            } else {
+                0.0
+            },
+        },
+        latency_ms: report::latency(&histogram),
+        server,
+        ok: false,
+        failures: Vec::new(),
+    };
+    report.judge(args.max_connect_errors, args.rate > 0.0);
+    print!("{}", report.summary());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).expect("the report encodes");
+        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn write_command(stdin: &mut ChildStdin, command: &Command) -> Result<(), String> {
+    let mut line = serde_json::to_vec(command).expect("commands encode");
+    line.push(b'\n');
+    stdin
+        .write_all(&line)
+        .await
+        .map_err(|e| format!("telling a worker: {e}"))?;
+    stdin
+        .flush()
+        .await
+        .map_err(|e| format!("telling a worker: {e}"))
+}
+
+/// A line a second on stderr; a spinner with the same line on a terminal.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    started: Instant,
+    last: Mutex<(Instant, u64, u64)>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .expect("a valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self {
+            bar,
+            started: Instant::now(),
+            last: Mutex::new((Instant::now() - Duration::from_secs(2), 0, 0)),
+        }
+    }
+
+    fn show(&self, phase: &str, total: &Status, sent: &AtomicU64, target: usize) {
+        let mut last = self.last.lock();
+        let now = Instant::now();
+        let dt = now.duration_since(last.0).as_secs_f64();
+        if dt < 1.0 && self.bar.is_none() {
+            return;
+        }
+        let sent = sent.load(Ordering::Relaxed);
+        let rate = |now: u64, then: u64| (now.saturating_sub(then)) as f64 / dt.max(0.001);
+        let line = format!(
+            "{phase:<11} conns {}/{target} live {} errors {} reconnects {} | sent {} ({:.0}/s) | received {} ({:.0}/s)",
+            total.open,
+            total.live,
+            total.connect_errors,
+            total.reconnects,
+            sent,
+            rate(sent, last.1),
+            total.received,
+            rate(total.received, last.2),
+        );
+        if dt >= 1.0 {
+            *last = (now, sent, total.received);
+        }
+        match &self.bar {
+            Some(bar) => bar.set_message(line),
+            None => eprintln!("[{:>6.1}s] {line}", self.started.elapsed().as_secs_f64()),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
