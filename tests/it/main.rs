@@ -13,6 +13,7 @@ mod graphql;
 mod http;
 mod publish;
 mod resume;
+mod rig;
 mod shutdown;
 mod slow_consumer;
 mod sse;
