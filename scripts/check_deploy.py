@@ -640,13 +640,49 @@ def _():
 # ---------------------------------------------------------- Prometheus ----
 
 
+def prometheus_adapt(text: str, nodes: list[int], stats: int, prom: int) -> str:
+    """The fleet test's adaptation, per the contract at the top of prometheus.yml."""
+    out, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if line.strip() == "dns_sd_configs:":
+            indent = len(line) - len(line.lstrip())
+            while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > indent):
+                i += 1
+            out.append(" " * indent + "static_configs:")
+            out.append(" " * (indent + 2) + "- targets: [" + ", ".join(f'"127.0.0.1:{p}"' for p in nodes) + "]")
+            continue
+        out.append(line.replace("haproxy:8404", f"127.0.0.1:{stats}").replace("localhost:9090", f"127.0.0.1:{prom}"))
+    return "\n".join(out) + "\n"
+
+
 @check("promtool-config")
 def _():
     promtool = tool("promtool")
     p = run([promtool, "check", "config", str(PROM_DIR / "prometheus.yml")])
     if p.returncode != 0:
         raise Failed("promtool check config failed", output_lines(p))
-    return f"{run([promtool, '--version']).stdout.split()[2]}: deploy/prometheus/prometheus.yml valid (rule files included)"
+    text = (PROM_DIR / "prometheus.yml").read_text()
+    problems = []
+    if sum(ln.strip() == "dns_sd_configs:" for ln in text.splitlines()) != 1:
+        problems.append("prometheus.yml must discover the nodes in exactly one `dns_sd_configs:` block")
+    for addr in ("haproxy:8404", "localhost:9090"):
+        if addr not in text:
+            problems.append(f"prometheus.yml no longer names {addr}, which the fleet test replaces")
+    if not problems:
+        with tempfile.TemporaryDirectory() as tmp:
+            adapted = Path(tmp) / "prometheus.yml"
+            adapted.write_text(prometheus_adapt(text, [18081, 18082, 18083], 18404, 19090))
+            shutil.copy(PROM_DIR / "alerts.yml", Path(tmp) / "alerts.yml")
+            p = run([promtool, "check", "config", str(adapted)])
+            if p.returncode != 0:
+                problems += [f"adapted for the fleet test: {ln}" for ln in output_lines(p)]
+            elif "subgate" not in yaml.safe_load(adapted.read_text())["scrape_configs"][0]["job_name"]:
+                problems.append("adapted for the fleet test: the subgate job moved")
+    expect(problems, "prometheus.yml breaks the fleet test's adaptation contract")
+    return (f"{run([promtool, '--version']).stdout.split()[2]}: deploy/prometheus/prometheus.yml valid "
+            "(rule files included), also as the fleet test adapts it")
 
 
 @check("promtool-rules")
