@@ -1,0 +1,239 @@
+//! `subgate-loadgen`, the instrument every benchmark is read from, checked
+//! against real nodes: it drives every transport with nothing lost, it
+//! reports a soak's memory per connection from the server's own metrics,
+//! and it fails (exit status and report) when events are lost.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::node::Capture;
+use crate::common::*;
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_subgate-loadgen");
+
+/// A node that takes the loadgen's publishes and mints its tokens.
+fn loadgen_node(extra: &[(&str, &str)]) -> Node {
+    let mut env = vec![
+        ("SUBGATE__RATELIMIT__PUBLISH_PER_SECOND", "10000"),
+        ("SUBGATE__RATELIMIT__PUBLISH_BURST", "10000"),
+    ];
+    env.extend_from_slice(extra);
+    publisher_node(&env)
+}
+
+struct Run {
+    ok: bool,
+    report: Value,
+    output: String,
+}
+
+fn run(args: &[&str], json: &Path, timeout: Duration) -> Run {
+    let mut child = Command::new(LOADGEN)
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start subgate-loadgen");
+    let out = Capture::spawn(child.stdout.take().unwrap());
+    let err = Capture::spawn(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "subgate-loadgen did not finish in {timeout:?}\n{}\n{}",
+                out.text(),
+                err.text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = format!(
+        "{}\n{}",
+        out.wait_closed(Duration::from_secs(5)),
+        err.wait_closed(Duration::from_secs(5))
+    );
+    let report = std::fs::read_to_string(json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    Run {
+        ok: status.success(),
+        report,
+        output,
+    }
+}
+
+fn count(report: &Value, pointer: &str) -> u64 {
+    report.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transport_delivers_every_event_once() {
+    let node = loadgen_node(&[]);
+    let url = node.http_url("");
+    let url = url.trim_end_matches('/');
+    let dir = TempDir::new();
+    let cases: &[(&str, &[&str])] = &[
+        ("graphql-ws", &[]),
+        ("graphql-ws-legacy", &[]),
+        ("graphql-sse", &[]),
+        ("sse", &[]),
+        ("graphql-ws", &["--publisher", "api", "--topics", "3"]),
+        ("sse", &["--publisher", "api", "--topics", "2", "--resume"]),
+        ("envelope", &["--jwt-secret", SECRET, "--topics", "2"]),
+    ];
+    for (i, (transport, extra)) in cases.iter().enumerate() {
+        let json = dir.path().join(format!("{i}.json"));
+        let mut args = vec![
+            "--url",
+            url,
+            "--connections",
+            "40",
+            "--rate",
+            "20",
+            "--duration",
+            "1.5",
+            "--transport",
+            transport,
+            "--api-key",
+            API_KEY,
+            // Two worker processes: their reports are summed.
+            "--workers",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let r = tokio::task::block_in_place(|| run(&args, &json, Duration::from_secs(60)));
+        assert!(r.ok, "{transport} {extra:?}: the run failed\n{}", r.output);
+        let expected = count(&r.report, "/deliveries/expected");
+        // 30 events over the topics, each to its topic's subscribers.
+        assert_eq!(
+            expected,
+            30 * 40 / count(&r.report, "/topics").max(1),
+            "{}",
+            r.output
+        );
+        assert_eq!(
+            count(&r.report, "/deliveries/received"),
+            expected,
+            "{}",
+            r.output
+        );
+        assert_eq!(count(&r.report, "/deliveries/lost"), 0);
+        assert_eq!(count(&r.report, "/deliveries/duplicates"), 0);
+        assert_eq!(count(&r.report, "/connections/live"), 40, "{}", r.output);
+        assert_eq!(count(&r.report, "/workers"), 2);
+        assert!(
+            count(&r.report, "/latency_ms/count") == expected,
+            "{}",
+            r.output
+        );
+        assert!(r.output.contains("result       OK"), "{}", r.output);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_reports_server_memory_per_connection() {
+    let node = loadgen_node(&[]);
+    let url = node.http_url("");
+    let dir = TempDir::new();
+    let json = dir.path().join("soak.json");
+    let args = [
+        "--url",
+        url.trim_end_matches('/'),
+        "--connections",
+        "200",
+        "--rate",
+        "0",
+        "--duration",
+        "1",
+    ];
+    let r = tokio::task::block_in_place(|| run(&args, &json, Duration::from_secs(60)));
+    assert!(r.ok, "{}", r.output);
+    assert_eq!(count(&r.report, "/connections/open_at_end"), 200);
+    let per_connection = r
+        .report
+        .pointer("/server/rss_per_connection_bytes")
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no RSS per connection\n{}", r.output));
+    // Each held connection costs the node something, and far below a MiB.
+    assert!(
+        per_connection > 0.0 && per_connection < 1_048_576.0,
+        "{per_connection}"
+    );
+    assert!(r.output.contains("KiB per connection"), "{}", r.output);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_fail_the_run_and_are_counted_exactly() {
+    // Two nodes on one Redis; half the subscribers are on the node that is
+    // stopped mid-run and, without --resume, never come back.
+    let redis = TestRedis::start();
+    let env = [
+        ("SUBGATE__REDIS__URL", redis.url()),
+        ("SUBGATE__SERVER__DRAIN_GRACE_SECONDS", "0".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stays = loadgen_node(&env);
+    let stops = loadgen_node(&env);
+    let (a, b) = (stays.http_url(""), stops.http_url(""));
+    let dir = TempDir::new();
+    let json = dir.path().join("lossy.json");
+    let args: Vec<String> = [
+        "--url",
+        a.trim_end_matches('/'),
+        "--url",
+        b.trim_end_matches('/'),
+        "--publish-url",
+        a.trim_end_matches('/'),
+        "--connections",
+        "40",
+        "--rate",
+        "20",
+        "--duration",
+        "4",
+        "--publisher",
+        "api",
+        "--api-key",
+        API_KEY,
+        "--drain-timeout",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let handle = std::thread::spawn({
+        let json = json.clone();
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, &json, Duration::from_secs(60))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stops.sigterm();
+    let r = tokio::task::block_in_place(|| handle.join().unwrap());
+    assert!(!r.ok, "a run that lost events must fail\n{}", r.output);
+    let published = count(&r.report, "/publish/acked");
+    let lost = count(&r.report, "/deliveries/lost");
+    let received = count(&r.report, "/deliveries/received");
+    // Every acknowledged event reached the 20 subscribers that stayed; the
+    // 20 cut off with 1001 missed what came after.
+    assert_eq!(
+        count(&r.report, "/connections/closes/1001"),
+        20,
+        "{}",
+        r.output
+    );
+    assert!(lost > 0, "{}", r.output);
+    assert_eq!(received + lost, published * 40, "{}", r.output);
+    assert!(r.output.contains("deliveries lost"), "{}", r.output);
+}
