@@ -316,6 +316,12 @@ impl Metrics {
         for scope in ["connection", "user", "publish", "typing"] {
             rate_limited_total.with_label_values(&[scope]);
         }
+        for ty in ["query", "mutation", "subscription"] {
+            graphql_operation_duration_seconds.with_label_values(&[ty]);
+            for outcome in ["ok", "field_error", "request_error", "cancelled"] {
+                graphql_operations_total.with_label_values(&[ty, outcome]);
+            }
+        }
         for code in ["1001", "1009", "1013"] {
             ws_closes_total.with_label_values(&[code]);
         }
