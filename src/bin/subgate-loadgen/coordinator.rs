@@ -379,7 +379,6 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
             received: measured_received,
             lost: merged.lost,
             duplicates: merged.duplicates,
-            out_of_order: merged.out_of_order,
             gaps: merged.gaps,
             per_second: if measured_elapsed > 0.0 {
                 measured_received as f64 / measured_elapsed
@@ -389,6 +388,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         },
         latency_ms: report::latency(&histogram),
         server,
+        client_cpu_seconds: report::own_cpu_seconds(),
         ok: false,
         failures: Vec::new(),
     };

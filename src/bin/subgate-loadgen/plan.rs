@@ -211,7 +211,6 @@ pub struct WorkerReport {
     pub status: Status,
     pub lost: u64,
     pub duplicates: u64,
-    pub out_of_order: u64,
     /// History gaps the server announced (it could not resume exactly).
     pub gaps: u64,
     /// Subscribers that never saw a warm-up marker.

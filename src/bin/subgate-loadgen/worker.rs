@@ -141,7 +141,6 @@ async fn serve() -> Result<(), String> {
         status: status(&shared),
         lost: shared.lost.load(Ordering::Relaxed),
         duplicates: shared.duplicates.load(Ordering::Relaxed),
-        out_of_order: shared.out_of_order.load(Ordering::Relaxed),
         gaps: shared.gaps.load(Ordering::Relaxed),
         never_live: shared.never_live.load(Ordering::Relaxed),
         connect_error_reasons: shared.connect_error_reasons.lock().clone(),
