@@ -3,16 +3,11 @@
 //! reports a soak's memory per connection from the server's own metrics,
 //! and it fails (exit status and report) when events are lost.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::node::Capture;
 use crate::common::*;
-
-const LOADGEN: &str = env!("CARGO_BIN_EXE_subgate-loadgen");
 
 /// A node that takes the loadgen's publishes and mints its tokens.
 fn loadgen_node(extra: &[(&str, &str)]) -> Node {
@@ -22,59 +17,6 @@ fn loadgen_node(extra: &[(&str, &str)]) -> Node {
     ];
     env.extend_from_slice(extra);
     publisher_node(&env)
-}
-
-struct Run {
-    ok: bool,
-    report: Value,
-    output: String,
-}
-
-fn run(args: &[&str], json: &Path, timeout: Duration) -> Run {
-    let mut child = Command::new(LOADGEN)
-        .args(args)
-        .arg("--json")
-        .arg(json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start subgate-loadgen");
-    let out = Capture::spawn(child.stdout.take().unwrap());
-    let err = Capture::spawn(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "subgate-loadgen did not finish in {timeout:?}\n{}\n{}",
-                out.text(),
-                err.text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let output = format!(
-        "{}\n{}",
-        out.wait_closed(Duration::from_secs(5)),
-        err.wait_closed(Duration::from_secs(5))
-    );
-    let report = std::fs::read_to_string(json)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
-    Run {
-        ok: status.success(),
-        report,
-        output,
-    }
-}
-
-fn count(report: &Value, pointer: &str) -> u64 {
-    report.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,31 +54,22 @@ async fn every_transport_delivers_every_event_once() {
             "2",
         ];
         args.extend_from_slice(extra);
-        let r = tokio::task::block_in_place(|| run(&args, &json, Duration::from_secs(60)));
+        let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(60)));
         assert!(r.ok, "{transport} {extra:?}: the run failed\n{}", r.output);
-        let expected = count(&r.report, "/deliveries/expected");
+        let expected = r.count("/deliveries/expected");
         // 30 events over the topics, each to its topic's subscribers.
         assert_eq!(
             expected,
-            30 * 40 / count(&r.report, "/topics").max(1),
+            30 * 40 / r.count("/topics").max(1),
             "{}",
             r.output
         );
-        assert_eq!(
-            count(&r.report, "/deliveries/received"),
-            expected,
-            "{}",
-            r.output
-        );
-        assert_eq!(count(&r.report, "/deliveries/lost"), 0);
-        assert_eq!(count(&r.report, "/deliveries/duplicates"), 0);
-        assert_eq!(count(&r.report, "/connections/live"), 40, "{}", r.output);
-        assert_eq!(count(&r.report, "/workers"), 2);
-        assert!(
-            count(&r.report, "/latency_ms/count") == expected,
-            "{}",
-            r.output
-        );
+        assert_eq!(r.count("/deliveries/received"), expected, "{}", r.output);
+        assert_eq!(r.count("/deliveries/lost"), 0);
+        assert_eq!(r.count("/deliveries/duplicates"), 0);
+        assert_eq!(r.count("/connections/live"), 40, "{}", r.output);
+        assert_eq!(r.count("/workers"), 2);
+        assert!(r.count("/latency_ms/count") == expected, "{}", r.output);
         assert!(r.output.contains("result       OK"), "{}", r.output);
     }
 }
@@ -157,9 +90,9 @@ async fn a_soak_reports_server_memory_per_connection() {
         "--duration",
         "1",
     ];
-    let r = tokio::task::block_in_place(|| run(&args, &json, Duration::from_secs(60)));
+    let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(60)));
     assert!(r.ok, "{}", r.output);
-    assert_eq!(count(&r.report, "/connections/open_at_end"), 200);
+    assert_eq!(r.count("/connections/open_at_end"), 200);
     let per_connection = r
         .report
         .pointer("/server/rss_per_connection_bytes")
@@ -215,24 +148,19 @@ async fn lost_events_fail_the_run_and_are_counted_exactly() {
         let json = json.clone();
         move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run(&args, &json, Duration::from_secs(60))
+            run_loadgen(&args, &json, Duration::from_secs(60))
         }
     });
     tokio::time::sleep(Duration::from_millis(2500)).await;
     stops.sigterm();
     let r = tokio::task::block_in_place(|| handle.join().unwrap());
     assert!(!r.ok, "a run that lost events must fail\n{}", r.output);
-    let published = count(&r.report, "/publish/acked");
-    let lost = count(&r.report, "/deliveries/lost");
-    let received = count(&r.report, "/deliveries/received");
+    let published = r.count("/publish/acked");
+    let lost = r.count("/deliveries/lost");
+    let received = r.count("/deliveries/received");
     // Every acknowledged event reached the 20 subscribers that stayed; the
     // 20 cut off with 1001 missed what came after.
-    assert_eq!(
-        count(&r.report, "/connections/closes/1001"),
-        20,
-        "{}",
-        r.output
-    );
+    assert_eq!(r.count("/connections/closes/1001"), 20, "{}", r.output);
     assert!(lost > 0, "{}", r.output);
     assert_eq!(received + lost, published * 40, "{}", r.output);
     assert!(r.output.contains("deliveries lost"), "{}", r.output);

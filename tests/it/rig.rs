@@ -24,7 +24,6 @@ use serde_json::Value;
 use crate::common::node::Capture;
 use crate::common::*;
 
-const LOADGEN: &str = env!("CARGO_BIN_EXE_subgate-loadgen");
 /// Longer than HAProxy's check needs to mark a node down (500 ms × 2 in
 /// the shipped config), short enough for a test.
 const DRAIN_GRACE_SECONDS: &str = "3";
@@ -324,70 +323,35 @@ impl Rig {
     }
 }
 
-/// Runs the load generator to its end; its exit status and JSON report.
-fn loadgen(args: &[String], json: &Path, timeout: Duration) -> (bool, Value, String) {
-    let mut child = Command::new(LOADGEN)
-        .args(args)
-        .arg("--json")
-        .arg(json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start subgate-loadgen");
-    let out = Capture::spawn(child.stdout.take().unwrap());
-    let err = Capture::spawn(child.stderr.take().unwrap());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "subgate-loadgen did not finish in {timeout:?}\n{}\n{}",
-                out.text(),
-                err.text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = format!("{}\n{}", out.text(), err.text());
-    let report = std::fs::read_to_string(json)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_else(|| panic!("no JSON report from subgate-loadgen\n{text}"));
-    (status.success(), report, text)
-}
-
-fn count(report: &Value, pointer: &str) -> u64 {
-    report.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_haproxy_nothing_is_lost_and_every_node_takes_connections() {
-    let rig = Rig::start().await;
-    let json = rig.dir.path().join("steady.json");
+/// The load generator's arguments for a run through HAProxy that scrapes
+/// every node: `extra` on top of the common ones.
+fn through_haproxy(rig: &Rig, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "--url",
         &rig.lb_url(),
-        "--connections",
-        "150",
-        "--rate",
-        "10",
-        "--duration",
-        "4",
         "--publisher",
         "api",
         "--api-key",
         API_KEY,
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     args.extend(rig.metrics_args());
-    let (ok, report, text) =
-        tokio::task::block_in_place(|| loadgen(&args, &json, Duration::from_secs(120)));
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_haproxy_nothing_is_lost_and_every_node_takes_connections() {
+    let rig = Rig::start().await;
+    let json = rig.dir.path().join("steady.json");
+    let args = through_haproxy(
+        &rig,
+        &["--connections", "150", "--rate", "10", "--duration", "4"],
+    );
+    let run = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(120)));
+    let (ok, report, text) = (run.ok, run.report, run.output);
     assert!(ok, "the run failed\n{text}\n{}", rig.haproxy.log());
     assert_eq!(count(&report, "/deliveries/lost"), 0, "{text}");
     assert_eq!(count(&report, "/deliveries/duplicates"), 0, "{text}");
@@ -418,30 +382,23 @@ async fn through_haproxy_nothing_is_lost_and_every_node_takes_connections() {
 async fn a_rolling_restart_under_load_loses_nothing_for_clients_that_resume() {
     let mut rig = Rig::start().await;
     let json = rig.dir.path().join("rolling.json");
-    let mut args: Vec<String> = [
-        "--url",
-        &rig.lb_url(),
-        "--connections",
-        "150",
-        "--rate",
-        "10",
-        "--duration",
-        "30",
-        "--publisher",
-        "api",
-        "--api-key",
-        API_KEY,
-        "--resume",
-        "--drain-timeout",
-        "20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(rig.metrics_args());
+    let args = through_haproxy(
+        &rig,
+        &[
+            "--connections",
+            "150",
+            "--rate",
+            "10",
+            "--duration",
+            "30",
+            "--resume",
+            "--drain-timeout",
+            "20",
+        ],
+    );
     let run = std::thread::spawn({
         let json = json.clone();
-        move || loadgen(&args, &json, Duration::from_secs(180))
+        move || run_loadgen(&args, &json, Duration::from_secs(180))
     });
     // Let the run reach its measured phase.
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -481,7 +438,8 @@ async fn a_rolling_restart_under_load_loses_nothing_for_clients_that_resume() {
         rig.nodes[i] = Some(start_node(&node_env(&rig.redis, rig.ports[i])));
         wait_haproxy_up(&rig.http, rig.stats, 3, &rig.haproxy).await;
     }
-    let (ok, report, text) = tokio::task::block_in_place(|| run.join().unwrap());
+    let done = tokio::task::block_in_place(|| run.join().unwrap());
+    let (ok, report, text) = (done.ok, done.report, done.output);
     assert!(ok, "the run failed\n{text}");
     assert_eq!(count(&report, "/deliveries/lost"), 0, "{text}");
     assert_eq!(count(&report, "/deliveries/duplicates"), 0, "{text}");
@@ -574,4 +532,8 @@ async fn prometheus_with_the_shipped_scrape_config_sees_every_node_up() {
         "no rule groups loaded: {rules}\n{}",
         prometheus.log()
     );
+}
+
+fn count(report: &Value, pointer: &str) -> u64 {
+    report.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
 }

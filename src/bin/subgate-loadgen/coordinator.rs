@@ -33,6 +33,14 @@ struct Board {
 }
 
 impl Board {
+    /// The summed status, or why a worker failed.
+    fn healthy_total(&self) -> Result<Status, String> {
+        match &self.fatal {
+            Some(f) => Err(f.clone()),
+            None => Ok(self.total()),
+        }
+    }
+
     fn total(&self) -> Status {
         let mut t = Status::default();
         for s in &self.status {
@@ -160,15 +168,16 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
     let progress = Progress::new();
     let sent = Arc::new(AtomicU64::new(0));
     let peak_rss = Arc::new(Mutex::new(vec![None::<f64>; labels.len()]));
-    let sampler = {
+    // Peak RSS: every node sampled once a second for the whole run.
+    let targets = Arc::new(targets);
+    let sampler = tokio::spawn({
         let peak = peak_rss.clone();
-        let targets_clone = Arc::new(targets);
-        let t = targets_clone.clone();
-        let handle = tokio::spawn(async move {
+        let targets = targets.clone();
+        async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let samples = t.sample().await;
+                let samples = targets.sample().await;
                 let mut peak = peak.lock();
                 for (p, s) in peak.iter_mut().zip(samples) {
                     if let Some(s) = s {
@@ -176,23 +185,15 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
                     }
                 }
             }
-        });
-        (handle, targets_clone)
-    };
-    let targets = sampler.1.clone();
+        }
+    });
 
     // Connect.
     let connecting_since = Instant::now();
     let connect_deadline =
         connecting_since + Duration::from_secs_f64(args.connections as f64 / args.ramp + 30.0);
     loop {
-        let (total, fatal) = {
-            let b = board.lock();
-            (b.total(), b.fatal.clone())
-        };
-        if let Some(f) = fatal {
-            return Err(f);
-        }
+        let total = board.lock().healthy_total()?;
         progress.show("connecting", &total, &sent, args.connections);
         if total.attempted as usize >= args.connections || Instant::now() > connect_deadline {
             break;
@@ -205,13 +206,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
     let mut round = 0u64;
     let mut next_marker = Instant::now();
     loop {
-        let (total, fatal) = {
-            let b = board.lock();
-            (b.total(), b.fatal.clone())
-        };
-        if let Some(f) = fatal {
-            return Err(f);
-        }
+        let total = board.lock().healthy_total()?;
         let can_be_live = if args.resume {
             args.connections as u64
         } else {
@@ -320,7 +315,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    sampler.0.abort();
+    sampler.abort();
     progress.finish();
     for mut w in workers {
         let _ = tokio::time::timeout(Duration::from_secs(5), w.child.wait()).await;

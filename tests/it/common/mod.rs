@@ -6,11 +6,13 @@
 //! - [`ws`]: a graphql-transport-ws / graphql-ws client with bounded reads.
 //! - [`redis`]: a redis-server of the test's own, to share and to break.
 //! - [`sse`]: an event-stream client; [`publish`]: the backend publish API.
+//! - [`loadgen`]: `subgate-loadgen` run to its end, with its report.
 
 #![allow(dead_code)] // not every test module uses every helper
 
 pub mod gql;
 pub mod jwt;
+pub mod loadgen;
 pub mod node;
 pub mod publish;
 pub mod redis;
@@ -20,6 +22,7 @@ pub mod ws;
 pub use self::redis::{reserve_port, TestRedis};
 pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, scoped_token, token};
+pub use loadgen::run_loadgen;
 pub use node::{run_cli, Node, TempDir, SECRET};
 pub use publish::{publish, publish_body, publish_raw, publisher_node, API_KEY};
 pub use sse::{open_stream, Block, SseRead, SseStream};
