@@ -305,8 +305,9 @@ impl Rig {
             .collect()
     }
 
-    /// New connections node `i` has accepted, by its own count.
-    async fn accepted(&self, i: usize) -> f64 {
+    /// The sum of node `i`'s series whose line starts with `prefix`, by
+    /// its own `/metrics`.
+    async fn metric(&self, i: usize, prefix: &str) -> f64 {
         let text = self
             .http
             .get(format!("http://127.0.0.1:{}/metrics", self.ports[i]))
@@ -317,9 +318,19 @@ impl Rig {
             .await
             .unwrap();
         text.lines()
-            .filter(|l| l.starts_with("subgate_connections_total{"))
+            .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
+    }
+
+    /// New long-lived connections node `i` has accepted.
+    async fn accepted(&self, i: usize) -> f64 {
+        self.metric(i, "subgate_connections_total{").await
+    }
+
+    /// GraphQL queries node `i` has answered (HTTP, WebSocket, SSE).
+    async fn queries(&self, i: usize) -> f64 {
+        self.metric(i, "subgate_graphql_operations_total{").await
     }
 }
 
@@ -410,24 +421,37 @@ async fn a_rolling_restart_under_load_loses_nothing_for_clients_that_resume() {
         // inside its drain grace; meanwhile it still answers HTTP.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let marked = rig.accepted(i).await;
-        for _ in 0..20 {
+        let answered = rig.queries(i).await;
+        let down: Vec<String> = haproxy_up(&rig.http, rig.stats).await;
+        assert!(
+            !down.contains(&format!("s{}", i + 1)),
+            "HAProxy still counts draining node {i} as up: {down:?}"
+        );
+        // The draining node still answers HTTP (its drain grace), so any
+        // query HAProxy sent it would be counted by it: none is.
+        for _ in 0..30 {
             let r = rig
                 .http
-                .get(format!("{}/readyz", rig.lb_url()))
+                .post(format!("{}/graphql", rig.lb_url()))
+                .json(&serde_json::json!({"query": "{ __typename }"}))
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(
-                r.status(),
-                200,
-                "a request through HAProxy reached the draining node {i}"
-            );
+            assert_eq!(r.status(), 200);
         }
+        assert_eq!(
+            rig.queries(i).await,
+            answered,
+            "HAProxy sent queries to draining node {i}"
+        );
         // Clients the drain cut off reconnect through HAProxy meanwhile:
         // none of them lands on the draining node any more.
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let after = rig.accepted(i).await;
-        assert_eq!(marked, after, "HAProxy sent new connections to draining node {i} (accepted {before} before the drain)");
+        assert_eq!(
+            marked, after,
+            "HAProxy sent new connections to draining node {i} (accepted {before} before the drain)"
+        );
         let status = node.wait_exit(Duration::from_secs(20)).await;
         assert!(
             status.success(),
