@@ -1,4 +1,5 @@
-//! The composition root: builds [`AppState`] once and the HTTP service.
+//! The composition root: builds the node's [`AppState`] once from its
+//! settings, mounts the transports and serves until the drain ends.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -10,147 +11,126 @@ use crate::auth::Authenticator;
 use crate::broker::redis::{RedisBroker, RedisBrokerOptions};
 use crate::broker::{memory::MemoryBroker, Broker};
 use crate::config::{ConfigError, Settings};
-use crate::graphql::{self, AppSchema};
+use crate::graphql;
 use crate::hub::Hub;
 use crate::presence::redis::{RedisPresence, RedisPresenceOptions};
 use crate::presence::{memory::MemoryPresence, Presence};
 use crate::ratelimit::Limits;
 use crate::shutdown::Shutdown;
+use crate::state::AppState;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
-use crate::telemetry::{health, metrics::Metrics};
+use crate::telemetry::metrics::Metrics;
 use crate::transport;
 
-/// Everything a request handler may need, built once per node.
-#[derive(Clone)]
-pub struct AppState {
-    pub settings: Arc<Settings>,
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    pub auth: Arc<Authenticator>,
-    pub schema: AppSchema,
-    pub metrics: Arc<Metrics>,
-    /// Shared rate limiters: per user, per publisher, typing; and the
-    /// factory of per-connection buckets.
-    pub limits: Arc<Limits>,
-    /// Who is online where: Redis when `redis.url` is set.
-    pub presence: Arc<dyn Presence>,
-    pub shutdown: Shutdown,
-}
-
-impl AppState {
-    /// Builds the node: the memory bus and store unless `redis.url` is set.
-    pub fn build(settings: Settings) -> Result<Self, ConfigError> {
-        let settings = Arc::new(settings);
-        let metrics = Arc::new(Metrics::new());
-        let auth = Arc::new(Authenticator::from_settings(&settings)?);
-        let (broker, store): (Arc<dyn Broker>, Arc<dyn Store>) = match &settings.redis.url {
-            Some(url) => {
-                let r = &settings.redis;
-                let ms = std::time::Duration::from_millis;
-                let broker = RedisBroker::new(
-                    RedisBrokerOptions {
-                        url: url.clone(),
-                        prefix: r.prefix.clone(),
-                        command_timeout: ms(r.command_timeout_ms),
-                        subscribe_timeout: ms(r.subscribe_timeout_ms),
-                        probe_interval: ms(r.probe_interval_ms),
-                        max_backoff: ms(r.max_backoff_ms),
-                        history_size: settings.history.size,
-                        history_ttl: Duration::from_secs(settings.history.ttl_seconds),
-                        pool_size: r.pool_size,
-                    },
-                    metrics.clone(),
-                )
-                .map_err(|message| ConfigError {
-                    key: "redis.url".into(),
-                    message,
-                })?;
-                let store = Arc::new(
-                    RedisStore::new(url, &r.prefix, r.pool_size, ms(r.command_timeout_ms))
-                        .map_err(|e| ConfigError {
-                            key: "redis.url".into(),
-                            message: e.to_string(),
-                        })?
-                        .with_metrics(metrics.clone()),
-                );
-                // Readiness follows Redis even while no request touches the
-                // store: a ping now, then every second.
-                let pinged = store.clone();
-                tokio::spawn(async move {
-                    let mut every = tokio::time::interval(Duration::from_secs(1));
-                    loop {
-                        every.tick().await;
-                        let _ = pinged.ping().await;
-                    }
-                });
-                (Arc::new(broker), store)
-            }
-            None => (
-                Arc::new(MemoryBroker::new(
-                    settings.history.size,
-                    Duration::from_secs(settings.history.ttl_seconds),
-                )),
-                Arc::new(MemoryStore::new()),
-            ),
-        };
-        let hub = Hub::new(
-            broker,
-            metrics.clone(),
-            settings.hub.subscriber_queue_capacity,
-        );
-        let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
-        let presence: Arc<dyn Presence> = match &settings.redis.url {
-            Some(url) => {
-                let r = &settings.redis;
-                let options = RedisPresenceOptions {
+/// Builds the node: the memory bus and store unless `redis.url` is set.
+pub fn build(settings: Settings) -> Result<AppState, ConfigError> {
+    let settings = Arc::new(settings);
+    let metrics = Arc::new(Metrics::new());
+    let auth = Arc::new(Authenticator::from_settings(&settings)?);
+    let (broker, store): (Arc<dyn Broker>, Arc<dyn Store>) = match &settings.redis.url {
+        Some(url) => {
+            let r = &settings.redis;
+            let ms = std::time::Duration::from_millis;
+            let broker = RedisBroker::new(
+                RedisBrokerOptions {
                     url: url.clone(),
                     prefix: r.prefix.clone(),
-                    command_timeout: Duration::from_millis(r.command_timeout_ms),
-                    // Presence writes are a few scripts per second per node.
-                    pool_size: r.pool_size.clamp(1, 4),
-                    ttl: presence_ttl,
-                    refresh: Duration::from_secs(settings.presence.refresh_seconds),
-                    sweep_interval: Duration::from_millis(settings.presence.sweep_interval_ms),
-                };
-                Arc::new(
-                    RedisPresence::new(options, hub.clone(), metrics.clone()).map_err(
-                        |message| ConfigError {
-                            key: "redis.url".into(),
-                            message,
-                        },
-                    )?,
-                )
-            }
-            None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
-        };
-        let schema = graphql::build_schema(graphql::SchemaDeps {
-            settings: settings.clone(),
-            store: store.clone(),
-            hub: hub.clone(),
-            auth: auth.clone(),
-            metrics: metrics.clone(),
-            presence: presence.clone(),
-        });
-        let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
-        Ok(Self {
-            settings,
-            store,
-            hub,
-            auth,
-            schema,
-            metrics,
-            limits,
-            presence,
-            shutdown: Shutdown::new(),
-        })
-    }
+                    command_timeout: ms(r.command_timeout_ms),
+                    subscribe_timeout: ms(r.subscribe_timeout_ms),
+                    probe_interval: ms(r.probe_interval_ms),
+                    max_backoff: ms(r.max_backoff_ms),
+                    history_size: settings.history.size,
+                    history_ttl: Duration::from_secs(settings.history.ttl_seconds),
+                    pool_size: r.pool_size,
+                },
+                metrics.clone(),
+            )
+            .map_err(|message| ConfigError {
+                key: "redis.url".into(),
+                message,
+            })?;
+            let store = Arc::new(
+                RedisStore::new(url, &r.prefix, r.pool_size, ms(r.command_timeout_ms))
+                    .map_err(|e| ConfigError {
+                        key: "redis.url".into(),
+                        message: e.to_string(),
+                    })?
+                    .with_metrics(metrics.clone()),
+            );
+            // Readiness follows Redis even while no request touches the
+            // store: a ping now, then every second.
+            let pinged = store.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    let _ = pinged.ping().await;
+                }
+            });
+            (Arc::new(broker), store)
+        }
+        None => (
+            Arc::new(MemoryBroker::new(
+                settings.history.size,
+                Duration::from_secs(settings.history.ttl_seconds),
+            )),
+            Arc::new(MemoryStore::new()),
+        ),
+    };
+    let hub = Hub::new(
+        broker,
+        metrics.clone(),
+        settings.hub.subscriber_queue_capacity,
+    );
+    let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
+    let presence: Arc<dyn Presence> = match &settings.redis.url {
+        Some(url) => {
+            let r = &settings.redis;
+            let options = RedisPresenceOptions {
+                url: url.clone(),
+                prefix: r.prefix.clone(),
+                command_timeout: Duration::from_millis(r.command_timeout_ms),
+                // Presence writes are a few scripts per second per node.
+                pool_size: r.pool_size.clamp(1, 4),
+                ttl: presence_ttl,
+                refresh: Duration::from_secs(settings.presence.refresh_seconds),
+                sweep_interval: Duration::from_millis(settings.presence.sweep_interval_ms),
+            };
+            Arc::new(
+                RedisPresence::new(options, hub.clone(), metrics.clone()).map_err(|message| {
+                    ConfigError {
+                        key: "redis.url".into(),
+                        message,
+                    }
+                })?,
+            )
+        }
+        None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
+    };
+    let schema = graphql::build_schema(graphql::SchemaDeps {
+        settings: settings.clone(),
+        store: store.clone(),
+        hub: hub.clone(),
+        auth: auth.clone(),
+        metrics: metrics.clone(),
+        presence: presence.clone(),
+    });
+    let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
+    Ok(AppState {
+        settings,
+        store,
+        hub,
+        auth,
+        schema,
+        metrics,
+        limits,
+        presence,
+        shutdown: Shutdown::new(),
+    })
 }
 
 /// Routes of a node.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .route("/metrics", web::get().to(health::metrics));
     transport::configure(cfg);
 }
 

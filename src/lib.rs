@@ -3,7 +3,10 @@
 //! ## Components
 //!
 //! - [`config`]: typed, layered settings, validated before the node listens.
-//! - [`app`]: the composition root; builds [`app::AppState`] once.
+//! - [`app`]: the composition root; builds the [`state::AppState`] once and
+//!   mounts the transports.
+//! - [`state`]: what every handler shares (settings, store, hub, auth,
+//!   schema, metrics, limits, presence, shutdown); imports no transport.
 //! - [`auth`]: JWT verification, the [`auth::Principal`], the topic policy.
 //! - [`event`]: the event envelope, ids (resume positions) and topic names.
 //! - [`broker`]: the seam to the bus (memory now; Redis Pub/Sub + history).
@@ -49,6 +52,7 @@ pub mod hub;
 pub mod presence;
 pub mod ratelimit;
 pub mod shutdown;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 #[cfg(test)]

@@ -119,7 +119,7 @@ fn serve(settings: Settings) -> ExitCode {
     };
     // The node is built inside the runtime: the broker starts tasks.
     let result = actix_web::rt::System::new().block_on(async move {
-        let state = subgate::app::AppState::build(settings).map_err(|e| e.to_string())?;
+        let state = subgate::app::build(settings).map_err(|e| e.to_string())?;
         subgate::app::serve(state, listener)
             .await
             .map_err(|e| e.to_string())

@@ -1,4 +1,5 @@
-//! Test-only helpers: a private `redis-server` per test, on a port of its own.
+//! Test-only helpers: a node's state built as the binary builds it, and a
+//! private `redis-server` per test, on a port of its own.
 //!
 //! Tests never touch a shared Redis (and never port 6379): each starts its
 //! own throw-away server, bound to 127.0.0.1, without persistence, and kills
@@ -142,4 +143,9 @@ fn answers_ping(port: u16) -> bool {
     }
     let mut reply = [0u8; 7];
     stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// The state of a node with these settings, as `subgate serve` builds it.
+pub fn state(settings: crate::config::Settings) -> crate::state::AppState {
+    crate::app::build(settings).expect("the node builds")
 }

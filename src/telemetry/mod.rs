@@ -1,6 +1,5 @@
-//! Tracing setup, the metrics registry and the health endpoints.
+//! Tracing setup and the metrics registry (served by `transport::ops`).
 
-pub mod health;
 pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod process;

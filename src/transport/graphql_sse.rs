@@ -43,10 +43,10 @@ use super::http::{
 };
 use super::sse::{admit, frame, Streaming};
 use super::ws::origin_allowed;
-use crate::app::AppState;
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::Viewer;
 use crate::hub::Cutoff;
+use crate::state::AppState;
 use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
 
 /// The heartbeat: a comment line alone (see the module docs for why).

@@ -20,9 +20,9 @@ use async_graphql::{BatchRequest, BatchResponse, Request};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::auth::{bearer, Principal};
 use crate::graphql::Viewer;
+use crate::state::AppState;
 
 pub const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 

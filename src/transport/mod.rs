@@ -4,6 +4,7 @@ pub mod envelope;
 pub mod envelope_types;
 pub mod graphql_sse;
 pub mod http;
+pub mod ops;
 pub mod publish;
 pub mod sse;
 pub mod ws;
@@ -22,6 +23,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     http::configure(cfg);
     sse::configure(cfg);
     publish::configure(cfg);
+    ops::configure(cfg);
 }
 
 /// A REST refusal not yet turned into a response (small enough to return

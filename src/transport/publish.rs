@@ -31,11 +31,11 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use super::http::{read_body, BodyError};
 use super::{api_error, ApiError};
-use crate::app::AppState;
 use crate::auth::bearer;
 use crate::auth::policy::is_domain_topic;
 use crate::broker::BrokerError;
 use crate::event::{topic, NewEvent};
+use crate::state::AppState;
 use crate::store::TopicReaders;
 
 /// Longest event type.

@@ -54,7 +54,6 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::app::AppState;
 use crate::auth::policy::{authorize, Refusal};
 use crate::auth::Principal;
 use crate::broker::GapReason;
@@ -62,6 +61,7 @@ use crate::event::topic;
 use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::shutdown::{DrainGuard, Shutdown};
+use crate::state::AppState;
 use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
 use crate::transport::http::principal_from_header;
 use crate::transport::ws::origin_allowed;

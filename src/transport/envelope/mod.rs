@@ -76,7 +76,7 @@ use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::transport::ws::{self, verifier};
 
 use self::protocol::{Machine, MachineConfig};

@@ -31,7 +31,6 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio_stream::StreamMap;
 
 use super::protocol::{Action, Effect, Machine, Outcome};
-use crate::app::AppState;
 use crate::auth::policy::{authorize, Refusal};
 use crate::domain;
 use crate::event::{topic, SharedEvent};
@@ -39,6 +38,7 @@ use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::presence::PresenceGuard;
 use crate::shutdown::DrainGuard;
+use crate::state::AppState;
 use crate::telemetry::metrics::{transport::ENVELOPE_WS, GaugeGuard, Metrics};
 use crate::transport::ws::pump::{
     finish, going_away, receive, slow_consumer, Assembler, End, Heartbeat, Outbox, Received,

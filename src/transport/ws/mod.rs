@@ -34,9 +34,9 @@ use async_graphql::{Executor, Request, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::app::AppState;
 use crate::auth::{bearer, Authenticator, Principal};
 use crate::shutdown::DrainGuard;
+use crate::state::AppState;
 use crate::transport::http::{
     is_request_error, is_websocket_upgrade, operation_label, operation_type, principal_from_header,
 };
@@ -781,7 +781,7 @@ mod tests {
     fn state_with(edit: impl FnOnce(&mut Settings)) -> AppState {
         let mut settings = Settings::default();
         edit(&mut settings);
-        AppState::build(settings).unwrap()
+        crate::test_support::state(settings)
     }
 
     fn app_config(
@@ -796,7 +796,7 @@ mod tests {
             cfg.app_data(web::Data::new(state))
                 .app_data(web::Data::new(deps))
                 .route("/test/ws", web::get().to(test_ws));
-            crate::app::routes(cfg);
+            crate::transport::configure(cfg);
         }
     }
 

@@ -1,10 +1,11 @@
-//! `/healthz` (the process answers) and `/readyz` (it should get traffic:
-//! not draining, and its broker and store can serve).
+//! Operations endpoints: `/healthz` (the process answers), `/readyz` (it
+//! should get traffic: not draining, and its broker and store can serve)
+//! and `/metrics` (the Prometheus exposition).
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
@@ -48,4 +49,10 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
 }
