@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -478,6 +479,9 @@ class Rig:
 
     # ----- up
     def create_network(self) -> str:
+        if self.podman("network", "exists", self.p.network, check=False).returncode == 0:
+            raise RigError(f"network {self.p.network} exists and was not made by the rig "
+                           f"(podman-compose?): `podman network rm {self.p.network}` if it is unused")
         self.podman("network", "create",
                     "--label", f"com.docker.compose.project={self.p.name}",
                     "--label", "com.docker.compose.network=default",
@@ -844,6 +848,12 @@ def main(argv_: list[str]) -> int:
                     return 1
 
     loadgen = shlex.split(os.environ.get("SUBGATE_RIG_LOADGEN") or LOADGEN_DEFAULT)
+    # Interrupted (scripts/podman-rig forwards its INT or TERM as TERM; a
+    # background job starts with SIGINT ignored): stop and tear down.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     rig.down()  # what an interrupted run left (the rig's own, by label)
     checks = None
     try:
@@ -853,7 +863,11 @@ def main(argv_: list[str]) -> int:
         checks = run_checks(rig, loadgen)
     except (RigError, subprocess.TimeoutExpired) as e:
         say(f"FAIL {e}")
+    except KeyboardInterrupt:
+        say("FAIL interrupted")
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if checks is None or checks.failed:
             say("the containers' last log lines:")
             rig.dump_logs()
