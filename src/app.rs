@@ -11,6 +11,7 @@ use crate::auth::Authenticator;
 use crate::broker::redis::{RedisBroker, RedisBrokerOptions};
 use crate::broker::{memory::MemoryBroker, Broker};
 use crate::config::{ConfigError, Settings};
+use crate::domain::Domain;
 use crate::graphql;
 use crate::hub::Hub;
 use crate::presence::redis::{RedisPresence, RedisPresenceOptions};
@@ -107,17 +108,26 @@ pub fn build(settings: Settings) -> Result<AppState, ConfigError> {
         }
         None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
     };
+    let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
+    let domain = Arc::new(Domain {
+        store: store.clone(),
+        hub: hub.clone(),
+        auth: auth.clone(),
+        limits: limits.clone(),
+        login_token_ttl: Duration::from_secs(settings.auth.login_token_ttl_seconds),
+    });
     let schema = graphql::build_schema(graphql::SchemaDeps {
         settings: settings.clone(),
+        domain: domain.clone(),
         store: store.clone(),
         hub: hub.clone(),
         auth: auth.clone(),
         metrics: metrics.clone(),
         presence: presence.clone(),
     });
-    let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
     Ok(AppState {
         settings,
+        domain,
         store,
         hub,
         auth,

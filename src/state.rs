@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::auth::Authenticator;
 use crate::config::Settings;
+use crate::domain::Domain;
 use crate::graphql::AppSchema;
 use crate::hub::Hub;
 use crate::presence::Presence;
@@ -18,6 +19,8 @@ use crate::telemetry::metrics::Metrics;
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
+    /// The domain's operations, shared by every transport.
+    pub domain: Arc<Domain>,
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub auth: Arc<Authenticator>,

@@ -34,6 +34,8 @@ pub struct Viewer(pub Option<Principal>);
 /// What resolvers reach through the schema's data.
 pub struct SchemaDeps {
     pub settings: Arc<Settings>,
+    /// The rules every mutation follows (the resolvers only adapt).
+    pub domain: Arc<crate::domain::Domain>,
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub auth: Arc<Authenticator>,
@@ -156,6 +158,13 @@ mod tests {
             std::time::Duration::from_secs(15),
         ));
         let schema = build_schema(SchemaDeps {
+            domain: Arc::new(crate::domain::Domain {
+                store: store.clone(),
+                hub: hub.clone(),
+                auth: auth.clone(),
+                limits: Arc::new(crate::ratelimit::Limits::new(&settings.ratelimit, &metrics)),
+                login_token_ttl: std::time::Duration::from_secs(3600),
+            }),
             settings: settings.clone(),
             store,
             hub,
@@ -285,6 +294,13 @@ mod tests {
             std::time::Duration::from_secs(15),
         ));
         let schema = build_schema(SchemaDeps {
+            domain: Arc::new(crate::domain::Domain {
+                store: store.clone(),
+                hub: hub.clone(),
+                auth: auth.clone(),
+                limits: Arc::new(crate::ratelimit::Limits::new(&settings.ratelimit, &metrics)),
+                login_token_ttl: std::time::Duration::from_secs(3600),
+            }),
             settings,
             store,
             hub,

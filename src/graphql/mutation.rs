@@ -1,16 +1,18 @@
-//! Mutations. Each writes to the store, publishes its event, and answers a
-//! payload carrying its entity beside `errors` (user errors are data, not
-//! GraphQL errors, so clients can show them field by field).
+//! Mutations: adapters over [`crate::domain`]. Each turns its input into a
+//! domain call and the outcome into a payload carrying its entity beside
+//! `errors` (user errors are data, not GraphQL errors, so clients can show
+//! them field by field). The rules themselves live in the domain.
 
-use async_graphql::{Context, InputObject, Object, Result, SimpleObject, ID};
-use serde::Serialize;
+use async_graphql::{Context, InputObject, Object, SimpleObject, ID};
 
 use super::types::{Channel, Comment, Message, Notification, Post, User, UserError};
-use super::{ctx_deps, viewer, SchemaDeps};
-use crate::domain::{self, SendRefusal};
+use super::{ctx_deps, viewer};
+use crate::domain::channels::NewChannel;
+use crate::domain::messages::Allowance;
+use crate::domain::posts::PostChange;
+use crate::domain::users::{ProfileChange, SignUp};
+use crate::domain::{DomainError, Written};
 use crate::error::ErrorCode;
-use crate::event::{topic, NewEvent};
-use crate::store::{self, NewUser, PostPatch, StoreError, UserPatch};
 
 pub struct Mutation;
 
@@ -165,242 +167,145 @@ pub struct MarkNotificationReadPayload {
     pub errors: Vec<UserError>,
 }
 
-/// Limits of the domain's text fields (characters).
-const MAX_NAME: usize = 100;
-const MAX_TITLE: usize = 200;
-const MAX_CONTENT: usize = 100_000;
-const MAX_COMMENT: usize = 10_000;
-const MIN_PASSWORD: usize = 8;
-const MAX_PASSWORD: usize = 128;
-
-fn invalid(field: &str, message: impl Into<String>) -> UserError {
-    UserError::new(Some(field), message, ErrorCode::ValidationError)
+/// An input field's name as the schema spells it (`channel_id` →
+/// `channelId`).
+fn schema_field(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut upper = false;
+    for c in field.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
-fn unauthorized() -> UserError {
-    UserError::new(None, "authentication required", ErrorCode::Unauthorized)
-}
-
-fn forbidden(message: &str) -> UserError {
-    UserError::new(None, message, ErrorCode::Forbidden)
-}
-
-fn not_found(field: &str, what: &str) -> UserError {
-    UserError::new(
-        Some(field),
-        format!("{what} not found"),
-        ErrorCode::NotFound,
-    )
-}
-
-/// The user error for a store failure.
-fn store_user_error(err: StoreError, field: &str, what: &str) -> UserError {
-    match err {
-        StoreError::NotFound => not_found(field, what),
-        StoreError::Conflict { field } => UserError::new(
-            Some(field),
+/// The user errors of a refusal.
+fn refused(error: DomainError) -> Vec<UserError> {
+    let one =
+        |field: Option<&str>, message: String, code| vec![UserError::new(field, message, code)];
+    match error {
+        DomainError::Invalid(problems) => problems
+            .into_iter()
+            .map(|p| {
+                UserError::new(
+                    Some(&schema_field(p.field)),
+                    p.message,
+                    ErrorCode::ValidationError,
+                )
+            })
+            .collect(),
+        DomainError::Unauthorized => one(
+            None,
+            "authentication required".into(),
+            ErrorCode::Unauthorized,
+        ),
+        DomainError::WrongCredentials => one(
+            None,
+            "the email or password is wrong".into(),
+            ErrorCode::Unauthorized,
+        ),
+        DomainError::Forbidden(message) => one(None, message.into(), ErrorCode::Forbidden),
+        DomainError::NotFound { field, what } => one(
+            Some(&schema_field(field)),
+            format!("{what} not found"),
+            ErrorCode::NotFound,
+        ),
+        DomainError::MissingMember(id) => one(
+            Some("memberIds"),
+            format!("user {id} not found"),
+            ErrorCode::NotFound,
+        ),
+        DomainError::Conflict { field } => one(
+            Some(&schema_field(field)),
             format!("{field} is already taken"),
             ErrorCode::Conflict,
         ),
-        StoreError::Unavailable(why) => {
-            tracing::warn!(%why, "store unavailable during a mutation");
+        DomainError::RateLimited(limited) => {
+            one(None, format!("{limited}"), ErrorCode::RateLimited)
+        }
+        DomainError::Unavailable(_) => one(
+            None,
+            "the store is unavailable; nothing was changed; try again".into(),
+            ErrorCode::Internal,
+        ),
+        DomainError::Internal(message) => one(None, message, ErrorCode::Internal),
+    }
+}
+
+/// A write's entity, and user errors for what did not follow it (events
+/// not published, follow-up writes that failed): the write stands.
+fn written<T, E>(written: Written<T>, wrap: impl FnOnce(T) -> E) -> (Option<E>, Vec<UserError>) {
+    let mut errors: Vec<UserError> = written
+        .unpublished
+        .into_iter()
+        .map(|u| {
             UserError::new(
                 None,
-                "the store is unavailable; nothing was changed; try again",
+                format!(
+                    "saved, but the {} event could not be published: {}",
+                    u.kind, u.error
+                ),
                 ErrorCode::Internal,
             )
-        }
+        })
+        .collect();
+    errors.extend(written.incomplete.into_iter().flat_map(refused));
+    (Some(wrap(written.value)), errors)
+}
+
+/// Splits a domain outcome into a payload's entity and errors.
+fn outcome<T, E>(
+    result: Result<Written<T>, DomainError>,
+    wrap: impl FnOnce(T) -> E,
+) -> (Option<E>, Vec<UserError>) {
+    match result {
+        Ok(w) => written(w, wrap),
+        Err(e) => (None, refused(e)),
     }
 }
 
-/// Checks an email address the way a sign-up form should: one `@`, a
-/// non-empty local part, a dotted domain, no spaces, at most 254 bytes.
-pub fn valid_email(email: &str) -> bool {
-    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return false;
+/// The same for writes that publish nothing.
+fn plain<T, E>(
+    result: Result<T, DomainError>,
+    wrap: impl FnOnce(T) -> E,
+) -> (Option<E>, Vec<UserError>) {
+    match result {
+        Ok(v) => (Some(wrap(v)), Vec::new()),
+        Err(e) => (None, refused(e)),
     }
-    let Some((local, domain)) = email.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && !domain.contains('@')
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !domain.contains("..")
-}
-
-fn check_text(errors: &mut Vec<UserError>, field: &str, value: &str, max: usize) {
-    if value.trim().is_empty() {
-        errors.push(invalid(field, format!("{field} must not be empty")));
-    } else if value.chars().count() > max {
-        errors.push(invalid(
-            field,
-            format!("{field} must be at most {max} characters"),
-        ));
-    }
-}
-
-fn check_password(errors: &mut Vec<UserError>, password: &str) {
-    let n = password.chars().count();
-    if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&n) {
-        errors.push(invalid(
-            "password",
-            format!("password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters"),
-        ));
-    }
-}
-
-/// Hashes off the async threads: argon2 is deliberately slow.
-async fn hash_password(password: String) -> Result<String, UserError> {
-    tokio::task::spawn_blocking(move || {
-        use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-        let salt = SaltString::generate(&mut OsRng);
-        argon2::Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-    })
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .ok_or_else(|| {
-        UserError::new(
-            Some("password"),
-            "the password could not be hashed",
-            ErrorCode::Internal,
-        )
-    })
-}
-
-async fn verify_password(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || {
-        use argon2::password_hash::{PasswordHash, PasswordVerifier};
-        PasswordHash::new(&hash)
-            .map(|parsed| {
-                argon2::Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false)
-}
-
-/// Publishes `payload` as an event; a failure becomes a user error (the
-/// write stands, and the client is told the event did not go out).
-async fn publish(
-    deps: &SchemaDeps,
-    topic: String,
-    kind: &str,
-    payload: &impl Serialize,
-) -> Option<UserError> {
-    let payload = match serde_json::to_value(payload) {
-        Ok(v) => v,
-        Err(_) => {
-            return Some(UserError::new(
-                None,
-                "the event could not be encoded",
-                ErrorCode::Internal,
-            ))
-        }
-    };
-    match deps.hub.publish(NewEvent::new(topic, kind, payload)).await {
-        Ok(_) => None,
-        Err(e) => {
-            tracing::warn!(error = %e, kind, "publish failed after a write");
-            Some(UserError::new(
-                None,
-                format!("saved, but the {kind} event could not be published: {e}"),
-                ErrorCode::Internal,
-            ))
-        }
-    }
-}
-
-fn viewer_id(ctx: &Context<'_>) -> Option<String> {
-    viewer(ctx).map(|p| p.user_id.clone())
 }
 
 #[Object]
 impl Mutation {
     /// Signs up a user.
     async fn create_user(&self, ctx: &Context<'_>, input: CreateUserInput) -> CreateUserPayload {
-        let deps = ctx_deps(ctx);
-        let mut errors = Vec::new();
-        let email = input.email.trim().to_owned();
-        if !valid_email(&email) {
-            errors.push(invalid("email", "email is not a valid address"));
-        }
-        check_text(&mut errors, "name", &input.name, MAX_NAME);
-        check_password(&mut errors, &input.password);
-        if !errors.is_empty() {
-            return CreateUserPayload { user: None, errors };
-        }
-        let password_hash = match hash_password(input.password).await {
-            Ok(h) => h,
-            Err(e) => {
-                return CreateUserPayload {
-                    user: None,
-                    errors: vec![e],
-                }
-            }
+        let domain = &ctx_deps(ctx).domain;
+        let signup = SignUp {
+            email: input.email,
+            name: input.name,
+            password: input.password,
         };
-        let new = NewUser {
-            email,
-            name: input.name.trim().to_owned(),
-            password_hash,
-        };
-        match deps.store.create_user(new).await {
-            Ok(user) => CreateUserPayload {
-                user: Some(User::new(user)),
-                errors: vec![],
-            },
-            Err(e) => CreateUserPayload {
-                user: None,
-                errors: vec![store_user_error(e, "email", "user")],
-            },
-        }
+        let (user, errors) = plain(domain.create_user(signup).await, User::new);
+        CreateUserPayload { user, errors }
     }
 
     /// Exchanges an email and password for a bearer token.
     async fn login(&self, ctx: &Context<'_>, input: LoginInput) -> LoginPayload {
-        let deps = ctx_deps(ctx);
-        let refused = || LoginPayload {
-            token: None,
-            user: None,
-            errors: vec![UserError::new(
-                None,
-                "the email or password is wrong",
-                ErrorCode::Unauthorized,
-            )],
-        };
-        let user = match deps.store.find_user_by_email(input.email.trim()).await {
-            Ok(Some(user)) => user,
-            Ok(None) => {
-                // Same cost as a real check, so timing does not reveal which emails exist.
-                let _ = hash_password(input.password).await;
-                return refused();
-            }
-            Err(e) => {
-                return LoginPayload {
-                    errors: vec![store_user_error(e, "email", "user")],
-                    ..Default::default()
-                }
-            }
-        };
-        if !verify_password(input.password, user.password_hash.clone()).await {
-            return refused();
-        }
-        let ttl = std::time::Duration::from_secs(deps.settings.auth.login_token_ttl_seconds);
-        match deps.auth.mint(&user.id, ttl, None) {
-            Ok(token) => LoginPayload {
-                token: Some(token),
-                user: Some(User::new(user)),
+        let domain = &ctx_deps(ctx).domain;
+        match domain.login(&input.email, input.password).await {
+            Ok(session) => LoginPayload {
+                token: Some(session.token),
+                user: Some(User::new(session.user)),
                 errors: vec![],
             },
             Err(e) => LoginPayload {
-                errors: vec![UserError::new(None, e.to_string(), ErrorCode::Internal)],
+                errors: refused(e),
                 ..Default::default()
             },
         }
@@ -408,233 +313,51 @@ impl Mutation {
 
     /// Updates the caller's own profile.
     async fn update_user(&self, ctx: &Context<'_>, input: UpdateUserInput) -> UpdateUserPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return UpdateUserPayload {
-                user: None,
-                errors: vec![unauthorized()],
-            };
+        let domain = &ctx_deps(ctx).domain;
+        let change = ProfileChange {
+            id: input.id.0,
+            name: input.name,
+            email: input.email,
+            password: input.password,
         };
-        if me != input.id.as_str() {
-            return UpdateUserPayload {
-                user: None,
-                errors: vec![forbidden("you may only update your own profile")],
-            };
-        }
-        let mut errors = Vec::new();
-        let email = input.email.map(|e| e.trim().to_owned());
-        if let Some(email) = &email {
-            if !valid_email(email) {
-                errors.push(invalid("email", "email is not a valid address"));
-            }
-        }
-        if let Some(name) = &input.name {
-            check_text(&mut errors, "name", name, MAX_NAME);
-        }
-        if let Some(password) = &input.password {
-            check_password(&mut errors, password);
-        }
-        if !errors.is_empty() {
-            return UpdateUserPayload { user: None, errors };
-        }
-        let password_hash = match input.password {
-            Some(p) => match hash_password(p).await {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    return UpdateUserPayload {
-                        user: None,
-                        errors: vec![e],
-                    }
-                }
-            },
-            None => None,
-        };
-        let patch = UserPatch {
-            email,
-            name: input.name.map(|n| n.trim().to_owned()),
-            password_hash,
-        };
-        match deps.store.update_user(&me, patch).await {
-            Ok(user) => {
-                let errors = publish(deps, topic::user(&user.id), "user.updated", &user)
-                    .await
-                    .into_iter()
-                    .collect();
-                UpdateUserPayload {
-                    user: Some(User::new(user)),
-                    errors,
-                }
-            }
-            Err(e) => UpdateUserPayload {
-                user: None,
-                errors: vec![store_user_error(e, "id", "user")],
-            },
-        }
+        let (user, errors) = outcome(domain.update_user(viewer(ctx), change).await, User::new);
+        UpdateUserPayload { user, errors }
     }
 
     /// Deletes the caller's own account.
     async fn delete_user(&self, ctx: &Context<'_>, input: DeleteUserInput) -> DeleteUserPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return DeleteUserPayload {
-                user: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        if me != input.id.as_str() {
-            return DeleteUserPayload {
-                user: None,
-                errors: vec![forbidden("you may only delete your own account")],
-            };
-        }
-        match deps.store.delete_user(&me).await {
-            Ok(user) => {
-                let errors = publish(deps, topic::user(&user.id), "user.deleted", &user)
-                    .await
-                    .into_iter()
-                    .collect();
-                DeleteUserPayload {
-                    user: Some(User::new(user)),
-                    errors,
-                }
-            }
-            Err(e) => DeleteUserPayload {
-                user: None,
-                errors: vec![store_user_error(e, "id", "user")],
-            },
-        }
+        let domain = &ctx_deps(ctx).domain;
+        let (user, errors) = outcome(domain.delete_user(viewer(ctx), &input.id).await, User::new);
+        DeleteUserPayload { user, errors }
     }
 
     /// Creates a post by the caller; publishes `post.created` on `posts`.
     async fn create_post(&self, ctx: &Context<'_>, input: CreatePostInput) -> CreatePostPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return CreatePostPayload {
-                post: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        let mut errors = Vec::new();
-        check_text(&mut errors, "title", &input.title, MAX_TITLE);
-        if input.content.chars().count() > MAX_CONTENT {
-            errors.push(invalid(
-                "content",
-                format!("content must be at most {MAX_CONTENT} characters"),
-            ));
-        }
-        if !errors.is_empty() {
-            return CreatePostPayload { post: None, errors };
-        }
-        match deps
-            .store
-            .create_post(&me, input.title.trim().to_owned(), input.content)
-            .await
-        {
-            Ok(post) => {
-                let errors = publish(deps, topic::POSTS.to_owned(), "post.created", &post)
-                    .await
-                    .into_iter()
-                    .collect();
-                CreatePostPayload {
-                    post: Some(Post::new(post)),
-                    errors,
-                }
-            }
-            Err(e) => CreatePostPayload {
-                post: None,
-                errors: vec![store_user_error(e, "id", "post")],
-            },
-        }
+        let domain = &ctx_deps(ctx).domain;
+        let result = domain
+            .create_post(viewer(ctx), input.title, input.content)
+            .await;
+        let (post, errors) = outcome(result, Post::new);
+        CreatePostPayload { post, errors }
     }
 
     /// Edits one of the caller's posts; publishes `post.updated` on `post:{id}`.
     async fn update_post(&self, ctx: &Context<'_>, input: UpdatePostInput) -> UpdatePostPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return UpdatePostPayload {
-                post: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        let mut errors = Vec::new();
-        if let Some(title) = &input.title {
-            check_text(&mut errors, "title", title, MAX_TITLE);
-        }
-        if input
-            .content
-            .as_ref()
-            .is_some_and(|c| c.chars().count() > MAX_CONTENT)
-        {
-            errors.push(invalid(
-                "content",
-                format!("content must be at most {MAX_CONTENT} characters"),
-            ));
-        }
-        if !errors.is_empty() {
-            return UpdatePostPayload { post: None, errors };
-        }
-        match owned_post(deps, &input.id, &me).await {
-            Ok(_) => {}
-            Err(e) => {
-                return UpdatePostPayload {
-                    post: None,
-                    errors: vec![e],
-                }
-            }
-        }
-        let patch = PostPatch {
-            title: input.title.map(|t| t.trim().to_owned()),
+        let domain = &ctx_deps(ctx).domain;
+        let change = PostChange {
+            id: input.id.0,
+            title: input.title,
             content: input.content,
         };
-        match deps.store.update_post(&input.id, patch).await {
-            Ok(post) => {
-                let errors = publish(deps, topic::post(&post.id), "post.updated", &post)
-                    .await
-                    .into_iter()
-                    .collect();
-                UpdatePostPayload {
-                    post: Some(Post::new(post)),
-                    errors,
-                }
-            }
-            Err(e) => UpdatePostPayload {
-                post: None,
-                errors: vec![store_user_error(e, "id", "post")],
-            },
-        }
+        let (post, errors) = outcome(domain.update_post(viewer(ctx), change).await, Post::new);
+        UpdatePostPayload { post, errors }
     }
 
     /// Deletes one of the caller's posts; publishes `post.deleted` on `post:{id}`.
     async fn delete_post(&self, ctx: &Context<'_>, input: DeletePostInput) -> DeletePostPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return DeletePostPayload {
-                post: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        if let Err(e) = owned_post(deps, &input.id, &me).await {
-            return DeletePostPayload {
-                post: None,
-                errors: vec![e],
-            };
-        }
-        match deps.store.delete_post(&input.id).await {
-            Ok(post) => {
-                let errors = publish(deps, topic::post(&post.id), "post.deleted", &post)
-                    .await
-                    .into_iter()
-                    .collect();
-                DeletePostPayload {
-                    post: Some(Post::new(post)),
-                    errors,
-                }
-            }
-            Err(e) => DeletePostPayload {
-                post: None,
-                errors: vec![store_user_error(e, "id", "post")],
-            },
-        }
+        let domain = &ctx_deps(ctx).domain;
+        let (post, errors) = outcome(domain.delete_post(viewer(ctx), &input.id).await, Post::new);
+        DeletePostPayload { post, errors }
     }
 
     /// Comments on a post; publishes `comment.created` on `post:{id}` and
@@ -644,85 +367,12 @@ impl Mutation {
         ctx: &Context<'_>,
         input: CreateCommentInput,
     ) -> CreateCommentPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return CreateCommentPayload {
-                comment: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        let mut errors = Vec::new();
-        check_text(&mut errors, "content", &input.content, MAX_COMMENT);
-        if !errors.is_empty() {
-            return CreateCommentPayload {
-                comment: None,
-                errors,
-            };
-        }
-        let post = match deps.store.get_posts(&[input.post_id.to_string()]).await {
-            Ok(mut found) => match found.pop().flatten() {
-                Some(post) => post,
-                None => {
-                    return CreateCommentPayload {
-                        comment: None,
-                        errors: vec![not_found("postId", "post")],
-                    }
-                }
-            },
-            Err(e) => {
-                return CreateCommentPayload {
-                    comment: None,
-                    errors: vec![store_user_error(e, "postId", "post")],
-                }
-            }
-        };
-        let comment = match deps
-            .store
-            .create_comment(&post.id, &me, input.content)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                return CreateCommentPayload {
-                    comment: None,
-                    errors: vec![store_user_error(e, "postId", "post")],
-                }
-            }
-        };
-        let mut errors: Vec<UserError> =
-            publish(deps, topic::post(&post.id), "comment.created", &comment)
-                .await
-                .into_iter()
-                .collect();
-        if post.author_id != me {
-            let payload =
-                serde_json::json!({ "postId": post.id, "commentId": comment.id, "authorId": me });
-            match deps
-                .store
-                .create_notification(
-                    &post.author_id,
-                    "comment.created".into(),
-                    format!("New comment on \"{}\"", post.title),
-                    payload,
-                )
-                .await
-            {
-                Ok(n) => errors.extend(
-                    publish(
-                        deps,
-                        topic::notifications(&n.user_id),
-                        "notification.created",
-                        &n,
-                    )
-                    .await,
-                ),
-                Err(e) => errors.push(store_user_error(e, "postId", "post")),
-            }
-        }
-        CreateCommentPayload {
-            comment: Some(Comment(comment)),
-            errors,
-        }
+        let domain = &ctx_deps(ctx).domain;
+        let result = domain
+            .create_comment(viewer(ctx), &input.post_id, input.content)
+            .await;
+        let (comment, errors) = outcome(result, Comment);
+        CreateCommentPayload { comment, errors }
     }
 
     /// Creates a channel owned by the caller.
@@ -731,159 +381,40 @@ impl Mutation {
         ctx: &Context<'_>,
         input: CreateChannelInput,
     ) -> CreateChannelPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return CreateChannelPayload {
-                channel: None,
-                errors: vec![unauthorized()],
-            };
+        let domain = &ctx_deps(ctx).domain;
+        let new = NewChannel {
+            name: input.name,
+            is_private: input.is_private,
+            member_ids: input.member_ids.into_iter().map(|id| id.0).collect(),
         };
-        let mut errors = Vec::new();
-        check_text(&mut errors, "name", &input.name, MAX_NAME);
-        if input.member_ids.len() > 1000 {
-            errors.push(invalid("memberIds", "at most 1000 members at creation"));
-        }
-        if !errors.is_empty() {
-            return CreateChannelPayload {
-                channel: None,
-                errors,
-            };
-        }
-        let member_ids: Vec<String> = input.member_ids.into_iter().map(|id| id.0).collect();
-        match deps.store.get_users(&member_ids).await {
-            Ok(found) => {
-                if let Some(missing) = member_ids.iter().zip(&found).find(|(_, u)| u.is_none()) {
-                    return CreateChannelPayload {
-                        channel: None,
-                        errors: vec![UserError::new(
-                            Some("memberIds"),
-                            format!("user {} not found", missing.0),
-                            ErrorCode::NotFound,
-                        )],
-                    };
-                }
-            }
-            Err(e) => {
-                return CreateChannelPayload {
-                    channel: None,
-                    errors: vec![store_user_error(e, "memberIds", "user")],
-                }
-            }
-        }
-        match deps
-            .store
-            .create_channel(
-                &me,
-                input.name.trim().to_owned(),
-                input.is_private,
-                member_ids,
-            )
-            .await
-        {
-            Ok(channel) => CreateChannelPayload {
-                channel: Some(Channel(channel)),
-                errors: vec![],
-            },
-            Err(e) => CreateChannelPayload {
-                channel: None,
-                errors: vec![store_user_error(e, "name", "channel")],
-            },
-        }
+        let (channel, errors) = plain(domain.create_channel(viewer(ctx), new).await, Channel);
+        CreateChannelPayload { channel, errors }
     }
 
     /// Joins a public channel.
     async fn join_channel(&self, ctx: &Context<'_>, input: JoinChannelInput) -> JoinChannelPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return JoinChannelPayload {
-                channel: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        let channel = match find_channel(deps, &input.channel_id).await {
-            Ok(c) => c,
-            Err(e) => {
-                return JoinChannelPayload {
-                    channel: None,
-                    errors: vec![e],
-                }
-            }
-        };
-        if !Channel(channel.clone()).readable_by(Some(&me)) {
-            // A private channel the caller is not in looks absent.
-            return JoinChannelPayload {
-                channel: None,
-                errors: vec![not_found("channelId", "channel")],
-            };
-        }
-        match deps.store.add_channel_member(&channel.id, &me).await {
-            Ok(channel) => JoinChannelPayload {
-                channel: Some(Channel(channel)),
-                errors: vec![],
-            },
-            Err(e) => JoinChannelPayload {
-                channel: None,
-                errors: vec![store_user_error(e, "channelId", "channel")],
-            },
-        }
+        let domain = &ctx_deps(ctx).domain;
+        let result = domain.join_channel(viewer(ctx), &input.channel_id).await;
+        let (channel, errors) = plain(result, Channel);
+        JoinChannelPayload { channel, errors }
     }
 
     /// Sends a message to a channel; publishes `message.created`
     /// `{"message": …}` on `channel:{id}`, the same event the envelope
-    /// WebSocket's `message.send` publishes.
-    // Both go through `domain::send_message`, so they cannot drift apart.
+    /// WebSocket's `message.send` publishes, within the same per-user
+    /// allowance (`ratelimit.user_messages_per_second`).
     async fn send_message(&self, ctx: &Context<'_>, input: SendMessageInput) -> SendMessagePayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return SendMessagePayload {
-                message: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        match domain::send_message(
-            deps.store.as_ref(),
-            &deps.hub,
-            &me,
-            &input.channel_id,
-            input.content,
-        )
-        .await
-        {
-            Ok(sent) => {
-                let errors = sent
-                    .publish_error
-                    .map(|e| {
-                        UserError::new(
-                            None,
-                            format!(
-                                "saved, but the {} event could not be published: {e}",
-                                domain::MESSAGE_CREATED
-                            ),
-                            ErrorCode::Internal,
-                        )
-                    })
-                    .into_iter()
-                    .collect();
-                SendMessagePayload {
-                    message: Some(Message::new(sent.message)),
-                    errors,
-                }
-            }
-            Err(refusal) => {
-                let error = match refusal {
-                    SendRefusal::Invalid { field, message } => invalid(field, message),
-                    // A private channel the caller is not in looks absent.
-                    SendRefusal::NotFound | SendRefusal::NotMember => {
-                        not_found("channelId", "channel")
-                    }
-                    SendRefusal::Store(e) => store_user_error(e, "channelId", "channel"),
-                };
-                SendMessagePayload {
-                    message: None,
-                    errors: vec![error],
-                }
-            }
-        }
+        let domain = &ctx_deps(ctx).domain;
+        let result = domain
+            .send_message(
+                viewer(ctx),
+                &input.channel_id,
+                input.content,
+                Allowance::Charge,
+            )
+            .await;
+        let (message, errors) = outcome(result, Message::new);
+        SendMessagePayload { message, errors }
     }
 
     /// Marks one of the caller's notifications read.
@@ -892,65 +423,24 @@ impl Mutation {
         ctx: &Context<'_>,
         input: MarkNotificationReadInput,
     ) -> MarkNotificationReadPayload {
-        let deps = ctx_deps(ctx);
-        let Some(me) = viewer_id(ctx) else {
-            return MarkNotificationReadPayload {
-                notification: None,
-                errors: vec![unauthorized()],
-            };
-        };
-        match deps.store.mark_notification_read(&me, &input.id).await {
-            Ok(n) => MarkNotificationReadPayload {
-                notification: Some(Notification::new(n)),
-                errors: vec![],
-            },
-            Err(e) => MarkNotificationReadPayload {
-                notification: None,
-                errors: vec![store_user_error(e, "id", "notification")],
-            },
+        let domain = &ctx_deps(ctx).domain;
+        let result = domain.mark_notification_read(viewer(ctx), &input.id).await;
+        let (notification, errors) = plain(result, Notification::new);
+        MarkNotificationReadPayload {
+            notification,
+            errors,
         }
     }
-}
-
-/// The post `id` if the caller wrote it.
-async fn owned_post(deps: &SchemaDeps, id: &str, me: &str) -> Result<store::Post, UserError> {
-    let post = deps
-        .store
-        .get_posts(&[id.to_owned()])
-        .await
-        .map_err(|e| store_user_error(e, "id", "post"))?
-        .pop()
-        .flatten()
-        .ok_or_else(|| not_found("id", "post"))?;
-    if post.author_id != me {
-        return Err(forbidden("you may only change your own posts"));
-    }
-    Ok(post)
-}
-
-async fn find_channel(deps: &SchemaDeps, id: &str) -> Result<store::Channel, UserError> {
-    deps.store
-        .get_channels(&[id.to_owned()])
-        .await
-        .map_err(|e| store_user_error(e, "channelId", "channel"))?
-        .pop()
-        .flatten()
-        .ok_or_else(|| not_found("channelId", "channel"))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::valid_email;
+    use super::schema_field;
 
     #[test]
-    fn emails_are_checked() {
-        for ok in ["a@b.co", "first.last+tag@sub.example.org"] {
-            assert!(valid_email(ok), "{ok}");
-        }
-        for bad in [
-            "", "a", "a@b", "@b.co", "a@@b.co", "a b@c.de", "a@.b.co", "a@b.co.", "a@b..co",
-        ] {
-            assert!(!valid_email(bad), "{bad}");
-        }
+    fn domain_fields_are_spelt_as_the_schema_spells_them() {
+        assert_eq!(schema_field("channel_id"), "channelId");
+        assert_eq!(schema_field("member_ids"), "memberIds");
+        assert_eq!(schema_field("email"), "email");
     }
 }

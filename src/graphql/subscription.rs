@@ -13,17 +13,18 @@ use async_graphql::{
     Context, ErrorExtensions, Json, Result, Subscription as SubscriptionMacro, ID,
 };
 use futures_util::{future, stream, Stream, StreamExt};
-use serde::de::DeserializeOwned;
 
 use super::types::{Event, Message, Notification, Post, User};
 use super::{coded_error, ctx_deps, require_viewer, viewer};
 use crate::auth::policy::authorize;
 use crate::broker::GapReason;
+use crate::domain::events::{
+    EventKind, MessageCreated, NotificationCreated, PostCreated, PostUpdated, UserUpdated,
+};
 use crate::error::ErrorCode;
 use crate::event::{topic, SharedEvent};
 use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
-use crate::store;
 
 /// The most topics one `events` subscription may name.
 pub const MAX_TOPICS: usize = 20;
@@ -40,7 +41,7 @@ impl Subscription {
     /// Every new post.
     async fn post_created(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Result<Post>>> {
         let events = open(ctx, vec![(topic::POSTS.to_owned(), None)]).await?;
-        Ok(typed::<store::Post>(events, "post.created").map(|r| r.map(|(p, _)| Post(p))))
+        Ok(typed::<PostCreated>(events).map(|r| r.map(|(p, _)| Post(p))))
     }
 
     /// Edits of one post.
@@ -50,7 +51,7 @@ impl Subscription {
         id: ID,
     ) -> Result<impl Stream<Item = Result<Post>>> {
         let events = open(ctx, vec![(topic::post(&id), None)]).await?;
-        Ok(typed::<store::Post>(events, "post.updated").map(|r| r.map(|(p, _)| Post(p))))
+        Ok(typed::<PostUpdated>(events).map(|r| r.map(|(p, _)| Post(p))))
     }
 
     /// Profile updates of one user.
@@ -60,7 +61,7 @@ impl Subscription {
         id: ID,
     ) -> Result<impl Stream<Item = Result<User>>> {
         let events = open(ctx, vec![(topic::user(&id), None)]).await?;
-        Ok(typed::<store::User>(events, "user.updated").map(|r| r.map(|(u, _)| User(u))))
+        Ok(typed::<UserUpdated>(events).map(|r| r.map(|(u, _)| User(u))))
     }
 
     /// The caller's own notifications.
@@ -70,8 +71,7 @@ impl Subscription {
     ) -> Result<impl Stream<Item = Result<Notification>>> {
         let me = require_viewer(ctx)?.user_id.clone();
         let events = open(ctx, vec![(topic::notifications(&me), None)]).await?;
-        Ok(typed::<store::Notification>(events, "notification.created")
-            .map(|r| r.map(|(n, _)| Notification(n))))
+        Ok(typed::<NotificationCreated>(events).map(|r| r.map(|(n, _)| Notification(n))))
     }
 
     /// Messages sent to a channel (members only when it is private). With
@@ -85,7 +85,7 @@ impl Subscription {
         after: Option<String>,
     ) -> Result<impl Stream<Item = Result<Message>>> {
         let events = open(ctx, vec![(topic::channel(&channel_id), after)]).await?;
-        Ok(typed::<MessageCreated>(events, "message.created")
+        Ok(typed::<MessageCreated>(events)
             .map(|r| r.map(|(m, id)| Message(m.message.clone(), Some(id)))))
     }
 
@@ -201,24 +201,18 @@ async fn open(
     Ok(merged.chain(tail))
 }
 
-/// The payload of `message.created`: `{"message": …}`.
-#[derive(Clone, serde::Deserialize)]
-struct MessageCreated {
-    message: Arc<store::Message>,
-}
-
 /// Events of `kind` decoded into `T` (once per node, not per subscriber),
 /// each with its event id; others, and undecodable ones, skipped; errors
 /// passed through.
-fn typed<T: DeserializeOwned + Send + Sync + 'static>(
+fn typed<K: EventKind>(
     events: impl Stream<Item = Result<Arc<SharedEvent>>>,
-    kind: &'static str,
-) -> impl Stream<Item = Result<(Arc<T>, String)>> {
+) -> impl Stream<Item = Result<(Arc<K::Payload>, String)>> {
+    let kind = K::NAME;
     events.filter_map(move |item| {
         let out = match item {
             Err(e) => Some(Err(e)),
             Ok(shared) if shared.event.kind == kind => {
-                let decoded = shared.payload_as::<T>();
+                let decoded = shared.payload_as::<K::Payload>();
                 if decoded.is_none() {
                     tracing::warn!(kind, id = %shared.event.id, "an event payload did not decode; skipped");
                 }

@@ -278,7 +278,7 @@ impl OnlineUser {
 impl Channel {
     /// Whether the caller of `ctx` may read this channel.
     pub fn readable_by(&self, user_id: Option<&str>) -> bool {
-        !self.0.is_private || user_id.is_some_and(|u| self.0.member_ids.iter().any(|m| m == u))
+        crate::domain::channels::readable_by(&self.0, user_id)
     }
 }
 

@@ -841,7 +841,13 @@ async fn a_draining_node_closes_with_1001_and_a_silent_peer_is_dropped() {
 
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_is_cut_off_with_1013() {
-    let node = Node::start(&[("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "4")]);
+    let node = Node::start(&[
+        ("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "4"),
+        // Ann sends hundreds of messages through GraphQL, which draws on
+        // her per-user message allowance like /ws does.
+        ("SUBGATE__RATELIMIT__USER_MESSAGES_PER_SECOND", "100000"),
+        ("SUBGATE__RATELIMIT__USER_MESSAGES_BURST", "100000"),
+    ]);
     let ann = create_user(&node, "Ann").await;
     let room = create_channel(&node, &ann, false, &[]).await;
     let url = node.ws_url(&format!("/ws?token={}", ann.token));
@@ -991,4 +997,88 @@ async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_off
         "Ann is no longer listed online"
     );
     drop(ann_n2);
+}
+
+/// GraphQL `sendMessage` and `/ws` `message.send` are one domain decision:
+/// for the same user and input they accept or refuse alike, and they draw
+/// on the same per-user message allowance.
+#[tokio::test]
+async fn send_message_and_message_send_decide_alike_rate_limit_included() {
+    let node = Node::start(&[
+        // Eight messages per user, practically no refill; the connection's
+        // own allowance out of the way.
+        ("SUBGATE__RATELIMIT__USER_MESSAGES_PER_SECOND", "0.001"),
+        ("SUBGATE__RATELIMIT__USER_MESSAGES_BURST", "8"),
+        ("SUBGATE__RATELIMIT__MESSAGES_PER_SECOND", "100"),
+        ("SUBGATE__RATELIMIT__MESSAGES_BURST", "100"),
+    ]);
+    let ann = create_user(&node, "Ann").await;
+    let bob = create_user(&node, "Bob").await;
+    let open = create_channel(&node, &ann, false, &[]).await;
+    let closed = create_channel(&node, &bob, true, &[]).await;
+    let mut ws = Client::user(&node, &ann).await;
+    let graphql = |channel: &str, content: &str| {
+        let (node, token) = (&node, ann.token.clone());
+        let vars = json!({ "input": { "channelId": channel, "content": content } });
+        async move {
+            let data = gql(node, SEND_MESSAGE, vars, Some(&token)).await;
+            data["data"]["sendMessage"].clone()
+        }
+    };
+    let first_error_code = |payload: &Value| payload["errors"][0]["code"].clone();
+
+    // Accepted by both.
+    ws.say(&open, "hello from /ws").await;
+    let sent = graphql(&open, "hello from GraphQL").await;
+    assert_eq!(sent["message"]["content"], "hello from GraphQL", "{sent}");
+    assert_eq!(sent["errors"], json!([]));
+
+    // Blank content: refused by both, on the content field.
+    ws.send(
+        "message.send",
+        json!({ "channel_id": open, "content": "  " }),
+    )
+    .await;
+    let e = ws.error().await;
+    assert_eq!(
+        (e["code"].as_str(), e["field"].as_str()),
+        (Some("bad_request"), Some("payload.content"))
+    );
+    let g = graphql(&open, "  ").await;
+    assert_eq!(first_error_code(&g), "VALIDATION_ERROR", "{g}");
+    assert_eq!(g["errors"][0]["field"], "content");
+    assert_eq!(g["message"], Value::Null);
+
+    // No such channel: not found for both.
+    ws.send(
+        "message.send",
+        json!({ "channel_id": "nope", "content": "hi" }),
+    )
+    .await;
+    assert_eq!(ws.error().await["code"], "not_found");
+    let g = graphql("nope", "hi").await;
+    assert_eq!(first_error_code(&g), "NOT_FOUND", "{g}");
+
+    // Someone else's private channel: refused by both (GraphQL does not
+    // even say it exists).
+    ws.send(
+        "message.send",
+        json!({ "channel_id": closed, "content": "hi" }),
+    )
+    .await;
+    assert_eq!(ws.error().await["code"], "forbidden");
+    let g = graphql(&closed, "hi").await;
+    assert_eq!(first_error_code(&g), "NOT_FOUND", "{g}");
+
+    // Eight messages used between the two: the ninth is refused on either.
+    ws.send(
+        "message.send",
+        json!({ "channel_id": open, "content": "one more" }),
+    )
+    .await;
+    let e = ws.error().await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    let g = graphql(&open, "one more").await;
+    assert_eq!(first_error_code(&g), "RATE_LIMITED", "{g}");
+    assert_eq!(g["message"], Value::Null);
 }

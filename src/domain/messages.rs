@@ -1,38 +1,30 @@
-//! Domain operations that more than one transport performs, decided in one
-//! place so that GraphQL's `sendMessage` and the envelope protocol's
-//! `message.send` (and its `user.typing`) cannot drift apart.
+//! Messages and typing signals: what GraphQL's `sendMessage` and the
+//! envelope protocol's `message.send` (and its `user.typing`) both do,
+//! decided here so that they cannot drift apart.
 //!
 //! Each function checks, writes to the store, publishes through the hub and
 //! says what happened; turning the outcome into a `UserError` or an
 //! envelope `error` is the transport's business.
 
-use serde::Serialize;
-
+use crate::auth::Principal;
 use crate::broker::BrokerError;
-use crate::event::{topic, NewEvent};
 use crate::hub::Hub;
 use crate::store::{self, Store, StoreError};
+
+use super::channels::readable_by;
+use super::events::{
+    EventKind, MessageCreated as MessageKind, MessagePayload, TypingPayload,
+    UserTyping as TypingKind,
+};
+use super::{Domain, DomainError, FieldProblem, Unpublished, Written};
 
 /// The longest message, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 4_000;
 
 /// The event type of a stored message.
-pub const MESSAGE_CREATED: &str = "message.created";
+pub const MESSAGE_CREATED: &str = MessageKind::NAME;
 /// The event type of a typing signal.
-pub const USER_TYPING: &str = "user.typing";
-
-/// The payload of `message.created` on `channel:{id}`, on every transport.
-#[derive(Serialize)]
-pub struct MessageCreated<'a> {
-    pub message: &'a store::Message,
-}
-
-/// The payload of `user.typing` on `channel:{id}`.
-#[derive(Serialize)]
-pub struct UserTyping<'a> {
-    pub user_id: &'a str,
-    pub channel_id: &'a str,
-}
+pub const USER_TYPING: &str = TypingKind::NAME;
 
 /// Why a message was not stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +88,7 @@ pub async fn send_message(
         .pop()
         .flatten()
         .ok_or(SendRefusal::NotFound)?;
-    if channel.is_private && !channel.member_ids.iter().any(|m| m == author_id) {
+    if !readable_by(&channel, Some(author_id)) {
         return Err(SendRefusal::NotMember);
     }
     let message = store
@@ -107,16 +99,11 @@ pub async fn send_message(
             StoreError::NotFound => SendRefusal::NotFound,
             other => SendRefusal::Store(other),
         })?;
-    let payload = serde_json::to_value(MessageCreated { message: &message })
-        .expect("a message always serializes");
-    let publish_error = hub
-        .publish(NewEvent::new(
-            topic::channel(&channel.id),
-            MESSAGE_CREATED,
-            payload,
-        ))
-        .await
-        .err();
+    let payload = MessagePayload {
+        message: std::sync::Arc::new(message),
+    };
+    let publish_error = hub.publish(MessageKind::event(&payload)).await.err();
+    let message = std::sync::Arc::try_unwrap(payload.message).unwrap_or_else(|m| (*m).clone());
     if let Some(e) = &publish_error {
         tracing::warn!(error = %e, "message stored but message.created not published");
     }
@@ -130,20 +117,80 @@ pub async fn send_message(
 /// stored: a typing signal matters for seconds. The caller has checked that
 /// the user may read the channel and throttled the signal.
 pub async fn signal_typing(hub: &Hub, user_id: &str, channel_id: &str) -> Result<(), BrokerError> {
-    let payload = serde_json::to_value(UserTyping {
-        user_id,
-        channel_id,
-    })
-    .expect("strings always serialize");
-    hub.publish(NewEvent::new(topic::channel(channel_id), USER_TYPING, payload).ephemeral())
-        .await
-        .map(drop)
+    let payload = TypingPayload {
+        user_id: user_id.to_owned(),
+        channel_id: channel_id.to_owned(),
+    };
+    hub.publish(TypingKind::event(&payload)).await.map(drop)
+}
+
+/// Whether a message's sender still has to be charged against their
+/// per-user message allowance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowance {
+    /// Charge it now (a GraphQL mutation).
+    Charge,
+    /// Already charged for the frame that carried it (the `/ws` protocol
+    /// charges every frame it reads against the same allowance).
+    Charged,
+}
+
+impl Domain {
+    /// Sends `content` to `channel_id` as the caller, within the caller's
+    /// message allowance (`ratelimit.user_messages_per_second` per user on
+    /// this node, shared with the `/ws` protocol).
+    pub async fn send_message(
+        &self,
+        principal: Option<&Principal>,
+        channel_id: &str,
+        content: String,
+        allowance: Allowance,
+    ) -> Result<Written<store::Message>, DomainError> {
+        let me = Self::actor(principal)?;
+        if allowance == Allowance::Charge {
+            self.limits
+                .user_message(me)
+                .map_err(DomainError::RateLimited)?;
+        }
+        match send_message(self.store.as_ref(), &self.hub, me, channel_id, content).await {
+            Ok(sent) => Ok(Written {
+                value: sent.message,
+                unpublished: sent
+                    .publish_error
+                    .map(|error| Unpublished {
+                        kind: MESSAGE_CREATED,
+                        error,
+                    })
+                    .into_iter()
+                    .collect(),
+                incomplete: Vec::new(),
+            }),
+            Err(refusal) => Err(refusal.into()),
+        }
+    }
+}
+
+impl From<SendRefusal> for DomainError {
+    fn from(refusal: SendRefusal) -> Self {
+        match refusal {
+            SendRefusal::Invalid { field, message } => {
+                DomainError::Invalid(vec![FieldProblem { field, message }])
+            }
+            // A private channel the sender is not in looks absent.
+            SendRefusal::NotFound | SendRefusal::NotMember => DomainError::NotFound {
+                field: "channel_id",
+                what: "channel",
+            },
+            SendRefusal::Store(e) => DomainError::store(e, "channel_id", "channel"),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
+    use crate::event::topic;
     use crate::store::memory::MemoryStore;
     use crate::telemetry::metrics::Metrics;
     use std::sync::Arc;
