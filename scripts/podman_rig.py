@@ -391,6 +391,8 @@ def adaptation(project: Project, skip: dict[str, str]) -> Adaptation:
                 "checks with systemd timers, and there is no systemd here")
     a.deviations.append(f"every container: ulimits.nproc {a.nproc} unless the file says otherwise "
                         "(podman's rootful default is refused here)")
+    a.deviations.append("no health check runs in the background (`podman ps` shows the nodes "
+                        "`starting`); the checks below run each node's HEALTHCHECK once")
     a.deviations.append(f"haproxy: its config is mounted as a copy with one change: `nameserver dns "
                         f"{DOCKER_DNS}:53` (Docker's embedded DNS) becomes the network's gateway, "
                         "where aardvark-dns answers")
