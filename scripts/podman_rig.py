@@ -371,7 +371,8 @@ def adaptation(project: Project, skip: dict[str, str]) -> Adaptation:
         if s.built:
             a.deviations.append(
                 f"{s.name}: build: not run; {s.image} is the Dockerfile's runtime stage built by "
-                "scripts/podman-rig on a debootstrap stand-in for its base, around target/release")
+                "scripts/podman-rig on a debootstrap stand-in for its base, around the binaries built here "
+                "(target/release, or $SUBGATE_BIN and $SUBGATE_LOADGEN_BIN)")
         for kind, (soft, hard) in s.ulimits.items():
             if kind == "nofile" and hard > a.nofile_cap:
                 a.deviations.append(
