@@ -28,6 +28,14 @@ pub enum ErrorCode {
     /// Events were lost here: the resume position is older than the
     /// retained history, from a lost history, or malformed (`extensions.reason`).
     HistoryGap,
+    /// The node cannot take this now (draining, at capacity, its bus
+    /// down); another node, or this one later, may.
+    Unavailable,
+    /// The request is not a GraphQL request the transport can run.
+    BadRequest,
+    /// The connection already runs `websocket.max_subscriptions_per_connection`
+    /// subscriptions.
+    TooManySubscriptions,
 }
 
 impl ErrorCode {
@@ -42,6 +50,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::HistoryGap => "HISTORY_GAP",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
         }
     }
 }

@@ -57,8 +57,11 @@ fn main() -> ExitCode {
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let settings = match Settings::load(&dir, cli.config.as_deref()) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("subgate: {e}");
+        Err(errors) => {
+            // One line per problem, each naming its key.
+            for e in &errors.0 {
+                eprintln!("subgate: {e}");
+            }
             return ExitCode::FAILURE;
         }
     };

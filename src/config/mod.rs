@@ -375,6 +375,38 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// Every problem of one configuration, each on a line of its own naming
+/// its key: an operator fixes them in one go, not one start at a time.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The first problem (there is always one).
+    pub fn first(&self) -> &ConfigError {
+        &self.0[0]
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
 impl ConfigError {
     fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
@@ -387,7 +419,7 @@ impl ConfigError {
 impl Settings {
     /// Loads the layers from `dir` (normally the working directory), then the
     /// optional `--config` file, then the environment.
-    pub fn load(dir: &Path, file: Option<&Path>) -> Result<Self, ConfigError> {
+    pub fn load(dir: &Path, file: Option<&Path>) -> Result<Self, ConfigErrors> {
         Self::load_from(dir, file, std::env::vars())
     }
 
@@ -396,7 +428,7 @@ impl Settings {
         dir: &Path,
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, ConfigErrors> {
         let vars: Vec<(String, String)> = vars.into_iter().collect();
         let env_name = vars
             .iter()
@@ -413,7 +445,8 @@ impl Settings {
                 return Err(ConfigError::new(
                     "SUBGATE_ENV",
                     format!("{name:?} is not a valid environment name"),
-                ));
+                )
+                .into());
             }
             builder = builder.add_source(
                 config::File::from(dir.join(format!("config/{name}.toml"))).required(false),
@@ -424,7 +457,8 @@ impl Settings {
                 return Err(ConfigError::new(
                     "--config",
                     format!("{} is not a readable file", file.display()),
-                ));
+                )
+                .into());
             }
             builder = builder.add_source(config::File::from(file).required(true));
         }
@@ -445,21 +479,27 @@ impl Settings {
         let raw = builder.build().map_err(config_error)?;
         // Enum-valued keys are checked by name first: the config crate's own
         // message for an unknown variant does not say which key it was.
+        let mut errors = Vec::new();
         for (key, allowed) in [
             ("environment", &["development", "production"][..]),
             ("log.format", &["text", "json"][..]),
         ] {
             if let Ok(value) = raw.get_string(key) {
                 if !allowed.contains(&value.as_str()) {
-                    return Err(ConfigError::new(
+                    errors.push(ConfigError::new(
                         key,
                         format!("{value:?} is not one of {}", allowed.join(", ")),
                     ));
                 }
             }
         }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        // Deserializing stops at the first key of the wrong type; every
+        // value-level problem after that is listed by `validate`.
         let settings: Settings = raw.try_deserialize().map_err(config_error)?;
-        settings.validate().map_err(|mut errors| errors.remove(0))?;
+        settings.validate().map_err(ConfigErrors)?;
         Ok(settings)
     }
 
@@ -711,13 +751,47 @@ fn config_error(err: config::ConfigError) -> ConfigError {
 mod tests {
     use super::*;
 
+    /// Loads with `vars`; the first problem when it fails.
     fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        load_all(vars).map_err(|mut e| e.0.remove(0))
+    }
+
+    fn load_all(vars: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
         let dir = std::env::temp_dir().join("subgate-config-test-empty");
         Settings::load_from(
             &dir,
             None,
             vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported_at_once_one_line_each() {
+        let err = load_all(&[
+            ("SUBGATE__RATELIMIT__PUBLISH_PER_SECOND", "0"),
+            ("SUBGATE__RATELIMIT__MESSAGES_BURST", "0"),
+            ("SUBGATE__PRESENCE__REFRESH_SECONDS", "15"),
+        ])
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "ratelimit.publish_per_second",
+            "ratelimit.messages_burst",
+            "presence.refresh_seconds",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        let text = err.to_string();
+        assert_eq!(text.lines().count(), err.0.len(), "{text}");
+        assert!(text
+            .lines()
+            .all(|l| l.starts_with("invalid configuration: ")));
+        let both = load_all(&[
+            ("SUBGATE__ENVIRONMENT", "staging"),
+            ("SUBGATE__LOG__FORMAT", "xml"),
+        ])
+        .unwrap_err();
+        assert_eq!(both.0.len(), 2, "{both}");
     }
 
     #[test]
