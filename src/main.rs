@@ -121,12 +121,18 @@ fn serve(settings: Settings) -> ExitCode {
         }
     };
     // The node is built inside the runtime: the broker starts tasks.
-    let result = actix_web::rt::System::new().block_on(async move {
+    let runtime = actix_web::rt::System::new();
+    let result = runtime.block_on(async move {
         let state = subgate::app::build(settings).map_err(|e| e.to_string())?;
         subgate::app::serve(state, listener)
             .await
             .map_err(|e| e.to_string())
     });
+    // Dropping the runtime would wait for its blocking threads, and one
+    // may be stuck for many seconds in a DNS lookup of an unreachable Redis
+    // host: the drain is over and the exit must not wait past
+    // `server.drain_timeout_seconds`, so the runtime is left to the exit.
+    std::mem::forget(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -104,6 +104,26 @@ pub(crate) fn store_error(err: StoreError) -> async_graphql::Error {
 }
 
 /// Validates `first`/`after` into a store page request.
+/// One page of a list field: `first`/`after` checked against the limits,
+/// the page read by `fetch`, its items wrapped into the schema's type.
+pub(crate) async fn paged<S, T, Fut>(
+    ctx: &Context<'_>,
+    first: Option<i32>,
+    after: Option<String>,
+    fetch: impl FnOnce(Arc<dyn Store>, PageRequest) -> Fut,
+    wrap: impl Fn(S) -> T,
+) -> async_graphql::Result<types::Conn<T>>
+where
+    T: async_graphql::OutputType,
+    Fut: std::future::Future<Output = crate::store::StoreResult<crate::store::Page<S>>>,
+{
+    let request = page_request(ctx, first, after)?;
+    let page = fetch(ctx_deps(ctx).store.clone(), request)
+        .await
+        .map_err(store_error)?;
+    Ok(types::connection(page, wrap))
+}
+
 pub(crate) fn page_request(
     ctx: &Context<'_>,
     first: Option<i32>,

@@ -2,8 +2,12 @@
 
 use async_graphql::{Context, Object, Result, ID};
 
-use super::types::{connection, Channel, Conn, Notification, Post, User};
-use super::{ctx_deps, loaders, page_request, require_viewer, store_error, viewer};
+use super::types::{Channel, Conn, Notification, Post, User};
+use super::{loaders, paged, require_viewer, viewer};
+use crate::domain::channels::readable_by;
+use std::sync::Arc;
+
+use crate::store::Store;
 
 pub struct Query;
 
@@ -33,13 +37,14 @@ impl Query {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Conn<User>> {
-        let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx)
-            .store
-            .list_users(page)
-            .await
-            .map_err(store_error)?;
-        Ok(connection(page, User::new))
+        paged(
+            ctx,
+            first,
+            after,
+            |s, p| async move { s.list_users(p).await },
+            User::new,
+        )
+        .await
     }
 
     /// Posts, newest first; only one author's with `authorId`.
@@ -51,13 +56,15 @@ impl Query {
         after: Option<String>,
         author_id: Option<ID>,
     ) -> Result<Conn<Post>> {
-        let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx)
-            .store
-            .list_posts(author_id.as_ref().map(|id| id.as_str()), page)
-            .await
-            .map_err(store_error)?;
-        Ok(connection(page, Post::new))
+        let author = author_id.as_ref().map(|id| id.as_str());
+        paged(
+            ctx,
+            first,
+            after,
+            |s, p| async move { s.list_posts(author, p).await },
+            Post::new,
+        )
+        .await
     }
 
     /// A channel; null when it does not exist or is private and the caller
@@ -77,18 +84,15 @@ impl Query {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Conn<Channel>> {
-        let page = page_request(ctx, first, after)?;
-        let me = viewer(ctx).map(|p| p.user_id.clone());
-        let mut page = ctx_deps(ctx)
-            .store
-            .list_channels(page)
-            .await
-            .map_err(store_error)?;
-        // Private channels the caller cannot see are left out of the page;
-        // totalCount still counts every channel.
-        page.items
-            .retain(|(_, c)| Channel(c.clone()).readable_by(me.as_deref()));
-        Ok(connection(page, Channel))
+        let me = viewer(ctx).map(|p| p.user_id.as_str());
+        let visible = |s: Arc<dyn Store>, p| async move {
+            let mut page = s.list_channels(p).await?;
+            // Private channels the caller cannot see are left out of the
+            // page; totalCount still counts every channel.
+            page.items.retain(|(_, c)| readable_by(c, me));
+            Ok(page)
+        };
+        paged(ctx, first, after, visible, Channel).await
     }
 
     /// The caller's notifications, newest first.
@@ -99,13 +103,8 @@ impl Query {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Conn<Notification>> {
-        let me = require_viewer(ctx)?;
-        let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx)
-            .store
-            .list_notifications(&me.user_id, page)
-            .await
-            .map_err(store_error)?;
-        Ok(connection(page, Notification::new))
+        let me = &require_viewer(ctx)?.user_id;
+        let list = |s: Arc<dyn Store>, p| async move { s.list_notifications(me, p).await };
+        paged(ctx, first, after, list, Notification::new).await
     }
 }

@@ -7,8 +7,9 @@ use async_graphql::{ComplexObject, Context, Json, Object, Result, SimpleObject, 
 use base64::Engine;
 use chrono::{DateTime, Utc};
 
-use super::{ctx_deps, loaders, page_request, store_error, viewer};
+use super::{ctx_deps, loaders, paged, store_error, viewer};
 use crate::error::ErrorCode;
+use crate::store::Store;
 use crate::store::{self, Page};
 
 /// An opaque cursor: the item's position in its list.
@@ -116,14 +117,15 @@ impl User {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Conn<Post>> {
-        let page = page_request(ctx, first, after)?;
-        let deps = ctx_deps(ctx);
-        let page = deps
-            .store
-            .list_posts(Some(&self.0.id), page)
-            .await
-            .map_err(store_error)?;
-        Ok(connection(page, Post::new))
+        let author = Some(self.0.id.as_str());
+        paged(
+            ctx,
+            first,
+            after,
+            |s, p| async move { s.list_posts(author, p).await },
+            Post::new,
+        )
+        .await
     }
 }
 
@@ -165,13 +167,15 @@ impl Post {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Conn<Comment>> {
-        let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx)
-            .store
-            .list_comments(&self.0.id, page)
-            .await
-            .map_err(store_error)?;
-        Ok(connection(page, Comment))
+        let post = &self.0.id;
+        paged(
+            ctx,
+            first,
+            after,
+            |s, p| async move { s.list_comments(post, p).await },
+            Comment,
+        )
+        .await
     }
 }
 
@@ -233,13 +237,9 @@ impl Channel {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Conn<Message>> {
-        let page = page_request(ctx, first, after)?;
-        let page = ctx_deps(ctx)
-            .store
-            .list_messages(&self.0.id, page)
-            .await
-            .map_err(store_error)?;
-        Ok(connection(page, Message::new))
+        let channel = &self.0.id;
+        let list = |s: Arc<dyn Store>, p| async move { s.list_messages(channel, p).await };
+        paged(ctx, first, after, list, Message::new).await
     }
     /// The users online in this channel now, on any node, ordered by user
     /// id. Changes arrive as `presence.updated` events on `channel:{id}`.
