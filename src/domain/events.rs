@@ -27,74 +27,41 @@ pub trait EventKind {
     }
 }
 
-/// A post was written: `post.created` on `posts`.
-pub struct PostCreated;
-impl EventKind for PostCreated {
-    const NAME: &'static str = "post.created";
-    type Payload = store::Post;
-    fn topic(_: &store::Post) -> String {
-        topic::POSTS.to_owned()
-    }
+/// Declares event kinds: a unit type each, its name, payload type and
+/// topic (computed from the payload).
+macro_rules! kinds {
+    ($($(#[$doc:meta])* $kind:ident = $name:literal, $payload:ty, |$p:pat_param| $topic:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub struct $kind;
+            impl EventKind for $kind {
+                const NAME: &'static str = $name;
+                type Payload = $payload;
+                fn topic($p: &$payload) -> String {
+                    $topic
+                }
+            }
+        )*
+    };
 }
 
-/// A post was edited: `post.updated` on `post:{id}`.
-pub struct PostUpdated;
-impl EventKind for PostUpdated {
-    const NAME: &'static str = "post.updated";
-    type Payload = store::Post;
-    fn topic(post: &store::Post) -> String {
-        topic::post(&post.id)
-    }
-}
-
-/// A post was deleted: `post.deleted` on `post:{id}`.
-pub struct PostDeleted;
-impl EventKind for PostDeleted {
-    const NAME: &'static str = "post.deleted";
-    type Payload = store::Post;
-    fn topic(post: &store::Post) -> String {
-        topic::post(&post.id)
-    }
-}
-
-/// A post got a comment: `comment.created` on `post:{postId}`.
-pub struct CommentCreated;
-impl EventKind for CommentCreated {
-    const NAME: &'static str = "comment.created";
-    type Payload = store::Comment;
-    fn topic(comment: &store::Comment) -> String {
-        topic::post(&comment.post_id)
-    }
-}
-
-/// A profile changed: `user.updated` on `user:{id}`.
-pub struct UserUpdated;
-impl EventKind for UserUpdated {
-    const NAME: &'static str = "user.updated";
-    type Payload = store::User;
-    fn topic(user: &store::User) -> String {
-        topic::user(&user.id)
-    }
-}
-
-/// An account was deleted: `user.deleted` on `user:{id}`.
-pub struct UserDeleted;
-impl EventKind for UserDeleted {
-    const NAME: &'static str = "user.deleted";
-    type Payload = store::User;
-    fn topic(user: &store::User) -> String {
-        topic::user(&user.id)
-    }
-}
-
-/// A user was notified: `notification.created` on `notifications:{userId}`.
-pub struct NotificationCreated;
-impl EventKind for NotificationCreated {
-    const NAME: &'static str = "notification.created";
-    type Payload = store::Notification;
-    fn topic(n: &store::Notification) -> String {
-        topic::notifications(&n.user_id)
-    }
+kinds! {
+    /// A post was written: `post.created` on `posts`.
+    PostCreated = "post.created", store::Post, |_| topic::POSTS.to_owned();
+    /// A post was edited: `post.updated` on `post:{id}`.
+    PostUpdated = "post.updated", store::Post, |post| topic::post(&post.id);
+    /// A post was deleted: `post.deleted` on `post:{id}`.
+    PostDeleted = "post.deleted", store::Post, |post| topic::post(&post.id);
+    /// A post got a comment: `comment.created` on `post:{postId}`.
+    CommentCreated = "comment.created", store::Comment, |c| topic::post(&c.post_id);
+    /// A profile changed: `user.updated` on `user:{id}`.
+    UserUpdated = "user.updated", store::User, |user| topic::user(&user.id);
+    /// An account was deleted: `user.deleted` on `user:{id}`.
+    UserDeleted = "user.deleted", store::User, |user| topic::user(&user.id);
+    /// A user was notified: `notification.created` on `notifications:{userId}`.
+    NotificationCreated = "notification.created", store::Notification, |n| topic::notifications(&n.user_id);
+    /// A message was sent: `message.created {"message": …}` on `channel:{id}`.
+    MessageCreated = "message.created", MessagePayload, |m| topic::channel(&m.message.channel_id);
 }
 
 /// The payload of `message.created`, on every transport.
@@ -103,16 +70,6 @@ pub struct MessagePayload {
     /// Shared: a node decodes an event once and hands the same message to
     /// every local subscriber.
     pub message: Arc<store::Message>,
-}
-
-/// A message was sent: `message.created {"message": …}` on `channel:{id}`.
-pub struct MessageCreated;
-impl EventKind for MessageCreated {
-    const NAME: &'static str = "message.created";
-    type Payload = MessagePayload;
-    fn topic(p: &MessagePayload) -> String {
-        topic::channel(&p.message.channel_id)
-    }
 }
 
 /// The payload of `user.typing`.

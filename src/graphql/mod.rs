@@ -167,6 +167,19 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     fn schema_with(store: Arc<MemoryStore>) -> (AppSchema, Arc<Settings>) {
+        let (schema, settings, _) = schema_and_presence(store);
+        (schema, settings)
+    }
+
+    /// The schema over `store` with default settings and the memory
+    /// presence it reads.
+    fn schema_and_presence(
+        store: Arc<MemoryStore>,
+    ) -> (
+        AppSchema,
+        Arc<Settings>,
+        Arc<crate::presence::memory::MemoryPresence>,
+    ) {
         let dir = std::env::temp_dir().join("subgate-graphql-test-empty");
         let settings = Arc::new(Settings::load_from(&dir, None, Vec::new()).unwrap());
         let metrics = Arc::new(Metrics::new());
@@ -190,9 +203,9 @@ mod tests {
             hub,
             auth,
             metrics,
-            presence,
+            presence: presence.clone(),
         });
-        (schema, settings)
+        (schema, settings, presence)
     }
 
     #[test]
@@ -289,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_lists_its_online_users_with_their_status() {
-        use crate::presence::{memory::MemoryPresence, Presence, Status};
+        use crate::presence::{Presence, Status};
         let store = Arc::new(MemoryStore::new());
         let ann = store
             .create_user(crate::store::NewUser {
@@ -303,31 +316,7 @@ mod tests {
             .create_channel(&ann.id, "general".into(), false, vec![ann.id.clone()])
             .await
             .unwrap();
-        let dir = std::env::temp_dir().join("subgate-graphql-test-empty");
-        let settings = Arc::new(Settings::load_from(&dir, None, Vec::new()).unwrap());
-        let metrics = Arc::new(Metrics::new());
-        let hub = Hub::new(Arc::new(MemoryBroker::default()), metrics.clone(), 16);
-        let auth = Arc::new(Authenticator::from_settings(&settings).unwrap());
-        let presence = Arc::new(MemoryPresence::new(
-            hub.clone(),
-            &metrics,
-            std::time::Duration::from_secs(15),
-        ));
-        let schema = build_schema(SchemaDeps {
-            domain: Arc::new(crate::domain::Domain {
-                store: store.clone(),
-                hub: hub.clone(),
-                auth: auth.clone(),
-                limits: Arc::new(crate::ratelimit::Limits::new(&settings.ratelimit, &metrics)),
-                login_token_ttl: std::time::Duration::from_secs(3600),
-            }),
-            settings,
-            store,
-            hub,
-            auth,
-            metrics,
-            presence: presence.clone(),
-        });
+        let (schema, _, presence) = schema_and_presence(store);
         let query = format!(
             "{{ channel(id: \"{}\") {{ onlineUsers {{ userId status user {{ name }} }} }} }}",
             channel.id

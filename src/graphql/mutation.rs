@@ -16,6 +16,24 @@ use crate::error::ErrorCode;
 
 pub struct Mutation;
 
+/// A mutation payload: the entity under its type's name beside `errors`,
+/// built from an outcome split by [`outcome`] or [`plain`].
+macro_rules! payload {
+    ($name:ident, $field:ident: $ty:ty) => {
+        #[derive(SimpleObject, Default)]
+        pub struct $name {
+            pub $field: Option<$ty>,
+            pub errors: Vec<UserError>,
+        }
+
+        impl From<(Option<$ty>, Vec<UserError>)> for $name {
+            fn from(($field, errors): (Option<$ty>, Vec<UserError>)) -> Self {
+                Self { $field, errors }
+            }
+        }
+    };
+}
+
 #[derive(InputObject)]
 pub struct CreateUserInput {
     pub email: String,
@@ -23,11 +41,7 @@ pub struct CreateUserInput {
     pub password: String,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct CreateUserPayload {
-    pub user: Option<User>,
-    pub errors: Vec<UserError>,
-}
+payload!(CreateUserPayload, user: User);
 
 #[derive(InputObject)]
 pub struct LoginInput {
@@ -51,22 +65,14 @@ pub struct UpdateUserInput {
     pub password: Option<String>,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct UpdateUserPayload {
-    pub user: Option<User>,
-    pub errors: Vec<UserError>,
-}
+payload!(UpdateUserPayload, user: User);
 
 #[derive(InputObject)]
 pub struct DeleteUserInput {
     pub id: ID,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct DeleteUserPayload {
-    pub user: Option<User>,
-    pub errors: Vec<UserError>,
-}
+payload!(DeleteUserPayload, user: User);
 
 #[derive(InputObject)]
 pub struct CreatePostInput {
@@ -74,11 +80,7 @@ pub struct CreatePostInput {
     pub content: String,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct CreatePostPayload {
-    pub post: Option<Post>,
-    pub errors: Vec<UserError>,
-}
+payload!(CreatePostPayload, post: Post);
 
 #[derive(InputObject)]
 pub struct UpdatePostInput {
@@ -87,22 +89,14 @@ pub struct UpdatePostInput {
     pub content: Option<String>,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct UpdatePostPayload {
-    pub post: Option<Post>,
-    pub errors: Vec<UserError>,
-}
+payload!(UpdatePostPayload, post: Post);
 
 #[derive(InputObject)]
 pub struct DeletePostInput {
     pub id: ID,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct DeletePostPayload {
-    pub post: Option<Post>,
-    pub errors: Vec<UserError>,
-}
+payload!(DeletePostPayload, post: Post);
 
 #[derive(InputObject)]
 pub struct CreateCommentInput {
@@ -110,11 +104,7 @@ pub struct CreateCommentInput {
     pub content: String,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct CreateCommentPayload {
-    pub comment: Option<Comment>,
-    pub errors: Vec<UserError>,
-}
+payload!(CreateCommentPayload, comment: Comment);
 
 #[derive(InputObject)]
 pub struct CreateChannelInput {
@@ -127,22 +117,14 @@ pub struct CreateChannelInput {
     pub member_ids: Vec<ID>,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct CreateChannelPayload {
-    pub channel: Option<Channel>,
-    pub errors: Vec<UserError>,
-}
+payload!(CreateChannelPayload, channel: Channel);
 
 #[derive(InputObject)]
 pub struct JoinChannelInput {
     pub channel_id: ID,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct JoinChannelPayload {
-    pub channel: Option<Channel>,
-    pub errors: Vec<UserError>,
-}
+payload!(JoinChannelPayload, channel: Channel);
 
 #[derive(InputObject)]
 pub struct SendMessageInput {
@@ -150,22 +132,14 @@ pub struct SendMessageInput {
     pub content: String,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct SendMessagePayload {
-    pub message: Option<Message>,
-    pub errors: Vec<UserError>,
-}
+payload!(SendMessagePayload, message: Message);
 
 #[derive(InputObject)]
 pub struct MarkNotificationReadInput {
     pub id: ID,
 }
 
-#[derive(SimpleObject, Default)]
-pub struct MarkNotificationReadPayload {
-    pub notification: Option<Notification>,
-    pub errors: Vec<UserError>,
-}
+payload!(MarkNotificationReadPayload, notification: Notification);
 
 /// An input field's name as the schema spells it (`channel_id` →
 /// `channelId`).
@@ -291,8 +265,7 @@ impl Mutation {
             name: input.name,
             password: input.password,
         };
-        let (user, errors) = plain(domain.create_user(signup).await, User::new);
-        CreateUserPayload { user, errors }
+        plain(domain.create_user(signup).await, User::new).into()
     }
 
     /// Exchanges an email and password for a bearer token.
@@ -320,15 +293,13 @@ impl Mutation {
             email: input.email,
             password: input.password,
         };
-        let (user, errors) = outcome(domain.update_user(viewer(ctx), change).await, User::new);
-        UpdateUserPayload { user, errors }
+        outcome(domain.update_user(viewer(ctx), change).await, User::new).into()
     }
 
     /// Deletes the caller's own account.
     async fn delete_user(&self, ctx: &Context<'_>, input: DeleteUserInput) -> DeleteUserPayload {
         let domain = &ctx_deps(ctx).domain;
-        let (user, errors) = outcome(domain.delete_user(viewer(ctx), &input.id).await, User::new);
-        DeleteUserPayload { user, errors }
+        outcome(domain.delete_user(viewer(ctx), &input.id).await, User::new).into()
     }
 
     /// Creates a post by the caller; publishes `post.created` on `posts`.
@@ -337,8 +308,7 @@ impl Mutation {
         let result = domain
             .create_post(viewer(ctx), input.title, input.content)
             .await;
-        let (post, errors) = outcome(result, Post::new);
-        CreatePostPayload { post, errors }
+        outcome(result, Post::new).into()
     }
 
     /// Edits one of the caller's posts; publishes `post.updated` on `post:{id}`.
@@ -349,15 +319,13 @@ impl Mutation {
             title: input.title,
             content: input.content,
         };
-        let (post, errors) = outcome(domain.update_post(viewer(ctx), change).await, Post::new);
-        UpdatePostPayload { post, errors }
+        outcome(domain.update_post(viewer(ctx), change).await, Post::new).into()
     }
 
     /// Deletes one of the caller's posts; publishes `post.deleted` on `post:{id}`.
     async fn delete_post(&self, ctx: &Context<'_>, input: DeletePostInput) -> DeletePostPayload {
         let domain = &ctx_deps(ctx).domain;
-        let (post, errors) = outcome(domain.delete_post(viewer(ctx), &input.id).await, Post::new);
-        DeletePostPayload { post, errors }
+        outcome(domain.delete_post(viewer(ctx), &input.id).await, Post::new).into()
     }
 
     /// Comments on a post; publishes `comment.created` on `post:{id}` and
@@ -371,8 +339,7 @@ impl Mutation {
         let result = domain
             .create_comment(viewer(ctx), &input.post_id, input.content)
             .await;
-        let (comment, errors) = outcome(result, Comment);
-        CreateCommentPayload { comment, errors }
+        outcome(result, Comment).into()
     }
 
     /// Creates a channel owned by the caller.
@@ -387,16 +354,14 @@ impl Mutation {
             is_private: input.is_private,
             member_ids: input.member_ids.into_iter().map(|id| id.0).collect(),
         };
-        let (channel, errors) = plain(domain.create_channel(viewer(ctx), new).await, Channel);
-        CreateChannelPayload { channel, errors }
+        plain(domain.create_channel(viewer(ctx), new).await, Channel).into()
     }
 
     /// Joins a public channel.
     async fn join_channel(&self, ctx: &Context<'_>, input: JoinChannelInput) -> JoinChannelPayload {
         let domain = &ctx_deps(ctx).domain;
         let result = domain.join_channel(viewer(ctx), &input.channel_id).await;
-        let (channel, errors) = plain(result, Channel);
-        JoinChannelPayload { channel, errors }
+        plain(result, Channel).into()
     }
 
     /// Sends a message to a channel; publishes `message.created`
@@ -413,8 +378,7 @@ impl Mutation {
                 Allowance::Charge,
             )
             .await;
-        let (message, errors) = outcome(result, Message::new);
-        SendMessagePayload { message, errors }
+        outcome(result, Message::new).into()
     }
 
     /// Marks one of the caller's notifications read.
@@ -425,11 +389,7 @@ impl Mutation {
     ) -> MarkNotificationReadPayload {
         let domain = &ctx_deps(ctx).domain;
         let result = domain.mark_notification_read(viewer(ctx), &input.id).await;
-        let (notification, errors) = plain(result, Notification::new);
-        MarkNotificationReadPayload {
-            notification,
-            errors,
-        }
+        plain(result, Notification::new).into()
     }
 }
 
