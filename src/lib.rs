@@ -12,21 +12,25 @@
 //! - [`broker`]: the seam to the bus (memory now; Redis Pub/Sub + history).
 //! - [`hub`]: topic -> local subscribers, bounded queues, slow-consumer cut-off.
 //! - [`store`]: the domain data behind a trait (memory; Redis).
-//! - [`domain`]: operations several transports share (sending a message,
-//!   signalling typing), decided in one place.
-//! - [`graphql`]: the schema, its loaders and limits.
+//! - [`domain`]: the rules, once: each operation of users, posts, comments,
+//!   channels, messages and notifications takes the caller and a plain
+//!   input and answers a typed result or a `DomainError`; the catalogue of
+//!   event kinds (name, topic, payload type).
+//! - [`graphql`]: the schema as adapters over the domain, its loaders and
+//!   limits.
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
 //!   and legacy graphql-ws) and over SSE; the event-envelope protocol on
 //!   `/ws`; the resumable event stream (SSE); the backend publish API.
 //! - [`presence`]: who is online in which channel, with what status.
 //! - [`ratelimit`]: token buckets per connection, user and publisher.
-//! - [`telemetry`]: logs, metrics, health.
+//! - [`telemetry`]: logs and the metrics registry (served by `transport::ops`).
 //! - [`healthcheck`]: the `subgate healthcheck` probe (the container's HEALTHCHECK).
 //! - [`shutdown`]: the drain.
 //!
 //! ## Data flow
 //!
-//! A mutation writes to the [`store::Store`] and publishes an event through
+//! A transport turns a request into a [`domain::Domain`] operation, which
+//! checks it, writes to the [`store::Store`] and publishes an event through
 //! the [`broker::Broker`], which stamps it with an id and delivers it to the
 //! hub of every subscribed node. The [`hub::Hub`] hands one shared,
 //! already-encoded copy to each local subscriber's bounded queue; a
