@@ -25,10 +25,21 @@ pub mod memory;
 pub mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::event::{NewEvent, Position, SharedEvent};
+
+/// What each topic's history keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    /// Events kept per topic (approximate on Redis, `MAXLEN ~`).
+    pub size: usize,
+    /// How long a topic's history lives after its last event; then its
+    /// epoch ends.
+    pub ttl: Duration,
+}
 
 /// Where a broker hands the events it receives: the node's hub.
 pub trait EventSink: Send + Sync + 'static {

@@ -1,6 +1,6 @@
 //! Operations endpoints: `/healthz` (the process answers), `/readyz` (it
-//! should get traffic: not draining, and its broker and store can serve)
-//! and `/metrics` (the Prometheus exposition).
+//! should get traffic: not draining, and its broker, store and presence can
+//! serve) and `/metrics` (the Prometheus exposition).
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -22,6 +22,9 @@ fn readiness_problems(state: &AppState) -> Vec<String> {
     }
     if let Err(why) = state.store.readiness() {
         problems.push(format!("store: {why}"));
+    }
+    if let Err(why) = state.presence.readiness() {
+        problems.push(format!("presence: {why}"));
     }
     problems
 }
