@@ -19,8 +19,11 @@
 //!   has seen nothing yet stands.
 //!
 //! Implementations: [`memory::MemoryBroker`] (one node) and
-//! [`redis::RedisBroker`] (a fleet sharing Redis).
+//! [`redis::RedisBroker`] (a fleet sharing Redis); both pass one
+//! conformance suite (`conformance.rs`), the contract above as tests.
 
+#[cfg(test)]
+mod conformance;
 pub mod memory;
 pub mod redis;
 

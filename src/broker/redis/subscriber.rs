@@ -170,31 +170,41 @@ impl SubscriberTask {
             std::mem::take(&mut *self.shared.dirty.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
-        let (to_add, to_remove): (Vec<String>, Vec<String>) = if full {
-            let wanted: HashSet<String> = hub.topics().into_iter().collect();
-            let confirmed = self.shared.confirmed();
-            (
-                wanted
-                    .iter()
-                    .filter(|t| !confirmed.contains(*t))
-                    .cloned()
-                    .collect(),
-                confirmed
-                    .iter()
-                    .filter(|t| !wanted.contains(*t))
-                    .cloned()
-                    .collect(),
-            )
-        } else {
-            let confirmed = self.shared.confirmed();
-            let mut add = Vec::new();
-            let mut remove = Vec::new();
-            for topic in dirty {
-                match (hub.wants(&topic), confirmed.contains(&topic)) {
-                    (true, false) => add.push(topic),
-                    (false, true) => remove.push(topic),
-                    _ => {}
+        // A topic to remove stops counting as confirmed at once, under the
+        // same lock as the decision: a subscribe arriving while its
+        // UNSUBSCRIBE is on the way then waits for the next pass to
+        // subscribe it again, instead of trusting a subscription that is
+        // about to end.
+        let wanted: Option<HashSet<String>> = full.then(|| hub.topics().into_iter().collect());
+        let (to_add, to_remove) = {
+            let mut confirmed = self.shared.confirmed();
+            let (add, remove): (Vec<String>, Vec<String>) = if let Some(wanted) = wanted {
+                (
+                    wanted
+                        .iter()
+                        .filter(|t| !confirmed.contains(*t))
+                        .cloned()
+                        .collect(),
+                    confirmed
+                        .iter()
+                        .filter(|t| !wanted.contains(*t))
+                        .cloned()
+                        .collect(),
+                )
+            } else {
+                let mut add = Vec::new();
+                let mut remove = Vec::new();
+                for topic in dirty {
+                    match (hub.wants(&topic), confirmed.contains(&topic)) {
+                        (true, false) => add.push(topic),
+                        (false, true) => remove.push(topic),
+                        _ => {}
+                    }
                 }
+                (add, remove)
+            };
+            for topic in &remove {
+                confirmed.remove(topic);
             }
             (add, remove)
         };
@@ -219,10 +229,6 @@ impl SubscriberTask {
                 .map(|t| self.redis.keys().topic_channel(t))
                 .collect();
             self.timed(sink.unsubscribe(channels)).await?;
-            let mut confirmed = self.shared.confirmed();
-            for topic in chunk {
-                confirmed.remove(topic);
-            }
         }
         // Waiters whose topic is now confirmed are answered; those whose
         // topic the hub no longer wants (the subscriber left before the
