@@ -101,23 +101,20 @@ pub enum BrokerError {
     InvalidTopic(String),
 }
 
+pub type BrokerResult<T> = Result<T, BrokerError>;
+
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Connects the broker to the node's sink; called once at start.
     fn start(&self, sink: Arc<dyn EventSink>);
-    async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError>;
-    async fn subscribe(&self, topic: &str) -> Result<(), BrokerError>;
+    async fn publish(&self, event: NewEvent) -> BrokerResult<Arc<SharedEvent>>;
+    async fn subscribe(&self, topic: &str) -> BrokerResult<()>;
     fn release(&self, topic: &str);
     /// `Err(why)` while the broker cannot serve (readiness says why).
     fn readiness(&self) -> Result<(), String>;
     /// The events of `topic` after `after`, at most `limit`, oldest first.
-    async fn history(
-        &self,
-        topic: &str,
-        after: &Position,
-        limit: usize,
-    ) -> Result<History, BrokerError>;
+    async fn history(&self, topic: &str, after: &Position, limit: usize) -> BrokerResult<History>;
     /// The position of `topic`'s latest event; `None` when the topic has no
     /// history (never published to, or expired).
-    async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError>;
+    async fn head(&self, topic: &str) -> BrokerResult<Option<Position>>;
 }

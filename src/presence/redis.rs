@@ -100,6 +100,16 @@ local function drop(ch, user)
   redis.call('ZREM', channels_of(user), ch)
   return redis.call('ZREM', members(ch), user) == 1
 end
+-- Calls f(ch, user) for each channel, user pair in ARGV from index `first`
+-- on, then keeps the sweep index right for every channel it touched.
+local function each_pair(first, f)
+  local touched = {}
+  for i = first, #ARGV, 2 do
+    f(ARGV[i], ARGV[i + 1])
+    touched[ARGV[i]] = true
+  end
+  for ch in pairs(touched) do reindex(ch) end
+end
 "#;
 
 /// Renews this node's leases. ARGV[2] node id, ARGV[3] ttl ms, then
@@ -112,9 +122,7 @@ local node = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local lease = now + ttl
 local came = {}
-local touched = {}
-for i = 4, #ARGV, 2 do
-  local ch, user = ARGV[i], ARGV[i + 1]
+each_pair(4, function(ch, user)
   local h = holders(ch, user)
   redis.call('HSET', h, node, lease)
   redis.call('PEXPIRE', h, ttl)
@@ -131,9 +139,7 @@ for i = 4, #ARGV, 2 do
   redis.call('ZADD', channels_of(user), 'GT', lease, ch)
   redis.call('PEXPIRE', channels_of(user), ttl)
   redis.call('PEXPIRE', status_key(user), ttl)
-  touched[ch] = true
-end
-for ch in pairs(touched) do reindex(ch) end
+end)
 return came
 "#,
 );
@@ -146,9 +152,7 @@ static LEAVE: Script = Script::with_prelude(
     r#"
 local node = ARGV[2]
 local gone = {}
-local touched = {}
-for i = 3, #ARGV, 2 do
-  local ch, user = ARGV[i], ARGV[i + 1]
+each_pair(3, function(ch, user)
   local h = holders(ch, user)
   redis.call('HDEL', h, node)
   local best = nil
@@ -165,9 +169,7 @@ for i = 3, #ARGV, 2 do
     table.insert(gone, ch)
     table.insert(gone, user)
   end
-  touched[ch] = true
-end
-for ch in pairs(touched) do reindex(ch) end
+end)
 return gone
 "#,
 );
@@ -535,6 +537,19 @@ mod tests {
         }
     }
 
+    /// A Redis, the bus, and a subscription to channel c1's announcements.
+    async fn watching_c1() -> (RedisServer, Arc<Hub>, Subscription) {
+        let server = RedisServer::start();
+        let hub = bus();
+        let sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        (server, hub, sub)
+    }
+
+    async fn assert_no_keys(server: &RedisServer, why: &str) {
+        let left = presence_keys(server).await;
+        assert!(left.is_empty(), "{why}: {left:?}");
+    }
+
     async fn presence_keys(server: &RedisServer) -> Vec<String> {
         let client = redis::Client::open(server.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -555,9 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_join_on_one_node_is_seen_from_another_and_announced_once() {
-        let server = RedisServer::start();
-        let hub = bus();
-        let mut sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        let (server, hub, mut sub) = watching_c1().await;
         let (a, b) = (node(&server, &hub), node(&server, &hub));
 
         let on_a = a.join("c1", "ann");
@@ -578,17 +591,12 @@ mod tests {
         assert_eq!(status(&next(&mut sub).await), ("ann", "c1", "offline"));
         assert!(online_ids(&a, "c1").await.is_empty());
         quiet(&mut sub, TTL).await;
-        assert!(
-            presence_keys(&server).await.is_empty(),
-            "a departed user leaves no key behind"
-        );
+        assert_no_keys(&server, "a departed user leaves no key behind").await;
     }
 
     #[tokio::test]
     async fn a_killed_node_lets_its_users_go_offline_within_the_ttl_announced_once() {
-        let server = RedisServer::start();
-        let hub = bus();
-        let mut sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        let (server, hub, mut sub) = watching_c1().await;
         let (a, b) = (node(&server, &hub), node(&server, &hub));
         let _bob = b.join("c1", "bob");
         let ann = a.join("c1", "ann");
@@ -622,9 +630,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_sweepers_announce_each_lapse_once() {
-        let server = RedisServer::start();
-        let hub = bus();
-        let mut sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        let (server, hub, mut sub) = watching_c1().await;
         let dying = node(&server, &hub);
         let guards: Vec<_> = (0..20)
             .map(|i| dying.join("c1", &format!("u{i:02}")))
@@ -652,10 +658,7 @@ mod tests {
         assert_eq!(offline.len(), 20);
         quiet(&mut sub, TTL).await;
         assert!(online_ids(&survivors[0], "c1").await.is_empty());
-        assert!(
-            presence_keys(&server).await.is_empty(),
-            "the sweep leaves no key behind"
-        );
+        assert_no_keys(&server, "the sweep leaves no key behind").await;
     }
 
     #[tokio::test]

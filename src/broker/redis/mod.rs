@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 use tokio::sync::{oneshot, Notify};
 
-use super::{Broker, BrokerError, EventSink, GapReason, History, HistoryLimits};
+use super::{Broker, BrokerError, BrokerResult, EventSink, GapReason, History, HistoryLimits};
 use crate::event::{topic, Event, NewEvent, Position, SharedEvent};
 use crate::infra::redis::{CallError, Redis, Script};
 use crate::telemetry::metrics::Metrics;
@@ -165,7 +165,7 @@ impl Broker for RedisBroker {
         tokio::spawn(task.run());
     }
 
-    async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError> {
+    async fn publish(&self, event: NewEvent) -> BrokerResult<Arc<SharedEvent>> {
         if !topic::is_valid(&event.topic) {
             return Err(BrokerError::InvalidTopic(event.topic));
         }
@@ -215,7 +215,7 @@ impl Broker for RedisBroker {
         Ok(SharedEvent::new(event))
     }
 
-    async fn subscribe(&self, topic: &str) -> Result<(), BrokerError> {
+    async fn subscribe(&self, topic: &str) -> BrokerResult<()> {
         if self.shared.confirmed().contains(topic) {
             return Ok(());
         }
@@ -244,12 +244,7 @@ impl Broker for RedisBroker {
         self.shared.touch(topic);
     }
 
-    async fn history(
-        &self,
-        topic: &str,
-        after: &Position,
-        limit: usize,
-    ) -> Result<History, BrokerError> {
+    async fn history(&self, topic: &str, after: &Position, limit: usize) -> BrokerResult<History> {
         let stream = self.redis.keys().history(topic);
         let meta = self.redis.keys().history_meta(topic);
         let limit = limit.max(1);
@@ -321,7 +316,7 @@ impl Broker for RedisBroker {
         Ok(History::Complete(decode(after_entries)))
     }
 
-    async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
+    async fn head(&self, topic: &str) -> BrokerResult<Option<Position>> {
         let mut read = redis::cmd("HMGET");
         read.arg(self.redis.keys().history_meta(topic))
             .arg("epoch")

@@ -158,6 +158,12 @@ impl SubscriberTask {
             .map_err(|e| e.cause().to_owned())
     }
 
+    /// The channels of `topics`.
+    fn channels(&self, topics: &[String]) -> Vec<String> {
+        let keys = self.redis.keys();
+        topics.iter().map(|t| keys.topic_channel(t)).collect()
+    }
+
     /// Subscribes what the hub wants and Redis lacks; unsubscribes the rest.
     /// `full` compares everything (a new connection); otherwise only the
     /// topics touched since the last pass are looked at, so the cost of a
@@ -209,11 +215,7 @@ impl SubscriberTask {
             (add, remove)
         };
         for chunk in to_add.chunks(BATCH) {
-            let channels: Vec<String> = chunk
-                .iter()
-                .map(|t| self.redis.keys().topic_channel(t))
-                .collect();
-            self.timed(sink.subscribe(channels)).await?;
+            self.timed(sink.subscribe(self.channels(chunk))).await?;
             let mut waiters = self.shared.waiters();
             let mut confirmed = self.shared.confirmed();
             for topic in chunk {
@@ -224,11 +226,7 @@ impl SubscriberTask {
             }
         }
         for chunk in to_remove.chunks(BATCH) {
-            let channels: Vec<String> = chunk
-                .iter()
-                .map(|t| self.redis.keys().topic_channel(t))
-                .collect();
-            self.timed(sink.unsubscribe(channels)).await?;
+            self.timed(sink.unsubscribe(self.channels(chunk))).await?;
         }
         // Waiters whose topic is now confirmed are answered; those whose
         // topic the hub no longer wants (the subscriber left before the

@@ -13,6 +13,31 @@ use crate::infra::redis::RedisConfig;
 
 pub use crate::test_support::RedisServer as TestRedis;
 
+/// Polls `done` every 20 ms until it holds; fails saying `what` after
+/// `within`.
+pub async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An event for `topic` with an empty payload.
+fn event(topic: &str) -> NewEvent {
+    NewEvent::new(topic, "test.event", serde_json::json!({}))
+}
+
+/// Publishes to `topic` through `hub` and checks that `sub` gets it.
+async fn delivered(hub: &Hub, topic: &str, sub: &mut crate::hub::Subscription) {
+    let sent = hub.publish(event(topic)).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.event.id, sent.event.id);
+}
+
 /// The settings every test node uses: short timeouts and probe.
 pub fn test_config(url: &str) -> RedisConfig {
     let mut config = RedisConfig::new(url, "t:");
@@ -101,14 +126,12 @@ mod nodes {
             assert_eq!(got.event.payload["i"], i);
         }
         drop(sub);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while numsub(&redis, "posts") != 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the node did not unsubscribe after its last subscriber left"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            Duration::from_secs(2),
+            "the node did not unsubscribe after its last subscriber left",
+            || numsub(&redis, "posts") == 0,
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -183,47 +206,22 @@ mod nodes {
         let mut sub = a.subscribe("user:1", "test", None).await.unwrap();
         assert!(a.broker().readiness().is_ok());
         drop(redis);
-        let err = a
-            .publish(NewEvent::new(
-                "user:1",
-                "user.updated",
-                serde_json::json!({}),
-            ))
-            .await;
+        let err = a.publish(event("user:1")).await;
         assert!(err.is_err(), "a publish with Redis down must fail");
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while a.broker().readiness().is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "readiness did not notice the outage"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            Duration::from_secs(3),
+            "readiness did not notice the outage",
+            || a.broker().readiness().is_err(),
+        )
+        .await;
         redis = TestRedis::start_on(port);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if a.broker().readiness().is_ok() && numsub(&redis, "user:1") == 1 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the node did not resubscribe after Redis came back"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let sent = a
-            .publish(NewEvent::new(
-                "user:1",
-                "user.updated",
-                serde_json::json!({"n": 1}),
-            ))
-            .await
-            .unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.event.id, sent.event.id);
+        eventually(
+            Duration::from_secs(5),
+            "the node did not resubscribe after Redis came back",
+            || a.broker().readiness().is_ok() && numsub(&redis, "user:1") == 1,
+        )
+        .await;
+        delivered(&a, "user:1", &mut sub).await;
     }
 }
 
@@ -249,16 +247,15 @@ mod faults {
         let killed = Instant::now();
         // Generous: this checks that every topic comes back; the time it
         // takes is printed (a target for benchmarks, not a timed test).
-        let deadline = killed + Duration::from_secs(30);
-        while metrics.redis_reconnects_total.get() == 0
-            || metrics.redis_subscribed_channels.get() != 20_000
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the node did not resubscribe its 20,000 topics"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(
+            Duration::from_secs(30),
+            "the node did not resubscribe its 20,000 topics",
+            || {
+                metrics.redis_reconnects_total.get() > 0
+                    && metrics.redis_subscribed_channels.get() == 20_000
+            },
+        )
+        .await;
         eprintln!(
             "20,000 topics resubscribed {:?} after the connection was killed",
             killed.elapsed()
@@ -269,13 +266,7 @@ mod faults {
         // arrives.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let sent = hub
-                .publish(NewEvent::new(
-                    "channel:19999",
-                    "message.created",
-                    serde_json::json!({}),
-                ))
-                .await;
+            let sent = hub.publish(event("channel:19999")).await;
             if let (Ok(sent), Ok(Some(got))) = (
                 sent,
                 tokio::time::timeout(Duration::from_millis(500), subs[19_999].recv()).await,
@@ -300,35 +291,19 @@ mod faults {
         // forwards nothing from Redis to the node: publishes succeed on new
         // connections while the Pub/Sub connection hears nothing.
         proxy.freeze_existing();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while metrics.redis_probe_failures_total.get() == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the silent connection was not detected"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metrics.redis_subscribed_channels.get() != 1 || hub.broker().readiness().is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the node did not resubscribe after the probe failed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let sent = hub
-            .publish(NewEvent::new(
-                "posts",
-                "post.created",
-                serde_json::json!({}),
-            ))
-            .await
-            .unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(2), sub.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got.event.id, sent.event.id);
+        eventually(
+            Duration::from_secs(10),
+            "the silent connection was not detected",
+            || metrics.redis_probe_failures_total.get() > 0,
+        )
+        .await;
+        eventually(
+            Duration::from_secs(5),
+            "the node did not resubscribe after the probe failed",
+            || metrics.redis_subscribed_channels.get() == 1 && hub.broker().readiness().is_ok(),
+        )
+        .await;
+        delivered(&hub, "posts", &mut sub).await;
     }
 }
 

@@ -165,56 +165,55 @@ pub(super) fn normalize_email(email: &str) -> String {
 mod tests {
     use super::*;
 
-    fn round_trip<E: Stored + PartialEq + std::fmt::Debug>(entity: E) {
+    fn at(t: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc)
+    }
+
+    fn notification(payload: serde_json::Value, read: bool) -> Notification {
+        Notification {
+            id: "n".into(),
+            user_id: "u".into(),
+            kind: "k".into(),
+            message: "m".into(),
+            payload,
+            read,
+            created_at: at("2024-05-06T07:08:09Z"),
+        }
+    }
+
+    /// The hash `entity` is written as, at position 7.
+    fn hash<E: Stored>(entity: &E) -> Fields {
         let mut fields: Fields = entity
             .encode()
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
         fields.insert("seq".into(), "7".into());
-        let record = Record::found(fields, E::KIND).unwrap();
-        assert_eq!(record.decode::<E>().unwrap(), (7, entity));
+        fields
+    }
+
+    fn read<E: Stored>(fields: Fields) -> StoreResult<(u64, E)> {
+        Record::found(fields, E::KIND).unwrap().decode()
     }
 
     #[test]
     fn every_entity_reads_back_as_written() {
-        let at = DateTime::parse_from_rfc3339("2024-05-06T07:08:09.123456Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        round_trip(Channel {
+        let channel = Channel {
             id: "c".into(),
             name: "n".into(),
             is_private: true,
             owner_id: "o".into(),
             member_ids: vec!["o".into(), "x\"y".into()],
-            created_at: at,
-        });
-        round_trip(Notification {
-            id: "n".into(),
-            user_id: "u".into(),
-            kind: "k".into(),
-            message: "m".into(),
-            payload: serde_json::json!("a string payload"),
-            read: false,
-            created_at: at,
-        });
+            created_at: at("2024-05-06T07:08:09.123456Z"),
+        };
+        assert_eq!(read(hash(&channel)), Ok((7, channel)));
+        let n = notification(serde_json::json!("a string payload"), false);
+        assert_eq!(read(hash(&n)), Ok((7, n)));
     }
 
     #[test]
     fn fields_are_written_as_the_layout_says() {
-        let at = DateTime::parse_from_rfc3339("2024-05-06T07:08:09Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let n = Notification {
-            id: "n".into(),
-            user_id: "u".into(),
-            kind: "k".into(),
-            message: "m".into(),
-            payload: serde_json::json!({"a": 1}),
-            read: true,
-            created_at: at,
-        };
-        let fields: HashMap<_, _> = n.encode().into_iter().collect();
+        let fields = hash(&notification(serde_json::json!({"a": 1}), true));
         assert_eq!(fields["type"], "k");
         assert_eq!(fields["payload"], r#"{"a":1}"#);
         assert_eq!(fields["read"], "1");
@@ -223,27 +222,10 @@ mod tests {
 
     #[test]
     fn a_field_that_does_not_decode_names_the_record_and_field() {
-        let n = Notification {
-            id: "n".into(),
-            user_id: "u".into(),
-            kind: "k".into(),
-            message: "m".into(),
-            payload: serde_json::json!({}),
-            read: false,
-            created_at: Utc::now(),
-        };
-        let mut fields: Fields = n
-            .encode()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        fields.insert("seq".into(), "1".into());
+        let mut fields = hash(&notification(serde_json::json!({}), false));
         fields.insert("read".into(), "yes".into());
-        let err = Record::found(fields, Notification::KIND)
-            .unwrap()
-            .decode::<Notification>();
         assert_eq!(
-            err,
+            read::<Notification>(fields),
             Err(StoreError::Unavailable(
                 "malformed notification record in Redis: field read".into()
             ))

@@ -60,29 +60,20 @@ impl RedisStore {
         // One more than asked tells whether a next page exists. Redis takes
         // the count as a signed 64-bit number.
         let take = req.first.min(i64::MAX as usize - 1);
+        // The cursor's own item is excluded: `(` makes the bound exclusive.
+        let from = req.after.map(|a| format!("({a}"));
+        let (range, from, to) = match dir {
+            Direction::OldestFirst => ("ZRANGEBYSCORE", from.unwrap_or("-inf".into()), "+inf"),
+            Direction::NewestFirst => ("ZREVRANGEBYSCORE", from.unwrap_or("+inf".into()), "-inf"),
+        };
         let mut pipe = redis::pipe();
-        match (dir, req.after) {
-            (Direction::OldestFirst, after) => {
-                let min = after.map_or_else(|| "-inf".to_owned(), |a| format!("({a}"));
-                pipe.cmd("ZRANGEBYSCORE")
-                    .arg(list)
-                    .arg(min)
-                    .arg("+inf")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(take + 1);
-            }
-            (Direction::NewestFirst, after) => {
-                let max = after.map_or_else(|| "+inf".to_owned(), |a| format!("({a}"));
-                pipe.cmd("ZREVRANGEBYSCORE")
-                    .arg(list)
-                    .arg(max)
-                    .arg("-inf")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(take + 1);
-            }
-        }
+        pipe.cmd(range)
+            .arg(list)
+            .arg(from)
+            .arg(to)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(take + 1);
         pipe.cmd("ZCARD").arg(list);
         // Whether anything lies on the far side of the cursor, as the memory
         // store answers it: at or before `after` oldest first, at or after it

@@ -16,6 +16,10 @@ use crate::telemetry::metrics::Metrics;
 use crate::test_support::{free_port, RedisServer};
 
 const TIMEOUT: Duration = Duration::from_millis(300);
+const FIRST_PAGE: PageRequest = PageRequest {
+    first: 5,
+    after: None,
+};
 /// Scheduling slack on a busy test machine; far below "hangs".
 const SLACK: Duration = Duration::from_secs(1);
 
@@ -192,12 +196,7 @@ async fn a_refused_request_is_unavailable_without_costing_readiness() {
         .await
         .unwrap();
 
-    let listed = s
-        .list_users(PageRequest {
-            first: 5,
-            after: None,
-        })
-        .await;
+    let listed = s.list_users(FIRST_PAGE).await;
     assert!(
         matches!(listed, Err(StoreError::Unavailable(_))),
         "{listed:?}"
@@ -233,16 +232,7 @@ async fn two_nodes_racing_for_one_email_have_one_winner() {
     assert_eq!(wins, 1);
     // Either node sees the one user.
     for node in &nodes {
-        assert_eq!(
-            node.list_users(PageRequest {
-                first: 5,
-                after: None
-            })
-            .await
-            .unwrap()
-            .total_count,
-            1
-        );
+        assert_eq!(node.list_users(FIRST_PAGE).await.unwrap().total_count, 1);
     }
 }
 
@@ -265,17 +255,7 @@ async fn prefixes_keep_deployments_apart() {
         blue.get_users(&[b.id.clone(), g.id.clone()]).await.unwrap(),
         vec![Some(b), None]
     );
-    assert_eq!(
-        green
-            .list_users(PageRequest {
-                first: 5,
-                after: None
-            })
-            .await
-            .unwrap()
-            .total_count,
-        1
-    );
+    assert_eq!(green.list_users(FIRST_PAGE).await.unwrap().total_count, 1);
 }
 
 #[tokio::test]
@@ -501,13 +481,7 @@ async fn reads_what_the_previous_version_wrote() {
         s.find_user_by_email("old@example.com").await.unwrap(),
         Some(user.clone())
     );
-    let users = s
-        .list_users(PageRequest {
-            first: 5,
-            after: None,
-        })
-        .await
-        .unwrap();
+    let users = s.list_users(FIRST_PAGE).await.unwrap();
     assert_eq!(users.items, vec![(1, user)]);
     let channel = s.get_channels(&["c1".into()]).await.unwrap();
     assert_eq!(
@@ -536,15 +510,6 @@ async fn reads_what_the_previous_version_wrote() {
     );
     // New entities continue the old positions.
     let post = s.create_post("u1", "t".into(), "c".into()).await.unwrap();
-    let posts = s
-        .list_posts(
-            None,
-            PageRequest {
-                first: 5,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
+    let posts = s.list_posts(None, FIRST_PAGE).await.unwrap();
     assert_eq!(posts.items, vec![(4, post)]);
 }
