@@ -9,9 +9,9 @@
 
 use crate::infra::redis::Script;
 
-/// KEYS: email, seq, user, users. ARGV: id, then field/value
-/// pairs. Claiming the email with SET NX is the uniqueness check
-/// and the write at once; -1 means it was taken.
+/// KEYS: email, seq, user, users. ARGV: id, then field/value pairs.
+/// Claiming the email with SET NX is the uniqueness check and the write at
+/// once; -1 means it was taken.
 pub(super) static CREATE_USER: Script = Script::new(
     r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return -1 end
@@ -22,9 +22,9 @@ return seq
 ",
 );
 
-/// KEYS: seq, entity, guards..., indexes. ARGV: id, number of
-/// guards, then field/value pairs. -1 when a guard (the parent
-/// post or channel) is missing; nothing is written then.
+/// KEYS: seq, entity, guards..., indexes. ARGV: id, number of guards, then
+/// field/value pairs. -1 when a guard (the parent post or channel) is
+/// missing; nothing is written then.
 pub(super) static CREATE: Script = Script::new(
     r"
 local guards = tonumber(ARGV[2])
@@ -40,10 +40,10 @@ return seq
 ",
 );
 
-/// KEYS: user, and the new email key when the email changes.
-/// ARGV: id, email key prefix, then field/value pairs. The new
-/// email must be free or already this user's (a change of case);
-/// the old one is released only if this user still holds it.
+/// KEYS: user, and the new email key when the email changes. ARGV: id,
+/// email key prefix, then field/value pairs. The new email must be free or
+/// already this user's (a change of case); the old one is released only if
+/// this user still holds it.
 pub(super) static UPDATE_USER: Script = Script::new(
     r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound', {}} end
@@ -64,8 +64,8 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 ",
 );
 
-/// KEYS: user, users. ARGV: id, email key prefix. Frees the email
-/// so that it can be registered again.
+/// KEYS: user, users. ARGV: id, email key prefix. Frees the email so that
+/// it can be registered again.
 pub(super) static DELETE_USER: Script = Script::new(
     r"
 local fields = redis.call('HGETALL', KEYS[1])
@@ -80,9 +80,8 @@ return {'ok', fields}
 ",
 );
 
-/// KEYS: post, posts. ARGV: id, author index prefix. The post's
-/// comments stay, as in the memory store; they are unreachable
-/// without the post.
+/// KEYS: post, posts. ARGV: id, author index prefix. The post's comments
+/// stay, as in the memory store; they are unreachable without the post.
 pub(super) static DELETE_POST: Script = Script::new(
     r"
 local fields = redis.call('HGETALL', KEYS[1])
@@ -95,10 +94,10 @@ return {'ok', fields}
 ",
 );
 
-/// KEYS: entity. ARGV: guard field ('' for none), guard value,
-/// then field/value pairs. A failed guard reads as not found, so
-/// that a notification of someone else's is indistinguishable
-/// from one that does not exist.
+/// KEYS: entity. ARGV: guard field ('' for none), guard value, then
+/// field/value pairs. A failed guard reads as not found, so that a
+/// notification of someone else's is indistinguishable from one that does
+/// not exist.
 pub(super) static PATCH: Script = Script::new(
     r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound', {}} end
@@ -110,10 +109,9 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 ",
 );
 
-/// KEYS: channel. ARGV: user id. Appends to the JSON member list
-/// unless present; the list is never empty (the owner is in it),
-/// so cjson's encoding of an empty table as an object never
-/// arises.
+/// KEYS: channel. ARGV: user id. Appends to the JSON member list unless
+/// present; the list is never empty (the owner is in it), so cjson's
+/// encoding of an empty table as an object never arises.
 pub(super) static ADD_MEMBER: Script = Script::new(
     r"
 local raw = redis.call('HGET', KEYS[1], 'member_ids')
@@ -128,8 +126,8 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 ",
 );
 
-/// KEYS: email. ARGV: user key prefix. The owner's hash, or an
-/// empty one: one round trip instead of two.
+/// KEYS: email. ARGV: user key prefix. The owner's hash, or an empty one:
+/// one round trip instead of two.
 pub(super) static USER_BY_EMAIL: Script = Script::new(
     r"
 local id = redis.call('GET', KEYS[1])
