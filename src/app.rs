@@ -8,12 +8,13 @@ use std::time::Duration;
 use actix_web::{web, App, HttpServer};
 
 use crate::auth::Authenticator;
-use crate::broker::redis::{RedisBroker, RedisBrokerOptions};
-use crate::broker::{memory::MemoryBroker, Broker};
+use crate::broker::redis::RedisBroker;
+use crate::broker::{memory::MemoryBroker, Broker, HistoryLimits};
 use crate::config::{ConfigError, Settings};
 use crate::domain::Domain;
 use crate::graphql;
 use crate::hub::Hub;
+use crate::infra::redis::{Redis, RedisConfig, SetupError};
 use crate::presence::redis::{RedisPresence, RedisPresenceOptions};
 use crate::presence::{memory::MemoryPresence, Presence};
 use crate::ratelimit::Limits;
@@ -23,58 +24,42 @@ use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 use crate::telemetry::metrics::Metrics;
 use crate::transport;
 
+/// Why a node could not be built; each message is one line naming the
+/// setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid configuration: {0}")]
+    Redis(#[from] SetupError),
+}
+
 /// Builds the node: the memory bus and store unless `redis.url` is set.
-pub fn build(settings: Settings) -> Result<AppState, ConfigError> {
+pub fn build(settings: Settings) -> Result<AppState, BuildError> {
     let settings = Arc::new(settings);
     let metrics = Arc::new(Metrics::new());
     let auth = Arc::new(Authenticator::from_settings(&settings)?);
-    let (broker, store): (Arc<dyn Broker>, Arc<dyn Store>) = match &settings.redis.url {
-        Some(url) => {
-            let r = &settings.redis;
-            let ms = std::time::Duration::from_millis;
-            let broker = RedisBroker::new(
-                RedisBrokerOptions {
-                    url: url.clone(),
-                    prefix: r.prefix.clone(),
-                    command_timeout: ms(r.command_timeout_ms),
-                    subscribe_timeout: ms(r.subscribe_timeout_ms),
-                    probe_interval: ms(r.probe_interval_ms),
-                    max_backoff: ms(r.max_backoff_ms),
-                    history_size: settings.history.size,
-                    history_ttl: Duration::from_secs(settings.history.ttl_seconds),
-                    pool_size: r.pool_size,
-                },
-                metrics.clone(),
-            )
-            .map_err(|message| ConfigError {
-                key: "redis.url".into(),
-                message,
-            })?;
-            let store = Arc::new(
-                RedisStore::new(url, &r.prefix, r.pool_size, ms(r.command_timeout_ms))
-                    .map_err(|e| ConfigError {
-                        key: "redis.url".into(),
-                        message: e.to_string(),
-                    })?
-                    .with_metrics(metrics.clone()),
-            );
-            // Readiness follows Redis even while no request touches the
-            // store: a ping now, then every second.
-            let pinged = store.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    every.tick().await;
-                    let _ = pinged.ping().await;
-                }
-            });
-            (Arc::new(broker), store)
+    let redis = match RedisConfig::from_settings(&settings.redis) {
+        Some(config) => {
+            let redis = Redis::new(config, metrics.clone())?;
+            // Readiness follows Redis even while no request comes: a ping
+            // now, then every second.
+            redis.watch(Duration::from_secs(1));
+            Some(redis)
         }
+        None => None,
+    };
+    let history = HistoryLimits {
+        size: settings.history.size,
+        ttl: Duration::from_secs(settings.history.ttl_seconds),
+    };
+    let (broker, store): (Arc<dyn Broker>, Arc<dyn Store>) = match &redis {
+        Some(redis) => (
+            Arc::new(RedisBroker::new(redis.clone(), history, metrics.clone())),
+            Arc::new(RedisStore::new(redis.clone())),
+        ),
         None => (
-            Arc::new(MemoryBroker::new(
-                settings.history.size,
-                Duration::from_secs(settings.history.ttl_seconds),
-            )),
+            Arc::new(MemoryBroker::new(history.size, history.ttl)),
             Arc::new(MemoryStore::new()),
         ),
     };
@@ -84,27 +69,19 @@ pub fn build(settings: Settings) -> Result<AppState, ConfigError> {
         settings.hub.subscriber_queue_capacity,
     );
     let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
-    let presence: Arc<dyn Presence> = match &settings.redis.url {
-        Some(url) => {
-            let r = &settings.redis;
+    let presence: Arc<dyn Presence> = match redis {
+        Some(redis) => {
             let options = RedisPresenceOptions {
-                url: url.clone(),
-                prefix: r.prefix.clone(),
-                command_timeout: Duration::from_millis(r.command_timeout_ms),
-                // Presence writes are a few scripts per second per node.
-                pool_size: r.pool_size.clamp(1, 4),
                 ttl: presence_ttl,
                 refresh: Duration::from_secs(settings.presence.refresh_seconds),
                 sweep_interval: Duration::from_millis(settings.presence.sweep_interval_ms),
             };
-            Arc::new(
-                RedisPresence::new(options, hub.clone(), metrics.clone()).map_err(|message| {
-                    ConfigError {
-                        key: "redis.url".into(),
-                        message,
-                    }
-                })?,
-            )
+            Arc::new(RedisPresence::new(
+                redis,
+                options,
+                hub.clone(),
+                metrics.clone(),
+            ))
         }
         None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
     };

@@ -10,6 +10,8 @@
 //! - [`auth`]: JWT verification, the [`auth::Principal`], the topic policy.
 //! - [`event`]: the event envelope, ids (resume positions) and topic names.
 //! - [`broker`]: the seam to the bus (memory now; Redis Pub/Sub + history).
+//! - [`infra`]: the one Redis layer the broker, the store and presence
+//!   share: settings, pool, timed call, key layout, scripts, health.
 //! - [`hub`]: topic -> local subscribers, bounded queues, slow-consumer cut-off.
 //! - [`store`]: the domain data behind a trait (memory; Redis).
 //! - [`domain`]: the rules, once: each operation of users, posts, comments,
@@ -53,6 +55,7 @@ pub mod event;
 pub mod graphql;
 pub mod healthcheck;
 pub mod hub;
+pub mod infra;
 pub mod presence;
 pub mod ratelimit;
 pub mod shutdown;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Broker, BrokerError, EventSink, GapReason, History};
+use super::{Broker, BrokerError, BrokerResult, EventSink, GapReason, History};
 use crate::event::{topic, NewEvent, Position, SharedEvent};
 
 /// One topic's history: its epoch, the last sequence number and a ring.
@@ -64,7 +64,7 @@ impl Broker for MemoryBroker {
         let _ = self.sink.set(sink);
     }
 
-    async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError> {
+    async fn publish(&self, event: NewEvent) -> BrokerResult<Arc<SharedEvent>> {
         if !topic::is_valid(&event.topic) {
             return Err(BrokerError::InvalidTopic(event.topic));
         }
@@ -103,7 +103,7 @@ impl Broker for MemoryBroker {
         Ok(shared)
     }
 
-    async fn subscribe(&self, _topic: &str) -> Result<(), BrokerError> {
+    async fn subscribe(&self, _topic: &str) -> BrokerResult<()> {
         Ok(())
     }
 
@@ -113,12 +113,7 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn history(
-        &self,
-        topic: &str,
-        after: &Position,
-        limit: usize,
-    ) -> Result<History, BrokerError> {
+    async fn history(&self, topic: &str, after: &Position, limit: usize) -> BrokerResult<History> {
         let mut logs = self.lock();
         self.expire(&mut logs);
         let Some(log) = logs.get(topic) else {
@@ -130,7 +125,7 @@ impl Broker for MemoryBroker {
         Ok(read(log, after, limit))
     }
 
-    async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
+    async fn head(&self, topic: &str) -> BrokerResult<Option<Position>> {
         let mut logs = self.lock();
         self.expire(&mut logs);
         Ok(logs

@@ -19,16 +19,30 @@
 //!   has seen nothing yet stands.
 //!
 //! Implementations: [`memory::MemoryBroker`] (one node) and
-//! [`redis::RedisBroker`] (a fleet sharing Redis).
+//! [`redis::RedisBroker`] (a fleet sharing Redis); both pass one
+//! conformance suite (`conformance.rs`), the contract above as tests.
 
+#[cfg(test)]
+mod conformance;
 pub mod memory;
 pub mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::event::{NewEvent, Position, SharedEvent};
+
+/// What each topic's history keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    /// Events kept per topic (approximate on Redis, `MAXLEN ~`).
+    pub size: usize,
+    /// How long a topic's history lives after its last event; then its
+    /// epoch ends.
+    pub ttl: Duration,
+}
 
 /// Where a broker hands the events it receives: the node's hub.
 pub trait EventSink: Send + Sync + 'static {
@@ -87,23 +101,20 @@ pub enum BrokerError {
     InvalidTopic(String),
 }
 
+pub type BrokerResult<T> = Result<T, BrokerError>;
+
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Connects the broker to the node's sink; called once at start.
     fn start(&self, sink: Arc<dyn EventSink>);
-    async fn publish(&self, event: NewEvent) -> Result<Arc<SharedEvent>, BrokerError>;
-    async fn subscribe(&self, topic: &str) -> Result<(), BrokerError>;
+    async fn publish(&self, event: NewEvent) -> BrokerResult<Arc<SharedEvent>>;
+    async fn subscribe(&self, topic: &str) -> BrokerResult<()>;
     fn release(&self, topic: &str);
     /// `Err(why)` while the broker cannot serve (readiness says why).
     fn readiness(&self) -> Result<(), String>;
     /// The events of `topic` after `after`, at most `limit`, oldest first.
-    async fn history(
-        &self,
-        topic: &str,
-        after: &Position,
-        limit: usize,
-    ) -> Result<History, BrokerError>;
+    async fn history(&self, topic: &str, after: &Position, limit: usize) -> BrokerResult<History>;
     /// The position of `topic`'s latest event; `None` when the topic has no
     /// history (never published to, or expired).
-    async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError>;
+    async fn head(&self, topic: &str) -> BrokerResult<Option<Position>>;
 }

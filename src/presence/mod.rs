@@ -30,7 +30,8 @@
 //!
 //! Implementations: [`memory::MemoryPresence`] (one node: the local table
 //! is the truth) and [`redis::RedisPresence`] (a fleet sharing Redis, with
-//! leases; its module docs give the key layout).
+//! leases; its module docs give the semantics, and
+//! [`crate::infra::redis::Keys`] the key layout).
 
 pub mod memory;
 pub mod redis;
@@ -110,6 +111,12 @@ pub trait Presence: Send + Sync + 'static {
 
     /// The users online in `channel_id` now, ordered by user id.
     async fn online(&self, channel_id: &str) -> Result<Vec<OnlineUser>, PresenceError>;
+
+    /// `Err(why)` while presence cannot reach its shared state (readiness
+    /// reports it); the node-local table of one node is always ready.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A user's presence in a channel through one connection; dropping it

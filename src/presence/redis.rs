@@ -35,21 +35,24 @@
 //!   node unable to renew for longer than `ttl` sees its users lapse (and
 //!   come back, announced, when it can write again).
 //!
-//! Like the store, the scripts build keys from the prefix and the ids: this
-//! targets one Redis server (or a primary with replicas), not Redis Cluster.
+//! Calls go through the one Redis layer ([`crate::infra::redis`]), whose
+//! key layout lists these keys: the scripts build them from
+//! [`Keys::presence`](crate::infra::redis::Keys::presence) and the ids, so
+//! this targets one Redis server (or a primary with replicas), not Redis
+//! Cluster. Presence's calls count towards the layer's readiness.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::redis::{AsyncConnectionConfig, FromRedisValue, Script, ScriptInvocation};
-use deadpool_redis::{Connection, Manager, Pool, Runtime};
+use redis::{FromRedisValue, ScriptInvocation};
 
 use super::{
     updated_event, OnlineUser, Pair, Presence, PresenceError, PresenceGuard, Registry, Status,
     TaskGuard, OFFLINE,
 };
 use crate::hub::Hub;
+use crate::infra::redis::{CallError, Redis, Script};
 use crate::telemetry::metrics::Metrics;
 
 /// Pairs written by one script call: bounds how long Redis is busy with
@@ -63,11 +66,6 @@ const SWEEP_BUDGET: usize = 1000;
 /// Tunables of the Redis presence.
 #[derive(Debug, Clone)]
 pub struct RedisPresenceOptions {
-    pub url: String,
-    pub prefix: String,
-    /// Bound on every Redis call, waiting for a connection included.
-    pub command_timeout: Duration,
-    pub pool_size: usize,
     /// How long a lease lasts unless renewed.
     pub ttl: Duration,
     /// How often this node renews its leases; below `ttl`.
@@ -76,18 +74,19 @@ pub struct RedisPresenceOptions {
     pub sweep_interval: Duration,
 }
 
-/// Shared by every script: the prefix, Redis' clock and the key names.
-/// ARGV[1] is the prefix; the scripts' own arguments start at ARGV[2].
+/// Shared by every script: Redis' clock and the key names.
+/// ARGV[1] is what every presence key starts with (`{prefix}presence:`);
+/// the scripts' own arguments start at ARGV[2].
 const PRELUDE: &str = r#"
 if redis.replicate_commands then pcall(redis.replicate_commands) end
-local p = ARGV[1]
+local ns = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local index = p .. 'presence:channels'
-local function members(ch) return p .. 'presence:members:' .. ch end
-local function holders(ch, user) return p .. 'presence:holders:' .. #user .. ':' .. user .. ':' .. ch end
-local function channels_of(user) return p .. 'presence:user:' .. user end
-local function status_key(user) return p .. 'presence:status:' .. user end
+local index = ns .. 'channels'
+local function members(ch) return ns .. 'members:' .. ch end
+local function holders(ch, user) return ns .. 'holders:' .. #user .. ':' .. user .. ':' .. ch end
+local function channels_of(user) return ns .. 'user:' .. user end
+local function status_key(user) return ns .. 'status:' .. user end
 local function status_of(user) return redis.call('GET', status_key(user)) or 'online' end
 -- Keeps the channel's place in the sweep index at its earliest lease.
 local function reindex(ch)
@@ -101,19 +100,29 @@ local function drop(ch, user)
   redis.call('ZREM', channels_of(user), ch)
   return redis.call('ZREM', members(ch), user) == 1
 end
+-- Calls f(ch, user) for each channel, user pair in ARGV from index `first`
+-- on, then keeps the sweep index right for every channel it touched.
+local function each_pair(first, f)
+  local touched = {}
+  for i = first, #ARGV, 2 do
+    f(ARGV[i], ARGV[i + 1])
+    touched[ARGV[i]] = true
+  end
+  for ch in pairs(touched) do reindex(ch) end
+end
 "#;
 
 /// Renews this node's leases. ARGV[2] node id, ARGV[3] ttl ms, then
 /// channel, user pairs. Answers channel, user, status for each pair that
 /// was absent or lapsed: those came online.
-const HOLD: &str = r#"
+static HOLD: Script = Script::with_prelude(
+    PRELUDE,
+    r#"
 local node = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local lease = now + ttl
 local came = {}
-local touched = {}
-for i = 4, #ARGV, 2 do
-  local ch, user = ARGV[i], ARGV[i + 1]
+each_pair(4, function(ch, user)
   local h = holders(ch, user)
   redis.call('HSET', h, node, lease)
   redis.call('PEXPIRE', h, ttl)
@@ -130,21 +139,20 @@ for i = 4, #ARGV, 2 do
   redis.call('ZADD', channels_of(user), 'GT', lease, ch)
   redis.call('PEXPIRE', channels_of(user), ttl)
   redis.call('PEXPIRE', status_key(user), ttl)
-  touched[ch] = true
-end
-for ch in pairs(touched) do reindex(ch) end
+end)
 return came
-"#;
+"#,
+);
 
 /// Gives up this node's leases. ARGV[2] node id, then channel, user pairs.
 /// Answers channel, user for each pair that no live lease holds any more:
 /// those went offline.
-const LEAVE: &str = r#"
+static LEAVE: Script = Script::with_prelude(
+    PRELUDE,
+    r#"
 local node = ARGV[2]
 local gone = {}
-local touched = {}
-for i = 3, #ARGV, 2 do
-  local ch, user = ARGV[i], ARGV[i + 1]
+each_pair(3, function(ch, user)
   local h = holders(ch, user)
   redis.call('HDEL', h, node)
   local best = nil
@@ -161,15 +169,16 @@ for i = 3, #ARGV, 2 do
     table.insert(gone, ch)
     table.insert(gone, user)
   end
-  touched[ch] = true
-end
-for ch in pairs(touched) do reindex(ch) end
+end)
 return gone
-"#;
+"#,
+);
 
 /// Removes lapsed entries, at most ARGV[2] of them. Answers channel, user
 /// for each removed.
-const SWEEP: &str = r#"
+static SWEEP: Script = Script::with_prelude(
+    PRELUDE,
+    r#"
 local budget = tonumber(ARGV[2])
 local gone = {}
 local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, budget)
@@ -186,10 +195,13 @@ for _, ch in ipairs(due) do
   reindex(ch)
 end
 return gone
-"#;
+"#,
+);
 
 /// The users present in channel ARGV[2], each followed by their status.
-const ONLINE: &str = r#"
+static ONLINE: Script = Script::with_prelude(
+    PRELUDE,
+    r#"
 local users = redis.call('ZRANGEBYSCORE', members(ARGV[2]), '(' .. now, '+inf')
 local out = {}
 for _, user in ipairs(users) do
@@ -197,11 +209,14 @@ for _, user in ipairs(users) do
   table.insert(out, status_of(user))
 end
 return out
-"#;
+"#,
+);
 
 /// Sets user ARGV[2]'s status to ARGV[3] for ARGV[4] ms. Answers the
 /// channels they are present in when the status changed, else nothing.
-const SET_STATUS: &str = r#"
+static SET_STATUS: Script = Script::with_prelude(
+    PRELUDE,
+    r#"
 local user, status = ARGV[2], ARGV[3]
 local old = status_of(user)
 if status == 'online' then
@@ -211,28 +226,8 @@ else
 end
 if old == status then return {} end
 return redis.call('ZRANGEBYSCORE', channels_of(user), '(' .. now, '+inf')
-"#;
-
-struct Scripts {
-    hold: Script,
-    leave: Script,
-    sweep: Script,
-    online: Script,
-    set_status: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
-        Self {
-            hold: script(HOLD),
-            leave: script(LEAVE),
-            sweep: script(SWEEP),
-            online: script(ONLINE),
-            set_status: script(SET_STATUS),
-        }
-    }
-}
+"#,
+);
 
 pub struct RedisPresence {
     shared: Arc<Shared>,
@@ -244,99 +239,63 @@ pub struct RedisPresence {
 struct Shared {
     registry: Arc<Registry>,
     hub: Arc<Hub>,
-    pool: Pool,
+    redis: Redis,
     opts: RedisPresenceOptions,
     /// This node's name in the holders hashes; fresh per process, so a
     /// restarted node never inherits the leases of its previous life.
     node_id: String,
-    scripts: Scripts,
     metrics: Arc<Metrics>,
 }
 
 impl RedisPresence {
-    /// Presence on the Redis at `opts.url`, announced through `hub`.
-    /// Connects lazily: only a malformed URL fails here.
+    /// Presence on `redis`, announced through `hub`; connects lazily.
     pub fn new(
+        redis: Redis,
         opts: RedisPresenceOptions,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
-        // As in the store: the call's own deadline bounds every command, so
-        // the client's shorter response timeout is turned off.
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(opts.command_timeout))
-            .set_response_timeout(None);
-        let manager =
-            Manager::new_with_config(opts.url.as_str(), connection).map_err(|e| e.to_string())?;
-        let pool = Pool::builder(manager)
-            .max_size(opts.pool_size.max(1))
-            .wait_timeout(Some(opts.command_timeout))
-            .create_timeout(Some(opts.command_timeout))
-            .recycle_timeout(Some(opts.command_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| e.to_string())?;
+    ) -> Self {
         let shared = Arc::new(Shared {
             registry: Registry::new(metrics.presence_entries.clone()),
             hub,
-            pool,
+            redis,
             opts,
             node_id: crate::store::new_id(),
-            scripts: Scripts::new(),
             metrics,
         });
         let tasks = [
             TaskGuard::spawn(write(shared.clone())),
             TaskGuard::spawn(sweep(shared.clone())),
         ];
-        Ok(Self {
+        Self {
             shared,
             _tasks: tasks,
-        })
+        }
+    }
+}
+
+impl From<CallError> for PresenceError {
+    fn from(e: CallError) -> Self {
+        PresenceError::Unavailable(e.to_string())
     }
 }
 
 impl Shared {
-    /// One script on a pooled connection, within the command timeout.
-    async fn run<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, String> {
-        let deadline = tokio::time::Instant::now() + self.opts.command_timeout;
-        let too_late = || {
-            format!(
-                "Redis did not answer within {:?}",
-                self.opts.command_timeout
-            )
-        };
-        let mut conn = match tokio::time::timeout_at(deadline, self.pool.get()).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(format!("no Redis connection: {e}")),
-            Err(_) => return Err(too_late()),
-        };
-        match tokio::time::timeout_at(deadline, inv.invoke_async(&mut conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() {
-                    // A broken connection must not go back to the pool.
-                    drop(Connection::take(conn));
-                }
-                Err(e.to_string())
-            }
-            Err(_) => {
-                drop(Connection::take(conn));
-                Err(too_late())
-            }
-        }
+    /// One script through the layer's timed call.
+    async fn run<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, CallError> {
+        self.redis.call("presence_script", inv).await
     }
 
-    fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
-        let mut inv = script.prepare_invoke();
-        inv.arg(&self.opts.prefix);
+    fn invocation(&self, script: &'static Script) -> ScriptInvocation<'static> {
+        let mut inv = script.invocation();
+        inv.arg(self.redis.keys().presence());
         inv
     }
 
     /// Renews this node's leases on `pairs` and announces who came online.
-    async fn hold(&self, pairs: &[Pair]) -> Result<(), String> {
+    async fn hold(&self, pairs: &[Pair]) -> Result<(), CallError> {
         for batch in pairs.chunks(BATCH) {
-            let mut inv = self.invocation(&self.scripts.hold);
+            let mut inv = self.invocation(&HOLD);
             inv.arg(&self.node_id).arg(self.opts.ttl.as_millis() as u64);
             for (channel, user) in batch {
                 inv.arg(channel).arg(user);
@@ -350,9 +309,9 @@ impl Shared {
     }
 
     /// Gives up this node's leases on `pairs`; announces who went offline.
-    async fn leave(&self, pairs: &[Pair]) -> Result<(), String> {
+    async fn leave(&self, pairs: &[Pair]) -> Result<(), CallError> {
         for batch in pairs.chunks(BATCH) {
-            let mut inv = self.invocation(&self.scripts.leave);
+            let mut inv = self.invocation(&LEAVE);
             inv.arg(&self.node_id);
             for (channel, user) in batch {
                 inv.arg(channel).arg(user);
@@ -376,7 +335,7 @@ impl Shared {
 
     /// Writes the pairs that changed: joins as leases, last leaves as
     /// releases. Failed pairs go back for the next round.
-    async fn write_changes(&self) -> Result<(), String> {
+    async fn write_changes(&self) -> Result<(), CallError> {
         let (held, left): (Vec<_>, Vec<_>) = self
             .registry
             .take_dirty()
@@ -400,7 +359,7 @@ impl Shared {
         failure.map_or(Ok(()), Err)
     }
 
-    fn failed(&self, what: &str, why: &str) {
+    fn failed(&self, what: &str, why: &CallError) {
         self.metrics.presence_refresh_failures_total.inc();
         tracing::debug!(%why, "presence {what} failed");
     }
@@ -438,7 +397,7 @@ async fn sweep(shared: Arc<Shared>) {
     loop {
         every.tick().await;
         loop {
-            let mut inv = shared.invocation(&shared.scripts.sweep);
+            let mut inv = shared.invocation(&SWEEP);
             inv.arg(SWEEP_BUDGET);
             let gone: Vec<String> = match shared.run(&inv).await {
                 Ok(gone) => gone,
@@ -465,11 +424,11 @@ impl Presence for RedisPresence {
 
     async fn set_status(&self, user_id: &str, status: Status) -> Result<(), PresenceError> {
         let shared = &self.shared;
-        let mut inv = shared.invocation(&shared.scripts.set_status);
+        let mut inv = shared.invocation(&SET_STATUS);
         inv.arg(user_id)
             .arg(status.as_str())
             .arg(shared.opts.ttl.as_millis() as u64);
-        let channels: Vec<String> = shared.run(&inv).await.map_err(PresenceError::Unavailable)?;
+        let channels: Vec<String> = shared.run(&inv).await?;
         for channel in channels {
             shared.announce(&channel, user_id, status.as_str()).await;
         }
@@ -478,9 +437,9 @@ impl Presence for RedisPresence {
 
     async fn online(&self, channel_id: &str) -> Result<Vec<OnlineUser>, PresenceError> {
         let shared = &self.shared;
-        let mut inv = shared.invocation(&shared.scripts.online);
+        let mut inv = shared.invocation(&ONLINE);
         inv.arg(channel_id);
-        let flat: Vec<String> = shared.run(&inv).await.map_err(PresenceError::Unavailable)?;
+        let flat: Vec<String> = shared.run(&inv).await?;
         let mut users: Vec<OnlineUser> = flat
             .chunks_exact(2)
             .map(|entry| OnlineUser {
@@ -493,6 +452,10 @@ impl Presence for RedisPresence {
         users.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         Ok(users)
     }
+
+    fn readiness(&self) -> Result<(), String> {
+        self.shared.redis.readiness()
+    }
 }
 
 #[cfg(test)]
@@ -500,6 +463,7 @@ mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
     use crate::hub::Subscription;
+    use crate::infra::redis::RedisConfig;
     use crate::test_support::RedisServer;
 
     /// Short leases so that a "killed" node lapses within the test.
@@ -518,15 +482,15 @@ mod tests {
 
     fn node(server: &RedisServer, hub: &Arc<Hub>) -> RedisPresence {
         let opts = RedisPresenceOptions {
-            url: server.url(),
-            prefix: "subgate:".into(),
-            command_timeout: Duration::from_secs(2),
-            pool_size: 4,
             ttl: TTL,
             refresh: Duration::from_millis(300),
             sweep_interval: Duration::from_millis(100),
         };
-        RedisPresence::new(opts, hub.clone(), Arc::new(Metrics::new())).unwrap()
+        let metrics = Arc::new(Metrics::new());
+        let mut config = RedisConfig::new(server.url(), "subgate:");
+        config.pool_size = 4;
+        let redis = Redis::new(config, metrics.clone()).unwrap();
+        RedisPresence::new(redis, opts, hub.clone(), metrics)
     }
 
     async fn next(sub: &mut Subscription) -> serde_json::Value {
@@ -573,10 +537,23 @@ mod tests {
         }
     }
 
+    /// A Redis, the bus, and a subscription to channel c1's announcements.
+    async fn watching_c1() -> (RedisServer, Arc<Hub>, Subscription) {
+        let server = RedisServer::start();
+        let hub = bus();
+        let sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        (server, hub, sub)
+    }
+
+    async fn assert_no_keys(server: &RedisServer, why: &str) {
+        let left = presence_keys(server).await;
+        assert!(left.is_empty(), "{why}: {left:?}");
+    }
+
     async fn presence_keys(server: &RedisServer) -> Vec<String> {
-        let client = deadpool_redis::redis::Client::open(server.url()).unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        deadpool_redis::redis::cmd("KEYS")
+        redis::cmd("KEYS")
             .arg("subgate:presence:*")
             .query_async(&mut conn)
             .await
@@ -593,9 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_join_on_one_node_is_seen_from_another_and_announced_once() {
-        let server = RedisServer::start();
-        let hub = bus();
-        let mut sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        let (server, hub, mut sub) = watching_c1().await;
         let (a, b) = (node(&server, &hub), node(&server, &hub));
 
         let on_a = a.join("c1", "ann");
@@ -616,17 +591,12 @@ mod tests {
         assert_eq!(status(&next(&mut sub).await), ("ann", "c1", "offline"));
         assert!(online_ids(&a, "c1").await.is_empty());
         quiet(&mut sub, TTL).await;
-        assert!(
-            presence_keys(&server).await.is_empty(),
-            "a departed user leaves no key behind"
-        );
+        assert_no_keys(&server, "a departed user leaves no key behind").await;
     }
 
     #[tokio::test]
     async fn a_killed_node_lets_its_users_go_offline_within_the_ttl_announced_once() {
-        let server = RedisServer::start();
-        let hub = bus();
-        let mut sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        let (server, hub, mut sub) = watching_c1().await;
         let (a, b) = (node(&server, &hub), node(&server, &hub));
         let _bob = b.join("c1", "bob");
         let ann = a.join("c1", "ann");
@@ -660,9 +630,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_sweepers_announce_each_lapse_once() {
-        let server = RedisServer::start();
-        let hub = bus();
-        let mut sub = hub.subscribe("channel:c1", "test", None).await.unwrap();
+        let (server, hub, mut sub) = watching_c1().await;
         let dying = node(&server, &hub);
         let guards: Vec<_> = (0..20)
             .map(|i| dying.join("c1", &format!("u{i:02}")))
@@ -690,10 +658,7 @@ mod tests {
         assert_eq!(offline.len(), 20);
         quiet(&mut sub, TTL).await;
         assert!(online_ids(&survivors[0], "c1").await.is_empty());
-        assert!(
-            presence_keys(&server).await.is_empty(),
-            "the sweep leaves no key behind"
-        );
+        assert_no_keys(&server, "the sweep leaves no key behind").await;
     }
 
     #[tokio::test]

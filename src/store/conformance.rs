@@ -66,13 +66,17 @@ mod redis_store {
     use std::time::Duration;
 
     use super::*;
+    use crate::infra::redis::{Redis, RedisConfig};
+    use crate::telemetry::metrics::Metrics;
     use crate::test_support::RedisServer;
 
     fn setup() -> (Arc<dyn Store>, RedisServer) {
         let server = RedisServer::start();
-        let store = redis::RedisStore::new(&server.url(), "subgate:", 8, Duration::from_secs(5))
-            .expect("a store on the test server");
-        (Arc::new(store), server)
+        let mut config = RedisConfig::new(server.url(), "subgate:");
+        config.pool_size = 8;
+        config.command_timeout = Duration::from_secs(5);
+        let redis = Redis::new(config, Arc::new(Metrics::new())).expect("a valid URL");
+        (Arc::new(redis::RedisStore::new(redis)), server)
     }
 
     for_each_check!(suite!(setup));

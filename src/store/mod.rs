@@ -12,7 +12,8 @@
 //!   replaced: it never expires, because a restricted topic that silently
 //!   fell back to the default would open up to every user.
 //!
-//! Implementations: [`memory::MemoryStore`]; the Redis store plugs in here.
+//! Implementations: [`memory::MemoryStore`] (one node) and
+//! [`redis::RedisStore`] (a fleet sharing Redis).
 
 #[cfg(test)]
 mod conformance;

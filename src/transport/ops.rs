@@ -1,6 +1,6 @@
 //! Operations endpoints: `/healthz` (the process answers), `/readyz` (it
-//! should get traffic: not draining, and its broker and store can serve)
-//! and `/metrics` (the Prometheus exposition).
+//! should get traffic: not draining, and its broker, store and presence can
+//! serve) and `/metrics` (the Prometheus exposition).
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -22,6 +22,9 @@ fn readiness_problems(state: &AppState) -> Vec<String> {
     }
     if let Err(why) = state.store.readiness() {
         problems.push(format!("store: {why}"));
+    }
+    if let Err(why) = state.presence.readiness() {
+        problems.push(format!("presence: {why}"));
     }
     problems
 }
@@ -55,4 +58,53 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::test_support::{free_port, RedisServer};
+
+    #[tokio::test]
+    async fn readiness_names_each_component_while_redis_is_away() {
+        let port = free_port();
+        let mut settings = Settings::default();
+        settings.redis.url = Some(format!("redis://127.0.0.1:{port}/"));
+        settings.redis.command_timeout_ms = 200;
+        settings.redis.max_backoff_ms = 100;
+        let state = crate::test_support::state(settings);
+        let until = |ready: fn(&[String]) -> bool, what: &'static str| {
+            let state = state.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let problems = readiness_problems(&state);
+                    if ready(&problems) {
+                        return problems;
+                    }
+                    assert!(Instant::now() < deadline, "{what}: {problems:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let away = until(
+            |p| {
+                ["broker: ", "store: ", "presence: "]
+                    .iter()
+                    .all(|c| p.iter().any(|why| why.starts_with(c)))
+            },
+            "every component on Redis reports it",
+        )
+        .await;
+        assert!(
+            away.iter().all(|why| why.to_lowercase().contains("redis")),
+            "{away:?}"
+        );
+
+        let _redis = RedisServer::start_on(port);
+        until(|p| p.is_empty(), "ready once Redis answers").await;
+    }
 }

@@ -56,6 +56,11 @@ fn bad_configuration_exits_non_zero_before_listening_naming_the_key() {
             "redis.url",
             vec![("SUBGATE__REDIS__URL", "http://localhost:6379")],
         ),
+        // The right scheme, but no Redis connection can be made of it.
+        (
+            "redis.url",
+            vec![("SUBGATE__REDIS__URL", "redis://127.0.0.1:notaport")],
+        ),
     ];
     // Each refusal is its own process; run them side by side.
     let results: Vec<_> = std::thread::scope(|scope| {

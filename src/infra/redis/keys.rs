@@ -1,0 +1,180 @@
+//! The key layout: every Redis key and channel name subgate uses, built
+//! here and nowhere else from `redis.prefix` (`{p}` below, `subgate:` by
+//! default), so that deployments with different prefixes share one Redis.
+//!
+//! | name | type | owner | holds |
+//! | --- | --- | --- | --- |
+//! | `{p}topic:{topic}` | channel | broker | the envelopes published to `topic` |
+//! | `{p}history:{topic}` | stream | broker | the topic's last events; entry `SEQ-1` holds the envelope after its id |
+//! | `{p}history-meta:{topic}` | hash | broker | `epoch`, `seq`: the history's epoch and last number |
+//! | `{p}probe:{node}` | channel | broker | a node's Pub/Sub probe, heard by that node only |
+//! | `{p}presence:members:{channel}` | sorted set | presence | user -> when their presence lapses (ms) |
+//! | `{p}presence:holders:{len(user)}:{user}:{channel}` | hash | presence | node id -> that node's lease (ms) |
+//! | `{p}presence:user:{user}` | sorted set | presence | channel -> lease: the channels a user is present in |
+//! | `{p}presence:status:{user}` | string | presence | `away` / `busy` (absent: `online`), with a TTL |
+//! | `{p}presence:channels` | sorted set | presence | channel -> its earliest lease: what the sweep looks at |
+//! | `{p}seq` | string (INCR) | store | the last list position handed out |
+//! | `{p}user:{id}` | hash | store | `id email email_norm name password_hash created_at updated_at seq` |
+//! | `{p}email:{normalized}` | string | store | the id of the user owning that email (trimmed, lowercased) |
+//! | `{p}post:{id}` | hash | store | `id author_id title content created_at updated_at seq` |
+//! | `{p}comment:{id}` | hash | store | `id post_id author_id content created_at seq` |
+//! | `{p}channel:{id}` | hash | store | `id name is_private owner_id member_ids created_at seq`; `member_ids` is a JSON array, in join order |
+//! | `{p}message:{id}` | hash | store | `id channel_id author_id content created_at seq` |
+//! | `{p}notification:{id}` | hash | store | `id user_id type message payload read created_at seq`; `payload` is JSON |
+//! | `{p}readers:{topic}` | string | store | a backend topic's readers rule as JSON; no TTL |
+//! | `{p}users`, `{p}posts`, `{p}channels` | sorted set | store | ids scored by `seq` |
+//! | `{p}posts:author:{id}`, `{p}comments:post:{id}`, `{p}messages:channel:{id}`, `{p}notifications:user:{id}` | sorted set | store | ids scored by `seq` |
+//!
+//! Store timestamps are RFC 3339 strings, booleans `"0"`/`"1"`.
+//!
+//! Presence's scripts derive its keys inside Lua from [`Keys::presence`]
+//! (the per-pair keys are not known before the script runs); the names
+//! above are the ones they build. Scripts that derive keys from stored
+//! fields or a prefix target one Redis server (or a primary with replicas),
+//! not Redis Cluster.
+
+/// Key and channel names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn name(&self, parts: std::fmt::Arguments<'_>) -> String {
+        format!("{}{parts}", self.prefix)
+    }
+
+    // The broker.
+
+    /// The Pub/Sub channel of `topic`.
+    pub fn topic_channel(&self, topic: &str) -> String {
+        self.name(format_args!("topic:{topic}"))
+    }
+
+    /// The history stream of `topic`.
+    pub fn history(&self, topic: &str) -> String {
+        self.name(format_args!("history:{topic}"))
+    }
+
+    /// The epoch and last number of `topic`'s history.
+    pub fn history_meta(&self, topic: &str) -> String {
+        self.name(format_args!("history-meta:{topic}"))
+    }
+
+    /// The probe channel of the node named `node`.
+    pub fn probe_channel(&self, node: &str) -> String {
+        self.name(format_args!("probe:{node}"))
+    }
+
+    // Presence.
+
+    /// What every presence key starts with; the scripts append the rest.
+    pub fn presence(&self) -> String {
+        self.name(format_args!("presence:"))
+    }
+
+    // The store.
+
+    /// The counter behind every list position.
+    pub fn seq(&self) -> String {
+        self.name(format_args!("seq"))
+    }
+
+    /// The hash of the `kind` entity `id` (`user`, `post`, …).
+    pub fn record(&self, kind: &str, id: &str) -> String {
+        self.name(format_args!("{kind}:{id}"))
+    }
+
+    /// What the keys of every `kind` entity start with.
+    pub fn record_prefix(&self, kind: &str) -> String {
+        self.record(kind, "")
+    }
+
+    /// The owner of a normalized email.
+    pub fn email(&self, normalized: &str) -> String {
+        self.name(format_args!("email:{normalized}"))
+    }
+
+    pub fn email_prefix(&self) -> String {
+        self.email("")
+    }
+
+    /// Every user, oldest first.
+    pub fn users(&self) -> String {
+        self.name(format_args!("users"))
+    }
+
+    /// Every post.
+    pub fn posts(&self) -> String {
+        self.name(format_args!("posts"))
+    }
+
+    pub fn posts_by_author(&self, author_id: &str) -> String {
+        self.name(format_args!("posts:author:{author_id}"))
+    }
+
+    pub fn posts_by_author_prefix(&self) -> String {
+        self.posts_by_author("")
+    }
+
+    pub fn comments_of_post(&self, post_id: &str) -> String {
+        self.name(format_args!("comments:post:{post_id}"))
+    }
+
+    /// Every channel.
+    pub fn channels(&self) -> String {
+        self.name(format_args!("channels"))
+    }
+
+    pub fn messages_of_channel(&self, channel_id: &str) -> String {
+        self.name(format_args!("messages:channel:{channel_id}"))
+    }
+
+    pub fn notifications_of_user(&self, user_id: &str) -> String {
+        self.name(format_args!("notifications:user:{user_id}"))
+    }
+
+    /// The readers rule of a backend topic.
+    pub fn topic_readers(&self, topic: &str) -> String {
+        self.name(format_args!("readers:{topic}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+
+    #[test]
+    fn names_follow_the_documented_layout() {
+        let k = Keys::new("p:");
+        assert_eq!(k.topic_channel("post:1"), "p:topic:post:1");
+        assert_eq!(k.history("posts"), "p:history:posts");
+        assert_eq!(k.history_meta("posts"), "p:history-meta:posts");
+        assert_eq!(k.probe_channel("n1"), "p:probe:n1");
+        assert_eq!(k.presence(), "p:presence:");
+        assert_eq!(k.seq(), "p:seq");
+        assert_eq!(k.record("user", "u1"), "p:user:u1");
+        assert_eq!(k.record_prefix("user"), "p:user:");
+        assert_eq!(k.email("a@b.c"), "p:email:a@b.c");
+        assert_eq!(k.email_prefix(), "p:email:");
+        assert_eq!(k.users(), "p:users");
+        assert_eq!(k.posts(), "p:posts");
+        assert_eq!(k.posts_by_author("u1"), "p:posts:author:u1");
+        assert_eq!(k.posts_by_author_prefix(), "p:posts:author:");
+        assert_eq!(k.comments_of_post("p1"), "p:comments:post:p1");
+        assert_eq!(k.channels(), "p:channels");
+        assert_eq!(k.messages_of_channel("c1"), "p:messages:channel:c1");
+        assert_eq!(k.notifications_of_user("u1"), "p:notifications:user:u1");
+        assert_eq!(k.topic_readers("orders:eu"), "p:readers:orders:eu");
+    }
+}

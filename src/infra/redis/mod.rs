@@ -1,0 +1,288 @@
+//! The one Redis layer: what the broker, the store and presence share to
+//! reach Redis.
+//!
+//! - [`RedisConfig`]: the `redis` settings, read once, for the command pool
+//!   and the broker's Pub/Sub connection alike.
+//! - [`Redis`]: the node's handle: one deadpool-redis pool, and
+//!   [`Redis::call`], the only way a command reaches Redis. Every call
+//!   takes a pooled connection and sends one request (a command, a
+//!   pipeline or a script) under one deadline, `redis.command_timeout_ms`;
+//!   its latency is recorded in
+//!   `subgate_redis_command_duration_seconds{command}`; a broken or hung
+//!   connection is dropped rather than pooled again; and the outcome feeds
+//!   [`Redis::readiness`], which `/readyz` reports for every component on
+//!   the layer. Failures come back as a [`CallError`] that says whether
+//!   Redis is unreachable or refused the request.
+//! - [`Redis::pubsub`]: the dedicated Pub/Sub connection the broker holds
+//!   (a pool cannot share one), made from the same settings under the same
+//!   deadline.
+//! - [`Keys`]: the key layout, every key and channel name under
+//!   `redis.prefix`, in one table.
+//! - [`Script`]: Lua scripts, hashed once and loaded into Redis once.
+//!
+//! Nothing connects while the layer is built: a node starts while Redis is
+//! down, reports it through readiness, and serves once Redis answers. Only
+//! settings that cannot work fail at build time, as a [`SetupError`].
+
+mod call;
+mod health;
+mod keys;
+mod script;
+mod settings;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::{Connection, Manager, Pool, Runtime};
+use redis::{AsyncConnectionConfig, FromRedisValue, RedisResult};
+
+pub use call::{CallError, Request};
+pub use keys::Keys;
+pub use script::Script;
+pub use settings::{RedisConfig, SetupError};
+
+use crate::telemetry::metrics::Metrics;
+use health::Health;
+
+/// A node's way to Redis; cheap to clone, every clone shares one pool and
+/// one health.
+#[derive(Clone)]
+pub struct Redis {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    keys: Keys,
+    /// The parsed URL, for connections outside the pool (Pub/Sub).
+    client: redis::Client,
+    pool: Pool,
+    health: Health,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // RedisConfig's Debug leaves the URL (and its password) out.
+        f.debug_struct("Redis")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redis {
+    /// The layer for `config`. Connects lazily: only settings that cannot
+    /// work fail here.
+    pub fn new(config: RedisConfig, metrics: Arc<Metrics>) -> Result<Self, SetupError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(SetupError::InvalidUrl)?;
+        // The call's deadline bounds every command, so the client's own
+        // shorter response timeout is turned off; connecting keeps a bound
+        // of its own because the pool may also connect outside any call.
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.command_timeout))
+            .set_response_timeout(None);
+        let manager = Manager::new_with_config(client.get_connection_info().clone(), connection)
+            .map_err(SetupError::InvalidUrl)?;
+        let pool = Pool::builder(manager)
+            // A pool of zero would make every call wait for the timeout.
+            .max_size(config.pool_size.max(1))
+            .wait_timeout(Some(config.command_timeout))
+            .create_timeout(Some(config.command_timeout))
+            .recycle_timeout(Some(config.command_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(SetupError::Pool)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                keys: Keys::new(config.prefix.clone()),
+                config,
+                client,
+                pool,
+                health: Health::default(),
+                metrics,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// Sends `request` on a pooled connection; `command` labels its latency
+    /// in `subgate_redis_command_duration_seconds` (a fixed, bounded set).
+    pub async fn call<'a, T: FromRedisValue>(
+        &self,
+        command: &'static str,
+        request: impl Into<Request<'a>>,
+    ) -> Result<T, CallError> {
+        let started = Instant::now();
+        let outcome = self.attempt(request.into()).await;
+        self.inner
+            .metrics
+            .redis_command_duration_seconds
+            .with_label_values(&[command])
+            .observe(started.elapsed().as_secs_f64());
+        self.record(&outcome);
+        outcome
+    }
+
+    /// Takes a connection and sends the request, both within one deadline.
+    async fn attempt<T: FromRedisValue>(&self, request: Request<'_>) -> Result<T, CallError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.command_timeout;
+        let mut conn = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
+            Ok(got) => got.map_err(CallError::from_pool)?,
+            Err(_) => return Err(self.too_late()),
+        };
+        let sent = async {
+            match request {
+                Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
+                Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
+                Request::Script(script) => script.invoke_async(&mut conn).await,
+            }
+        };
+        let failure = match tokio::time::timeout_at(deadline, sent).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => CallError::from_redis(e),
+            Err(_) => self.too_late(),
+        };
+        if matches!(failure, CallError::Unreachable(_)) {
+            // A broken or hung connection must not go back to the pool for
+            // the next caller to trip over (or to wait on while recycling).
+            drop(Connection::take(conn));
+        }
+        Err(failure)
+    }
+
+    /// Bounds `fut`, work on a connection of the caller's own (Pub/Sub), by
+    /// the same deadline and reads its failure the same way as a call.
+    pub async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> Result<T, CallError> {
+        let outcome = match tokio::time::timeout(self.inner.config.command_timeout, fut).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(CallError::from_redis(e)),
+            Err(_) => Err(self.too_late()),
+        };
+        self.record(&outcome);
+        outcome
+    }
+
+    /// A dedicated Pub/Sub connection, from the same settings.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, CallError> {
+        self.bounded(self.inner.client.get_async_pubsub()).await
+    }
+
+    /// One round trip; see [`Redis::watch`].
+    pub async fn ping(&self) -> Result<(), CallError> {
+        let _: String = self.call("ping", &redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    /// Pings Redis every `every` for as long as the node runs, so that
+    /// readiness follows Redis even while no request arrives.
+    pub fn watch(&self, every: Duration) {
+        let layer = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let _ = layer.ping().await;
+            }
+        });
+    }
+
+    /// `Err(why)` while the last call could not reach Redis. Before the
+    /// first call nothing is known to be wrong, and it is `Ok`.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.inner.health.check()
+    }
+
+    fn record<T>(&self, outcome: &Result<T, CallError>) {
+        match outcome {
+            Err(e @ CallError::Unreachable(_)) => self.inner.health.down(&e.to_string()),
+            // Redis answered, so it is reachable.
+            Ok(_) | Err(CallError::Refused(_)) => self.inner.health.up(),
+        }
+    }
+
+    fn too_late(&self) -> CallError {
+        CallError::Unreachable(format!(
+            "no answer within {:?}",
+            self.inner.config.command_timeout
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{free_port, RedisServer};
+
+    fn layer(url: &str) -> Redis {
+        let mut config = RedisConfig::new(url, "t:");
+        config.command_timeout = Duration::from_millis(300);
+        Redis::new(config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_is_a_typed_error_naming_the_setting() {
+        let config = RedisConfig::new("redis://127.0.0.1:notaport", "t:");
+        let err = Redis::new(config, Arc::new(Metrics::new())).unwrap_err();
+        assert!(matches!(err, SetupError::InvalidUrl(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(message.starts_with("redis.url: "), "{message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+    }
+
+    #[test]
+    fn the_url_stays_out_of_debug_output() {
+        let r = layer("redis://:secret@127.0.0.1:1/");
+        assert!(!format!("{r:?}").contains("secret"));
+    }
+
+    #[tokio::test]
+    async fn health_follows_calls_and_every_call_is_timed_by_label() {
+        let port = free_port();
+        let metrics = Arc::new(Metrics::new());
+        let mut config = RedisConfig::new(format!("redis://127.0.0.1:{port}/"), "t:");
+        config.command_timeout = Duration::from_millis(300);
+        let r = Redis::new(config, metrics.clone()).unwrap();
+        assert!(r.readiness().is_ok(), "nothing is known before a call");
+        assert!(matches!(r.ping().await, Err(CallError::Unreachable(_))));
+        assert!(r.readiness().unwrap_err().contains("Redis"));
+
+        let _server = RedisServer::start_on(port);
+        r.ping().await.unwrap();
+        assert!(r.readiness().is_ok());
+        // A request Redis refuses says nothing against its reachability.
+        let refused: Result<String, _> = r.call("test", &redis::cmd("NOSUCHCOMMAND")).await;
+        assert!(matches!(refused, Err(CallError::Refused(_))), "{refused:?}");
+        assert!(r.readiness().is_ok());
+        let timed = metrics
+            .redis_command_duration_seconds
+            .with_label_values(&["ping"])
+            .get_sample_count();
+        assert_eq!(timed, 2);
+    }
+
+    #[tokio::test]
+    async fn scripts_are_loaded_again_into_a_server_that_lost_them() {
+        static ECHO: Script = Script::new("return ARGV[1]");
+        let server = RedisServer::start();
+        let r = layer(&server.url());
+        let mut inv = ECHO.invocation();
+        inv.arg("one");
+        let got: String = r.call("test", &inv).await.unwrap();
+        assert_eq!(got, "one");
+        let mut flush = redis::cmd("SCRIPT");
+        flush.arg("FLUSH");
+        let _: () = r.call("test", &flush).await.unwrap();
+        let got: String = r.call("test", &inv).await.unwrap();
+        assert_eq!(got, "one");
+    }
+}

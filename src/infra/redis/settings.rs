@@ -1,0 +1,83 @@
+//! How a node reaches Redis: the `redis` section of the settings, read once,
+//! for the command pool and the Pub/Sub connection alike.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::config::RedisSettings;
+
+/// The connection settings every Redis user of a node shares.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis.url`: `redis://`, `rediss://` or `unix://`. It may carry a
+    /// password, so `Debug` leaves it out.
+    pub url: String,
+    /// `redis.prefix`: the prefix of every key and channel.
+    pub prefix: String,
+    /// Bound on every call, waiting for a pooled connection included.
+    pub command_timeout: Duration,
+    /// How long a new subscription waits for Redis to confirm it.
+    pub subscribe_timeout: Duration,
+    /// How often the Pub/Sub connection is probed for silent loss.
+    pub probe_interval: Duration,
+    /// Longest wait between Pub/Sub reconnect attempts (jittered).
+    pub max_backoff: Duration,
+    /// Pooled connections for commands: publishes, the store, presence.
+    pub pool_size: usize,
+}
+
+impl RedisConfig {
+    /// The settings in `redis`; `None` without a `redis.url` (the in-memory
+    /// node).
+    pub fn from_settings(redis: &RedisSettings) -> Option<Self> {
+        let ms = Duration::from_millis;
+        let url = redis.url.clone()?;
+        Some(Self {
+            url,
+            prefix: redis.prefix.clone(),
+            command_timeout: ms(redis.command_timeout_ms),
+            subscribe_timeout: ms(redis.subscribe_timeout_ms),
+            probe_interval: ms(redis.probe_interval_ms),
+            max_backoff: ms(redis.max_backoff_ms),
+            pool_size: redis.pool_size,
+        })
+    }
+
+    /// The Redis at `url`, keys under `prefix`, every other setting at its
+    /// default.
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
+        let defaults = RedisSettings {
+            url: Some(url.into()),
+            prefix: prefix.into(),
+            ..RedisSettings::default()
+        };
+        Self::from_settings(&defaults).expect("the URL is set")
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("subscribe_timeout", &self.subscribe_timeout)
+            .field("probe_interval", &self.probe_interval)
+            .field("max_backoff", &self.max_backoff)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the Redis layer could not be built. Nothing connects while it is
+/// built (a Redis that is down at start is waited for), so only the
+/// settings can be wrong; each message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `redis.url` passed the syntax check but does not parse as a Redis
+    /// connection (a bad port, a bad database number…).
+    #[error("redis.url: not a valid Redis URL: {0}")]
+    InvalidUrl(#[source] redis::RedisError),
+    /// The command pool could not be built.
+    #[error("redis.pool_size: cannot build the Redis connection pool: {0}")]
+    Pool(#[source] deadpool_redis::BuildError),
+}
