@@ -76,8 +76,10 @@ use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::auth::credentials::verifier;
 use crate::state::AppState;
-use crate::transport::ws::{self, verifier};
+use crate::transport::admission::{Gate, Opening};
+use crate::transport::socket;
 
 use self::protocol::{Machine, MachineConfig};
 use self::pump::Connection;
@@ -92,28 +94,31 @@ async fn envelope_ws(
     req: HttpRequest,
     body: web::Payload,
 ) -> HttpResponse {
-    if let Err(refused) = ws::admit_upgrade(&state, &req) {
-        return *refused;
-    }
-    let principal = match ws::upgrade_principal(&state, &req) {
-        Ok(principal) => principal,
-        Err(message) => return ws::unauthorized_upgrade(&message),
+    let gate = match Gate::screen(&state, req.headers(), Opening::WebSocket) {
+        Ok(gate) => gate,
+        Err(refusal) => return refusal.graphql_response(),
     };
-    let drain = match ws::admit_connection(&state) {
+    let principal = match state
+        .auth
+        .from_header_or_query_string(req.headers(), req.query_string())
+    {
+        Ok(principal) => principal,
+        Err(message) => return socket::unauthorized(&message),
+    };
+    let drain = match gate.admit() {
         Ok(drain) => drain,
-        Err(refused) => return *refused,
+        Err(refusal) => return refusal.graphql_response(),
     };
     let settings = &state.settings.websocket;
-    let (body, oversized) = match ws::pump::guard_frames(&req, body, settings.max_frame_bytes).await
-    {
-        Ok(guarded) => guarded,
-        Err(e) => return e.error_response(),
+    let socket::Upgraded {
+        response,
+        session,
+        messages,
+        oversized,
+    } = match socket::upgrade(&req, body, settings.max_frame_bytes).await {
+        Ok(upgraded) => upgraded,
+        Err(refused) => return refused,
     };
-    let (response, session, messages) = match actix_ws::handle(&req, body) {
-        Ok(parts) => parts,
-        Err(e) => return e.error_response(),
-    };
-    let messages = messages.max_frame_size(settings.max_frame_bytes);
     let config = MachineConfig {
         max_subscriptions: settings.max_subscriptions_per_connection,
         // A message limit above the frame limit could never apply.

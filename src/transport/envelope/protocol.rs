@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::auth::credentials::Verify;
 use crate::auth::policy::Refusal;
 use crate::auth::Principal;
 use crate::broker::GapReason;
@@ -24,7 +25,6 @@ use crate::presence::{PresenceError, Status};
 use crate::ratelimit::{ConnectionLimiter, Limited, Limits};
 use crate::store::StoreError;
 use crate::transport::envelope_types::{client, server, CLIENT_MESSAGE_TYPES};
-use crate::transport::ws::Verify;
 
 /// The per-connection limits the machine enforces.
 #[derive(Debug, Clone)]

@@ -6,8 +6,8 @@
 //! at the head of the connection's *lane*, the channels' streams (one
 //! `StreamMap`, polled in place), the auth deadline, the heartbeat, the
 //! connection's [`Cutoff`] (1013) and the node's drain (1001). Frame
-//! limits, heartbeat and closing are the GraphQL WebSocket's own
-//! ([`crate::transport::ws::pump`]).
+//! limits, heartbeat and closing are every subgate WebSocket's
+//! ([`crate::transport::socket`]).
 //!
 //! The lane runs effects one at a time in arrival order, while the task
 //! keeps reading, forwarding events and answering pings: a store call never
@@ -40,8 +40,8 @@ use crate::presence::PresenceGuard;
 use crate::shutdown::DrainGuard;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport::ENVELOPE_WS, GaugeGuard, Metrics};
-use crate::transport::ws::pump::{
-    finish, going_away, receive, slow_consumer, Assembler, End, Heartbeat, Outbox, Received,
+use crate::transport::socket::{
+    self, finish, going_away, receive, slow_consumer, Assembler, End, Heartbeat, Outbox, Received,
 };
 
 /// Most lane steps waiting before the task stops reading the socket.
@@ -334,11 +334,7 @@ pub async fn run(
     let _drain = drain;
     let metrics = state.metrics.clone();
     let settings = state.settings.websocket.clone();
-    metrics
-        .connections_total
-        .with_label_values(&[ENVELOPE_WS])
-        .inc();
-    let _open = GaugeGuard::new(metrics.connections.with_label_values(&[ENVELOPE_WS]));
+    let _open = socket::opened(&metrics, ENVELOPE_WS);
 
     let cutoff = Cutoff::new();
     let shutdown = state.shutdown.clone();

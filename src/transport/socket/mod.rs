@@ -1,0 +1,176 @@
+//! The WebSocket layer that every subgate WebSocket runs on (the GraphQL
+//! protocols on `/graphql/ws`, the envelope protocol on `/ws`), so that all
+//! enforce the same limits and close the same way:
+//!
+//! - [`upgrade`]: the handshake, with a frame guard that closes with 1009 a
+//!   frame whose header announces more than `websocket.max_frame_bytes`,
+//!   before its payload is buffered ([`frame`]);
+//! - [`receive`]: one client frame, fragments joined within the same limit,
+//!   pings answered, a broken frame closed with 1002/1007;
+//! - [`Outbox`]: the sending half, whose every write yields to the
+//!   connection's [`Cutoff`](crate::hub::Cutoff) (1013 "slow consumer") and
+//!   the node's drain (1001 "server shutting down"), so a client that stops
+//!   reading cannot hold its task;
+//! - [`Heartbeat`]: a WebSocket ping every `websocket.ping_interval_seconds`;
+//!   a peer that has sent nothing at all, not even a pong, for three
+//!   intervals is closed with 1001 "idle timeout";
+//! - [`opened`] and [`finish`]: the connection counted while it lives, and
+//!   its close, counted in `ws_closes_total` when the node decides on it.
+
+mod frame;
+mod heartbeat;
+mod outbox;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{CloseReason, Message, MessageStream, ProtocolError, Session};
+use bytestring::ByteString;
+
+use crate::error::close;
+use crate::telemetry::metrics::{GaugeGuard, Metrics};
+use crate::transport::graphql_error;
+
+pub(crate) use self::frame::Assembler;
+use self::frame::{guard_frames, Assembled, FrameError};
+pub(crate) use self::heartbeat::Heartbeat;
+use self::outbox::close_reason;
+pub(crate) use self::outbox::{going_away, slow_consumer, Outbox};
+
+/// RFC 6455 "protocol error": a frame the WebSocket layer rejects.
+pub const PROTOCOL_ERROR: u16 = 1002;
+/// RFC 6455 "invalid frame payload data": a text message that is not UTF-8.
+pub const INVALID_PAYLOAD: u16 = 1007;
+
+/// A completed handshake: the response that switches protocols, and the
+/// socket behind it.
+pub struct Upgraded {
+    pub response: HttpResponse,
+    pub session: Session,
+    pub messages: MessageStream,
+    /// Set by the frame guard when a frame header announced too much.
+    pub oversized: Arc<AtomicBool>,
+}
+
+/// The 401 of an upgrade whose token does not verify.
+pub fn unauthorized(message: &str) -> HttpResponse {
+    graphql_error(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), message)
+}
+
+/// Completes the handshake with frames of at most `max_frame_bytes`; `Err`
+/// is the response that refuses it.
+pub async fn upgrade(
+    req: &HttpRequest,
+    body: web::Payload,
+    max_frame_bytes: usize,
+) -> Result<Upgraded, HttpResponse> {
+    let (body, oversized) = guard_frames(req, body, max_frame_bytes)
+        .await
+        .map_err(|e| e.error_response())?;
+    let (response, session, messages) =
+        actix_ws::handle(req, body).map_err(|e| e.error_response())?;
+    Ok(Upgraded {
+        response,
+        session,
+        messages: messages.max_frame_size(max_frame_bytes),
+        oversized,
+    })
+}
+
+/// Counts a connection of `transport` in `connections_total`, and in the
+/// `connections` gauge for as long as the guard lives.
+pub(crate) fn opened(metrics: &Metrics, transport: &'static str) -> GaugeGuard {
+    metrics
+        .connections_total
+        .with_label_values(&[transport])
+        .inc();
+    GaugeGuard::new(metrics.connections.with_label_values(&[transport]))
+}
+
+/// Why the task stops.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The peer is gone: nothing to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, String),
+    /// The peer closed: answer its close frame.
+    Answer(Option<CloseReason>),
+}
+
+/// What one frame from the client amounts to.
+pub(crate) enum Received {
+    /// A complete text message (joined from its fragments).
+    Text(ByteString),
+    /// A complete binary message.
+    Binary,
+    /// A control frame handled here, or a fragment of a message still open.
+    Nothing,
+}
+
+/// Interprets one item of the client's frame stream: joins fragments within
+/// the frame limit, answers pings, and says when the connection must end
+/// (1009 for an oversized frame, 1002/1007 for a broken one, or the peer's
+/// own close).
+pub(crate) async fn receive(
+    frame: Option<Result<Message, ProtocolError>>,
+    assembler: &mut Assembler,
+    oversized: &AtomicBool,
+    outbox: &mut Outbox,
+) -> Result<Received, End> {
+    match frame {
+        None => Err(End::Gone),
+        Some(Err(error)) => {
+            if oversized.load(Ordering::Relaxed) || matches!(error, ProtocolError::Overflow) {
+                return Err(End::Close(close::MESSAGE_TOO_BIG, "frame too large".into()));
+            }
+            Err(End::Close(PROTOCOL_ERROR, "protocol error".into()))
+        }
+        Some(Ok(Message::Text(text))) => Ok(Received::Text(text)),
+        Some(Ok(Message::Binary(_))) => Ok(Received::Binary),
+        Some(Ok(Message::Continuation(item))) => match assembler.push(item) {
+            Ok(None) => Ok(Received::Nothing),
+            Ok(Some(Assembled::Text(text))) => Ok(Received::Text(text)),
+            Ok(Some(Assembled::Binary)) => Ok(Received::Binary),
+            Err(FrameError::TooBig) => Err(End::Close(
+                close::MESSAGE_TOO_BIG,
+                "message too large".into(),
+            )),
+            Err(FrameError::Protocol) => Err(End::Close(PROTOCOL_ERROR, "protocol error".into())),
+            Err(FrameError::NotUtf8) => {
+                Err(End::Close(INVALID_PAYLOAD, "text is not UTF-8".into()))
+            }
+        },
+        Some(Ok(Message::Ping(payload))) => outbox.pong(&payload).await.map(|()| Received::Nothing),
+        Some(Ok(Message::Pong(_) | Message::Nop)) => Ok(Received::Nothing),
+        Some(Ok(Message::Close(reason))) => Err(End::Answer(reason)),
+    }
+}
+
+/// Ends the connection as `end` says, counting the closes the node decides
+/// on in `ws_closes_total`.
+pub(crate) async fn finish(outbox: Outbox, end: End, metrics: &Metrics, transport: &'static str) {
+    match end {
+        End::Gone => tracing::debug!(transport, "WebSocket peer went away"),
+        End::Close(code, reason) => {
+            tracing::debug!(transport, code, %reason, "closing WebSocket");
+            metrics
+                .ws_closes_total
+                .with_label_values(&[&code.to_string()])
+                .inc();
+            outbox.close(Some(close_reason(code, &reason))).await;
+        }
+        End::Answer(reason) => {
+            // Echo the peer's code, as RFC 6455 asks; not counted, as the
+            // metric counts closes the node decides on.
+            outbox
+                .close(reason.map(|r| CloseReason {
+                    code: r.code,
+                    description: None,
+                }))
+                .await;
+        }
+    }
+}
