@@ -78,7 +78,6 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::auth::credentials::verifier;
 use crate::state::AppState;
-use crate::transport::admission::{Gate, Opening};
 use crate::transport::socket;
 
 use self::protocol::{Machine, MachineConfig};
@@ -94,29 +93,18 @@ async fn envelope_ws(
     req: HttpRequest,
     body: web::Payload,
 ) -> HttpResponse {
-    let gate = match Gate::screen(&state, req.headers(), Opening::WebSocket) {
-        Ok(gate) => gate,
-        Err(refusal) => return refusal.graphql_response(),
-    };
-    let principal = match state
-        .auth
-        .from_header_or_query_string(req.headers(), req.query_string())
-    {
-        Ok(principal) => principal,
-        Err(message) => return socket::unauthorized(&message),
-    };
-    let drain = match gate.admit() {
-        Ok(drain) => drain,
-        Err(refusal) => return refusal.graphql_response(),
-    };
     let settings = &state.settings.websocket;
-    let socket::Upgraded {
+    let accepted = socket::accept(&state, &req, body, settings.max_frame_bytes, |_| Ok(())).await;
+    let socket::Accepted {
+        principal,
+        drain,
         response,
         session,
         messages,
         oversized,
-    } = match socket::upgrade(&req, body, settings.max_frame_bytes).await {
-        Ok(upgraded) => upgraded,
+        ..
+    } = match accepted {
+        Ok(accepted) => accepted,
         Err(refused) => return refused,
     };
     let config = MachineConfig {

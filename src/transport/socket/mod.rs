@@ -2,9 +2,10 @@
 //! protocols on `/graphql/ws`, the envelope protocol on `/ws`), so that all
 //! enforce the same limits and close the same way:
 //!
-//! - [`upgrade`]: the handshake, with a frame guard that closes with 1009 a
+//! - [`accept`]: the upgrade through the admission gate and the token
+//!   check, then the handshake, with a frame guard that closes with 1009 a
 //!   frame whose header announces more than `websocket.max_frame_bytes`,
-//!   before its payload is buffered ([`frame`]);
+//!   before its payload is buffered;
 //! - [`receive`]: one client frame, fragments joined within the same limit,
 //!   pings answered, a broken frame closed with 1002/1007;
 //! - [`Outbox`]: the sending half, whose every write yields to the
@@ -29,8 +30,12 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseReason, Message, MessageStream, ProtocolError, Session};
 use bytestring::ByteString;
 
+use crate::auth::Principal;
 use crate::error::close;
+use crate::shutdown::DrainGuard;
+use crate::state::AppState;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
+use crate::transport::admission::{Gate, Opening, Refusal};
 use crate::transport::graphql_error;
 
 pub(crate) use self::frame::Assembler;
@@ -44,9 +49,15 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 /// RFC 6455 "invalid frame payload data": a text message that is not UTF-8.
 pub const INVALID_PAYLOAD: u16 = 1007;
 
-/// A completed handshake: the response that switches protocols, and the
-/// socket behind it.
-pub struct Upgraded {
+/// A WebSocket upgrade that passed every check, its handshake done.
+pub struct Accepted<T> {
+    /// What the transport's own check chose (the GraphQL subprotocol).
+    pub chosen: T,
+    /// Who the upgrade speaks for, if it carried a token.
+    pub principal: Option<Principal>,
+    /// The connection's place under `server.max_connections`.
+    pub drain: DrainGuard,
+    /// The response that switches protocols.
     pub response: HttpResponse,
     pub session: Session,
     pub messages: MessageStream,
@@ -54,24 +65,39 @@ pub struct Upgraded {
     pub oversized: Arc<AtomicBool>,
 }
 
-/// The 401 of an upgrade whose token does not verify.
-pub fn unauthorized(message: &str) -> HttpResponse {
-    graphql_error(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), message)
-}
-
-/// Completes the handshake with frames of at most `max_frame_bytes`; `Err`
-/// is the response that refuses it.
-pub async fn upgrade(
+/// Takes a WebSocket upgrade through every check, in this order: the
+/// gate's screening (403 `Origin`, 503 drain), the transport's own `check`
+/// (the GraphQL subprotocol: 400), the token from `Authorization: Bearer`
+/// or `?token=` (401), a place under `server.max_connections` (503), then
+/// the handshake, with frames of at most `max_frame_bytes`. `Err` is the
+/// response that refuses it, in the GraphQL error shape (`check`'s is
+/// boxed: a response is large and the common case is to pass).
+pub async fn accept<T>(
+    state: &AppState,
     req: &HttpRequest,
     body: web::Payload,
     max_frame_bytes: usize,
-) -> Result<Upgraded, HttpResponse> {
+    check: impl FnOnce(&HttpRequest) -> Result<T, Box<HttpResponse>>,
+) -> Result<Accepted<T>, HttpResponse> {
+    let gate = Gate::screen(state, req.headers(), Opening::WebSocket)
+        .map_err(Refusal::graphql_response)?;
+    let chosen = check(req).map_err(|refused| *refused)?;
+    let principal = state
+        .auth
+        .from_header_or_query_string(req.headers(), req.query_string())
+        .map_err(|message| {
+            graphql_error(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message)
+        })?;
+    let drain = gate.admit().map_err(Refusal::graphql_response)?;
     let (body, oversized) = guard_frames(req, body, max_frame_bytes)
         .await
         .map_err(|e| e.error_response())?;
     let (response, session, messages) =
         actix_ws::handle(req, body).map_err(|e| e.error_response())?;
-    Ok(Upgraded {
+    Ok(Accepted {
+        chosen,
+        principal,
+        drain,
         response,
         session,
         messages: messages.max_frame_size(max_frame_bytes),

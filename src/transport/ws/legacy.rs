@@ -284,7 +284,9 @@ mod tests {
         m
     }
 
-    use crate::transport::ws::protocol::action_tests::{closed, sent, started, verify};
+    use crate::transport::ws::protocol::action_tests::{
+        closed, outcomes, sent, started, stop_of, verify,
+    };
 
     fn start(id: &str) -> String {
         json!({"type": "start", "id": id, "payload": {"query": "subscription { ticks }"}})
@@ -410,13 +412,7 @@ mod tests {
             sent(&actions),
             vec![json!({"type": "data", "id": "s", "payload": {"data": {"ticks": 1}}})]
         );
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                ty: "subscription",
-                outcome: "ok"
-            }
-        )));
+        assert!(outcomes(&actions).contains(&("subscription", "ok")));
         assert_eq!(
             sent(&m.on_end("s")),
             vec![json!({"type": "complete", "id": "s"})]
@@ -439,9 +435,7 @@ mod tests {
                 "errors": [{"message": "Unknown field"}]
             }})]
         );
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(stop_of(&actions, "s").is_some());
         assert!(m.on_end("s").is_empty());
     }
 
@@ -450,9 +444,7 @@ mod tests {
         let mut m = acked(10);
         m.on_text(&start("s"));
         let actions = m.on_text(r#"{"type":"stop","id":"s"}"#);
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(stop_of(&actions, "s").is_some());
         assert_eq!(sent(&actions), vec![json!({"type": "complete", "id": "s"})]);
         assert!(m.on_response("s", data(1)).is_empty());
         assert!(m.on_text(r#"{"type":"stop","id":"s"}"#).is_empty());
@@ -464,10 +456,7 @@ mod tests {
         m.on_text(&start("s"));
         let actions = m.on_text(&start("s"));
         assert!(closed(&actions).is_none());
-        let stop = actions
-            .iter()
-            .position(|a| matches!(a, Action::Stop(id) if id == "s"))
-            .unwrap();
+        let stop = stop_of(&actions, "s").unwrap();
         let begin = actions
             .iter()
             .position(|a| matches!(a, Action::Start(_)))

@@ -17,6 +17,9 @@
 //! verify. A token in the `connection_init` payload takes precedence over
 //! the one from the upgrade.
 //!
+//! The checks and the handshake are every WebSocket's
+//! ([`crate::transport::socket::accept`]); the subprotocol is this one's.
+//!
 //! The machines are sans-IO: they turn client messages and operation results
 //! into [`protocol::Action`]s, and [`pump`] does the I/O on the
 //! [`crate::transport::socket`] layer.
@@ -35,7 +38,6 @@ use async_graphql::Executor;
 
 use crate::auth::credentials::verifier;
 use crate::state::AppState;
-use crate::transport::admission::{Gate, Opening};
 use crate::transport::request::is_websocket_upgrade;
 use crate::transport::{graphql_error, socket};
 
@@ -132,35 +134,26 @@ pub async fn accept<E: Executor>(
     executor: E,
     config: PumpConfig,
 ) -> HttpResponse {
-    let gate = match Gate::screen(state, req.headers(), Opening::WebSocket) {
-        Ok(gate) => gate,
-        Err(refusal) => return refusal.graphql_response(),
-    };
-    let Some(protocol) = negotiate(req.headers()) else {
-        return graphql_error(
-            StatusCode::BAD_REQUEST,
-            Some("BAD_REQUEST"),
-            &format!("unsupported WebSocket subprotocol; supported: {GRAPHQL_TRANSPORT_WS}, {GRAPHQL_WS}"),
-        );
-    };
-    let principal = match state
-        .auth
-        .from_header_or_query_string(req.headers(), req.query_string())
-    {
-        Ok(principal) => principal,
-        Err(message) => return socket::unauthorized(&message),
-    };
-    let drain = match gate.admit() {
-        Ok(drain) => drain,
-        Err(refusal) => return refusal.graphql_response(),
-    };
-    let socket::Upgraded {
+    let accepted = socket::accept(state, req, body, config.max_frame_bytes, |req| {
+        negotiate(req.headers()).ok_or_else(|| {
+            Box::new(graphql_error(
+                StatusCode::BAD_REQUEST,
+                Some("BAD_REQUEST"),
+                &format!("unsupported WebSocket subprotocol; supported: {GRAPHQL_TRANSPORT_WS}, {GRAPHQL_WS}"),
+            ))
+        })
+    })
+    .await;
+    let socket::Accepted {
+        chosen: protocol,
+        principal,
+        drain,
         mut response,
         session,
         messages,
         oversized,
-    } = match socket::upgrade(req, body, config.max_frame_bytes).await {
-        Ok(upgraded) => upgraded,
+    } = match accepted {
+        Ok(accepted) => accepted,
         Err(refused) => return refused,
     };
     // The handshake does not echo a subprotocol; a client that offered some

@@ -240,30 +240,29 @@ impl Operations {
     /// The stream of `id` ended; `true` when it was active (the client is
     /// then told it completed).
     pub(crate) fn end(&mut self, id: &str, out: &mut Vec<Action>) -> bool {
-        let Some(op) = self.active.remove(id) else {
-            return false;
-        };
-        if !op.answered {
-            out.push(Action::Count {
-                ty: op.label,
-                outcome: "ok",
-            });
-        }
-        true
+        self.remove(id, "ok", out)
     }
 
     /// The client stopped `id`; `true` when it was active.
     pub(crate) fn cancel(&mut self, id: &str, out: &mut Vec<Action>) -> bool {
+        let active = self.remove(id, "cancelled", out);
+        if active {
+            out.push(Action::Stop(id.to_owned()));
+        }
+        active
+    }
+
+    /// Forgets `id`, counting it with `outcome` if no result decided one.
+    fn remove(&mut self, id: &str, outcome: &'static str, out: &mut Vec<Action>) -> bool {
         let Some(op) = self.active.remove(id) else {
             return false;
         };
         if !op.answered {
             out.push(Action::Count {
                 ty: op.label,
-                outcome: "cancelled",
+                outcome,
             });
         }
-        out.push(Action::Stop(id.to_owned()));
         true
     }
 }
@@ -362,6 +361,24 @@ pub(crate) mod action_tests {
             Action::Close(code, reason) => Some((*code, reason.as_str())),
             _ => None,
         })
+    }
+
+    /// The `(type, outcome)` of every operation counted.
+    pub fn outcomes(actions: &[Action]) -> Vec<(&'static str, &'static str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Count { ty, outcome } => Some((*ty, *outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Where the stop of operation `id` stands among `actions`, if anywhere.
+    pub fn stop_of(actions: &[Action], id: &str) -> Option<usize> {
+        actions
+            .iter()
+            .position(|a| matches!(a, Action::Stop(stopped) if stopped == id))
     }
 
     /// The operations started.

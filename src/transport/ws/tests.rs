@@ -217,6 +217,22 @@ async fn init(ws: &mut Client) {
     assert_eq!(next_json(ws).await, json!({"type": "connection_ack"}));
 }
 
+/// A node serving the test schema, and a graphql-transport-ws client on it
+/// that is acknowledged and subscribed to `subscription { <field> }` as `id`.
+async fn subscribed(id: &str, field: &str) -> (AppState, ServerHandle, Client) {
+    let state = state_with(|_| {});
+    let (addr, server) = serve(state.clone(), config()).await;
+    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
+    init(&mut ws).await;
+    let query = format!("subscription {{ {field} }}");
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": id, "payload": {"query": query}}),
+    )
+    .await;
+    (state, server, ws)
+}
+
 fn upgrade_request(path: &str) -> actix_test::TestRequest {
     actix_test::TestRequest::get()
         .uri(path)
@@ -589,15 +605,7 @@ async fn an_oversized_frame_closes_only_its_connection() {
 
 #[actix_web::test]
 async fn a_cut_off_connection_closes_with_1013() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(state.clone(), config()).await;
-    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
-    init(&mut ws).await;
-    send(
-        &mut ws,
-        json!({"type": "subscribe", "id": "c", "payload": {"query": "subscription { cut }"}}),
-    )
-    .await;
+    let (_state, server, mut ws) = subscribed("c", "cut").await;
     assert_eq!(next_json(&mut ws).await["payload"]["data"]["cut"], 1);
     assert_eq!(next_close(&mut ws).await, (1013, "slow consumer".into()));
     server.stop(false).await;
@@ -605,15 +613,7 @@ async fn a_cut_off_connection_closes_with_1013() {
 
 #[actix_web::test]
 async fn a_client_that_stops_reading_is_still_cut_off() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(state.clone(), config()).await;
-    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
-    init(&mut ws).await;
-    send(
-        &mut ws,
-        json!({"type": "subscribe", "id": "f", "payload": {"query": "subscription { flood }"}}),
-    )
-    .await;
+    let (state, server, ws) = subscribed("f", "flood").await;
     // Not reading: the socket fills up and the pump blocks on a write,
     // which shows as the stream no longer being polled.
     let items = || FLOOD_ITEMS.load(std::sync::atomic::Ordering::Relaxed);
@@ -656,15 +656,7 @@ async fn a_client_that_stops_reading_is_still_cut_off() {
 
 #[actix_web::test]
 async fn the_drain_closes_with_1001() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(state.clone(), config()).await;
-    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
-    init(&mut ws).await;
-    send(
-        &mut ws,
-        json!({"type": "subscribe", "id": "f", "payload": {"query": "subscription { forever }"}}),
-    )
-    .await;
+    let (state, server, mut ws) = subscribed("f", "forever").await;
     next_json(&mut ws).await;
     let connections = state
         .metrics

@@ -266,7 +266,9 @@ mod tests {
         m
     }
 
-    use crate::transport::ws::protocol::action_tests::{closed, sent, started, verify};
+    use crate::transport::ws::protocol::action_tests::{
+        closed, outcomes, sent, started, stop_of, verify,
+    };
 
     fn subscribe(id: &str) -> String {
         json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}})
@@ -466,19 +468,13 @@ mod tests {
             sent(&first),
             vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 1}}})]
         );
-        assert!(first.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                ty: "subscription",
-                outcome: "ok"
-            }
-        )));
+        assert!(outcomes(&first).contains(&("subscription", "ok")));
         let second = m.on_response("s", data(2));
         assert_eq!(
             sent(&second),
             vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 2}}})]
         );
-        assert!(!second.iter().any(|a| matches!(a, Action::Count { .. })));
+        assert!(outcomes(&second).is_empty());
         assert_eq!(
             sent(&m.on_end("s")),
             vec![json!({"type": "complete", "id": "s"})]
@@ -496,13 +492,9 @@ mod tests {
         response.errors.push(ServerError::new("oops", None));
         let actions = m.on_response("s", response);
         assert_eq!(sent(&actions)[0]["type"], "next");
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                outcome: "field_error",
-                ..
-            }
-        )));
+        assert!(outcomes(&actions)
+            .iter()
+            .any(|(_, outcome)| *outcome == "field_error"));
     }
 
     #[test]
@@ -517,16 +509,10 @@ mod tests {
             sent(&actions),
             vec![json!({"type": "error", "id": "s", "payload": [{"message": "Unknown field"}]})]
         );
-        assert!(actions
+        assert!(stop_of(&actions, "s").is_some());
+        assert!(outcomes(&actions)
             .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                outcome: "request_error",
-                ..
-            }
-        )));
+            .any(|(_, outcome)| *outcome == "request_error"));
         assert!(m.on_end("s").is_empty());
     }
 
@@ -536,9 +522,7 @@ mod tests {
         m.on_text(&subscribe("s"));
         let actions = m.on_text(r#"{"type":"complete","id":"s"}"#);
         assert!(sent(&actions).is_empty());
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(stop_of(&actions, "s").is_some());
         assert!(m.on_response("s", data(1)).is_empty());
         assert!(m.on_end("s").is_empty());
         // Completing an unknown id is ignored.
