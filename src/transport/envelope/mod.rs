@@ -81,7 +81,6 @@ use crate::state::AppState;
 use crate::transport::socket;
 
 use self::protocol::{Machine, MachineConfig};
-use self::pump::Connection;
 
 /// Registers `GET /ws`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -95,15 +94,7 @@ async fn envelope_ws(
 ) -> HttpResponse {
     let settings = &state.settings.websocket;
     let accepted = socket::accept(&state, &req, body, settings.max_frame_bytes, |_| Ok(())).await;
-    let socket::Accepted {
-        principal,
-        drain,
-        response,
-        session,
-        messages,
-        oversized,
-        ..
-    } = match accepted {
+    let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => return refused,
     };
@@ -116,16 +107,12 @@ async fn envelope_ws(
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let machine = Machine::new(
         session_id,
-        principal,
+        accepted.principal,
         verifier(state.auth.clone()),
         config,
         state.limits.clone(),
     );
-    let connection = Connection {
-        state: state.get_ref().clone(),
-        drain,
-        oversized,
-    };
-    actix_web::rt::spawn(pump::run(connection, machine, session, messages));
-    response
+    let state = state.get_ref().clone();
+    actix_web::rt::spawn(pump::run(state, machine, accepted.socket));
+    accepted.response
 }

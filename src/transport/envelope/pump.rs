@@ -20,12 +20,10 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::{pin, Pin};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use actix_ws::{MessageStream, Session};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio_stream::StreamMap;
@@ -37,24 +35,12 @@ use crate::event::{topic, SharedEvent};
 use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::presence::PresenceGuard;
-use crate::shutdown::DrainGuard;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport::ENVELOPE_WS, GaugeGuard, Metrics};
-use crate::transport::socket::{
-    self, finish, going_away, receive, slow_consumer, Assembler, End, Heartbeat, Outbox, Received,
-};
+use crate::transport::socket::{finish, going_away, slow_consumer, End, Outbox, Received, Socket};
 
 /// Most lane steps waiting before the task stops reading the socket.
 const MAX_PENDING: usize = 64;
-
-/// What the task needs besides the socket and the machine.
-pub struct Connection {
-    pub state: AppState,
-    /// Counts the connection as open (admission, drain) while the task runs.
-    pub drain: DrainGuard,
-    /// Set by the frame guard when a frame header announced too much.
-    pub oversized: Arc<AtomicBool>,
-}
 
 /// A subscription an `Open` produced, until the machine says to keep it.
 struct Opened {
@@ -320,33 +306,25 @@ fn effect_job(effect: Effect, state: &AppState, cutoff: &Arc<Cutoff>) -> BoxFutu
 }
 
 /// Serves one connection until either side closes it.
-pub async fn run(
-    connection: Connection,
-    mut machine: Machine,
-    session: Session,
-    mut messages: MessageStream,
-) {
-    let Connection {
-        state,
-        drain,
-        oversized,
-    } = connection;
-    let _drain = drain;
+pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
     let metrics = state.metrics.clone();
     let settings = state.settings.websocket.clone();
-    let _open = socket::opened(&metrics, ENVELOPE_WS);
-
     let cutoff = Cutoff::new();
     let shutdown = state.shutdown.clone();
+    let (mut reader, outbox) = socket.open(
+        &metrics,
+        ENVELOPE_WS,
+        Duration::from_secs(settings.ping_interval_seconds),
+        cutoff.clone(),
+        shutdown.clone(),
+    );
     let mut io = Io {
-        outbox: Outbox::new(session, cutoff.clone(), shutdown.clone()),
+        outbox,
         lane: VecDeque::new(),
         channels: StreamMap::new(),
         state,
         cutoff: cutoff.clone(),
     };
-    let mut assembler = Assembler::new(settings.max_frame_bytes);
-    let mut heartbeat = Heartbeat::new(Duration::from_secs(settings.ping_interval_seconds));
     let mut auth_deadline = pin!(tokio::time::sleep(Duration::from_secs(
         settings.auth_timeout_seconds
     )));
@@ -363,26 +341,23 @@ pub async fn run(
             let wake = tokio::select! {
                 _ = &mut drained => Wake::Drain,
                 _ = &mut cut => Wake::Cut,
-                frame = messages.next(), if reading => Wake::Frame(frame),
+                frame = reader.messages.next(), if reading => Wake::Frame(frame),
                 done = head(&mut io.lane), if working => Wake::Done(done),
                 Some((channel_id, delivery)) = io.channels.next(), if !io.channels.is_empty() => {
                     Wake::Delivery(channel_id, delivery)
                 }
                 _ = &mut auth_deadline, if auth_armed && !machine.is_authenticated() => Wake::AuthTimeout,
-                () = heartbeat.tick() => Wake::Heartbeat,
+                () = reader.heartbeat.tick() => Wake::Heartbeat,
             };
             let step = match wake {
                 Wake::Drain => Err(going_away()),
                 Wake::Cut => Err(slow_consumer()),
-                Wake::Frame(frame) => {
-                    heartbeat.heard();
-                    match receive(frame, &mut assembler, &oversized, &mut io.outbox).await {
-                        Ok(Received::Text(text)) => io.run(machine.on_text(&text)).await,
-                        Ok(Received::Binary) => io.run(machine.on_binary()).await,
-                        Ok(Received::Nothing) => Ok(()),
-                        Err(end) => Err(end),
-                    }
-                }
+                Wake::Frame(frame) => match reader.receive(frame, &mut io.outbox).await {
+                    Ok(Received::Text(text)) => io.run(machine.on_text(&text)).await,
+                    Ok(Received::Binary) => io.run(machine.on_binary()).await,
+                    Ok(Received::Nothing) => Ok(()),
+                    Err(end) => Err(end),
+                },
                 Wake::Done(done) => io.finished(&mut machine, done).await,
                 Wake::Delivery(_, Delivery::Event(event)) => io.forward(&event, &metrics).await,
                 Wake::Delivery(channel_id, Delivery::Gap(reason)) => {
@@ -392,7 +367,7 @@ pub async fn run(
                     auth_armed = false;
                     io.run(machine.on_auth_timeout()).await
                 }
-                Wake::Heartbeat => heartbeat.beat(&mut io.outbox).await,
+                Wake::Heartbeat => reader.beat(&mut io.outbox).await,
             };
             if let Err(end) = step {
                 break end;

@@ -6,7 +6,7 @@
 //!   check, then the handshake, with a frame guard that closes with 1009 a
 //!   frame whose header announces more than `websocket.max_frame_bytes`,
 //!   before its payload is buffered;
-//! - [`receive`]: one client frame, fragments joined within the same limit,
+//! - [`Reader::receive`]: one client frame, fragments joined within the same limit,
 //!   pings answered, a broken frame closed with 1002/1007;
 //! - [`Outbox`]: the sending half, whose every write yields to the
 //!   connection's [`Cutoff`](crate::hub::Cutoff) (1013 "slow consumer") and
@@ -15,8 +15,9 @@
 //! - [`Heartbeat`]: a WebSocket ping every `websocket.ping_interval_seconds`;
 //!   a peer that has sent nothing at all, not even a pong, for three
 //!   intervals is closed with 1001 "idle timeout";
-//! - [`opened`] and [`finish`]: the connection counted while it lives, and
-//!   its close, counted in `ws_closes_total` when the node decides on it.
+//! - [`Socket::open`] and [`finish`]: the connection counted while it
+//!   lives, and its close, counted in `ws_closes_total` when the node
+//!   decides on it.
 
 mod frame;
 mod heartbeat;
@@ -24,6 +25,7 @@ mod outbox;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -32,13 +34,14 @@ use bytestring::ByteString;
 
 use crate::auth::Principal;
 use crate::error::close;
-use crate::shutdown::DrainGuard;
+use crate::hub::Cutoff;
+use crate::shutdown::{DrainGuard, Shutdown};
 use crate::state::AppState;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
 use crate::transport::admission::{Gate, Opening, Refusal};
 use crate::transport::graphql_error;
 
-pub(crate) use self::frame::Assembler;
+use self::frame::Assembler;
 use self::frame::{guard_frames, Assembled, FrameError};
 pub(crate) use self::heartbeat::Heartbeat;
 use self::outbox::close_reason;
@@ -49,20 +52,85 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 /// RFC 6455 "invalid frame payload data": a text message that is not UTF-8.
 pub const INVALID_PAYLOAD: u16 = 1007;
 
+/// An open WebSocket, as its pump takes it.
+pub struct Socket {
+    session: Session,
+    messages: MessageStream,
+    max_frame_bytes: usize,
+    /// Set by the frame guard when a frame header announced too much.
+    oversized: Arc<AtomicBool>,
+    /// The connection's place under `server.max_connections`: counts it as
+    /// open (admission, drain) for as long as the pump holds it.
+    drain: DrainGuard,
+}
+
+impl Socket {
+    /// Opens the socket for its pump: the connection counts as one of
+    /// `transport` while the [`Reader`] lives, and every write through the
+    /// [`Outbox`] yields to `cutoff` and the drain.
+    pub(crate) fn open(
+        self,
+        metrics: &Metrics,
+        transport: &'static str,
+        ping_interval: Duration,
+        cutoff: Arc<Cutoff>,
+        shutdown: Shutdown,
+    ) -> (Reader, Outbox) {
+        metrics
+            .connections_total
+            .with_label_values(&[transport])
+            .inc();
+        let reader = Reader {
+            messages: self.messages,
+            heartbeat: Heartbeat::new(ping_interval),
+            assembler: Assembler::new(self.max_frame_bytes),
+            oversized: self.oversized,
+            _drain: self.drain,
+            _open: GaugeGuard::new(metrics.connections.with_label_values(&[transport])),
+        };
+        (reader, Outbox::new(self.session, cutoff, shutdown))
+    }
+}
+
+/// The reading side of an open socket, and what the connection holds while
+/// it lives. A pump selects over [`Reader::messages`] and the heartbeat's
+/// [`Heartbeat::tick`], then hands what woke it back here.
+pub(crate) struct Reader {
+    pub(crate) messages: MessageStream,
+    pub(crate) heartbeat: Heartbeat,
+    assembler: Assembler,
+    oversized: Arc<AtomicBool>,
+    _drain: DrainGuard,
+    _open: GaugeGuard,
+}
+
+impl Reader {
+    /// What one frame from the client amounts to (see [`Received`]); any
+    /// frame shows the peer alive.
+    pub(crate) async fn receive(
+        &mut self,
+        frame: Option<Result<Message, ProtocolError>>,
+        outbox: &mut Outbox,
+    ) -> Result<Received, End> {
+        self.heartbeat.heard();
+        receive(frame, &mut self.assembler, &self.oversized, outbox).await
+    }
+
+    /// At a beat: the idle rule, then a ping.
+    pub(crate) async fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
+        self.heartbeat.beat(outbox).await
+    }
+}
+
 /// A WebSocket upgrade that passed every check, its handshake done.
 pub struct Accepted<T> {
     /// What the transport's own check chose (the GraphQL subprotocol).
     pub chosen: T,
     /// Who the upgrade speaks for, if it carried a token.
     pub principal: Option<Principal>,
-    /// The connection's place under `server.max_connections`.
-    pub drain: DrainGuard,
     /// The response that switches protocols.
     pub response: HttpResponse,
-    pub session: Session,
-    pub messages: MessageStream,
-    /// Set by the frame guard when a frame header announced too much.
-    pub oversized: Arc<AtomicBool>,
+    pub socket: Socket,
 }
 
 /// Takes a WebSocket upgrade through every check, in this order: the
@@ -97,22 +165,15 @@ pub async fn accept<T>(
     Ok(Accepted {
         chosen,
         principal,
-        drain,
         response,
-        session,
-        messages: messages.max_frame_size(max_frame_bytes),
-        oversized,
+        socket: Socket {
+            session,
+            messages: messages.max_frame_size(max_frame_bytes),
+            max_frame_bytes,
+            oversized,
+            drain,
+        },
     })
-}
-
-/// Counts a connection of `transport` in `connections_total`, and in the
-/// `connections` gauge for as long as the guard lives.
-pub(crate) fn opened(metrics: &Metrics, transport: &'static str) -> GaugeGuard {
-    metrics
-        .connections_total
-        .with_label_values(&[transport])
-        .inc();
-    GaugeGuard::new(metrics.connections.with_label_values(&[transport]))
 }
 
 /// Why the task stops.
@@ -140,7 +201,7 @@ pub(crate) enum Received {
 /// the frame limit, answers pings, and says when the connection must end
 /// (1009 for an oversized frame, 1002/1007 for a broken one, or the peer's
 /// own close).
-pub(crate) async fn receive(
+async fn receive(
     frame: Option<Result<Message, ProtocolError>>,
     assembler: &mut Assembler,
     oversized: &AtomicBool,

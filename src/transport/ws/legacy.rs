@@ -271,7 +271,7 @@ impl Protocol for Legacy {
 
 #[cfg(test)]
 mod tests {
-    use async_graphql::{ServerError, Value as GqlValue};
+    use async_graphql::ServerError;
 
     use super::*;
 
@@ -285,16 +285,11 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        closed, outcomes, sent, started, stop_of, verify,
+        closed, operation, outcomes, sent, started, stop_of, ticks as data, verify,
     };
 
     fn start(id: &str) -> String {
-        json!({"type": "start", "id": id, "payload": {"query": "subscription { ticks }"}})
-            .to_string()
-    }
-
-    fn data(n: i32) -> Response {
-        Response::new(GqlValue::from_json(json!({ "ticks": n })).unwrap())
+        operation("start", id)
     }
 
     #[test]

@@ -147,11 +147,8 @@ pub async fn accept<E: Executor>(
     let socket::Accepted {
         chosen: protocol,
         principal,
-        drain,
         mut response,
-        session,
-        messages,
-        oversized,
+        socket,
     } = match accepted {
         Ok(accepted) => accepted,
         Err(refused) => return refused,
@@ -176,17 +173,15 @@ pub async fn accept<E: Executor>(
         config,
         metrics: state.metrics.clone(),
         shutdown: state.shutdown.clone(),
-        drain,
-        oversized,
     };
     match protocol {
         Subprotocol::TransportWs => {
             let machine = TransportWs::new(principal, verify, max_operations);
-            actix_web::rt::spawn(pump::run(connection, machine, session, messages));
+            actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
         Subprotocol::Legacy => {
             let machine = Legacy::new(principal, verify, max_operations);
-            actix_web::rt::spawn(pump::run(connection, machine, session, messages));
+            actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
     }
     response

@@ -339,10 +339,22 @@ pub(crate) fn encode_bare(ty: &str, id: Option<&str>) -> String {
 /// Readers of a protocol machine's actions, for the machines' unit tests.
 #[cfg(test)]
 pub(crate) mod action_tests {
-    use serde_json::Value;
+    use async_graphql::Response;
+    use serde_json::{json, Value};
 
     use super::{Action, Operation};
     pub use crate::auth::credentials::test_verify as verify;
+
+    /// A client message of type `ty` (`subscribe`, `start`) that runs
+    /// `subscription { ticks }` as `id`.
+    pub fn operation(ty: &str, id: &str) -> String {
+        json!({"type": ty, "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()
+    }
+
+    /// A result of `subscription { ticks }`.
+    pub fn ticks(n: i32) -> Response {
+        Response::new(async_graphql::Value::from_json(json!({ "ticks": n })).unwrap())
+    }
 
     /// The messages sent, decoded.
     pub fn sent(actions: &[Action]) -> Vec<Value> {

@@ -20,12 +20,11 @@
 //! reading cannot hold the task.
 
 use std::pin::{pin, Pin};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use actix_ws::{Message, MessageStream, ProtocolError, Session};
+use actix_ws::{Message, ProtocolError};
 use async_graphql::parser::types::OperationType;
 use async_graphql::{Executor, Response};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
@@ -35,11 +34,9 @@ use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
 use crate::graphql::Viewer;
 use crate::hub::Cutoff;
-use crate::shutdown::{DrainGuard, Shutdown};
+use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
-use crate::transport::socket::{
-    self, finish, going_away, receive, slow_consumer, Assembler, End, Heartbeat, Outbox, Received,
-};
+use crate::transport::socket::{finish, going_away, slow_consumer, End, Received, Socket};
 
 /// The connection's timing and limits, in the units the task uses.
 #[derive(Debug, Clone)]
@@ -67,10 +64,6 @@ pub struct Connection<E> {
     pub config: PumpConfig,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
-    /// Counts the connection as open (admission, drain) while the task runs.
-    pub drain: DrainGuard,
-    /// Set by the frame guard when a frame header announced too much.
-    pub oversized: Arc<AtomicBool>,
 }
 
 /// One operation's results, then one `None` to say it ended (a `StreamMap`
@@ -117,26 +110,24 @@ enum Event {
 pub async fn run<E: Executor, P: Protocol>(
     connection: Connection<E>,
     mut machine: P,
-    session: Session,
-    mut messages: MessageStream,
+    socket: Socket,
 ) {
     let Connection {
         executor,
         config,
         metrics,
         shutdown,
-        drain,
-        oversized,
     } = connection;
-    let _drain = drain;
     let transport = P::TRANSPORT;
-    let _open = socket::opened(&metrics, transport);
-
     let cutoff = Cutoff::new();
-    let mut outbox = Outbox::new(session, cutoff.clone(), shutdown.clone());
+    let (mut reader, mut outbox) = socket.open(
+        &metrics,
+        transport,
+        config.ping_interval,
+        cutoff.clone(),
+        shutdown.clone(),
+    );
     let mut operations: StreamMap<String, OperationStream> = StreamMap::new();
-    let mut assembler = Assembler::new(config.max_frame_bytes);
-    let mut heartbeat = Heartbeat::new(config.ping_interval);
     let mut init_timer = pin!(tokio::time::sleep(config.init_timeout));
     let mut init_timer_armed = true;
     let mut drained = pin!(shutdown.wait());
@@ -146,23 +137,20 @@ pub async fn run<E: Executor, P: Protocol>(
         let event = tokio::select! {
             _ = &mut drained => Event::Drain,
             _ = &mut cut => Event::Cut,
-            frame = messages.next() => Event::Frame(frame),
+            frame = reader.messages.next() => Event::Frame(frame),
             Some((id, result)) = operations.next(), if !operations.is_empty() => Event::Result(id, result),
             _ = &mut init_timer, if init_timer_armed && !machine.is_initialised() => Event::InitTimeout,
-            () = heartbeat.tick() => Event::Heartbeat,
+            () = reader.heartbeat.tick() => Event::Heartbeat,
         };
         let actions = match event {
             Event::Drain => break going_away(),
             Event::Cut => break slow_consumer(),
-            Event::Frame(frame) => {
-                heartbeat.heard();
-                match receive(frame, &mut assembler, &oversized, &mut outbox).await {
-                    Ok(Received::Text(text)) => machine.on_text(&text),
-                    Ok(Received::Binary) => machine.on_binary(),
-                    Ok(Received::Nothing) => Vec::new(),
-                    Err(end) => break end,
-                }
-            }
+            Event::Frame(frame) => match reader.receive(frame, &mut outbox).await {
+                Ok(Received::Text(text)) => machine.on_text(&text),
+                Ok(Received::Binary) => machine.on_binary(),
+                Ok(Received::Nothing) => Vec::new(),
+                Err(end) => break end,
+            },
             Event::Result(id, Some(response)) => machine.on_response(&id, response),
             Event::Result(id, None) => machine.on_end(&id),
             Event::InitTimeout => {
@@ -170,7 +158,7 @@ pub async fn run<E: Executor, P: Protocol>(
                 machine.on_init_timeout()
             }
             Event::Heartbeat => {
-                if let Err(end) = heartbeat.beat(&mut outbox).await {
+                if let Err(end) = reader.beat(&mut outbox).await {
                     break end;
                 }
                 machine.on_heartbeat()

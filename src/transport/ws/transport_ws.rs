@@ -248,7 +248,7 @@ impl Protocol for TransportWs {
 #[cfg(test)]
 mod tests {
     use async_graphql::parser::types::OperationType;
-    use async_graphql::{ServerError, Value as GqlValue};
+    use async_graphql::ServerError;
     use serde_json::json;
 
     use super::*;
@@ -267,16 +267,11 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        closed, outcomes, sent, started, stop_of, verify,
+        closed, operation, outcomes, sent, started, stop_of, ticks as data, verify,
     };
 
     fn subscribe(id: &str) -> String {
-        json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}})
-            .to_string()
-    }
-
-    fn data(n: i32) -> Response {
-        Response::new(GqlValue::from_json(json!({ "ticks": n })).unwrap())
+        operation("subscribe", id)
     }
 
     #[test]
