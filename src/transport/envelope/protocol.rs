@@ -862,14 +862,20 @@ mod tests {
         actions.iter().any(|a| matches!(a, Action::Close(..)))
     }
 
+    /// The subscription number of the open that `actions` ask for.
+    fn opening(actions: Vec<Action>) -> u64 {
+        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
+            panic!("no open")
+        };
+        subscription
+    }
+
     /// Subscribes ann's machine to `channel` and completes the open.
     fn subscribed(m: &mut Machine, channel: &str) -> Vec<Action> {
         let actions = m.on_text(
             &json!({"type": "channel.subscribe", "payload": {"channel_id": channel}}).to_string(),
         );
-        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
-            panic!("no open")
-        };
+        let subscription = opening(actions);
         m.on_outcome(Outcome::Opened {
             channel_id: channel.into(),
             subscription,
@@ -1150,9 +1156,7 @@ mod tests {
         let actions = m.on_text(
             r#"{"type":"channel.subscribe","payload":{"channel_id":"c1","last_event_id":"x"}}"#,
         );
-        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
-            panic!()
-        };
+        let subscription = opening(actions);
         let result = Ok(Some(GapReason::Malformed));
         let ack = only(&m.on_outcome(Outcome::Opened {
             channel_id: "c1".into(),
@@ -1175,9 +1179,7 @@ mod tests {
             let mut m = ann();
             let actions =
                 m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#);
-            let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
-                panic!()
-            };
+            let subscription = opening(actions);
             let actions = m.on_outcome(Outcome::Opened {
                 channel_id: "c1".into(),
                 subscription,
@@ -1234,23 +1236,11 @@ mod tests {
     #[test]
     fn a_subscribe_undone_while_opening_is_answered_but_not_attached() {
         let mut m = ann();
-        let first =
-            effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
-        let Some(Effect::Open {
-            subscription: s1, ..
-        }) = first.into_iter().next()
-        else {
-            panic!()
-        };
+        let s1 =
+            opening(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
         m.on_text(r#"{"type":"channel.unsubscribe","payload":{"channel_id":"c1"}}"#);
-        let second =
-            effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
-        let Some(Effect::Open {
-            subscription: s2, ..
-        }) = second.into_iter().next()
-        else {
-            panic!()
-        };
+        let s2 =
+            opening(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
         let stale = m.on_outcome(Outcome::Opened {
             channel_id: "c1".into(),
             subscription: s1,

@@ -217,11 +217,17 @@ async fn init(ws: &mut Client) {
     assert_eq!(next_json(ws).await, json!({"type": "connection_ack"}));
 }
 
+/// A node with default settings serving the test schema with `config`.
+async fn node(config: PumpConfig) -> (AppState, SocketAddr, ServerHandle) {
+    let state = state_with(|_| {});
+    let (addr, server) = serve(state.clone(), config).await;
+    (state, addr, server)
+}
+
 /// A node serving the test schema, and a graphql-transport-ws client on it
 /// that is acknowledged and subscribed to `subscription { <field> }` as `id`.
 async fn subscribed(id: &str, field: &str) -> (AppState, ServerHandle, Client) {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(state.clone(), config()).await;
+    let (state, addr, server) = node(config()).await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
     init(&mut ws).await;
     let query = format!("subscription {{ {field} }}");
@@ -231,6 +237,15 @@ async fn subscribed(id: &str, field: &str) -> (AppState, ServerHandle, Client) {
     )
     .await;
     (state, server, ws)
+}
+
+/// How many closes with `code` the node counted.
+fn closes(state: &AppState, code: u16) -> u64 {
+    state
+        .metrics
+        .ws_closes_total
+        .with_label_values(&[&code.to_string()])
+        .get()
 }
 
 fn upgrade_request(path: &str) -> actix_test::TestRequest {
@@ -360,8 +375,7 @@ async fn upgrades_are_refused_before_the_handshake() {
 
 #[actix_web::test]
 async fn both_paths_upgrade_and_a_plain_get_still_works() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(state, config()).await;
+    let (_state, addr, server) = node(config()).await;
     for path in ["/graphql/ws", "/graphql"] {
         let (mut ws, chosen) = connect(addr, path, Some("graphql-transport-ws")).await;
         assert_eq!(chosen.as_deref(), Some("graphql-transport-ws"), "{path}");
@@ -498,21 +512,13 @@ async fn operations_run_over_the_socket() {
     assert_eq!(ops.with_label_values(&["query", "ok"]).get(), 1);
     assert_eq!(ops.with_label_values(&["mutation", "ok"]).get(), 1);
     assert_eq!(ops.with_label_values(&["query", "request_error"]).get(), 1);
-    assert_eq!(
-        state
-            .metrics
-            .ws_closes_total
-            .with_label_values(&["4429"])
-            .get(),
-        1
-    );
+    assert_eq!(closes(&state, 4429), 1);
     server.stop(false).await;
 }
 
 #[actix_web::test]
 async fn the_legacy_protocol_runs_operations() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(state, config()).await;
+    let (_state, addr, server) = node(config()).await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
     send(&mut ws, json!({"type": "connection_init", "payload": {}})).await;
     assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
@@ -541,14 +547,10 @@ async fn the_legacy_protocol_runs_operations() {
 
 #[actix_web::test]
 async fn a_late_init_closes_with_4408() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(
-        state.clone(),
-        PumpConfig {
-            init_timeout: Duration::from_millis(100),
-            ..config()
-        },
-    )
+    let (state, addr, server) = node(PumpConfig {
+        init_timeout: Duration::from_millis(100),
+        ..config()
+    })
     .await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
     assert_eq!(
@@ -558,27 +560,16 @@ async fn a_late_init_closes_with_4408() {
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
     assert_eq!(next_json(&mut ws).await["type"], "connection_error");
     assert_eq!(next_close(&mut ws).await.0, 4408);
-    assert_eq!(
-        state
-            .metrics
-            .ws_closes_total
-            .with_label_values(&["4408"])
-            .get(),
-        2
-    );
+    assert_eq!(closes(&state, 4408), 2);
     server.stop(false).await;
 }
 
 #[actix_web::test]
 async fn an_oversized_frame_closes_only_its_connection() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(
-        state,
-        PumpConfig {
-            max_frame_bytes: 1024,
-            ..config()
-        },
-    )
+    let (_state, addr, server) = node(PumpConfig {
+        max_frame_bytes: 1024,
+        ..config()
+    })
     .await;
     let (mut good, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
     init(&mut good).await;
@@ -634,14 +625,7 @@ async fn a_client_that_stops_reading_is_still_cut_off() {
     // The blocked write yields to the cut-off; the close cannot get
     // through a full socket, so the task gives up on it and ends.
     assert_eq!(state.shutdown.drained(Duration::from_secs(3)).await, 0);
-    assert_eq!(
-        state
-            .metrics
-            .ws_closes_total
-            .with_label_values(&["1013"])
-            .get(),
-        1
-    );
+    assert_eq!(closes(&state, 1013), 1);
     assert_eq!(
         state
             .metrics
@@ -676,14 +660,10 @@ async fn the_drain_closes_with_1001() {
 
 #[actix_web::test]
 async fn a_silent_peer_is_closed_after_three_ping_intervals() {
-    let state = state_with(|_| {});
-    let (addr, server) = serve(
-        state,
-        PumpConfig {
-            ping_interval: Duration::from_millis(50),
-            ..config()
-        },
-    )
+    let (_state, addr, server) = node(PumpConfig {
+        ping_interval: Duration::from_millis(50),
+        ..config()
+    })
     .await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
     send(&mut ws, json!({"type": "connection_init"})).await;
