@@ -14,7 +14,7 @@
 //! stalls the socket, yet a reply never overtakes the reply to an earlier
 //! request, and two messages from one client are stored and published in
 //! the order sent. Replies that need no effect wait behind the effects
-//! before them. While [`MAX_PENDING`] steps wait, the task stops reading,
+//! before them. While `MAX_PENDING` steps wait, the task stops reading,
 //! so a client that outruns the store is pushed back by TCP.
 
 use std::collections::VecDeque;

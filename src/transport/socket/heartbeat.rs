@@ -11,15 +11,15 @@ use crate::error::close;
 const IDLE_INTERVALS: u32 = 3;
 
 /// The server's heartbeat: a WebSocket ping every interval, and the idle
-/// rule (a peer silent for [`IDLE_INTERVALS`] intervals is presumed gone).
-pub(crate) struct Heartbeat {
+/// rule (a peer silent for three intervals is presumed gone).
+pub struct Heartbeat {
     interval: tokio::time::Interval,
     idle_limit: Duration,
     last_heard: Instant,
 }
 
 impl Heartbeat {
-    pub(crate) fn new(ping_interval: Duration) -> Self {
+    pub fn new(ping_interval: Duration) -> Self {
         // A zero period would make the interval panic; settings forbid it,
         // this keeps a hand-built config from doing so.
         let period = ping_interval.max(Duration::from_millis(1));
@@ -33,18 +33,18 @@ impl Heartbeat {
     }
 
     /// Resolves at the next beat.
-    pub(crate) async fn tick(&mut self) {
+    pub async fn tick(&mut self) {
         self.interval.tick().await;
     }
 
     /// The peer sent something (any frame, a pong included).
-    pub(crate) fn heard(&mut self) {
+    pub fn heard(&mut self) {
         self.last_heard = Instant::now();
     }
 
     /// At a beat: closes an idle peer with 1001 "idle timeout" (1001 because
     /// a client that is in fact alive should simply reconnect), else pings.
-    pub(crate) async fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
+    pub async fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
         if self.last_heard.elapsed() >= self.idle_limit {
             return Err(End::Close(close::GOING_AWAY, "idle timeout".into()));
         }

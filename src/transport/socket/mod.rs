@@ -6,12 +6,12 @@
 //!   check, then the handshake, with a frame guard that closes with 1009 a
 //!   frame whose header announces more than `websocket.max_frame_bytes`,
 //!   before its payload is buffered;
-//! - [`Reader::receive`]: one client frame, fragments joined within the same limit,
-//!   pings answered, a broken frame closed with 1002/1007;
+//! - [`Reader::receive`]: one client frame, fragments joined within the
+//!   same limit, pings answered, a broken frame closed with 1002/1007;
 //! - [`Outbox`]: the sending half, whose every write yields to the
-//!   connection's [`Cutoff`](crate::hub::Cutoff) (1013 "slow consumer") and
-//!   the node's drain (1001 "server shutting down"), so a client that stops
-//!   reading cannot hold its task;
+//!   connection's [`Cutoff`] (1013 "slow consumer") and the node's drain
+//!   (1001 "server shutting down"), so a client that stops reading cannot
+//!   hold its task;
 //! - [`Heartbeat`]: a WebSocket ping every `websocket.ping_interval_seconds`;
 //!   a peer that has sent nothing at all, not even a pong, for three
 //!   intervals is closed with 1001 "idle timeout";
@@ -41,11 +41,10 @@ use crate::telemetry::metrics::{GaugeGuard, Metrics};
 use crate::transport::admission::{Gate, Opening, Refusal};
 use crate::transport::graphql_error;
 
-use self::frame::Assembler;
-use self::frame::{guard_frames, Assembled, FrameError};
-pub(crate) use self::heartbeat::Heartbeat;
+use self::frame::{guard_frames, Assembled, Assembler, FrameError};
+pub use self::heartbeat::Heartbeat;
 use self::outbox::close_reason;
-pub(crate) use self::outbox::{going_away, slow_consumer, Outbox};
+pub use self::outbox::{going_away, slow_consumer, Outbox};
 
 /// RFC 6455 "protocol error": a frame the WebSocket layer rejects.
 pub const PROTOCOL_ERROR: u16 = 1002;
@@ -68,7 +67,7 @@ impl Socket {
     /// Opens the socket for its pump: the connection counts as one of
     /// `transport` while the [`Reader`] lives, and every write through the
     /// [`Outbox`] yields to `cutoff` and the drain.
-    pub(crate) fn open(
+    pub fn open(
         self,
         metrics: &Metrics,
         transport: &'static str,
@@ -95,9 +94,9 @@ impl Socket {
 /// The reading side of an open socket, and what the connection holds while
 /// it lives. A pump selects over [`Reader::messages`] and the heartbeat's
 /// [`Heartbeat::tick`], then hands what woke it back here.
-pub(crate) struct Reader {
-    pub(crate) messages: MessageStream,
-    pub(crate) heartbeat: Heartbeat,
+pub struct Reader {
+    pub messages: MessageStream,
+    pub heartbeat: Heartbeat,
     assembler: Assembler,
     oversized: Arc<AtomicBool>,
     _drain: DrainGuard,
@@ -107,7 +106,7 @@ pub(crate) struct Reader {
 impl Reader {
     /// What one frame from the client amounts to (see [`Received`]); any
     /// frame shows the peer alive.
-    pub(crate) async fn receive(
+    pub async fn receive(
         &mut self,
         frame: Option<Result<Message, ProtocolError>>,
         outbox: &mut Outbox,
@@ -117,7 +116,7 @@ impl Reader {
     }
 
     /// At a beat: the idle rule, then a ping.
-    pub(crate) async fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
+    pub async fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
         self.heartbeat.beat(outbox).await
     }
 }
@@ -178,7 +177,7 @@ pub async fn accept<T>(
 
 /// Why the task stops.
 #[derive(Debug)]
-pub(crate) enum End {
+pub enum End {
     /// The peer is gone: nothing to send.
     Gone,
     /// Close with this code and reason.
@@ -188,7 +187,7 @@ pub(crate) enum End {
 }
 
 /// What one frame from the client amounts to.
-pub(crate) enum Received {
+pub enum Received {
     /// A complete text message (joined from its fragments).
     Text(ByteString),
     /// A complete binary message.
@@ -238,7 +237,7 @@ async fn receive(
 
 /// Ends the connection as `end` says, counting the closes the node decides
 /// on in `ws_closes_total`.
-pub(crate) async fn finish(outbox: Outbox, end: End, metrics: &Metrics, transport: &'static str) {
+pub async fn finish(outbox: Outbox, end: End, metrics: &Metrics, transport: &'static str) {
     match end {
         End::Gone => tracing::debug!(transport, "WebSocket peer went away"),
         End::Close(code, reason) => {

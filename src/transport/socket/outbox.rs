@@ -19,14 +19,14 @@ const MAX_CLOSE_REASON_BYTES: usize = 123;
 
 /// The socket's sending half; every write yields to the cut-off and the
 /// drain, so a client that stopped reading cannot wedge the task.
-pub(crate) struct Outbox {
+pub struct Outbox {
     session: Session,
     cutoff: Arc<Cutoff>,
     shutdown: Shutdown,
 }
 
 impl Outbox {
-    pub(crate) fn new(session: Session, cutoff: Arc<Cutoff>, shutdown: Shutdown) -> Self {
+    pub fn new(session: Session, cutoff: Arc<Cutoff>, shutdown: Shutdown) -> Self {
         Self {
             session,
             cutoff,
@@ -34,12 +34,12 @@ impl Outbox {
         }
     }
 
-    pub(crate) async fn text(&mut self, text: impl Into<ByteString>) -> Result<(), End> {
+    pub async fn text(&mut self, text: impl Into<ByteString>) -> Result<(), End> {
         let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
         interruptible(self.session.text(text), &cutoff, &shutdown).await
     }
 
-    pub(crate) async fn ping(&mut self) -> Result<(), End> {
+    pub async fn ping(&mut self) -> Result<(), End> {
         let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
         interruptible(self.session.ping(b""), &cutoff, &shutdown).await
     }
@@ -69,11 +69,11 @@ async fn interruptible(
     }
 }
 
-pub(crate) fn slow_consumer() -> End {
+pub fn slow_consumer() -> End {
     End::Close(close::SLOW_CONSUMER, "slow consumer".into())
 }
 
-pub(crate) fn going_away() -> End {
+pub fn going_away() -> End {
     End::Close(close::GOING_AWAY, "server shutting down".into())
 }
 

@@ -27,7 +27,7 @@ pub(crate) enum Phase {
 }
 
 /// What both machines keep about a connection.
-pub(crate) struct Core {
+pub struct Core {
     pub(crate) phase: Phase,
     /// Who operations run as: the upgrade's principal until a
     /// `connection_init` token replaces it.

@@ -3,20 +3,20 @@
 //!
 //! One task per connection, selecting over:
 //!
-//! - the client's frames, read through [`socket::receive`] (frame limits,
+//! - the client's frames, read through [`Reader::receive`](crate::transport::socket::Reader::receive) (frame limits,
 //!   fragments, pings);
 //! - the operation streams, in one `StreamMap` polled in place: no task or
 //!   channel per operation. While the socket is slow this task simply stops
 //!   polling them, and the hub's bounded queues (with their slow-consumer
 //!   cut-off) take the strain;
-//! - the heartbeat ([`socket::Heartbeat`], and the protocol's own
+//! - the heartbeat ([`Heartbeat`](crate::transport::socket::Heartbeat), and the protocol's own
 //!   keep-alive, if it has one);
 //! - the `connection_init` deadline;
 //! - the connection's [`Cutoff`]: fired by the hub when one of its
 //!   subscriptions overflowed, it closes with 1013 "slow consumer";
 //! - the node's drain: 1001 "server shutting down".
 //!
-//! Every write goes through the [`socket::Outbox`], so a client that stops
+//! Every write goes through the [`Outbox`](crate::transport::socket::Outbox), so a client that stops
 //! reading cannot hold the task.
 
 use std::pin::{pin, Pin};
