@@ -27,7 +27,7 @@
 //!   this protocol parse the stream themselves, and some treat a field-less
 //!   blank line or `retry:` as an error.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::web::{self, Bytes};
@@ -47,7 +47,7 @@ use crate::transport::graphql_error;
 use crate::transport::operation::{
     counted_operation_type, operation_label, outcome, request_from_query,
 };
-use crate::transport::request::{media_type, read_body, BodyError};
+use crate::transport::request::{bare_media_type, media_type, read_body};
 use crate::transport::streaming::{frame, Streaming};
 
 /// The heartbeat: a comment line alone (see the module docs for why).
@@ -82,13 +82,10 @@ fn accepts_event_stream(req: &HttpRequest) -> bool {
         return false;
     };
     accept.split(',').any(|range| {
-        let media = range
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        matches!(media.as_str(), "text/event-stream" | "text/*" | "*/*")
+        matches!(
+            bare_media_type(range).as_str(),
+            "text/event-stream" | "text/*" | "*/*"
+        )
     })
 }
 
@@ -111,20 +108,7 @@ async fn post_stream(
     }
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
         Ok(body) => body,
-        Err(BodyError::TooLarge(limit)) => {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                None,
-                &format!("the request body exceeds {limit} bytes"),
-            )
-        }
-        Err(BodyError::Unreadable) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                None,
-                "the request body could not be read",
-            )
-        }
+        Err(e) => return refuse(e.status(), None, &e.to_string()),
     };
     match serde_json::from_slice::<Request>(&body) {
         Ok(request) => stream_operation(&state, &req, gate, request, Method::POST).await,
@@ -214,17 +198,8 @@ async fn stream_operation(
             Bytes::from_static(b"event: complete\ndata: \n\n")
         }))
         .boxed();
-    Streaming {
-        transport: transport::GRAPHQL_SSE,
-        heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
-        ping: PING,
-        cutoff,
-        shutdown: state.shutdown.clone(),
-        drain,
-        metrics: state.metrics.clone(),
-        held,
-    }
-    .respond(Vec::new(), frames)
+    Streaming::new(state, transport::GRAPHQL_SSE, PING, cutoff, drain, held)
+        .respond(Vec::new(), frames)
 }
 
 /// `event: next` with one execution result.

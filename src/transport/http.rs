@@ -24,7 +24,7 @@ use crate::state::AppState;
 use crate::transport::operation::{
     counted_operation_type, is_request_error, operation_label, outcome, request_from_query,
 };
-use crate::transport::request::{is_websocket_upgrade, media_type, read_body, BodyError};
+use crate::transport::request::{is_websocket_upgrade, media_type, read_body};
 
 pub const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 
@@ -91,20 +91,7 @@ async fn post_graphql(
     }
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
         Ok(body) => body,
-        Err(BodyError::TooLarge(limit)) => {
-            return request_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the request body exceeds {limit} bytes"),
-                json_type,
-            )
-        }
-        Err(BodyError::Unreadable) => {
-            return request_error(
-                StatusCode::BAD_REQUEST,
-                "the request body could not be read",
-                json_type,
-            )
-        }
+        Err(e) => return request_error(e.status(), &e.to_string(), json_type),
     };
     let batch: BatchRequest = match serde_json::from_slice(&body) {
         Ok(batch) => batch,

@@ -1,7 +1,7 @@
 //! What HTTP handlers read from a request before deciding anything: whether
 //! it is a WebSocket upgrade, its media type, and its body within a limit.
 
-use actix_web::http::header;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest};
 use futures_util::StreamExt;
 
@@ -13,12 +13,25 @@ pub fn is_websocket_upgrade(headers: &header::HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// Why a request body was not read.
+/// Why a request body was not read; its message is the GraphQL endpoints'.
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum BodyError {
     /// Over this many bytes.
+    #[error("the request body exceeds {0} bytes")]
     TooLarge(usize),
     /// The connection failed mid-body.
+    #[error("the request body could not be read")]
     Unreadable,
+}
+
+impl BodyError {
+    /// 413 for a body over the limit, 400 for one that broke off.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Unreadable => StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 /// Reads the whole body, refusing it as soon as it passes `limit` bytes
@@ -40,10 +53,18 @@ pub(crate) async fn read_body(
 
 /// The media type of a request's `Content-Type`, lowercased, without parameters.
 pub(crate) fn media_type(req: &HttpRequest) -> String {
-    req.headers()
+    let content_type = req
+        .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+        .unwrap_or("");
+    bare_media_type(content_type)
+}
+
+/// The media type of `value` (a `Content-Type`, or one range of an
+/// `Accept`), lowercased, without parameters.
+pub(crate) fn bare_media_type(value: &str) -> String {
+    value
         .split(';')
         .next()
         .unwrap_or("")

@@ -36,8 +36,6 @@
 //! resumes. The drain ends every stream cleanly. The response body is
 //! [`crate::transport::streaming`]'s.
 
-use std::time::Duration;
-
 use actix_web::http::StatusCode;
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
@@ -379,17 +377,8 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
             Delivery::Gap(reason) => frame::gap(&cursor.topics[index], reason),
         })
         .boxed();
-    Streaming {
-        transport: transport::SSE,
-        heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
-        ping: frame::PING,
-        cutoff,
-        shutdown: state.shutdown.clone(),
-        drain,
-        metrics: state.metrics.clone(),
-        held,
-    }
-    .respond(opening, frames)
+    Streaming::new(&state, transport::SSE, frame::PING, cutoff, drain, held)
+        .respond(opening, frames)
 }
 
 #[cfg(test)]

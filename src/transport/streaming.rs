@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::broker::GapReason;
 use crate::hub::Cutoff;
 use crate::shutdown::{DrainGuard, Shutdown};
+use crate::state::AppState;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
 
 /// Frames queued between a stream's task and its response body. Small on
@@ -109,18 +110,43 @@ pub mod frame {
 /// One streaming response: what bounds it besides its frames.
 pub struct Streaming {
     /// The `transport` metric label.
-    pub transport: &'static str,
+    transport: &'static str,
     /// How long the stream may be quiet before `ping` is written.
-    pub heartbeat: Duration,
-    pub ping: &'static [u8],
+    heartbeat: Duration,
+    ping: &'static [u8],
     /// Fired by the hub when one of the stream's subscriptions fell behind.
-    pub cutoff: Arc<Cutoff>,
-    pub shutdown: Shutdown,
+    cutoff: Arc<Cutoff>,
+    shutdown: Shutdown,
     /// Counts the stream as an open connection (admission, drain).
-    pub drain: DrainGuard,
-    pub metrics: Arc<Metrics>,
+    drain: DrainGuard,
+    metrics: Arc<Metrics>,
     /// Gauges held up for as long as the stream runs (its subscriptions).
-    pub held: Vec<GaugeGuard>,
+    held: Vec<GaugeGuard>,
+}
+
+impl Streaming {
+    /// A stream of `transport` on this node: its heartbeat every
+    /// `sse.heartbeat_seconds` (written as `ping`), ended by the node's
+    /// drain or by `cutoff`.
+    pub fn new(
+        state: &AppState,
+        transport: &'static str,
+        ping: &'static [u8],
+        cutoff: Arc<Cutoff>,
+        drain: DrainGuard,
+        held: Vec<GaugeGuard>,
+    ) -> Self {
+        Self {
+            transport,
+            heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
+            ping,
+            cutoff,
+            shutdown: state.shutdown.clone(),
+            drain,
+            metrics: state.metrics.clone(),
+            held,
+        }
+    }
 }
 
 /// Why a stream's task ended.
