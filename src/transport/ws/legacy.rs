@@ -285,7 +285,8 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        closed, operation, outcomes, sent, started, stop_of, ticks as data, verify,
+        an_operation_runs_to_complete, closed, operation, sent, started, stop_of, ticks as data,
+        verify,
     };
 
     fn start(id: &str) -> String {
@@ -400,19 +401,7 @@ mod tests {
 
     #[test]
     fn results_are_data_then_complete() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
-        let actions = m.on_response("s", data(1));
-        assert_eq!(
-            sent(&actions),
-            vec![json!({"type": "data", "id": "s", "payload": {"data": {"ticks": 1}}})]
-        );
-        assert!(outcomes(&actions).contains(&("subscription", "ok")));
-        assert_eq!(
-            sent(&m.on_end("s")),
-            vec![json!({"type": "complete", "id": "s"})]
-        );
-        assert!(m.on_end("s").is_empty());
+        an_operation_runs_to_complete(&mut acked(10), &start("s"), "data");
     }
 
     #[test]

@@ -342,8 +342,31 @@ pub(crate) mod action_tests {
     use async_graphql::Response;
     use serde_json::{json, Value};
 
-    use super::{Action, Operation};
+    use super::{Action, Operation, Protocol};
     pub use crate::auth::credentials::test_verify as verify;
+
+    /// One operation's life on the acknowledged machine `m`, whatever its
+    /// protocol: `run` (the client message that starts `s`) starts it;
+    /// each result goes out as a `result_type` message, the first counting
+    /// it `ok` and the next nothing; its end is `complete`; a stale end or
+    /// result says nothing.
+    pub fn an_operation_runs_to_complete(m: &mut impl Protocol, run: &str, result_type: &str) {
+        assert_eq!(started(&m.on_text(run)).len(), 1);
+        for (n, counted) in [(1, vec![("subscription", "ok")]), (2, vec![])] {
+            let actions = m.on_response("s", ticks(n));
+            assert_eq!(
+                sent(&actions),
+                vec![json!({"type": result_type, "id": "s", "payload": {"data": {"ticks": n}}})]
+            );
+            assert_eq!(outcomes(&actions), counted);
+        }
+        assert_eq!(
+            sent(&m.on_end("s")),
+            vec![json!({"type": "complete", "id": "s"})]
+        );
+        assert!(m.on_end("s").is_empty());
+        assert!(m.on_response("s", ticks(3)).is_empty());
+    }
 
     /// A client message of type `ty` (`subscribe`, `start`) that runs
     /// `subscription { ticks }` as `id`.

@@ -267,7 +267,8 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        closed, operation, outcomes, sent, started, stop_of, ticks as data, verify,
+        an_operation_runs_to_complete, closed, operation, outcomes, sent, started, stop_of,
+        ticks as data, verify,
     };
 
     fn subscribe(id: &str) -> String {
@@ -456,27 +457,7 @@ mod tests {
 
     #[test]
     fn results_are_next_then_complete() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
-        let first = m.on_response("s", data(1));
-        assert_eq!(
-            sent(&first),
-            vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 1}}})]
-        );
-        assert!(outcomes(&first).contains(&("subscription", "ok")));
-        let second = m.on_response("s", data(2));
-        assert_eq!(
-            sent(&second),
-            vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 2}}})]
-        );
-        assert!(outcomes(&second).is_empty());
-        assert_eq!(
-            sent(&m.on_end("s")),
-            vec![json!({"type": "complete", "id": "s"})]
-        );
-        // A stale end or result for a finished id says nothing.
-        assert!(m.on_end("s").is_empty());
-        assert!(m.on_response("s", data(3)).is_empty());
+        an_operation_runs_to_complete(&mut acked(10), &subscribe("s"), "next");
     }
 
     #[test]
