@@ -1,5 +1,5 @@
-//! GraphQL over WebSocket: the upgrade (Origin, admission, authentication,
-//! subprotocol negotiation) and what the two protocol machines share.
+//! GraphQL over WebSocket: the upgrade route, the subprotocol negotiation,
+//! and the two protocol machines ([`protocol`] is what they share).
 //!
 //! Served at `GET /graphql/ws` and as a WebSocket upgrade on `/graphql`.
 //! Two subprotocols, chosen from `Sec-WebSocket-Protocol`:
