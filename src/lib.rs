@@ -7,7 +7,8 @@
 //!   mounts the transports.
 //! - [`state`]: what every handler shares (settings, store, hub, auth,
 //!   schema, metrics, limits, presence, shutdown); imports no transport.
-//! - [`auth`]: JWT verification, the [`auth::Principal`], the topic policy.
+//! - [`auth`]: JWT verification, the [`auth::Principal`], the topic policy,
+//!   and where a request's token comes from ([`auth::credentials`]).
 //! - [`event`]: the event envelope, ids (resume positions) and topic names.
 //! - [`broker`]: the seam to the bus (memory now; Redis Pub/Sub + history).
 //! - [`infra`]: the one Redis layer the broker, the store and presence
@@ -22,7 +23,11 @@
 //!   limits.
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
 //!   and legacy graphql-ws) and over SSE; the event-envelope protocol on
-//!   `/ws`; the resumable event stream (SSE); the backend publish API.
+//!   `/ws`; the resumable event stream (SSE); the backend publish API;
+//!   health and metrics. No transport imports another: they share the one
+//!   admission gate ([`transport::admission`]), the WebSocket layer
+//!   ([`transport::socket`]) and the event-stream body
+//!   ([`transport::streaming`]).
 //! - [`presence`]: who is online in which channel, with what status.
 //! - [`ratelimit`]: token buckets per connection, user and publisher.
 //! - [`telemetry`]: logs and the metrics registry (served by `transport::ops`).

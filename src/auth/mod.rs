@@ -1,4 +1,5 @@
-//! Authentication: JWT verification, the [`Principal`], and token minting.
+//! Authentication: JWT verification, the [`Principal`], token minting, and
+//! where a request's token comes from ([`credentials`]).
 //!
 //! Tokens are HS256 (`auth.jwt_secret`) or RS256
 //! (`auth.jwt_public_key_file`); `exp` is required, `nbf` honoured, `iss` and
@@ -6,6 +7,7 @@
 //! the configured one are refused. Tokens never reach a log line: errors
 //! carry a reason, never the token.
 
+pub mod credentials;
 pub mod policy;
 
 use std::collections::HashSet;
@@ -14,6 +16,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
+
+pub use self::credentials::{verifier, Verify};
 
 /// Who is making a request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,7 +27,7 @@
 //!   this protocol parse the stream themselves, and some treat a field-less
 //!   blank line or `retry:` as an error.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::web::{self, Bytes};
@@ -37,17 +37,18 @@ use async_graphql::{Request, Response};
 use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
-use super::http::{
-    is_request_error, media_type, operation_label, operation_type, principal_from_header,
-    read_body, request_from_query, BodyError,
-};
-use super::sse::{admit, frame, Streaming};
-use super::ws::origin_allowed;
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::Viewer;
 use crate::hub::Cutoff;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
+use crate::transport::admission::{Gate, Opening};
+use crate::transport::graphql_error;
+use crate::transport::operation::{
+    counted_operation_type, operation_label, outcome, request_from_query,
+};
+use crate::transport::request::{bare_media_type, media_type, read_body};
+use crate::transport::streaming::{frame, Streaming};
 
 /// The heartbeat: a comment line alone (see the module docs for why).
 const PING: &[u8] = b": ping\n";
@@ -62,26 +63,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// A request refused before streaming, in the GraphQL error shape.
 fn refuse(status: StatusCode, code: Option<&str>, message: &str) -> HttpResponse {
-    let mut error = json!({ "message": message });
-    if let Some(code) = code {
-        error["extensions"] = json!({ "code": code });
-    }
-    let mut response = HttpResponse::build(status);
-    match status {
-        StatusCode::UNAUTHORIZED => {
-            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
-        }
-        StatusCode::METHOD_NOT_ALLOWED => {
-            response.insert_header((header::ALLOW, "POST"));
-        }
-        StatusCode::SERVICE_UNAVAILABLE => {
-            response.insert_header((header::RETRY_AFTER, "1"));
-        }
-        _ => {}
+    let mut response = graphql_error(status, code, message);
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
     }
     response
-        .content_type("application/json")
-        .json(json!({ "errors": [error] }))
 }
 
 /// Whether the client takes an event stream: `Accept` absent, or naming
@@ -94,13 +82,10 @@ fn accepts_event_stream(req: &HttpRequest) -> bool {
         return false;
     };
     accept.split(',').any(|range| {
-        let media = range
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        matches!(media.as_str(), "text/event-stream" | "text/*" | "*/*")
+        matches!(
+            bare_media_type(range).as_str(),
+            "text/event-stream" | "text/*" | "*/*"
+        )
     })
 }
 
@@ -110,9 +95,10 @@ async fn post_stream(
     mut payload: web::Payload,
 ) -> HttpResponse {
     // Checked before the body is read: a refused request costs no buffering.
-    if let Some(refusal) = precheck(&state, &req) {
-        return refusal;
-    }
+    let gate = match precheck(&state, &req) {
+        Ok(gate) => gate,
+        Err(refusal) => return *refusal,
+    };
     if media_type(&req) != "application/json" {
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -122,23 +108,10 @@ async fn post_stream(
     }
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
         Ok(body) => body,
-        Err(BodyError::TooLarge(limit)) => {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                None,
-                &format!("the request body exceeds {limit} bytes"),
-            )
-        }
-        Err(BodyError::Unreadable) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                None,
-                "the request body could not be read",
-            )
-        }
+        Err(e) => return refuse(e.status(), None, &e.to_string()),
     };
     match serde_json::from_slice::<Request>(&body) {
-        Ok(request) => stream_operation(&state, &req, request, Method::POST).await,
+        Ok(request) => stream_operation(&state, &req, gate, request, Method::POST).await,
         Err(e) => refuse(
             StatusCode::BAD_REQUEST,
             None,
@@ -148,71 +121,45 @@ async fn post_stream(
 }
 
 async fn get_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
-    if let Some(refusal) = precheck(&state, &req) {
-        return refusal;
-    }
+    let gate = match precheck(&state, &req) {
+        Ok(gate) => gate,
+        Err(refusal) => return *refusal,
+    };
     match request_from_query(req.query_string()) {
-        Ok(request) => stream_operation(&state, &req, request, Method::GET).await,
+        Ok(request) => stream_operation(&state, &req, gate, request, Method::GET).await,
         Err(message) => refuse(StatusCode::BAD_REQUEST, None, &message),
     }
 }
 
-/// What refuses a request whatever it asks: `Accept`, `Origin`, the drain.
-fn precheck(state: &AppState, req: &HttpRequest) -> Option<HttpResponse> {
+/// What refuses a request whatever it asks: `Accept`, then the gate's
+/// screening (`Origin`, the drain). The refusal is boxed: a response is
+/// large and the common case is to pass.
+fn precheck<'a>(state: &'a AppState, req: &HttpRequest) -> Result<Gate<'a>, Box<HttpResponse>> {
     if !accepts_event_stream(req) {
-        return Some(refuse(
+        return Err(Box::new(refuse(
             StatusCode::NOT_ACCEPTABLE,
             None,
             "/graphql/stream answers with text/event-stream",
-        ));
+        )));
     }
-    if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
-        state
-            .metrics
-            .rejected_total
-            .with_label_values(&["origin"])
-            .inc();
-        return Some(refuse(
-            StatusCode::FORBIDDEN,
-            Some("FORBIDDEN"),
-            "this Origin may not open an event stream",
-        ));
-    }
-    if state.shutdown.is_draining() {
-        state
-            .metrics
-            .rejected_total
-            .with_label_values(&["draining"])
-            .inc();
-        return Some(refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("UNAVAILABLE"),
-            "the node is shutting down",
-        ));
-    }
-    None
+    Gate::screen(state, req.headers(), Opening::EventStream)
+        .map_err(|refusal| Box::new(refusal.graphql_response()))
 }
 
 async fn stream_operation(
     state: &AppState,
     req: &HttpRequest,
+    gate: Gate<'_>,
     request: Request,
     method: Method,
 ) -> HttpResponse {
-    let principal = match principal_from_header(state, req) {
+    let principal = match state.auth.from_header(req.headers()) {
         Ok(principal) => principal,
         Err(message) => return refuse(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message),
     };
-    let ty = match operation_type(&request) {
+    let ty = match counted_operation_type(&request, &state.metrics) {
         Ok(ty) => ty,
-        Err(message) => {
-            state
-                .metrics
-                .graphql_operations_total
-                .with_label_values(&["unknown", "request_error"])
-                .inc();
-            return refuse(StatusCode::BAD_REQUEST, None, &message);
-        }
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, None, &message),
     };
     if method == Method::GET && ty == OperationType::Mutation {
         return refuse(
@@ -221,15 +168,9 @@ async fn stream_operation(
             "mutations cannot be sent with GET; use POST",
         );
     }
-    let drain = match admit(state) {
+    let drain = match gate.admit() {
         Ok(drain) => drain,
-        Err(message) => {
-            return refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Some("UNAVAILABLE"),
-                message,
-            )
-        }
+        Err(refusal) => return refusal.graphql_response(),
     };
     let cutoff = Cutoff::new();
     let request = request
@@ -257,17 +198,8 @@ async fn stream_operation(
             Bytes::from_static(b"event: complete\ndata: \n\n")
         }))
         .boxed();
-    Streaming {
-        transport: transport::GRAPHQL_SSE,
-        heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
-        ping: PING,
-        cutoff,
-        shutdown: state.shutdown.clone(),
-        drain,
-        metrics: state.metrics.clone(),
-        held,
-    }
-    .respond(Vec::new(), frames)
+    Streaming::new(state, transport::GRAPHQL_SSE, PING, cutoff, drain, held)
+        .respond(Vec::new(), frames)
 }
 
 /// `event: next` with one execution result.
@@ -310,16 +242,9 @@ impl Outcome {
             return;
         }
         self.counted = true;
-        let outcome = if is_request_error(response) {
-            "request_error"
-        } else if response.errors.is_empty() {
-            "ok"
-        } else {
-            "field_error"
-        };
         self.metrics
             .graphql_operations_total
-            .with_label_values(&[self.label, outcome])
+            .with_label_values(&[self.label, outcome(response)])
             .inc();
         // A subscription's first result waits for its first event: only
         // queries and mutations have an execution time worth the name.

@@ -1,16 +1,30 @@
 //! Transports: how clients reach the hub and the schema.
+//!
+//! The transports ([`http`], [`ws`], [`envelope`], [`sse`], [`graphql_sse`],
+//! [`publish`], [`ops`]) each own a route and its wire format, and none
+//! imports another: what several of them need is shared infrastructure
+//! here. [`admission`] is the one gate of long-lived connections;
+//! [`socket`] the WebSocket layer both WebSocket protocols run on;
+//! [`streaming`] the event-stream body both SSE transports write;
+//! [`operation`] what every GraphQL transport says about an operation;
+//! [`request`] what handlers read from a request first.
 
+pub mod admission;
 pub mod envelope;
 pub mod envelope_types;
 pub mod graphql_sse;
 pub mod http;
+pub mod operation;
 pub mod ops;
 pub mod publish;
+pub mod request;
+pub mod socket;
 pub mod sse;
+pub mod streaming;
 pub mod ws;
 
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpResponse, HttpResponseBuilder};
 use serde_json::json;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -54,6 +68,22 @@ impl ApiError {
 /// (`bad_request`, `unauthorized`, `forbidden`, `not_found`, `too_large`,
 /// `rate_limited`, `unavailable`, `internal`), `message` for humans.
 pub(crate) fn api_error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    refusal(status).json(json!({ "error": { "code": code, "message": message } }))
+}
+
+/// A GraphQL request refused before it ran (a WebSocket upgrade, a GraphQL
+/// event stream), in the GraphQL error shape: `{"errors": [{"message",
+/// "extensions": {"code"}?}]}`.
+pub(crate) fn graphql_error(status: StatusCode, code: Option<&str>, message: &str) -> HttpResponse {
+    let mut error = json!({ "message": message });
+    if let Some(code) = code {
+        error["extensions"] = json!({ "code": code });
+    }
+    refusal(status).json(json!({ "errors": [error] }))
+}
+
+/// A response with the headers its refusal status calls for.
+fn refusal(status: StatusCode) -> HttpResponseBuilder {
     let mut response = HttpResponse::build(status);
     match status {
         StatusCode::UNAUTHORIZED => {
@@ -66,5 +96,104 @@ pub(crate) fn api_error(status: StatusCode, code: &str, message: &str) -> HttpRe
         }
         _ => {}
     }
-    response.json(json!({ "error": { "code": code, "message": message } }))
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    //! The shape of the module tree: no transport imports another.
+
+    /// The transports, each a file `<name>.rs` or a folder `<name>/`.
+    const TRANSPORTS: &[&str] = &[
+        "http",
+        "ws",
+        "envelope",
+        "sse",
+        "graphql_sse",
+        "publish",
+        "ops",
+    ];
+
+    /// The transports that `source` names after `transport::` or `super::`
+    /// (alone or in a `{…}` group), comments included: a doc link is a
+    /// dependency too.
+    fn named(source: &str) -> Vec<&'static str> {
+        let mut found = Vec::new();
+        for prefix in ["transport::", "super::"] {
+            for (at, _) in source.match_indices(prefix) {
+                let rest = &source[at + prefix.len()..];
+                let names = match rest.strip_prefix('{') {
+                    Some(group) => &group[..group.find('}').unwrap_or(group.len())],
+                    None => rest,
+                };
+                for name in names.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if let Some(t) = TRANSPORTS.iter().find(|t| **t == name) {
+                        found.push(*t);
+                    }
+                    if rest.starts_with('{') {
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        found
+    }
+
+    /// Every `.rs` file below `dir`.
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn the_check_sees_every_form_of_import() {
+        assert_eq!(named("use crate::transport::ws::pump;"), ["ws"]);
+        assert_eq!(named("use super::http::{a, b};"), ["http"]);
+        assert_eq!(
+            named("use crate::transport::{api_error, sse, ApiError};"),
+            ["sse"]
+        );
+        assert_eq!(
+            named("use crate::telemetry::metrics::transport::SSE;"),
+            [""; 0]
+        );
+        assert_eq!(named("use super::{encode, Action};"), [""; 0]);
+    }
+
+    #[test]
+    fn no_transport_imports_another() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/transport");
+        let mut offences = Vec::new();
+        for transport in TRANSPORTS {
+            let mut files = Vec::new();
+            let dir = root.join(transport);
+            if dir.is_dir() {
+                sources(&dir, &mut files);
+            } else {
+                files.push(root.join(format!("{transport}.rs")));
+            }
+            assert!(!files.is_empty(), "no source for the transport {transport}");
+            for file in files {
+                let source = std::fs::read_to_string(&file).unwrap();
+                for other in named(&source) {
+                    if other != *transport {
+                        offences.push(format!("{} names {other}", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            offences.is_empty(),
+            "a transport imports another; move what they share to \
+             src/transport/{{admission,socket,streaming,operation,request}}.rs \
+             or below: {offences:#?}"
+        );
+    }
 }

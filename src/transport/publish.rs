@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use super::http::{read_body, BodyError};
+use super::request::{read_body, BodyError};
 use super::{api_error, ApiError};
 use crate::auth::bearer;
 use crate::auth::policy::is_domain_topic;

@@ -1,5 +1,4 @@
-//! Server-Sent Events: the event stream at `GET /api/v1/events/stream`, and
-//! the streaming machinery that GraphQL over SSE shares with it.
+//! Server-Sent Events: the event stream at `GET /api/v1/events/stream`.
 //!
 //! # The event stream
 //!
@@ -34,25 +33,14 @@
 //! the node's `Origin` list applies (403). Each topic is a hub subscription
 //! with its bounded queue: a stream whose client does not keep up is cut
 //! off (the hub counts it) and simply ends; the client reconnects and
-//! resumes. The drain ends every stream cleanly.
-//!
-//! One task per stream writes into a small bounded queue that the response
-//! body drains; every wait in it yields to the cut-off, the drain and the
-//! client going away, so a client that stops reading cannot hold it.
+//! resumes. The drain ends every stream cleanly. The response body is
+//! [`crate::transport::streaming`]'s.
 
-use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
-
-use actix_web::http::{header, StatusCode};
-use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::http::StatusCode;
+use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use futures_util::future::join_all;
-use futures_util::stream::{self, BoxStream, StreamExt};
-use serde_json::json;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
-use tokio_stream::wrappers::ReceiverStream;
+use futures_util::stream::{self, StreamExt};
 
 use crate::auth::policy::{authorize, Refusal};
 use crate::auth::Principal;
@@ -60,105 +48,19 @@ use crate::broker::GapReason;
 use crate::event::topic;
 use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
-use crate::shutdown::{DrainGuard, Shutdown};
 use crate::state::AppState;
-use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
-use crate::transport::http::principal_from_header;
-use crate::transport::ws::origin_allowed;
+use crate::telemetry::metrics::{transport, GaugeGuard};
+use crate::transport::admission::{Gate, Opening};
+use crate::transport::streaming::{frame, Streaming};
 use crate::transport::{api_error, ApiError};
 
 pub use crate::graphql::subscription::MAX_TOPICS;
-
-/// Frames queued between a stream's task and its response body. Small on
-/// purpose: the hub's per-subscriber queue is where a slow client is
-/// measured, not here.
-const WRITE_QUEUE: usize = 8;
 
 /// The header an `EventSource` sends when it reconnects.
 const LAST_EVENT_ID: &str = "last-event-id";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/api/v1/events/stream", web::get().to(events_stream));
-}
-
-// ---------------------------------------------------------------------------
-// Framing.
-
-/// The event-stream wire format.
-pub mod frame {
-    use super::*;
-
-    /// The heartbeat of the event stream: a comment, then a blank line.
-    pub const PING: &[u8] = b": ping\n\n";
-
-    /// The reconnection delay for `EventSource`.
-    pub fn retry(ms: u64) -> Bytes {
-        Bytes::from(format!("retry: {ms}\n\n"))
-    }
-
-    /// One event: `event:`, `id:` when given, a `data:` line per line of
-    /// `data`, and the blank line that dispatches it.
-    pub fn event(kind: &str, id: Option<&str>, data: &str) -> Bytes {
-        let mut out =
-            BytesMut::with_capacity(kind.len() + id.map_or(0, str::len) + data.len() + 24);
-        field(&mut out, "event", kind);
-        if let Some(id) = id {
-            field(&mut out, "id", id);
-        }
-        // A value holding a line break would end its field early: each line
-        // of the data gets its own `data:` line (the client joins them with
-        // `\n` again). Encoded JSON has none, so the usual case is one line.
-        let mut rest = data;
-        loop {
-            let (line, next) = match rest.find(['\r', '\n']) {
-                None => (rest, None),
-                Some(at) => {
-                    let skip = if rest[at..].starts_with("\r\n") { 2 } else { 1 };
-                    (&rest[..at], Some(&rest[at + skip..]))
-                }
-            };
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line.as_bytes());
-            out.extend_from_slice(b"\n");
-            match next {
-                Some(next) => rest = next,
-                None => break,
-            }
-        }
-        out.extend_from_slice(b"\n");
-        out.freeze()
-    }
-
-    /// A block with only `id:`: it moves the client's last event id and
-    /// dispatches nothing.
-    pub fn id(id: &str) -> Bytes {
-        let mut out = BytesMut::with_capacity(id.len() + 6);
-        field(&mut out, "id", id);
-        out.extend_from_slice(b"\n");
-        out.freeze()
-    }
-
-    /// `event: gap` for `topic`.
-    pub fn gap(topic: &str, reason: GapReason) -> Bytes {
-        event(
-            "gap",
-            None,
-            &json!({ "topic": topic, "reason": reason.as_str() }).to_string(),
-        )
-    }
-
-    /// A one-line field; line breaks are dropped rather than allowed to
-    /// start a field of their own.
-    fn field(out: &mut BytesMut, name: &str, value: &str) {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        if value.contains(['\r', '\n']) {
-            out.extend_from_slice(value.replace(['\r', '\n'], "").as_bytes());
-        } else {
-            out.extend_from_slice(value.as_bytes());
-        }
-        out.extend_from_slice(b"\n");
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -257,157 +159,6 @@ pub fn resume_points(last_event_id: Option<&str>, topics: &[String]) -> Vec<Resu
 }
 
 // ---------------------------------------------------------------------------
-// The streaming task, shared with GraphQL over SSE.
-
-/// One streaming response: what bounds it besides its frames.
-pub struct Streaming {
-    /// The `transport` metric label.
-    pub transport: &'static str,
-    /// How long the stream may be quiet before `ping` is written.
-    pub heartbeat: Duration,
-    pub ping: &'static [u8],
-    /// Fired by the hub when one of the stream's subscriptions fell behind.
-    pub cutoff: Arc<Cutoff>,
-    pub shutdown: Shutdown,
-    /// Counts the stream as an open connection (admission, drain).
-    pub drain: DrainGuard,
-    pub metrics: Arc<Metrics>,
-    /// Gauges held up for as long as the stream runs (its subscriptions).
-    pub held: Vec<GaugeGuard>,
-}
-
-/// Why a stream's task ended.
-#[derive(Debug, Clone, Copy)]
-enum End {
-    /// The frames ran out (a GraphQL operation completed).
-    Complete,
-    /// The node drains.
-    Drain,
-    /// A subscription fell behind and was cut off.
-    SlowConsumer,
-    /// The client went away.
-    Gone,
-}
-
-impl Streaming {
-    /// Answers 200 with the SSE headers and a body fed by a task that
-    /// writes `opening`, then `frames` with heartbeats in between, until the
-    /// frames end, the client leaves, the node drains or the hub cuts the
-    /// stream off.
-    pub fn respond(self, opening: Vec<Bytes>, frames: BoxStream<'static, Bytes>) -> HttpResponse {
-        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        self.metrics
-            .connections_total
-            .with_label_values(&[self.transport])
-            .inc();
-        actix_web::rt::spawn(self.run(opening, frames, tx));
-        HttpResponse::Ok()
-            .insert_header((header::CONTENT_TYPE, "text/event-stream"))
-            .insert_header((header::CACHE_CONTROL, "no-cache"))
-            // Reverse proxies (nginx) must pass each event on at once.
-            .insert_header(("X-Accel-Buffering", "no"))
-            // No `Connection: keep-alive`: HTTP/1.1 connections persist by
-            // default, HTTP/2 forbids the header, and actix writes the
-            // header itself (only for HTTP/1.0, which cannot stream this).
-            .streaming(ReceiverStream::new(rx).map(Ok::<_, Infallible>))
-    }
-
-    async fn run(
-        self,
-        opening: Vec<Bytes>,
-        mut frames: BoxStream<'static, Bytes>,
-        tx: mpsc::Sender<Bytes>,
-    ) {
-        let Streaming {
-            transport,
-            heartbeat,
-            ping,
-            cutoff,
-            shutdown,
-            drain,
-            metrics,
-            held,
-        } = self;
-        let _drain = drain;
-        let _held = held;
-        let _open = GaugeGuard::new(metrics.connections.with_label_values(&[transport]));
-        let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-        beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut pending = opening
-            .into_iter()
-            .collect::<std::collections::VecDeque<_>>();
-        let end = loop {
-            let frame = match pending.pop_front() {
-                Some(frame) => frame,
-                None => tokio::select! {
-                    biased;
-                    _ = shutdown.wait() => break End::Drain,
-                    _ = cutoff.fired() => break End::SlowConsumer,
-                    _ = tx.closed() => break End::Gone,
-                    next = frames.next() => match next {
-                        Some(frame) => frame,
-                        None => break End::Complete,
-                    },
-                    _ = beat.tick() => Bytes::from_static(ping),
-                },
-            };
-            if let Err(end) = write(&tx, frame, &cutoff, &shutdown).await {
-                break end;
-            }
-            beat.reset();
-        };
-        tracing::debug!(transport, ?end, "event stream ended");
-        // Dropping `tx` ends the body once the client has read what is
-        // queued; dropping `frames` releases the hub subscriptions.
-    }
-}
-
-/// Queues one frame for the body, yielding to the cut-off and the drain
-/// while the client is not reading.
-async fn write(
-    tx: &mpsc::Sender<Bytes>,
-    frame: Bytes,
-    cutoff: &Cutoff,
-    shutdown: &Shutdown,
-) -> Result<(), End> {
-    match tx.try_send(frame) {
-        Ok(()) => Ok(()),
-        Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Gone),
-        Err(mpsc::error::TrySendError::Full(frame)) => tokio::select! {
-            biased;
-            sent = tx.send(frame) => sent.map_err(|_| End::Gone),
-            _ = cutoff.fired() => Err(End::SlowConsumer),
-            _ = shutdown.wait() => Err(End::Drain),
-        },
-    }
-}
-
-/// Checks a long-lived request's admission: not draining, and room under
-/// `server.max_connections`. The guard counts the connection from here on.
-pub(crate) fn admit(state: &AppState) -> Result<DrainGuard, &'static str> {
-    if state.shutdown.is_draining() {
-        state
-            .metrics
-            .rejected_total
-            .with_label_values(&["draining"])
-            .inc();
-        return Err("the node is shutting down");
-    }
-    // Counted first and checked after, so that concurrent requests on
-    // several workers can never overshoot the limit together.
-    let drain = state.shutdown.track();
-    if state.shutdown.open_connections() > state.settings.server.max_connections {
-        state
-            .metrics
-            .rejected_total
-            .with_label_values(&["max_connections"])
-            .inc();
-        return Err("the node is at its connection limit");
-    }
-    Ok(drain)
-}
-
-// ---------------------------------------------------------------------------
 // The event stream endpoint.
 
 /// The query string of the event stream.
@@ -450,25 +201,6 @@ fn refused(refusal: &Refusal) -> HttpResponse {
     api_error(status, code, &refusal.to_string())
 }
 
-/// The caller: `Authorization: Bearer` first, else `?token=`.
-fn stream_principal(
-    state: &AppState,
-    req: &HttpRequest,
-    token: Option<&str>,
-) -> Result<Option<Principal>, String> {
-    if req.headers().contains_key(header::AUTHORIZATION) {
-        return principal_from_header(state, req);
-    }
-    match token {
-        Some(token) => state
-            .auth
-            .verify(token)
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        None => Ok(None),
-    }
-}
-
 /// The topics asked for, without repeats, or the caller's notifications.
 fn choose_topics(
     asked: Vec<String>,
@@ -501,35 +233,18 @@ fn choose_topics(
 }
 
 async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
-    if !origin_allowed(&state.settings.server.allowed_origins, req.headers()) {
-        state
-            .metrics
-            .rejected_total
-            .with_label_values(&["origin"])
-            .inc();
-        return api_error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this Origin may not open an event stream",
-        );
-    }
-    if state.shutdown.is_draining() {
-        state
-            .metrics
-            .rejected_total
-            .with_label_values(&["draining"])
-            .inc();
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the node is shutting down",
-        );
-    }
+    let gate = match Gate::screen(&state, req.headers(), Opening::EventStream) {
+        Ok(gate) => gate,
+        Err(refusal) => return refusal.api_response(),
+    };
     let query = match StreamQuery::parse(req.query_string()) {
         Ok(query) => query,
         Err(message) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
     };
-    let principal = match stream_principal(&state, &req, query.token.as_deref()) {
+    let principal = match state
+        .auth
+        .from_header_or_query(req.headers(), query.token.as_deref())
+    {
         Ok(principal) => principal,
         Err(message) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", &message),
     };
@@ -548,9 +263,9 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     if let Some(refusal) = decisions.into_iter().find_map(Result::err) {
         return refused(&refusal);
     }
-    let drain = match admit(&state) {
+    let drain = match gate.admit() {
         Ok(drain) => drain,
-        Err(message) => return api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+        Err(refusal) => return refusal.api_response(),
     };
     // The header is what a reconnecting EventSource sends; the query
     // parameter is the first connection's, and stale after that.
@@ -662,17 +377,8 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
             Delivery::Gap(reason) => frame::gap(&cursor.topics[index], reason),
         })
         .boxed();
-    Streaming {
-        transport: transport::SSE,
-        heartbeat: Duration::from_secs(state.settings.sse.heartbeat_seconds),
-        ping: frame::PING,
-        cutoff,
-        shutdown: state.shutdown.clone(),
-        drain,
-        metrics: state.metrics.clone(),
-        held,
-    }
-    .respond(opening, frames)
+    Streaming::new(&state, transport::SSE, frame::PING, cutoff, drain, held)
+        .respond(opening, frames)
 }
 
 #[cfg(test)]
@@ -681,44 +387,6 @@ mod tests {
 
     fn topics(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
-    }
-
-    fn text(bytes: Bytes) -> String {
-        String::from_utf8(bytes.to_vec()).unwrap()
-    }
-
-    #[test]
-    fn an_event_is_one_block_of_fields() {
-        let data = r#"{"id":"e1:3","type":"post.created"}"#;
-        assert_eq!(
-            text(frame::event("post.created", Some("e1:3"), data)),
-            format!("event: post.created\nid: e1:3\ndata: {data}\n\n")
-        );
-        assert_eq!(
-            text(frame::event("x", None, "{}")),
-            "event: x\ndata: {}\n\n"
-        );
-        assert_eq!(text(frame::retry(3000)), "retry: 3000\n\n");
-        assert_eq!(text(frame::id("posts~ab:1")), "id: posts~ab:1\n\n");
-        assert_eq!(
-            text(frame::gap("posts", GapReason::Expired)),
-            "event: gap\ndata: {\"reason\":\"expired\",\"topic\":\"posts\"}\n\n"
-        );
-    }
-
-    #[test]
-    fn line_breaks_cannot_break_out_of_a_field() {
-        // Every kind of line break in the data becomes a `data:` line of
-        // its own, which the client joins with `\n` again.
-        assert_eq!(
-            text(frame::event("x", None, "a\nb\r\nc\rd")),
-            "event: x\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
-        );
-        assert_eq!(text(frame::event("x", None, "")), "event: x\ndata: \n\n");
-        assert_eq!(
-            text(frame::event("x\ndata: forged", Some("1\n2"), "{}")),
-            "event: xdata: forged\nid: 12\ndata: {}\n\n"
-        );
     }
 
     #[test]

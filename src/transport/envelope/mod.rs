@@ -76,11 +76,11 @@ use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use crate::auth::credentials::verifier;
 use crate::state::AppState;
-use crate::transport::ws::{self, verifier};
+use crate::transport::socket;
 
 use self::protocol::{Machine, MachineConfig};
-use self::pump::Connection;
 
 /// Registers `GET /ws`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -92,28 +92,12 @@ async fn envelope_ws(
     req: HttpRequest,
     body: web::Payload,
 ) -> HttpResponse {
-    if let Err(refused) = ws::admit_upgrade(&state, &req) {
-        return *refused;
-    }
-    let principal = match ws::upgrade_principal(&state, &req) {
-        Ok(principal) => principal,
-        Err(message) => return ws::unauthorized_upgrade(&message),
-    };
-    let drain = match ws::admit_connection(&state) {
-        Ok(drain) => drain,
-        Err(refused) => return *refused,
-    };
     let settings = &state.settings.websocket;
-    let (body, oversized) = match ws::pump::guard_frames(&req, body, settings.max_frame_bytes).await
-    {
-        Ok(guarded) => guarded,
-        Err(e) => return e.error_response(),
+    let accepted = socket::accept(&state, &req, body, settings.max_frame_bytes, |_| Ok(())).await;
+    let accepted = match accepted {
+        Ok(accepted) => accepted,
+        Err(refused) => return refused,
     };
-    let (response, session, messages) = match actix_ws::handle(&req, body) {
-        Ok(parts) => parts,
-        Err(e) => return e.error_response(),
-    };
-    let messages = messages.max_frame_size(settings.max_frame_bytes);
     let config = MachineConfig {
         max_subscriptions: settings.max_subscriptions_per_connection,
         // A message limit above the frame limit could never apply.
@@ -123,16 +107,12 @@ async fn envelope_ws(
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let machine = Machine::new(
         session_id,
-        principal,
+        accepted.principal,
         verifier(state.auth.clone()),
         config,
         state.limits.clone(),
     );
-    let connection = Connection {
-        state: state.get_ref().clone(),
-        drain,
-        oversized,
-    };
-    actix_web::rt::spawn(pump::run(connection, machine, session, messages));
-    response
+    let state = state.get_ref().clone();
+    actix_web::rt::spawn(pump::run(state, machine, accepted.socket));
+    accepted.response
 }

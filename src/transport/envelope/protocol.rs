@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::auth::credentials::Verify;
 use crate::auth::policy::Refusal;
 use crate::auth::Principal;
 use crate::broker::GapReason;
@@ -24,7 +25,6 @@ use crate::presence::{PresenceError, Status};
 use crate::ratelimit::{ConnectionLimiter, Limited, Limits};
 use crate::store::StoreError;
 use crate::transport::envelope_types::{client, server, CLIENT_MESSAGE_TYPES};
-use crate::transport::ws::Verify;
 
 /// The per-connection limits the machine enforces.
 #[derive(Debug, Clone)]
@@ -862,14 +862,20 @@ mod tests {
         actions.iter().any(|a| matches!(a, Action::Close(..)))
     }
 
+    /// The subscription number of the open that `actions` ask for.
+    fn opening(actions: Vec<Action>) -> u64 {
+        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
+            panic!("no open")
+        };
+        subscription
+    }
+
     /// Subscribes ann's machine to `channel` and completes the open.
     fn subscribed(m: &mut Machine, channel: &str) -> Vec<Action> {
         let actions = m.on_text(
             &json!({"type": "channel.subscribe", "payload": {"channel_id": channel}}).to_string(),
         );
-        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
-            panic!("no open")
-        };
+        let subscription = opening(actions);
         m.on_outcome(Outcome::Opened {
             channel_id: channel.into(),
             subscription,
@@ -939,108 +945,85 @@ mod tests {
 
     #[test]
     fn every_bad_input_gets_its_code_and_field_and_never_a_close() {
-        let cases: Vec<(String, &str, Option<&str>)> = vec![
-            ("not json".into(), "bad_request", None),
-            ("[1,2]".into(), "bad_request", None),
-            ("42".into(), "bad_request", None),
-            (r#""ping""#.into(), "bad_request", None),
-            ("{}".into(), "bad_request", Some("type")),
-            (r#"{"type":7}"#.into(), "bad_request", Some("type")),
+        // Each a `bad_request`, with the field at fault where there is one.
+        let bad_requests: &[(&str, Option<&str>)] = &[
+            ("not json", None),
+            ("[1,2]", None),
+            ("42", None),
+            (r#""ping""#, None),
+            ("{}", Some("type")),
+            (r#"{"type":7}"#, Some("type")),
+            (r#"{"type":"channel.join"}"#, Some("type")),
+            (r#"{"type":"ping","payload":[1]}"#, Some("payload")),
+            (r#"{"type":"auth"}"#, Some("payload.token")),
             (
-                r#"{"type":"channel.join"}"#.into(),
-                "bad_request",
-                Some("type"),
-            ),
-            (
-                r#"{"type":"ping","payload":[1]}"#.into(),
-                "bad_request",
-                Some("payload"),
-            ),
-            (
-                r#"{"type":"auth"}"#.into(),
-                "bad_request",
+                r#"{"type":"auth","payload":{"token":5}}"#,
                 Some("payload.token"),
             ),
             (
-                r#"{"type":"auth","payload":{"token":5}}"#.into(),
-                "bad_request",
-                Some("payload.token"),
-            ),
-            (
-                r#"{"type":"channel.subscribe","payload":{}}"#.into(),
-                "bad_request",
+                r#"{"type":"channel.subscribe","payload":{}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"channel.subscribe"}"#.into(),
-                "bad_request",
+                r#"{"type":"channel.subscribe"}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"channel.subscribe","payload":{"channel_id":1}}"#.into(),
-                "bad_request",
+                r#"{"type":"channel.subscribe","payload":{"channel_id":1}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"channel.subscribe","payload":{"channel_id":""}}"#.into(),
-                "bad_request",
+                r#"{"type":"channel.subscribe","payload":{"channel_id":""}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"channel.subscribe","payload":{"channel_id":"a b"}}"#.into(),
-                "bad_request",
+                r#"{"type":"channel.subscribe","payload":{"channel_id":"a b"}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"channel.subscribe","payload":{"channel_id":"c","last_event_id":3}}"#
-                    .into(),
-                "bad_request",
+                r#"{"type":"channel.subscribe","payload":{"channel_id":"c","last_event_id":3}}"#,
                 Some("payload.last_event_id"),
             ),
             (
-                r#"{"type":"channel.unsubscribe","payload":{}}"#.into(),
-                "bad_request",
+                r#"{"type":"channel.unsubscribe","payload":{}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"channel.unsubscribe","payload":{"channel_id":"c"}}"#.into(),
-                "bad_request",
+                r#"{"type":"channel.unsubscribe","payload":{"channel_id":"c"}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"message.send","payload":{"channel_id":"c"}}"#.into(),
-                "bad_request",
+                r#"{"type":"message.send","payload":{"channel_id":"c"}}"#,
                 Some("payload.content"),
             ),
             (
-                r#"{"type":"message.send","payload":{"channel_id":"c","content":"  "}}"#.into(),
-                "bad_request",
+                r#"{"type":"message.send","payload":{"channel_id":"c","content":"  "}}"#,
                 Some("payload.content"),
             ),
             (
-                r#"{"type":"message.send","payload":{"content":"hi"}}"#.into(),
-                "bad_request",
+                r#"{"type":"message.send","payload":{"content":"hi"}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"user.typing","payload":{"channel_id":false}}"#.into(),
-                "bad_request",
+                r#"{"type":"user.typing","payload":{"channel_id":false}}"#,
                 Some("payload.channel_id"),
             ),
             (
-                r#"{"type":"presence.update","payload":{}}"#.into(),
-                "bad_request",
+                r#"{"type":"presence.update","payload":{}}"#,
                 Some("payload.status"),
             ),
             (
-                r#"{"type":"presence.update","payload":{"status":"offline"}}"#.into(),
-                "bad_request",
+                r#"{"type":"presence.update","payload":{"status":"offline"}}"#,
                 Some("payload.status"),
             ),
-            ("x".repeat(1025), "too_large", None),
         ];
+        let too_large = "x".repeat(1025);
+        let cases = bad_requests
+            .iter()
+            .map(|(text, field)| (*text, "bad_request", *field))
+            .chain([(too_large.as_str(), "too_large", None)]);
         let mut m = ann();
-        for (text, want_code, want_field) in &cases {
+        for (text, want_code, want_field) in cases {
             let actions = m.on_text(text);
             assert!(!closes(&actions), "{text} closed the connection");
             assert_eq!(
@@ -1173,9 +1156,7 @@ mod tests {
         let actions = m.on_text(
             r#"{"type":"channel.subscribe","payload":{"channel_id":"c1","last_event_id":"x"}}"#,
         );
-        let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
-            panic!()
-        };
+        let subscription = opening(actions);
         let result = Ok(Some(GapReason::Malformed));
         let ack = only(&m.on_outcome(Outcome::Opened {
             channel_id: "c1".into(),
@@ -1198,9 +1179,7 @@ mod tests {
             let mut m = ann();
             let actions =
                 m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#);
-            let Some(Effect::Open { subscription, .. }) = effects(actions).pop() else {
-                panic!()
-            };
+            let subscription = opening(actions);
             let actions = m.on_outcome(Outcome::Opened {
                 channel_id: "c1".into(),
                 subscription,
@@ -1257,23 +1236,11 @@ mod tests {
     #[test]
     fn a_subscribe_undone_while_opening_is_answered_but_not_attached() {
         let mut m = ann();
-        let first =
-            effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
-        let Some(Effect::Open {
-            subscription: s1, ..
-        }) = first.into_iter().next()
-        else {
-            panic!()
-        };
+        let s1 =
+            opening(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
         m.on_text(r#"{"type":"channel.unsubscribe","payload":{"channel_id":"c1"}}"#);
-        let second =
-            effects(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
-        let Some(Effect::Open {
-            subscription: s2, ..
-        }) = second.into_iter().next()
-        else {
-            panic!()
-        };
+        let s2 =
+            opening(m.on_text(r#"{"type":"channel.subscribe","payload":{"channel_id":"c1"}}"#));
         let stale = m.on_outcome(Outcome::Opened {
             channel_id: "c1".into(),
             subscription: s1,

@@ -6,26 +6,24 @@
 //! at the head of the connection's *lane*, the channels' streams (one
 //! `StreamMap`, polled in place), the auth deadline, the heartbeat, the
 //! connection's [`Cutoff`] (1013) and the node's drain (1001). Frame
-//! limits, heartbeat and closing are the GraphQL WebSocket's own
-//! ([`crate::transport::ws::pump`]).
+//! limits, heartbeat and closing are every subgate WebSocket's
+//! ([`crate::transport::socket`]).
 //!
 //! The lane runs effects one at a time in arrival order, while the task
 //! keeps reading, forwarding events and answering pings: a store call never
 //! stalls the socket, yet a reply never overtakes the reply to an earlier
 //! request, and two messages from one client are stored and published in
 //! the order sent. Replies that need no effect wait behind the effects
-//! before them. While [`MAX_PENDING`] steps wait, the task stops reading,
+//! before them. While `MAX_PENDING` steps wait, the task stops reading,
 //! so a client that outruns the store is pushed back by TCP.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::{pin, Pin};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use actix_ws::{MessageStream, Session};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio_stream::StreamMap;
@@ -37,24 +35,12 @@ use crate::event::{topic, SharedEvent};
 use crate::hub::resume::Delivery;
 use crate::hub::Cutoff;
 use crate::presence::PresenceGuard;
-use crate::shutdown::DrainGuard;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport::ENVELOPE_WS, GaugeGuard, Metrics};
-use crate::transport::ws::pump::{
-    finish, going_away, receive, slow_consumer, Assembler, End, Heartbeat, Outbox, Received,
-};
+use crate::transport::socket::{finish, going_away, slow_consumer, End, Outbox, Received, Socket};
 
 /// Most lane steps waiting before the task stops reading the socket.
 const MAX_PENDING: usize = 64;
-
-/// What the task needs besides the socket and the machine.
-pub struct Connection {
-    pub state: AppState,
-    /// Counts the connection as open (admission, drain) while the task runs.
-    pub drain: DrainGuard,
-    /// Set by the frame guard when a frame header announced too much.
-    pub oversized: Arc<AtomicBool>,
-}
 
 /// A subscription an `Open` produced, until the machine says to keep it.
 struct Opened {
@@ -320,37 +306,25 @@ fn effect_job(effect: Effect, state: &AppState, cutoff: &Arc<Cutoff>) -> BoxFutu
 }
 
 /// Serves one connection until either side closes it.
-pub async fn run(
-    connection: Connection,
-    mut machine: Machine,
-    session: Session,
-    mut messages: MessageStream,
-) {
-    let Connection {
-        state,
-        drain,
-        oversized,
-    } = connection;
-    let _drain = drain;
+pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
     let metrics = state.metrics.clone();
     let settings = state.settings.websocket.clone();
-    metrics
-        .connections_total
-        .with_label_values(&[ENVELOPE_WS])
-        .inc();
-    let _open = GaugeGuard::new(metrics.connections.with_label_values(&[ENVELOPE_WS]));
-
     let cutoff = Cutoff::new();
     let shutdown = state.shutdown.clone();
+    let (mut reader, outbox) = socket.open(
+        &metrics,
+        ENVELOPE_WS,
+        Duration::from_secs(settings.ping_interval_seconds),
+        cutoff.clone(),
+        shutdown.clone(),
+    );
     let mut io = Io {
-        outbox: Outbox::new(session, cutoff.clone(), shutdown.clone()),
+        outbox,
         lane: VecDeque::new(),
         channels: StreamMap::new(),
         state,
         cutoff: cutoff.clone(),
     };
-    let mut assembler = Assembler::new(settings.max_frame_bytes);
-    let mut heartbeat = Heartbeat::new(Duration::from_secs(settings.ping_interval_seconds));
     let mut auth_deadline = pin!(tokio::time::sleep(Duration::from_secs(
         settings.auth_timeout_seconds
     )));
@@ -367,26 +341,23 @@ pub async fn run(
             let wake = tokio::select! {
                 _ = &mut drained => Wake::Drain,
                 _ = &mut cut => Wake::Cut,
-                frame = messages.next(), if reading => Wake::Frame(frame),
+                frame = reader.messages.next(), if reading => Wake::Frame(frame),
                 done = head(&mut io.lane), if working => Wake::Done(done),
                 Some((channel_id, delivery)) = io.channels.next(), if !io.channels.is_empty() => {
                     Wake::Delivery(channel_id, delivery)
                 }
                 _ = &mut auth_deadline, if auth_armed && !machine.is_authenticated() => Wake::AuthTimeout,
-                () = heartbeat.tick() => Wake::Heartbeat,
+                () = reader.heartbeat.tick() => Wake::Heartbeat,
             };
             let step = match wake {
                 Wake::Drain => Err(going_away()),
                 Wake::Cut => Err(slow_consumer()),
-                Wake::Frame(frame) => {
-                    heartbeat.heard();
-                    match receive(frame, &mut assembler, &oversized, &mut io.outbox).await {
-                        Ok(Received::Text(text)) => io.run(machine.on_text(&text)).await,
-                        Ok(Received::Binary) => io.run(machine.on_binary()).await,
-                        Ok(Received::Nothing) => Ok(()),
-                        Err(end) => Err(end),
-                    }
-                }
+                Wake::Frame(frame) => match reader.receive(frame, &mut io.outbox).await {
+                    Ok(Received::Text(text)) => io.run(machine.on_text(&text)).await,
+                    Ok(Received::Binary) => io.run(machine.on_binary()).await,
+                    Ok(Received::Nothing) => Ok(()),
+                    Err(end) => Err(end),
+                },
                 Wake::Done(done) => io.finished(&mut machine, done).await,
                 Wake::Delivery(_, Delivery::Event(event)) => io.forward(&event, &metrics).await,
                 Wake::Delivery(channel_id, Delivery::Gap(reason)) => {
@@ -396,7 +367,7 @@ pub async fn run(
                     auth_armed = false;
                     io.run(machine.on_auth_timeout()).await
                 }
-                Wake::Heartbeat => heartbeat.beat(&mut io.outbox).await,
+                Wake::Heartbeat => reader.beat(&mut io.outbox).await,
             };
             if let Err(end) = step {
                 break end;

@@ -27,27 +27,18 @@
 use async_graphql::Response;
 use serde_json::{json, Map, Value};
 
-use super::{
-    encode, encode_bare, init_token, parse_request, too_many_operations, Action, Admission,
-    Delivery, Operations, Protocol, Verify,
+use super::protocol::{
+    encode, encode_bare, parse_request, too_many_operations, Action, Admission, Core, Delivery,
+    Phase, Protocol,
 };
+use crate::auth::credentials::Verify;
 use crate::auth::Principal;
 use crate::error::close;
 use crate::telemetry::metrics::transport;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Connecting,
-    Ready,
-    Closed,
-}
-
 /// The state of one legacy `graphql-ws` connection.
 pub struct Legacy {
-    phase: Phase,
-    principal: Option<Principal>,
-    verify: Verify,
-    ops: Operations,
+    core: Core,
 }
 
 /// What a text message turned out to be.
@@ -113,21 +104,8 @@ impl Legacy {
     /// token replaces it); `max_operations` bounds concurrent operations.
     pub fn new(principal: Option<Principal>, verify: Verify, max_operations: usize) -> Self {
         Self {
-            phase: Phase::Connecting,
-            principal,
-            verify,
-            ops: Operations::new(max_operations),
+            core: Core::new(principal, verify, max_operations),
         }
-    }
-
-    /// The principal operations run as.
-    pub fn principal(&self) -> Option<&Principal> {
-        self.principal.as_ref()
-    }
-
-    fn close(&mut self, code: u16, reason: impl Into<String>) -> Vec<Action> {
-        self.phase = Phase::Closed;
-        vec![Action::Close(code, reason.into())]
     }
 
     // Encoding a `serde_json::Value` cannot fail (its keys are strings), so
@@ -151,13 +129,15 @@ impl Legacy {
     /// protocol's clients read `connection_error` and not close reasons.
     fn refuse(&mut self, code: u16, reason: &str, message: &str) -> Vec<Action> {
         let mut out = vec![Self::connection_error(message)];
-        out.extend(self.close(code, reason));
+        out.extend(self.core.close(code, reason));
         out
     }
 
     fn connection_init(&mut self, payload: Option<Value>) -> Vec<Action> {
-        if self.phase == Phase::Ready {
-            return self.close(close::TOO_MANY_INIT, "Too many initialisation requests");
+        if self.core.phase == Phase::Ready {
+            return self
+                .core
+                .close(close::TOO_MANY_INIT, "Too many initialisation requests");
         }
         let payload: Option<Map<String, Value>> = match payload {
             None => None,
@@ -170,15 +150,9 @@ impl Legacy {
                 )
             }
         };
-        match init_token(payload.as_ref()) {
-            Ok(Some(token)) => match (self.verify)(token) {
-                Ok(principal) => self.principal = Some(principal),
-                Err(message) => return self.refuse(close::FORBIDDEN, "Forbidden", &message),
-            },
-            Ok(None) => {}
-            Err(message) => return self.refuse(close::FORBIDDEN, "Forbidden", &message),
+        if let Err(message) = self.core.init(payload.as_ref()) {
+            return self.refuse(close::FORBIDDEN, "Forbidden", &message);
         }
-        self.phase = Phase::Ready;
         vec![
             Action::Send(encode_bare("connection_ack", None)),
             Action::Send(encode_bare("ka", None)),
@@ -186,8 +160,8 @@ impl Legacy {
     }
 
     fn start(&mut self, id: String, payload: Option<Value>) -> Vec<Action> {
-        if self.phase != Phase::Ready {
-            return self.close(close::UNAUTHORIZED, "Unauthorized");
+        if self.core.phase != Phase::Ready {
+            return self.core.close(close::UNAUTHORIZED, "Unauthorized");
         }
         let request = match payload
             .ok_or_else(|| "start needs an object \"payload\"".to_owned())
@@ -198,8 +172,8 @@ impl Legacy {
         };
         let mut out = Vec::new();
         // Restarting an id replaces the running operation.
-        self.ops.cancel(&id, &mut out);
-        match self.ops.admit(&id, request, self.principal.clone()) {
+        self.core.ops.cancel(&id, &mut out);
+        match self.core.admit(&id, request) {
             Admission::Started(op) => out.push(Action::Start(op)),
             // Unreachable after the cancel above; answered like a bad start
             // rather than trusted to stay so.
@@ -210,7 +184,7 @@ impl Legacy {
                 out.push(Action::Reject("max_subscriptions"));
                 out.push(Self::error(
                     Some(&id),
-                    error_payload(too_many_operations(self.ops.max())),
+                    error_payload(too_many_operations(self.core.ops.max())),
                 ));
             }
         }
@@ -222,7 +196,7 @@ impl Protocol for Legacy {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS_LEGACY;
 
     fn on_text(&mut self, text: &str) -> Vec<Action> {
-        if self.phase == Phase::Closed {
+        if self.core.phase == Phase::Closed {
             return Vec::new();
         }
         match parse(text) {
@@ -230,12 +204,12 @@ impl Protocol for Legacy {
             Parsed::Start { id, payload } => self.start(id, payload),
             Parsed::Stop { id } => {
                 let mut out = Vec::new();
-                if self.ops.cancel(&id, &mut out) {
+                if self.core.ops.cancel(&id, &mut out) {
                     out.push(Action::Send(encode_bare("complete", Some(&id))));
                 }
                 out
             }
-            Parsed::Terminate => self.close(close::NORMAL, "Normal Closure"),
+            Parsed::Terminate => self.core.close(close::NORMAL, "Normal Closure"),
             Parsed::Unparseable(message) => vec![Self::connection_error(&message)],
             Parsed::Invalid { id, message } => {
                 vec![Self::error(id.as_deref(), json!({ "message": message }))]
@@ -244,18 +218,18 @@ impl Protocol for Legacy {
     }
 
     fn on_binary(&mut self) -> Vec<Action> {
-        if self.phase == Phase::Closed {
+        if self.core.phase == Phase::Closed {
             return Vec::new();
         }
         vec![Self::connection_error("binary frames are not supported")]
     }
 
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action> {
-        if self.phase == Phase::Closed {
+        if self.core.phase == Phase::Closed {
             return Vec::new();
         }
         let mut out = Vec::new();
-        let encoded = match self.ops.deliver(id, response, &mut out) {
+        let encoded = match self.core.ops.deliver(id, response, &mut out) {
             None => return out,
             Some(Delivery::Next(response)) => encode("data", Some(id), Some(&response)),
             Some(Delivery::Failed(response)) => serde_json::to_value(&response.errors)
@@ -263,24 +237,17 @@ impl Protocol for Legacy {
         };
         match encoded {
             Ok(text) => out.push(Action::Send(text)),
-            Err(_) => out.extend(self.close(close::INTERNAL, "Internal server error")),
+            Err(_) => out.extend(self.core.close(close::INTERNAL, "Internal server error")),
         }
         out
     }
 
     fn on_end(&mut self, id: &str) -> Vec<Action> {
-        if self.phase == Phase::Closed {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        if self.ops.end(id, &mut out) {
-            out.push(Action::Send(encode_bare("complete", Some(id))));
-        }
-        out
+        self.core.end(id)
     }
 
     fn on_init_timeout(&mut self) -> Vec<Action> {
-        if self.phase != Phase::Connecting {
+        if self.core.phase != Phase::Connecting {
             return Vec::new();
         }
         self.refuse(
@@ -291,20 +258,20 @@ impl Protocol for Legacy {
     }
 
     fn on_heartbeat(&mut self) -> Vec<Action> {
-        if self.phase != Phase::Ready {
+        if self.core.phase != Phase::Ready {
             return Vec::new();
         }
         vec![Action::Send(encode_bare("ka", None))]
     }
 
     fn is_initialised(&self) -> bool {
-        self.phase != Phase::Connecting
+        self.core.phase != Phase::Connecting
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use async_graphql::{ServerError, Value as GqlValue};
+    use async_graphql::ServerError;
 
     use super::*;
 
@@ -317,15 +284,13 @@ mod tests {
         m
     }
 
-    use crate::transport::ws::action_tests::{closed, sent, started, verify};
+    use crate::transport::ws::protocol::action_tests::{
+        an_operation_runs_to_complete, closed, operation, sent, started, stop_of, ticks as data,
+        verify,
+    };
 
     fn start(id: &str) -> String {
-        json!({"type": "start", "id": id, "payload": {"query": "subscription { ticks }"}})
-            .to_string()
-    }
-
-    fn data(n: i32) -> Response {
-        Response::new(GqlValue::from_json(json!({ "ticks": n })).unwrap())
+        operation("start", id)
     }
 
     #[test]
@@ -346,7 +311,7 @@ mod tests {
         ] {
             let mut m = Legacy::new(None, verify(), 10);
             m.on_text(&json!({"type": "connection_init", "payload": payload}).to_string());
-            assert_eq!(m.principal().unwrap().user_id, "u1");
+            assert_eq!(m.core.principal().unwrap().user_id, "u1");
             let actions = m.on_text(&start("1"));
             assert_eq!(
                 started(&actions)[0].principal.as_ref().unwrap().user_id,
@@ -436,25 +401,7 @@ mod tests {
 
     #[test]
     fn results_are_data_then_complete() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
-        let actions = m.on_response("s", data(1));
-        assert_eq!(
-            sent(&actions),
-            vec![json!({"type": "data", "id": "s", "payload": {"data": {"ticks": 1}}})]
-        );
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                ty: "subscription",
-                outcome: "ok"
-            }
-        )));
-        assert_eq!(
-            sent(&m.on_end("s")),
-            vec![json!({"type": "complete", "id": "s"})]
-        );
-        assert!(m.on_end("s").is_empty());
+        an_operation_runs_to_complete(&mut acked(10), &start("s"), "data");
     }
 
     #[test]
@@ -472,9 +419,7 @@ mod tests {
                 "errors": [{"message": "Unknown field"}]
             }})]
         );
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(stop_of(&actions, "s").is_some());
         assert!(m.on_end("s").is_empty());
     }
 
@@ -483,9 +428,7 @@ mod tests {
         let mut m = acked(10);
         m.on_text(&start("s"));
         let actions = m.on_text(r#"{"type":"stop","id":"s"}"#);
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(stop_of(&actions, "s").is_some());
         assert_eq!(sent(&actions), vec![json!({"type": "complete", "id": "s"})]);
         assert!(m.on_response("s", data(1)).is_empty());
         assert!(m.on_text(r#"{"type":"stop","id":"s"}"#).is_empty());
@@ -497,10 +440,7 @@ mod tests {
         m.on_text(&start("s"));
         let actions = m.on_text(&start("s"));
         assert!(closed(&actions).is_none());
-        let stop = actions
-            .iter()
-            .position(|a| matches!(a, Action::Stop(id) if id == "s"))
-            .unwrap();
+        let stop = stop_of(&actions, "s").unwrap();
         let begin = actions
             .iter()
             .position(|a| matches!(a, Action::Start(_)))

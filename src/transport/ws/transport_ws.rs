@@ -14,23 +14,14 @@
 use async_graphql::Response;
 use serde_json::{Map, Value};
 
-use super::{
-    encode, encode_bare, init_token, parse_request, too_many_operations, Action, Admission,
-    Delivery, Operations, Protocol, Verify,
+use super::protocol::{
+    encode, encode_bare, parse_request, too_many_operations, Action, Admission, Core, Delivery,
+    Phase, Protocol,
 };
+use crate::auth::credentials::Verify;
 use crate::auth::Principal;
 use crate::error::close;
 use crate::telemetry::metrics::transport;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Waiting for `connection_init`.
-    Connecting,
-    /// Acknowledged: operations may run.
-    Ready,
-    /// A close was requested; everything after it is ignored.
-    Closed,
-}
 
 /// A client message, validated.
 enum ClientMessage {
@@ -43,10 +34,7 @@ enum ClientMessage {
 
 /// The state of one `graphql-transport-ws` connection.
 pub struct TransportWs {
-    phase: Phase,
-    principal: Option<Principal>,
-    verify: Verify,
-    ops: Operations,
+    core: Core,
 }
 
 impl TransportWs {
@@ -54,60 +42,43 @@ impl TransportWs {
     /// token replaces it); `max_operations` bounds concurrent operations.
     pub fn new(principal: Option<Principal>, verify: Verify, max_operations: usize) -> Self {
         Self {
-            phase: Phase::Connecting,
-            principal,
-            verify,
-            ops: Operations::new(max_operations),
+            core: Core::new(principal, verify, max_operations),
         }
-    }
-
-    /// The principal operations run as.
-    pub fn principal(&self) -> Option<&Principal> {
-        self.principal.as_ref()
-    }
-
-    fn close(&mut self, code: u16, reason: impl Into<String>) -> Vec<Action> {
-        self.phase = Phase::Closed;
-        vec![Action::Close(code, reason.into())]
     }
 
     fn connection_init(&mut self, payload: Option<Map<String, Value>>) -> Vec<Action> {
-        if self.phase == Phase::Ready {
-            return self.close(close::TOO_MANY_INIT, "Too many initialisation requests");
+        if self.core.phase == Phase::Ready {
+            return self
+                .core
+                .close(close::TOO_MANY_INIT, "Too many initialisation requests");
         }
-        match init_token(payload.as_ref()) {
-            Ok(Some(token)) => match (self.verify)(token) {
-                Ok(principal) => self.principal = Some(principal),
-                Err(_) => return self.close(close::FORBIDDEN, "Forbidden"),
-            },
-            Ok(None) => {}
-            Err(_) => return self.close(close::FORBIDDEN, "Forbidden"),
+        if self.core.init(payload.as_ref()).is_err() {
+            return self.core.close(close::FORBIDDEN, "Forbidden");
         }
-        self.phase = Phase::Ready;
         vec![Action::Send(encode_bare("connection_ack", None))]
     }
 
     fn subscribe(&mut self, id: String, payload: Value) -> Vec<Action> {
-        if self.phase != Phase::Ready {
-            return self.close(close::UNAUTHORIZED, "Unauthorized");
+        if self.core.phase != Phase::Ready {
+            return self.core.close(close::UNAUTHORIZED, "Unauthorized");
         }
         let request = match parse_request(payload) {
             Ok(request) => request,
             Err(reason) => {
-                return self.close(
+                return self.core.close(
                     close::BAD_REQUEST,
                     format!("Invalid message received: {reason}"),
                 )
             }
         };
-        match self.ops.admit(&id, request, self.principal.clone()) {
+        match self.core.admit(&id, request) {
             Admission::Started(op) => vec![Action::Start(op)],
-            Admission::Duplicate => self.close(
+            Admission::Duplicate => self.core.close(
                 close::SUBSCRIBER_EXISTS,
                 format!("Subscriber for {id} already exists"),
             ),
             Admission::Full => {
-                let errors = too_many_operations(self.ops.max());
+                let errors = too_many_operations(self.core.ops.max());
                 let mut out = vec![Action::Reject("max_subscriptions")];
                 out.extend(self.send(encode("error", Some(&id), Some(errors))));
                 out
@@ -119,7 +90,9 @@ impl TransportWs {
     fn send(&mut self, encoded: Result<String, serde_json::Error>) -> Vec<Action> {
         match encoded {
             Ok(text) => vec![Action::Send(text)],
-            Err(_) => self.close(close::INTERNAL_SERVER_ERROR, "Internal server error"),
+            Err(_) => self
+                .core
+                .close(close::INTERNAL_SERVER_ERROR, "Internal server error"),
         }
     }
 }
@@ -199,12 +172,12 @@ impl Protocol for TransportWs {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS;
 
     fn on_text(&mut self, text: &str) -> Vec<Action> {
-        if self.phase == Phase::Closed {
+        if self.core.phase == Phase::Closed {
             return Vec::new();
         }
         let message = match parse(text) {
             Ok(message) => message,
-            Err(reason) => return self.close(close::BAD_REQUEST, reason),
+            Err(reason) => return self.core.close(close::BAD_REQUEST, reason),
         };
         match message {
             ClientMessage::ConnectionInit(payload) => self.connection_init(payload),
@@ -218,28 +191,28 @@ impl Protocol for TransportWs {
                 // Completing an unknown or finished id is a race the
                 // protocol allows, not an error.
                 let mut out = Vec::new();
-                self.ops.cancel(&id, &mut out);
+                self.core.ops.cancel(&id, &mut out);
                 out
             }
         }
     }
 
     fn on_binary(&mut self) -> Vec<Action> {
-        if self.phase == Phase::Closed {
+        if self.core.phase == Phase::Closed {
             return Vec::new();
         }
-        self.close(
+        self.core.close(
             close::BAD_REQUEST,
             "Invalid message received: binary frames are not supported",
         )
     }
 
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action> {
-        if self.phase == Phase::Closed {
+        if self.core.phase == Phase::Closed {
             return Vec::new();
         }
         let mut out = Vec::new();
-        let sent = match self.ops.deliver(id, response, &mut out) {
+        let sent = match self.core.ops.deliver(id, response, &mut out) {
             None => return out,
             Some(Delivery::Next(response)) => self.send(encode("next", Some(id), Some(&response))),
             Some(Delivery::Failed(response)) => {
@@ -251,21 +224,15 @@ impl Protocol for TransportWs {
     }
 
     fn on_end(&mut self, id: &str) -> Vec<Action> {
-        if self.phase == Phase::Closed {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        if self.ops.end(id, &mut out) {
-            out.push(Action::Send(encode_bare("complete", Some(id))));
-        }
-        out
+        self.core.end(id)
     }
 
     fn on_init_timeout(&mut self) -> Vec<Action> {
-        if self.phase != Phase::Connecting {
+        if self.core.phase != Phase::Connecting {
             return Vec::new();
         }
-        self.close(close::INIT_TIMEOUT, "Connection initialisation timeout")
+        self.core
+            .close(close::INIT_TIMEOUT, "Connection initialisation timeout")
     }
 
     fn on_heartbeat(&mut self) -> Vec<Action> {
@@ -274,14 +241,14 @@ impl Protocol for TransportWs {
     }
 
     fn is_initialised(&self) -> bool {
-        self.phase != Phase::Connecting
+        self.core.phase != Phase::Connecting
     }
 }
 
 #[cfg(test)]
 mod tests {
     use async_graphql::parser::types::OperationType;
-    use async_graphql::{ServerError, Value as GqlValue};
+    use async_graphql::ServerError;
     use serde_json::json;
 
     use super::*;
@@ -299,22 +266,20 @@ mod tests {
         m
     }
 
-    use crate::transport::ws::action_tests::{closed, sent, started, verify};
+    use crate::transport::ws::protocol::action_tests::{
+        an_operation_runs_to_complete, closed, operation, outcomes, sent, started, stop_of,
+        ticks as data, verify,
+    };
 
     fn subscribe(id: &str) -> String {
-        json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { ticks }"}})
-            .to_string()
-    }
-
-    fn data(n: i32) -> Response {
-        Response::new(GqlValue::from_json(json!({ "ticks": n })).unwrap())
+        operation("subscribe", id)
     }
 
     #[test]
     fn init_without_payload_is_acknowledged_anonymously() {
         let mut m = acked(10);
         assert!(m.is_initialised());
-        assert!(m.principal().is_none());
+        assert!(m.core.principal().is_none());
         let ops = m.on_text(&subscribe("1"));
         assert!(started(&ops)[0].principal.is_none());
     }
@@ -351,14 +316,14 @@ mod tests {
                 sent(&m.on_text(&init)),
                 vec![json!({"type": "connection_ack"})]
             );
-            assert_eq!(m.principal().unwrap().user_id, "u1");
+            assert_eq!(m.core.principal().unwrap().user_id, "u1");
             let ops = m.on_text(&subscribe("1"));
             assert_eq!(started(&ops)[0].principal.as_ref().unwrap().user_id, "u1");
         }
         // Without a token the upgrade's principal stays.
         let mut m = TransportWs::new(upgrade, verify(), 10);
         m.on_text(r#"{"type":"connection_init","payload":{"other":1}}"#);
-        assert_eq!(m.principal().unwrap().user_id, "from-upgrade");
+        assert_eq!(m.core.principal().unwrap().user_id, "from-upgrade");
     }
 
     #[test]
@@ -492,33 +457,7 @@ mod tests {
 
     #[test]
     fn results_are_next_then_complete() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
-        let first = m.on_response("s", data(1));
-        assert_eq!(
-            sent(&first),
-            vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 1}}})]
-        );
-        assert!(first.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                ty: "subscription",
-                outcome: "ok"
-            }
-        )));
-        let second = m.on_response("s", data(2));
-        assert_eq!(
-            sent(&second),
-            vec![json!({"type": "next", "id": "s", "payload": {"data": {"ticks": 2}}})]
-        );
-        assert!(!second.iter().any(|a| matches!(a, Action::Count { .. })));
-        assert_eq!(
-            sent(&m.on_end("s")),
-            vec![json!({"type": "complete", "id": "s"})]
-        );
-        // A stale end or result for a finished id says nothing.
-        assert!(m.on_end("s").is_empty());
-        assert!(m.on_response("s", data(3)).is_empty());
+        an_operation_runs_to_complete(&mut acked(10), &subscribe("s"), "next");
     }
 
     #[test]
@@ -529,13 +468,9 @@ mod tests {
         response.errors.push(ServerError::new("oops", None));
         let actions = m.on_response("s", response);
         assert_eq!(sent(&actions)[0]["type"], "next");
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                outcome: "field_error",
-                ..
-            }
-        )));
+        assert!(outcomes(&actions)
+            .iter()
+            .any(|(_, outcome)| *outcome == "field_error"));
     }
 
     #[test]
@@ -550,16 +485,10 @@ mod tests {
             sent(&actions),
             vec![json!({"type": "error", "id": "s", "payload": [{"message": "Unknown field"}]})]
         );
-        assert!(actions
+        assert!(stop_of(&actions, "s").is_some());
+        assert!(outcomes(&actions)
             .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Count {
-                outcome: "request_error",
-                ..
-            }
-        )));
+            .any(|(_, outcome)| *outcome == "request_error"));
         assert!(m.on_end("s").is_empty());
     }
 
@@ -569,9 +498,7 @@ mod tests {
         m.on_text(&subscribe("s"));
         let actions = m.on_text(r#"{"type":"complete","id":"s"}"#);
         assert!(sent(&actions).is_empty());
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Stop(id) if id == "s")));
+        assert!(stop_of(&actions, "s").is_some());
         assert!(m.on_response("s", data(1)).is_empty());
         assert!(m.on_end("s").is_empty());
         // Completing an unknown id is ignored.

@@ -1,0 +1,224 @@
+//! The one gate every long-lived connection passes (both WebSocket
+//! protocols, both event streams): its `Origin`, the drain, and
+//! `server.max_connections`.
+//!
+//! The decision comes in two steps, because a transport does work between
+//! them that must not hold a place (verifying a token, authorizing topics):
+//! [`Gate::screen`] refuses what costs nothing to decide (a foreign
+//! `Origin`, a draining node), and [`Gate::admit`] takes a place under the
+//! limit, held by the [`DrainGuard`] for as long as the connection lives.
+//! Each refusal is counted in `subgate_rejected_total{reason}` here, once;
+//! the transport only renders it, in its own error shape (the REST one or
+//! the GraphQL one).
+
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::StatusCode;
+use actix_web::HttpResponse;
+
+use crate::shutdown::DrainGuard;
+use crate::state::AppState;
+use crate::transport::{api_error, graphql_error};
+
+/// What a connection opens, as a refusal names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    WebSocket,
+    EventStream,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `server.allowed_origins` is set and the `Origin` is not in it.
+    Origin(Opening),
+    /// The node drains.
+    Draining,
+    /// The node holds `server.max_connections`.
+    Full,
+}
+
+impl Refusal {
+    /// The `reason` label of `subgate_rejected_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Origin(_) => "origin",
+            Refusal::Draining => "draining",
+            Refusal::Full => "max_connections",
+        }
+    }
+
+    /// 403 for the `Origin`; 503 otherwise (this node, or another behind
+    /// the balancer, may well serve in a moment).
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::Origin(_) => StatusCode::FORBIDDEN,
+            Refusal::Draining | Refusal::Full => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The machine code: `forbidden` or `unavailable`.
+    fn code(self) -> &'static str {
+        match self {
+            Refusal::Origin(_) => "forbidden",
+            Refusal::Draining | Refusal::Full => "unavailable",
+        }
+    }
+
+    /// The refusal as the REST endpoints answer it (`{"error": {…}}`).
+    pub fn api_response(self) -> HttpResponse {
+        api_error(self.status(), self.code(), self.message())
+    }
+
+    /// The refusal as a GraphQL error (`{"errors": […]}`, the code in upper
+    /// case): the WebSocket upgrades' and GraphQL over SSE's.
+    pub fn graphql_response(self) -> HttpResponse {
+        let code = self.code().to_ascii_uppercase();
+        graphql_error(self.status(), Some(&code), self.message())
+    }
+
+    /// For humans.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Origin(Opening::WebSocket) => "this Origin may not open a WebSocket",
+            Refusal::Origin(Opening::EventStream) => "this Origin may not open an event stream",
+            Refusal::Draining => "the node is shutting down",
+            Refusal::Full => "the node is at its connection limit",
+        }
+    }
+}
+
+/// A request that passed the screening and may ask for a place.
+#[must_use = "a screened request is admitted only by `admit`"]
+pub struct Gate<'a> {
+    state: &'a AppState,
+}
+
+impl<'a> Gate<'a> {
+    /// Refuses a foreign `Origin` and any request while the node drains.
+    pub fn screen(
+        state: &'a AppState,
+        headers: &HeaderMap,
+        opening: Opening,
+    ) -> Result<Self, Refusal> {
+        let gate = Self { state };
+        if !origin_allowed(&state.settings.server.allowed_origins, headers) {
+            return Err(gate.refuse(Refusal::Origin(opening)));
+        }
+        if state.shutdown.is_draining() {
+            return Err(gate.refuse(Refusal::Draining));
+        }
+        Ok(gate)
+    }
+
+    /// Counts one more long-lived connection, or refuses it when the node
+    /// began draining since the screening or holds `server.max_connections`.
+    /// The guard keeps the connection counted.
+    pub fn admit(self) -> Result<DrainGuard, Refusal> {
+        let shutdown = &self.state.shutdown;
+        if shutdown.is_draining() {
+            return Err(self.refuse(Refusal::Draining));
+        }
+        // Counted first and checked after, so that concurrent requests on
+        // several workers can never overshoot the limit together.
+        let drain = shutdown.track();
+        if shutdown.open_connections() > self.state.settings.server.max_connections {
+            drop(drain);
+            return Err(self.refuse(Refusal::Full));
+        }
+        Ok(drain)
+    }
+
+    fn refuse(&self, refusal: Refusal) -> Refusal {
+        self.state
+            .metrics
+            .rejected_total
+            .with_label_values(&[refusal.reason()])
+            .inc();
+        refusal
+    }
+}
+
+/// Whether the request's `Origin` may open a long-lived connection. A
+/// request without `Origin` is not a browser's and passes.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim().trim_end_matches('/');
+    allowed
+        .iter()
+        .any(|a| a.trim().trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::header::HeaderValue;
+
+    use super::*;
+    use crate::config::Settings;
+
+    fn with_origin(origin: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(origin) = origin {
+            headers.insert(header::ORIGIN, HeaderValue::from_static(origin));
+        }
+        headers
+    }
+
+    #[test]
+    fn origins_match_without_case_or_trailing_slash() {
+        let allowed = vec!["https://app.example/".to_owned()];
+        assert!(origin_allowed(&[], &with_origin(Some("https://x"))));
+        assert!(origin_allowed(&allowed, &with_origin(None)));
+        assert!(origin_allowed(
+            &allowed,
+            &with_origin(Some("HTTPS://APP.example"))
+        ));
+        assert!(!origin_allowed(&allowed, &with_origin(Some("https://x"))));
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_counted_once_by_its_reason() {
+        let mut settings = Settings::default();
+        settings.server.allowed_origins = vec!["https://app.example".into()];
+        settings.server.max_connections = 1;
+        let state = crate::test_support::state(settings);
+        let rejected = |reason| {
+            state
+                .metrics
+                .rejected_total
+                .with_label_values(&[reason])
+                .get()
+        };
+
+        let foreign = with_origin(Some("https://evil.example"));
+        let refusal = Gate::screen(&state, &foreign, Opening::EventStream).err();
+        assert_eq!(refusal, Some(Refusal::Origin(Opening::EventStream)));
+        assert_eq!(rejected("origin"), 1);
+
+        let held = Gate::screen(&state, &HeaderMap::new(), Opening::WebSocket)
+            .and_then(Gate::admit)
+            .expect("room for one");
+        let full = Gate::screen(&state, &HeaderMap::new(), Opening::WebSocket)
+            .and_then(Gate::admit)
+            .err();
+        assert_eq!(full, Some(Refusal::Full));
+        assert_eq!(rejected("max_connections"), 1);
+        assert_eq!(state.shutdown.open_connections(), 1);
+        drop(held);
+
+        let gate = Gate::screen(&state, &HeaderMap::new(), Opening::WebSocket).unwrap();
+        state.shutdown.begin();
+        assert_eq!(gate.admit().err(), Some(Refusal::Draining));
+        let late = Gate::screen(&state, &HeaderMap::new(), Opening::WebSocket).err();
+        assert_eq!(late, Some(Refusal::Draining));
+        assert_eq!(rejected("draining"), 2);
+        assert_eq!(state.shutdown.open_connections(), 0);
+    }
+}

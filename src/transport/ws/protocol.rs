@@ -1,0 +1,429 @@
+//! What both GraphQL WebSocket machines ([`super::transport_ws`],
+//! [`super::legacy`]) speak in: the [`Action`]s they ask the pump for, the
+//! [`Protocol`] the pump drives, the state of a connection ([`Core`]: its
+//! phase, who it runs as, its operations and their bookkeeping), and the
+//! shapes of their messages.
+
+use std::collections::HashMap;
+
+use async_graphql::parser::types::OperationType;
+use async_graphql::{Request, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::auth::credentials::{init_token, Verify};
+use crate::auth::Principal;
+use crate::transport::operation::{operation_label, operation_type, outcome};
+
+/// Where a connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Waiting for `connection_init`.
+    Connecting,
+    /// Acknowledged: operations may run.
+    Ready,
+    /// A close was requested; everything after it is ignored.
+    Closed,
+}
+
+/// What both machines keep about a connection.
+pub struct Core {
+    pub(crate) phase: Phase,
+    /// Who operations run as: the upgrade's principal until a
+    /// `connection_init` token replaces it.
+    principal: Option<Principal>,
+    verify: Verify,
+    pub(crate) ops: Operations,
+}
+
+impl Core {
+    pub(crate) fn new(principal: Option<Principal>, verify: Verify, max_operations: usize) -> Self {
+        Self {
+            phase: Phase::Connecting,
+            principal,
+            verify,
+            ops: Operations::new(max_operations),
+        }
+    }
+
+    /// The principal operations run as.
+    #[cfg(test)]
+    pub(crate) fn principal(&self) -> Option<&Principal> {
+        self.principal.as_ref()
+    }
+
+    /// Asks for the close; nothing after it is answered.
+    pub(crate) fn close(&mut self, code: u16, reason: impl Into<String>) -> Vec<Action> {
+        self.phase = Phase::Closed;
+        vec![Action::Close(code, reason.into())]
+    }
+
+    /// Accepts a `connection_init`: a token in its payload that verifies
+    /// replaces the principal. `Err` (a message for the client) when the
+    /// token is unusable or does not verify; the phase then stays.
+    pub(crate) fn init(&mut self, payload: Option<&Map<String, Value>>) -> Result<(), String> {
+        if let Some(token) = init_token(payload)? {
+            self.principal = Some((self.verify)(token)?);
+        }
+        self.phase = Phase::Ready;
+        Ok(())
+    }
+
+    /// Admits operation `id` as the connection's principal.
+    pub(crate) fn admit(&mut self, id: &str, request: Request) -> Admission {
+        self.ops.admit(id, request, self.principal.clone())
+    }
+
+    /// The stream of `id` ended: `complete` when it was active (both
+    /// protocols name the message so).
+    pub(crate) fn end(&mut self, id: &str) -> Vec<Action> {
+        if self.phase == Phase::Closed {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if self.ops.end(id, &mut out) {
+            out.push(Action::Send(encode_bare("complete", Some(id))));
+        }
+        out
+    }
+}
+
+/// What a protocol machine asks the pump to do, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Send a text frame.
+    Send(String),
+    /// Close the socket with this code and reason; nothing after it runs.
+    Close(u16, String),
+    /// Execute an operation and feed its results back under its id.
+    Start(Box<Operation>),
+    /// Drop an operation's stream (its results are no longer wanted).
+    Stop(String),
+    /// Count one finished or failed operation in
+    /// `graphql_operations_total{type,outcome}`.
+    Count {
+        ty: &'static str,
+        outcome: &'static str,
+    },
+    /// Count a refusal in `rejected_total{reason}`.
+    Reject(&'static str),
+}
+
+/// An operation a machine admitted.
+#[derive(Debug)]
+pub struct Operation {
+    pub id: String,
+    pub request: Request,
+    /// `None` when the document does not parse (the executor reports why).
+    pub kind: Option<OperationType>,
+    /// Who runs it: the connection's principal at the time it started.
+    pub principal: Option<Principal>,
+}
+
+/// A sans-IO protocol: the pump calls these and carries out the actions.
+pub trait Protocol {
+    /// The `transport` metric label.
+    const TRANSPORT: &'static str;
+    /// A complete text message from the client.
+    fn on_text(&mut self, text: &str) -> Vec<Action>;
+    /// A complete binary message from the client.
+    fn on_binary(&mut self) -> Vec<Action>;
+    /// One result of the operation `id`.
+    fn on_response(&mut self, id: &str, response: Response) -> Vec<Action>;
+    /// The operation `id` has no more results.
+    fn on_end(&mut self, id: &str) -> Vec<Action>;
+    /// `connection_init` did not arrive in time.
+    fn on_init_timeout(&mut self) -> Vec<Action>;
+    /// Every ping interval (besides the WebSocket ping the pump sends).
+    fn on_heartbeat(&mut self) -> Vec<Action>;
+    /// Whether `connection_init` was accepted (the init timer then stops).
+    fn is_initialised(&self) -> bool;
+}
+
+/// The outcome of [`Operations::admit`].
+pub(crate) enum Admission {
+    Started(Box<Operation>),
+    /// An active operation already has this id.
+    Duplicate,
+    /// The connection holds its maximum of operations.
+    Full,
+}
+
+/// What to tell the client about one result.
+pub(crate) enum Delivery {
+    /// A result: `next` / `data`.
+    Next(Response),
+    /// The operation failed before execution (parse, validation, limits,
+    /// a subscription refused at setup): `error`, and the operation is over.
+    Failed(Response),
+}
+
+struct Active {
+    label: &'static str,
+    /// Whether the first result has arrived (the one that decides between
+    /// a request error and a running operation).
+    answered: bool,
+}
+
+/// The active operations of one connection: ids, the limit, and the
+/// bookkeeping both protocols need.
+pub(crate) struct Operations {
+    active: HashMap<String, Active>,
+    max: usize,
+}
+
+impl Operations {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            active: HashMap::new(),
+            max,
+        }
+    }
+
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    pub(crate) fn admit(
+        &mut self,
+        id: &str,
+        request: Request,
+        principal: Option<Principal>,
+    ) -> Admission {
+        if self.active.contains_key(id) {
+            return Admission::Duplicate;
+        }
+        if self.active.len() >= self.max {
+            return Admission::Full;
+        }
+        let kind = operation_type(&request).ok();
+        let label = kind.map_or("unknown", operation_label);
+        self.active.insert(
+            id.to_owned(),
+            Active {
+                label,
+                answered: false,
+            },
+        );
+        Admission::Started(Box::new(Operation {
+            id: id.to_owned(),
+            request,
+            kind,
+            principal,
+        }))
+    }
+
+    /// Classifies a result of `id`; `None` when `id` is no longer active (a
+    /// result that raced a stop is dropped on purpose).
+    pub(crate) fn deliver(
+        &mut self,
+        id: &str,
+        response: Response,
+        out: &mut Vec<Action>,
+    ) -> Option<Delivery> {
+        let op = self.active.get_mut(id)?;
+        if op.answered {
+            return Some(Delivery::Next(response));
+        }
+        op.answered = true;
+        let ty = op.label;
+        let outcome = outcome(&response);
+        out.push(Action::Count { ty, outcome });
+        if outcome == "request_error" {
+            self.active.remove(id);
+            out.push(Action::Stop(id.to_owned()));
+            return Some(Delivery::Failed(response));
+        }
+        Some(Delivery::Next(response))
+    }
+
+    /// The stream of `id` ended; `true` when it was active (the client is
+    /// then told it completed).
+    pub(crate) fn end(&mut self, id: &str, out: &mut Vec<Action>) -> bool {
+        self.remove(id, "ok", out)
+    }
+
+    /// The client stopped `id`; `true` when it was active.
+    pub(crate) fn cancel(&mut self, id: &str, out: &mut Vec<Action>) -> bool {
+        let active = self.remove(id, "cancelled", out);
+        if active {
+            out.push(Action::Stop(id.to_owned()));
+        }
+        active
+    }
+
+    /// Forgets `id`, counting it with `outcome` if no result decided one.
+    fn remove(&mut self, id: &str, outcome: &'static str, out: &mut Vec<Action>) -> bool {
+        let Some(op) = self.active.remove(id) else {
+            return false;
+        };
+        if !op.answered {
+            out.push(Action::Count {
+                ty: op.label,
+                outcome,
+            });
+        }
+        true
+    }
+}
+
+/// The error list sent when a connection holds its maximum of operations.
+pub(crate) fn too_many_operations(max: usize) -> Value {
+    json!([{
+        "message": format!("too many subscriptions on this connection (max {max})"),
+        "extensions": { "code": "TOO_MANY_SUBSCRIPTIONS" }
+    }])
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestPayload {
+    query: String,
+    #[serde(default)]
+    operation_name: Option<String>,
+    #[serde(default)]
+    variables: Option<Map<String, Value>>,
+    #[serde(default)]
+    extensions: Option<Map<String, Value>>,
+}
+
+/// The GraphQL request in a `subscribe`/`start` payload: `query` a string;
+/// `variables`, `operationName` and `extensions` optional or null.
+pub(crate) fn parse_request(payload: Value) -> Result<Request, String> {
+    if !payload.is_object() {
+        return Err("the payload must be an object".into());
+    }
+    let p: RequestPayload =
+        serde_json::from_value(payload).map_err(|e| format!("invalid payload: {e}"))?;
+    let mut request = Request::new(p.query);
+    if let Some(name) = p.operation_name {
+        request = request.operation_name(name);
+    }
+    if let Some(variables) = p.variables {
+        request = request.variables(async_graphql::Variables::from_json(Value::Object(
+            variables,
+        )));
+    }
+    if let Some(extensions) = p.extensions {
+        request.extensions = serde_json::from_value(Value::Object(extensions))
+            .map_err(|e| format!("invalid extensions: {e}"))?;
+    }
+    Ok(request)
+}
+
+/// One outgoing message: `{"type", "id"?, "payload"?}`.
+#[derive(Serialize)]
+struct Outgoing<'a, P: Serialize> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<P>,
+}
+
+/// Encodes one outgoing message.
+pub(crate) fn encode<P: Serialize>(
+    ty: &str,
+    id: Option<&str>,
+    payload: Option<P>,
+) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&Outgoing { ty, id, payload })
+}
+
+/// Encodes a message without payload (cannot fail: only strings inside).
+pub(crate) fn encode_bare(ty: &str, id: Option<&str>) -> String {
+    encode::<()>(ty, id, None).unwrap_or_else(|_| format!("{{\"type\":\"{ty}\"}}"))
+}
+
+/// Readers of a protocol machine's actions, for the machines' unit tests.
+#[cfg(test)]
+pub(crate) mod action_tests {
+    use async_graphql::Response;
+    use serde_json::{json, Value};
+
+    use super::{Action, Operation, Protocol};
+    pub use crate::auth::credentials::test_verify as verify;
+
+    /// One operation's life on the acknowledged machine `m`, whatever its
+    /// protocol: `run` (the client message that starts `s`) starts it;
+    /// each result goes out as a `result_type` message, the first counting
+    /// it `ok` and the next nothing; its end is `complete`; a stale end or
+    /// result says nothing.
+    pub fn an_operation_runs_to_complete(m: &mut impl Protocol, run: &str, result_type: &str) {
+        assert_eq!(started(&m.on_text(run)).len(), 1);
+        for (n, counted) in [(1, vec![("subscription", "ok")]), (2, vec![])] {
+            let actions = m.on_response("s", ticks(n));
+            assert_eq!(
+                sent(&actions),
+                vec![json!({"type": result_type, "id": "s", "payload": {"data": {"ticks": n}}})]
+            );
+            assert_eq!(outcomes(&actions), counted);
+        }
+        assert_eq!(
+            sent(&m.on_end("s")),
+            vec![json!({"type": "complete", "id": "s"})]
+        );
+        assert!(m.on_end("s").is_empty());
+        assert!(m.on_response("s", ticks(3)).is_empty());
+    }
+
+    /// A client message of type `ty` (`subscribe`, `start`) that runs
+    /// `subscription { ticks }` as `id`.
+    pub fn operation(ty: &str, id: &str) -> String {
+        json!({"type": ty, "id": id, "payload": {"query": "subscription { ticks }"}}).to_string()
+    }
+
+    /// A result of `subscription { ticks }`.
+    pub fn ticks(n: i32) -> Response {
+        Response::new(async_graphql::Value::from_json(json!({ "ticks": n })).unwrap())
+    }
+
+    /// The messages sent, decoded.
+    pub fn sent(actions: &[Action]) -> Vec<Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The close, if any.
+    pub fn closed(actions: &[Action]) -> Option<(u16, &str)> {
+        actions.iter().find_map(|a| match a {
+            Action::Close(code, reason) => Some((*code, reason.as_str())),
+            _ => None,
+        })
+    }
+
+    /// The `(type, outcome)` of every operation counted.
+    pub fn outcomes(actions: &[Action]) -> Vec<(&'static str, &'static str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Count { ty, outcome } => Some((*ty, *outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Where the stop of operation `id` stands among `actions`, if anywhere.
+    pub fn stop_of(actions: &[Action], id: &str) -> Option<usize> {
+        actions
+            .iter()
+            .position(|a| matches!(a, Action::Stop(stopped) if stopped == id))
+    }
+
+    /// The operations started.
+    pub fn started(actions: &[Action]) -> Vec<&Operation> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start(op) => Some(&**op),
+                _ => None,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,692 @@
+//! The handler and the pump over real sockets, with a schema of their
+//! own so that they do not depend on the node's.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
+use actix_web::http::StatusCode;
+use actix_web::{test as actix_test, App, HttpServer};
+use async_graphql::{Context, Object, Schema, Subscription};
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue as ClientHeaderValue;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::*;
+use crate::config::Settings;
+use crate::graphql::Viewer;
+use crate::hub::{Cutoff, CutoffReason};
+use crate::telemetry::metrics::transport;
+
+struct TestQuery;
+
+#[Object]
+impl TestQuery {
+    async fn hello(&self) -> &str {
+        "world"
+    }
+
+    async fn whoami(&self, ctx: &Context<'_>) -> Option<String> {
+        ctx.data::<Viewer>()
+            .ok()
+            .and_then(|v| v.0.as_ref().map(|p| p.user_id.clone()))
+    }
+}
+
+struct TestMutation;
+
+#[Object]
+impl TestMutation {
+    async fn add(&self, a: i32, b: i32) -> i32 {
+        a + b
+    }
+}
+
+struct TestSubscription;
+
+#[Subscription]
+impl TestSubscription {
+    async fn ticks(&self, n: i32) -> impl Stream<Item = i32> {
+        futures_util::stream::iter(0..n)
+    }
+
+    async fn forever(&self) -> impl Stream<Item = i32> {
+        futures_util::stream::unfold(0, |i| async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some((i, i + 1))
+        })
+    }
+
+    /// Large items as fast as they are taken.
+    async fn flood(&self, ctx: &Context<'_>) -> async_graphql::Result<impl Stream<Item = String>> {
+        *FLOODED.lock().unwrap() = Some(ctx.data::<Arc<Cutoff>>()?.clone());
+        Ok(
+            futures_util::stream::repeat("x".repeat(64 * 1024)).inspect(|_| {
+                FLOOD_ITEMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }),
+        )
+    }
+
+    /// One item, then the connection is cut off as the hub would.
+    async fn cut(&self, ctx: &Context<'_>) -> async_graphql::Result<impl Stream<Item = i32>> {
+        let cutoff = ctx.data::<Arc<Cutoff>>()?.clone();
+        Ok(
+            futures_util::stream::iter([1]).chain(futures_util::stream::once(async move {
+                cutoff.cut(CutoffReason::SlowConsumer);
+                std::future::pending::<i32>().await
+            })),
+        )
+    }
+}
+
+/// The cut-off of the connection running `flood` (one test uses it).
+static FLOODED: std::sync::Mutex<Option<Arc<Cutoff>>> = std::sync::Mutex::new(None);
+/// How many items `flood` produced: it stalls while the pump is blocked.
+static FLOOD_ITEMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+type TestSchema = Schema<TestQuery, TestMutation, TestSubscription>;
+
+#[derive(Clone)]
+struct TestDeps {
+    schema: TestSchema,
+    config: PumpConfig,
+}
+
+async fn test_ws(
+    state: web::Data<AppState>,
+    deps: web::Data<TestDeps>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> HttpResponse {
+    accept(&state, &req, body, deps.schema.clone(), deps.config.clone()).await
+}
+
+fn config() -> PumpConfig {
+    PumpConfig {
+        ping_interval: Duration::from_secs(5),
+        init_timeout: Duration::from_secs(5),
+        max_frame_bytes: 4096,
+        max_operations: 3,
+    }
+}
+
+fn state_with(edit: impl FnOnce(&mut Settings)) -> AppState {
+    let mut settings = Settings::default();
+    edit(&mut settings);
+    crate::test_support::state(settings)
+}
+
+fn app_config(state: AppState, config: PumpConfig) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
+    let deps = TestDeps {
+        schema: Schema::new(TestQuery, TestMutation, TestSubscription),
+        config,
+    };
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(state))
+            .app_data(web::Data::new(deps))
+            .route("/test/ws", web::get().to(test_ws));
+        crate::transport::configure(cfg);
+    }
+}
+
+/// A node on 127.0.0.1:0 serving the test schema at `/test/ws` beside
+/// the node's own routes.
+async fn serve(state: AppState, config: PumpConfig) -> (SocketAddr, ServerHandle) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let routes = app_config(state, config);
+    let server = HttpServer::new(move || App::new().configure(routes.clone()))
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .unwrap()
+        .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    (addr, handle)
+}
+
+type Client = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(
+    addr: SocketAddr,
+    path: &str,
+    protocol: Option<&'static str>,
+) -> (Client, Option<String>) {
+    let mut request = format!("ws://{addr}{path}").into_client_request().unwrap();
+    if let Some(protocol) = protocol {
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            ClientHeaderValue::from_static(protocol),
+        );
+    }
+    let (ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let chosen = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (ws, chosen)
+}
+
+async fn send(ws: &mut Client, message: Value) {
+    ws.send(WsMessage::Text(message.to_string())).await.unwrap();
+}
+
+/// The next text message, skipping control frames.
+async fn next_json(ws: &mut Client) -> Value {
+    let next = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(text))) => return serde_json::from_str(&text).unwrap(),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("a message in time")
+}
+
+/// The close frame's code and reason, skipping everything before it.
+async fn next_close(ws: &mut Client) -> (u16, String) {
+    let next = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.into_owned())
+                }
+                Some(Ok(WsMessage::Close(None))) | None => panic!("closed without a code"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error before the close frame: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("a close in time")
+}
+
+async fn init(ws: &mut Client) {
+    send(ws, json!({"type": "connection_init"})).await;
+    assert_eq!(next_json(ws).await, json!({"type": "connection_ack"}));
+}
+
+/// A node with default settings serving the test schema with `config`.
+async fn node(config: PumpConfig) -> (AppState, SocketAddr, ServerHandle) {
+    let state = state_with(|_| {});
+    let (addr, server) = serve(state.clone(), config).await;
+    (state, addr, server)
+}
+
+/// A node serving the test schema, and a graphql-transport-ws client on it
+/// that is acknowledged and subscribed to `subscription { <field> }` as `id`.
+async fn subscribed(id: &str, field: &str) -> (AppState, ServerHandle, Client) {
+    let (state, addr, server) = node(config()).await;
+    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
+    init(&mut ws).await;
+    let query = format!("subscription {{ {field} }}");
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": id, "payload": {"query": query}}),
+    )
+    .await;
+    (state, server, ws)
+}
+
+/// How many closes with `code` the node counted.
+fn closes(state: &AppState, code: u16) -> u64 {
+    state
+        .metrics
+        .ws_closes_total
+        .with_label_values(&[&code.to_string()])
+        .get()
+}
+
+fn upgrade_request(path: &str) -> actix_test::TestRequest {
+    actix_test::TestRequest::get()
+        .uri(path)
+        .insert_header((UPGRADE, "websocket"))
+        .insert_header((CONNECTION, "Upgrade"))
+        .insert_header((SEC_WEBSOCKET_VERSION, "13"))
+        .insert_header((SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ=="))
+}
+
+#[test]
+fn negotiation_prefers_the_current_protocol() {
+    let headers = |values: &[&'static str]| {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(v));
+        }
+        map
+    };
+    assert_eq!(negotiate(&headers(&[])), Some(Subprotocol::TransportWs));
+    assert_eq!(
+        negotiate(&headers(&["graphql-ws"])),
+        Some(Subprotocol::Legacy)
+    );
+    assert_eq!(
+        negotiate(&headers(&["graphql-ws, graphql-transport-ws"])),
+        Some(Subprotocol::TransportWs)
+    );
+    assert_eq!(
+        negotiate(&headers(&["graphql-ws", "graphql-transport-ws"])),
+        Some(Subprotocol::TransportWs)
+    );
+    assert_eq!(
+        negotiate(&headers(&["chat", "graphql-ws"])),
+        Some(Subprotocol::Legacy)
+    );
+    assert_eq!(negotiate(&headers(&["chat"])), None);
+}
+
+#[actix_web::test]
+async fn upgrades_are_refused_before_the_handshake() {
+    let state = state_with(|s| {
+        s.server.allowed_origins = vec!["https://app.example".into()];
+        s.server.max_connections = 1;
+    });
+    let app =
+        actix_test::init_service(App::new().configure(app_config(state.clone(), config()))).await;
+
+    let res = actix_test::call_service(
+        &app,
+        upgrade_request("/test/ws")
+            .insert_header(("Sec-WebSocket-Protocol", "chat"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let body: Value = actix_test::read_body_json(res).await;
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("graphql-transport-ws") && message.contains("graphql-ws"),
+        "{message}"
+    );
+
+    let res = actix_test::call_service(
+        &app,
+        upgrade_request("/test/ws")
+            .insert_header(("Origin", "https://evil.example"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+
+    let res = actix_test::call_service(
+        &app,
+        upgrade_request("/test/ws")
+            .insert_header(("Authorization", "Bearer nope"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res =
+        actix_test::call_service(&app, upgrade_request("/test/ws?token=nope").to_request()).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+    // An allowed Origin with a good token passes (the pump ends at once:
+    // a test request has no socket behind it).
+    let token = state
+        .auth
+        .mint("u1", Duration::from_secs(60), None)
+        .unwrap();
+    let res = actix_test::call_service(
+        &app,
+        upgrade_request(&format!("/test/ws?token={token}"))
+            .insert_header(("Origin", "https://app.example"))
+            .insert_header(("Sec-WebSocket-Protocol", "graphql-ws"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        res.headers().get(header::SEC_WEBSOCKET_PROTOCOL).unwrap(),
+        "graphql-ws"
+    );
+
+    // At the connection limit.
+    let held = state.shutdown.track();
+    let res = actix_test::call_service(&app, upgrade_request("/test/ws").to_request()).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers().get(header::RETRY_AFTER).unwrap(), "1");
+    assert_eq!(
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["max_connections"])
+            .get(),
+        1
+    );
+    drop(held);
+
+    // Draining.
+    state.shutdown.begin();
+    let res = actix_test::call_service(&app, upgrade_request("/test/ws").to_request()).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers().get(header::RETRY_AFTER).unwrap(), "1");
+}
+
+#[actix_web::test]
+async fn both_paths_upgrade_and_a_plain_get_still_works() {
+    let (_state, addr, server) = node(config()).await;
+    for path in ["/graphql/ws", "/graphql"] {
+        let (mut ws, chosen) = connect(addr, path, Some("graphql-transport-ws")).await;
+        assert_eq!(chosen.as_deref(), Some("graphql-transport-ws"), "{path}");
+        init(&mut ws).await;
+        let (mut ws, chosen) = connect(addr, path, Some("graphql-ws")).await;
+        assert_eq!(chosen.as_deref(), Some("graphql-ws"), "{path}");
+        send(&mut ws, json!({"type": "connection_init"})).await;
+        assert_eq!(next_json(&mut ws).await, json!({"type": "connection_ack"}));
+        assert_eq!(next_json(&mut ws).await, json!({"type": "ka"}));
+        // No subprotocol offered: the current one, not echoed.
+        let (mut ws, chosen) = connect(addr, path, None).await;
+        assert_eq!(chosen, None);
+        init(&mut ws).await;
+    }
+    let res = reqwest::get(format!("http://{addr}/graphql?query=%7B__typename%7D"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert!(body["data"]["__typename"].is_string(), "{body}");
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn operations_run_over_the_socket() {
+    let state = state_with(|_| {});
+    let token = state
+        .auth
+        .mint("u1", Duration::from_secs(60), None)
+        .unwrap();
+    let (addr, server) = serve(state.clone(), config()).await;
+    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
+    send(
+        &mut ws,
+        json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {token}")}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": "s", "payload": {"query": "subscription { ticks(n: 3) }"}}),
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type": "next", "id": "s", "payload": {"data": {"ticks": i}}})
+        );
+    }
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "complete", "id": "s"})
+    );
+
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": "q", "payload": {"query": "{ hello whoami }"}}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "next", "id": "q", "payload": {"data": {"hello": "world", "whoami": "u1"}}})
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "complete", "id": "q"})
+    );
+
+    send(&mut ws, json!({"type": "subscribe", "id": "m", "payload": {"query": "mutation($a: Int!) { add(a: $a, b: 2) }", "variables": {"a": 1}}})).await;
+    assert_eq!(next_json(&mut ws).await["payload"]["data"]["add"], 3);
+    assert_eq!(next_json(&mut ws).await["type"], "complete");
+
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": "e", "payload": {"query": "{ nope }"}}),
+    )
+    .await;
+    let error = next_json(&mut ws).await;
+    assert_eq!(error["type"], "error");
+    assert!(error["payload"][0]["message"].is_string());
+
+    // The per-connection limit (3), then a client complete frees a slot.
+    for id in ["f1", "f2", "f3", "f4"] {
+        send(
+            &mut ws,
+            json!({"type": "subscribe", "id": id, "payload": {"query": "subscription { forever }"}}),
+        )
+        .await;
+    }
+    let refused = loop {
+        let message = next_json(&mut ws).await;
+        if message["type"] == "error" {
+            break message;
+        }
+    };
+    assert_eq!(refused["id"], "f4");
+    assert_eq!(
+        refused["payload"][0]["extensions"]["code"],
+        "TOO_MANY_SUBSCRIPTIONS"
+    );
+    let gauge = state
+        .metrics
+        .subscriptions
+        .with_label_values(&[transport::GRAPHQL_WS]);
+    assert_eq!(gauge.get(), 3);
+    assert_eq!(
+        state
+            .metrics
+            .rejected_total
+            .with_label_values(&["max_subscriptions"])
+            .get(),
+        1
+    );
+    for id in ["f1", "f2", "f3"] {
+        send(&mut ws, json!({"type": "complete", "id": id})).await;
+    }
+    send(&mut ws, json!({"type": "ping"})).await;
+    while next_json(&mut ws).await["type"] != "pong" {}
+    assert_eq!(gauge.get(), 0);
+
+    // A protocol violation still closes with the protocol's code.
+    send(&mut ws, json!({"type": "connection_init"})).await;
+    assert_eq!(
+        next_close(&mut ws).await,
+        (4429, "Too many initialisation requests".into())
+    );
+    let ops = &state.metrics.graphql_operations_total;
+    // The `forever` ones count as ok or cancelled, by whether their
+    // first tick beat the client's complete.
+    let subscriptions =
+        ["ok", "cancelled"].map(|o| ops.with_label_values(&["subscription", o]).get());
+    assert_eq!(subscriptions.iter().sum::<u64>(), 4);
+    assert_eq!(ops.with_label_values(&["query", "ok"]).get(), 1);
+    assert_eq!(ops.with_label_values(&["mutation", "ok"]).get(), 1);
+    assert_eq!(ops.with_label_values(&["query", "request_error"]).get(), 1);
+    assert_eq!(closes(&state, 4429), 1);
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn the_legacy_protocol_runs_operations() {
+    let (_state, addr, server) = node(config()).await;
+    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
+    send(&mut ws, json!({"type": "connection_init", "payload": {}})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
+    assert_eq!(next_json(&mut ws).await["type"], "ka");
+    send(
+        &mut ws,
+        json!({"type": "start", "id": "1", "payload": {"query": "subscription { ticks(n: 2) }"}}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "data", "id": "1", "payload": {"data": {"ticks": 0}}})
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "data", "id": "1", "payload": {"data": {"ticks": 1}}})
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "complete", "id": "1"})
+    );
+    send(&mut ws, json!({"type": "connection_terminate"})).await;
+    assert_eq!(next_close(&mut ws).await.0, 1000);
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn a_late_init_closes_with_4408() {
+    let (state, addr, server) = node(PumpConfig {
+        init_timeout: Duration::from_millis(100),
+        ..config()
+    })
+    .await;
+    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
+    assert_eq!(
+        next_close(&mut ws).await,
+        (4408, "Connection initialisation timeout".into())
+    );
+    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
+    assert_eq!(next_json(&mut ws).await["type"], "connection_error");
+    assert_eq!(next_close(&mut ws).await.0, 4408);
+    assert_eq!(closes(&state, 4408), 2);
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn an_oversized_frame_closes_only_its_connection() {
+    let (_state, addr, server) = node(PumpConfig {
+        max_frame_bytes: 1024,
+        ..config()
+    })
+    .await;
+    let (mut good, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
+    init(&mut good).await;
+    let (mut big, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
+    init(&mut big).await;
+    let query = format!("{{ hello {} }}", " ".repeat(100_000));
+    send(
+        &mut big,
+        json!({"type": "subscribe", "id": "1", "payload": {"query": query}}),
+    )
+    .await;
+    assert_eq!(next_close(&mut big).await.0, 1009);
+    send(
+        &mut good,
+        json!({"type": "subscribe", "id": "1", "payload": {"query": "{ hello }"}}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut good).await["payload"]["data"]["hello"],
+        "world"
+    );
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn a_cut_off_connection_closes_with_1013() {
+    let (_state, server, mut ws) = subscribed("c", "cut").await;
+    assert_eq!(next_json(&mut ws).await["payload"]["data"]["cut"], 1);
+    assert_eq!(next_close(&mut ws).await, (1013, "slow consumer".into()));
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn a_client_that_stops_reading_is_still_cut_off() {
+    let (state, server, ws) = subscribed("f", "flood").await;
+    // Not reading: the socket fills up and the pump blocks on a write,
+    // which shows as the stream no longer being polled.
+    let items = || FLOOD_ITEMS.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let before = items();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if before > 0 && items() == before {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the pump blocks on the full socket");
+    assert_eq!(state.shutdown.open_connections(), 1);
+    let cutoff = FLOODED.lock().unwrap().clone().expect("flood started");
+    cutoff.cut(CutoffReason::SlowConsumer);
+    // The blocked write yields to the cut-off; the close cannot get
+    // through a full socket, so the task gives up on it and ends.
+    assert_eq!(state.shutdown.drained(Duration::from_secs(3)).await, 0);
+    assert_eq!(closes(&state, 1013), 1);
+    assert_eq!(
+        state
+            .metrics
+            .subscriptions
+            .with_label_values(&[transport::GRAPHQL_WS])
+            .get(),
+        0
+    );
+    drop(ws);
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn the_drain_closes_with_1001() {
+    let (state, server, mut ws) = subscribed("f", "forever").await;
+    next_json(&mut ws).await;
+    let connections = state
+        .metrics
+        .connections
+        .with_label_values(&[transport::GRAPHQL_WS]);
+    assert_eq!(connections.get(), 1);
+    assert_eq!(state.shutdown.open_connections(), 1);
+    state.shutdown.begin();
+    assert_eq!(
+        next_close(&mut ws).await,
+        (1001, "server shutting down".into())
+    );
+    assert_eq!(state.shutdown.drained(Duration::from_secs(2)).await, 0);
+    assert_eq!(connections.get(), 0);
+    server.stop(false).await;
+}
+
+#[actix_web::test]
+async fn a_silent_peer_is_closed_after_three_ping_intervals() {
+    let (_state, addr, server) = node(PumpConfig {
+        ping_interval: Duration::from_millis(50),
+        ..config()
+    })
+    .await;
+    let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
+    send(&mut ws, json!({"type": "connection_init"})).await;
+    // Not reading: the client answers no ping.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut kas = 0;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(WsMessage::Text(text))) => kas += usize::from(text.contains("\"ka\"")),
+            Some(Ok(WsMessage::Close(Some(frame)))) => {
+                break (u16::from(frame.code), frame.reason.into_owned())
+            }
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(close, (1001, "idle timeout".into()));
+    assert!(
+        kas >= 2,
+        "the ack's ka and at least one periodic ka, got {kas}"
+    );
+    server.stop(false).await;
+}
