@@ -1,6 +1,7 @@
 //! Channels: creating one, joining a public one.
 
 use crate::auth::Principal;
+use crate::domain::entities::Create;
 use crate::store;
 
 use super::users::MAX_NAME;

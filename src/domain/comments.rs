@@ -1,6 +1,7 @@
 //! Comments, and the notification a comment gives the post's author.
 
 use crate::auth::Principal;
+use crate::domain::entities::Create;
 use crate::store;
 
 use super::events::{CommentCreated, EventKind, NotificationCreated};

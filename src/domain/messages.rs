@@ -8,6 +8,7 @@
 
 use crate::auth::Principal;
 use crate::broker::BrokerError;
+use crate::domain::entities::Create;
 use crate::hub::Hub;
 use crate::store::{self, Store, StoreError};
 

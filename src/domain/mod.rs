@@ -15,9 +15,12 @@
 //! - [`channels`]: creating and joining channels.
 //! - [`messages`]: sending messages, typing signals.
 //! - [`notifications`]: marking them read.
+//! - [`entities`]: what a new entity is (ids, timestamps, defaults), and
+//!   [`entities::Create`], which builds one and has the store insert it.
 
 pub mod channels;
 pub mod comments;
+pub mod entities;
 pub mod events;
 pub mod messages;
 pub mod notifications;

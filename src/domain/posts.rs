@@ -1,6 +1,7 @@
 //! Posts: writing, editing and deleting one's own.
 
 use crate::auth::Principal;
+use crate::domain::entities::Create;
 use crate::store::{self, PostPatch};
 
 use super::events::{PostCreated, PostDeleted, PostUpdated};

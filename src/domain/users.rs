@@ -1,6 +1,7 @@
 //! Users: sign-up, login, profile updates, account deletion.
 
 use crate::auth::Principal;
+use crate::domain::entities::Create;
 use crate::store::{self, NewUser, UserPatch};
 
 use super::events::{UserDeleted, UserUpdated};

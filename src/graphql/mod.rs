@@ -164,6 +164,7 @@ pub(crate) fn list_complexity(first: Option<i32>, child_complexity: usize) -> us
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
+    use crate::domain::entities::Create;
     use crate::store::memory::MemoryStore;
 
     fn schema_with(store: Arc<MemoryStore>) -> (AppSchema, Arc<Settings>) {

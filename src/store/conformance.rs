@@ -6,6 +6,8 @@
 //! Redis runs start a private `redis-server` per test.
 
 use std::collections::HashSet;
+
+use crate::domain::entities::Create;
 use std::future::Future;
 use std::slice;
 use std::sync::Arc;

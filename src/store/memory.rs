@@ -157,21 +157,12 @@ fn email_key(email: &str) -> String {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn create_user(&self, new: NewUser) -> StoreResult<User> {
+    async fn insert_user(&self, user: User) -> StoreResult<User> {
         let mut d = self.lock();
-        let key = email_key(&new.email);
+        let key = email_key(&user.email);
         if d.emails.contains_key(&key) {
             return Err(StoreError::Conflict { field: "email" });
         }
-        let now = Utc::now();
-        let user = User {
-            id: new_id(),
-            email: new.email,
-            name: new.name,
-            password_hash: new.password_hash,
-            created_at: now,
-            updated_at: now,
-        };
         let seq = d.next_seq();
         d.emails.insert(key, user.id.clone());
         d.user_index.insert(seq, user.id.clone());
@@ -244,22 +235,9 @@ impl Store for MemoryStore {
         ))
     }
 
-    async fn create_post(
-        &self,
-        author_id: &str,
-        title: String,
-        content: String,
-    ) -> StoreResult<Post> {
+    async fn insert_post(&self, post: Post) -> StoreResult<Post> {
         let mut d = self.lock();
-        let now = Utc::now();
-        let post = Post {
-            id: new_id(),
-            author_id: author_id.to_owned(),
-            title,
-            content,
-            created_at: now,
-            updated_at: now,
-        };
+        let author_id = post.author_id.as_str();
         let seq = d.next_seq();
         d.post_index.insert(seq, post.id.clone());
         d.posts_by_author
@@ -320,23 +298,12 @@ impl Store for MemoryStore {
         Ok(page_of(index, &d.posts, page, Direction::NewestFirst))
     }
 
-    async fn create_comment(
-        &self,
-        post_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Comment> {
+    async fn insert_comment(&self, comment: Comment) -> StoreResult<Comment> {
         let mut d = self.lock();
+        let post_id = comment.post_id.as_str();
         if !d.posts.contains_key(post_id) {
             return Err(StoreError::NotFound);
         }
-        let comment = Comment {
-            id: new_id(),
-            post_id: post_id.to_owned(),
-            author_id: author_id.to_owned(),
-            content,
-            created_at: Utc::now(),
-        };
         let seq = d.next_seq();
         d.comments_by_post
             .entry(post_id.to_owned())
@@ -362,28 +329,8 @@ impl Store for MemoryStore {
         ))
     }
 
-    async fn create_channel(
-        &self,
-        owner_id: &str,
-        name: String,
-        is_private: bool,
-        member_ids: Vec<String>,
-    ) -> StoreResult<Channel> {
+    async fn insert_channel(&self, channel: Channel) -> StoreResult<Channel> {
         let mut d = self.lock();
-        let mut members = vec![owner_id.to_owned()];
-        for m in member_ids {
-            if !members.contains(&m) {
-                members.push(m);
-            }
-        }
-        let channel = Channel {
-            id: new_id(),
-            name,
-            is_private,
-            owner_id: owner_id.to_owned(),
-            member_ids: members,
-            created_at: Utc::now(),
-        };
         let seq = d.next_seq();
         d.channel_index.insert(seq, channel.id.clone());
         d.channels.insert(
@@ -423,23 +370,12 @@ impl Store for MemoryStore {
         ))
     }
 
-    async fn create_message(
-        &self,
-        channel_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Message> {
+    async fn insert_message(&self, message: Message) -> StoreResult<Message> {
         let mut d = self.lock();
+        let channel_id = message.channel_id.as_str();
         if !d.channels.contains_key(channel_id) {
             return Err(StoreError::NotFound);
         }
-        let message = Message {
-            id: new_id(),
-            channel_id: channel_id.to_owned(),
-            author_id: author_id.to_owned(),
-            content,
-            created_at: Utc::now(),
-        };
         let seq = d.next_seq();
         d.messages_by_channel
             .entry(channel_id.to_owned())
@@ -469,23 +405,9 @@ impl Store for MemoryStore {
         ))
     }
 
-    async fn create_notification(
-        &self,
-        user_id: &str,
-        kind: String,
-        message: String,
-        payload: serde_json::Value,
-    ) -> StoreResult<Notification> {
+    async fn insert_notification(&self, notification: Notification) -> StoreResult<Notification> {
         let mut d = self.lock();
-        let notification = Notification {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            kind,
-            message,
-            payload,
-            read: false,
-            created_at: Utc::now(),
-        };
+        let user_id = notification.user_id.as_str();
         let seq = d.next_seq();
         d.notifications_by_user
             .entry(user_id.to_owned())

@@ -181,7 +181,9 @@ pub struct PostPatch {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    async fn create_user(&self, new: NewUser) -> StoreResult<User>;
+    /// Stores a new user; `Conflict { field: "email" }` when the email
+    /// (compared trimmed and case-insensitively) is taken.
+    async fn insert_user(&self, user: User) -> StoreResult<User>;
     /// Users by id, in the order asked, `None` where missing (one round trip).
     async fn get_users(&self, ids: &[String]) -> StoreResult<Vec<Option<User>>>;
     async fn find_user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
@@ -191,12 +193,7 @@ pub trait Store: Send + Sync + 'static {
     /// Oldest first.
     async fn list_users(&self, page: PageRequest) -> StoreResult<Page<User>>;
 
-    async fn create_post(
-        &self,
-        author_id: &str,
-        title: String,
-        content: String,
-    ) -> StoreResult<Post>;
+    async fn insert_post(&self, post: Post) -> StoreResult<Post>;
     async fn get_posts(&self, ids: &[String]) -> StoreResult<Vec<Option<Post>>>;
     async fn update_post(&self, id: &str, patch: PostPatch) -> StoreResult<Post>;
     async fn delete_post(&self, id: &str) -> StoreResult<Post>;
@@ -207,34 +204,20 @@ pub trait Store: Send + Sync + 'static {
         page: PageRequest,
     ) -> StoreResult<Page<Post>>;
 
-    async fn create_comment(
-        &self,
-        post_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Comment>;
+    /// `NotFound` when its post does not exist.
+    async fn insert_comment(&self, comment: Comment) -> StoreResult<Comment>;
     /// Oldest first.
     async fn list_comments(&self, post_id: &str, page: PageRequest) -> StoreResult<Page<Comment>>;
 
-    async fn create_channel(
-        &self,
-        owner_id: &str,
-        name: String,
-        is_private: bool,
-        member_ids: Vec<String>,
-    ) -> StoreResult<Channel>;
+    async fn insert_channel(&self, channel: Channel) -> StoreResult<Channel>;
     async fn get_channels(&self, ids: &[String]) -> StoreResult<Vec<Option<Channel>>>;
     /// Adds `user_id` to the channel's members (idempotent).
     async fn add_channel_member(&self, channel_id: &str, user_id: &str) -> StoreResult<Channel>;
     /// Oldest first.
     async fn list_channels(&self, page: PageRequest) -> StoreResult<Page<Channel>>;
 
-    async fn create_message(
-        &self,
-        channel_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Message>;
+    /// `NotFound` when its channel does not exist.
+    async fn insert_message(&self, message: Message) -> StoreResult<Message>;
     /// Newest first.
     async fn list_messages(
         &self,
@@ -242,13 +225,7 @@ pub trait Store: Send + Sync + 'static {
         page: PageRequest,
     ) -> StoreResult<Page<Message>>;
 
-    async fn create_notification(
-        &self,
-        user_id: &str,
-        kind: String,
-        message: String,
-        payload: serde_json::Value,
-    ) -> StoreResult<Notification>;
+    async fn insert_notification(&self, notification: Notification) -> StoreResult<Notification>;
     /// Newest first.
     async fn list_notifications(
         &self,

@@ -83,16 +83,7 @@ impl From<CallError> for StoreError {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn create_user(&self, new: NewUser) -> StoreResult<User> {
-        let now = Utc::now();
-        let user = User {
-            id: new_id(),
-            email: new.email,
-            name: new.name,
-            password_hash: new.password_hash,
-            created_at: now,
-            updated_at: now,
-        };
+    async fn insert_user(&self, user: User) -> StoreResult<User> {
         let normalized = normalize_email(&user.email);
         let keys = self.redis.keys();
         let mut inv = scripts::CREATE_USER.invocation();
@@ -161,23 +152,9 @@ impl Store for RedisStore {
         self.list(&list, page, Direction::OldestFirst).await
     }
 
-    async fn create_post(
-        &self,
-        author_id: &str,
-        title: String,
-        content: String,
-    ) -> StoreResult<Post> {
-        let now = Utc::now();
-        let post = Post {
-            id: new_id(),
-            author_id: author_id.to_owned(),
-            title,
-            content,
-            created_at: now,
-            updated_at: now,
-        };
+    async fn insert_post(&self, post: Post) -> StoreResult<Post> {
         let keys = self.redis.keys();
-        let indexes = [keys.posts(), keys.posts_by_author(author_id)];
+        let indexes = [keys.posts(), keys.posts_by_author(&post.author_id)];
         self.insert(&post, &[], &indexes).await?;
         Ok(post)
     }
@@ -216,21 +193,9 @@ impl Store for RedisStore {
         self.list(&list, page, Direction::NewestFirst).await
     }
 
-    async fn create_comment(
-        &self,
-        post_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Comment> {
-        let comment = Comment {
-            id: new_id(),
-            post_id: post_id.to_owned(),
-            author_id: author_id.to_owned(),
-            content,
-            created_at: Utc::now(),
-        };
-        let parent = self.key::<Post>(post_id);
-        let list = self.redis.keys().comments_of_post(post_id);
+    async fn insert_comment(&self, comment: Comment) -> StoreResult<Comment> {
+        let parent = self.key::<Post>(&comment.post_id);
+        let list = self.redis.keys().comments_of_post(&comment.post_id);
         self.insert(&comment, &[parent], &[list]).await?;
         Ok(comment)
     }
@@ -240,28 +205,7 @@ impl Store for RedisStore {
         self.list(&list, page, Direction::OldestFirst).await
     }
 
-    async fn create_channel(
-        &self,
-        owner_id: &str,
-        name: String,
-        is_private: bool,
-        member_ids: Vec<String>,
-    ) -> StoreResult<Channel> {
-        // The owner first, then the others in the order given, once each.
-        let mut members = vec![owner_id.to_owned()];
-        for m in member_ids {
-            if !members.contains(&m) {
-                members.push(m);
-            }
-        }
-        let channel = Channel {
-            id: new_id(),
-            name,
-            is_private,
-            owner_id: owner_id.to_owned(),
-            member_ids: members,
-            created_at: Utc::now(),
-        };
+    async fn insert_channel(&self, channel: Channel) -> StoreResult<Channel> {
         let list = self.redis.keys().channels();
         self.insert(&channel, &[], &[list]).await?;
         Ok(channel)
@@ -282,21 +226,9 @@ impl Store for RedisStore {
         self.list(&list, page, Direction::OldestFirst).await
     }
 
-    async fn create_message(
-        &self,
-        channel_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Message> {
-        let message = Message {
-            id: new_id(),
-            channel_id: channel_id.to_owned(),
-            author_id: author_id.to_owned(),
-            content,
-            created_at: Utc::now(),
-        };
-        let parent = self.key::<Channel>(channel_id);
-        let list = self.redis.keys().messages_of_channel(channel_id);
+    async fn insert_message(&self, message: Message) -> StoreResult<Message> {
+        let parent = self.key::<Channel>(&message.channel_id);
+        let list = self.redis.keys().messages_of_channel(&message.channel_id);
         self.insert(&message, &[parent], &[list]).await?;
         Ok(message)
     }
@@ -310,23 +242,11 @@ impl Store for RedisStore {
         self.list(&list, page, Direction::NewestFirst).await
     }
 
-    async fn create_notification(
-        &self,
-        user_id: &str,
-        kind: String,
-        message: String,
-        payload: serde_json::Value,
-    ) -> StoreResult<Notification> {
-        let notification = Notification {
-            id: new_id(),
-            user_id: user_id.to_owned(),
-            kind,
-            message,
-            payload,
-            read: false,
-            created_at: Utc::now(),
-        };
-        let list = self.redis.keys().notifications_of_user(user_id);
+    async fn insert_notification(&self, notification: Notification) -> StoreResult<Notification> {
+        let list = self
+            .redis
+            .keys()
+            .notifications_of_user(&notification.user_id);
         self.insert(&notification, &[], &[list]).await?;
         Ok(notification)
     }

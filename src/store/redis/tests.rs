@@ -3,6 +3,8 @@
 //! conformance suite.
 
 use std::collections::BTreeSet;
+
+use crate::domain::entities::Create;
 use std::fmt;
 use std::net::TcpListener;
 use std::sync::Arc;
