@@ -94,46 +94,10 @@ pub fn notification(
     }
 }
 
-/// Builds an entity and inserts it: what the domain (and tests) call.
+/// Builds an entity and inserts it: what the domain (and tests) call, on
+/// any [`Store`].
 #[async_trait]
-pub trait Create {
-    async fn create_user(&self, new: NewUser) -> StoreResult<User>;
-    async fn create_post(
-        &self,
-        author_id: &str,
-        title: String,
-        content: String,
-    ) -> StoreResult<Post>;
-    async fn create_comment(
-        &self,
-        post_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Comment>;
-    async fn create_channel(
-        &self,
-        owner_id: &str,
-        name: String,
-        is_private: bool,
-        member_ids: Vec<String>,
-    ) -> StoreResult<Channel>;
-    async fn create_message(
-        &self,
-        channel_id: &str,
-        author_id: &str,
-        content: String,
-    ) -> StoreResult<Message>;
-    async fn create_notification(
-        &self,
-        user_id: &str,
-        kind: String,
-        message: String,
-        payload: serde_json::Value,
-    ) -> StoreResult<Notification>;
-}
-
-#[async_trait]
-impl<S: Store + ?Sized> Create for S {
+pub trait Create: Store {
     async fn create_user(&self, new: NewUser) -> StoreResult<User> {
         self.insert_user(user(new)).await
     }
@@ -189,6 +153,8 @@ impl<S: Store + ?Sized> Create for S {
             .await
     }
 }
+
+impl<S: Store + ?Sized> Create for S {}
 
 #[cfg(test)]
 mod tests {

@@ -124,6 +124,17 @@ where
     Ok(types::connection(page, wrap))
 }
 
+/// A page of posts, newest first; one author's when `author` is given.
+pub(crate) async fn posts_page(
+    ctx: &Context<'_>,
+    first: Option<i32>,
+    after: Option<String>,
+    author: Option<&str>,
+) -> async_graphql::Result<types::Conn<types::Post>> {
+    let fetch = |s: Arc<dyn Store>, p| async move { s.list_posts(author, p).await };
+    paged(ctx, first, after, fetch, types::Post::new).await
+}
+
 pub(crate) fn page_request(
     ctx: &Context<'_>,
     first: Option<i32>,

@@ -3,7 +3,7 @@
 use async_graphql::{Context, Object, Result, ID};
 
 use super::types::{Channel, Conn, Notification, Post, User};
-use super::{loaders, paged, require_viewer, viewer};
+use super::{loaders, paged, posts_page, require_viewer, viewer};
 use crate::domain::channels::readable_by;
 use std::sync::Arc;
 
@@ -56,15 +56,7 @@ impl Query {
         after: Option<String>,
         author_id: Option<ID>,
     ) -> Result<Conn<Post>> {
-        let author = author_id.as_ref().map(|id| id.as_str());
-        paged(
-            ctx,
-            first,
-            after,
-            |s, p| async move { s.list_posts(author, p).await },
-            Post::new,
-        )
-        .await
+        posts_page(ctx, first, after, author_id.as_ref().map(|id| id.as_str())).await
     }
 
     /// A channel; null when it does not exist or is private and the caller

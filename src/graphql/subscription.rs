@@ -40,8 +40,7 @@ pub struct Subscription;
 impl Subscription {
     /// Every new post.
     async fn post_created(&self, ctx: &Context<'_>) -> Result<impl Stream<Item = Result<Post>>> {
-        let events = open(ctx, vec![(topic::POSTS.to_owned(), None)]).await?;
-        Ok(typed::<PostCreated>(events).map(|r| r.map(|(p, _)| Post(p))))
+        watch::<PostCreated, _>(ctx, topic::POSTS.to_owned(), Post).await
     }
 
     /// Edits of one post.
@@ -50,8 +49,7 @@ impl Subscription {
         ctx: &Context<'_>,
         id: ID,
     ) -> Result<impl Stream<Item = Result<Post>>> {
-        let events = open(ctx, vec![(topic::post(&id), None)]).await?;
-        Ok(typed::<PostUpdated>(events).map(|r| r.map(|(p, _)| Post(p))))
+        watch::<PostUpdated, _>(ctx, topic::post(&id), Post).await
     }
 
     /// Profile updates of one user.
@@ -60,8 +58,7 @@ impl Subscription {
         ctx: &Context<'_>,
         id: ID,
     ) -> Result<impl Stream<Item = Result<User>>> {
-        let events = open(ctx, vec![(topic::user(&id), None)]).await?;
-        Ok(typed::<UserUpdated>(events).map(|r| r.map(|(u, _)| User(u))))
+        watch::<UserUpdated, _>(ctx, topic::user(&id), User).await
     }
 
     /// The caller's own notifications.
@@ -70,8 +67,7 @@ impl Subscription {
         ctx: &Context<'_>,
     ) -> Result<impl Stream<Item = Result<Notification>>> {
         let me = require_viewer(ctx)?.user_id.clone();
-        let events = open(ctx, vec![(topic::notifications(&me), None)]).await?;
-        Ok(typed::<NotificationCreated>(events).map(|r| r.map(|(n, _)| Notification(n))))
+        watch::<NotificationCreated, _>(ctx, topic::notifications(&me), Notification).await
     }
 
     /// Messages sent to a channel (members only when it is private). With
@@ -204,6 +200,17 @@ async fn open(
 /// Events of `kind` decoded into `T` (once per node, not per subscriber),
 /// each with its event id; others, and undecodable ones, skipped; errors
 /// passed through.
+/// The events of kind `K` on one topic, live, each wrapped into the
+/// schema's type.
+async fn watch<K: EventKind, T>(
+    ctx: &Context<'_>,
+    topic: String,
+    wrap: impl Fn(Arc<K::Payload>) -> T + Send + Sync + 'static,
+) -> Result<impl Stream<Item = Result<T>>> {
+    let events = open(ctx, vec![(topic, None)]).await?;
+    Ok(typed::<K>(events).map(move |r| r.map(|(payload, _)| wrap(payload))))
+}
+
 fn typed<K: EventKind>(
     events: impl Stream<Item = Result<Arc<SharedEvent>>>,
 ) -> impl Stream<Item = Result<(Arc<K::Payload>, String)>> {

@@ -7,7 +7,7 @@ use async_graphql::{ComplexObject, Context, Json, Object, Result, SimpleObject, 
 use base64::Engine;
 use chrono::{DateTime, Utc};
 
-use super::{ctx_deps, loaders, paged, store_error, viewer};
+use super::{ctx_deps, loaders, paged, posts_page, store_error, viewer};
 use crate::error::ErrorCode;
 use crate::store::Store;
 use crate::store::{self, Page};
@@ -117,15 +117,7 @@ impl User {
         first: Option<i32>,
         after: Option<String>,
     ) -> Result<Conn<Post>> {
-        let author = Some(self.0.id.as_str());
-        paged(
-            ctx,
-            first,
-            after,
-            |s, p| async move { s.list_posts(author, p).await },
-            Post::new,
-        )
-        .await
+        posts_page(ctx, first, after, Some(&self.0.id)).await
     }
 }
 

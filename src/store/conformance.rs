@@ -153,13 +153,7 @@ async fn users_crud(s: Arc<dyn Store>) {
     );
     assert!(touched.updated_at >= updated.updated_at);
 
-    let page = s
-        .list_users(PageRequest {
-            first: 10,
-            after: None,
-        })
-        .await
-        .unwrap();
+    let page = s.list_users(PageRequest::first(10)).await.unwrap();
     assert_eq!(page.total_count, 1);
     assert_eq!(page.items[0].1, touched);
 
@@ -170,13 +164,10 @@ async fn users_crud(s: Arc<dyn Store>) {
     );
     assert_eq!(s.find_user_by_email("ada@example.com").await.unwrap(), None);
     assert_eq!(
-        s.list_users(PageRequest {
-            first: 10,
-            after: None
-        })
-        .await
-        .unwrap()
-        .total_count,
+        s.list_users(PageRequest::first(10))
+            .await
+            .unwrap()
+            .total_count,
         0
     );
 
@@ -243,13 +234,10 @@ async fn emails_are_unique_case_insensitively(s: Arc<dyn Store>) {
 
     // Only the failed creates were refused: two users exist.
     assert_eq!(
-        s.list_users(PageRequest {
-            first: 10,
-            after: None
-        })
-        .await
-        .unwrap()
-        .total_count,
+        s.list_users(PageRequest::first(10))
+            .await
+            .unwrap()
+            .total_count,
         2
     );
 
@@ -348,13 +336,10 @@ async fn concurrent_creates_of_one_email_have_one_winner(s: Arc<dyn Store>) {
         Some(winners[0].clone())
     );
     assert_eq!(
-        s.list_users(PageRequest {
-            first: 50,
-            after: None
-        })
-        .await
-        .unwrap()
-        .total_count,
+        s.list_users(PageRequest::first(50))
+            .await
+            .unwrap()
+            .total_count,
         1
     );
 }
@@ -465,28 +450,13 @@ async fn posts_crud(s: Arc<dyn Store>) {
         .create_post("author-2", "Other".into(), String::new())
         .await
         .unwrap();
-    let all = s
-        .list_posts(
-            None,
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
+    let all = s.list_posts(None, PageRequest::first(10)).await.unwrap();
     assert_eq!(
         ids(&all.items, |p| &p.id),
         vec![other.id.clone(), p.id.clone()]
     );
     let mine = s
-        .list_posts(
-            Some("author-1"),
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_posts(Some("author-1"), PageRequest::first(10))
         .await
         .unwrap();
     assert_eq!(
@@ -503,28 +473,13 @@ async fn posts_crud(s: Arc<dyn Store>) {
         s.get_posts(slice::from_ref(&p.id)).await.unwrap(),
         vec![None]
     );
-    let all = s
-        .list_posts(
-            None,
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
+    let all = s.list_posts(None, PageRequest::first(10)).await.unwrap();
     assert_eq!(
         (ids(&all.items, |p| &p.id), all.total_count),
         (vec![other.id.clone()], 1)
     );
     let mine = s
-        .list_posts(
-            Some("author-1"),
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_posts(Some("author-1"), PageRequest::first(10))
         .await
         .unwrap();
     assert_eq!((mine.items.len(), mine.total_count), (0, 0));
@@ -539,13 +494,7 @@ async fn posts_crud(s: Arc<dyn Store>) {
         Err(StoreError::NotFound)
     );
     let nobody = s
-        .list_posts(
-            Some("nobody"),
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_posts(Some("nobody"), PageRequest::first(10))
         .await
         .unwrap();
     assert_eq!(
@@ -566,13 +515,7 @@ async fn deleting_an_author_keeps_their_posts(s: Arc<dyn Store>) {
         vec![Some(post.clone())]
     );
     let theirs = s
-        .list_posts(
-            Some(&author.id),
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_posts(Some(&author.id), PageRequest::first(10))
         .await
         .unwrap();
     assert_eq!(ids(&theirs.items, |p| &p.id), vec![post.id.clone()]);
@@ -603,13 +546,7 @@ async fn comments_need_their_post(s: Arc<dyn Store>) {
 
     // Oldest first, read back exactly.
     let page = s
-        .list_comments(
-            &post.id,
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_comments(&post.id, PageRequest::first(10))
         .await
         .unwrap();
     let comments: Vec<Comment> = page.items.into_iter().map(|(_, c)| c).collect();
@@ -618,13 +555,7 @@ async fn comments_need_their_post(s: Arc<dyn Store>) {
 
     // Nothing was written for the refused comment.
     let none = s
-        .list_comments(
-            "no-such-post",
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_comments("no-such-post", PageRequest::first(10))
         .await
         .unwrap();
     assert_eq!((none.items.len(), none.total_count), (0, 0));
@@ -687,13 +618,7 @@ async fn channels_and_members(s: Arc<dyn Store>) {
         Err(StoreError::NotFound)
     );
 
-    let page = s
-        .list_channels(PageRequest {
-            first: 10,
-            after: None,
-        })
-        .await
-        .unwrap();
+    let page = s.list_channels(PageRequest::first(10)).await.unwrap();
     assert_eq!(
         ids(&page.items, |c| &c.id),
         vec![ch.id.clone(), public.id.clone()]
@@ -726,26 +651,14 @@ async fn messages_need_their_channel(s: Arc<dyn Store>) {
 
     // Newest first, read back exactly.
     let page = s
-        .list_messages(
-            &ch.id,
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_messages(&ch.id, PageRequest::first(10))
         .await
         .unwrap();
     let messages: Vec<Message> = page.items.into_iter().map(|(_, m)| m).collect();
     assert_eq!(messages, vec![second, first]);
     assert_eq!(page.total_count, 2);
     let none = s
-        .list_messages(
-            "no-such-channel",
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_messages("no-such-channel", PageRequest::first(10))
         .await
         .unwrap();
     assert_eq!((none.items.len(), none.total_count), (0, 0));
@@ -792,13 +705,7 @@ async fn notifications_and_reading_them(s: Arc<dyn Store>) {
 
     // Newest first, per user, read back exactly (payload included).
     let page = s
-        .list_notifications(
-            "u1",
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_notifications("u1", PageRequest::first(10))
         .await
         .unwrap();
     let mine: Vec<Notification> = page.items.into_iter().map(|(_, n)| n).collect();
@@ -820,13 +727,7 @@ async fn notifications_and_reading_them(s: Arc<dyn Store>) {
         Err(StoreError::NotFound)
     );
     let page = s
-        .list_notifications(
-            "u2",
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_notifications("u2", PageRequest::first(10))
         .await
         .unwrap();
     assert!(!page.items[0].1.read, "a refused mark changes nothing");
@@ -845,13 +746,7 @@ async fn notifications_and_reading_them(s: Arc<dyn Store>) {
         read
     );
     let page = s
-        .list_notifications(
-            "u1",
-            PageRequest {
-                first: 10,
-                after: None,
-            },
-        )
+        .list_notifications("u1", PageRequest::first(10))
         .await
         .unwrap();
     let states: Vec<bool> = page.items.iter().map(|(_, n)| n.read).collect();
@@ -1150,13 +1045,7 @@ async fn pages_walk_on_past_a_deleted_cursor(s: Arc<dyn Store>) {
                 .id,
         );
     }
-    let page = s
-        .list_users(PageRequest {
-            first: 2,
-            after: None,
-        })
-        .await
-        .unwrap();
+    let page = s.list_users(PageRequest::first(2)).await.unwrap();
     let (cursor, last) = page
         .items
         .last()
@@ -1186,16 +1075,7 @@ async fn pages_walk_on_past_a_deleted_cursor(s: Arc<dyn Store>) {
                 .id,
         );
     }
-    let page = s
-        .list_posts(
-            None,
-            PageRequest {
-                first: 2,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
+    let page = s.list_posts(None, PageRequest::first(2)).await.unwrap();
     let (cursor, last) = page
         .items
         .last()
@@ -1222,12 +1102,7 @@ async fn pages_walk_on_past_a_deleted_cursor(s: Arc<dyn Store>) {
 async fn page_flags_at_the_edges(s: Arc<dyn Store>) {
     // An empty or unknown list.
     for page in [
-        s.list_users(PageRequest {
-            first: 5,
-            after: None,
-        })
-        .await
-        .unwrap(),
+        s.list_users(PageRequest::first(5)).await.unwrap(),
         s.list_users(PageRequest {
             first: 5,
             after: Some(3),
@@ -1279,34 +1154,13 @@ async fn page_flags_at_the_edges(s: Arc<dyn Store>) {
                 .unwrap(),
         );
     }
-    let user_page = s
-        .list_users(PageRequest {
-            first: 3,
-            after: None,
-        })
-        .await
-        .unwrap();
+    let user_page = s.list_users(PageRequest::first(3)).await.unwrap();
     let user_seqs: Vec<u64> = user_page.items.iter().map(|(seq, _)| *seq).collect();
-    let post_page = s
-        .list_posts(
-            None,
-            PageRequest {
-                first: 3,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
+    let post_page = s.list_posts(None, PageRequest::first(3)).await.unwrap();
     let post_seqs: Vec<u64> = post_page.items.iter().map(|(seq, _)| *seq).collect();
 
     // A page of nothing still tells whether there is more.
-    let zero = s
-        .list_users(PageRequest {
-            first: 0,
-            after: None,
-        })
-        .await
-        .unwrap();
+    let zero = s.list_users(PageRequest::first(0)).await.unwrap();
     assert_eq!(
         (
             zero.items.len(),
@@ -1332,13 +1186,7 @@ async fn page_flags_at_the_edges(s: Arc<dyn Store>) {
     );
 
     // Exactly `first` left: no next page.
-    let exact = s
-        .list_users(PageRequest {
-            first: 3,
-            after: None,
-        })
-        .await
-        .unwrap();
+    let exact = s.list_users(PageRequest::first(3)).await.unwrap();
     assert_eq!((exact.items.len(), exact.has_next_page), (3, false));
     let exact = s
         .list_users(PageRequest {
@@ -1473,16 +1321,7 @@ async fn concurrent_creates_get_distinct_positions(s: Arc<dyn Store>) {
     for task in tasks {
         created.insert(task.await.unwrap().id);
     }
-    let page = s
-        .list_posts(
-            None,
-            PageRequest {
-                first: 100,
-                after: None,
-            },
-        )
-        .await
-        .unwrap();
+    let page = s.list_posts(None, PageRequest::first(100)).await.unwrap();
     assert_eq!(page.total_count, 40);
     let seqs: HashSet<u64> = page.items.iter().map(|(seq, _)| *seq).collect();
     assert_eq!(seqs.len(), 40, "every post has a position of its own");

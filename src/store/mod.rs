@@ -126,6 +126,16 @@ pub struct PageRequest {
     pub after: Option<u64>,
 }
 
+impl PageRequest {
+    /// The first `n` items, from the start.
+    pub const fn first(n: usize) -> Self {
+        Self {
+            first: n,
+            after: None,
+        }
+    }
+}
+
 /// One page; each item with its position (the cursor's content).
 #[derive(Debug, Clone)]
 pub struct Page<T> {

@@ -18,10 +18,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::test_support::{free_port, RedisServer};
 
 const TIMEOUT: Duration = Duration::from_millis(300);
-const FIRST_PAGE: PageRequest = PageRequest {
-    first: 5,
-    after: None,
-};
+const FIRST_PAGE: PageRequest = PageRequest::first(5);
 /// Scheduling slack on a busy test machine; far below "hangs".
 const SLACK: Duration = Duration::from_secs(1);
 
@@ -56,10 +53,7 @@ fn assert_unavailable<T: fmt::Debug>(what: &str, result: StoreResult<T>) {
 /// Every kind of call fails, and fails fast, while Redis is away. The
 /// calls run together, so together they must finish within one timeout.
 async fn assert_every_call_unavailable(s: &RedisStore) {
-    let page = PageRequest {
-        first: 10,
-        after: None,
-    };
+    let page = PageRequest::first(10);
     let ids = ["a".to_owned(), "b".to_owned()];
     let started = Instant::now();
     let (ping, create, get, find, list, send, mark) = tokio::join!(
