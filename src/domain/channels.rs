@@ -5,7 +5,7 @@ use crate::domain::entities::Create;
 use crate::store;
 
 use super::users::MAX_NAME;
-use super::{Checks, Domain, DomainError};
+use super::{Checks, Domain, DomainError, ForInput};
 
 /// Whether `user_id` (`None`: anonymous) may read `channel`: anyone when
 /// it is public, its members when it is private.
@@ -46,7 +46,7 @@ impl Domain {
             .store
             .get_users(&input.member_ids)
             .await
-            .map_err(|e| DomainError::store(e, "member_ids", "user"))?;
+            .for_input("member_ids", "user")?;
         if let Some((missing, _)) = input
             .member_ids
             .iter()
@@ -63,7 +63,7 @@ impl Domain {
                 input.member_ids,
             )
             .await
-            .map_err(|e| DomainError::store(e, "name", "channel"))
+            .for_input("name", "channel")
     }
 
     /// Joins a public channel (or one the caller is already in).
@@ -84,7 +84,7 @@ impl Domain {
         self.store
             .add_channel_member(&channel.id, me)
             .await
-            .map_err(|e| DomainError::store(e, "channel_id", "channel"))
+            .for_input("channel_id", "channel")
     }
 
     /// The channel `id`, named by the input `channel_id`.
@@ -92,7 +92,7 @@ impl Domain {
         self.store
             .get_channels(&[id.to_owned()])
             .await
-            .map_err(|e| DomainError::store(e, "channel_id", "channel"))?
+            .for_input("channel_id", "channel")?
             .pop()
             .flatten()
             .ok_or(DomainError::NotFound {

@@ -5,7 +5,7 @@ use crate::domain::entities::Create;
 use crate::store;
 
 use super::events::{CommentCreated, EventKind, NotificationCreated};
-use super::{Checks, Domain, DomainError, Written};
+use super::{Checks, Domain, DomainError, ForInput, Written};
 
 /// The longest comment (characters).
 pub const MAX_COMMENT: usize = 10_000;
@@ -29,7 +29,7 @@ impl Domain {
             .store
             .create_comment(&post.id, me, content)
             .await
-            .map_err(|e| DomainError::store(e, "post_id", "post"))?;
+            .for_input("post_id", "post")?;
         let mut written = self.written::<CommentCreated>(comment).await;
         if post.author_id != me {
             let payload = serde_json::json!({

@@ -104,6 +104,18 @@ impl DomainError {
     }
 }
 
+/// A store outcome in the domain's terms: the input `field` named the
+/// entity `what` (a missing one is `NotFound` on that field).
+trait ForInput<T> {
+    fn for_input(self, field: &'static str, what: &'static str) -> Result<T, DomainError>;
+}
+
+impl<T> ForInput<T> for crate::store::StoreResult<T> {
+    fn for_input(self, field: &'static str, what: &'static str) -> Result<T, DomainError> {
+        self.map_err(|e| DomainError::store(e, field, what))
+    }
+}
+
 /// An event that was not published after its write succeeded: the write
 /// stands, and the caller is told subscribers will not see it live.
 #[derive(Debug)]

@@ -3,7 +3,7 @@
 use crate::auth::Principal;
 use crate::store;
 
-use super::{Domain, DomainError};
+use super::{Domain, DomainError, ForInput};
 
 impl Domain {
     /// Marks one of the caller's notifications read (someone else's looks
@@ -17,6 +17,6 @@ impl Domain {
         self.store
             .mark_notification_read(me, id)
             .await
-            .map_err(|e| DomainError::store(e, "id", "notification"))
+            .for_input("id", "notification")
     }
 }

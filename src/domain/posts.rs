@@ -5,7 +5,7 @@ use crate::domain::entities::Create;
 use crate::store::{self, PostPatch};
 
 use super::events::{PostCreated, PostDeleted, PostUpdated};
-use super::{Checks, Domain, DomainError, Written};
+use super::{Checks, Domain, DomainError, ForInput, Written};
 
 /// Limits of a post's fields (characters).
 pub const MAX_TITLE: usize = 200;
@@ -35,7 +35,7 @@ impl Domain {
             .store
             .create_post(me, title.trim().to_owned(), content)
             .await
-            .map_err(|e| DomainError::store(e, "id", "post"))?;
+            .for_input("id", "post")?;
         Ok(self.written::<PostCreated>(post).await)
     }
 
@@ -63,7 +63,7 @@ impl Domain {
             .store
             .update_post(&input.id, patch)
             .await
-            .map_err(|e| DomainError::store(e, "id", "post"))?;
+            .for_input("id", "post")?;
         Ok(self.written::<PostUpdated>(post).await)
     }
 
@@ -75,11 +75,7 @@ impl Domain {
     ) -> Result<Written<store::Post>, DomainError> {
         let me = Self::actor(principal)?;
         self.owned_post(id, me).await?;
-        let post = self
-            .store
-            .delete_post(id)
-            .await
-            .map_err(|e| DomainError::store(e, "id", "post"))?;
+        let post = self.store.delete_post(id).await.for_input("id", "post")?;
         Ok(self.written::<PostDeleted>(post).await)
     }
 

@@ -5,7 +5,7 @@ use crate::domain::entities::Create;
 use crate::store::{self, NewUser, UserPatch};
 
 use super::events::{UserDeleted, UserUpdated};
-use super::{Checks, Domain, DomainError, Written};
+use super::{Checks, Domain, DomainError, ForInput, Written};
 
 /// Limits of a user's fields (characters).
 pub const MAX_NAME: usize = 100;
@@ -112,10 +112,7 @@ impl Domain {
             name: input.name.trim().to_owned(),
             password_hash,
         };
-        self.store
-            .create_user(new)
-            .await
-            .map_err(|e| DomainError::store(e, "email", "user"))
+        self.store.create_user(new).await.for_input("email", "user")
     }
 
     /// Exchanges an email and password for a bearer token. A wrong email
@@ -177,7 +174,7 @@ impl Domain {
             .store
             .update_user(me, patch)
             .await
-            .map_err(|e| DomainError::store(e, "id", "user"))?;
+            .for_input("id", "user")?;
         Ok(self.written::<UserUpdated>(user).await)
     }
 
@@ -193,11 +190,7 @@ impl Domain {
                 "you may only delete your own account",
             ));
         }
-        let user = self
-            .store
-            .delete_user(me)
-            .await
-            .map_err(|e| DomainError::store(e, "id", "user"))?;
+        let user = self.store.delete_user(me).await.for_input("id", "user")?;
         Ok(self.written::<UserDeleted>(user).await)
     }
 }
