@@ -62,6 +62,18 @@ kinds! {
     NotificationCreated = "notification.created", store::Notification, |n| topic::notifications(&n.user_id);
     /// A message was sent: `message.created {"message": …}` on `channel:{id}`.
     MessageCreated = "message.created", MessagePayload, |m| topic::channel(&m.message.channel_id);
+    /// Someone's presence in a channel changed: `presence.updated
+    /// {user_id, channel_id, status}` on `channel:{id}`.
+    PresenceUpdated = "presence.updated", PresencePayload, |p| topic::channel(&p.channel_id);
+}
+
+/// The payload of `presence.updated`; `status` is `online`, `away`,
+/// `busy` or `offline`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PresencePayload {
+    pub user_id: String,
+    pub channel_id: String,
+    pub status: String,
 }
 
 /// The payload of `message.created`, on every transport.
@@ -105,7 +117,7 @@ pub const NAMES: &[&str] = &[
     NotificationCreated::NAME,
     MessageCreated::NAME,
     UserTyping::NAME,
-    crate::presence::PRESENCE_UPDATED,
+    PresenceUpdated::NAME,
 ];
 
 #[cfg(test)]

@@ -44,10 +44,11 @@ use prometheus::IntGauge;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::event::{topic, NewEvent};
+use crate::domain::events::{EventKind, PresencePayload, PresenceUpdated};
+use crate::event::NewEvent;
 
 /// The event type of every presence announcement.
-pub const PRESENCE_UPDATED: &str = "presence.updated";
+pub const PRESENCE_UPDATED: &str = PresenceUpdated::NAME;
 
 /// A status a user sets for themselves.
 #[derive(
@@ -334,11 +335,11 @@ impl Registry {
 
 /// The announcement of `user_id`'s `status` (or [`OFFLINE`]) in `channel_id`.
 pub fn updated_event(channel_id: &str, user_id: &str, status: &str) -> NewEvent {
-    NewEvent::new(
-        topic::channel(channel_id),
-        PRESENCE_UPDATED,
-        serde_json::json!({ "user_id": user_id, "channel_id": channel_id, "status": status }),
-    )
+    PresenceUpdated::event(&PresencePayload {
+        user_id: user_id.to_owned(),
+        channel_id: channel_id.to_owned(),
+        status: status.to_owned(),
+    })
 }
 
 /// Aborts a background task when the presence service that owns it drops.
