@@ -37,6 +37,7 @@ use async_graphql::{Request, Response};
 use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
+use crate::error::ErrorCode;
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::Viewer;
 use crate::hub::Cutoff;
@@ -62,7 +63,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// A request refused before streaming, in the GraphQL error shape.
-fn refuse(status: StatusCode, code: Option<&str>, message: &str) -> HttpResponse {
+fn refuse(status: StatusCode, code: Option<ErrorCode>, message: &str) -> HttpResponse {
     let mut response = graphql_error(status, code, message);
     if status == StatusCode::METHOD_NOT_ALLOWED {
         response
@@ -155,7 +156,13 @@ async fn stream_operation(
 ) -> HttpResponse {
     let principal = match state.auth.from_header(req.headers()) {
         Ok(principal) => principal,
-        Err(message) => return refuse(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message),
+        Err(message) => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                Some(ErrorCode::Unauthorized),
+                &message,
+            )
+        }
     };
     let ty = match counted_operation_type(&request, &state.metrics) {
         Ok(ty) => ty,

@@ -33,7 +33,7 @@ use actix_ws::{CloseReason, Message, MessageStream, ProtocolError, Session};
 use bytestring::ByteString;
 
 use crate::auth::Principal;
-use crate::error::close;
+use crate::error::{close, ErrorCode};
 use crate::hub::Cutoff;
 use crate::shutdown::{DrainGuard, Shutdown};
 use crate::state::AppState;
@@ -153,7 +153,11 @@ pub async fn accept<T>(
         .auth
         .from_header_or_query_string(req.headers(), req.query_string())
         .map_err(|message| {
-            graphql_error(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message)
+            graphql_error(
+                StatusCode::UNAUTHORIZED,
+                Some(ErrorCode::Unauthorized),
+                &message,
+            )
         })?;
     let drain = gate.admit().map_err(Refusal::graphql_response)?;
     let (body, oversized) = guard_frames(req, body, max_frame_bytes)

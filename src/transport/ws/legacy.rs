@@ -274,6 +274,7 @@ mod tests {
     use async_graphql::ServerError;
 
     use super::*;
+    use crate::error::ErrorCode;
 
     fn acked(max: usize) -> Legacy {
         let mut m = Legacy::new(None, verify(), max);
@@ -468,7 +469,7 @@ mod tests {
         );
         assert_eq!(
             error["payload"]["errors"][0]["extensions"]["code"],
-            "TOO_MANY_SUBSCRIPTIONS"
+            ErrorCode::TooManySubscriptions.as_str()
         );
     }
 

@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::credentials::{init_token, Verify};
 use crate::auth::Principal;
+use crate::error::ErrorCode;
 use crate::transport::operation::{operation_label, operation_type, outcome};
 
 /// Where a connection stands.
@@ -271,7 +272,7 @@ impl Operations {
 pub(crate) fn too_many_operations(max: usize) -> Value {
     json!([{
         "message": format!("too many subscriptions on this connection (max {max})"),
-        "extensions": { "code": "TOO_MANY_SUBSCRIPTIONS" }
+        "extensions": { "code": ErrorCode::TooManySubscriptions.as_str() }
     }])
 }
 

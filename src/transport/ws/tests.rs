@@ -19,6 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::*;
 use crate::config::Settings;
+use crate::error::ErrorCode;
 use crate::graphql::Viewer;
 use crate::hub::{Cutoff, CutoffReason};
 use crate::telemetry::metrics::transport;
@@ -475,7 +476,7 @@ async fn operations_run_over_the_socket() {
     assert_eq!(refused["id"], "f4");
     assert_eq!(
         refused["payload"][0]["extensions"]["code"],
-        "TOO_MANY_SUBSCRIPTIONS"
+        ErrorCode::TooManySubscriptions.as_str()
     );
     let gauge = state
         .metrics

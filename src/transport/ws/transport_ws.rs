@@ -252,6 +252,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::error::ErrorCode;
 
     fn machine(max: usize) -> TransportWs {
         TransportWs::new(None, verify(), max)
@@ -447,7 +448,7 @@ mod tests {
             sent(&actions),
             vec![json!({"type": "error", "id": "3", "payload": [{
                 "message": "too many subscriptions on this connection (max 2)",
-                "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS"}
+                "extensions": {"code": ErrorCode::TooManySubscriptions.as_str()}
             }]})]
         );
         // Room again once one finishes; the refused id was never active.
