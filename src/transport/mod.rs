@@ -11,7 +11,6 @@
 
 pub mod admission;
 pub mod envelope;
-pub mod envelope_types;
 pub mod graphql_sse;
 pub mod http;
 pub mod operation;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use super::types::{client, server, CLIENT_MESSAGE_TYPES};
 use crate::auth::credentials::Verify;
 use crate::auth::policy::Refusal;
 use crate::auth::Principal;
@@ -24,7 +25,6 @@ use crate::event::{timestamp_now, topic};
 use crate::presence::{PresenceError, Status};
 use crate::ratelimit::{ConnectionLimiter, Limited, Limits};
 use crate::store::StoreError;
-use crate::transport::envelope_types::{client, server, CLIENT_MESSAGE_TYPES};
 
 /// The per-connection limits the machine enforces.
 #[derive(Debug, Clone)]

@@ -94,7 +94,7 @@ mod tests {
             assert!(
                 undocumented.is_empty() && unknown.is_empty(),
                 "{direction} messages: not in asyncapi.yaml: {undocumented:?}; in asyncapi.yaml but not in \
-                 src/transport/envelope_types.rs: {unknown:?}"
+                 src/transport/envelope/types.rs: {unknown:?}"
             );
             // Each one also states its type as the envelope's `type` value.
             for t in types {
