@@ -264,3 +264,18 @@ pub async fn finish(outbox: Outbox, end: End, metrics: &Metrics, transport: &'st
         }
     }
 }
+
+/// The text frames among a protocol machine's actions (`text` picks a
+/// frame's text out of an action), decoded as JSON: what the machines' unit
+/// tests read of what they send.
+#[cfg(test)]
+pub(crate) fn sent_json<'a, A>(
+    actions: &'a [A],
+    text: impl Fn(&'a A) -> Option<&'a String>,
+) -> Vec<serde_json::Value> {
+    actions
+        .iter()
+        .filter_map(text)
+        .map(|text| serde_json::from_str(text).unwrap())
+        .collect()
+}

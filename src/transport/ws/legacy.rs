@@ -286,8 +286,8 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        an_operation_runs_to_complete, closed, operation, sent, started, stop_of, ticks as data,
-        verify,
+        an_operation_runs_to_complete, closed, operation, running, sent, started, stop_of,
+        ticks as data, verify,
     };
 
     fn start(id: &str) -> String {
@@ -407,8 +407,7 @@ mod tests {
 
     #[test]
     fn a_request_error_is_one_error_without_complete() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
+        let mut m = running(acked(10), &start("s"));
         let actions = m.on_response(
             "s",
             Response::from_errors(vec![ServerError::new("Unknown field", None)]),
@@ -426,8 +425,7 @@ mod tests {
 
     #[test]
     fn stop_is_answered_with_complete() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
+        let mut m = running(acked(10), &start("s"));
         let actions = m.on_text(r#"{"type":"stop","id":"s"}"#);
         assert!(stop_of(&actions, "s").is_some());
         assert_eq!(sent(&actions), vec![json!({"type": "complete", "id": "s"})]);
@@ -437,8 +435,7 @@ mod tests {
 
     #[test]
     fn restarting_an_active_id_replaces_it() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
+        let mut m = running(acked(10), &start("s"));
         let actions = m.on_text(&start("s"));
         assert!(closed(&actions).is_none());
         let stop = stop_of(&actions, "s").unwrap();

@@ -345,12 +345,19 @@ pub(crate) mod action_tests {
 
     use super::{Action, Operation, Protocol};
     pub use crate::auth::credentials::test_verify as verify;
+    use crate::transport::socket::sent_json;
 
     /// One operation's life on the acknowledged machine `m`, whatever its
     /// protocol: `run` (the client message that starts `s`) starts it;
     /// each result goes out as a `result_type` message, the first counting
     /// it `ok` and the next nothing; its end is `complete`; a stale end or
     /// result says nothing.
+    /// `m` after the client sent `run`, the message that starts an operation.
+    pub fn running<P: Protocol>(mut m: P, run: &str) -> P {
+        m.on_text(run);
+        m
+    }
+
     pub fn an_operation_runs_to_complete(m: &mut impl Protocol, run: &str, result_type: &str) {
         assert_eq!(started(&m.on_text(run)).len(), 1);
         for (n, counted) in [(1, vec![("subscription", "ok")]), (2, vec![])] {
@@ -382,13 +389,10 @@ pub(crate) mod action_tests {
 
     /// The messages sent, decoded.
     pub fn sent(actions: &[Action]) -> Vec<Value> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
-                _ => None,
-            })
-            .collect()
+        sent_json(actions, |a| match a {
+            Action::Send(text) => Some(text),
+            _ => None,
+        })
     }
 
     /// The close, if any.

@@ -268,8 +268,8 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        an_operation_runs_to_complete, closed, operation, outcomes, sent, started, stop_of,
-        ticks as data, verify,
+        an_operation_runs_to_complete, closed, operation, outcomes, running, sent, started,
+        stop_of, ticks as data, verify,
     };
 
     fn subscribe(id: &str) -> String {
@@ -463,8 +463,7 @@ mod tests {
 
     #[test]
     fn field_errors_travel_in_next() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
+        let mut m = running(acked(10), &subscribe("s"));
         let mut response = data(1);
         response.errors.push(ServerError::new("oops", None));
         let actions = m.on_response("s", response);
@@ -476,8 +475,7 @@ mod tests {
 
     #[test]
     fn a_request_error_is_an_error_message_without_complete() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
+        let mut m = running(acked(10), &subscribe("s"));
         let actions = m.on_response(
             "s",
             Response::from_errors(vec![ServerError::new("Unknown field", None)]),
@@ -495,8 +493,7 @@ mod tests {
 
     #[test]
     fn a_client_complete_stops_silently() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
+        let mut m = running(acked(10), &subscribe("s"));
         let actions = m.on_text(r#"{"type":"complete","id":"s"}"#);
         assert!(sent(&actions).is_empty());
         assert!(stop_of(&actions, "s").is_some());
