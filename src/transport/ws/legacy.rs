@@ -195,10 +195,11 @@ impl Legacy {
 impl Protocol for Legacy {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS_LEGACY;
 
-    fn on_text(&mut self, text: &str) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn text_message(&mut self, text: &str) -> Vec<Action> {
         match parse(text) {
             Parsed::Init(payload) => self.connection_init(payload),
             Parsed::Start { id, payload } => self.start(id, payload),
@@ -217,19 +218,13 @@ impl Protocol for Legacy {
         }
     }
 
-    fn on_binary(&mut self) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn binary_message(&mut self) -> Vec<Action> {
         vec![Self::connection_error("binary frames are not supported")]
     }
 
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        let encoded = match self.core.ops.deliver(id, response, &mut out) {
+        let (mut out, delivery) = self.core.deliver(id, response);
+        let encoded = match delivery {
             None => return out,
             Some(Delivery::Next(response)) => encode("data", Some(id), Some(&response)),
             Some(Delivery::Failed(response)) => serde_json::to_value(&response.errors)
@@ -242,12 +237,8 @@ impl Protocol for Legacy {
         out
     }
 
-    fn on_end(&mut self, id: &str) -> Vec<Action> {
-        self.core.end(id)
-    }
-
     fn on_init_timeout(&mut self) -> Vec<Action> {
-        if self.core.phase != Phase::Connecting {
+        if self.core.is_initialised() {
             return Vec::new();
         }
         self.refuse(
@@ -265,7 +256,7 @@ impl Protocol for Legacy {
     }
 
     fn is_initialised(&self) -> bool {
-        self.core.phase != Phase::Connecting
+        self.core.is_initialised()
     }
 }
 

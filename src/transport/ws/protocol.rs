@@ -75,6 +75,28 @@ impl Core {
         self.ops.admit(id, request, self.principal.clone())
     }
 
+    /// Classifies a result of `id` for the machine to encode, with the
+    /// actions that go before it (its counts); no delivery once the
+    /// connection is closed or when `id` is no longer active.
+    pub(crate) fn deliver(
+        &mut self,
+        id: &str,
+        response: Response,
+    ) -> (Vec<Action>, Option<Delivery>) {
+        let mut out = Vec::new();
+        if self.phase == Phase::Closed {
+            return (out, None);
+        }
+        let delivery = self.ops.deliver(id, response, &mut out);
+        (out, delivery)
+    }
+
+    /// Whether `connection_init` has been accepted (or the connection
+    /// closed without it).
+    pub(crate) fn is_initialised(&self) -> bool {
+        self.phase != Phase::Connecting
+    }
+
     /// The stream of `id` ended: `complete` when it was active (both
     /// protocols name the message so).
     pub(crate) fn end(&mut self, id: &str) -> Vec<Action> {
@@ -125,14 +147,33 @@ pub struct Operation {
 pub trait Protocol {
     /// The `transport` metric label.
     const TRANSPORT: &'static str;
-    /// A complete text message from the client.
-    fn on_text(&mut self, text: &str) -> Vec<Action>;
-    /// A complete binary message from the client.
-    fn on_binary(&mut self) -> Vec<Action>;
+    /// What the machine keeps about its connection.
+    fn core(&mut self) -> &mut Core;
+    /// A complete text message from the client; ignored once closed.
+    fn on_text(&mut self, text: &str) -> Vec<Action> {
+        if self.core().phase == Phase::Closed {
+            return Vec::new();
+        }
+        self.text_message(text)
+    }
+    /// A complete binary message from the client; ignored once closed.
+    fn on_binary(&mut self) -> Vec<Action> {
+        if self.core().phase == Phase::Closed {
+            return Vec::new();
+        }
+        self.binary_message()
+    }
+    /// A text message on a connection that is not closed.
+    fn text_message(&mut self, text: &str) -> Vec<Action>;
+    /// A binary message on a connection that is not closed.
+    fn binary_message(&mut self) -> Vec<Action>;
     /// One result of the operation `id`.
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action>;
-    /// The operation `id` has no more results.
-    fn on_end(&mut self, id: &str) -> Vec<Action>;
+    /// The operation `id` has no more results: `complete` when it was
+    /// active, as both protocols name it.
+    fn on_end(&mut self, id: &str) -> Vec<Action> {
+        self.core().end(id)
+    }
     /// `connection_init` did not arrive in time.
     fn on_init_timeout(&mut self) -> Vec<Action>;
     /// Every ping interval (besides the WebSocket ping the pump sends).

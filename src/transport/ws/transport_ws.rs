@@ -171,10 +171,11 @@ fn truncate(s: &str, max: usize) -> &str {
 impl Protocol for TransportWs {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS;
 
-    fn on_text(&mut self, text: &str) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn text_message(&mut self, text: &str) -> Vec<Action> {
         let message = match parse(text) {
             Ok(message) => message,
             Err(reason) => return self.core.close(close::BAD_REQUEST, reason),
@@ -197,10 +198,7 @@ impl Protocol for TransportWs {
         }
     }
 
-    fn on_binary(&mut self) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn binary_message(&mut self) -> Vec<Action> {
         self.core.close(
             close::BAD_REQUEST,
             "Invalid message received: binary frames are not supported",
@@ -208,11 +206,8 @@ impl Protocol for TransportWs {
     }
 
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        let sent = match self.core.ops.deliver(id, response, &mut out) {
+        let (mut out, delivery) = self.core.deliver(id, response);
+        let sent = match delivery {
             None => return out,
             Some(Delivery::Next(response)) => self.send(encode("next", Some(id), Some(&response))),
             Some(Delivery::Failed(response)) => {
@@ -223,12 +218,8 @@ impl Protocol for TransportWs {
         out
     }
 
-    fn on_end(&mut self, id: &str) -> Vec<Action> {
-        self.core.end(id)
-    }
-
     fn on_init_timeout(&mut self) -> Vec<Action> {
-        if self.core.phase != Phase::Connecting {
+        if self.core.is_initialised() {
             return Vec::new();
         }
         self.core
@@ -241,7 +232,7 @@ impl Protocol for TransportWs {
     }
 
     fn is_initialised(&self) -> bool {
-        self.core.phase != Phase::Connecting
+        self.core.is_initialised()
     }
 }
 
