@@ -262,8 +262,6 @@ impl Protocol for Legacy {
 
 #[cfg(test)]
 mod tests {
-    use async_graphql::ServerError;
-
     use super::*;
     use crate::error::ErrorCode;
 
@@ -277,8 +275,8 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        an_operation_runs_to_complete, closed, operation, running, sent, started, stop_of,
-        ticks as data, verify,
+        closed, operation, refused_at_the_limit, running, sent, started, stop_of, ticks as data,
+        verify,
     };
 
     fn start(id: &str) -> String {
@@ -392,29 +390,6 @@ mod tests {
     }
 
     #[test]
-    fn results_are_data_then_complete() {
-        an_operation_runs_to_complete(&mut acked(10), &start("s"), "data");
-    }
-
-    #[test]
-    fn a_request_error_is_one_error_without_complete() {
-        let mut m = running(acked(10), &start("s"));
-        let actions = m.on_response(
-            "s",
-            Response::from_errors(vec![ServerError::new("Unknown field", None)]),
-        );
-        assert_eq!(
-            sent(&actions),
-            vec![json!({"type": "error", "id": "s", "payload": {
-                "message": "Unknown field",
-                "errors": [{"message": "Unknown field"}]
-            }})]
-        );
-        assert!(stop_of(&actions, "s").is_some());
-        assert!(m.on_end("s").is_empty());
-    }
-
-    #[test]
     fn stop_is_answered_with_complete() {
         let mut m = running(acked(10), &start("s"));
         let actions = m.on_text(r#"{"type":"stop","id":"s"}"#);
@@ -442,13 +417,7 @@ mod tests {
     fn the_operation_limit_answers_error_and_keeps_the_connection() {
         let mut m = acked(1);
         m.on_text(&start("1"));
-        let actions = m.on_text(&start("2"));
-        assert!(closed(&actions).is_none());
-        assert!(started(&actions).is_empty());
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Reject("max_subscriptions"))));
-        let error = &sent(&actions)[0];
+        let error = &refused_at_the_limit(&m.on_text(&start("2")))[0];
         assert_eq!(error["type"], "error");
         assert_eq!(error["id"], "2");
         assert_eq!(

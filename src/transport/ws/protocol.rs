@@ -384,22 +384,39 @@ pub(crate) mod action_tests {
     use async_graphql::Response;
     use serde_json::{json, Value};
 
+    use async_graphql::ServerError;
+
     use super::{Action, Operation, Protocol};
     pub use crate::auth::credentials::test_verify as verify;
     use crate::transport::socket::sent_json;
+    use crate::transport::ws::legacy::Legacy;
+    use crate::transport::ws::transport_ws::TransportWs;
 
     /// One operation's life on the acknowledged machine `m`, whatever its
     /// protocol: `run` (the client message that starts `s`) starts it;
     /// each result goes out as a `result_type` message, the first counting
     /// it `ok` and the next nothing; its end is `complete`; a stale end or
     /// result says nothing.
-    /// `m` after the client sent `run`, the message that starts an operation.
-    pub fn running<P: Protocol>(mut m: P, run: &str) -> P {
-        m.on_text(run);
+    /// Checks that `actions` refuse an operation over the connection's
+    /// limit and keep the connection: nothing closed or started, the
+    /// refusal counted. Returns the messages sent.
+    pub fn refused_at_the_limit(actions: &[Action]) -> Vec<Value> {
+        assert!(closed(actions).is_none());
+        assert!(started(actions).is_empty());
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Reject("max_subscriptions"))));
+        sent(actions)
+    }
+
+    /// `m` after the client sent `text` (its `connection_init`, or the
+    /// message that starts an operation).
+    pub fn running<P: Protocol>(mut m: P, text: &str) -> P {
+        m.on_text(text);
         m
     }
 
-    pub fn an_operation_runs_to_complete(m: &mut impl Protocol, run: &str, result_type: &str) {
+    fn an_operation_runs_to_complete(m: &mut impl Protocol, run: &str, result_type: &str) {
         assert_eq!(started(&m.on_text(run)).len(), 1);
         for (n, counted) in [(1, vec![("subscription", "ok")]), (2, vec![])] {
             let actions = m.on_response("s", ticks(n));
@@ -415,6 +432,61 @@ pub(crate) mod action_tests {
         );
         assert!(m.on_end("s").is_empty());
         assert!(m.on_response("s", ticks(3)).is_empty());
+    }
+
+    /// A request error of the running operation `s`: one `error` message
+    /// carrying `payload`, the operation stopped and counted, no `complete`.
+    fn a_request_error_ends_without_complete(m: &mut impl Protocol, payload: Value) {
+        let actions = m.on_response(
+            "s",
+            Response::from_errors(vec![ServerError::new("Unknown field", None)]),
+        );
+        assert_eq!(
+            sent(&actions),
+            vec![json!({"type": "error", "id": "s", "payload": payload})]
+        );
+        assert!(stop_of(&actions, "s").is_some());
+        assert!(outcomes(&actions)
+            .iter()
+            .any(|(_, outcome)| *outcome == "request_error"));
+        assert!(m.on_end("s").is_empty());
+    }
+
+    /// An acknowledged graphql-transport-ws machine and its `subscribe`.
+    fn transport_ws() -> (TransportWs, &'static str) {
+        let init = r#"{"type":"connection_init"}"#;
+        (
+            running(TransportWs::new(None, verify(), 10), init),
+            "subscribe",
+        )
+    }
+
+    /// An acknowledged legacy graphql-ws machine and its `start`.
+    fn legacy() -> (Legacy, &'static str) {
+        let init = r#"{"type":"connection_init","payload":{}}"#;
+        (running(Legacy::new(None, verify(), 10), init), "start")
+    }
+
+    #[test]
+    fn an_operation_runs_to_complete_on_both_protocols() {
+        let (mut m, run) = transport_ws();
+        an_operation_runs_to_complete(&mut m, &operation(run, "s"), "next");
+        let (mut m, run) = legacy();
+        an_operation_runs_to_complete(&mut m, &operation(run, "s"), "data");
+    }
+
+    #[test]
+    fn a_request_error_ends_without_complete_on_both_protocols() {
+        let (m, run) = transport_ws();
+        a_request_error_ends_without_complete(
+            &mut running(m, &operation(run, "s")),
+            json!([{"message": "Unknown field"}]),
+        );
+        let (m, run) = legacy();
+        a_request_error_ends_without_complete(
+            &mut running(m, &operation(run, "s")),
+            json!({"message": "Unknown field", "errors": [{"message": "Unknown field"}]}),
+        );
     }
 
     /// A client message of type `ty` (`subscribe`, `start`) that runs
