@@ -245,6 +245,12 @@ pub struct Limited {
 }
 
 impl Limited {
+    /// A refusal in `scope`, counted in `refused`.
+    fn counted(scope: Scope, refused: &IntCounter, retry_after: Duration) -> Self {
+        refused.inc();
+        Limited { scope, retry_after }
+    }
+
     /// `retry_after` in whole seconds, rounded up and at least 1: the value
     /// of an HTTP `Retry-After` header.
     pub fn retry_after_secs(&self) -> u64 {
@@ -272,34 +278,41 @@ impl std::fmt::Display for Limited {
 /// The node's shared limiters (`AppState::limits`).
 pub struct Limits {
     connection_rate: Rate,
-    users: KeyedLimiter<String>,
-    publishers: KeyedLimiter<String>,
-    typing: KeyedLimiter<String>,
-    counters: Counters,
+    connection_refused: IntCounter,
+    users: ScopedLimiter,
+    publishers: ScopedLimiter,
+    typing: ScopedLimiter,
 }
 
-#[derive(Clone)]
-struct Counters {
-    connection: IntCounter,
-    user: IntCounter,
-    publish: IntCounter,
-    typing: IntCounter,
+/// A keyed limiter whose refusals carry its scope and are counted in
+/// `rate_limited_total{scope}`.
+struct ScopedLimiter {
+    limiter: KeyedLimiter<String>,
+    scope: Scope,
+    refused: IntCounter,
 }
 
-impl Counters {
-    fn of(metrics: &Metrics) -> Self {
-        let c = |scope: Scope| {
-            metrics
-                .rate_limited_total
-                .with_label_values(&[scope.as_str()])
-        };
+impl ScopedLimiter {
+    fn new(scope: Scope, rate: Rate, max_keys: usize, metrics: &Metrics) -> Self {
         Self {
-            connection: c(Scope::Connection),
-            user: c(Scope::User),
-            publish: c(Scope::Publish),
-            typing: c(Scope::Typing),
+            limiter: KeyedLimiter::new(rate, max_keys),
+            scope,
+            refused: refusals(metrics, scope),
         }
     }
+
+    fn check(&self, key: &str) -> Result<(), Limited> {
+        self.limiter
+            .check(key)
+            .map_err(|retry_after| Limited::counted(self.scope, &self.refused, retry_after))
+    }
+}
+
+/// The counter of `scope`'s refusals.
+fn refusals(metrics: &Metrics, scope: Scope) -> IntCounter {
+    metrics
+        .rate_limited_total
+        .with_label_values(&[scope.as_str()])
 }
 
 impl Limits {
@@ -307,19 +320,25 @@ impl Limits {
         let s = settings;
         Self {
             connection_rate: Rate::new(s.messages_per_second, s.messages_burst),
-            users: KeyedLimiter::new(
+            connection_refused: refusals(metrics, Scope::Connection),
+            users: ScopedLimiter::new(
+                Scope::User,
                 Rate::new(s.user_messages_per_second, s.user_messages_burst),
                 s.max_keys,
+                metrics,
             ),
-            publishers: KeyedLimiter::new(
+            publishers: ScopedLimiter::new(
+                Scope::Publish,
                 Rate::new(s.publish_per_second, s.publish_burst),
                 s.max_keys,
+                metrics,
             ),
-            typing: KeyedLimiter::new(
+            typing: ScopedLimiter::new(
+                Scope::Typing,
                 Rate::every(Duration::from_millis(s.typing_interval_ms)),
                 s.max_keys,
+                metrics,
             ),
-            counters: Counters::of(metrics),
         }
     }
 
@@ -328,45 +347,26 @@ impl Limits {
     pub fn connection(&self) -> ConnectionLimiter {
         ConnectionLimiter {
             bucket: TokenBucket::new(self.connection_rate, Instant::now()),
-            refused: self.counters.connection.clone(),
+            refused: self.connection_refused.clone(),
         }
     }
 
     /// One envelope message of `user_id`, counted against their allowance
     /// across all their connections on this node.
     pub fn user_message(&self, user_id: &str) -> Result<(), Limited> {
-        self.users.check(user_id).map_err(|retry_after| {
-            self.counters.user.inc();
-            Limited {
-                scope: Scope::User,
-                retry_after,
-            }
-        })
+        self.users.check(user_id)
     }
 
     /// One publish by `publisher` (an API key or a token's subject).
     pub fn publish(&self, publisher: &str) -> Result<(), Limited> {
-        self.publishers.check(publisher).map_err(|retry_after| {
-            self.counters.publish.inc();
-            Limited {
-                scope: Scope::Publish,
-                retry_after,
-            }
-        })
+        self.publishers.check(publisher)
     }
 
     /// Whether `user_id`'s typing indicator in `channel_id` may be broadcast
     /// now: at most one per `ratelimit.typing_interval_ms`.
     pub fn typing(&self, user_id: &str, channel_id: &str) -> Result<(), Limited> {
         // A separator that cannot occur in either id keeps pairs distinct.
-        let key = format!("{user_id}\u{0}{channel_id}");
-        self.typing.check(key.as_str()).map_err(|retry_after| {
-            self.counters.typing.inc();
-            Limited {
-                scope: Scope::Typing,
-                retry_after,
-            }
-        })
+        self.typing.check(&format!("{user_id}\u{0}{channel_id}"))
     }
 }
 
@@ -383,13 +383,9 @@ impl ConnectionLimiter {
     }
 
     pub fn check_at(&mut self, now: Instant) -> Result<(), Limited> {
-        self.bucket.try_take(now).map_err(|retry_after| {
-            self.refused.inc();
-            Limited {
-                scope: Scope::Connection,
-                retry_after,
-            }
-        })
+        self.bucket
+            .try_take(now)
+            .map_err(|retry_after| Limited::counted(Scope::Connection, &self.refused, retry_after))
     }
 }
 
@@ -399,6 +395,14 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// A keyed limiter of `per_second` with `burst`, holding at most
+    /// `max_keys`, and the instant it starts at.
+    fn keyed(per_second: f64, burst: u32, max_keys: usize) -> (KeyedLimiter<String>, Instant) {
+        let t0 = Instant::now();
+        let limiter = KeyedLimiter::with_start(Rate::new(per_second, burst), max_keys, t0);
+        (limiter, t0)
     }
 
     #[test]
@@ -451,8 +455,7 @@ mod tests {
 
     #[test]
     fn keys_have_separate_buckets() {
-        let t0 = Instant::now();
-        let l: KeyedLimiter<String> = KeyedLimiter::with_start(Rate::new(1.0, 2), 10, t0);
+        let (l, t0) = keyed(1.0, 2, 10);
         assert!(l.check_at("ann", t0).is_ok());
         assert!(l.check_at("ann", t0).is_ok());
         assert!(l.check_at("ann", t0).is_err());
@@ -462,8 +465,7 @@ mod tests {
 
     #[test]
     fn idle_keys_are_swept_and_come_back_with_a_full_bucket() {
-        let t0 = Instant::now();
-        let l: KeyedLimiter<String> = KeyedLimiter::with_start(Rate::new(10.0, 2), 100, t0);
+        let (l, t0) = keyed(10.0, 2, 100);
         for i in 0..50 {
             l.check_at(format!("k{i}").as_str(), t0).unwrap();
         }
@@ -480,8 +482,7 @@ mod tests {
 
     #[test]
     fn at_the_cap_new_keys_are_refused_and_known_keys_are_not() {
-        let t0 = Instant::now();
-        let l: KeyedLimiter<String> = KeyedLimiter::with_start(Rate::new(1.0, 5), 3, t0);
+        let (l, t0) = keyed(1.0, 5, 3);
         for key in ["a", "b", "c"] {
             l.check_at(key, t0).unwrap();
         }
@@ -500,8 +501,7 @@ mod tests {
 
     #[test]
     fn the_map_never_exceeds_its_cap() {
-        let t0 = Instant::now();
-        let l: KeyedLimiter<String> = KeyedLimiter::with_start(Rate::new(0.001, 1), 1000, t0);
+        let (l, t0) = keyed(0.001, 1, 1000);
         for i in 0..10_000u64 {
             let _ = l.check_at(format!("k{i}").as_str(), t0 + ms(i));
         }

@@ -212,6 +212,13 @@ mod tests {
         ids
     }
 
+    /// A subscription to topic `t` from `position`.
+    async fn resume(hub: &Arc<Hub>, position: Option<&str>) -> Resumed {
+        hub.subscribe_from("t", position, "test", None)
+            .await
+            .unwrap()
+    }
+
     async fn take(stream: &mut BoxStream<'static, Delivery>, n: usize) -> Vec<String> {
         let mut out = Vec::new();
         for _ in 0..n {
@@ -231,10 +238,7 @@ mod tests {
     async fn resume_replays_what_was_missed_then_goes_live_without_repeats() {
         let hub = hub(100);
         let ids = publish(&hub, "t", 5).await;
-        let mut resumed = hub
-            .subscribe_from("t", Some(&ids[1]), "test", None)
-            .await
-            .unwrap();
+        let mut resumed = resume(&hub, Some(&ids[1])).await;
         assert_eq!(resumed.gap, None);
         let live = publish(&hub, "t", 2).await;
         let got = take(&mut resumed.stream, 5).await;
@@ -244,7 +248,7 @@ mod tests {
     #[tokio::test]
     async fn live_only_events_pass_through_and_stay_out_of_history() {
         let hub = hub(100);
-        let mut resumed = hub.subscribe_from("t", None, "test", None).await.unwrap();
+        let mut resumed = resume(&hub, None).await;
         let first = publish(&hub, "t", 1).await;
         let typing = hub
             .publish(NewEvent::new("t", "user.typing", serde_json::json!({})).ephemeral())
@@ -257,10 +261,7 @@ mod tests {
             vec![first[0].clone(), typing.event.id.clone(), second[0].clone()]
         );
         // Resuming after the first replays the second only: the typing signal was never kept.
-        let mut again = hub
-            .subscribe_from("t", Some(&first[0]), "test", None)
-            .await
-            .unwrap();
+        let mut again = resume(&hub, Some(&first[0])).await;
         assert_eq!(take(&mut again.stream, 1).await, second);
         assert_eq!(
             second[0].split(':').nth(1),
@@ -273,21 +274,12 @@ mod tests {
     async fn a_position_older_than_the_history_is_a_gap_then_what_is_retained() {
         let hub = hub(3);
         let ids = publish(&hub, "t", 6).await;
-        let mut resumed = hub
-            .subscribe_from("t", Some(&ids[0]), "test", None)
-            .await
-            .unwrap();
+        let mut resumed = resume(&hub, Some(&ids[0])).await;
         assert_eq!(resumed.gap, Some(GapReason::Expired));
         assert_eq!(take(&mut resumed.stream, 3).await, ids[3..].to_vec());
-        let bad = hub
-            .subscribe_from("t", Some("not-a-position"), "test", None)
-            .await
-            .unwrap();
+        let bad = resume(&hub, Some("not-a-position")).await;
         assert_eq!(bad.gap, Some(GapReason::Malformed));
-        let other = hub
-            .subscribe_from("t", Some("ffffff:2"), "test", None)
-            .await
-            .unwrap();
+        let other = resume(&hub, Some("ffffff:2")).await;
         assert_eq!(other.gap, Some(GapReason::EpochChanged));
     }
 
@@ -358,7 +350,7 @@ mod tests {
             losing: losing.clone(),
         };
         let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
-        let mut resumed = hub.subscribe_from("t", None, "test", None).await.unwrap();
+        let mut resumed = resume(&hub, None).await;
         let first = publish(&hub, "t", 1).await;
         assert_eq!(take(&mut resumed.stream, 1).await, first);
         losing.store(true, std::sync::atomic::Ordering::SeqCst);

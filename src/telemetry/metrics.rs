@@ -79,252 +79,229 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
+/// Creates collectors already registered in one registry. A labelled one
+/// is declared with every value its label takes, and each of those series
+/// is created up front, so that it exists (at 0) from the first scrape:
+/// dashboards and alert rules then see a flat zero instead of "no data",
+/// and `rate()` sees the first increment.
+struct Registering<'a>(&'a Registry);
+
+impl Registering<'_> {
+    fn register<C: prometheus::core::Collector + Clone + 'static>(&self, collector: C) -> C {
+        self.0
+            .register(Box::new(collector.clone()))
+            .expect("metric names are unique");
+        collector
+    }
+
+    fn counter(&self, name: &str, help: &str) -> prometheus::IntCounter {
+        self.register(prometheus::IntCounter::new(name, help).unwrap())
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help).unwrap())
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, label: &str, values: &[&str]) -> IntCounterVec {
+        let vec = IntCounterVec::new(Opts::new(name, help), &[label]).unwrap();
+        for value in values {
+            vec.with_label_values(&[value]);
+        }
+        self.register(vec)
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, label: &str, values: &[&str]) -> IntGaugeVec {
+        let vec = IntGaugeVec::new(Opts::new(name, help), &[label]).unwrap();
+        for value in values {
+            vec.with_label_values(&[value]);
+        }
+        self.register(vec)
+    }
+
+    fn histogram_vec(
+        &self,
+        (name, help): (&str, &str),
+        buckets: &[f64],
+        label: &str,
+        values: &[&str],
+    ) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        let vec = HistogramVec::new(opts, &[label]).unwrap();
+        for value in values {
+            vec.with_label_values(&[value]);
+        }
+        self.register(vec)
+    }
+}
+
+/// Operation types, the `type` label of the GraphQL metrics.
+const OPERATION_TYPES: &[&str] = &["query", "mutation", "subscription"];
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let connections = IntGaugeVec::new(
-            Opts::new(
-                "subgate_connections",
-                "Open long-lived connections by transport",
-            ),
-            &["transport"],
-        )
-        .unwrap();
-        let connections_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_connections_total",
-                "Connections accepted by transport",
-            ),
-            &["transport"],
-        )
-        .unwrap();
-        let rejected_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_rejected_total",
-                "Connections or subscriptions refused at admission by reason",
-            ),
-            &["reason"],
-        )
-        .unwrap();
-        let subscriptions = IntGaugeVec::new(
-            Opts::new("subgate_subscriptions", "Active subscriptions by transport"),
-            &["transport"],
-        )
-        .unwrap();
-        let hub_topics = IntGauge::new(
+        let r = Registering(&registry);
+        let connections = r.gauge_vec(
+            "subgate_connections",
+            "Open long-lived connections by transport",
+            "transport",
+            transport::DELIVERING,
+        );
+        let connections_total = r.counter_vec(
+            "subgate_connections_total",
+            "Connections accepted by transport",
+            "transport",
+            transport::DELIVERING,
+        );
+        let rejected_total = r.counter_vec(
+            "subgate_rejected_total",
+            "Connections or subscriptions refused at admission by reason",
+            "reason",
+            &["origin", "draining", "max_connections", "max_subscriptions"],
+        );
+        let subscriptions = r.gauge_vec(
+            "subgate_subscriptions",
+            "Active subscriptions by transport",
+            "transport",
+            transport::DELIVERING,
+        );
+        subscriptions.with_label_values(&[transport::HTTP]);
+        let hub_topics = r.gauge(
             "subgate_hub_topics",
             "Topics with at least one local subscriber",
-        )
-        .unwrap();
-        let events_published_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_events_published_total",
-                "Events accepted by the broker by topic namespace",
-            ),
-            &["namespace"],
-        )
-        .unwrap();
-        let publish_failures_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_publish_failures_total",
-                "Publishes the broker refused by reason",
-            ),
-            &["reason"],
-        )
-        .unwrap();
-        let events_delivered_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_events_delivered_total",
-                "Events handed to clients by transport",
-            ),
-            &["transport"],
-        )
-        .unwrap();
-        let events_dropped_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_events_dropped_total",
-                "Events not delivered by reason",
-            ),
-            &["reason"],
-        )
-        .unwrap();
-        let slow_consumer_disconnects_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_slow_consumer_disconnects_total",
-                "Subscribers cut off because their queue was full, by transport",
-            ),
-            &["transport"],
-        )
-        .unwrap();
-        let delivery_latency_seconds = HistogramVec::new(
-            HistogramOpts::new(
+        );
+        let events_published_total = r.counter_vec(
+            "subgate_events_published_total",
+            "Events accepted by the broker by topic namespace",
+            "namespace",
+            &["posts", "post", "user", "notifications", "channel", "other"],
+        );
+        let publish_failures_total = r.counter_vec(
+            "subgate_publish_failures_total",
+            "Publishes the broker refused by reason",
+            "reason",
+            &["unavailable", "invalid_topic"],
+        );
+        let events_delivered_total = r.counter_vec(
+            "subgate_events_delivered_total",
+            "Events handed to clients by transport",
+            "transport",
+            transport::DELIVERING,
+        );
+        let events_dropped_total = r.counter_vec(
+            "subgate_events_dropped_total",
+            "Events not delivered by reason",
+            "reason",
+            &["no_subscriber", "slow_consumer", "undecodable"],
+        );
+        let slow_consumer_disconnects_total = r.counter_vec(
+            "subgate_slow_consumer_disconnects_total",
+            "Subscribers cut off because their queue was full, by transport",
+            "transport",
+            transport::DELIVERING,
+        );
+        let delivery_latency_seconds = r.histogram_vec(
+            (
                 "subgate_delivery_latency_seconds",
                 "Time from publish to the hand-off to the client's socket",
-            )
-            .buckets(vec![
+            ),
+            &[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-            &["transport"],
-        )
-        .unwrap();
-        let graphql_operations_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_graphql_operations_total",
-                "GraphQL operations by type and outcome",
-            ),
-            &["type", "outcome"],
-        )
-        .unwrap();
-        let graphql_operation_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "subgate_graphql_operation_duration_seconds",
-                "GraphQL execution time by type",
+            ],
+            "transport",
+            transport::DELIVERING,
+        );
+        // The one metric with two labels: every (type, outcome) pair.
+        let graphql_operations_total = r.register(
+            IntCounterVec::new(
+                Opts::new(
+                    "subgate_graphql_operations_total",
+                    "GraphQL operations by type and outcome",
+                ),
+                &["type", "outcome"],
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-            &["type"],
-        )
-        .unwrap();
-        let ws_closes_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_ws_closes_total",
-                "WebSocket closes sent by the node, by close code",
-            ),
-            &["code"],
-        )
-        .unwrap();
-        let redis_reconnects_total = prometheus::IntCounter::new(
-            "subgate_redis_reconnects_total",
-            "Pub/Sub connections lost and restarted",
-        )
-        .unwrap();
-        let redis_subscribed_channels = IntGauge::new(
-            "subgate_redis_subscribed_channels",
-            "Channels subscribed on this node's Pub/Sub connection",
-        )
-        .unwrap();
-        let redis_probe_failures_total = prometheus::IntCounter::new(
-            "subgate_redis_probe_failures_total",
-            "Pub/Sub connections restarted because the probe did not come back",
-        )
-        .unwrap();
-        let redis_command_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "subgate_redis_command_duration_seconds",
-                "Redis command latency by command",
-            )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]),
-            &["command"],
-        )
-        .unwrap();
-        let rate_limited_total = IntCounterVec::new(
-            Opts::new(
-                "subgate_rate_limited_total",
-                "Requests refused by a rate limit, by scope (connection, user, publish, typing)",
-            ),
-            &["scope"],
-        )
-        .unwrap();
-        let presence_entries = IntGauge::new(
-            "subgate_presence_entries",
-            "(channel, user) pairs present on this node",
-        )
-        .unwrap();
-        let presence_refresh_failures_total = prometheus::IntCounter::new(
-            "subgate_presence_refresh_failures_total",
-            "Presence writes to Redis (refreshes, joins, leaves, sweeps) that failed",
-        )
-        .unwrap();
-        let draining = IntGauge::new(
-            "subgate_draining",
-            "1 while the node drains after a stop signal, else 0",
-        )
-        .unwrap();
-        let ready = IntGauge::new(
-            "subgate_ready",
-            "1 while the node is ready for traffic (as /readyz), else 0",
-        )
-        .unwrap();
-        let build_info = IntGaugeVec::new(
-            Opts::new("subgate_build_info", "Always 1; the version in a label"),
-            &["version"],
-        )
-        .unwrap();
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        for c in [
-            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(connections_total.clone()),
-            Box::new(rejected_total.clone()),
-            Box::new(subscriptions.clone()),
-            Box::new(hub_topics.clone()),
-            Box::new(events_published_total.clone()),
-            Box::new(publish_failures_total.clone()),
-            Box::new(events_delivered_total.clone()),
-            Box::new(events_dropped_total.clone()),
-            Box::new(slow_consumer_disconnects_total.clone()),
-            Box::new(delivery_latency_seconds.clone()),
-            Box::new(graphql_operations_total.clone()),
-            Box::new(graphql_operation_duration_seconds.clone()),
-            Box::new(ws_closes_total.clone()),
-            Box::new(redis_reconnects_total.clone()),
-            Box::new(redis_subscribed_channels.clone()),
-            Box::new(redis_probe_failures_total.clone()),
-            Box::new(redis_command_duration_seconds.clone()),
-            Box::new(rate_limited_total.clone()),
-            Box::new(presence_entries.clone()),
-            Box::new(presence_refresh_failures_total.clone()),
-            Box::new(draining.clone()),
-            Box::new(ready.clone()),
-            Box::new(build_info),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
-        #[cfg(target_os = "linux")]
-        registry
-            .register(Box::new(super::process::ProcessCollector::new("subgate")))
-            .expect("process collector registers once");
-        // Every bounded label value is created up front, so that each series
-        // exists (at 0) from the first scrape: dashboards and alert rules
-        // then see a flat zero instead of "no data", and `rate()` sees the
-        // first increment.
-        for t in transport::DELIVERING {
-            connections.with_label_values(&[t]);
-            connections_total.with_label_values(&[t]);
-            subscriptions.with_label_values(&[t]);
-            events_delivered_total.with_label_values(&[t]);
-            slow_consumer_disconnects_total.with_label_values(&[t]);
-            delivery_latency_seconds.with_label_values(&[t]);
-        }
-        subscriptions.with_label_values(&[transport::HTTP]);
-        for reason in ["origin", "draining", "max_connections", "max_subscriptions"] {
-            rejected_total.with_label_values(&[reason]);
-        }
-        for reason in ["no_subscriber", "slow_consumer", "undecodable"] {
-            events_dropped_total.with_label_values(&[reason]);
-        }
-        for reason in ["unavailable", "invalid_topic"] {
-            publish_failures_total.with_label_values(&[reason]);
-        }
-        for namespace in ["posts", "post", "user", "notifications", "channel", "other"] {
-            events_published_total.with_label_values(&[namespace]);
-        }
-        for scope in ["connection", "user", "publish", "typing"] {
-            rate_limited_total.with_label_values(&[scope]);
-        }
-        for ty in ["query", "mutation", "subscription"] {
-            graphql_operation_duration_seconds.with_label_values(&[ty]);
+            .unwrap(),
+        );
+        for ty in OPERATION_TYPES {
             for outcome in ["ok", "field_error", "request_error", "cancelled"] {
                 graphql_operations_total.with_label_values(&[ty, outcome]);
             }
         }
-        for code in ["1001", "1009", "1013"] {
-            ws_closes_total.with_label_values(&[code]);
-        }
+        let graphql_operation_duration_seconds = r.histogram_vec(
+            (
+                "subgate_graphql_operation_duration_seconds",
+                "GraphQL execution time by type",
+            ),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+            "type",
+            OPERATION_TYPES,
+        );
+        let ws_closes_total = r.counter_vec(
+            "subgate_ws_closes_total",
+            "WebSocket closes sent by the node, by close code",
+            "code",
+            &["1001", "1009", "1013"],
+        );
+        let redis_reconnects_total = r.counter(
+            "subgate_redis_reconnects_total",
+            "Pub/Sub connections lost and restarted",
+        );
+        let redis_subscribed_channels = r.gauge(
+            "subgate_redis_subscribed_channels",
+            "Channels subscribed on this node's Pub/Sub connection",
+        );
+        let redis_probe_failures_total = r.counter(
+            "subgate_redis_probe_failures_total",
+            "Pub/Sub connections restarted because the probe did not come back",
+        );
+        let redis_command_duration_seconds = r.histogram_vec(
+            (
+                "subgate_redis_command_duration_seconds",
+                "Redis command latency by command",
+            ),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
+            "command",
+            &[],
+        );
+        let rate_limited_total = r.counter_vec(
+            "subgate_rate_limited_total",
+            "Requests refused by a rate limit, by scope (connection, user, publish, typing)",
+            "scope",
+            &["connection", "user", "publish", "typing"],
+        );
+        let presence_entries = r.gauge(
+            "subgate_presence_entries",
+            "(channel, user) pairs present on this node",
+        );
+        let presence_refresh_failures_total = r.counter(
+            "subgate_presence_refresh_failures_total",
+            "Presence writes to Redis (refreshes, joins, leaves, sweeps) that failed",
+        );
+        let draining = r.gauge(
+            "subgate_draining",
+            "1 while the node drains after a stop signal, else 0",
+        );
+        let ready = r.gauge(
+            "subgate_ready",
+            "1 while the node is ready for traffic (as /readyz), else 0",
+        );
+        let version = env!("CARGO_PKG_VERSION");
+        r.gauge_vec(
+            "subgate_build_info",
+            "Always 1; the version in a label",
+            "version",
+            &[version],
+        )
+        .with_label_values(&[version])
+        .set(1);
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(super::process::ProcessCollector::new("subgate")))
+            .expect("process collector registers once");
         let delivery = transport::DELIVERING
             .iter()
             .map(|t| {

@@ -15,6 +15,7 @@ use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
 
+use crate::error::ErrorCode;
 use crate::shutdown::DrainGuard;
 use crate::state::AppState;
 use crate::transport::{api_error, graphql_error};
@@ -69,11 +70,14 @@ impl Refusal {
         api_error(self.status(), self.code(), self.message())
     }
 
-    /// The refusal as a GraphQL error (`{"errors": […]}`, the code in upper
-    /// case): the WebSocket upgrades' and GraphQL over SSE's.
+    /// The refusal as a GraphQL error (`{"errors": […]}`, its
+    /// [`ErrorCode`]): the WebSocket upgrades' and GraphQL over SSE's.
     pub fn graphql_response(self) -> HttpResponse {
-        let code = self.code().to_ascii_uppercase();
-        graphql_error(self.status(), Some(&code), self.message())
+        let code = match self {
+            Refusal::Origin(_) => ErrorCode::Forbidden,
+            Refusal::Draining | Refusal::Full => ErrorCode::Unavailable,
+        };
+        graphql_error(self.status(), Some(code), self.message())
     }
 
     /// For humans.

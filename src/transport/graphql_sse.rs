@@ -37,6 +37,7 @@ use async_graphql::{Request, Response};
 use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
+use crate::error::ErrorCode;
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::Viewer;
 use crate::hub::Cutoff;
@@ -56,13 +57,13 @@ const PING: &[u8] = b": ping\n";
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/graphql/stream")
-            .route(web::post().to(post_stream))
-            .route(web::get().to(get_stream)),
+            .route(web::post().to(stream))
+            .route(web::get().to(stream)),
     );
 }
 
 /// A request refused before streaming, in the GraphQL error shape.
-fn refuse(status: StatusCode, code: Option<&str>, message: &str) -> HttpResponse {
+fn refuse(status: StatusCode, code: Option<ErrorCode>, message: &str) -> HttpResponse {
     let mut response = graphql_error(status, code, message);
     if status == StatusCode::METHOD_NOT_ALLOWED {
         response
@@ -89,46 +90,54 @@ fn accepts_event_stream(req: &HttpRequest) -> bool {
     })
 }
 
-async fn post_stream(
+/// Both routes: the same screening, then the request from the body (POST)
+/// or from the query string (GET).
+async fn stream(
     state: web::Data<AppState>,
     req: HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
 ) -> HttpResponse {
     // Checked before the body is read: a refused request costs no buffering.
     let gate = match precheck(&state, &req) {
         Ok(gate) => gate,
         Err(refusal) => return *refusal,
     };
-    if media_type(&req) != "application/json" {
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            None,
-            "POST /graphql/stream takes Content-Type: application/json",
-        );
-    }
-    let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
-        Ok(body) => body,
-        Err(e) => return refuse(e.status(), None, &e.to_string()),
+    let method = req.method().clone();
+    let request = if method == Method::GET {
+        request_from_query(req.query_string())
+            .map_err(|message| refuse(StatusCode::BAD_REQUEST, None, &message))
+    } else {
+        posted_request(&state, &req, payload).await
     };
-    match serde_json::from_slice::<Request>(&body) {
-        Ok(request) => stream_operation(&state, &req, gate, request, Method::POST).await,
-        Err(e) => refuse(
-            StatusCode::BAD_REQUEST,
-            None,
-            &format!("the body is not one GraphQL request: {e}"),
-        ),
+    match request {
+        Ok(request) => stream_operation(&state, &req, gate, request, method).await,
+        Err(refusal) => refusal,
     }
 }
 
-async fn get_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
-    let gate = match precheck(&state, &req) {
-        Ok(gate) => gate,
-        Err(refusal) => return *refusal,
-    };
-    match request_from_query(req.query_string()) {
-        Ok(request) => stream_operation(&state, &req, gate, request, Method::GET).await,
-        Err(message) => refuse(StatusCode::BAD_REQUEST, None, &message),
+/// The one GraphQL request a POST carries as JSON.
+async fn posted_request(
+    state: &AppState,
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<Request, HttpResponse> {
+    if media_type(req) != "application/json" {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            None,
+            "POST /graphql/stream takes Content-Type: application/json",
+        ));
     }
+    let body = read_body(&mut payload, state.settings.server.max_body_bytes)
+        .await
+        .map_err(|e| refuse(e.status(), None, &e.to_string()))?;
+    serde_json::from_slice::<Request>(&body).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            None,
+            &format!("the body is not one GraphQL request: {e}"),
+        )
+    })
 }
 
 /// What refuses a request whatever it asks: `Accept`, then the gate's
@@ -155,7 +164,13 @@ async fn stream_operation(
 ) -> HttpResponse {
     let principal = match state.auth.from_header(req.headers()) {
         Ok(principal) => principal,
-        Err(message) => return refuse(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message),
+        Err(message) => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                Some(ErrorCode::Unauthorized),
+                &message,
+            )
+        }
     };
     let ty = match counted_operation_type(&request, &state.metrics) {
         Ok(ty) => ty,

@@ -19,6 +19,7 @@ use async_graphql::parser::types::OperationType;
 use async_graphql::{BatchRequest, BatchResponse};
 use serde_json::json;
 
+use crate::error::ErrorCode;
 use crate::graphql::Viewer;
 use crate::state::AppState;
 use crate::transport::operation::{
@@ -71,7 +72,7 @@ fn unauthorized(message: &str, json_type: &'static str) -> HttpResponse {
         .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
         .content_type(json_type)
         .json(
-            json!({ "errors": [{ "message": message, "extensions": { "code": "UNAUTHORIZED" } }] }),
+            json!({ "errors": [{ "message": message, "extensions": { "code": ErrorCode::Unauthorized.as_str() } }] }),
         )
 }
 

@@ -11,7 +11,6 @@
 
 pub mod admission;
 pub mod envelope;
-pub mod envelope_types;
 pub mod graphql_sse;
 pub mod http;
 pub mod operation;
@@ -26,6 +25,8 @@ pub mod ws;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpResponse, HttpResponseBuilder};
 use serde_json::json;
+
+use crate::error::ErrorCode;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     // First: the upgrade on /graphql must be matched before the plain GET.
@@ -74,10 +75,14 @@ pub(crate) fn api_error(status: StatusCode, code: &str, message: &str) -> HttpRe
 /// A GraphQL request refused before it ran (a WebSocket upgrade, a GraphQL
 /// event stream), in the GraphQL error shape: `{"errors": [{"message",
 /// "extensions": {"code"}?}]}`.
-pub(crate) fn graphql_error(status: StatusCode, code: Option<&str>, message: &str) -> HttpResponse {
+pub(crate) fn graphql_error(
+    status: StatusCode,
+    code: Option<ErrorCode>,
+    message: &str,
+) -> HttpResponse {
     let mut error = json!({ "message": message });
     if let Some(code) = code {
-        error["extensions"] = json!({ "code": code });
+        error["extensions"] = json!({ "code": code.as_str() });
     }
     refusal(status).json(json!({ "errors": [error] }))
 }

@@ -71,6 +71,7 @@
 
 pub mod protocol;
 pub mod pump;
+pub mod types;
 
 use std::time::Duration;
 

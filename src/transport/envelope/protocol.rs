@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use super::types::{client, server, CLIENT_MESSAGE_TYPES};
 use crate::auth::credentials::Verify;
 use crate::auth::policy::Refusal;
 use crate::auth::Principal;
@@ -24,7 +25,6 @@ use crate::event::{timestamp_now, topic};
 use crate::presence::{PresenceError, Status};
 use crate::ratelimit::{ConnectionLimiter, Limited, Limits};
 use crate::store::StoreError;
-use crate::transport::envelope_types::{client, server, CLIENT_MESSAGE_TYPES};
 
 /// The per-connection limits the machine enforces.
 #[derive(Debug, Clone)]
@@ -756,6 +756,7 @@ mod tests {
     use crate::config::RatelimitSettings;
     use crate::store;
     use crate::telemetry::metrics::Metrics;
+    use crate::transport::socket::sent_json;
 
     const ANN: &str = "token-ann";
     const BOB: &str = "token-bob";
@@ -813,13 +814,10 @@ mod tests {
 
     /// The control envelopes among `actions`, decoded.
     fn sent(actions: &[Action]) -> Vec<Value> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
-                _ => None,
-            })
-            .collect()
+        sent_json(actions, |a| match a {
+            Action::Send(text) => Some(text),
+            _ => None,
+        })
     }
 
     /// The single message sent, checking its envelope shape.

@@ -33,7 +33,7 @@ use actix_ws::{CloseReason, Message, MessageStream, ProtocolError, Session};
 use bytestring::ByteString;
 
 use crate::auth::Principal;
-use crate::error::close;
+use crate::error::{close, ErrorCode};
 use crate::hub::Cutoff;
 use crate::shutdown::{DrainGuard, Shutdown};
 use crate::state::AppState;
@@ -153,7 +153,11 @@ pub async fn accept<T>(
         .auth
         .from_header_or_query_string(req.headers(), req.query_string())
         .map_err(|message| {
-            graphql_error(StatusCode::UNAUTHORIZED, Some("UNAUTHORIZED"), &message)
+            graphql_error(
+                StatusCode::UNAUTHORIZED,
+                Some(ErrorCode::Unauthorized),
+                &message,
+            )
         })?;
     let drain = gate.admit().map_err(Refusal::graphql_response)?;
     let (body, oversized) = guard_frames(req, body, max_frame_bytes)
@@ -259,4 +263,19 @@ pub async fn finish(outbox: Outbox, end: End, metrics: &Metrics, transport: &'st
                 .await;
         }
     }
+}
+
+/// The text frames among a protocol machine's actions (`text` picks a
+/// frame's text out of an action), decoded as JSON: what the machines' unit
+/// tests read of what they send.
+#[cfg(test)]
+pub(crate) fn sent_json<'a, A>(
+    actions: &'a [A],
+    text: impl Fn(&'a A) -> Option<&'a String>,
+) -> Vec<serde_json::Value> {
+    actions
+        .iter()
+        .filter_map(text)
+        .map(|text| serde_json::from_str(text).unwrap())
+        .collect()
 }

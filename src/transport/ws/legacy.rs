@@ -195,10 +195,11 @@ impl Legacy {
 impl Protocol for Legacy {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS_LEGACY;
 
-    fn on_text(&mut self, text: &str) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn text_message(&mut self, text: &str) -> Vec<Action> {
         match parse(text) {
             Parsed::Init(payload) => self.connection_init(payload),
             Parsed::Start { id, payload } => self.start(id, payload),
@@ -217,19 +218,13 @@ impl Protocol for Legacy {
         }
     }
 
-    fn on_binary(&mut self) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn binary_message(&mut self) -> Vec<Action> {
         vec![Self::connection_error("binary frames are not supported")]
     }
 
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        let encoded = match self.core.ops.deliver(id, response, &mut out) {
+        let (mut out, delivery) = self.core.deliver(id, response);
+        let encoded = match delivery {
             None => return out,
             Some(Delivery::Next(response)) => encode("data", Some(id), Some(&response)),
             Some(Delivery::Failed(response)) => serde_json::to_value(&response.errors)
@@ -242,12 +237,8 @@ impl Protocol for Legacy {
         out
     }
 
-    fn on_end(&mut self, id: &str) -> Vec<Action> {
-        self.core.end(id)
-    }
-
     fn on_init_timeout(&mut self) -> Vec<Action> {
-        if self.core.phase != Phase::Connecting {
+        if self.core.is_initialised() {
             return Vec::new();
         }
         self.refuse(
@@ -265,15 +256,14 @@ impl Protocol for Legacy {
     }
 
     fn is_initialised(&self) -> bool {
-        self.core.phase != Phase::Connecting
+        self.core.is_initialised()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use async_graphql::ServerError;
-
     use super::*;
+    use crate::error::ErrorCode;
 
     fn acked(max: usize) -> Legacy {
         let mut m = Legacy::new(None, verify(), max);
@@ -285,7 +275,7 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        an_operation_runs_to_complete, closed, operation, sent, started, stop_of, ticks as data,
+        closed, operation, refused_at_the_limit, running, sent, started, stop_of, ticks as data,
         verify,
     };
 
@@ -400,33 +390,8 @@ mod tests {
     }
 
     #[test]
-    fn results_are_data_then_complete() {
-        an_operation_runs_to_complete(&mut acked(10), &start("s"), "data");
-    }
-
-    #[test]
-    fn a_request_error_is_one_error_without_complete() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
-        let actions = m.on_response(
-            "s",
-            Response::from_errors(vec![ServerError::new("Unknown field", None)]),
-        );
-        assert_eq!(
-            sent(&actions),
-            vec![json!({"type": "error", "id": "s", "payload": {
-                "message": "Unknown field",
-                "errors": [{"message": "Unknown field"}]
-            }})]
-        );
-        assert!(stop_of(&actions, "s").is_some());
-        assert!(m.on_end("s").is_empty());
-    }
-
-    #[test]
     fn stop_is_answered_with_complete() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
+        let mut m = running(acked(10), &start("s"));
         let actions = m.on_text(r#"{"type":"stop","id":"s"}"#);
         assert!(stop_of(&actions, "s").is_some());
         assert_eq!(sent(&actions), vec![json!({"type": "complete", "id": "s"})]);
@@ -436,8 +401,7 @@ mod tests {
 
     #[test]
     fn restarting_an_active_id_replaces_it() {
-        let mut m = acked(10);
-        m.on_text(&start("s"));
+        let mut m = running(acked(10), &start("s"));
         let actions = m.on_text(&start("s"));
         assert!(closed(&actions).is_none());
         let stop = stop_of(&actions, "s").unwrap();
@@ -453,13 +417,7 @@ mod tests {
     fn the_operation_limit_answers_error_and_keeps_the_connection() {
         let mut m = acked(1);
         m.on_text(&start("1"));
-        let actions = m.on_text(&start("2"));
-        assert!(closed(&actions).is_none());
-        assert!(started(&actions).is_empty());
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Reject("max_subscriptions"))));
-        let error = &sent(&actions)[0];
+        let error = &refused_at_the_limit(&m.on_text(&start("2")))[0];
         assert_eq!(error["type"], "error");
         assert_eq!(error["id"], "2");
         assert_eq!(
@@ -468,7 +426,7 @@ mod tests {
         );
         assert_eq!(
             error["payload"]["errors"][0]["extensions"]["code"],
-            "TOO_MANY_SUBSCRIPTIONS"
+            ErrorCode::TooManySubscriptions.as_str()
         );
     }
 

@@ -37,6 +37,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use async_graphql::Executor;
 
 use crate::auth::credentials::verifier;
+use crate::error::ErrorCode;
 use crate::state::AppState;
 use crate::transport::request::is_websocket_upgrade;
 use crate::transport::{graphql_error, socket};
@@ -138,7 +139,7 @@ pub async fn accept<E: Executor>(
         negotiate(req.headers()).ok_or_else(|| {
             Box::new(graphql_error(
                 StatusCode::BAD_REQUEST,
-                Some("BAD_REQUEST"),
+                Some(ErrorCode::BadRequest),
                 &format!("unsupported WebSocket subprotocol; supported: {GRAPHQL_TRANSPORT_WS}, {GRAPHQL_WS}"),
             ))
         })

@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::credentials::{init_token, Verify};
 use crate::auth::Principal;
+use crate::error::ErrorCode;
 use crate::transport::operation::{operation_label, operation_type, outcome};
 
 /// Where a connection stands.
@@ -74,6 +75,28 @@ impl Core {
         self.ops.admit(id, request, self.principal.clone())
     }
 
+    /// Classifies a result of `id` for the machine to encode, with the
+    /// actions that go before it (its counts); no delivery once the
+    /// connection is closed or when `id` is no longer active.
+    pub(crate) fn deliver(
+        &mut self,
+        id: &str,
+        response: Response,
+    ) -> (Vec<Action>, Option<Delivery>) {
+        let mut out = Vec::new();
+        if self.phase == Phase::Closed {
+            return (out, None);
+        }
+        let delivery = self.ops.deliver(id, response, &mut out);
+        (out, delivery)
+    }
+
+    /// Whether `connection_init` has been accepted (or the connection
+    /// closed without it).
+    pub(crate) fn is_initialised(&self) -> bool {
+        self.phase != Phase::Connecting
+    }
+
     /// The stream of `id` ended: `complete` when it was active (both
     /// protocols name the message so).
     pub(crate) fn end(&mut self, id: &str) -> Vec<Action> {
@@ -124,14 +147,33 @@ pub struct Operation {
 pub trait Protocol {
     /// The `transport` metric label.
     const TRANSPORT: &'static str;
-    /// A complete text message from the client.
-    fn on_text(&mut self, text: &str) -> Vec<Action>;
-    /// A complete binary message from the client.
-    fn on_binary(&mut self) -> Vec<Action>;
+    /// What the machine keeps about its connection.
+    fn core(&mut self) -> &mut Core;
+    /// A complete text message from the client; ignored once closed.
+    fn on_text(&mut self, text: &str) -> Vec<Action> {
+        if self.core().phase == Phase::Closed {
+            return Vec::new();
+        }
+        self.text_message(text)
+    }
+    /// A complete binary message from the client; ignored once closed.
+    fn on_binary(&mut self) -> Vec<Action> {
+        if self.core().phase == Phase::Closed {
+            return Vec::new();
+        }
+        self.binary_message()
+    }
+    /// A text message on a connection that is not closed.
+    fn text_message(&mut self, text: &str) -> Vec<Action>;
+    /// A binary message on a connection that is not closed.
+    fn binary_message(&mut self) -> Vec<Action>;
     /// One result of the operation `id`.
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action>;
-    /// The operation `id` has no more results.
-    fn on_end(&mut self, id: &str) -> Vec<Action>;
+    /// The operation `id` has no more results: `complete` when it was
+    /// active, as both protocols name it.
+    fn on_end(&mut self, id: &str) -> Vec<Action> {
+        self.core().end(id)
+    }
     /// `connection_init` did not arrive in time.
     fn on_init_timeout(&mut self) -> Vec<Action>;
     /// Every ping interval (besides the WebSocket ping the pump sends).
@@ -271,7 +313,7 @@ impl Operations {
 pub(crate) fn too_many_operations(max: usize) -> Value {
     json!([{
         "message": format!("too many subscriptions on this connection (max {max})"),
-        "extensions": { "code": "TOO_MANY_SUBSCRIPTIONS" }
+        "extensions": { "code": ErrorCode::TooManySubscriptions.as_str() }
     }])
 }
 
@@ -342,15 +384,39 @@ pub(crate) mod action_tests {
     use async_graphql::Response;
     use serde_json::{json, Value};
 
+    use async_graphql::ServerError;
+
     use super::{Action, Operation, Protocol};
     pub use crate::auth::credentials::test_verify as verify;
+    use crate::transport::socket::sent_json;
+    use crate::transport::ws::legacy::Legacy;
+    use crate::transport::ws::transport_ws::TransportWs;
 
     /// One operation's life on the acknowledged machine `m`, whatever its
     /// protocol: `run` (the client message that starts `s`) starts it;
     /// each result goes out as a `result_type` message, the first counting
     /// it `ok` and the next nothing; its end is `complete`; a stale end or
     /// result says nothing.
-    pub fn an_operation_runs_to_complete(m: &mut impl Protocol, run: &str, result_type: &str) {
+    /// Checks that `actions` refuse an operation over the connection's
+    /// limit and keep the connection: nothing closed or started, the
+    /// refusal counted. Returns the messages sent.
+    pub fn refused_at_the_limit(actions: &[Action]) -> Vec<Value> {
+        assert!(closed(actions).is_none());
+        assert!(started(actions).is_empty());
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Reject("max_subscriptions"))));
+        sent(actions)
+    }
+
+    /// `m` after the client sent `text` (its `connection_init`, or the
+    /// message that starts an operation).
+    pub fn running<P: Protocol>(mut m: P, text: &str) -> P {
+        m.on_text(text);
+        m
+    }
+
+    fn an_operation_runs_to_complete(m: &mut impl Protocol, run: &str, result_type: &str) {
         assert_eq!(started(&m.on_text(run)).len(), 1);
         for (n, counted) in [(1, vec![("subscription", "ok")]), (2, vec![])] {
             let actions = m.on_response("s", ticks(n));
@@ -368,6 +434,61 @@ pub(crate) mod action_tests {
         assert!(m.on_response("s", ticks(3)).is_empty());
     }
 
+    /// A request error of the running operation `s`: one `error` message
+    /// carrying `payload`, the operation stopped and counted, no `complete`.
+    fn a_request_error_ends_without_complete(m: &mut impl Protocol, payload: Value) {
+        let actions = m.on_response(
+            "s",
+            Response::from_errors(vec![ServerError::new("Unknown field", None)]),
+        );
+        assert_eq!(
+            sent(&actions),
+            vec![json!({"type": "error", "id": "s", "payload": payload})]
+        );
+        assert!(stop_of(&actions, "s").is_some());
+        assert!(outcomes(&actions)
+            .iter()
+            .any(|(_, outcome)| *outcome == "request_error"));
+        assert!(m.on_end("s").is_empty());
+    }
+
+    /// An acknowledged graphql-transport-ws machine and its `subscribe`.
+    fn transport_ws() -> (TransportWs, &'static str) {
+        let init = r#"{"type":"connection_init"}"#;
+        (
+            running(TransportWs::new(None, verify(), 10), init),
+            "subscribe",
+        )
+    }
+
+    /// An acknowledged legacy graphql-ws machine and its `start`.
+    fn legacy() -> (Legacy, &'static str) {
+        let init = r#"{"type":"connection_init","payload":{}}"#;
+        (running(Legacy::new(None, verify(), 10), init), "start")
+    }
+
+    #[test]
+    fn an_operation_runs_to_complete_on_both_protocols() {
+        let (mut m, run) = transport_ws();
+        an_operation_runs_to_complete(&mut m, &operation(run, "s"), "next");
+        let (mut m, run) = legacy();
+        an_operation_runs_to_complete(&mut m, &operation(run, "s"), "data");
+    }
+
+    #[test]
+    fn a_request_error_ends_without_complete_on_both_protocols() {
+        let (m, run) = transport_ws();
+        a_request_error_ends_without_complete(
+            &mut running(m, &operation(run, "s")),
+            json!([{"message": "Unknown field"}]),
+        );
+        let (m, run) = legacy();
+        a_request_error_ends_without_complete(
+            &mut running(m, &operation(run, "s")),
+            json!({"message": "Unknown field", "errors": [{"message": "Unknown field"}]}),
+        );
+    }
+
     /// A client message of type `ty` (`subscribe`, `start`) that runs
     /// `subscription { ticks }` as `id`.
     pub fn operation(ty: &str, id: &str) -> String {
@@ -381,13 +502,10 @@ pub(crate) mod action_tests {
 
     /// The messages sent, decoded.
     pub fn sent(actions: &[Action]) -> Vec<Value> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send(text) => Some(serde_json::from_str(text).unwrap()),
-                _ => None,
-            })
-            .collect()
+        sent_json(actions, |a| match a {
+            Action::Send(text) => Some(text),
+            _ => None,
+        })
     }
 
     /// The close, if any.

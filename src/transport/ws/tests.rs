@@ -19,6 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::*;
 use crate::config::Settings;
+use crate::error::ErrorCode;
 use crate::graphql::Viewer;
 use crate::hub::{Cutoff, CutoffReason};
 use crate::telemetry::metrics::transport;
@@ -177,6 +178,21 @@ async fn send(ws: &mut Client, message: Value) {
     ws.send(WsMessage::Text(message.to_string())).await.unwrap();
 }
 
+/// Sends the operation `query` as `id` in a message of type `ty`
+/// (`subscribe`, `start`).
+async fn send_operation(ws: &mut Client, ty: &str, id: &str, query: &str) {
+    send(
+        ws,
+        json!({"type": ty, "id": id, "payload": {"query": query}}),
+    )
+    .await;
+}
+
+/// Asserts that the next text message is `expected`.
+async fn expect_json(ws: &mut Client, expected: Value) {
+    assert_eq!(next_json(ws).await, expected);
+}
+
 /// The next text message, skipping control frames.
 async fn next_json(ws: &mut Client) -> Value {
     let next = async {
@@ -217,8 +233,11 @@ async fn init(ws: &mut Client) {
     assert_eq!(next_json(ws).await, json!({"type": "connection_ack"}));
 }
 
-/// A node with default settings serving the test schema with `config`.
-async fn node(config: PumpConfig) -> (AppState, SocketAddr, ServerHandle) {
+/// A node with default settings serving the test schema, its pump
+/// configured as [`config`] with `tweak` applied.
+async fn node(tweak: impl FnOnce(&mut PumpConfig)) -> (AppState, SocketAddr, ServerHandle) {
+    let mut config = config();
+    tweak(&mut config);
     let state = state_with(|_| {});
     let (addr, server) = serve(state.clone(), config).await;
     (state, addr, server)
@@ -227,7 +246,7 @@ async fn node(config: PumpConfig) -> (AppState, SocketAddr, ServerHandle) {
 /// A node serving the test schema, and a graphql-transport-ws client on it
 /// that is acknowledged and subscribed to `subscription { <field> }` as `id`.
 async fn subscribed(id: &str, field: &str) -> (AppState, ServerHandle, Client) {
-    let (state, addr, server) = node(config()).await;
+    let (state, addr, server) = node(|_| {}).await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
     init(&mut ws).await;
     let query = format!("subscription {{ {field} }}");
@@ -310,26 +329,27 @@ async fn upgrades_are_refused_before_the_handshake() {
         "{message}"
     );
 
-    let res = actix_test::call_service(
-        &app,
-        upgrade_request("/test/ws")
-            .insert_header(("Origin", "https://evil.example"))
-            .to_request(),
-    )
-    .await;
-    assert_eq!(res.status(), StatusCode::FORBIDDEN);
-
-    let res = actix_test::call_service(
-        &app,
-        upgrade_request("/test/ws")
-            .insert_header(("Authorization", "Bearer nope"))
-            .to_request(),
-    )
-    .await;
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    let res =
-        actix_test::call_service(&app, upgrade_request("/test/ws?token=nope").to_request()).await;
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    // A foreign Origin, then a bad token in either place.
+    for (path, header, status) in [
+        (
+            "/test/ws",
+            Some(("Origin", "https://evil.example")),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "/test/ws",
+            Some(("Authorization", "Bearer nope")),
+            StatusCode::UNAUTHORIZED,
+        ),
+        ("/test/ws?token=nope", None, StatusCode::UNAUTHORIZED),
+    ] {
+        let mut request = upgrade_request(path);
+        if let Some(header) = header {
+            request = request.insert_header(header);
+        }
+        let res = actix_test::call_service(&app, request.to_request()).await;
+        assert_eq!(res.status(), status, "{path} {header:?}");
+    }
 
     // An allowed Origin with a good token passes (the pump ends at once:
     // a test request has no socket behind it).
@@ -375,7 +395,7 @@ async fn upgrades_are_refused_before_the_handshake() {
 
 #[actix_web::test]
 async fn both_paths_upgrade_and_a_plain_get_still_works() {
-    let (_state, addr, server) = node(config()).await;
+    let (_state, addr, server) = node(|_| {}).await;
     for path in ["/graphql/ws", "/graphql"] {
         let (mut ws, chosen) = connect(addr, path, Some("graphql-transport-ws")).await;
         assert_eq!(chosen.as_deref(), Some("graphql-transport-ws"), "{path}");
@@ -415,45 +435,29 @@ async fn operations_run_over_the_socket() {
     .await;
     assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
 
-    send(
-        &mut ws,
-        json!({"type": "subscribe", "id": "s", "payload": {"query": "subscription { ticks(n: 3) }"}}),
-    )
-    .await;
+    send_operation(&mut ws, "subscribe", "s", "subscription { ticks(n: 3) }").await;
     for i in 0..3 {
-        assert_eq!(
-            next_json(&mut ws).await,
-            json!({"type": "next", "id": "s", "payload": {"data": {"ticks": i}}})
-        );
+        expect_json(
+            &mut ws,
+            json!({"type": "next", "id": "s", "payload": {"data": {"ticks": i}}}),
+        )
+        .await;
     }
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "complete", "id": "s"})
-    );
+    expect_json(&mut ws, json!({"type": "complete", "id": "s"})).await;
 
-    send(
+    send_operation(&mut ws, "subscribe", "q", "{ hello whoami }").await;
+    expect_json(
         &mut ws,
-        json!({"type": "subscribe", "id": "q", "payload": {"query": "{ hello whoami }"}}),
+        json!({"type": "next", "id": "q", "payload": {"data": {"hello": "world", "whoami": "u1"}}}),
     )
     .await;
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "next", "id": "q", "payload": {"data": {"hello": "world", "whoami": "u1"}}})
-    );
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "complete", "id": "q"})
-    );
+    expect_json(&mut ws, json!({"type": "complete", "id": "q"})).await;
 
     send(&mut ws, json!({"type": "subscribe", "id": "m", "payload": {"query": "mutation($a: Int!) { add(a: $a, b: 2) }", "variables": {"a": 1}}})).await;
     assert_eq!(next_json(&mut ws).await["payload"]["data"]["add"], 3);
     assert_eq!(next_json(&mut ws).await["type"], "complete");
 
-    send(
-        &mut ws,
-        json!({"type": "subscribe", "id": "e", "payload": {"query": "{ nope }"}}),
-    )
-    .await;
+    send_operation(&mut ws, "subscribe", "e", "{ nope }").await;
     let error = next_json(&mut ws).await;
     assert_eq!(error["type"], "error");
     assert!(error["payload"][0]["message"].is_string());
@@ -475,7 +479,7 @@ async fn operations_run_over_the_socket() {
     assert_eq!(refused["id"], "f4");
     assert_eq!(
         refused["payload"][0]["extensions"]["code"],
-        "TOO_MANY_SUBSCRIPTIONS"
+        ErrorCode::TooManySubscriptions.as_str()
     );
     let gauge = state
         .metrics
@@ -518,28 +522,23 @@ async fn operations_run_over_the_socket() {
 
 #[actix_web::test]
 async fn the_legacy_protocol_runs_operations() {
-    let (_state, addr, server) = node(config()).await;
+    let (_state, addr, server) = node(|_| {}).await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
     send(&mut ws, json!({"type": "connection_init", "payload": {}})).await;
     assert_eq!(next_json(&mut ws).await["type"], "connection_ack");
     assert_eq!(next_json(&mut ws).await["type"], "ka");
-    send(
+    send_operation(&mut ws, "start", "1", "subscription { ticks(n: 2) }").await;
+    expect_json(
         &mut ws,
-        json!({"type": "start", "id": "1", "payload": {"query": "subscription { ticks(n: 2) }"}}),
+        json!({"type": "data", "id": "1", "payload": {"data": {"ticks": 0}}}),
     )
     .await;
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "data", "id": "1", "payload": {"data": {"ticks": 0}}})
-    );
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "data", "id": "1", "payload": {"data": {"ticks": 1}}})
-    );
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type": "complete", "id": "1"})
-    );
+    expect_json(
+        &mut ws,
+        json!({"type": "data", "id": "1", "payload": {"data": {"ticks": 1}}}),
+    )
+    .await;
+    expect_json(&mut ws, json!({"type": "complete", "id": "1"})).await;
     send(&mut ws, json!({"type": "connection_terminate"})).await;
     assert_eq!(next_close(&mut ws).await.0, 1000);
     server.stop(false).await;
@@ -547,11 +546,7 @@ async fn the_legacy_protocol_runs_operations() {
 
 #[actix_web::test]
 async fn a_late_init_closes_with_4408() {
-    let (state, addr, server) = node(PumpConfig {
-        init_timeout: Duration::from_millis(100),
-        ..config()
-    })
-    .await;
+    let (state, addr, server) = node(|c| c.init_timeout = Duration::from_millis(100)).await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
     assert_eq!(
         next_close(&mut ws).await,
@@ -566,11 +561,7 @@ async fn a_late_init_closes_with_4408() {
 
 #[actix_web::test]
 async fn an_oversized_frame_closes_only_its_connection() {
-    let (_state, addr, server) = node(PumpConfig {
-        max_frame_bytes: 1024,
-        ..config()
-    })
-    .await;
+    let (_state, addr, server) = node(|c| c.max_frame_bytes = 1024).await;
     let (mut good, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
     init(&mut good).await;
     let (mut big, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
@@ -582,11 +573,7 @@ async fn an_oversized_frame_closes_only_its_connection() {
     )
     .await;
     assert_eq!(next_close(&mut big).await.0, 1009);
-    send(
-        &mut good,
-        json!({"type": "subscribe", "id": "1", "payload": {"query": "{ hello }"}}),
-    )
-    .await;
+    send_operation(&mut good, "subscribe", "1", "{ hello }").await;
     assert_eq!(
         next_json(&mut good).await["payload"]["data"]["hello"],
         "world"
@@ -660,11 +647,7 @@ async fn the_drain_closes_with_1001() {
 
 #[actix_web::test]
 async fn a_silent_peer_is_closed_after_three_ping_intervals() {
-    let (_state, addr, server) = node(PumpConfig {
-        ping_interval: Duration::from_millis(50),
-        ..config()
-    })
-    .await;
+    let (_state, addr, server) = node(|c| c.ping_interval = Duration::from_millis(50)).await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-ws")).await;
     send(&mut ws, json!({"type": "connection_init"})).await;
     // Not reading: the client answers no ping.

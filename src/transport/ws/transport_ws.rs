@@ -171,10 +171,11 @@ fn truncate(s: &str, max: usize) -> &str {
 impl Protocol for TransportWs {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS;
 
-    fn on_text(&mut self, text: &str) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn core(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn text_message(&mut self, text: &str) -> Vec<Action> {
         let message = match parse(text) {
             Ok(message) => message,
             Err(reason) => return self.core.close(close::BAD_REQUEST, reason),
@@ -197,10 +198,7 @@ impl Protocol for TransportWs {
         }
     }
 
-    fn on_binary(&mut self) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
+    fn binary_message(&mut self) -> Vec<Action> {
         self.core.close(
             close::BAD_REQUEST,
             "Invalid message received: binary frames are not supported",
@@ -208,11 +206,8 @@ impl Protocol for TransportWs {
     }
 
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action> {
-        if self.core.phase == Phase::Closed {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        let sent = match self.core.ops.deliver(id, response, &mut out) {
+        let (mut out, delivery) = self.core.deliver(id, response);
+        let sent = match delivery {
             None => return out,
             Some(Delivery::Next(response)) => self.send(encode("next", Some(id), Some(&response))),
             Some(Delivery::Failed(response)) => {
@@ -223,12 +218,8 @@ impl Protocol for TransportWs {
         out
     }
 
-    fn on_end(&mut self, id: &str) -> Vec<Action> {
-        self.core.end(id)
-    }
-
     fn on_init_timeout(&mut self) -> Vec<Action> {
-        if self.core.phase != Phase::Connecting {
+        if self.core.is_initialised() {
             return Vec::new();
         }
         self.core
@@ -241,7 +232,7 @@ impl Protocol for TransportWs {
     }
 
     fn is_initialised(&self) -> bool {
-        self.core.phase != Phase::Connecting
+        self.core.is_initialised()
     }
 }
 
@@ -252,6 +243,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::error::ErrorCode;
 
     fn machine(max: usize) -> TransportWs {
         TransportWs::new(None, verify(), max)
@@ -267,7 +259,7 @@ mod tests {
     }
 
     use crate::transport::ws::protocol::action_tests::{
-        an_operation_runs_to_complete, closed, operation, outcomes, sent, started, stop_of,
+        closed, operation, outcomes, refused_at_the_limit, running, sent, started, stop_of,
         ticks as data, verify,
     };
 
@@ -437,17 +429,11 @@ mod tests {
         let mut m = acked(2);
         m.on_text(&subscribe("1"));
         m.on_text(&subscribe("2"));
-        let actions = m.on_text(&subscribe("3"));
-        assert!(closed(&actions).is_none());
-        assert!(started(&actions).is_empty());
-        assert!(actions
-            .iter()
-            .any(|a| matches!(a, Action::Reject("max_subscriptions"))));
         assert_eq!(
-            sent(&actions),
+            refused_at_the_limit(&m.on_text(&subscribe("3"))),
             vec![json!({"type": "error", "id": "3", "payload": [{
                 "message": "too many subscriptions on this connection (max 2)",
-                "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS"}
+                "extensions": {"code": ErrorCode::TooManySubscriptions.as_str()}
             }]})]
         );
         // Room again once one finishes; the refused id was never active.
@@ -456,14 +442,8 @@ mod tests {
     }
 
     #[test]
-    fn results_are_next_then_complete() {
-        an_operation_runs_to_complete(&mut acked(10), &subscribe("s"), "next");
-    }
-
-    #[test]
     fn field_errors_travel_in_next() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
+        let mut m = running(acked(10), &subscribe("s"));
         let mut response = data(1);
         response.errors.push(ServerError::new("oops", None));
         let actions = m.on_response("s", response);
@@ -474,28 +454,8 @@ mod tests {
     }
 
     #[test]
-    fn a_request_error_is_an_error_message_without_complete() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
-        let actions = m.on_response(
-            "s",
-            Response::from_errors(vec![ServerError::new("Unknown field", None)]),
-        );
-        assert_eq!(
-            sent(&actions),
-            vec![json!({"type": "error", "id": "s", "payload": [{"message": "Unknown field"}]})]
-        );
-        assert!(stop_of(&actions, "s").is_some());
-        assert!(outcomes(&actions)
-            .iter()
-            .any(|(_, outcome)| *outcome == "request_error"));
-        assert!(m.on_end("s").is_empty());
-    }
-
-    #[test]
     fn a_client_complete_stops_silently() {
-        let mut m = acked(10);
-        m.on_text(&subscribe("s"));
+        let mut m = running(acked(10), &subscribe("s"));
         let actions = m.on_text(r#"{"type":"complete","id":"s"}"#);
         assert!(sent(&actions).is_empty());
         assert!(stop_of(&actions, "s").is_some());

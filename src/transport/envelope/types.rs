@@ -6,60 +6,49 @@
 //! type added to the protocol cannot go undocumented (nor a documented one
 //! be left unimplemented).
 
-/// Types a client sends.
-pub mod client {
-    pub const AUTH: &str = "auth";
-    pub const CHANNEL_SUBSCRIBE: &str = "channel.subscribe";
-    pub const CHANNEL_UNSUBSCRIBE: &str = "channel.unsubscribe";
-    pub const MESSAGE_SEND: &str = "message.send";
-    pub const USER_TYPING: &str = "user.typing";
-    pub const PRESENCE_UPDATE: &str = "presence.update";
-    pub const PING: &str = "ping";
+/// Declares the types of one direction once: a constant per type in
+/// `$module`, and `$all`, the list of every one of them.
+macro_rules! message_types {
+    ($(#[$doc:meta])* $module:ident, $all:ident: $($name:ident = $value:expr,)+) => {
+        $(#[$doc])*
+        pub mod $module {
+            $(pub const $name: &str = $value;)+
+        }
+
+        /// Every type of this direction.
+        pub const $all: &[&str] = &[$($module::$name),+];
+    };
 }
 
-/// Types the server sends.
-pub mod server {
-    pub const CONNECTION_ESTABLISHED: &str = "connection.established";
-    pub const AUTH_SUCCESS: &str = "auth.success";
-    pub const AUTH_FAILED: &str = "auth.failed";
-    pub const CHANNEL_SUBSCRIBED: &str = "channel.subscribed";
-    pub const CHANNEL_UNSUBSCRIBED: &str = "channel.unsubscribed";
-    pub const CHANNEL_GAP: &str = "channel.gap";
-    pub const MESSAGE_SENT: &str = "message.sent";
+message_types! {
+    /// Types a client sends.
+    client, CLIENT_MESSAGE_TYPES:
+    AUTH = "auth",
+    CHANNEL_SUBSCRIBE = "channel.subscribe",
+    CHANNEL_UNSUBSCRIBE = "channel.unsubscribe",
+    MESSAGE_SEND = "message.send",
+    USER_TYPING = "user.typing",
+    PRESENCE_UPDATE = "presence.update",
+    PING = "ping",
+}
+
+message_types! {
+    /// Types the server sends.
+    server, SERVER_MESSAGE_TYPES:
+    CONNECTION_ESTABLISHED = "connection.established",
+    AUTH_SUCCESS = "auth.success",
+    AUTH_FAILED = "auth.failed",
+    CHANNEL_SUBSCRIBED = "channel.subscribed",
+    CHANNEL_UNSUBSCRIBED = "channel.unsubscribed",
+    CHANNEL_GAP = "channel.gap",
+    MESSAGE_SENT = "message.sent",
     // Events of a channel's topic: their names belong to what publishes them.
-    pub const MESSAGE_CREATED: &str = crate::domain::MESSAGE_CREATED;
-    pub const USER_TYPING: &str = crate::domain::USER_TYPING;
-    pub const PRESENCE_UPDATED: &str = crate::presence::PRESENCE_UPDATED;
-    pub const PONG: &str = "pong";
-    pub const ERROR: &str = "error";
+    MESSAGE_CREATED = crate::domain::MESSAGE_CREATED,
+    USER_TYPING = crate::domain::USER_TYPING,
+    PRESENCE_UPDATED = crate::presence::PRESENCE_UPDATED,
+    PONG = "pong",
+    ERROR = "error",
 }
-
-/// Every type a client may send.
-pub const CLIENT_MESSAGE_TYPES: &[&str] = &[
-    client::AUTH,
-    client::CHANNEL_SUBSCRIBE,
-    client::CHANNEL_UNSUBSCRIBE,
-    client::MESSAGE_SEND,
-    client::USER_TYPING,
-    client::PRESENCE_UPDATE,
-    client::PING,
-];
-
-/// Every type the server may send.
-pub const SERVER_MESSAGE_TYPES: &[&str] = &[
-    server::CONNECTION_ESTABLISHED,
-    server::AUTH_SUCCESS,
-    server::AUTH_FAILED,
-    server::CHANNEL_SUBSCRIBED,
-    server::CHANNEL_UNSUBSCRIBED,
-    server::CHANNEL_GAP,
-    server::MESSAGE_SENT,
-    server::MESSAGE_CREATED,
-    server::USER_TYPING,
-    server::PRESENCE_UPDATED,
-    server::PONG,
-    server::ERROR,
-];
 
 #[cfg(test)]
 mod tests {
@@ -94,7 +83,7 @@ mod tests {
             assert!(
                 undocumented.is_empty() && unknown.is_empty(),
                 "{direction} messages: not in asyncapi.yaml: {undocumented:?}; in asyncapi.yaml but not in \
-                 src/transport/envelope_types.rs: {unknown:?}"
+                 src/transport/envelope/types.rs: {unknown:?}"
             );
             // Each one also states its type as the envelope's `type` value.
             for t in types {
