@@ -506,87 +506,52 @@ impl Settings {
     /// Every problem with these settings, each naming its key.
     pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
         let mut errors = Vec::new();
-        let mut positive = |key: &str, value: u64| {
-            if value == 0 {
-                errors.push(ConfigError::new(key, "must be greater than 0"));
-            }
-        };
-        positive("server.max_body_bytes", self.server.max_body_bytes as u64);
-        positive("server.max_connections", self.server.max_connections as u64);
-        positive("graphql.max_depth", self.graphql.max_depth as u64);
-        positive("graphql.max_complexity", self.graphql.max_complexity as u64);
-        positive("graphql.max_batch_size", self.graphql.max_batch_size as u64);
-        positive("graphql.max_page_size", self.graphql.max_page_size as u64);
-        positive(
-            "websocket.ping_interval_seconds",
-            self.websocket.ping_interval_seconds,
-        );
-        positive(
-            "websocket.connection_init_timeout_seconds",
-            self.websocket.connection_init_timeout_seconds,
-        );
-        positive(
-            "websocket.max_frame_bytes",
-            self.websocket.max_frame_bytes as u64,
-        );
-        positive(
-            "websocket.max_subscriptions_per_connection",
-            self.websocket.max_subscriptions_per_connection as u64,
-        );
-        positive(
-            "websocket.auth_timeout_seconds",
-            self.websocket.auth_timeout_seconds,
-        );
-        positive(
-            "websocket.max_message_bytes",
-            self.websocket.max_message_bytes as u64,
-        );
-        positive(
-            "hub.subscriber_queue_capacity",
-            self.hub.subscriber_queue_capacity as u64,
-        );
-        positive("redis.command_timeout_ms", self.redis.command_timeout_ms);
-        positive(
-            "redis.subscribe_timeout_ms",
-            self.redis.subscribe_timeout_ms,
-        );
-        positive("redis.probe_interval_ms", self.redis.probe_interval_ms);
-        positive("redis.max_backoff_ms", self.redis.max_backoff_ms);
-        positive("redis.pool_size", self.redis.pool_size as u64);
-        positive("history.size", self.history.size as u64);
-        positive("history.ttl_seconds", self.history.ttl_seconds);
-        positive(
-            "auth.login_token_ttl_seconds",
-            self.auth.login_token_ttl_seconds,
-        );
-        positive(
-            "publish.max_payload_bytes",
-            self.publish.max_payload_bytes as u64,
-        );
-        positive("sse.heartbeat_seconds", self.sse.heartbeat_seconds);
-        positive("sse.retry_ms", self.sse.retry_ms);
-        positive(
-            "ratelimit.messages_burst",
-            self.ratelimit.messages_burst as u64,
-        );
-        positive(
-            "ratelimit.user_messages_burst",
-            self.ratelimit.user_messages_burst as u64,
-        );
-        positive(
-            "ratelimit.publish_burst",
-            self.ratelimit.publish_burst as u64,
-        );
-        positive(
-            "ratelimit.typing_interval_ms",
-            self.ratelimit.typing_interval_ms,
-        );
-        positive("ratelimit.max_keys", self.ratelimit.max_keys as u64);
-        positive("presence.ttl_seconds", self.presence.ttl_seconds);
-        positive("presence.refresh_seconds", self.presence.refresh_seconds);
-        positive(
-            "presence.sweep_interval_ms",
-            self.presence.sweep_interval_ms,
+        // Every count, size and duration that 0 would make meaningless.
+        macro_rules! must_be_positive {
+            ($($section:ident . $key:ident),* $(,)?) => {
+                $(
+                    if self.$section.$key == 0 {
+                        errors.push(ConfigError::new(
+                            concat!(stringify!($section), ".", stringify!($key)),
+                            "must be greater than 0",
+                        ));
+                    }
+                )*
+            };
+        }
+        must_be_positive!(
+            server.max_body_bytes,
+            server.max_connections,
+            graphql.max_depth,
+            graphql.max_complexity,
+            graphql.max_batch_size,
+            graphql.max_page_size,
+            websocket.ping_interval_seconds,
+            websocket.connection_init_timeout_seconds,
+            websocket.max_frame_bytes,
+            websocket.max_subscriptions_per_connection,
+            websocket.auth_timeout_seconds,
+            websocket.max_message_bytes,
+            hub.subscriber_queue_capacity,
+            redis.command_timeout_ms,
+            redis.subscribe_timeout_ms,
+            redis.probe_interval_ms,
+            redis.max_backoff_ms,
+            redis.pool_size,
+            history.size,
+            history.ttl_seconds,
+            auth.login_token_ttl_seconds,
+            publish.max_payload_bytes,
+            sse.heartbeat_seconds,
+            sse.retry_ms,
+            ratelimit.messages_burst,
+            ratelimit.user_messages_burst,
+            ratelimit.publish_burst,
+            ratelimit.typing_interval_ms,
+            ratelimit.max_keys,
+            presence.ttl_seconds,
+            presence.refresh_seconds,
+            presence.sweep_interval_ms,
         );
         if self.presence.refresh_seconds >= self.presence.ttl_seconds {
             errors.push(ConfigError::new(

@@ -204,6 +204,16 @@ impl Domain {
         }
     }
 
+    /// A store write of the entity that the input `id` names (a `what`),
+    /// then its event of kind `K`.
+    async fn write<K: EventKind>(
+        &self,
+        stored: crate::store::StoreResult<K::Payload>,
+        what: &'static str,
+    ) -> Result<Written<K::Payload>, DomainError> {
+        Ok(self.written::<K>(stored.for_input("id", what)?).await)
+    }
+
     /// A write of `value` followed by its event of kind `K`.
     async fn written<K: EventKind>(&self, value: K::Payload) -> Written<K::Payload> {
         let mut out = Written::new(value);

@@ -5,7 +5,7 @@ use crate::domain::entities::Create;
 use crate::store::{self, PostPatch};
 
 use super::events::{PostCreated, PostDeleted, PostUpdated};
-use super::{Checks, Domain, DomainError, ForInput, Written};
+use super::{Checks, Domain, DomainError, Written};
 
 /// Limits of a post's fields (characters).
 pub const MAX_TITLE: usize = 200;
@@ -31,12 +31,11 @@ impl Domain {
         checks.text("title", &title, MAX_TITLE);
         checks.at_most("content", &content, MAX_CONTENT);
         checks.done()?;
-        let post = self
+        let stored = self
             .store
             .create_post(me, title.trim().to_owned(), content)
-            .await
-            .for_input("id", "post")?;
-        Ok(self.written::<PostCreated>(post).await)
+            .await;
+        self.write::<PostCreated>(stored, "post").await
     }
 
     /// Edits one of the caller's posts; publishes `post.updated`.
@@ -59,12 +58,8 @@ impl Domain {
             title: input.title.map(|t| t.trim().to_owned()),
             content: input.content,
         };
-        let post = self
-            .store
-            .update_post(&input.id, patch)
-            .await
-            .for_input("id", "post")?;
-        Ok(self.written::<PostUpdated>(post).await)
+        let stored = self.store.update_post(&input.id, patch).await;
+        self.write::<PostUpdated>(stored, "post").await
     }
 
     /// Deletes one of the caller's posts; publishes `post.deleted`.
@@ -75,8 +70,8 @@ impl Domain {
     ) -> Result<Written<store::Post>, DomainError> {
         let me = Self::actor(principal)?;
         self.owned_post(id, me).await?;
-        let post = self.store.delete_post(id).await.for_input("id", "post")?;
-        Ok(self.written::<PostDeleted>(post).await)
+        let stored = self.store.delete_post(id).await;
+        self.write::<PostDeleted>(stored, "post").await
     }
 
     /// The post `id` if `me` wrote it.

@@ -170,12 +170,8 @@ impl Domain {
             name: input.name.map(|n| n.trim().to_owned()),
             password_hash,
         };
-        let user = self
-            .store
-            .update_user(me, patch)
-            .await
-            .for_input("id", "user")?;
-        Ok(self.written::<UserUpdated>(user).await)
+        let stored = self.store.update_user(me, patch).await;
+        self.write::<UserUpdated>(stored, "user").await
     }
 
     /// Deletes the caller's own account; publishes `user.deleted`.
@@ -190,8 +186,8 @@ impl Domain {
                 "you may only delete your own account",
             ));
         }
-        let user = self.store.delete_user(me).await.for_input("id", "user")?;
-        Ok(self.written::<UserDeleted>(user).await)
+        let stored = self.store.delete_user(me).await;
+        self.write::<UserDeleted>(stored, "user").await
     }
 }
 

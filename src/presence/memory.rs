@@ -179,12 +179,7 @@ mod tests {
     }
 
     async fn next(sub: &mut Subscription) -> serde_json::Value {
-        let event = tokio::time::timeout(Duration::from_secs(5), sub.recv())
-            .await
-            .expect("an announcement")
-            .unwrap();
-        assert_eq!(event.event.kind, "presence.updated");
-        event.event.payload.clone()
+        crate::presence::next_announcement(sub, Duration::from_secs(5)).await
     }
 
     async fn quiet(sub: &mut Subscription) {

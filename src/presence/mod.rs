@@ -357,6 +357,20 @@ impl Drop for TaskGuard {
     }
 }
 
+/// The payload of the next `presence.updated` on `sub`, within `wait`.
+#[cfg(test)]
+pub(crate) async fn next_announcement(
+    sub: &mut crate::hub::Subscription,
+    wait: std::time::Duration,
+) -> serde_json::Value {
+    let event = tokio::time::timeout(wait, sub.recv())
+        .await
+        .expect("an announcement")
+        .unwrap();
+    assert_eq!(event.event.kind, PRESENCE_UPDATED);
+    event.event.payload.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

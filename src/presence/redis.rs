@@ -494,12 +494,7 @@ mod tests {
     }
 
     async fn next(sub: &mut Subscription) -> serde_json::Value {
-        let event = tokio::time::timeout(Duration::from_secs(10), sub.recv())
-            .await
-            .expect("an announcement")
-            .unwrap();
-        assert_eq!(event.event.kind, "presence.updated");
-        event.event.payload.clone()
+        crate::presence::next_announcement(sub, Duration::from_secs(10)).await
     }
 
     /// Asserts that nothing is announced for `wait`.

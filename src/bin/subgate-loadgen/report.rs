@@ -86,13 +86,23 @@ pub struct Latency {
     pub max: f64,
 }
 
+/// One node's figures, from its own `/metrics`.
 #[derive(Debug, Default, Serialize)]
 pub struct Node {
     pub node: String,
     pub cpu_seconds: Option<f64>,
-    pub rss_before_bytes: Option<f64>,
-    pub rss_after_bytes: Option<f64>,
-    pub rss_peak_bytes: Option<f64>,
+    pub rss_bytes: NodeRss,
+}
+
+/// A node's resident memory before the run, after it, and at its peak.
+#[derive(Debug, Default, Serialize)]
+pub struct NodeRss {
+    /// Before the first connection.
+    pub before: Option<f64>,
+    /// At the end of the measured phase (or of the soak).
+    pub after: Option<f64>,
+    /// The highest of the samples taken every second.
+    pub peak: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -192,9 +202,11 @@ pub fn server(
         out.nodes.push(Node {
             node: label.clone(),
             cpu_seconds: cpu,
-            rss_before_bytes: b.map(|s| s.rss_bytes),
-            rss_after_bytes: e.map(|s| s.rss_bytes),
-            rss_peak_bytes: peak_rss[i],
+            rss_bytes: NodeRss {
+                before: b.map(|s| s.rss_bytes),
+                after: e.map(|s| s.rss_bytes),
+                peak: peak_rss[i],
+            },
         });
     }
     if cpu_known {
