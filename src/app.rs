@@ -92,6 +92,7 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         auth: auth.clone(),
         limits: limits.clone(),
         login_token_ttl: Duration::from_secs(settings.auth.login_token_ttl_seconds),
+        max_payload_bytes: settings.publish.max_payload_bytes,
     });
     let schema = graphql::build_schema(graphql::SchemaDeps {
         settings: settings.clone(),

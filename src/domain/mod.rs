@@ -15,6 +15,7 @@
 //! - [`channels`]: creating and joining channels.
 //! - [`messages`]: sending messages, typing signals.
 //! - [`notifications`]: marking them read.
+//! - [`publishing`]: what a backend may publish, and its topics' readers.
 //! - [`entities`]: what a new entity is (ids, timestamps, defaults), and
 //!   [`entities::Create`], which builds one and has the store insert it.
 
@@ -25,6 +26,7 @@ pub mod events;
 pub mod messages;
 pub mod notifications;
 pub mod posts;
+pub mod publishing;
 pub mod users;
 
 use std::sync::Arc;
@@ -51,6 +53,9 @@ pub struct Domain {
     pub limits: Arc<Limits>,
     /// Lifetime of the tokens `login` issues.
     pub login_token_ttl: Duration,
+    /// The largest payload a backend may publish, encoded
+    /// (`publish.max_payload_bytes`).
+    pub max_payload_bytes: usize,
 }
 
 /// One input field that is wrong, by its domain name (`snake_case`; each

@@ -218,6 +218,7 @@ mod tests {
                 auth: auth.clone(),
                 limits: Arc::new(crate::ratelimit::Limits::new(&settings.ratelimit, &metrics)),
                 login_token_ttl: std::time::Duration::from_secs(3600),
+                max_payload_bytes: settings.publish.max_payload_bytes,
             }),
             settings: settings.clone(),
             store,

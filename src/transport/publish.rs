@@ -22,6 +22,10 @@
 //!   429 with `Retry-After` (whole seconds, rounded up).
 //! - Answer: 202 `{"id": "<position>", "topic": …}` once the broker has the
 //!   event; 503 when the broker or the store cannot take it (Redis down).
+//!
+//! This module authenticates, limits and reads the body; what may be
+//! published, and the readers rule, are decided by
+//! [`crate::domain::publishing`].
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -32,18 +36,10 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use super::request::{read_body, BodyError};
 use super::{api_error, ApiError};
 use crate::auth::bearer;
-use crate::auth::policy::is_domain_topic;
-use crate::broker::BrokerError;
-use crate::event::{topic, NewEvent};
+use crate::domain::publishing::{BackendEvent, Invalid, PublishRefusal};
+use crate::event::topic;
 use crate::state::AppState;
 use crate::store::TopicReaders;
-
-/// Longest event type.
-pub const MAX_TYPE_LEN: usize = 100;
-/// Most users one `readers` rule may list.
-pub const MAX_READERS: usize = 10_000;
-/// Longest user id in a `readers` rule.
-const MAX_USER_ID_LEN: usize = 200;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/api/v1/publish", web::post().to(publish));
@@ -127,64 +123,6 @@ fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Publisher, ApiErr
 }
 
 /// What is wrong with a publish request, as the client is told.
-#[derive(Debug, PartialEq, Eq)]
-enum Invalid {
-    BadRequest(String),
-    TooLarge(String),
-}
-
-/// Checks a decoded request against the rules of the module docs.
-fn validate(request: &PublishRequest, max_payload_bytes: usize) -> Result<(), Invalid> {
-    if !topic::is_valid(&request.topic) {
-        return Err(Invalid::BadRequest(format!(
-            "{:?} is not a valid topic: 1 to {} characters of letters, digits and :_-.@/",
-            request.topic,
-            crate::event::MAX_TOPIC_LEN
-        )));
-    }
-    if !valid_type(&request.kind) {
-        return Err(Invalid::BadRequest(format!(
-            "{:?} is not a valid type: 1 to {MAX_TYPE_LEN} characters of a-z, 0-9, '.', '_' and '-'",
-            request.kind
-        )));
-    }
-    // Measured as it will travel: encoded once, compactly.
-    let size = serde_json::to_vec(&request.payload).map_or(usize::MAX, |v| v.len());
-    if size > max_payload_bytes {
-        return Err(Invalid::TooLarge(format!(
-            "the payload is {size} bytes encoded; at most {max_payload_bytes} are accepted"
-        )));
-    }
-    match &request.readers {
-        Some(_) if is_domain_topic(&request.topic) => Err(Invalid::BadRequest(format!(
-            "`readers` applies to backend topics; who may read {} is built in",
-            request.topic
-        ))),
-        Some(TopicReaders::Users(ids)) if ids.len() > MAX_READERS => Err(Invalid::BadRequest(
-            format!("`readers.users` may list at most {MAX_READERS} users"),
-        )),
-        Some(TopicReaders::Users(ids))
-            if ids
-                .iter()
-                .any(|id| id.is_empty() || id.len() > MAX_USER_ID_LEN) =>
-        {
-            Err(Invalid::BadRequest(format!(
-                "every user id in `readers.users` must be 1 to {MAX_USER_ID_LEN} characters"
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// An event type: 1 to [`MAX_TYPE_LEN`] characters of `[a-z0-9._-]`.
-pub fn valid_type(kind: &str) -> bool {
-    !kind.is_empty()
-        && kind.len() <= MAX_TYPE_LEN
-        && kind.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        })
-}
-
 async fn publish(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -236,33 +174,13 @@ async fn publish(
             )
         }
     };
-    match validate(&request, state.settings.publish.max_payload_bytes) {
-        Ok(()) => {}
-        Err(Invalid::BadRequest(message)) => {
-            return api_error(StatusCode::BAD_REQUEST, "bad_request", &message)
-        }
-        Err(Invalid::TooLarge(message)) => {
-            return api_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
-        }
-    }
-    let PublishRequest {
-        topic,
-        kind,
-        payload,
-        readers,
-    } = request;
-    // The rule first: once the event is out, subscribers may come for it.
-    if let Some(readers) = &readers {
-        if let Err(e) = state.store.set_topic_readers(&topic, readers).await {
-            tracing::warn!(error = %e, "a publish could not record its topic's readers");
-            return api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the topic's readers could not be recorded; nothing was published",
-            );
-        }
-    }
-    match state.hub.publish(NewEvent::new(topic, kind, payload)).await {
+    let event = BackendEvent {
+        topic: request.topic,
+        kind: request.kind,
+        payload: request.payload,
+        readers: request.readers,
+    };
+    match state.domain.publish_backend(event).await {
         Ok(shared) => {
             tracing::debug!(
                 namespace = topic::namespace(&shared.event.topic),
@@ -272,18 +190,14 @@ async fn publish(
             HttpResponse::Accepted()
                 .json(json!({ "id": shared.event.id, "topic": shared.event.topic }))
         }
-        Err(BrokerError::InvalidTopic(topic)) => api_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("{topic:?} is not a valid topic"),
-        ),
-        Err(BrokerError::Unavailable(why)) => {
-            tracing::warn!(%why, "a publish could not reach the bus");
-            api_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the event bus is unavailable; nothing was published",
-            )
+        Err(PublishRefusal::Invalid(Invalid::BadRequest(message))) => {
+            api_error(StatusCode::BAD_REQUEST, "bad_request", &message)
+        }
+        Err(PublishRefusal::Invalid(Invalid::TooLarge(message))) => {
+            api_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
+        }
+        Err(PublishRefusal::Unavailable(message)) => {
+            api_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
         }
     }
 }
@@ -291,20 +205,6 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn request(
-        topic: &str,
-        kind: &str,
-        payload: serde_json::Value,
-        readers: Option<TopicReaders>,
-    ) -> PublishRequest {
-        PublishRequest {
-            topic: topic.into(),
-            kind: kind.into(),
-            payload,
-            readers,
-        }
-    }
 
     #[test]
     fn api_keys_match_whole_and_only_whole() {
@@ -335,76 +235,6 @@ mod tests {
             Publisher::Subject("2".into()).limit_key(),
             Publisher::Key(2).limit_key()
         );
-    }
-
-    #[test]
-    fn types_are_short_lowercase_dotted_names() {
-        for good in ["order.shipped", "a", "x_y-z.1", &"a".repeat(MAX_TYPE_LEN)] {
-            assert!(valid_type(good), "{good}");
-        }
-        for bad in [
-            "",
-            "Order.Shipped",
-            "has space",
-            "a\nb",
-            "é",
-            "a/b",
-            &"a".repeat(MAX_TYPE_LEN + 1),
-        ] {
-            assert!(!valid_type(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn requests_are_validated_field_by_field() {
-        let ok = request(
-            "orders:eu",
-            "order.shipped",
-            json!({"id": 1}),
-            Some(TopicReaders::Public),
-        );
-        assert_eq!(validate(&ok, 100), Ok(()));
-        assert!(matches!(
-            validate(&request("bad topic", "t", json!({}), None), 100),
-            Err(Invalid::BadRequest(_))
-        ));
-        assert!(matches!(
-            validate(&request("t", "Bad", json!({}), None), 100),
-            Err(Invalid::BadRequest(_))
-        ));
-        // The limit is on the compact encoding: 12 bytes here.
-        let payload = json!({"a": "1234"});
-        assert_eq!(serde_json::to_vec(&payload).unwrap().len(), 12);
-        assert_eq!(
-            validate(&request("t", "t", payload.clone(), None), 12),
-            Ok(())
-        );
-        assert!(matches!(
-            validate(&request("t", "t", payload, None), 11),
-            Err(Invalid::TooLarge(_))
-        ));
-        // Domain topics may be published to, but their readers are built in.
-        assert_eq!(
-            validate(&request("notifications:u1", "note", json!({}), None), 100),
-            Ok(())
-        );
-        assert!(matches!(
-            validate(
-                &request(
-                    "notifications:u1",
-                    "note",
-                    json!({}),
-                    Some(TopicReaders::Public)
-                ),
-                100
-            ),
-            Err(Invalid::BadRequest(_))
-        ));
-        let empty_id = Some(TopicReaders::Users(vec!["u1".into(), String::new()]));
-        assert!(matches!(
-            validate(&request("orders", "t", json!({}), empty_id), 100),
-            Err(Invalid::BadRequest(_))
-        ));
     }
 
     #[test]
