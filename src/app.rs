@@ -74,7 +74,7 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
             let options = RedisPresenceOptions {
                 ttl: presence_ttl,
                 refresh: Duration::from_secs(settings.presence.refresh_seconds),
-                sweep_interval: Duration::from_millis(settings.presence.sweep_interval_ms),
+                sweep_interval: Duration::from_secs_f64(settings.presence.sweep_interval_seconds),
             };
             Arc::new(RedisPresence::new(
                 redis,

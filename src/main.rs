@@ -109,6 +109,9 @@ fn healthcheck(url: &str) -> ExitCode {
 
 fn serve(settings: Settings) -> ExitCode {
     subgate::telemetry::init(&settings);
+    for warning in &settings.deprecations {
+        tracing::warn!("configuration: {warning}");
+    }
     let addr = (settings.server.host.clone(), settings.server.port);
     let listener = match std::net::TcpListener::bind((addr.0.as_str(), addr.1)) {
         Ok(l) => l,

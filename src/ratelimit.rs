@@ -335,7 +335,7 @@ impl Limits {
             ),
             typing: ScopedLimiter::new(
                 Scope::Typing,
-                Rate::every(Duration::from_millis(s.typing_interval_ms)),
+                Rate::every(Duration::from_secs_f64(s.typing_interval_seconds)),
                 s.max_keys,
                 metrics,
             ),
@@ -363,7 +363,7 @@ impl Limits {
     }
 
     /// Whether `user_id`'s typing indicator in `channel_id` may be broadcast
-    /// now: at most one per `ratelimit.typing_interval_ms`.
+    /// now: at most one per `ratelimit.typing_interval_seconds`.
     pub fn typing(&self, user_id: &str, channel_id: &str) -> Result<(), Limited> {
         // A separator that cannot occur in either id keeps pairs distinct.
         self.typing.check(&format!("{user_id}\u{0}{channel_id}"))
@@ -530,7 +530,8 @@ mod tests {
             user_messages_burst: 1,
             publish_per_second: 1.0,
             publish_burst: 1,
-            typing_interval_ms: 2000,
+            typing_interval_seconds: 2.0,
+            typing_interval_ms: None,
             max_keys: 10,
         };
         let limits = Limits::new(&settings, &metrics);

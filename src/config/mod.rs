@@ -45,6 +45,9 @@ pub struct Settings {
     pub ratelimit: RatelimitSettings,
     pub presence: PresenceSettings,
     pub log: LogSettings,
+    /// Deprecated keys that were used, one warning each (logged at start).
+    #[serde(skip)]
+    pub deprecations: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,13 +96,25 @@ pub struct RedisSettings {
     /// Prefix of every key and channel, so deployments can share one Redis.
     pub prefix: String,
     /// Bound on every Redis command.
-    pub command_timeout_ms: u64,
+    pub command_timeout_seconds: f64,
+    /// Deprecated: `command_timeout_seconds` in milliseconds.
+    #[doc(hidden)]
+    pub command_timeout_ms: Option<u64>,
     /// How long a new subscription waits for Redis to confirm it.
-    pub subscribe_timeout_ms: u64,
+    pub subscribe_timeout_seconds: f64,
+    /// Deprecated: `subscribe_timeout_seconds` in milliseconds.
+    #[doc(hidden)]
+    pub subscribe_timeout_ms: Option<u64>,
     /// How often the Pub/Sub connection is probed for silent loss.
-    pub probe_interval_ms: u64,
+    pub probe_interval_seconds: f64,
+    /// Deprecated: `probe_interval_seconds` in milliseconds.
+    #[doc(hidden)]
+    pub probe_interval_ms: Option<u64>,
     /// Longest wait between reconnect attempts (backoff is jittered).
-    pub max_backoff_ms: u64,
+    pub max_backoff_seconds: f64,
+    /// Deprecated: `max_backoff_seconds` in milliseconds.
+    #[doc(hidden)]
+    pub max_backoff_ms: Option<u64>,
     /// Pooled connections for commands (publish, store).
     pub pool_size: usize,
 }
@@ -109,10 +124,14 @@ impl Default for RedisSettings {
         Self {
             url: None,
             prefix: "subgate:".into(),
-            command_timeout_ms: 2000,
-            subscribe_timeout_ms: 5000,
-            probe_interval_ms: 5000,
-            max_backoff_ms: 2000,
+            command_timeout_seconds: 2.0,
+            command_timeout_ms: None,
+            subscribe_timeout_seconds: 5.0,
+            subscribe_timeout_ms: None,
+            probe_interval_seconds: 5.0,
+            probe_interval_ms: None,
+            max_backoff_seconds: 2.0,
+            max_backoff_ms: None,
             pool_size: 32,
         }
     }
@@ -270,14 +289,18 @@ pub struct SseSettings {
     pub heartbeat_seconds: u64,
     /// The reconnection delay the stream tells `EventSource` clients
     /// (its first line, `retry:`).
-    pub retry_ms: u64,
+    pub retry_seconds: f64,
+    /// Deprecated: `retry_seconds` in milliseconds.
+    #[doc(hidden)]
+    pub retry_ms: Option<u64>,
 }
 
 impl Default for SseSettings {
     fn default() -> Self {
         Self {
             heartbeat_seconds: 15,
-            retry_ms: 3000,
+            retry_seconds: 3.0,
+            retry_ms: None,
         }
     }
 }
@@ -299,7 +322,10 @@ pub struct RatelimitSettings {
     /// The per-publisher burst.
     pub publish_burst: u32,
     /// Shortest time between two typing indicators of one user in one channel.
-    pub typing_interval_ms: u64,
+    pub typing_interval_seconds: f64,
+    /// Deprecated: `typing_interval_seconds` in milliseconds.
+    #[doc(hidden)]
+    pub typing_interval_ms: Option<u64>,
     /// Most keys (users, publishers, typing pairs) each keyed limiter
     /// tracks; idle ones are dropped, and a new key is refused while the
     /// limiter is full of active ones.
@@ -315,7 +341,8 @@ impl Default for RatelimitSettings {
             user_messages_burst: 40,
             publish_per_second: 100.0,
             publish_burst: 200,
-            typing_interval_ms: 2000,
+            typing_interval_seconds: 2.0,
+            typing_interval_ms: None,
             max_keys: 100_000,
         }
     }
@@ -332,7 +359,10 @@ pub struct PresenceSettings {
     /// `ttl_seconds`, so that one late renewal does not expire anyone.
     pub refresh_seconds: u64,
     /// How often each node looks for expired claims to remove and announce.
-    pub sweep_interval_ms: u64,
+    pub sweep_interval_seconds: f64,
+    /// Deprecated: `sweep_interval_seconds` in milliseconds.
+    #[doc(hidden)]
+    pub sweep_interval_ms: Option<u64>,
 }
 
 impl Default for PresenceSettings {
@@ -340,7 +370,8 @@ impl Default for PresenceSettings {
         Self {
             ttl_seconds: 15,
             refresh_seconds: 5,
-            sweep_interval_ms: 1000,
+            sweep_interval_seconds: 1.0,
+            sweep_interval_ms: None,
         }
     }
 }
@@ -498,9 +529,55 @@ impl Settings {
         }
         // Deserializing stops at the first key of the wrong type; every
         // value-level problem after that is listed by `validate`.
-        let settings: Settings = raw.try_deserialize().map_err(config_error)?;
+        let mut settings: Settings = raw.clone().try_deserialize().map_err(config_error)?;
+        settings.deprecations = settings.apply_deprecated_keys(&raw)?;
         settings.validate().map_err(ConfigErrors)?;
         Ok(settings)
+    }
+
+    /// Durations used to mix milliseconds and seconds; they are all in
+    /// seconds now (fractions allowed). An old `_ms` key still works, with a
+    /// warning for each (returned, logged once telemetry is up); setting a
+    /// key under both names is an error.
+    fn apply_deprecated_keys(&mut self, raw: &config::Config) -> Result<Vec<String>, ConfigErrors> {
+        let mut warnings = Vec::new();
+        let mut errors = Vec::new();
+        macro_rules! renamed {
+            ($($section:ident . $old:ident => $new:ident),* $(,)?) => {
+                $(
+                    if let Some(ms) = self.$section.$old.take() {
+                        let old = concat!(stringify!($section), ".", stringify!($old));
+                        let new = concat!(stringify!($section), ".", stringify!($new));
+                        if raw.get::<config::Value>(new).is_ok() {
+                            errors.push(ConfigError::new(
+                                old,
+                                format!("set only {new} (this is its deprecated name, in milliseconds)"),
+                            ));
+                        } else {
+                            self.$section.$new = ms as f64 / 1000.0;
+                            warnings.push(format!(
+                                "{old} is deprecated: use {new} = {}",
+                                self.$section.$new
+                            ));
+                        }
+                    }
+                )*
+            };
+        }
+        renamed!(
+            redis.command_timeout_ms => command_timeout_seconds,
+            redis.subscribe_timeout_ms => subscribe_timeout_seconds,
+            redis.probe_interval_ms => probe_interval_seconds,
+            redis.max_backoff_ms => max_backoff_seconds,
+            sse.retry_ms => retry_seconds,
+            ratelimit.typing_interval_ms => typing_interval_seconds,
+            presence.sweep_interval_ms => sweep_interval_seconds,
+        );
+        if errors.is_empty() {
+            Ok(warnings)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Every problem with these settings, each naming its key.
@@ -519,6 +596,28 @@ impl Settings {
                 )*
             };
         }
+        // Durations in seconds: above 0 (NaN is not).
+        macro_rules! must_be_positive_seconds {
+            ($($section:ident . $key:ident),* $(,)?) => {
+                $(
+                    if self.$section.$key.is_nan() || self.$section.$key <= 0.0 {
+                        errors.push(ConfigError::new(
+                            concat!(stringify!($section), ".", stringify!($key)),
+                            "must be a number of seconds greater than 0",
+                        ));
+                    }
+                )*
+            };
+        }
+        must_be_positive_seconds!(
+            redis.command_timeout_seconds,
+            redis.subscribe_timeout_seconds,
+            redis.probe_interval_seconds,
+            redis.max_backoff_seconds,
+            sse.retry_seconds,
+            ratelimit.typing_interval_seconds,
+            presence.sweep_interval_seconds,
+        );
         must_be_positive!(
             server.max_body_bytes,
             server.max_connections,
@@ -533,25 +632,18 @@ impl Settings {
             websocket.auth_timeout_seconds,
             websocket.max_message_bytes,
             hub.subscriber_queue_capacity,
-            redis.command_timeout_ms,
-            redis.subscribe_timeout_ms,
-            redis.probe_interval_ms,
-            redis.max_backoff_ms,
             redis.pool_size,
             history.size,
             history.ttl_seconds,
             auth.login_token_ttl_seconds,
             publish.max_payload_bytes,
             sse.heartbeat_seconds,
-            sse.retry_ms,
             ratelimit.messages_burst,
             ratelimit.user_messages_burst,
             ratelimit.publish_burst,
-            ratelimit.typing_interval_ms,
             ratelimit.max_keys,
             presence.ttl_seconds,
             presence.refresh_seconds,
-            presence.sweep_interval_ms,
         );
         if self.presence.refresh_seconds >= self.presence.ttl_seconds {
             errors.push(ConfigError::new(
@@ -820,6 +912,33 @@ mod tests {
             let err = load(&[(var, value)]).unwrap_err();
             assert_eq!(err.key, key, "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn durations_are_seconds_and_old_millisecond_keys_still_work_with_a_warning() {
+        let s = load(&[("SUBGATE__REDIS__COMMAND_TIMEOUT_SECONDS", "0.25")]).unwrap();
+        assert_eq!(s.redis.command_timeout_seconds, 0.25);
+        assert!(s.deprecations.is_empty());
+        let s = load(&[
+            ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
+            ("SUBGATE__SSE__RETRY_MS", "1500"),
+        ])
+        .unwrap();
+        assert_eq!(s.redis.max_backoff_seconds, 0.2);
+        assert_eq!(s.sse.retry_seconds, 1.5);
+        assert_eq!(s.deprecations.len(), 2, "{:?}", s.deprecations);
+        assert!(s
+            .deprecations
+            .iter()
+            .any(|w| w.contains("redis.max_backoff_seconds")));
+        let err = load(&[
+            ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
+            ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.3"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, "redis.max_backoff_ms", "{err}");
+        let err = load(&[("SUBGATE__PRESENCE__SWEEP_INTERVAL_SECONDS", "0")]).unwrap_err();
+        assert_eq!(err.key, "presence.sweep_interval_seconds", "{err}");
     }
 
     #[test]

@@ -73,8 +73,8 @@ mod tests {
         let port = free_port();
         let mut settings = Settings::default();
         settings.redis.url = Some(format!("redis://127.0.0.1:{port}/"));
-        settings.redis.command_timeout_ms = 200;
-        settings.redis.max_backoff_ms = 100;
+        settings.redis.command_timeout_seconds = 0.2;
+        settings.redis.max_backoff_seconds = 0.1;
         let state = crate::test_support::state(settings);
         let until = |ready: fn(&[String]) -> bool, what: &'static str| {
             let state = state.clone();

@@ -312,7 +312,9 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     ))
     .await;
     let mut cursor = Cursor::new(topics.clone());
-    let mut opening = vec![frame::retry(state.settings.sse.retry_ms)];
+    let mut opening = vec![frame::retry(
+        (state.settings.sse.retry_seconds * 1000.0).round() as u64,
+    )];
     let mut streams = Vec::with_capacity(topics.len());
     let mut held = Vec::with_capacity(topics.len());
     for (index, (((name, from), anchor), resumed)) in topics

@@ -934,7 +934,7 @@ async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_off
         ("SUBGATE__REDIS__URL", url.as_str()),
         ("SUBGATE__PRESENCE__TTL_SECONDS", "3"),
         ("SUBGATE__PRESENCE__REFRESH_SECONDS", "1"),
-        ("SUBGATE__PRESENCE__SWEEP_INTERVAL_MS", "200"),
+        ("SUBGATE__PRESENCE__SWEEP_INTERVAL_SECONDS", "0.2"),
     ];
     let [n1, n2, n3] = std::thread::scope(|scope| {
         let starting: Vec<_> = (0..3).map(|_| scope.spawn(|| Node::start(&env))).collect();

@@ -38,7 +38,7 @@ const RECOVERY: Duration = Duration::from_secs(5);
 fn fleet_node(redis_url: &str) -> Node {
     Node::start(&[
         ("SUBGATE__REDIS__URL", redis_url),
-        ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
+        ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2"),
     ])
 }
 

@@ -382,8 +382,8 @@ async fn a_publish_the_bus_cannot_take_is_503_never_202() {
     let mut redis = TestRedis::start();
     let node = publisher_node(&[
         ("SUBGATE__REDIS__URL", &redis.url()),
-        ("SUBGATE__REDIS__COMMAND_TIMEOUT_MS", "500"),
-        ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
+        ("SUBGATE__REDIS__COMMAND_TIMEOUT_SECONDS", "0.5"),
+        ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2"),
     ]);
     let plain = json!({ "topic": "jobs", "type": "job.done", "payload": {} });
     let with_readers =

@@ -58,7 +58,7 @@ async fn a_subscriber_resumes_on_another_node_with_exactly_what_it_missed() {
     let env = |url: &str| {
         vec![
             ("SUBGATE__REDIS__URL", url.to_owned()),
-            ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200".into()),
+            ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2".into()),
         ]
     };
     let url = redis.url();

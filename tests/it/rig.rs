@@ -232,7 +232,7 @@ fn node_env(redis: &TestRedis, port: u16) -> Vec<(String, String)> {
             "SUBGATE__SERVER__DRAIN_TIMEOUT_SECONDS",
             DRAIN_TIMEOUT_SECONDS.to_owned(),
         ),
-        ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200".to_owned()),
+        ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

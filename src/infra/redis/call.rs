@@ -1,5 +1,5 @@
 //! The one policy for a call to Redis: a pooled connection and one request
-//! under one deadline (`redis.command_timeout_ms`), and one reading of what
+//! under one deadline (`redis.command_timeout_seconds`), and one reading of what
 //! a failure says about Redis.
 
 use deadpool_redis::PoolError;

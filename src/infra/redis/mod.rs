@@ -6,7 +6,7 @@
 //! - [`Redis`]: the node's handle: one deadpool-redis pool, and
 //!   [`Redis::call`], the only way a command reaches Redis. Every call
 //!   takes a pooled connection and sends one request (a command, a
-//!   pipeline or a script) under one deadline, `redis.command_timeout_ms`;
+//!   pipeline or a script) under one deadline, `redis.command_timeout_seconds`;
 //!   its latency is recorded in
 //!   `subgate_redis_command_duration_seconds{command}`; a broken or hung
 //!   connection is dropped rather than pooled again; and the outcome feeds

@@ -30,15 +30,15 @@ impl RedisConfig {
     /// The settings in `redis`; `None` without a `redis.url` (the in-memory
     /// node).
     pub fn from_settings(redis: &RedisSettings) -> Option<Self> {
-        let ms = Duration::from_millis;
+        let secs = Duration::from_secs_f64;
         let url = redis.url.clone()?;
         Some(Self {
             url,
             prefix: redis.prefix.clone(),
-            command_timeout: ms(redis.command_timeout_ms),
-            subscribe_timeout: ms(redis.subscribe_timeout_ms),
-            probe_interval: ms(redis.probe_interval_ms),
-            max_backoff: ms(redis.max_backoff_ms),
+            command_timeout: secs(redis.command_timeout_seconds),
+            subscribe_timeout: secs(redis.subscribe_timeout_seconds),
+            probe_interval: secs(redis.probe_interval_seconds),
+            max_backoff: secs(redis.max_backoff_seconds),
             pool_size: redis.pool_size,
         })
     }

@@ -23,7 +23,7 @@
 //! No connection is made up front: a node starts while Redis is down. Every
 //! call goes through the Redis layer's timed call
 //! ([`Redis::call`](crate::infra::redis::Redis::call)), which bounds taking
-//! a pooled connection plus the command by `redis.command_timeout_ms`; a
+//! a pooled connection plus the command by `redis.command_timeout_seconds`; a
 //! failure answers [`StoreError::Unavailable`], and one that says Redis is
 //! unreachable makes [`Store::readiness`] report the reason until Redis
 //! answers again. Before the first call nothing is known to be wrong and

@@ -49,7 +49,7 @@
 //!   Subscribing registers the user as present in the channel until the
 //!   unsubscribe or the disconnect.
 //! - `user.typing` is for channels the user may read and goes out at most
-//!   once per `ratelimit.typing_interval_ms` per user and channel; the rest
+//!   once per `ratelimit.typing_interval_seconds` per user and channel; the rest
 //!   are absorbed silently (counted in `subgate_rate_limited_total`).
 //!   Typing signals are live only: never in the history, never replayed.
 //!
