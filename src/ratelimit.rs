@@ -531,7 +531,6 @@ mod tests {
             publish_per_second: 1.0,
             publish_burst: 1,
             typing_interval_seconds: 2.0,
-            typing_interval_ms: None,
             max_keys: 10,
         };
         let limits = Limits::new(&settings, &metrics);

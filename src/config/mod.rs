@@ -96,25 +96,17 @@ pub struct RedisSettings {
     /// Prefix of every key and channel, so deployments can share one Redis.
     pub prefix: String,
     /// Bound on every Redis command.
+    #[serde(alias = "command_timeout_ms")]
     pub command_timeout_seconds: f64,
-    /// Deprecated: `command_timeout_seconds` in milliseconds.
-    #[doc(hidden)]
-    pub command_timeout_ms: Option<u64>,
     /// How long a new subscription waits for Redis to confirm it.
+    #[serde(alias = "subscribe_timeout_ms")]
     pub subscribe_timeout_seconds: f64,
-    /// Deprecated: `subscribe_timeout_seconds` in milliseconds.
-    #[doc(hidden)]
-    pub subscribe_timeout_ms: Option<u64>,
     /// How often the Pub/Sub connection is probed for silent loss.
+    #[serde(alias = "probe_interval_ms")]
     pub probe_interval_seconds: f64,
-    /// Deprecated: `probe_interval_seconds` in milliseconds.
-    #[doc(hidden)]
-    pub probe_interval_ms: Option<u64>,
     /// Longest wait between reconnect attempts (backoff is jittered).
+    #[serde(alias = "max_backoff_ms")]
     pub max_backoff_seconds: f64,
-    /// Deprecated: `max_backoff_seconds` in milliseconds.
-    #[doc(hidden)]
-    pub max_backoff_ms: Option<u64>,
     /// Pooled connections for commands (publish, store).
     pub pool_size: usize,
 }
@@ -125,13 +117,9 @@ impl Default for RedisSettings {
             url: None,
             prefix: "subgate:".into(),
             command_timeout_seconds: 2.0,
-            command_timeout_ms: None,
             subscribe_timeout_seconds: 5.0,
-            subscribe_timeout_ms: None,
             probe_interval_seconds: 5.0,
-            probe_interval_ms: None,
             max_backoff_seconds: 2.0,
-            max_backoff_ms: None,
             pool_size: 32,
         }
     }
@@ -289,10 +277,8 @@ pub struct SseSettings {
     pub heartbeat_seconds: u64,
     /// The reconnection delay the stream tells `EventSource` clients
     /// (its first line, `retry:`).
+    #[serde(alias = "retry_ms")]
     pub retry_seconds: f64,
-    /// Deprecated: `retry_seconds` in milliseconds.
-    #[doc(hidden)]
-    pub retry_ms: Option<u64>,
 }
 
 impl Default for SseSettings {
@@ -300,7 +286,6 @@ impl Default for SseSettings {
         Self {
             heartbeat_seconds: 15,
             retry_seconds: 3.0,
-            retry_ms: None,
         }
     }
 }
@@ -322,10 +307,8 @@ pub struct RatelimitSettings {
     /// The per-publisher burst.
     pub publish_burst: u32,
     /// Shortest time between two typing indicators of one user in one channel.
+    #[serde(alias = "typing_interval_ms")]
     pub typing_interval_seconds: f64,
-    /// Deprecated: `typing_interval_seconds` in milliseconds.
-    #[doc(hidden)]
-    pub typing_interval_ms: Option<u64>,
     /// Most keys (users, publishers, typing pairs) each keyed limiter
     /// tracks; idle ones are dropped, and a new key is refused while the
     /// limiter is full of active ones.
@@ -342,7 +325,6 @@ impl Default for RatelimitSettings {
             publish_per_second: 100.0,
             publish_burst: 200,
             typing_interval_seconds: 2.0,
-            typing_interval_ms: None,
             max_keys: 100_000,
         }
     }
@@ -359,10 +341,8 @@ pub struct PresenceSettings {
     /// `ttl_seconds`, so that one late renewal does not expire anyone.
     pub refresh_seconds: u64,
     /// How often each node looks for expired claims to remove and announce.
+    #[serde(alias = "sweep_interval_ms")]
     pub sweep_interval_seconds: f64,
-    /// Deprecated: `sweep_interval_seconds` in milliseconds.
-    #[doc(hidden)]
-    pub sweep_interval_ms: Option<u64>,
 }
 
 impl Default for PresenceSettings {
@@ -371,7 +351,6 @@ impl Default for PresenceSettings {
             ttl_seconds: 15,
             refresh_seconds: 5,
             sweep_interval_seconds: 1.0,
-            sweep_interval_ms: None,
         }
     }
 }
@@ -529,55 +508,82 @@ impl Settings {
         }
         // Deserializing stops at the first key of the wrong type; every
         // value-level problem after that is listed by `validate`.
-        let mut settings: Settings = raw.clone().try_deserialize().map_err(config_error)?;
-        settings.deprecations = settings.apply_deprecated_keys(&raw)?;
+        let renamed = Self::deprecated_keys(&raw)?;
+        let mut settings: Settings = raw.try_deserialize().map_err(config_error)?;
+        settings.deprecations = settings.convert_deprecated(&renamed);
         settings.validate().map_err(ConfigErrors)?;
         Ok(settings)
     }
 
     /// Durations used to mix milliseconds and seconds; they are all in
-    /// seconds now (fractions allowed). An old `_ms` key still works, with a
-    /// warning for each (returned, logged once telemetry is up); setting a
-    /// key under both names is an error.
-    fn apply_deprecated_keys(&mut self, raw: &config::Config) -> Result<Vec<String>, ConfigErrors> {
-        let mut warnings = Vec::new();
-        let mut errors = Vec::new();
-        macro_rules! renamed {
-            ($($section:ident . $old:ident => $new:ident),* $(,)?) => {
-                $(
-                    if let Some(ms) = self.$section.$old.take() {
-                        let old = concat!(stringify!($section), ".", stringify!($old));
-                        let new = concat!(stringify!($section), ".", stringify!($new));
-                        if raw.get::<config::Value>(new).is_ok() {
-                            errors.push(ConfigError::new(
-                                old,
-                                format!("set only {new} (this is its deprecated name, in milliseconds)"),
-                            ));
-                        } else {
-                            self.$section.$new = ms as f64 / 1000.0;
-                            warnings.push(format!(
-                                "{old} is deprecated: use {new} = {}",
-                                self.$section.$new
-                            ));
-                        }
-                    }
-                )*
-            };
-        }
-        renamed!(
-            redis.command_timeout_ms => command_timeout_seconds,
-            redis.subscribe_timeout_ms => subscribe_timeout_seconds,
-            redis.probe_interval_ms => probe_interval_seconds,
-            redis.max_backoff_ms => max_backoff_seconds,
-            sse.retry_ms => retry_seconds,
-            ratelimit.typing_interval_ms => typing_interval_seconds,
-            presence.sweep_interval_ms => sweep_interval_seconds,
-        );
-        if errors.is_empty() {
-            Ok(warnings)
+    /// seconds now (fractions allowed). An old `_ms` name is a serde alias
+    /// of its `_seconds` key, read here in milliseconds and converted,
+    /// with a warning for each (logged once telemetry is up); setting a key
+    /// under both names is an error.
+    const RENAMED_DURATIONS: [(&'static str, &'static str); 7] = [
+        ("redis.command_timeout_ms", "redis.command_timeout_seconds"),
+        (
+            "redis.subscribe_timeout_ms",
+            "redis.subscribe_timeout_seconds",
+        ),
+        ("redis.probe_interval_ms", "redis.probe_interval_seconds"),
+        ("redis.max_backoff_ms", "redis.max_backoff_seconds"),
+        ("sse.retry_ms", "sse.retry_seconds"),
+        (
+            "ratelimit.typing_interval_ms",
+            "ratelimit.typing_interval_seconds",
+        ),
+        (
+            "presence.sweep_interval_ms",
+            "presence.sweep_interval_seconds",
+        ),
+    ];
+
+    /// The old names used in `raw`: an error when a new name is set too.
+    fn deprecated_keys(
+        raw: &config::Config,
+    ) -> Result<Vec<(&'static str, &'static str)>, ConfigErrors> {
+        let set = |key: &str| raw.get::<config::Value>(key).is_ok();
+        let used: Vec<_> = Self::RENAMED_DURATIONS
+            .into_iter()
+            .filter(|(old, _)| set(old))
+            .collect();
+        let both: Vec<ConfigError> = used
+            .iter()
+            .filter(|(_, new)| set(new))
+            .map(|(old, new)| {
+                ConfigError::new(
+                    *old,
+                    format!("set only {new} (this is its deprecated name, in milliseconds)"),
+                )
+            })
+            .collect();
+        if both.is_empty() {
+            Ok(used)
         } else {
-            Err(ConfigErrors(errors))
+            Err(ConfigErrors(both))
         }
+    }
+
+    /// Converts the durations given under their old names from
+    /// milliseconds; one warning each.
+    fn convert_deprecated(&mut self, used: &[(&str, &str)]) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (old, new) in used {
+            let value = match *new {
+                "redis.command_timeout_seconds" => &mut self.redis.command_timeout_seconds,
+                "redis.subscribe_timeout_seconds" => &mut self.redis.subscribe_timeout_seconds,
+                "redis.probe_interval_seconds" => &mut self.redis.probe_interval_seconds,
+                "redis.max_backoff_seconds" => &mut self.redis.max_backoff_seconds,
+                "sse.retry_seconds" => &mut self.sse.retry_seconds,
+                "ratelimit.typing_interval_seconds" => &mut self.ratelimit.typing_interval_seconds,
+                "presence.sweep_interval_seconds" => &mut self.presence.sweep_interval_seconds,
+                _ => unreachable!("every renamed key is listed"),
+            };
+            *value /= 1000.0;
+            warnings.push(format!("{old} is deprecated: use {new} = {value}"));
+        }
+        warnings
     }
 
     /// Every problem with these settings, each naming its key.
@@ -931,12 +937,11 @@ mod tests {
             .deprecations
             .iter()
             .any(|w| w.contains("redis.max_backoff_seconds")));
-        let err = load(&[
+        let both_names = [
             ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
             ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.3"),
-        ])
-        .unwrap_err();
-        assert_eq!(err.key, "redis.max_backoff_ms", "{err}");
+        ];
+        assert_eq!(load(&both_names).unwrap_err().key, "redis.max_backoff_ms");
         let err = load(&[("SUBGATE__PRESENCE__SWEEP_INTERVAL_SECONDS", "0")]).unwrap_err();
         assert_eq!(err.key, "presence.sweep_interval_seconds", "{err}");
     }
