@@ -13,28 +13,46 @@ use actix_web::web;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{bearer, Authenticator, Principal};
+use super::{bearer, AuthError, Authenticator, Principal};
+
+/// Why a credential was refused; its text is safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    /// The token itself did not verify.
+    #[error(transparent)]
+    Token(#[from] AuthError),
+    #[error("the Authorization header is not text")]
+    HeaderNotText,
+    #[error("the Authorization header must be `Bearer <token>`")]
+    HeaderNotBearer,
+    #[error("the query string is malformed")]
+    MalformedQuery,
+    #[error("authorization must be a string")]
+    InitNotString,
+    #[error("authorization must be `Bearer <token>`")]
+    InitNotBearer,
+    #[error("token must be a non-empty string")]
+    InitBadToken,
+}
 
 /// Verifies a token a client sent after connecting (a `connection_init`
 /// payload, an `auth` message); the error is safe to show to the client.
-pub type Verify = Arc<dyn Fn(&str) -> Result<Principal, String> + Send + Sync>;
+pub type Verify = Arc<dyn Fn(&str) -> Result<Principal, CredentialError> + Send + Sync>;
 
 /// The node's verifier as a [`Verify`].
 pub fn verifier(auth: Arc<Authenticator>) -> Verify {
-    Arc::new(move |token| auth.verify(token).map_err(|e| e.to_string()))
+    Arc::new(move |token| Ok(auth.verify(token)?))
 }
 
 impl Authenticator {
     /// Who `token` speaks for: `None` without a token, `Err` when it does
     /// not verify.
-    pub fn principal(&self, token: Option<&str>) -> Result<Option<Principal>, String> {
-        token
-            .map(|token| self.verify(token).map_err(|e| e.to_string()))
-            .transpose()
+    pub fn principal(&self, token: Option<&str>) -> Result<Option<Principal>, CredentialError> {
+        Ok(token.map(|token| self.verify(token)).transpose()?)
     }
 
     /// Who an `Authorization: Bearer` header speaks for.
-    pub fn from_header(&self, headers: &HeaderMap) -> Result<Option<Principal>, String> {
+    pub fn from_header(&self, headers: &HeaderMap) -> Result<Option<Principal>, CredentialError> {
         self.principal(header_token(headers)?)
     }
 
@@ -44,7 +62,7 @@ impl Authenticator {
         &self,
         headers: &HeaderMap,
         query_token: Option<&str>,
-    ) -> Result<Option<Principal>, String> {
+    ) -> Result<Option<Principal>, CredentialError> {
         if headers.contains_key(header::AUTHORIZATION) {
             return self.from_header(headers);
         }
@@ -58,7 +76,7 @@ impl Authenticator {
         &self,
         headers: &HeaderMap,
         query_string: &str,
-    ) -> Result<Option<Principal>, String> {
+    ) -> Result<Option<Principal>, CredentialError> {
         if headers.contains_key(header::AUTHORIZATION) {
             return self.from_header(headers);
         }
@@ -68,16 +86,14 @@ impl Authenticator {
 
 /// The token of an `Authorization: Bearer T` header; `Err` when the header
 /// is there but is not one.
-pub fn header_token(headers: &HeaderMap) -> Result<Option<&str>, String> {
+pub fn header_token(headers: &HeaderMap) -> Result<Option<&str>, CredentialError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = value
-        .to_str()
-        .map_err(|_| "the Authorization header is not text".to_owned())?;
+    let value = value.to_str().map_err(|_| CredentialError::HeaderNotText)?;
     bearer(value)
         .map(Some)
-        .ok_or_else(|| "the Authorization header must be `Bearer <token>`".to_owned())
+        .ok_or(CredentialError::HeaderNotBearer)
 }
 
 #[derive(Deserialize)]
@@ -87,16 +103,16 @@ struct TokenQuery {
 
 /// The `token` parameter of a query string (empty counts as none); `Err`
 /// when the query string cannot be read.
-pub fn query_token(query_string: &str) -> Result<Option<String>, String> {
+pub fn query_token(query_string: &str) -> Result<Option<String>, CredentialError> {
     let query = web::Query::<TokenQuery>::from_query(query_string)
-        .map_err(|_| "the query string is malformed".to_owned())?;
+        .map_err(|_| CredentialError::MalformedQuery)?;
     Ok(query.into_inner().token.filter(|t| !t.is_empty()))
 }
 
 /// The token a `connection_init` payload carries: `{"authorization":
 /// "Bearer T"}` (the key in any case, as clients copy header names) or
 /// `{"token": "T"}`. `Err` when one is present but unusable.
-pub fn init_token(payload: Option<&Map<String, Value>>) -> Result<Option<&str>, String> {
+pub fn init_token(payload: Option<&Map<String, Value>>) -> Result<Option<&str>, CredentialError> {
     let Some(payload) = payload else {
         return Ok(None);
     };
@@ -104,15 +120,15 @@ pub fn init_token(payload: Option<&Map<String, Value>>) -> Result<Option<&str>, 
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
     {
-        let value = value.as_str().ok_or("authorization must be a string")?;
+        let value = value.as_str().ok_or(CredentialError::InitNotString)?;
         return bearer(value)
             .map(Some)
-            .ok_or_else(|| "authorization must be `Bearer <token>`".to_owned());
+            .ok_or(CredentialError::InitNotBearer);
     }
     match payload.get("token") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(t)) if !t.trim().is_empty() => Ok(Some(t)),
-        Some(_) => Err("token must be a non-empty string".to_owned()),
+        Some(_) => Err(CredentialError::InitBadToken),
     }
 }
 
@@ -125,7 +141,7 @@ pub fn test_verify() -> Verify {
             user_id: "u1".into(),
             scopes: vec![],
         }),
-        _ => Err("the token is malformed".into()),
+        _ => Err(AuthError::Malformed.into()),
     })
 }
 

@@ -168,7 +168,7 @@ async fn stream_operation(
             return refuse(
                 StatusCode::UNAUTHORIZED,
                 Some(ErrorCode::Unauthorized),
-                &message,
+                &message.to_string(),
             )
         }
     };

@@ -133,7 +133,7 @@ async fn execute(
 ) -> HttpResponse {
     let principal = match state.auth.from_header(req.headers()) {
         Ok(p) => p,
-        Err(message) => return unauthorized(&message, json_type),
+        Err(why) => return unauthorized(&why.to_string(), json_type),
     };
     let requests = match batch {
         BatchRequest::Single(r) => vec![r],

@@ -246,7 +246,7 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
         .from_header_or_query(req.headers(), query.token.as_deref())
     {
         Ok(principal) => principal,
-        Err(message) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", &message),
+        Err(why) => return api_error(StatusCode::UNAUTHORIZED, "unauthorized", &why.to_string()),
     };
     let topics = match choose_topics(query.topics, principal.as_ref()) {
         Ok(topics) => topics,

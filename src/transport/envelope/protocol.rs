@@ -558,7 +558,7 @@ impl Machine {
                 vec![self.control(server::AUTH_SUCCESS, None, json!({ "user_id": user_id }))]
             }
             Err(why) => {
-                let failed = json!({ "code": code::UNAUTHORIZED, "message": why });
+                let failed = json!({ "code": code::UNAUTHORIZED, "message": why.to_string() });
                 vec![self.control(server::AUTH_FAILED, None, failed)]
             }
         }
@@ -771,7 +771,7 @@ mod tests {
                 user_id: "bob".into(),
                 scopes: vec![],
             }),
-            _ => Err("the token is malformed".into()),
+            _ => Err(crate::auth::AuthError::Malformed.into()),
         })
     }
 

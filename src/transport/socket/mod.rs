@@ -156,7 +156,7 @@ pub async fn accept<T>(
             graphql_error(
                 StatusCode::UNAUTHORIZED,
                 Some(ErrorCode::Unauthorized),
-                &message,
+                &message.to_string(),
             )
         })?;
     let drain = gate.admit().map_err(Refusal::graphql_response)?;

@@ -151,7 +151,7 @@ impl Legacy {
             }
         };
         if let Err(message) = self.core.init(payload.as_ref()) {
-            return self.refuse(close::FORBIDDEN, "Forbidden", &message);
+            return self.refuse(close::FORBIDDEN, "Forbidden", &message.to_string());
         }
         vec![
             Action::Send(encode_bare("connection_ack", None)),

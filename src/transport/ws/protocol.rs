@@ -11,7 +11,7 @@ use async_graphql::{Request, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::auth::credentials::{init_token, Verify};
+use crate::auth::credentials::{init_token, CredentialError, Verify};
 use crate::auth::Principal;
 use crate::error::ErrorCode;
 use crate::transport::operation::{operation_label, operation_type, outcome};
@@ -62,7 +62,10 @@ impl Core {
     /// Accepts a `connection_init`: a token in its payload that verifies
     /// replaces the principal. `Err` (a message for the client) when the
     /// token is unusable or does not verify; the phase then stays.
-    pub(crate) fn init(&mut self, payload: Option<&Map<String, Value>>) -> Result<(), String> {
+    pub(crate) fn init(
+        &mut self,
+        payload: Option<&Map<String, Value>>,
+    ) -> Result<(), CredentialError> {
         if let Some(token) = init_token(payload)? {
             self.principal = Some((self.verify)(token)?);
         }
