@@ -487,15 +487,30 @@ impl Settings {
                 .source(Some(env_map)),
         );
         let raw = builder.build().map_err(config_error)?;
+        let renamed = Self::deprecated_keys(&raw)?;
+        let mut settings = Self::deserialize_every_key(&raw)?;
+        settings.deprecations = settings.convert_deprecated(&renamed);
+        settings.validate().map_err(ConfigErrors)?;
+        Ok(settings)
+    }
+
+    /// Deserializes `raw`, listing every key of the wrong type, unknown
+    /// name or unknown choice, not only the first: serde stops at the first
+    /// problem, so each one is set aside (the key removed) and the rest read
+    /// again, until the remainder reads cleanly.
+    fn deserialize_every_key(raw: &config::Config) -> Result<Settings, ConfigErrors> {
+        use config::Source;
+        let mut table = raw.collect().map_err(config_error)?;
+        let mut errors = Vec::new();
         // Enum-valued keys are checked by name first: the config crate's own
         // message for an unknown variant does not say which key it was.
-        let mut errors = Vec::new();
         for (key, allowed) in [
             ("environment", &["development", "production"][..]),
             ("log.format", &["text", "json"][..]),
         ] {
             if let Ok(value) = raw.get_string(key) {
                 if !allowed.contains(&value.as_str()) {
+                    remove_key(&mut table, key);
                     errors.push(ConfigError::new(
                         key,
                         format!("{value:?} is not one of {}", allowed.join(", ")),
@@ -503,16 +518,50 @@ impl Settings {
                 }
             }
         }
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
+        loop {
+            let root = config::Value::new(None, config::ValueKind::Table(table.clone()));
+            match root.try_deserialize::<Settings>() {
+                Ok(settings) if errors.is_empty() => return Ok(settings),
+                Ok(_) => return Err(ConfigErrors(errors)),
+                Err(err) => {
+                    let mut err = config_error(err);
+                    if err.message.starts_with("unknown field") && !err.key.contains('.') {
+                        if let Some(section) = Self::section_of_unknown(&table, &err.key) {
+                            err.key = format!("{section}.{}", err.key);
+                        }
+                    }
+                    // A problem without a key that can be removed ends the
+                    // search (every pass removes a key, so it ends).
+                    let removed = remove_key(&mut table, &err.key);
+                    errors.push(err);
+                    if !removed {
+                        return Err(ConfigErrors(errors));
+                    }
+                }
+            }
         }
-        // Deserializing stops at the first key of the wrong type; every
-        // value-level problem after that is listed by `validate`.
-        let renamed = Self::deprecated_keys(&raw)?;
-        let mut settings: Settings = raw.try_deserialize().map_err(config_error)?;
-        settings.deprecations = settings.convert_deprecated(&renamed);
-        settings.validate().map_err(ConfigErrors)?;
-        Ok(settings)
+    }
+
+    /// serde names an unknown field without its section: the section is
+    /// the one holding `field` that fails on its own.
+    fn section_of_unknown(
+        table: &config::Map<String, config::Value>,
+        field: &str,
+    ) -> Option<String> {
+        table.iter().find_map(|(section, value)| {
+            let config::ValueKind::Table(inner) = &value.kind else {
+                return None;
+            };
+            if !inner.contains_key(field) {
+                return None;
+            }
+            let alone = config::Map::from_iter([(section.clone(), value.clone())]);
+            let root = config::Value::new(None, config::ValueKind::Table(alone));
+            let fails_alone = root
+                .try_deserialize::<Settings>()
+                .is_err_and(|e| config_error(e).key == field);
+            fails_alone.then(|| section.clone())
+        })
     }
 
     /// Durations used to mix milliseconds and seconds; they are all in
@@ -774,6 +823,21 @@ impl Settings {
 }
 
 /// Turns a `config` crate error into one that names the key.
+/// Removes the dotted `key` (`section.name`) from `table`; false when it
+/// is not there.
+fn remove_key(table: &mut config::Map<String, config::Value>, key: &str) -> bool {
+    match key.split_once('.') {
+        None => table.remove(key).is_some(),
+        Some((section, rest)) => match table.get_mut(section) {
+            Some(config::Value {
+                kind: config::ValueKind::Table(inner),
+                ..
+            }) => remove_key(inner, rest),
+            _ => false,
+        },
+    }
+}
+
 fn config_error(err: config::ConfigError) -> ConfigError {
     use config::ConfigError as E;
     match err {
@@ -855,6 +919,33 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(both.0.len(), 2, "{both}");
+    }
+
+    #[test]
+    fn every_key_of_the_wrong_type_or_name_is_reported_at_once() {
+        let err = load_all(&[
+            ("SUBGATE__SERVER__PORT", "not-a-port"),
+            ("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "many"),
+            ("SUBGATE__SSE__RETRY_SECONDS", "soon"),
+            ("SUBGATE__WEBSOCKET__PING_INTERVALL_SECONDS", "5"),
+            ("SUBGATE__NO_SUCH_SECTION__KEY", "1"),
+            ("SUBGATE__LOG__FORMAT", "xml"),
+        ])
+        .unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "server.port",
+            "hub.subscriber_queue_capacity",
+            "sse.retry_seconds",
+            "websocket.ping_intervall_seconds",
+            "no_such_section",
+            "log.format",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert_eq!(err.0.len(), 6, "{err}");
+        let text = err.to_string();
+        assert_eq!(text.lines().count(), 6, "{text}");
     }
 
     #[test]

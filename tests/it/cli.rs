@@ -118,6 +118,50 @@ fn bad_configuration_exits_non_zero_before_listening_naming_the_key() {
     drop(taken);
 }
 
+#[test]
+fn every_configuration_problem_is_one_line_of_one_refusal() {
+    // Wrong types, an unknown key, an unknown choice and a bad value, from
+    // a file and the environment: the operator sees all of them at once.
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.path().join("extra.toml"),
+        "[server]\nmax_body_bytes = \"big\"\n[websocket]\nping_intervall_seconds = 5\n",
+    )
+    .unwrap();
+    let env = [
+        ("SUBGATE__SERVER__PORT", "0"),
+        ("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "many"),
+        ("SUBGATE__LOG__FORMAT", "xml"),
+    ];
+    let out = run_cli(
+        &["--config", "extra.toml"],
+        &env,
+        dir.path(),
+        REFUSAL_TIMEOUT,
+    );
+    assert!(!out.status.success(), "must be refused:\n{}", out.stderr);
+    assert!(!out.stderr.contains("listening on"), "{}", out.stderr);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    for key in [
+        "server.max_body_bytes",
+        "websocket.ping_intervall_seconds",
+        "hub.subscriber_queue_capacity",
+        "log.format",
+    ] {
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(key)).count(),
+            1,
+            "`{key}` must be named on one line:\n{}",
+            out.stderr
+        );
+    }
+    assert_eq!(lines.len(), 4, "one line per problem:\n{}", out.stderr);
+}
+
 #[tokio::test]
 async fn configuration_layers_files_then_environment() {
     // Four layers, each with a key that only it or a later one sets:
