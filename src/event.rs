@@ -208,26 +208,35 @@ impl std::fmt::Display for Position {
 pub mod cursor {
     use std::collections::BTreeMap;
 
+    /// Why a cursor cannot be read.
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    pub enum CursorError {
+        #[error("with several topics the cursor is `topic~position,…`")]
+        BarePosition,
+        #[error("{0:?} is not `topic~position`")]
+        NotAPair(String),
+        #[error("the cursor names {0:?}, which is not subscribed")]
+        NotSubscribed(String),
+    }
+
     /// Reads `text` as the positions of `topics`: a bare position when there
     /// is exactly one topic, else `topic~position` pairs. Topics a cursor does
     /// not name start live; a pair for a topic not asked for is an error.
-    pub fn parse(text: &str, topics: &[String]) -> Result<BTreeMap<String, String>, String> {
+    pub fn parse(text: &str, topics: &[String]) -> Result<BTreeMap<String, String>, CursorError> {
         let text = text.trim();
         if !text.contains('~') {
             return match topics {
                 [only] => Ok(BTreeMap::from([(only.clone(), text.to_owned())])),
-                _ => Err("with several topics the cursor is `topic~position,…`".into()),
+                _ => Err(CursorError::BarePosition),
             };
         }
         let mut positions = BTreeMap::new();
         for pair in text.split(',').filter(|p| !p.is_empty()) {
             let (topic, position) = pair
                 .split_once('~')
-                .ok_or_else(|| format!("{pair:?} is not `topic~position`"))?;
+                .ok_or_else(|| CursorError::NotAPair(pair.to_owned()))?;
             if !topics.iter().any(|t| t == topic) {
-                return Err(format!(
-                    "the cursor names {topic:?}, which is not subscribed"
-                ));
+                return Err(CursorError::NotSubscribed(topic.to_owned()));
             }
             positions.insert(topic.to_owned(), position.to_owned());
         }
@@ -257,8 +266,15 @@ pub mod cursor {
             assert_eq!(parsed["posts"], "ab:5");
             assert_eq!(parse(&format(&parsed), &topics).unwrap(), parsed);
             assert_eq!(parse("ab:5", &topics[..1]).unwrap()["posts"], "ab:5");
-            assert!(parse("ab:5", &topics).is_err());
-            assert!(parse("other~ab:5", &topics).is_err());
+            assert_eq!(parse("ab:5", &topics), Err(CursorError::BarePosition));
+            assert_eq!(
+                parse("other~ab:5", &topics),
+                Err(CursorError::NotSubscribed("other".into()))
+            );
+            assert_eq!(
+                parse("posts~1:1,junk", &topics),
+                Err(CursorError::NotAPair("junk".into()))
+            );
         }
     }
 }

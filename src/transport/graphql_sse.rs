@@ -105,7 +105,7 @@ async fn stream(
     let method = req.method().clone();
     let request = if method == Method::GET {
         request_from_query(req.query_string())
-            .map_err(|message| refuse(StatusCode::BAD_REQUEST, None, &message))
+            .map_err(|bad| refuse(StatusCode::BAD_REQUEST, None, &bad.to_string()))
     } else {
         posted_request(&state, &req, payload).await
     };
@@ -174,7 +174,7 @@ async fn stream_operation(
     };
     let ty = match counted_operation_type(&request, &state.metrics) {
         Ok(ty) => ty,
-        Err(message) => return refuse(StatusCode::BAD_REQUEST, None, &message),
+        Err(unknown) => return refuse(StatusCode::BAD_REQUEST, None, &unknown.to_string()),
     };
     if method == Method::GET && ty == OperationType::Mutation {
         return refuse(

@@ -120,7 +120,7 @@ async fn get_graphql(state: web::Data<AppState>, req: HttpRequest) -> HttpRespon
             )
             .await
         }
-        Err(message) => request_error(StatusCode::BAD_REQUEST, &message, json_type),
+        Err(bad) => request_error(StatusCode::BAD_REQUEST, &bad.to_string(), json_type),
     }
 }
 
@@ -166,7 +166,7 @@ async fn execute(
                 .json(json!({ "errors": [{ "message": "only queries may be sent with GET; use POST" }] }));
         }
         let refused = match ty {
-            Err(message) => message,
+            Err(unknown) => unknown.to_string(),
             Ok(OperationType::Subscription) => {
                 state
                     .metrics

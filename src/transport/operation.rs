@@ -17,13 +17,24 @@ struct GetParams {
     extensions: Option<String>,
 }
 
+/// Why a GET's query string is not a GraphQL request.
+#[derive(Debug, thiserror::Error)]
+pub enum GetRequestError {
+    #[error("bad query string: {0}")]
+    QueryString(#[from] actix_web::error::QueryPayloadError),
+    #[error("the `query` parameter is required")]
+    NoQuery,
+    #[error("`variables` must be a JSON object")]
+    Variables,
+    #[error("`extensions` must be a JSON object")]
+    Extensions,
+}
+
 /// The GraphQL request of a GET: `?query=&variables=&operationName=&extensions=`,
-/// `variables` and `extensions` JSON objects. `Err` says what is wrong.
-pub(crate) fn request_from_query(query_string: &str) -> Result<Request, String> {
-    let params: GetParams = web::Query::<GetParams>::from_query(query_string)
-        .map_err(|e| format!("bad query string: {e}"))?
-        .into_inner();
-    let query = params.query.ok_or("the `query` parameter is required")?;
+/// `variables` and `extensions` JSON objects.
+pub(crate) fn request_from_query(query_string: &str) -> Result<Request, GetRequestError> {
+    let params: GetParams = web::Query::<GetParams>::from_query(query_string)?.into_inner();
+    let query = params.query.ok_or(GetRequestError::NoQuery)?;
     let mut request = Request::new(query);
     if let Some(name) = params.operation_name.filter(|n| !n.is_empty()) {
         request = request.operation_name(name);
@@ -33,34 +44,46 @@ pub(crate) fn request_from_query(query_string: &str) -> Result<Request, String> 
             Ok(v @ serde_json::Value::Object(_)) => {
                 request = request.variables(async_graphql::Variables::from_json(v));
             }
-            _ => return Err("`variables` must be a JSON object".into()),
+            _ => return Err(GetRequestError::Variables),
         }
     }
     if let Some(ext) = params.extensions.filter(|v| !v.is_empty()) {
         if serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&ext).is_err() {
-            return Err("`extensions` must be a JSON object".into());
+            return Err(GetRequestError::Extensions);
         }
     }
     Ok(request)
 }
 
+/// Why the operation a request would run cannot be told.
+#[derive(Debug, thiserror::Error)]
+pub enum OperationError {
+    /// The document does not parse (the parser's own message).
+    #[error("{0}")]
+    Syntax(#[from] async_graphql::parser::Error),
+    #[error("unknown operation named \"{0}\"")]
+    UnknownName(String),
+    #[error("operationName is required with several operations")]
+    NameRequired,
+    #[error("the document has no operation")]
+    NoOperation,
+}
+
 /// The type of the operation `request` would run, if its document parses.
-pub fn operation_type(request: &Request) -> Result<OperationType, String> {
-    let doc = async_graphql::parser::parse_query(&request.query).map_err(|e| e.to_string())?;
+pub fn operation_type(request: &Request) -> Result<OperationType, OperationError> {
+    let doc = async_graphql::parser::parse_query(&request.query)?;
     let op = match (&request.operation_name, &doc.operations) {
         (Some(name), ops) => ops
             .iter()
             .find(|(n, _)| n.map(|n| n.as_str() == name).unwrap_or(false))
             .map(|(_, op)| op.node.ty)
-            .ok_or_else(|| format!("unknown operation named \"{name}\""))?,
+            .ok_or_else(|| OperationError::UnknownName(name.clone()))?,
         (None, ops) => {
             let mut iter = ops.iter();
             match (iter.next(), iter.next()) {
                 (Some((_, op)), None) => op.node.ty,
-                (Some(_), Some(_)) => {
-                    return Err("operationName is required with several operations".into())
-                }
-                (None, _) => return Err("the document has no operation".into()),
+                (Some(_), Some(_)) => return Err(OperationError::NameRequired),
+                (None, _) => return Err(OperationError::NoOperation),
             }
         }
     };
@@ -72,7 +95,7 @@ pub fn operation_type(request: &Request) -> Result<OperationType, String> {
 pub(crate) fn counted_operation_type(
     request: &Request,
     metrics: &Metrics,
-) -> Result<OperationType, String> {
+) -> Result<OperationType, OperationError> {
     operation_type(request).inspect_err(|_| {
         metrics
             .graphql_operations_total

@@ -161,6 +161,11 @@ pub fn resume_points(last_event_id: Option<&str>, topics: &[String]) -> Vec<Resu
 // ---------------------------------------------------------------------------
 // The event stream endpoint.
 
+/// A query string that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("the query string is malformed: {0}")]
+struct MalformedQuery(actix_web::error::QueryPayloadError);
+
 /// The query string of the event stream.
 #[derive(Debug, Default, PartialEq)]
 struct StreamQuery {
@@ -172,9 +177,9 @@ struct StreamQuery {
 impl StreamQuery {
     /// `topic` (repeated), `token`, `lastEventId`; other parameters (a
     /// client's cache buster, say) are ignored.
-    fn parse(query_string: &str) -> Result<Self, String> {
+    fn parse(query_string: &str) -> Result<Self, MalformedQuery> {
         let pairs = web::Query::<Vec<(String, String)>>::from_query(query_string)
-            .map_err(|e| format!("the query string is malformed: {e}"))?
+            .map_err(MalformedQuery)?
             .into_inner();
         let mut query = StreamQuery::default();
         for (key, value) in pairs {
@@ -239,7 +244,10 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     };
     let query = match StreamQuery::parse(req.query_string()) {
         Ok(query) => query,
-        Err(message) => return api_error(StatusCode::BAD_REQUEST, "bad_request", &message),
+        Err(malformed) => {
+            let message = malformed.to_string();
+            return api_error(StatusCode::BAD_REQUEST, "bad_request", &message);
+        }
     };
     let principal = match state
         .auth

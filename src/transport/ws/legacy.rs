@@ -163,12 +163,16 @@ impl Legacy {
         if self.core.phase != Phase::Ready {
             return self.core.close(close::UNAUTHORIZED, "Unauthorized");
         }
-        let request = match payload
-            .ok_or_else(|| "start needs an object \"payload\"".to_owned())
-            .and_then(parse_request)
-        {
-            Ok(request) => request,
-            Err(message) => return vec![Self::error(Some(&id), json!({ "message": message }))],
+        let request = match payload.map(parse_request) {
+            Some(Ok(request)) => request,
+            Some(Err(invalid)) => {
+                let message = invalid.to_string();
+                return vec![Self::error(Some(&id), json!({ "message": message }))];
+            }
+            None => {
+                let message = "start needs an object \"payload\"";
+                return vec![Self::error(Some(&id), json!({ "message": message }))];
+            }
         };
         let mut out = Vec::new();
         // Restarting an id replaces the running operation.

@@ -332,14 +332,24 @@ struct RequestPayload {
     extensions: Option<Map<String, Value>>,
 }
 
+/// Why a `subscribe`/`start` payload is not a GraphQL request.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PayloadError {
+    #[error("the payload must be an object")]
+    NotAnObject,
+    #[error("invalid payload: {0}")]
+    Fields(serde_json::Error),
+    #[error("invalid extensions: {0}")]
+    Extensions(serde_json::Error),
+}
+
 /// The GraphQL request in a `subscribe`/`start` payload: `query` a string;
 /// `variables`, `operationName` and `extensions` optional or null.
-pub(crate) fn parse_request(payload: Value) -> Result<Request, String> {
+pub(crate) fn parse_request(payload: Value) -> Result<Request, PayloadError> {
     if !payload.is_object() {
-        return Err("the payload must be an object".into());
+        return Err(PayloadError::NotAnObject);
     }
-    let p: RequestPayload =
-        serde_json::from_value(payload).map_err(|e| format!("invalid payload: {e}"))?;
+    let p: RequestPayload = serde_json::from_value(payload).map_err(PayloadError::Fields)?;
     let mut request = Request::new(p.query);
     if let Some(name) = p.operation_name {
         request = request.operation_name(name);
@@ -350,8 +360,8 @@ pub(crate) fn parse_request(payload: Value) -> Result<Request, String> {
         )));
     }
     if let Some(extensions) = p.extensions {
-        request.extensions = serde_json::from_value(Value::Object(extensions))
-            .map_err(|e| format!("invalid extensions: {e}"))?;
+        request.extensions =
+            serde_json::from_value(Value::Object(extensions)).map_err(PayloadError::Extensions)?;
     }
     Ok(request)
 }

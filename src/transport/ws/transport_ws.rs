@@ -97,65 +97,80 @@ impl TransportWs {
     }
 }
 
-/// Validates one client message; `Err` is the 4400 reason.
-fn parse(text: &str) -> Result<ClientMessage, String> {
+/// Why a client message is refused: the 4400 close reason.
+#[derive(Debug, thiserror::Error)]
+enum Invalid {
+    #[error("Invalid message received: not JSON")]
+    NotJson,
+    #[error("Invalid message received: not a JSON object")]
+    NotAnObject,
+    #[error("Invalid message received: \"type\" must be a string")]
+    NoType,
+    #[error("Invalid message received: {0} needs a non-empty string \"id\"")]
+    NoId(&'static str),
+    #[error("Invalid message received: {0} payload must be an object")]
+    PayloadNotAnObject(&'static str),
+    #[error("Invalid message received: subscribe needs an object \"payload\"")]
+    NoSubscribePayload,
+    #[error("Unexpected message of type {0} received")]
+    ServerOnly(&'static str),
+    /// The type, cut to 32 bytes.
+    #[error("Invalid message received: unknown type {0:?}")]
+    UnknownType(String),
+}
+
+/// Validates one client message.
+fn parse(text: &str) -> Result<ClientMessage, Invalid> {
     let Ok(value) = serde_json::from_str::<Value>(text) else {
-        return Err("Invalid message received: not JSON".into());
+        return Err(Invalid::NotJson);
     };
     let Value::Object(mut message) = value else {
-        return Err("Invalid message received: not a JSON object".into());
+        return Err(Invalid::NotAnObject);
     };
     let ty = match message.get("type") {
         Some(Value::String(ty)) => ty.clone(),
-        _ => return Err("Invalid message received: \"type\" must be a string".into()),
+        _ => return Err(Invalid::NoType),
     };
-    let id = |message: &mut Map<String, Value>| match message.remove("id") {
+    let id = |message: &mut Map<String, Value>, ty: &'static str| match message.remove("id") {
         Some(Value::String(id)) if !id.is_empty() => Ok(id),
-        _ => Err(format!(
-            "Invalid message received: {ty} needs a non-empty string \"id\""
-        )),
+        _ => Err(Invalid::NoId(ty)),
     };
     match ty.as_str() {
         "connection_init" => match message.remove("payload") {
             None | Some(Value::Null) => Ok(ClientMessage::ConnectionInit(None)),
             Some(Value::Object(payload)) => Ok(ClientMessage::ConnectionInit(Some(payload))),
-            Some(_) => {
-                Err("Invalid message received: connection_init payload must be an object".into())
-            }
+            Some(_) => Err(Invalid::PayloadNotAnObject("connection_init")),
         },
         "ping" | "pong" => {
+            let ping = ty == "ping";
             let payload = match message.remove("payload") {
                 None | Some(Value::Null) => None,
                 Some(payload @ Value::Object(_)) => Some(payload),
                 Some(_) => {
-                    return Err(format!(
-                        "Invalid message received: {ty} payload must be an object"
-                    ))
+                    let ty = if ping { "ping" } else { "pong" };
+                    return Err(Invalid::PayloadNotAnObject(ty));
                 }
             };
-            Ok(if ty == "ping" {
+            Ok(if ping {
                 ClientMessage::Ping(payload)
             } else {
                 ClientMessage::Pong
             })
         }
         "subscribe" => {
-            let id = id(&mut message)?;
+            let id = id(&mut message, "subscribe")?;
             match message.remove("payload") {
                 Some(payload @ Value::Object(_)) => Ok(ClientMessage::Subscribe { id, payload }),
-                _ => Err("Invalid message received: subscribe needs an object \"payload\"".into()),
+                _ => Err(Invalid::NoSubscribePayload),
             }
         }
         "complete" => Ok(ClientMessage::Complete {
-            id: id(&mut message)?,
+            id: id(&mut message, "complete")?,
         }),
-        "connection_ack" | "next" | "error" => {
-            Err(format!("Unexpected message of type {ty} received"))
-        }
-        _ => Err(format!(
-            "Invalid message received: unknown type {:?}",
-            truncate(&ty, 32)
-        )),
+        "connection_ack" => Err(Invalid::ServerOnly("connection_ack")),
+        "next" => Err(Invalid::ServerOnly("next")),
+        "error" => Err(Invalid::ServerOnly("error")),
+        _ => Err(Invalid::UnknownType(truncate(&ty, 32).to_owned())),
     }
 }
 
@@ -178,7 +193,7 @@ impl Protocol for TransportWs {
     fn text_message(&mut self, text: &str) -> Vec<Action> {
         let message = match parse(text) {
             Ok(message) => message,
-            Err(reason) => return self.core.close(close::BAD_REQUEST, reason),
+            Err(invalid) => return self.core.close(close::BAD_REQUEST, invalid.to_string()),
         };
         match message {
             ClientMessage::ConnectionInit(payload) => self.connection_init(payload),
