@@ -892,60 +892,64 @@ mod tests {
         )
     }
 
-    #[test]
-    fn every_invalid_value_is_reported_at_once_one_line_each() {
-        let err = load_all(&[
-            ("SUBGATE__RATELIMIT__PUBLISH_PER_SECOND", "0"),
-            ("SUBGATE__RATELIMIT__MESSAGES_BURST", "0"),
-            ("SUBGATE__PRESENCE__REFRESH_SECONDS", "15"),
-        ])
-        .unwrap_err();
-        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
-        for key in [
-            "ratelimit.publish_per_second",
-            "ratelimit.messages_burst",
-            "presence.refresh_seconds",
-        ] {
-            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    /// Loading `vars` fails naming exactly `keys`, one line each.
+    fn assert_refused_naming(vars: &[(&str, &str)], keys: &[&str]) {
+        let err = load_all(vars).unwrap_err();
+        let named: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for key in keys {
+            assert!(named.contains(key), "{key} missing from {named:?}");
         }
+        assert_eq!(named.len(), keys.len(), "{err}");
         let text = err.to_string();
-        assert_eq!(text.lines().count(), err.0.len(), "{text}");
+        assert_eq!(text.lines().count(), keys.len(), "{text}");
         assert!(text
             .lines()
             .all(|l| l.starts_with("invalid configuration: ")));
-        let both = load_all(&[
-            ("SUBGATE__ENVIRONMENT", "staging"),
-            ("SUBGATE__LOG__FORMAT", "xml"),
-        ])
-        .unwrap_err();
-        assert_eq!(both.0.len(), 2, "{both}");
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported_at_once_one_line_each() {
+        assert_refused_naming(
+            &[
+                ("SUBGATE__RATELIMIT__PUBLISH_PER_SECOND", "0"),
+                ("SUBGATE__RATELIMIT__MESSAGES_BURST", "0"),
+                ("SUBGATE__PRESENCE__REFRESH_SECONDS", "15"),
+            ],
+            &[
+                "ratelimit.publish_per_second",
+                "ratelimit.messages_burst",
+                "presence.refresh_seconds",
+            ],
+        );
+        assert_refused_naming(
+            &[
+                ("SUBGATE__ENVIRONMENT", "staging"),
+                ("SUBGATE__LOG__FORMAT", "xml"),
+            ],
+            &["environment", "log.format"],
+        );
     }
 
     #[test]
     fn every_key_of_the_wrong_type_or_name_is_reported_at_once() {
-        let err = load_all(&[
-            ("SUBGATE__SERVER__PORT", "not-a-port"),
-            ("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "many"),
-            ("SUBGATE__SSE__RETRY_SECONDS", "soon"),
-            ("SUBGATE__WEBSOCKET__PING_INTERVALL_SECONDS", "5"),
-            ("SUBGATE__NO_SUCH_SECTION__KEY", "1"),
-            ("SUBGATE__LOG__FORMAT", "xml"),
-        ])
-        .unwrap_err();
-        let keys: Vec<&str> = err.0.iter().map(|e| e.key.as_str()).collect();
-        for key in [
-            "server.port",
-            "hub.subscriber_queue_capacity",
-            "sse.retry_seconds",
-            "websocket.ping_intervall_seconds",
-            "no_such_section",
-            "log.format",
-        ] {
-            assert!(keys.contains(&key), "{key} missing from {keys:?}");
-        }
-        assert_eq!(err.0.len(), 6, "{err}");
-        let text = err.to_string();
-        assert_eq!(text.lines().count(), 6, "{text}");
+        assert_refused_naming(
+            &[
+                ("SUBGATE__SERVER__PORT", "not-a-port"),
+                ("SUBGATE__HUB__SUBSCRIBER_QUEUE_CAPACITY", "many"),
+                ("SUBGATE__SSE__RETRY_SECONDS", "soon"),
+                ("SUBGATE__WEBSOCKET__PING_INTERVALL_SECONDS", "5"),
+                ("SUBGATE__NO_SUCH_SECTION__KEY", "1"),
+                ("SUBGATE__LOG__FORMAT", "xml"),
+            ],
+            &[
+                "server.port",
+                "hub.subscriber_queue_capacity",
+                "sse.retry_seconds",
+                "websocket.ping_intervall_seconds",
+                "no_such_section",
+                "log.format",
+            ],
+        );
     }
 
     #[test]
