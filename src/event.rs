@@ -41,6 +41,12 @@ pub struct SharedEvent {
     pub published_at_ms: u64,
     /// The resume position, when the id is one.
     pub position: Option<Position>,
+    /// A topic's latest event handed out again after the node's bus link
+    /// came back (see [`SharedEvent::resync`]): a resumable stream that has
+    /// delivered something compares it with where it stands and reads what
+    /// it missed from history; a stream that has delivered nothing yet
+    /// ignores it.
+    pub resync: bool,
     /// The payload decoded into a domain type, once, by the first subscriber
     /// that asks (see [`SharedEvent::payload_as`]).
     typed: OnceLock<Option<Arc<dyn Any + Send + Sync>>>,
@@ -71,6 +77,19 @@ impl SharedEvent {
             json,
             published_at_ms,
             position,
+            resync: false,
+            typed: OnceLock::new(),
+        })
+    }
+
+    /// This event again, marked as a resync point.
+    pub fn resync(&self) -> Arc<Self> {
+        Arc::new(Self {
+            event: self.event.clone(),
+            json: self.json.clone(),
+            published_at_ms: self.published_at_ms,
+            position: self.position.clone(),
+            resync: true,
             typed: OnceLock::new(),
         })
     }

@@ -6,8 +6,13 @@
 //! replay is dropped by position. A live event whose position does not
 //! follow the last one delivered (Pub/Sub lost a message, say across a
 //! reconnect) makes the stream read the history from the last delivered
-//! position before going on. What cannot be recovered is said out loud as a
-//! [`Delivery::Gap`], never papered over.
+//! position before going on; a live event of a new epoch (the history was
+//! lost, e.g. Redis restarted empty) is a gap, then the new epoch read from
+//! its start, so whatever was published since reaches the subscriber once.
+//! A resync point (a topic's latest event, handed out again when the bus
+//! link returns) triggers the same comparison even if no new event comes.
+//! What cannot be recovered is said out loud as a [`Delivery::Gap`], never
+//! papered over.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -113,16 +118,18 @@ impl State {
                 return Some((Delivery::Event(event), self));
             };
             match self.last.clone() {
+                // A stream that has delivered nothing stands at the live
+                // edge: an older event handed out again is not for it.
+                None if event.resync => continue,
                 None => {
                     self.last = Some(pos);
                     return Some((Delivery::Event(event), self));
                 }
-                Some(last) if last.epoch != pos.epoch => {
-                    // The history was lost under us (a new epoch).
-                    self.last = Some(pos);
-                    self.pending.push_back(Delivery::Event(event));
-                    return Some((Delivery::Gap(GapReason::EpochChanged), self));
-                }
+                // The history was lost under us (a new epoch): the gap is
+                // said, then the new epoch is read from its start, since
+                // what it holds before this event was published while this
+                // node could not hear it.
+                Some(last) if last.epoch != pos.epoch => self.fill(last, event).await,
                 Some(last) if pos.seq <= last.seq => continue,
                 Some(last) if pos.seq == last.seq + 1 => {
                     self.last = Some(pos);
@@ -360,6 +367,69 @@ mod tests {
         assert_eq!(
             take(&mut resumed.stream, 5).await,
             [&lost[..], &after[..]].concat()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resync_point_fills_what_was_missed_and_is_ignored_by_a_fresh_stream() {
+        use crate::broker::EventSink;
+        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let broker = LossyBroker {
+            inner: MemoryBroker::new(100, Duration::from_secs(60)),
+            losing: losing.clone(),
+        };
+        let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
+        let mut resumed = resume(&hub, None).await;
+        let first = publish(&hub, "t", 1).await;
+        assert_eq!(take(&mut resumed.stream, 1).await, first);
+        // The link is down while three events are published; then nothing
+        // new comes, only the topic's latest event handed out again.
+        losing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let lost = publish(&hub, "t", 3).await;
+        losing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut fresh = resume(&hub, None).await;
+        let latest = hub
+            .broker()
+            .history("t", &Position::parse(&first[0]).unwrap(), 10)
+            .await
+            .unwrap();
+        let History::Complete(events) = latest else {
+            panic!("{latest:?}")
+        };
+        hub.dispatch(events.last().unwrap().resync());
+        assert_eq!(take(&mut resumed.stream, 3).await, lost);
+        // A stream that had delivered nothing stands at the live edge.
+        let next = publish(&hub, "t", 1).await;
+        assert_eq!(take(&mut fresh.stream, 1).await, next);
+        assert_eq!(take(&mut resumed.stream, 1).await, next);
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_is_read_from_its_start() {
+        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let broker = LossyBroker {
+            inner: MemoryBroker::new(100, Duration::from_millis(200)),
+            losing: losing.clone(),
+        };
+        let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
+        let mut resumed = resume(&hub, None).await;
+        let first = publish(&hub, "t", 1).await;
+        assert_eq!(take(&mut resumed.stream, 1).await, first);
+        // The history expires (a new epoch begins) while the link is down.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        losing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let unheard = publish(&hub, "t", 2).await;
+        losing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let heard = publish(&hub, "t", 1).await;
+        assert_ne!(first[0].split(':').next(), heard[0].split(':').next());
+        assert_eq!(
+            take(&mut resumed.stream, 4).await,
+            [
+                &["gap:epoch_changed".to_owned()][..],
+                &unheard[..],
+                &heard[..]
+            ]
+            .concat()
         );
     }
 }
