@@ -26,11 +26,29 @@ pub struct Principal {
     pub user_id: String,
     /// The `scope` claim, split on spaces.
     pub scopes: Vec<String>,
+    /// When the token stops counting (its `exp` plus `auth.leeway_seconds`),
+    /// in seconds since the Unix epoch; `None` for a principal no token
+    /// bounds. A connection authenticated by the token ends then.
+    pub expires_at: Option<u64>,
 }
 
 impl Principal {
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)
+    }
+
+    /// How long the principal still counts; `None` when no token bounds it.
+    pub fn remaining(&self) -> Option<std::time::Duration> {
+        let expires_at = self.expires_at?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Some(std::time::Duration::from_secs(expires_at).saturating_sub(now))
+    }
+
+    /// Whether the token that made this principal has expired.
+    pub fn is_expired(&self) -> bool {
+        self.remaining().is_some_and(|left| left.is_zero())
     }
 }
 
@@ -159,6 +177,7 @@ impl Authenticator {
             return Err(AuthError::Malformed);
         }
         Ok(Principal {
+            expires_at: Some(claims.exp.saturating_add(self.validation.leeway)),
             user_id: claims.sub,
             scopes: claims
                 .scope

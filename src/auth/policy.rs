@@ -53,6 +53,7 @@ mod tests {
         Principal {
             user_id: id.into(),
             scopes: vec![],
+            expires_at: None,
         }
     }
 
@@ -175,6 +176,9 @@ pub async fn authorize(
     if !crate::event::topic::is_valid(topic) {
         return Err(Refusal::InvalidTopic(topic.to_owned()));
     }
+    // An expired token authorizes nothing, whatever the connection it
+    // opened still holds.
+    let principal = principal.filter(|p| !p.is_expired());
     match can_subscribe(principal, topic) {
         Decision::Allow => Ok(()),
         Decision::Unauthorized => Err(Refusal::Unauthorized(topic.to_owned())),

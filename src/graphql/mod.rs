@@ -77,7 +77,11 @@ pub(crate) fn ctx_deps<'a>(ctx: &'a Context<'_>) -> &'a Arc<SchemaDeps> {
 
 /// The caller, when authenticated.
 pub(crate) fn viewer<'a>(ctx: &'a Context<'_>) -> Option<&'a Principal> {
-    ctx.data_opt::<Viewer>().and_then(|v| v.0.as_ref())
+    // A connection's token may expire while it is open: from then on its
+    // operations run as nobody (and the connection is closed).
+    ctx.data_opt::<Viewer>()
+        .and_then(|v| v.0.as_ref())
+        .filter(|p| !p.is_expired())
 }
 
 /// A GraphQL error with `extensions.code`.

@@ -188,6 +188,7 @@ async fn stream_operation(
         Err(refusal) => return refusal.graphql_response(),
     };
     let cutoff = Cutoff::new();
+    let expires_at = principal.as_ref().and_then(|p| p.expires_at);
     let request = request
         .data(Viewer(principal))
         .data(cutoff.clone())
@@ -213,7 +214,19 @@ async fn stream_operation(
             Bytes::from_static(b"event: complete\ndata: \n\n")
         }))
         .boxed();
+    // An expired token ends the operation as a failed one would: an error
+    // result, then `complete`.
+    let expired = json!({ "errors": [{
+        "message": "the token has expired: reconnect with a fresh one",
+        "extensions": { "code": ErrorCode::Unauthorized.as_str() },
+    }] });
+    let farewell = [
+        frame::event("next", None, &expired.to_string()),
+        Bytes::from_static(b"event: complete\ndata: \n\n"),
+    ]
+    .concat();
     Streaming::new(state, transport::GRAPHQL_SSE, PING, cutoff, drain, held)
+        .expiring(expires_at, Bytes::from(farewell))
         .respond(Vec::new(), frames)
 }
 

@@ -387,7 +387,15 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
             Delivery::Gap(reason) => frame::gap(&cursor.topics[index], reason),
         })
         .boxed();
+    let expired = serde_json::json!({
+        "code": crate::error::envelope::UNAUTHORIZED,
+        "message": "the token has expired: reconnect with a fresh one",
+    });
     Streaming::new(&state, transport::SSE, frame::PING, cutoff, drain, held)
+        .expiring(
+            principal.as_ref().and_then(|p| p.expires_at),
+            frame::event("auth.expired", None, &expired.to_string()),
+        )
         .respond(opening, frames)
 }
 
@@ -501,6 +509,7 @@ mod tests {
         let me = Principal {
             user_id: "u1".into(),
             scopes: vec![],
+            expires_at: None,
         };
         assert_eq!(
             choose_topics(vec![], Some(&me)).unwrap(),

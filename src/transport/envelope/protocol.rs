@@ -425,6 +425,25 @@ impl Machine {
         ]
     }
 
+    /// When the connection's token stops counting (seconds since the Unix
+    /// epoch, leeway included); an `auth` with a fresh token of the same
+    /// user before then moves it.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.principal.as_ref().and_then(|p| p.expires_at)
+    }
+
+    /// The connection's token expired: `auth.expired`, then close 4401.
+    pub fn on_expired(&mut self) -> Vec<Action> {
+        let expired = json!({
+            "code": code::UNAUTHORIZED,
+            "message": "the token has expired: reconnect with a fresh one (or send auth with one before it expires)",
+        });
+        vec![
+            self.control(server::AUTH_EXPIRED, None, expired),
+            Action::Close(close::UNAUTHORIZED, "token expired".into()),
+        ]
+    }
+
     /// A channel's stream lost events it could not recover.
     pub fn on_gap(&mut self, channel_id: &str, reason: GapReason) -> Vec<Action> {
         if !self.channels.get(channel_id).is_some_and(|c| c.active) {
@@ -766,10 +785,12 @@ mod tests {
             ANN => Ok(Principal {
                 user_id: "ann".into(),
                 scopes: vec![],
+                expires_at: None,
             }),
             BOB => Ok(Principal {
                 user_id: "bob".into(),
                 scopes: vec![],
+                expires_at: None,
             }),
             _ => Err(crate::auth::AuthError::Malformed.into()),
         })

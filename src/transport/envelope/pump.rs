@@ -4,7 +4,8 @@
 //!
 //! One task per connection, selecting over the client's frames, the effect
 //! at the head of the connection's *lane*, the channels' streams (one
-//! `StreamMap`, polled in place), the auth deadline, the heartbeat, the
+//! `StreamMap`, polled in place), the auth deadline, the token's expiry
+//! (`auth.expired`, then 4401), the heartbeat, the
 //! connection's [`Cutoff`] (1013) and the node's drain (1001). Frame
 //! limits, heartbeat and closing are every subgate WebSocket's
 //! ([`crate::transport::socket`]).
@@ -37,7 +38,9 @@ use crate::hub::Cutoff;
 use crate::presence::PresenceGuard;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport::ENVELOPE_WS, GaugeGuard, Metrics};
-use crate::transport::socket::{finish, going_away, slow_consumer, End, Outbox, Received, Socket};
+use crate::transport::socket::{
+    finish, going_away, slow_consumer, End, Expiry, Outbox, Received, Socket,
+};
 
 /// Most lane steps waiting before the task stops reading the socket.
 const MAX_PENDING: usize = 64;
@@ -85,6 +88,7 @@ enum Wake {
     Delivery(String, Delivery),
     AuthTimeout,
     Heartbeat,
+    Expired,
 }
 
 /// The parts of the task that actions work on.
@@ -331,6 +335,7 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
     let mut auth_armed = !machine.is_authenticated();
     let mut drained = pin!(shutdown.wait());
     let mut cut = pin!(cutoff.fired());
+    let mut expiry = Expiry::new();
 
     let greeting = machine.start();
     let end = match io.run(greeting).await {
@@ -338,7 +343,9 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
         Ok(()) => loop {
             let reading = io.lane.len() < MAX_PENDING;
             let working = matches!(io.lane.front(), Some(Step::Effect(_)));
+            expiry.follow(machine.expires_at());
             let wake = tokio::select! {
+                () = expiry.wait() => Wake::Expired,
                 _ = &mut drained => Wake::Drain,
                 _ = &mut cut => Wake::Cut,
                 frame = reader.messages.next(), if reading => Wake::Frame(frame),
@@ -368,6 +375,7 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
                     io.run(machine.on_auth_timeout()).await
                 }
                 Wake::Heartbeat => reader.beat(&mut io.outbox).await,
+                Wake::Expired => io.run(machine.on_expired()).await,
             };
             if let Err(end) = step {
                 break end;

@@ -38,6 +38,7 @@ message_types! {
     CONNECTION_ESTABLISHED = "connection.established",
     AUTH_SUCCESS = "auth.success",
     AUTH_FAILED = "auth.failed",
+    AUTH_EXPIRED = "auth.expired",
     CHANNEL_SUBSCRIBED = "channel.subscribed",
     CHANNEL_UNSUBSCRIBED = "channel.unsubscribed",
     CHANNEL_GAP = "channel.gap",

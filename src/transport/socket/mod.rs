@@ -19,6 +19,7 @@
 //!   lives, and its close, counted in `ws_closes_total` when the node
 //!   decides on it.
 
+mod expiry;
 mod frame;
 mod heartbeat;
 mod outbox;
@@ -41,6 +42,7 @@ use crate::telemetry::metrics::{GaugeGuard, Metrics};
 use crate::transport::admission::{Gate, Opening, Refusal};
 use crate::transport::graphql_error;
 
+pub use self::expiry::Expiry;
 use self::frame::{guard_frames, Assembled, Assembler, FrameError};
 pub use self::heartbeat::Heartbeat;
 use self::outbox::close_reason;

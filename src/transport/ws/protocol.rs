@@ -94,6 +94,12 @@ impl Core {
         (out, delivery)
     }
 
+    /// When the connection's principal stops counting (seconds since the
+    /// Unix epoch); `None` when no token bounds it.
+    pub(crate) fn expires_at(&self) -> Option<u64> {
+        self.principal.as_ref().and_then(|p| p.expires_at)
+    }
+
     /// Whether `connection_init` has been accepted (or the connection
     /// closed without it).
     pub(crate) fn is_initialised(&self) -> bool {
@@ -183,6 +189,20 @@ pub trait Protocol {
     fn on_heartbeat(&mut self) -> Vec<Action>;
     /// Whether `connection_init` was accepted (the init timer then stops).
     fn is_initialised(&self) -> bool;
+    /// When the token the connection runs as expires (seconds since the
+    /// Unix epoch, leeway included).
+    fn expires_at(&mut self) -> Option<u64> {
+        self.core().expires_at()
+    }
+    /// The connection's token expired: it ends with 4403 on both protocols
+    /// (a client reconnects with a fresh token and resumes).
+    fn on_expired(&mut self) -> Vec<Action> {
+        if self.core().phase == Phase::Closed {
+            return Vec::new();
+        }
+        self.core()
+            .close(crate::error::close::FORBIDDEN, "Forbidden: token expired")
+    }
 }
 
 /// The outcome of [`Operations::admit`].

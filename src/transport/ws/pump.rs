@@ -12,6 +12,7 @@
 //! - the heartbeat ([`Heartbeat`](crate::transport::socket::Heartbeat), and the protocol's own
 //!   keep-alive, if it has one);
 //! - the `connection_init` deadline;
+//! - the expiry of the token the connection runs as: 4403;
 //! - the connection's [`Cutoff`]: fired by the hub when one of its
 //!   subscriptions overflowed, it closes with 1013 "slow consumer";
 //! - the node's drain: 1001 "server shutting down".
@@ -36,7 +37,7 @@ use crate::graphql::Viewer;
 use crate::hub::Cutoff;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
-use crate::transport::socket::{finish, going_away, slow_consumer, End, Received, Socket};
+use crate::transport::socket::{finish, going_away, slow_consumer, End, Expiry, Received, Socket};
 
 /// The connection's timing and limits, in the units the task uses.
 #[derive(Debug, Clone)]
@@ -104,6 +105,7 @@ enum Event {
     Result(String, Option<Response>),
     InitTimeout,
     Heartbeat,
+    Expired,
 }
 
 /// Serves one connection until either side closes it.
@@ -132,9 +134,12 @@ pub async fn run<E: Executor, P: Protocol>(
     let mut init_timer_armed = true;
     let mut drained = pin!(shutdown.wait());
     let mut cut = pin!(cutoff.fired());
+    let mut expiry = Expiry::new();
 
     let end = 'connection: loop {
+        expiry.follow(machine.expires_at());
         let event = tokio::select! {
+            () = expiry.wait() => Event::Expired,
             _ = &mut drained => Event::Drain,
             _ = &mut cut => Event::Cut,
             frame = reader.messages.next() => Event::Frame(frame),
@@ -157,6 +162,7 @@ pub async fn run<E: Executor, P: Protocol>(
                 init_timer_armed = false;
                 machine.on_init_timeout()
             }
+            Event::Expired => machine.on_expired(),
             Event::Heartbeat => {
                 if let Err(end) = reader.beat(&mut outbox).await {
                     break end;
