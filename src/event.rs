@@ -20,6 +20,11 @@ use serde_json::value::RawValue;
 /// Longest topic name accepted anywhere.
 pub const MAX_TOPIC_LEN: usize = 200;
 
+/// The type of the live-only signal a node publishes on a topic whose
+/// readers rule changed: every stream of the topic asks again whether its
+/// subscriber may still read it. Never delivered to clients.
+pub const READERS_CHANGED: &str = "subgate.readers_changed";
+
 /// One event as it travels.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::auth::policy::is_domain_topic;
 use crate::broker::BrokerError;
-use crate::event::{topic, NewEvent, SharedEvent};
+use crate::event::{topic, NewEvent, SharedEvent, READERS_CHANGED};
 use crate::store::TopicReaders;
 
 use super::Domain;
@@ -63,11 +63,21 @@ impl Domain {
             readers,
         } = event;
         if let Some(readers) = &readers {
+            let before = self.store.topic_readers(&topic).await.ok().flatten();
             if let Err(e) = self.store.set_topic_readers(&topic, readers).await {
                 tracing::warn!(error = %e, "a publish could not record its topic's readers");
                 return Err(PublishRefusal::Unavailable(
                     "the topic's readers could not be recorded; nothing was published",
                 ));
+            }
+            if before.as_ref() != Some(readers) {
+                // Every stream of the topic asks again before the event
+                // the new rule protects reaches it. Live only: a node that
+                // misses it (its bus link down) keeps its streams.
+                let signal = NewEvent::new(topic.clone(), READERS_CHANGED, serde_json::json!({}));
+                if let Err(e) = self.hub.publish(signal.ephemeral()).await {
+                    tracing::warn!(error = %e, "a readers change could not be announced");
+                }
             }
         }
         match self.hub.publish(NewEvent::new(topic, kind, payload)).await {

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
 use super::{Cutoff, Hub, Subscription};
@@ -29,7 +30,15 @@ pub enum Delivery {
     Event(Arc<SharedEvent>),
     /// Events were lost here and could not be recovered.
     Gap(GapReason),
+    /// The subscriber may no longer read the topic (its readers rule
+    /// changed); the stream ends after this.
+    Revoked,
 }
+
+/// Asks again whether a stream's subscriber may still read its topic, when
+/// the topic's readers rule changed: `false` only when it definitely may
+/// not.
+pub type Recheck = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
 
 /// A resumable subscription.
 pub struct Resumed {
@@ -49,6 +58,8 @@ struct State {
     /// A live event to look at again once the history read is delivered.
     requeued: Option<Arc<SharedEvent>>,
     last: Option<Position>,
+    recheck: Option<Recheck>,
+    revoked: bool,
 }
 
 impl State {
@@ -106,6 +117,9 @@ impl State {
 
     async fn next(mut self) -> Option<(Delivery, Self)> {
         loop {
+            if self.revoked {
+                return None;
+            }
             if let Some(d) = self.pending.pop_front() {
                 return Some((d, self));
             }
@@ -113,6 +127,15 @@ impl State {
                 Some(e) => e,
                 None => self.live.recv().await?,
             };
+            if event.event.kind == crate::event::READERS_CHANGED {
+                if let Some(recheck) = &self.recheck {
+                    if !recheck().await {
+                        self.revoked = true;
+                        return Some((Delivery::Revoked, self));
+                    }
+                }
+                continue;
+            }
             let Some(pos) = event.position.clone() else {
                 // Not a position subgate wrote: nothing to order by.
                 return Some((Delivery::Event(event), self));
@@ -144,12 +167,15 @@ impl State {
 impl Hub {
     /// Subscribes to `topic` and, when `after` is given, first replays what
     /// came after that position. `after` is an event id (`EPOCH:SEQ`).
+    /// `recheck`, for a topic whose readers may change, is asked whenever
+    /// they do.
     pub async fn subscribe_from(
         self: &Arc<Self>,
         topic: &str,
         after: Option<&str>,
         transport: &'static str,
         cutoff: Option<Arc<Cutoff>>,
+        recheck: Option<Recheck>,
     ) -> Result<Resumed, BrokerError> {
         // Live first, so that nothing published during the read is missed.
         let live = self.subscribe(topic, transport, cutoff).await?;
@@ -161,6 +187,8 @@ impl Hub {
             pending: VecDeque::new(),
             requeued: None,
             last: None,
+            recheck,
+            revoked: false,
         };
         let mut gap = None;
         if let Some(after) = after {
@@ -221,7 +249,7 @@ mod tests {
 
     /// A subscription to topic `t` from `position`.
     async fn resume(hub: &Arc<Hub>, position: Option<&str>) -> Resumed {
-        hub.subscribe_from("t", position, "test", None)
+        hub.subscribe_from("t", position, "test", None, None)
             .await
             .unwrap()
     }
@@ -236,6 +264,7 @@ mod tests {
             {
                 Delivery::Event(e) => out.push(e.event.id.clone()),
                 Delivery::Gap(reason) => out.push(format!("gap:{}", reason.as_str())),
+                Delivery::Revoked => out.push("revoked".into()),
             }
         }
         out

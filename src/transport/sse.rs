@@ -313,9 +313,13 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
                 ResumeFrom::After(position) => Some(position.as_str()),
                 ResumeFrom::Live | ResumeFrom::Malformed => anchor.as_deref(),
             };
-            state
-                .hub
-                .subscribe_from(name, after, transport::SSE, Some(cutoff.clone()))
+            state.hub.subscribe_from(
+                name,
+                after,
+                transport::SSE,
+                Some(cutoff.clone()),
+                crate::auth::policy::recheck(state.store.clone(), principal.clone(), name),
+            )
         },
     ))
     .await;
@@ -385,6 +389,13 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
                 frame::event(&event.event.kind, cursor.id().as_deref(), event.json.get())
             }
             Delivery::Gap(reason) => frame::gap(&cursor.topics[index], reason),
+            // The topic's stream ends; the others go on.
+            Delivery::Revoked => frame::event(
+                "revoked",
+                None,
+                &serde_json::json!({ "topic": cursor.topics[index], "code": "forbidden" })
+                    .to_string(),
+            ),
         })
         .boxed();
     let expired = serde_json::json!({

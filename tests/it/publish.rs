@@ -416,3 +416,82 @@ async fn a_publish_the_bus_cannot_take_is_503_never_202() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn tightening_a_topics_readers_stops_delivery_to_those_it_leaves_out() {
+    let node = publisher_node(&[]);
+    let ann = create_user(&node, "Ann").await;
+    let bob = create_user(&node, "Bob").await;
+    let both = json!({ "users": [ann.id, bob.id] });
+    publish_body(
+        &node,
+        &json!({ "topic": "audit", "type": "entry", "payload": { "n": 0 }, "readers": both }),
+    )
+    .await;
+    // Bob reads over GraphQL and SSE, Ann over GraphQL.
+    let subscribe = async |user: &TestUser| {
+        let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
+        ws.init_ack(json!({ "token": user.token })).await;
+        ws.subscribe(
+            "a",
+            "subscription { events(topics: [\"audit\"]) { id payload } }",
+            json!({}),
+        )
+        .await;
+        ws
+    };
+    let mut ann_ws = subscribe(&ann).await;
+    let mut bob_ws = subscribe(&bob).await;
+    let mut bob_sse = open_stream(
+        &node,
+        &format!("{STREAM}?topic=audit&token={}", bob.token),
+        &[],
+    )
+    .await
+    .expect("Bob may read audit");
+    until_live(&mut [&mut ann_ws, &mut bob_ws], "a", async |n| {
+        publish(&node, "audit", "entry", json!({ "n": n + 1 })).await
+    })
+    .await;
+    // Drain Bob's SSE stream up to now.
+    let marker = publish(&node, "audit", "entry", json!({ "n": "marker" })).await;
+    loop {
+        let block = bob_sse.next_event(Duration::from_secs(5)).await;
+        if block.json()["id"] == marker.as_str() {
+            break;
+        }
+    }
+    for ws in [&mut ann_ws, &mut bob_ws] {
+        let m = ws.next_data("a", Duration::from_secs(5)).await;
+        assert_eq!(m["data"]["events"]["id"], marker.as_str(), "{m}");
+    }
+
+    // The rule now leaves Bob out: the event it protects reaches Ann only.
+    let secret = publish_body(
+        &node,
+        &json!({ "topic": "audit", "type": "entry", "payload": { "n": "secret" }, "readers": { "users": [ann.id] } }),
+    )
+    .await;
+    let m = ann_ws.next_data("a", Duration::from_secs(5)).await;
+    assert_eq!(m["data"]["events"]["id"], secret.as_str(), "{m}");
+    // Bob's subscription ends with a FORBIDDEN error, the connection lives.
+    let refusal = bob_ws.next_message(Duration::from_secs(5)).await;
+    assert_eq!(refusal["type"], "next", "{refusal}");
+    assert_eq!(
+        refusal["payload"]["errors"][0]["extensions"]["code"], "FORBIDDEN",
+        "{refusal}"
+    );
+    let end = bob_ws.next_message(Duration::from_secs(5)).await;
+    assert_eq!(
+        (end["type"].as_str(), end["id"].as_str()),
+        (Some("complete"), Some("a")),
+        "{end}"
+    );
+    bob_ws.ping_pong().await;
+    // Bob's SSE stream says so, then ends; the protected event is in neither.
+    let blocks = bob_sse.until_ended(Duration::from_secs(5)).await;
+    let events: Vec<&Block> = blocks.iter().filter(|b| b.dispatches()).collect();
+    assert_eq!(events.len(), 1, "{blocks:?}");
+    assert_eq!(events[0].event(), Some("revoked"), "{blocks:?}");
+    assert_eq!(events[0].json()["code"], "forbidden", "{blocks:?}");
+}

@@ -216,7 +216,15 @@ fn effect_job(effect: Effect, state: &AppState, cutoff: &Arc<Cutoff>) -> BoxFutu
                     authorize(state.store.as_ref(), Some(&principal), &name).await?;
                     state
                         .hub
-                        .subscribe_from(&name, last_event_id.as_deref(), ENVELOPE_WS, Some(cutoff))
+                        // Channels are never rechecked: membership is
+                        // only ever granted.
+                        .subscribe_from(
+                            &name,
+                            last_event_id.as_deref(),
+                            ENVELOPE_WS,
+                            Some(cutoff),
+                            None,
+                        )
                         .await
                         .map_err(|e| Refusal::Unavailable(e.to_string()))
                 }
@@ -367,6 +375,8 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
                 },
                 Wake::Done(done) => io.finished(&mut machine, done).await,
                 Wake::Delivery(_, Delivery::Event(event)) => io.forward(&event, &metrics).await,
+                // Only streams with a recheck end so; channels have none.
+                Wake::Delivery(_, Delivery::Revoked) => Ok(()),
                 Wake::Delivery(channel_id, Delivery::Gap(reason)) => {
                     io.run(machine.on_gap(&channel_id, reason)).await
                 }
