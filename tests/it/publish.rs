@@ -7,7 +7,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::common::jwt::{now, sign};
 use crate::common::*;
+use jsonwebtoken::Algorithm;
 
 const STREAM: &str = "/api/v1/events/stream";
 const WAIT: Duration = Duration::from_secs(10);
@@ -177,6 +179,43 @@ async fn api_keys_and_tokens_with_the_publish_scope_may_publish_and_nothing_else
             "scope {scope:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_token_whose_scopes_are_a_json_array_may_publish() {
+    let node = publisher_node(&[]);
+    let watcher = token(node.secret(), "watcher");
+    let mut stream = subscribed(&node, &format!("{STREAM}?topic=ledger"), Some(&watcher)).await;
+    let body = json!({ "topic": "ledger", "type": "entry", "payload": { "n": 1 } }).to_string();
+    // As identity providers issue them: `scope` or `scp`, as an array.
+    for (claim, scopes) in [
+        ("scope", json!(["read", "publish"])),
+        ("scp", json!(["publish"])),
+        ("scp", json!("read publish")),
+    ] {
+        let token = sign(
+            Algorithm::HS256,
+            &json!({ "sub": "ledger-service", "exp": now() + 3600, claim: scopes }),
+            node.secret(),
+        );
+        let reply = publish_raw(&node, Some(&token), body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "{claim}: {scopes}: {}",
+            reply.body
+        );
+        let got = stream.next_event(WAIT).await;
+        assert_eq!(got.id(), reply.json()["id"].as_str(), "{claim}: {scopes}");
+    }
+    // An array without `publish` is a valid token that may not publish.
+    let reader = sign(
+        Algorithm::HS256,
+        &json!({ "sub": "reader", "exp": now() + 3600, "scope": ["read"] }),
+        node.secret(),
+    );
+    let reply = publish_raw(&node, Some(&reader), body).await;
+    assert_eq!(error_code(&reply, StatusCode::FORBIDDEN), "forbidden");
 }
 
 #[tokio::test]
