@@ -27,6 +27,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -353,16 +354,32 @@ pub struct Limits {
 
 /// How long a password operation waits for a free hashing slot before it
 /// is refused: long enough to ride out a short burst (a hash takes tens of
-/// milliseconds), short enough that callers never pile up.
-pub const PASSWORD_HASH_WAIT: Duration = Duration::from_millis(100);
+/// milliseconds), short enough that nobody waits long.
+pub const PASSWORD_HASH_WAIT: Duration = Duration::from_secs(1);
+
+/// How many callers may wait for a hashing slot, per slot: a few sign-ups
+/// at once are served in turn, a storm beyond this is refused at once.
+pub const PASSWORD_HASH_WAITERS_PER_SLOT: usize = 4;
 
 /// When a caller refused for want of a hashing slot should try again.
 const PASSWORD_HASH_RETRY: Duration = Duration::from_secs(1);
 
-/// The bound on concurrent password hashes.
+/// The bound on concurrent password hashes, and on the callers waiting
+/// for one.
 struct PasswordSlots {
     slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
     refused: IntCounter,
+}
+
+/// One caller counted in `PasswordSlots::waiting` until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The key of a client address: an IPv4 address, or an IPv6 address's /64
@@ -466,6 +483,8 @@ impl Limits {
             ),
             password_hashes: PasswordSlots {
                 slots: Arc::new(Semaphore::new(password_hashes.max(1))),
+                waiting: AtomicUsize::new(0),
+                max_waiting: password_hashes.max(1) * PASSWORD_HASH_WAITERS_PER_SLOT,
                 refused: refusals(metrics, Scope::PasswordHash),
             },
         }
@@ -492,20 +511,27 @@ impl Limits {
         self.publish_auth_failures.check(&address_key(client))
     }
 
-    /// A password hashing slot, waited for at most [`PASSWORD_HASH_WAIT`].
-    /// The permit is owned so that it can travel with the hash onto its
-    /// blocking thread and be released only when the hash is done, even if
-    /// the request that asked for it has gone.
+    /// A password hashing slot: at once when one is free; else, when
+    /// fewer than [`PASSWORD_HASH_WAITERS_PER_SLOT`] callers per slot are
+    /// already waiting, after at most [`PASSWORD_HASH_WAIT`]; else refused
+    /// at once. The permit is owned so that it can travel with the hash
+    /// onto its blocking thread and be released only when the hash is
+    /// done, even if the request that asked for it has gone.
     pub async fn password_hash(&self) -> Result<OwnedSemaphorePermit, Limited> {
         let slots = &self.password_hashes;
+        let refused = || Limited::counted(Scope::PasswordHash, &slots.refused, PASSWORD_HASH_RETRY);
+        if let Ok(permit) = slots.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if slots.waiting.fetch_add(1, Ordering::AcqRel) >= slots.max_waiting {
+            slots.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(refused());
+        }
+        let _waiting = Waiting(&slots.waiting);
         match tokio::time::timeout(PASSWORD_HASH_WAIT, slots.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             // Timed out (or, never in practice, the semaphore was closed).
-            _ => Err(Limited::counted(
-                Scope::PasswordHash,
-                &slots.refused,
-                PASSWORD_HASH_RETRY,
-            )),
+            _ => Err(refused()),
         }
     }
 
@@ -701,28 +727,37 @@ mod tests {
         assert_eq!(key("::ffff:192.0.2.1"), "192.0.2.1");
     }
 
-    #[tokio::test]
-    async fn password_hashing_slots_are_bounded_and_refusals_counted() {
-        let metrics = Metrics::new();
-        let limits = Limits::new(&RatelimitSettings::default(), 2, &metrics);
+    #[tokio::test(start_paused = true)]
+    async fn password_hashing_slots_are_bounded_and_so_are_their_waiters() {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Arc::new(Limits::new(&RatelimitSettings::default(), 2, &metrics));
         let first = limits.password_hash().await.unwrap();
         let _second = limits.password_hash().await.unwrap();
-        let started = Instant::now();
+        // Eight callers (four per slot) may wait; a ninth is refused at once.
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let limits = limits.clone();
+                tokio::spawn(async move { limits.password_hash().await.map(drop) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
         let refused = limits.password_hash().await.unwrap_err();
         assert_eq!(refused.scope, Scope::PasswordHash);
         assert!(refused.retry_after >= Duration::from_secs(1));
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "a short wait, not a queue"
-        );
+        // A slot freed within the wait serves the waiters in turn (each
+        // drops its permit at once); none waits past PASSWORD_HASH_WAIT.
         drop(first);
-        assert!(
-            limits.password_hash().await.is_ok(),
-            "a released slot is free again"
-        );
+        for waiter in waiters {
+            assert!(waiter.await.unwrap().is_ok());
+        }
         assert!(metrics
             .render()
             .contains("subgate_rate_limited_total{scope=\"password_hash\"} 1"));
+        // With both slots held past the wait, a waiter is refused in time.
+        let _first = limits.password_hash().await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(limits.password_hash().await.is_err());
+        assert_eq!(started.elapsed(), PASSWORD_HASH_WAIT);
     }
 
     #[test]

@@ -149,9 +149,10 @@ pub struct AuthSettings {
     pub login_token_ttl_seconds: u64,
     /// Password hashes (argon2, about 19 MiB and tens of milliseconds
     /// each) computed at once by `login`, `createUser` and password
-    /// changes; 0 means one per core. A request that finds every slot
-    /// taken for 100 ms is refused with `RATE_LIMITED`, so memory stays
-    /// bounded whatever the number of callers.
+    /// changes; 0 means one per two cores (at least one), so that hashing
+    /// never takes every core from serving requests. Up to four callers per slot wait at
+    /// most a second for one; any more are refused with `RATE_LIMITED` at
+    /// once, so memory stays bounded whatever the number of callers.
     pub max_concurrent_password_hashes: usize,
 }
 
@@ -878,10 +879,11 @@ impl Settings {
             .collect()
     }
 
-    /// How many password hashes may run at once: the setting, or one per core.
+    /// How many password hashes may run at once: the setting, or one per
+    /// two cores, at least one.
     pub fn max_concurrent_password_hashes(&self) -> usize {
         match self.auth.max_concurrent_password_hashes {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             n => n,
         }
     }
