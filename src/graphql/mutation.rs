@@ -274,7 +274,8 @@ impl Mutation {
         };
         match domain.create_user(client_addr(ctx), signup).await {
             Err(DomainError::RateLimited(limited)) => Err(rate_limited_error(&limited)),
-            result => Ok(plain(result, User::new).into()),
+            // The caller typed this email: it is theirs to see.
+            result => Ok(plain(result, User::for_owner).into()),
         }
     }
 
@@ -295,7 +296,7 @@ impl Mutation {
         {
             Ok(session) => Ok(LoginPayload {
                 token: Some(session.token),
-                user: Some(User::new(session.user)),
+                user: Some(User::for_owner(session.user)),
                 errors: vec![],
             }),
             Err(DomainError::RateLimited(limited)) => Err(rate_limited_error(&limited)),

@@ -394,3 +394,103 @@ async fn logins_over_graphql_websockets_share_the_address_allowance() {
         );
     }
 }
+
+const UPDATE_USER: &str = "mutation($input: UpdateUserInput!) { updateUser(input: $input) { user { id name } errors { code message } } }";
+
+#[tokio::test]
+async fn an_email_is_shown_to_its_owner_only_and_never_in_events() {
+    let node = Node::start(&[]);
+    let ann = create_user(&node, "Ann").await;
+    let bob = create_user(&node, "Bob").await;
+    let emails_seen_by = |token: Option<String>| {
+        let node = &node;
+        async move {
+            let data = gql_ok(
+                node,
+                "{ users(first: 10) { nodes { id email } } }",
+                json!({}),
+                token.as_deref(),
+            )
+            .await;
+            let mut seen: Vec<(String, Value)> = data["users"]["nodes"]
+                .as_array()
+                .expect("nodes")
+                .iter()
+                .map(|u| (u["id"].as_str().unwrap().to_owned(), u["email"].clone()))
+                .collect();
+            seen.sort_by(|a, b| a.0.cmp(&b.0));
+            seen
+        }
+    };
+    let mut ids = [ann.id.clone(), bob.id.clone()];
+    ids.sort();
+    let with = |email_of: &dyn Fn(&str) -> Value| -> Vec<(String, Value)> {
+        ids.iter().map(|id| (id.clone(), email_of(id))).collect()
+    };
+    // Anonymous: nobody's email.
+    assert_eq!(emails_seen_by(None).await, with(&|_| Value::Null));
+    // Bob: his own, not Ann's.
+    let bob_email = bob.email.clone();
+    assert_eq!(
+        emails_seen_by(Some(bob.token.clone())).await,
+        with(&|id| if id == bob.id {
+            json!(bob_email)
+        } else {
+            Value::Null
+        })
+    );
+    let one = "query($id: ID!) { user(id: $id) { email } }";
+    let mine = gql_ok(&node, one, json!({ "id": ann.id }), Some(&ann.token)).await;
+    assert_eq!(mine["user"]["email"], ann.email.as_str());
+
+    // Profile updates: Bob and Ann watch Ann's, over GraphQL and as raw
+    // events on the event stream.
+    let path = format!("/api/v1/events/stream?topic=user:{}", ann.id);
+    let auth = format!("Bearer {}", bob.token);
+    let mut stream = open_stream(&node, &path, &[("authorization", auth.as_str())])
+        .await
+        .unwrap_or_else(|r| panic!("GET {path}: {} {}", r.status, r.body));
+    assert!(
+        matches!(stream.read(Duration::from_secs(10)).await, SseRead::Block(b) if b.get("retry").is_some())
+    );
+    let watch = "subscription($id: ID!) { userUpdated(id: $id) { id name email } }";
+    let mut watchers = Vec::new();
+    for who in [&bob, &ann] {
+        let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
+        ws.init_ack(json!({ "authorization": format!("Bearer {}", who.token) }))
+            .await;
+        ws.subscribe("ann", watch, json!({ "id": ann.id })).await;
+        watchers.push(ws);
+    }
+    let (bob_ws, ann_ws) = match &mut watchers[..] {
+        [b, a] => (b, a),
+        _ => unreachable!(),
+    };
+    until_live(&mut [bob_ws, ann_ws], "ann", async |n| {
+        let name = format!("Ann {n}");
+        let vars = json!({ "input": { "id": ann.id, "name": name } });
+        let data = gql_ok(&node, UPDATE_USER, vars, Some(&ann.token)).await;
+        assert_eq!(data["updateUser"]["user"]["name"], name.as_str(), "{data}");
+        name
+    })
+    .await;
+    let vars = json!({ "input": { "id": ann.id, "name": "Ann Final" } });
+    gql_ok(&node, UPDATE_USER, vars, Some(&ann.token)).await;
+    let seen_by_bob = bob_ws.next_data("ann", Duration::from_secs(10)).await;
+    assert_eq!(
+        seen_by_bob["data"]["userUpdated"],
+        json!({ "id": ann.id, "name": "Ann Final", "email": null })
+    );
+    let seen_by_ann = ann_ws.next_data("ann", Duration::from_secs(10)).await;
+    assert_eq!(
+        seen_by_ann["data"]["userUpdated"],
+        json!({ "id": ann.id, "name": "Ann Final", "email": ann.email })
+    );
+    // The events themselves carry no email at all.
+    let event = stream.next_event(Duration::from_secs(10)).await;
+    assert_eq!(event.event(), Some("user.updated"));
+    let payload = &event.json()["payload"];
+    assert_eq!(payload["id"], ann.id.as_str(), "{payload}");
+    assert!(payload.get("email").is_none(), "{payload}");
+    assert!(!event.data().contains(&ann.email), "{}", event.data());
+}
