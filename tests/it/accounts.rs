@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::common::sse::stream_client;
 use crate::common::*;
 
 const LOGIN: &str = "mutation($input: LoginInput!) { login(input: $input) { token user { id } errors { code message } } }";
@@ -366,7 +367,7 @@ async fn guessing_one_accounts_password_is_limited_from_every_address() {
 }
 
 #[tokio::test]
-async fn logins_over_graphql_websockets_share_the_address_allowance() {
+async fn logins_over_websockets_and_sse_share_the_address_allowance() {
     let node = Node::start(&[
         ("SUBGATE__RATELIMIT__LOGIN_PER_SECOND", "0.01"),
         ("SUBGATE__RATELIMIT__LOGIN_BURST", "1"),
@@ -395,6 +396,20 @@ async fn logins_over_graphql_websockets_share_the_address_allowance() {
             "{subprotocol}: {payload}"
         );
     }
+    // GraphQL over SSE runs mutations too: the same allowance.
+    let response = stream_client()
+        .post(node.http_url("/graphql/stream"))
+        .header("accept", "text/event-stream")
+        .json(&json!({ "query": LOGIN, "variables": { "input": { "email": "c@example.com", "password": "nope-nope" } } }))
+        .send()
+        .await
+        .expect("POST /graphql/stream");
+    let mut stream = SseStream::from_response(response)
+        .await
+        .unwrap_or_else(|r| panic!("refused: {} {}", r.status, r.body));
+    let next = stream.next_event(Duration::from_secs(10)).await;
+    assert_eq!(next.event(), Some("next"), "{next:?}");
+    assert_eq!(refused_scope(&next.json()), "login", "{}", next.data());
 }
 
 const UPDATE_USER: &str = "mutation($input: UpdateUserInput!) { updateUser(input: $input) { user { id name } errors { code message } } }";
