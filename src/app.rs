@@ -85,13 +85,18 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         }
         None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
     };
-    let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
+    let limits = Arc::new(Limits::new(
+        &settings.ratelimit,
+        settings.max_concurrent_password_hashes(),
+        &metrics,
+    ));
     let domain = Arc::new(Domain {
         store: store.clone(),
         hub: hub.clone(),
         auth: auth.clone(),
         limits: limits.clone(),
         login_token_ttl: Duration::from_secs(settings.auth.login_token_ttl_seconds),
+        unknown_email_hash: crate::domain::users::unknown_email_hash(),
         max_payload_bytes: settings.publish.max_payload_bytes,
     });
     let schema = graphql::build_schema(graphql::SchemaDeps {

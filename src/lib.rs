@@ -29,7 +29,9 @@
 //!   ([`transport::socket`]) and the event-stream body
 //!   ([`transport::streaming`]).
 //! - [`presence`]: who is online in which channel, with what status.
-//! - [`ratelimit`]: token buckets per connection, user and publisher.
+//! - [`ratelimit`]: token buckets per connection, user and publisher, per
+//!   client address and email for `login` / `createUser` and failed publish
+//!   authentication; the bounded password hashing slots.
 //! - [`telemetry`]: logs and the metrics registry (served by `transport::ops`).
 //! - [`healthcheck`]: the `subgate healthcheck` probe (the container's HEALTHCHECK).
 //! - [`shutdown`]: the drain.

@@ -71,6 +71,11 @@ pub struct ServerSettings {
     /// WebSockets refused) so that load balancers take it out of rotation
     /// before it stops listening; within `drain_timeout_seconds`.
     pub drain_grace_seconds: u64,
+    /// Proxies (addresses or CIDR blocks, `10.0.0.0/8`) whose
+    /// `X-Forwarded-For` names the client. Empty (the default): the header
+    /// is ignored and the client is the TCP peer, so no client can choose
+    /// the address its rate limits are counted under.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -84,6 +89,7 @@ impl Default for ServerSettings {
             max_connections: 50_000,
             drain_timeout_seconds: 10,
             drain_grace_seconds: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -141,6 +147,13 @@ pub struct AuthSettings {
     pub leeway_seconds: u64,
     /// Lifetime of the tokens the `login` mutation issues.
     pub login_token_ttl_seconds: u64,
+    /// Password hashes (argon2, about 19 MiB and tens of milliseconds
+    /// each) computed at once by `login`, `createUser` and password
+    /// changes; 0 means one per two cores (at least one), so that hashing
+    /// never takes every core from serving requests. Up to four callers per slot wait at
+    /// most a second for one; any more are refused with `RATE_LIMITED` at
+    /// once, so memory stays bounded whatever the number of callers.
+    pub max_concurrent_password_hashes: usize,
 }
 
 impl Default for AuthSettings {
@@ -152,6 +165,7 @@ impl Default for AuthSettings {
             audience: None,
             leeway_seconds: 0,
             login_token_ttl_seconds: 3600,
+            max_concurrent_password_hashes: 0,
         }
     }
 }
@@ -309,8 +323,24 @@ pub struct RatelimitSettings {
     /// Shortest time between two typing indicators of one user in one channel.
     #[serde(alias = "typing_interval_ms")]
     pub typing_interval_seconds: f64,
-    /// Most keys (users, publishers, typing pairs) each keyed limiter
-    /// tracks; idle ones are dropped, and a new key is refused while the
+    /// `login` and `createUser` calls per second from one client address
+    /// (an IPv6 client counts by its /64), sustained.
+    pub login_per_second: f64,
+    /// The per-address burst of `login` and `createUser`.
+    pub login_burst: u32,
+    /// `login` attempts per second for one email address, whoever makes
+    /// them: guessing one account's password stays slow from any number
+    /// of addresses.
+    pub login_email_per_second: f64,
+    /// The per-email burst of `login`.
+    pub login_email_burst: u32,
+    /// Failed authentications (a wrong API key, a bad token) on
+    /// `POST /api/v1/publish` per second from one client address.
+    pub publish_auth_failures_per_second: f64,
+    /// The per-address burst of failed publish authentications.
+    pub publish_auth_failures_burst: u32,
+    /// Most keys (users, publishers, typing pairs, addresses, emails) each
+    /// keyed limiter tracks; idle ones are dropped, and a new key is refused while the
     /// limiter is full of active ones.
     pub max_keys: usize,
 }
@@ -325,6 +355,12 @@ impl Default for RatelimitSettings {
             publish_per_second: 100.0,
             publish_burst: 200,
             typing_interval_seconds: 2.0,
+            login_per_second: 1.0,
+            login_burst: 20,
+            login_email_per_second: 0.2,
+            login_email_burst: 5,
+            publish_auth_failures_per_second: 0.2,
+            publish_auth_failures_burst: 10,
             max_keys: 100_000,
         }
     }
@@ -482,6 +518,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("server.allowed_origins")
+                .with_list_parse_key("server.trusted_proxies")
                 .with_list_parse_key("publish.api_keys")
                 .try_parsing(true)
                 .source(Some(env_map)),
@@ -696,6 +733,9 @@ impl Settings {
             ratelimit.messages_burst,
             ratelimit.user_messages_burst,
             ratelimit.publish_burst,
+            ratelimit.login_burst,
+            ratelimit.login_email_burst,
+            ratelimit.publish_auth_failures_burst,
             ratelimit.max_keys,
             presence.ttl_seconds,
             presence.refresh_seconds,
@@ -718,6 +758,18 @@ impl Settings {
             (
                 "ratelimit.publish_per_second",
                 self.ratelimit.publish_per_second,
+            ),
+            (
+                "ratelimit.login_per_second",
+                self.ratelimit.login_per_second,
+            ),
+            (
+                "ratelimit.login_email_per_second",
+                self.ratelimit.login_email_per_second,
+            ),
+            (
+                "ratelimit.publish_auth_failures_per_second",
+                self.ratelimit.publish_auth_failures_per_second,
             ),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
@@ -788,6 +840,14 @@ impl Settings {
                 break;
             }
         }
+        for proxy in &self.server.trusted_proxies {
+            if parse_proxy(proxy).is_none() {
+                errors.push(ConfigError::new(
+                    "server.trusted_proxies",
+                    format!("{proxy:?} is not an IP address or a CIDR block such as 10.0.0.0/8"),
+                ));
+            }
+        }
         for origin in &self.server.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 errors.push(ConfigError::new(
@@ -810,6 +870,24 @@ impl Settings {
             .unwrap_or(self.environment == Environment::Development)
     }
 
+    /// The proxies of `server.trusted_proxies` (validated: none is dropped).
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| parse_proxy(p))
+            .collect()
+    }
+
+    /// How many password hashes may run at once: the setting, or one per
+    /// two cores, at least one.
+    pub fn max_concurrent_password_hashes(&self) -> usize {
+        match self.auth.max_concurrent_password_hashes {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            n => n,
+        }
+    }
+
     /// The HS256 secret in force, with the development default applied.
     pub fn effective_jwt_secret(&self) -> Option<&str> {
         match (&self.auth.jwt_secret, self.environment) {
@@ -820,6 +898,16 @@ impl Settings {
             _ => None,
         }
     }
+}
+
+/// A trusted proxy: one address (a block of one) or a CIDR block.
+fn parse_proxy(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
 }
 
 /// Turns a `config` crate error into one that names the key.
@@ -950,6 +1038,42 @@ mod tests {
                 "log.format",
             ],
         );
+    }
+
+    #[test]
+    fn account_limits_and_trusted_proxies_are_checked() {
+        assert_refused_naming(
+            &[
+                ("SUBGATE__RATELIMIT__LOGIN_PER_SECOND", "0"),
+                ("SUBGATE__RATELIMIT__LOGIN_EMAIL_BURST", "0"),
+                ("SUBGATE__RATELIMIT__PUBLISH_AUTH_FAILURES_PER_SECOND", "-1"),
+                ("SUBGATE__SERVER__TRUSTED_PROXIES", "10.0.0.0/8,proxy.local"),
+            ],
+            &[
+                "ratelimit.login_per_second",
+                "ratelimit.login_email_burst",
+                "ratelimit.publish_auth_failures_per_second",
+                "server.trusted_proxies",
+            ],
+        );
+        let s = load(&[(
+            "SUBGATE__SERVER__TRUSTED_PROXIES",
+            "10.0.0.0/8, 192.0.2.7,::1",
+        )])
+        .unwrap();
+        let proxies = s.trusted_proxies();
+        assert_eq!(proxies.len(), 3);
+        assert!(proxies[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert!(proxies[1].contains(&"192.0.2.7".parse::<std::net::IpAddr>().unwrap()));
+        assert!(!proxies[1].contains(&"192.0.2.8".parse::<std::net::IpAddr>().unwrap()));
+        let defaults = load(&[]).unwrap();
+        assert!(
+            defaults.trusted_proxies().is_empty(),
+            "no proxy is trusted by default"
+        );
+        assert!(defaults.max_concurrent_password_hashes() >= 1);
+        let two = load(&[("SUBGATE__AUTH__MAX_CONCURRENT_PASSWORD_HASHES", "2")]).unwrap();
+        assert_eq!(two.max_concurrent_password_hashes(), 2);
     }
 
     #[test]

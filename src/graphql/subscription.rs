@@ -58,7 +58,7 @@ impl Subscription {
         ctx: &Context<'_>,
         id: ID,
     ) -> Result<impl Stream<Item = Result<User>>> {
-        watch::<UserUpdated, _>(ctx, topic::user(&id), User).await
+        watch::<UserUpdated, _>(ctx, topic::user(&id), User::shared).await
     }
 
     /// The caller's own notifications.

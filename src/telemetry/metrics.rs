@@ -269,9 +269,10 @@ impl Metrics {
         );
         let rate_limited_total = r.counter_vec(
             "subgate_rate_limited_total",
-            "Requests refused by a rate limit, by scope (connection, user, publish, typing)",
+            "Requests refused by a rate limit, by scope (connection, user, publish, typing, \
+             login, login_email, password_hash, publish_auth)",
             "scope",
-            &["connection", "user", "publish", "typing"],
+            &crate::ratelimit::Scope::ALL.map(crate::ratelimit::Scope::as_str),
         );
         let presence_entries = r.gauge(
             "subgate_presence_entries",

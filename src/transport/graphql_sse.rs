@@ -39,7 +39,7 @@ use serde_json::json;
 
 use crate::error::ErrorCode;
 use crate::graphql::subscription::TransportLabel;
-use crate::graphql::Viewer;
+use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
@@ -191,6 +191,10 @@ async fn stream_operation(
     let expires_at = principal.as_ref().and_then(|p| p.expires_at);
     let request = request
         .data(Viewer(principal))
+        .data(ClientAddr(crate::transport::request::client_of(
+            req,
+            &state.settings,
+        )))
         .data(cutoff.clone())
         .data(TransportLabel(transport::GRAPHQL_SSE));
     let held = (ty == OperationType::Subscription)

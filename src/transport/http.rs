@@ -20,12 +20,12 @@ use async_graphql::{BatchRequest, BatchResponse};
 use serde_json::json;
 
 use crate::error::ErrorCode;
-use crate::graphql::Viewer;
+use crate::graphql::{ClientAddr, Viewer};
 use crate::state::AppState;
 use crate::transport::operation::{
     counted_operation_type, is_request_error, operation_label, outcome, request_from_query,
 };
-use crate::transport::request::{is_websocket_upgrade, media_type, read_body};
+use crate::transport::request::{client_of, is_websocket_upgrade, media_type, read_body};
 
 pub const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 
@@ -154,6 +154,7 @@ async fn execute(
             rs
         }
     };
+    let client = ClientAddr(client_of(req, &state.settings));
     let batched = requests.len() > 1;
     let mut responses = Vec::with_capacity(requests.len());
     let mut any_request_error = false;
@@ -180,7 +181,7 @@ async fn execute(
                 let started = Instant::now();
                 let response = state
                     .schema
-                    .execute(request.data(Viewer(principal.clone())))
+                    .execute(request.data(Viewer(principal.clone())).data(client))
                     .await;
                 state
                     .metrics

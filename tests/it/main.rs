@@ -5,6 +5,7 @@
 
 mod common;
 
+mod accounts;
 mod auth;
 mod cli;
 mod envelope;

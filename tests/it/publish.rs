@@ -7,7 +7,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::common::jwt::{now, sign};
 use crate::common::*;
+use jsonwebtoken::Algorithm;
 
 const STREAM: &str = "/api/v1/events/stream";
 const WAIT: Duration = Duration::from_secs(10);
@@ -177,6 +179,43 @@ async fn api_keys_and_tokens_with_the_publish_scope_may_publish_and_nothing_else
             "scope {scope:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_token_whose_scopes_are_a_json_array_may_publish() {
+    let node = publisher_node(&[]);
+    let watcher = token(node.secret(), "watcher");
+    let mut stream = subscribed(&node, &format!("{STREAM}?topic=ledger"), Some(&watcher)).await;
+    let body = json!({ "topic": "ledger", "type": "entry", "payload": { "n": 1 } }).to_string();
+    // As identity providers issue them: `scope` or `scp`, as an array.
+    for (claim, scopes) in [
+        ("scope", json!(["read", "publish"])),
+        ("scp", json!(["publish"])),
+        ("scp", json!("read publish")),
+    ] {
+        let token = sign(
+            Algorithm::HS256,
+            &json!({ "sub": "ledger-service", "exp": now() + 3600, claim: scopes }),
+            node.secret(),
+        );
+        let reply = publish_raw(&node, Some(&token), body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "{claim}: {scopes}: {}",
+            reply.body
+        );
+        let got = stream.next_event(WAIT).await;
+        assert_eq!(got.id(), reply.json()["id"].as_str(), "{claim}: {scopes}");
+    }
+    // An array without `publish` is a valid token that may not publish.
+    let reader = sign(
+        Algorithm::HS256,
+        &json!({ "sub": "reader", "exp": now() + 3600, "scope": ["read"] }),
+        node.secret(),
+    );
+    let reply = publish_raw(&node, Some(&reader), body).await;
+    assert_eq!(error_code(&reply, StatusCode::FORBIDDEN), "forbidden");
 }
 
 #[tokio::test]
@@ -374,6 +413,83 @@ async fn a_publisher_over_its_rate_is_told_when_to_retry() {
     assert_eq!(
         publish_raw(&node, Some(&token), body).await.status,
         StatusCode::ACCEPTED
+    );
+}
+
+/// An HTTP client whose connections come from `source` (any 127.0.0.0/8
+/// address reaches the node): another client address.
+fn client_from(source: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(source.parse::<std::net::IpAddr>().expect("an address"))
+        .build()
+        .expect("build an HTTP client")
+}
+
+async fn publish_from(client: &reqwest::Client, node: &Node, bearer: &str) -> reqwest::Response {
+    client
+        .post(node.http_url("/api/v1/publish"))
+        .header("authorization", format!("Bearer {bearer}"))
+        .json(&json!({ "topic": "guarded", "type": "tick", "payload": {} }))
+        .send()
+        .await
+        .expect("POST /api/v1/publish")
+}
+
+#[tokio::test]
+async fn guessing_keys_is_cut_off_per_address_and_other_addresses_publish_on() {
+    let node = publisher_node(&[
+        (
+            "SUBGATE__RATELIMIT__PUBLISH_AUTH_FAILURES_PER_SECOND",
+            "0.05",
+        ),
+        ("SUBGATE__RATELIMIT__PUBLISH_AUTH_FAILURES_BURST", "5"),
+    ]);
+    let guesser = client_from("127.0.0.2");
+    let (_, expired) = bad_tokens(node.secret(), "svc").remove(0);
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let guess = if i % 2 == 0 {
+            format!("it-publish-key-guess-{i:08}")
+        } else {
+            expired.clone()
+        };
+        statuses.push(publish_from(&guesser, &node, &guess).await);
+    }
+    let codes: Vec<u16> = statuses.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(&codes[..5], &[401; 5], "the budget: {codes:?}");
+    assert!(
+        codes[5..].iter().all(|c| *c == 429),
+        "then cut off: {codes:?}"
+    );
+    let retry_after: u64 = statuses[39].headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("whole seconds");
+    assert!(
+        (1..=20).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
+    // Even the right key is refused from there until the bucket refills:
+    // a 202 would tell the guesser it had found it.
+    let right = publish_from(&guesser, &node, API_KEY).await;
+    assert_eq!(right.status(), StatusCode::TOO_MANY_REQUESTS);
+    // From another address the right key publishes, as do tokens.
+    let backend = client_from("127.0.0.3");
+    assert_eq!(
+        publish_from(&backend, &node, API_KEY).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let token = scoped_token(node.secret(), "svc", "publish");
+    assert_eq!(
+        publish_from(&backend, &node, &token).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let metrics = get(&node, "/metrics").await.body;
+    assert!(
+        metrics.contains("subgate_rate_limited_total{scope=\"publish_auth\"} 36"),
+        "35 guesses and the right key refused: {metrics}"
     );
 }
 

@@ -804,7 +804,7 @@ mod tests {
             user_messages_burst: 1000,
             ..RatelimitSettings::default()
         };
-        Arc::new(Limits::new(&settings, &Metrics::new()))
+        Arc::new(Limits::new(&settings, 1, &Metrics::new()))
     }
 
     fn config() -> MachineConfig {

@@ -174,6 +174,10 @@ pub async fn accept<E: Executor>(
         config,
         metrics: state.metrics.clone(),
         shutdown: state.shutdown.clone(),
+        client: crate::graphql::ClientAddr(crate::transport::request::client_of(
+            req,
+            &state.settings,
+        )),
     };
     match protocol {
         Subprotocol::TransportWs => {

@@ -33,7 +33,7 @@ use tokio_stream::StreamMap;
 
 use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
-use crate::graphql::Viewer;
+use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
@@ -65,6 +65,8 @@ pub struct Connection<E> {
     pub config: PumpConfig,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
+    /// The client's address, for the mutations limited by it.
+    pub client: ClientAddr,
 }
 
 /// One operation's results, then one `None` to say it ended (a `StreamMap`
@@ -119,6 +121,7 @@ pub async fn run<E: Executor, P: Protocol>(
         config,
         metrics,
         shutdown,
+        client,
     } = connection;
     let transport = P::TRANSPORT;
     let cutoff = Cutoff::new();
@@ -186,6 +189,7 @@ pub async fn run<E: Executor, P: Protocol>(
                     let request = operation
                         .request
                         .data(Viewer(operation.principal))
+                        .data(client)
                         // The subscription resolvers hand this to the hub,
                         // which fires it when this connection falls behind.
                         .data(cutoff.clone());

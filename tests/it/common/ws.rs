@@ -121,7 +121,7 @@ impl GqlWs {
         ws
     }
 
-    fn legacy(&self) -> bool {
+    pub fn legacy(&self) -> bool {
         self.protocol == LEGACY_WS
     }
 
