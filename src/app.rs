@@ -125,18 +125,20 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Serves on `listener` until SIGTERM/SIGINT, then drains.
 pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    let workers = match state.settings.server.workers {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        n => n,
-    };
+    let workers = state.settings.http_workers();
     let drain_timeout = Duration::from_secs(state.settings.server.drain_timeout_seconds);
     let drain_grace =
         Duration::from_secs(state.settings.server.drain_grace_seconds).min(drain_timeout);
     let data = web::Data::new(state.clone());
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-        .workers(workers)
+    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+        .workers(workers);
+    if let Some(capacity) = state.settings.capacity {
+        // Sockets of every kind, per worker: a worker at its share stops
+        // accepting (the kernel's backlog waits) instead of running out of
+        // descriptors, which would cost `/healthz` and Redis theirs.
+        server = server.max_connections(capacity.max_sockets_per_worker);
+    }
+    let server = server
         // Long-lived connections are closed by the drain itself; this bounds
         // what actix waits for after that.
         .shutdown_timeout(drain_timeout.as_secs().max(1))

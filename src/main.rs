@@ -39,6 +39,8 @@ enum Command {
         #[arg(long)]
         scope: Option<String>,
     },
+    /// Print the effective configuration as JSON, secrets redacted.
+    Config,
     /// Exit 0 when a node's /healthz answers 200 (the container HEALTHCHECK).
     Healthcheck {
         /// The URL to probe; default: this configuration's own /healthz.
@@ -55,7 +57,13 @@ fn main() -> ExitCode {
         return healthcheck(url);
     }
     let dir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    let settings = match Settings::load(&dir, cli.config.as_deref()) {
+    let loaded = Settings::load(&dir, cli.config.as_deref()).and_then(|mut s| {
+        // Sized to the open-files limit (raised to its hard maximum first).
+        let files = subgate::config::capacity::raise_file_limit();
+        s.apply_file_limit(files)?;
+        Ok(s)
+    });
+    let settings = match loaded {
         Ok(s) => s,
         Err(errors) => {
             // One line per problem, each naming its key.
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
             let url = url.unwrap_or_else(|| subgate::healthcheck::default_url(&settings));
             healthcheck(&url)
         }
+        Command::Config => print_config(&settings),
         Command::Serve => serve(settings),
     }
 }
@@ -105,6 +114,44 @@ fn healthcheck(url: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `subgate config`: the settings every layer added up to, as JSON, with
+/// secrets redacted.
+fn print_config(settings: &Settings) -> ExitCode {
+    let text = serde_json::to_string_pretty(&settings.redacted()).unwrap_or_default();
+    // A closed stdout (`subgate config | head -1`) is not a failure worth
+    // a panic: the write is tried once and its error ends the command.
+    use std::io::Write;
+    match writeln!(std::io::stdout(), "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// One structured line saying what this node runs as: the environment,
+/// the files layered and the effective settings (secrets redacted).
+fn log_configuration(settings: &Settings) {
+    let files = if settings.sources.is_empty() {
+        "none (built-in defaults)".to_owned()
+    } else {
+        settings.sources.join(", ")
+    };
+    let server = &settings.server;
+    tracing::info!(
+        environment = settings.environment.as_str(),
+        config_files = %files,
+        drain_timeout_seconds = server.drain_timeout_seconds,
+        drain_grace_seconds = server.drain_grace_seconds,
+        max_connections = settings.connection_limit(),
+        open_files_limit = settings.capacity.and_then(|c| c.files).map(|f| f.soft),
+        max_sockets_per_worker = settings.capacity.map(|c| c.max_sockets_per_worker),
+        redis = settings.redis.url.is_some(),
+        introspection = settings.introspection_enabled(),
+        settings = %settings.redacted(),
+        "configuration: environment {} from {files}",
+        settings.environment.as_str(),
+    );
 }
 
 fn serve(settings: Settings) -> ExitCode {
@@ -127,6 +174,9 @@ fn serve(settings: Settings) -> ExitCode {
     let runtime = actix_web::rt::System::new();
     let result = runtime.block_on(async move {
         let state = subgate::app::build(settings).map_err(|e| e.to_string())?;
+        // Once nothing in the configuration can fail any more: a refused
+        // configuration stays one line per problem.
+        log_configuration(&state.settings);
         subgate::app::serve(state, listener)
             .await
             .map_err(|e| e.to_string())

@@ -125,7 +125,7 @@ impl<'a> Gate<'a> {
         // Counted first and checked after, so that concurrent requests on
         // several workers can never overshoot the limit together.
         let drain = shutdown.track();
-        if shutdown.open_connections() > self.state.settings.server.max_connections {
+        if shutdown.open_connections() > self.state.settings.connection_limit() {
             drop(drain);
             return Err(self.refuse(Refusal::Full));
         }
@@ -191,7 +191,7 @@ mod tests {
     async fn every_refusal_is_counted_once_by_its_reason() {
         let mut settings = Settings::default();
         settings.server.allowed_origins = vec!["https://app.example".into()];
-        settings.server.max_connections = 1;
+        settings.server.max_connections = Some(1);
         let state = crate::test_support::state(settings);
         let rejected = |reason| {
             state

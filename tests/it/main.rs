@@ -6,6 +6,7 @@
 mod common;
 
 mod auth;
+mod capacity;
 mod cli;
 mod envelope;
 mod fleet;
