@@ -145,29 +145,53 @@ pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()
         .disable_signals()
         .listen(listener)?
         .run();
-    let signals = crate::shutdown::Signals::install()?;
+    let mut signals = Some(crate::shutdown::Signals::install()?);
     tracing::info!(%addr, "listening on {addr}");
     let handle = server.handle();
     let shutdown = state.shutdown.clone();
-    tokio::spawn(async move {
-        signals.recv().await;
-        tracing::info!(
-            open = shutdown.open_connections(),
-            "shutdown requested: draining for at most {}s",
-            drain_timeout.as_secs()
-        );
-        shutdown.begin();
-        let grace_until = tokio::time::Instant::now() + drain_grace;
-        let left = shutdown.drained(drain_timeout).await;
-        tokio::time::sleep_until(grace_until).await;
-        if left > 0 {
-            tracing::warn!(left, "drain timeout passed with connections still open");
-        }
-        // Graceful only when everything drained: after the drain timeout,
-        // what is left is dropped rather than waited for again.
-        handle.stop(left == 0).await;
-    });
+    // Supervised: a drain task that died would leave a node that ignores
+    // SIGTERM. A restarted run listens again (handlers installed anew),
+    // or goes straight on with a drain already begun.
+    let drain = crate::supervise::spawn(
+        "drain",
+        state.metrics.task_restarts_total.clone(),
+        move || {
+            let first = signals.take();
+            let shutdown = shutdown.clone();
+            let handle = handle.clone();
+            async move {
+                if !shutdown.is_draining() {
+                    let signals = match first {
+                        Some(signals) => signals,
+                        None => match crate::shutdown::Signals::install() {
+                            Ok(signals) => signals,
+                            Err(e) => panic!("cannot listen for stop signals: {e}"),
+                        },
+                    };
+                    signals.recv().await;
+                }
+                tracing::info!(
+                    open = shutdown.open_connections(),
+                    "shutdown requested: draining for at most {}s",
+                    drain_timeout.as_secs()
+                );
+                shutdown.begin();
+                let grace_until = tokio::time::Instant::now() + drain_grace;
+                let left = shutdown.drained(drain_timeout).await;
+                tokio::time::sleep_until(grace_until).await;
+                if left > 0 {
+                    tracing::warn!(left, "drain timeout passed with connections still open");
+                }
+                // Graceful only when everything drained: after the drain timeout,
+                // what is left is dropped rather than waited for again.
+                handle.stop(left == 0).await;
+                // Done: the server stops, and this task must not count as dead.
+                std::future::pending::<()>().await;
+            }
+        },
+    );
     server.await?;
+    drop(drain);
     tracing::info!("stopped");
     Ok(())
 }

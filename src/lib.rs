@@ -33,6 +33,7 @@
 //! - [`telemetry`]: logs and the metrics registry (served by `transport::ops`).
 //! - [`healthcheck`]: the `subgate healthcheck` probe (the container's HEALTHCHECK).
 //! - [`shutdown`]: the drain.
+//! - [`supervise`]: background tasks restarted (and counted) when they die.
 //!
 //! ## Data flow
 //!
@@ -66,6 +67,7 @@ pub mod ratelimit;
 pub mod shutdown;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 #[cfg(test)]
 pub mod test_support;

@@ -7,6 +7,15 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use subgate::config::Settings;
 
+/// A line on stderr that is lost, not a panic, when stderr is gone
+/// (`eprintln!` panics on a closed pipe).
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "subgate",
@@ -68,31 +77,37 @@ fn main() -> ExitCode {
         Err(errors) => {
             // One line per problem, each naming its key.
             for e in &errors.0 {
-                eprintln!("subgate: {e}");
+                report!("subgate: {e}");
             }
             return ExitCode::FAILURE;
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Schema => {
-            print!("{}", subgate::graphql::sdl());
-            ExitCode::SUCCESS
+            use std::io::Write;
+            match write!(std::io::stdout(), "{}", subgate::graphql::sdl()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
         }
         Command::Token { sub, ttl, scope } => {
             let auth = match subgate::auth::Authenticator::from_settings(&settings) {
                 Ok(a) => a,
                 Err(e) => {
-                    eprintln!("subgate: {e}");
+                    report!("subgate: {e}");
                     return ExitCode::FAILURE;
                 }
             };
             match auth.mint(&sub, ttl, scope.as_deref()) {
                 Ok(token) => {
-                    println!("{token}");
-                    ExitCode::SUCCESS
+                    use std::io::Write;
+                    match writeln!(std::io::stdout(), "{token}") {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(_) => ExitCode::FAILURE,
+                    }
                 }
                 Err(e) => {
-                    eprintln!("subgate: {e}");
+                    report!("subgate: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -110,7 +125,7 @@ fn healthcheck(url: &str) -> ExitCode {
     match subgate::healthcheck::check(url) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("subgate: unhealthy: {e}");
+            report!("subgate: unhealthy: {e}");
             ExitCode::FAILURE
         }
     }
@@ -163,9 +178,11 @@ fn serve(settings: Settings) -> ExitCode {
     let listener = match std::net::TcpListener::bind((addr.0.as_str(), addr.1)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
+            subgate::telemetry::flush(std::time::Duration::from_secs(1));
+            report!(
                 "subgate: invalid configuration: server.port: cannot listen on {}:{}: {e}",
-                addr.0, addr.1
+                addr.0,
+                addr.1
             );
             return ExitCode::FAILURE;
         }
@@ -186,10 +203,12 @@ fn serve(settings: Settings) -> ExitCode {
     // host: the drain is over and the exit must not wait past
     // `server.drain_timeout_seconds`, so the runtime is left to the exit.
     std::mem::forget(runtime);
+    // The last log lines ("stopped"), unless stderr is stalled.
+    subgate::telemetry::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("subgate: {e}");
+            report!("subgate: {e}");
             ExitCode::FAILURE
         }
     }

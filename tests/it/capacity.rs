@@ -162,11 +162,27 @@ fn a_limit_above_what_the_open_files_allow_is_refused_at_start() {
     cmd.current_dir(dir.path())
         .env_clear()
         .env("SUBGATE__SERVER__PORT", "0")
-        .env("SUBGATE__SERVER__MAX_CONNECTIONS", "50000");
+        .env("SUBGATE__SERVER__MAX_CONNECTIONS", "50000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     limit_open_files(&mut cmd, 1024);
-    let out = cmd.output().expect("run subgate");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let mut child = cmd.spawn().expect("run subgate");
+    // A node that starts instead of refusing is killed, and fails the test.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("a node with max_connections above its file limit started");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].contains("server.max_connections"), "{stderr}");

@@ -13,6 +13,7 @@ mod fleet;
 mod graphql;
 mod http;
 mod loadgen;
+mod log_pipe;
 mod publish;
 mod resume;
 mod rig;
