@@ -23,6 +23,7 @@ use crate::state::AppState;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 use crate::telemetry::metrics::Metrics;
 use crate::transport;
+use crate::user_connections::UserConnections;
 
 /// Why a node could not be built; each message is one line naming the
 /// setting at fault.
@@ -69,6 +70,19 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         settings.hub.subscriber_queue_capacity,
     );
     let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
+    // Leases of the per-user connection counts follow presence's timing:
+    // both say "this node still holds these users".
+    let user_connections = Arc::new(UserConnections::new(
+        settings.server.max_connections_per_user,
+        redis.clone().map(|redis| {
+            (
+                redis,
+                presence_ttl,
+                Duration::from_secs(settings.presence.refresh_seconds),
+            )
+        }),
+        metrics.clone(),
+    ));
     let presence: Arc<dyn Presence> = match redis {
         Some(redis) => {
             let options = RedisPresenceOptions {
@@ -114,6 +128,7 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         limits,
         presence,
         shutdown: Shutdown::new(),
+        user_connections,
     })
 }
 

@@ -30,6 +30,7 @@
 //!   ([`transport::streaming`]).
 //! - [`presence`]: who is online in which channel, with what status.
 //! - [`ratelimit`]: token buckets per connection, user and publisher.
+//! - [`user_connections`]: the per-user connection limit (fleet-wide on Redis).
 //! - [`telemetry`]: logs and the metrics registry (served by `transport::ops`).
 //! - [`healthcheck`]: the `subgate healthcheck` probe (the container's HEALTHCHECK).
 //! - [`shutdown`]: the drain.
@@ -72,3 +73,4 @@ pub mod telemetry;
 #[cfg(test)]
 pub mod test_support;
 pub mod transport;
+pub mod user_connections;

@@ -91,6 +91,12 @@ pub struct ServerSettings {
     pub max_connections: Option<usize>,
     /// How long a drain may take before the process exits anyway.
     pub drain_timeout_seconds: u64,
+    // --- node hardening (issue 9, item 14) ---
+    /// Most long-lived connections (WebSockets of every protocol, event
+    /// streams) one user may hold: across the fleet when `redis.url` is
+    /// set (leases timed by `presence.ttl_seconds`), on this node otherwise.
+    pub max_connections_per_user: usize,
+    // --- end node hardening ---
     /// How long a draining node keeps answering HTTP (`/readyz` 503, new
     /// WebSockets refused) so that load balancers take it out of rotation
     /// before it stops listening; within `drain_timeout_seconds`.
@@ -106,6 +112,7 @@ impl Default for ServerSettings {
             allowed_origins: Vec::new(),
             max_body_bytes: 1024 * 1024,
             max_connections: None,
+            max_connections_per_user: 100,
             drain_timeout_seconds: 10,
             drain_grace_seconds: 0,
         }
@@ -787,6 +794,7 @@ impl Settings {
         );
         must_be_positive!(
             server.max_body_bytes,
+            server.max_connections_per_user,
             graphql.max_depth,
             graphql.max_complexity,
             graphql.max_batch_size,

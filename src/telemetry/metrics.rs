@@ -164,7 +164,13 @@ impl Metrics {
             "subgate_rejected_total",
             "Connections or subscriptions refused at admission by reason",
             "reason",
-            &["origin", "draining", "max_connections", "max_subscriptions"],
+            &[
+                "origin",
+                "draining",
+                "max_connections",
+                "max_subscriptions",
+                "max_connections_per_user",
+            ],
         );
         let subscriptions = r.gauge_vec(
             "subgate_subscriptions",

@@ -20,4 +20,5 @@ mod rig;
 mod shutdown;
 mod slow_consumer;
 mod sse;
+mod user_limit;
 mod ws;
