@@ -93,6 +93,28 @@ async fn a_users_connections_are_limited_across_the_fleet_and_a_dead_nodes_lapse
             "event stream on a",
         ),
     }
+    // A user who authenticates after the upgrade is refused with 4429,
+    // before any acknowledgement.
+    let mut late = GqlWs::connect(&b.ws_url("/graphql"), TRANSPORT_WS).await;
+    late.connection_init(serde_json::json!({ "token": ann }))
+        .await;
+    let (messages, (code, reason)) = late.read_until_close(Duration::from_secs(5)).await;
+    assert_eq!(
+        code, 4429,
+        "connection_init over the limit: {reason} {messages:?}"
+    );
+    assert!(messages.is_empty(), "no connection_ack: {messages:?}");
+    let options = ConnectOptions::default();
+    let mut late = try_connect(&a.ws_url("/ws"), options).await.unwrap();
+    late.send_json(serde_json::json!({ "type": "auth", "payload": { "token": ann } }))
+        .await;
+    let (messages, (code, reason)) = late.read_until_close(Duration::from_secs(5)).await;
+    assert_eq!(code, 4429, "/ws auth over the limit: {reason} {messages:?}");
+    assert!(
+        messages.iter().all(|m| m["type"] != "auth.success"),
+        "{messages:?}"
+    );
+
     // Another user is not affected.
     let _bob = connect_as(&b, &token(SECRET, "bob")).await;
 
