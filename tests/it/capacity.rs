@@ -188,3 +188,37 @@ fn a_limit_above_what_the_open_files_allow_is_refused_at_start() {
     assert!(lines[0].contains("server.max_connections"), "{stderr}");
     assert!(lines[0].contains("768"), "names what fits: {stderr}");
 }
+
+#[tokio::test]
+async fn idle_http_connections_cannot_fill_the_file_table() {
+    let node = Node::start_custom(
+        &[],
+        &[("SUBGATE__SERVER__WORKERS", "2")],
+        |_| {},
+        |cmd| {
+            limit_open_files(cmd, 300);
+            None
+        },
+    );
+    // More idle sockets than the node has files: it takes what fits
+    // beside its own files, and the rest wait in the listen backlog.
+    let flood: Vec<std::net::TcpStream> = (0..290)
+        .map(|i| {
+            std::net::TcpStream::connect(node.addr)
+                .unwrap_or_else(|e| panic!("connection {i} of the flood: {e}"))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(flood);
+    let (status, _, took) = timed_get(&node, "/healthz").await;
+    assert_eq!(status, 200);
+    assert!(
+        took < Duration::from_secs(2),
+        "/healthz after the flood took {took:?}"
+    );
+    let log = node.stderr_text();
+    assert!(
+        !log.contains("Too many open files"),
+        "the flood ran the node out of files:\n{log}"
+    );
+}
