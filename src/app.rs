@@ -23,6 +23,7 @@ use crate::state::AppState;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 use crate::telemetry::metrics::Metrics;
 use crate::transport;
+use crate::user_connections::UserConnections;
 
 /// Why a node could not be built; each message is one line naming the
 /// setting at fault.
@@ -69,6 +70,19 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         settings.hub.subscriber_queue_capacity,
     );
     let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
+    // Leases of the per-user connection counts follow presence's timing:
+    // both say "this node still holds these users".
+    let user_connections = Arc::new(UserConnections::new(
+        settings.server.max_connections_per_user,
+        redis.clone().map(|redis| {
+            (
+                redis,
+                presence_ttl,
+                Duration::from_secs(settings.presence.refresh_seconds),
+            )
+        }),
+        metrics.clone(),
+    ));
     let presence: Arc<dyn Presence> = match redis {
         Some(redis) => {
             let options = RedisPresenceOptions {
@@ -119,6 +133,7 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         limits,
         presence,
         shutdown: Shutdown::new(),
+        user_connections,
     })
 }
 
@@ -130,47 +145,73 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Serves on `listener` until SIGTERM/SIGINT, then drains.
 pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    let workers = match state.settings.server.workers {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        n => n,
-    };
+    let workers = state.settings.http_workers();
     let drain_timeout = Duration::from_secs(state.settings.server.drain_timeout_seconds);
     let drain_grace =
         Duration::from_secs(state.settings.server.drain_grace_seconds).min(drain_timeout);
     let data = web::Data::new(state.clone());
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-        .workers(workers)
+    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+        .workers(workers);
+    if let Some(capacity) = state.settings.capacity {
+        // Sockets of every kind, per worker: a worker at its share stops
+        // accepting (the kernel's backlog waits) instead of running out of
+        // descriptors, which would cost `/healthz` and Redis theirs.
+        server = server.max_connections(capacity.max_sockets_per_worker);
+    }
+    let server = server
         // Long-lived connections are closed by the drain itself; this bounds
         // what actix waits for after that.
         .shutdown_timeout(drain_timeout.as_secs().max(1))
         .disable_signals()
         .listen(listener)?
         .run();
-    let signals = crate::shutdown::Signals::install()?;
+    let mut signals = Some(crate::shutdown::Signals::install()?);
     tracing::info!(%addr, "listening on {addr}");
     let handle = server.handle();
     let shutdown = state.shutdown.clone();
-    tokio::spawn(async move {
-        signals.recv().await;
-        tracing::info!(
-            open = shutdown.open_connections(),
-            "shutdown requested: draining for at most {}s",
-            drain_timeout.as_secs()
-        );
-        shutdown.begin();
-        let grace_until = tokio::time::Instant::now() + drain_grace;
-        let left = shutdown.drained(drain_timeout).await;
-        tokio::time::sleep_until(grace_until).await;
-        if left > 0 {
-            tracing::warn!(left, "drain timeout passed with connections still open");
-        }
-        // Graceful only when everything drained: after the drain timeout,
-        // what is left is dropped rather than waited for again.
-        handle.stop(left == 0).await;
-    });
+    // Supervised: a drain task that died would leave a node that ignores
+    // SIGTERM. A restarted run listens again (handlers installed anew),
+    // or goes straight on with a drain already begun.
+    let drain = crate::supervise::spawn(
+        "drain",
+        state.metrics.task_restarts_total.clone(),
+        move || {
+            let first = signals.take();
+            let shutdown = shutdown.clone();
+            let handle = handle.clone();
+            async move {
+                if !shutdown.is_draining() {
+                    let signals = match first {
+                        Some(signals) => signals,
+                        None => match crate::shutdown::Signals::install() {
+                            Ok(signals) => signals,
+                            Err(e) => panic!("cannot listen for stop signals: {e}"),
+                        },
+                    };
+                    signals.recv().await;
+                }
+                tracing::info!(
+                    open = shutdown.open_connections(),
+                    "shutdown requested: draining for at most {}s",
+                    drain_timeout.as_secs()
+                );
+                shutdown.begin();
+                let grace_until = tokio::time::Instant::now() + drain_grace;
+                let left = shutdown.drained(drain_timeout).await;
+                tokio::time::sleep_until(grace_until).await;
+                if left > 0 {
+                    tracing::warn!(left, "drain timeout passed with connections still open");
+                }
+                // Graceful only when everything drained: after the drain timeout,
+                // what is left is dropped rather than waited for again.
+                handle.stop(left == 0).await;
+                // Done: the server stops, and this task must not count as dead.
+                std::future::pending::<()>().await;
+            }
+        },
+    );
     server.await?;
+    drop(drain);
     tracing::info!("stopped");
     Ok(())
 }

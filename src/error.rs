@@ -87,6 +87,11 @@ pub mod close {
     pub const TOO_MANY_INIT: u16 = 4429;
     /// graphql-transport-ws: internal server error.
     pub const INTERNAL_SERVER_ERROR: u16 = 4500;
+    /// The user authenticated after the upgrade (`connection_init`, an
+    /// `auth` message) already holds `server.max_connections_per_user`.
+    /// Shares 4429 with graphql-transport-ws's "too many initialisation
+    /// requests": both say "too many", and a client retries later.
+    pub const TOO_MANY_USER_CONNECTIONS: u16 = 4429;
 
     /// The slow-consumer code (see [`TRY_AGAIN_LATER`]).
     pub const SLOW_CONSUMER: u16 = TRY_AGAIN_LATER;

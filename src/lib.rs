@@ -32,9 +32,11 @@
 //! - [`ratelimit`]: token buckets per connection, user and publisher, per
 //!   client address and email for `login` / `createUser` and failed publish
 //!   authentication; the bounded password hashing slots.
+//! - [`user_connections`]: the per-user connection limit (fleet-wide on Redis).
 //! - [`telemetry`]: logs and the metrics registry (served by `transport::ops`).
 //! - [`healthcheck`]: the `subgate healthcheck` probe (the container's HEALTHCHECK).
 //! - [`shutdown`]: the drain.
+//! - [`supervise`]: background tasks restarted (and counted) when they die.
 //!
 //! ## Data flow
 //!
@@ -68,7 +70,9 @@ pub mod ratelimit;
 pub mod shutdown;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 #[cfg(test)]
 pub mod test_support;
 pub mod transport;
+pub mod user_connections;

@@ -1,16 +1,21 @@
 //! Typed, strict, defaulted settings and the layered loader.
 //!
 //! Layers, later wins: built-in defaults < `config/default.toml` <
-//! `config/$SUBGATE_ENV.toml` < `--config FILE` < `SUBGATE__SECTION__KEY`
-//! environment variables. [`Settings::validate`] lists every problem, each
+//! built-in production defaults ([`PRODUCTION_DEFAULTS`], when production
+//! is chosen) < `config/$SUBGATE_ENV.toml` < `--config FILE` <
+//! `SUBGATE__SECTION__KEY` environment variables. `SUBGATE_ENV=production`
+//! makes a production node whether or not `config/production.toml`
+//! exists; another name needs its file. [`Settings::validate`] lists every problem, each
 //! naming its key, so a bad deployment fails before it listens.
+
+pub mod capacity;
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Which defaults apply: `development` is friendly, `production` is strict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
     #[default]
@@ -18,8 +23,18 @@ pub enum Environment {
     Production,
 }
 
+impl Environment {
+    /// The name, as `environment` and `SUBGATE_ENV` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Production => "production",
+        }
+    }
+}
+
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -28,7 +43,7 @@ pub enum LogFormat {
 }
 
 /// Everything a node can be told.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// `development` (default) or `production` (introspection off, no dev defaults).
@@ -48,9 +63,16 @@ pub struct Settings {
     /// Deprecated keys that were used, one warning each (logged at start).
     #[serde(skip)]
     pub deprecations: Vec<String>,
+    /// The configuration files layered, in order (those found).
+    #[serde(skip)]
+    pub sources: Vec<String>,
+    /// What the open-files limit allows, once [`Settings::apply_file_limit`]
+    /// ran (the binary does, before it serves).
+    #[serde(skip)]
+    pub capacity: Option<capacity::Capacity>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     /// Listen host.
@@ -64,9 +86,17 @@ pub struct ServerSettings {
     /// Largest accepted HTTP request body.
     pub max_body_bytes: usize,
     /// Most concurrent long-lived connections (WebSocket and SSE) per node.
-    pub max_connections: usize,
+    /// Unset: derived from the open-files limit (see [`capacity`]); set
+    /// above what that limit allows: refused at start.
+    pub max_connections: Option<usize>,
     /// How long a drain may take before the process exits anyway.
     pub drain_timeout_seconds: u64,
+    // --- node hardening (issue 9, item 14) ---
+    /// Most long-lived connections (WebSockets of every protocol, event
+    /// streams) one user may hold: across the fleet when `redis.url` is
+    /// set (leases timed by `presence.ttl_seconds`), on this node otherwise.
+    pub max_connections_per_user: usize,
+    // --- end node hardening ---
     /// How long a draining node keeps answering HTTP (`/readyz` 503, new
     /// WebSockets refused) so that load balancers take it out of rotation
     /// before it stops listening; within `drain_timeout_seconds`.
@@ -86,7 +116,8 @@ impl Default for ServerSettings {
             workers: 0,
             allowed_origins: Vec::new(),
             max_body_bytes: 1024 * 1024,
-            max_connections: 50_000,
+            max_connections: None,
+            max_connections_per_user: 100,
             drain_timeout_seconds: 10,
             drain_grace_seconds: 0,
             trusted_proxies: Vec::new(),
@@ -94,7 +125,7 @@ impl Default for ServerSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// Set: Redis bus and store (stateless node). Unset: in-memory (one node).
@@ -131,7 +162,7 @@ impl Default for RedisSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// HS256 secret. Has a development default; required in production
@@ -170,7 +201,7 @@ impl Default for AuthSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GraphqlSettings {
     /// Deepest selection accepted, counted through fragments.
@@ -200,7 +231,7 @@ impl Default for GraphqlSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebsocketSettings {
     /// Server ping interval; a peer silent for three intervals is dropped.
@@ -232,7 +263,7 @@ impl Default for WebsocketSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HubSettings {
     /// Events queued per subscriber before it is cut off as a slow consumer.
@@ -247,7 +278,7 @@ impl Default for HubSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistorySettings {
     /// Events kept per topic for resuming (approximate on Redis).
@@ -265,7 +296,7 @@ impl Default for HistorySettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishSettings {
     /// Keys accepted as `Authorization: Bearer K` on `POST /api/v1/publish`.
@@ -283,7 +314,7 @@ impl Default for PublishSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SseSettings {
     /// How often a quiet event stream gets a `: ping` comment, so that
@@ -304,7 +335,7 @@ impl Default for SseSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RatelimitSettings {
     /// Envelope messages one connection may send per second, sustained.
@@ -366,7 +397,7 @@ impl Default for RatelimitSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PresenceSettings {
     /// How long a node's claim that a user is in a channel lasts in Redis
@@ -391,7 +422,7 @@ impl Default for PresenceSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `text` or `json`.
@@ -412,6 +443,21 @@ impl Default for LogSettings {
 /// The development HS256 secret, used only when `environment = development`
 /// and no key is configured.
 pub const DEV_JWT_SECRET: &str = "subgate-development-secret-do-not-use-in-production";
+
+/// The built-in production defaults: layered over `config/default.toml`
+/// and under `config/production.toml` whenever production is chosen (by
+/// `SUBGATE_ENV=production`, or by `environment = "production"` in any
+/// layer), so that a production node without its file is still one.
+pub const PRODUCTION_DEFAULTS: &str = r#"
+environment = "production"
+[server]
+drain_timeout_seconds = 25
+drain_grace_seconds = 5
+[graphql]
+introspection = false
+[log]
+format = "json"
+"#;
 
 /// A configuration that cannot be used, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -480,24 +526,11 @@ impl Settings {
             .iter()
             .find(|(k, _)| k == "SUBGATE_ENV")
             .map(|(_, v)| v.clone());
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from(dir.join("config/default.toml")).required(false));
-        if let Some(name) = &env_name {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(ConfigError::new(
-                    "SUBGATE_ENV",
-                    format!("{name:?} is not a valid environment name"),
-                )
-                .into());
-            }
-            builder = builder.add_source(
-                config::File::from(dir.join(format!("config/{name}.toml"))).required(false),
-            );
-        }
+        let default_file = dir.join("config/default.toml");
+        let env_file = match &env_name {
+            None => None,
+            Some(name) => Some(Self::environment_file(dir, name)?),
+        };
         if let Some(file) = file {
             if !file.is_file() {
                 return Err(ConfigError::new(
@@ -506,29 +539,115 @@ impl Settings {
                 )
                 .into());
             }
-            builder = builder.add_source(config::File::from(file).required(true));
         }
         let env_map: std::collections::HashMap<String, String> = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with("SUBGATE__"))
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("SUBGATE")
-                .prefix_separator("__")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("server.allowed_origins")
-                .with_list_parse_key("server.trusted_proxies")
-                .with_list_parse_key("publish.api_keys")
-                .try_parsing(true)
-                .source(Some(env_map)),
-        );
-        let raw = builder.build().map_err(config_error)?;
+        // The layers, with the built-in production defaults between
+        // config/default.toml and the environment's file when asked.
+        let layers = |production_defaults: bool| {
+            let mut builder = config::Config::builder()
+                .add_source(config::File::from(default_file.clone()).required(false));
+            if production_defaults {
+                builder = builder.add_source(config::File::from_str(
+                    PRODUCTION_DEFAULTS,
+                    config::FileFormat::Toml,
+                ));
+            }
+            if let Some(env_file) = &env_file {
+                builder = builder.add_source(config::File::from(env_file.clone()).required(false));
+            }
+            if let Some(file) = file {
+                builder = builder.add_source(config::File::from(file).required(true));
+            }
+            builder.add_source(
+                config::Environment::with_prefix("SUBGATE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("server.allowed_origins")
+                    .with_list_parse_key("server.trusted_proxies")
+                    .with_list_parse_key("publish.api_keys")
+                    .try_parsing(true)
+                    .source(Some(env_map.clone())),
+            )
+        };
+        let raw = layers(false).build().map_err(config_error)?;
+        let production = Self::production_chosen(&raw, env_name.as_deref())?;
+        let raw = if production {
+            layers(true).build().map_err(config_error)?
+        } else {
+            raw
+        };
+        let mut sources: Vec<String> = Vec::new();
+        if default_file.is_file() {
+            sources.push(default_file.display().to_string());
+        }
+        if let Some(env_file) = env_file.filter(|f| f.is_file()) {
+            sources.push(env_file.display().to_string());
+        }
+        if let Some(file) = file {
+            sources.push(file.display().to_string());
+        }
         let renamed = Self::deprecated_keys(&raw)?;
         let mut settings = Self::deserialize_every_key(&raw)?;
         settings.deprecations = settings.convert_deprecated(&renamed);
+        settings.sources = sources;
         settings.validate().map_err(ConfigErrors)?;
         Ok(settings)
+    }
+
+    /// `config/NAME.toml` in `dir`, for `SUBGATE_ENV=NAME`. `development`
+    /// and `production` are built in, so their files are optional; any
+    /// other name was asked for explicitly and its file must exist.
+    fn environment_file(dir: &Path, name: &str) -> Result<PathBuf, ConfigErrors> {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::new(
+                "SUBGATE_ENV",
+                format!("{name:?} is not a valid environment name"),
+            )
+            .into());
+        }
+        let path = dir.join(format!("config/{name}.toml"));
+        if !matches!(name, "development" | "production") && !path.is_file() {
+            return Err(ConfigError::new(
+                "SUBGATE_ENV",
+                format!("{name:?} names {}, which does not exist", path.display()),
+            )
+            .into());
+        }
+        Ok(path)
+    }
+
+    /// Whether this node runs in production: `SUBGATE_ENV=production`
+    /// says so whether or not `config/production.toml` exists, as does an
+    /// `environment = "production"` key in any layer. `SUBGATE_ENV`
+    /// naming one built-in environment while the `environment` key names
+    /// the other is refused, naming the key.
+    fn production_chosen(
+        raw: &config::Config,
+        env_name: Option<&str>,
+    ) -> Result<bool, ConfigErrors> {
+        let key = raw.get_string("environment").ok();
+        let from_env = env_name.filter(|n| matches!(*n, "development" | "production"));
+        match (key.as_deref(), from_env) {
+            (Some(key), Some(name))
+                if key != name && matches!(key, "development" | "production") =>
+            {
+                Err(ConfigError::new(
+                    "environment",
+                    format!("is {key:?}, but SUBGATE_ENV={name}: set one of them, or both alike"),
+                )
+                .into())
+            }
+            (Some(key), _) => Ok(key == "production"),
+            (None, name) => Ok(name == Some("production")),
+        }
     }
 
     /// Deserializes `raw`, listing every key of the wrong type, unknown
@@ -712,7 +831,7 @@ impl Settings {
         );
         must_be_positive!(
             server.max_body_bytes,
-            server.max_connections,
+            server.max_connections_per_user,
             graphql.max_depth,
             graphql.max_complexity,
             graphql.max_batch_size,
@@ -740,6 +859,12 @@ impl Settings {
             presence.ttl_seconds,
             presence.refresh_seconds,
         );
+        if self.server.max_connections == Some(0) {
+            errors.push(ConfigError::new(
+                "server.max_connections",
+                "must be greater than 0",
+            ));
+        }
         if self.presence.refresh_seconds >= self.presence.ttl_seconds {
             errors.push(ConfigError::new(
                 "presence.refresh_seconds",
@@ -799,6 +924,11 @@ impl Settings {
         if let Some(secret) = &self.auth.jwt_secret {
             if secret.is_empty() {
                 errors.push(ConfigError::new("auth.jwt_secret", "must not be empty"));
+            } else if self.environment == Environment::Production && secret == DEV_JWT_SECRET {
+                errors.push(ConfigError::new(
+                    "auth.jwt_secret",
+                    "is the public development secret, refused in production",
+                ));
             } else if self.environment == Environment::Production && secret.len() < 32 {
                 errors.push(ConfigError::new(
                     "auth.jwt_secret",
@@ -888,6 +1018,59 @@ impl Settings {
         }
     }
 
+    /// HTTP worker threads: `server.workers`, or one per core.
+    pub fn http_workers(&self) -> usize {
+        match self.server.workers {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        }
+    }
+
+    /// Sizes the node to the open-files limit `files` (see [`capacity`]):
+    /// `server.max_connections` becomes the limit in force.
+    pub fn apply_file_limit(
+        &mut self,
+        files: Option<capacity::FileLimit>,
+    ) -> Result<(), ConfigError> {
+        let planned = capacity::plan(self, files, self.http_workers())?;
+        self.server.max_connections = Some(planned.max_connections);
+        self.capacity = Some(planned);
+        Ok(())
+    }
+
+    /// Most long-lived connections admitted; unlimited before
+    /// [`Settings::apply_file_limit`] when the key is unset.
+    pub fn connection_limit(&self) -> usize {
+        self.server.max_connections.unwrap_or(usize::MAX)
+    }
+
+    /// The effective settings as JSON with every secret replaced by
+    /// `"<redacted>"`: `auth.jwt_secret`, each of `publish.api_keys` and
+    /// the password of `redis.url`. What `subgate config` prints and the
+    /// start-up log records.
+    pub fn redacted(&self) -> serde_json::Value {
+        const REDACTED: &str = "<redacted>";
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(secret) = value.pointer_mut("/auth/jwt_secret") {
+            if !secret.is_null() {
+                *secret = REDACTED.into();
+            }
+        }
+        if let Some(serde_json::Value::Array(keys)) = value.pointer_mut("/publish/api_keys") {
+            for key in keys {
+                *key = REDACTED.into();
+            }
+        }
+        if let Some(url) = value.pointer_mut("/redis/url") {
+            if let Some(text) = url.as_str() {
+                *url = redact_url_password(text, REDACTED).into();
+            }
+        }
+        value
+    }
+
     /// The HS256 secret in force, with the development default applied.
     pub fn effective_jwt_secret(&self) -> Option<&str> {
         match (&self.auth.jwt_secret, self.environment) {
@@ -908,6 +1091,28 @@ fn parse_proxy(text: &str) -> Option<ipnet::IpNet> {
             .ok()
             .map(ipnet::IpNet::from)
     })
+}
+
+/// `url` with the password of its user info (`scheme://user:PASSWORD@host`)
+/// replaced by `mask`.
+fn redact_url_password(url: &str, mask: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:{mask}{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
 }
 
 /// Turns a `config` crate error into one that names the key.
@@ -1176,6 +1381,85 @@ mod tests {
         ])
         .unwrap();
         assert!(!s.introspection_enabled());
+    }
+
+    #[test]
+    fn production_is_chosen_by_either_name_and_brings_its_defaults() {
+        let secret = (
+            "SUBGATE__AUTH__JWT_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        );
+        for chosen in [
+            ("SUBGATE_ENV", "production"),
+            ("SUBGATE__ENVIRONMENT", "production"),
+        ] {
+            let s = load(&[chosen, secret]).unwrap();
+            assert_eq!(s.environment, Environment::Production, "{chosen:?}");
+            assert_eq!(s.server.drain_grace_seconds, 5, "{chosen:?}");
+            assert_eq!(s.server.drain_timeout_seconds, 25, "{chosen:?}");
+            assert_eq!(s.log.format, LogFormat::Json, "{chosen:?}");
+            assert!(!s.introspection_enabled());
+            // Still overridable, key by key.
+            let s = load(&[
+                chosen,
+                secret,
+                ("SUBGATE__SERVER__DRAIN_GRACE_SECONDS", "1"),
+            ])
+            .unwrap();
+            assert_eq!(s.server.drain_grace_seconds, 1);
+        }
+        assert_refused_naming(&[("SUBGATE_ENV", "production")], &["auth.jwt_secret"]);
+        assert_refused_naming(
+            &[
+                ("SUBGATE_ENV", "production"),
+                ("SUBGATE__AUTH__JWT_SECRET", DEV_JWT_SECRET),
+            ],
+            &["auth.jwt_secret"],
+        );
+        assert_refused_naming(
+            &[
+                ("SUBGATE_ENV", "development"),
+                ("SUBGATE__ENVIRONMENT", "production"),
+                secret,
+            ],
+            &["environment"],
+        );
+        assert_refused_naming(&[("SUBGATE_ENV", "staging")], &["SUBGATE_ENV"]);
+        let s = load(&[("SUBGATE_ENV", "development")]).unwrap();
+        assert_eq!(s.environment, Environment::Development);
+        assert_eq!(s.server.drain_grace_seconds, 0);
+    }
+
+    #[test]
+    fn redaction_hides_every_secret_and_nothing_else() {
+        let s = load(&[
+            ("SUBGATE__AUTH__JWT_SECRET", "jwt-secret-value"),
+            (
+                "SUBGATE__PUBLISH__API_KEYS",
+                "key-one-0123456789,key-two-0123456789",
+            ),
+            (
+                "SUBGATE__REDIS__URL",
+                "redis://user:pa:ss@db.example:6379/2",
+            ),
+        ])
+        .unwrap();
+        let text = s.redacted().to_string();
+        for secret in ["jwt-secret-value", "key-one", "key-two", "pa:ss"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(
+            text.contains("redis://user:<redacted>@db.example:6379/2"),
+            "{text}"
+        );
+        assert_eq!(
+            redact_url_password("redis://db.example:6379", "x"),
+            "redis://db.example:6379"
+        );
+        assert_eq!(
+            redact_url_password("redis://:pw@h/0", "x"),
+            "redis://:x@h/0"
+        );
     }
 
     #[test]

@@ -33,6 +33,13 @@ pub struct Metrics {
     delivery: Vec<(&'static str, prometheus::IntCounter, prometheus::Histogram)>,
     /// Open long-lived connections by transport.
     pub connections: IntGaugeVec,
+    // --- node hardening (issue 9: items 5 and 14) ---
+    /// Supervised background tasks restarted after they died, by task.
+    pub task_restarts_total: IntCounterVec,
+    /// Long-lived connections refused by the per-user limit, by where it
+    /// was enforced (`node` memory, `fleet` Redis).
+    pub user_connections_rejected_total: IntCounterVec,
+    // --- end node hardening ---
     /// Connections accepted, by transport.
     pub connections_total: IntCounterVec,
     /// Connections refused at admission, by reason.
@@ -157,7 +164,13 @@ impl Metrics {
             "subgate_rejected_total",
             "Connections or subscriptions refused at admission by reason",
             "reason",
-            &["origin", "draining", "max_connections", "max_subscriptions"],
+            &[
+                "origin",
+                "draining",
+                "max_connections",
+                "max_subscriptions",
+                "max_connections_per_user",
+            ],
         );
         let subscriptions = r.gauge_vec(
             "subgate_subscriptions",
@@ -290,6 +303,23 @@ impl Metrics {
             "subgate_ready",
             "1 while the node is ready for traffic (as /readyz), else 0",
         );
+        // --- node hardening (issue 9: items 5 and 14) ---
+        registry
+            .register(Box::new(super::sink::LOG_WRITE_ERRORS.clone()))
+            .expect("the log counter registers once per registry");
+        let task_restarts_total = r.counter_vec(
+            "subgate_task_restarts_total",
+            "Supervised background tasks that died (panicked or returned) and were restarted, by task",
+            "task",
+            &[],
+        );
+        let user_connections_rejected_total = r.counter_vec(
+            "subgate_user_connections_rejected_total",
+            "Long-lived connections refused by server.max_connections_per_user, by scope (node, fleet)",
+            "scope",
+            &["node", "fleet"],
+        );
+        // --- end node hardening ---
         let version = env!("CARGO_PKG_VERSION");
         r.gauge_vec(
             "subgate_build_info",
@@ -317,6 +347,8 @@ impl Metrics {
             registry,
             delivery,
             connections,
+            task_restarts_total,
+            user_connections_rejected_total,
             connections_total,
             rejected_total,
             subscriptions,

@@ -183,7 +183,10 @@ async fn stream_operation(
             "mutations cannot be sent with GET; use POST",
         );
     }
-    let drain = match gate.admit() {
+    let drain = match gate
+        .admit_as(principal.as_ref().map(|p| p.user_id.as_str()))
+        .await
+    {
         Ok(drain) => drain,
         Err(refusal) => return refusal.graphql_response(),
     };

@@ -271,7 +271,10 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     if let Some(refusal) = decisions.into_iter().find_map(Result::err) {
         return refused(&refusal);
     }
-    let drain = match gate.admit() {
+    let drain = match gate
+        .admit_as(principal.as_ref().map(|p| p.user_id.as_str()))
+        .await
+    {
         Ok(drain) => drain,
         Err(refusal) => return refusal.api_response(),
     };

@@ -205,12 +205,21 @@ impl Broker for RedisBroker {
         if self.shared.sink.set(sink).is_err() {
             return;
         }
-        let task = subscriber::SubscriberTask {
-            probe_channel: self.redis.keys().probe_channel(&self.node_id),
-            redis: self.redis.clone(),
-            shared: self.shared.clone(),
-        };
-        tokio::spawn(task.run());
+        let probe_channel = self.redis.keys().probe_channel(&self.node_id);
+        let redis = self.redis.clone();
+        let shared = self.shared.clone();
+        let restarts = self.shared.metrics.task_restarts_total.clone();
+        // A new run starts from a new connection: the hub's wanted topics
+        // are resubscribed by construction.
+        crate::supervise::spawn("redis_subscriber", restarts, move || {
+            subscriber::SubscriberTask {
+                probe_channel: probe_channel.clone(),
+                redis: redis.clone(),
+                shared: shared.clone(),
+            }
+            .run()
+        })
+        .detach();
     }
 
     async fn publish(&self, event: NewEvent) -> BrokerResult<Arc<SharedEvent>> {

@@ -371,6 +371,11 @@ impl Machine {
         self.principal.is_some()
     }
 
+    /// Who the connection speaks for, once authenticated.
+    pub fn user_id(&self) -> Option<&str> {
+        self.principal.as_ref().map(|p| p.user_id.as_str())
+    }
+
     /// A complete text message from the client.
     pub fn on_text(&mut self, text: &str) -> Vec<Action> {
         self.on_text_at(text, Instant::now())

@@ -341,6 +341,9 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
         settings.auth_timeout_seconds
     )));
     let mut auth_armed = !machine.is_authenticated();
+    // A place under the per-user limit for a user who authenticates with
+    // an `auth` message (the upgrade took one for a `?token=`).
+    let mut _user_lease = None;
     let mut drained = pin!(shutdown.wait());
     let mut cut = pin!(cutoff.fired());
     let mut expiry = Expiry::new();
@@ -368,7 +371,30 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
                 Wake::Drain => Err(going_away()),
                 Wake::Cut => Err(slow_consumer()),
                 Wake::Frame(frame) => match reader.receive(frame, &mut io.outbox).await {
-                    Ok(Received::Text(text)) => io.run(machine.on_text(&text)).await,
+                    Ok(Received::Text(text)) => {
+                        let anonymous = !machine.is_authenticated();
+                        let actions = machine.on_text(&text);
+                        match machine.user_id().filter(|_| anonymous) {
+                            None => io.run(actions).await,
+                            // Before `auth.success` goes out.
+                            Some(user) => match io.state.user_connections.acquire(user).await {
+                                Ok(lease) => {
+                                    _user_lease = Some(lease);
+                                    io.run(actions).await
+                                }
+                                Err(_) => {
+                                    metrics
+                                        .rejected_total
+                                        .with_label_values(&["max_connections_per_user"])
+                                        .inc();
+                                    Err(End::Close(
+                                        crate::error::close::TOO_MANY_USER_CONNECTIONS,
+                                        "too many connections for this user".into(),
+                                    ))
+                                }
+                            },
+                        }
+                    }
                     Ok(Received::Binary) => io.run(machine.on_binary()).await,
                     Ok(Received::Nothing) => Ok(()),
                     Err(end) => Err(end),

@@ -137,7 +137,8 @@ pub struct Accepted<T> {
 /// Takes a WebSocket upgrade through every check, in this order: the
 /// gate's screening (403 `Origin`, 503 drain), the transport's own `check`
 /// (the GraphQL subprotocol: 400), the token from `Authorization: Bearer`
-/// or `?token=` (401), a place under `server.max_connections` (503), then
+/// or `?token=` (401), a place under `server.max_connections` (503) and,
+/// with a token, under `server.max_connections_per_user` (429), then
 /// the handshake, with frames of at most `max_frame_bytes`. `Err` is the
 /// response that refuses it, in the GraphQL error shape (`check`'s is
 /// boxed: a response is large and the common case is to pass).
@@ -161,7 +162,10 @@ pub async fn accept<T>(
                 &message.to_string(),
             )
         })?;
-    let drain = gate.admit().map_err(Refusal::graphql_response)?;
+    let drain = gate
+        .admit_as(principal.as_ref().map(|p| p.user_id.as_str()))
+        .await
+        .map_err(Refusal::graphql_response)?;
     let (body, oversized) = guard_frames(req, body, max_frame_bytes)
         .await
         .map_err(|e| e.error_response())?;

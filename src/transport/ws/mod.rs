@@ -167,6 +167,7 @@ pub async fn accept<E: Executor>(
             HeaderValue::from_static(protocol.name()),
         );
     }
+    let admitted_user = principal.as_ref().map(|p| p.user_id.clone());
     let verify = verifier(state.auth.clone());
     let max_operations = config.max_operations;
     let connection = Connection {
@@ -178,6 +179,8 @@ pub async fn accept<E: Executor>(
             req,
             &state.settings,
         )),
+        user_connections: state.user_connections.clone(),
+        admitted_user,
     };
     match protocol {
         Subprotocol::TransportWs => {

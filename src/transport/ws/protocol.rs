@@ -48,7 +48,6 @@ impl Core {
     }
 
     /// The principal operations run as.
-    #[cfg(test)]
     pub(crate) fn principal(&self) -> Option<&Principal> {
         self.principal.as_ref()
     }

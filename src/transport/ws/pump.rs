@@ -33,11 +33,13 @@ use tokio_stream::StreamMap;
 
 use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
+use crate::error::close;
 use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
 use crate::transport::socket::{finish, going_away, slow_consumer, End, Expiry, Received, Socket};
+use crate::user_connections::UserConnections;
 
 /// The connection's timing and limits, in the units the task uses.
 #[derive(Debug, Clone)]
@@ -67,6 +69,11 @@ pub struct Connection<E> {
     pub shutdown: Shutdown,
     /// The client's address, for the mutations limited by it.
     pub client: ClientAddr,
+    /// The per-user limit, for a user who authenticates in
+    /// `connection_init` rather than with the upgrade.
+    pub user_connections: Arc<UserConnections>,
+    /// The user the upgrade already took a place for.
+    pub admitted_user: Option<String>,
 }
 
 /// One operation's results, then one `None` to say it ended (a `StreamMap`
@@ -122,7 +129,12 @@ pub async fn run<E: Executor, P: Protocol>(
         metrics,
         shutdown,
         client,
+        user_connections,
+        admitted_user,
     } = connection;
+    let mut admitted_user = admitted_user;
+    // A place under the per-user limit taken after the upgrade.
+    let mut _user_lease = None;
     let transport = P::TRANSPORT;
     let cutoff = Cutoff::new();
     let (mut reader, mut outbox) = socket.open(
@@ -173,6 +185,28 @@ pub async fn run<E: Executor, P: Protocol>(
                 machine.on_heartbeat()
             }
         };
+        // `connection_init` may have authenticated someone the upgrade did
+        // not: they take a place under the per-user limit before anything
+        // (the ack) is answered, or the connection closes with 4429.
+        let user = machine.core().principal().map(|p| p.user_id.clone());
+        if let Some(user) = user.filter(|u| admitted_user.as_ref() != Some(u)) {
+            match user_connections.acquire(&user).await {
+                Ok(lease) => {
+                    _user_lease = Some(lease);
+                    admitted_user = Some(user);
+                }
+                Err(_) => {
+                    metrics
+                        .rejected_total
+                        .with_label_values(&["max_connections_per_user"])
+                        .inc();
+                    break End::Close(
+                        close::TOO_MANY_USER_CONNECTIONS,
+                        "too many connections for this user".into(),
+                    );
+                }
+            }
+        }
         for action in actions {
             match action {
                 Action::Send(text) => {

@@ -309,7 +309,7 @@ fn negotiation_prefers_the_current_protocol() {
 async fn upgrades_are_refused_before_the_handshake() {
     let state = state_with(|s| {
         s.server.allowed_origins = vec!["https://app.example".into()];
-        s.server.max_connections = 1;
+        s.server.max_connections = Some(1);
     });
     let app =
         actix_test::init_service(App::new().configure(app_config(state.clone(), config()))).await;
