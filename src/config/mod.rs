@@ -171,6 +171,12 @@ pub struct GraphqlSettings {
     pub introspection: Option<bool>,
     /// Most items a connection page may ask for.
     pub max_page_size: usize,
+    // -- issue 9 (hardening): document size --
+    /// Most lexical tokens in one document (names, punctuators, numbers,
+    /// strings; white space, commas and comments not counted). Checked
+    /// before the parse, on every transport: a larger document is refused
+    /// with `TOO_MANY_TOKENS` without being parsed or validated.
+    pub max_tokens: usize,
 }
 
 impl Default for GraphqlSettings {
@@ -182,6 +188,7 @@ impl Default for GraphqlSettings {
             max_batch_size: 10,
             introspection: None,
             max_page_size: 100,
+            max_tokens: 15_000,
         }
     }
 }
@@ -680,6 +687,7 @@ impl Settings {
             graphql.max_complexity,
             graphql.max_batch_size,
             graphql.max_page_size,
+            graphql.max_tokens,
             websocket.ping_interval_seconds,
             websocket.connection_init_timeout_seconds,
             websocket.max_frame_bytes,

@@ -11,6 +11,7 @@ mod envelope;
 mod fleet;
 mod graphql;
 mod http;
+mod inputs;
 mod loadgen;
 mod publish;
 mod resume;
