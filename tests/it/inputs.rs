@@ -28,6 +28,16 @@ fn codes(response: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// One sample of `name{label="value"}` in a Prometheus exposition (0 when absent).
+fn sample(exposition: &str, name: &str, label: &str, value: &str) -> f64 {
+    let series = format!("{name}{{{label}=\"{value}\"}}");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn twenty_huge_documents_are_refused_at_once_while_health_checks_answer() {
     let node = Node::start(&[]);
@@ -216,4 +226,35 @@ async fn a_syntax_error_in_a_megabyte_document_quotes_a_short_window() {
         text.len()
     );
     assert!(text.contains(&format!("column {column}")), "{text}");
+}
+
+#[tokio::test]
+async fn legacy_graphql_ws_deliveries_are_counted_under_their_own_transport() {
+    let node = Node::start(&[]);
+    let author = create_user(&node, "Legacy").await;
+    let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), LEGACY_WS).await;
+    ws.init_ack(json!({})).await;
+    ws.subscribe("1", "subscription { postCreated { id title } }", json!({}))
+        .await;
+    until_live(&mut [&mut ws], "1", async |n| {
+        let title = format!("[warm-up {n}]");
+        create_post(&node, &author.token, &title, "").await;
+        title
+    })
+    .await;
+    create_post(&node, &author.token, "counted", "").await;
+    let payload = ws.next_data("1", Duration::from_secs(5)).await;
+    assert_eq!(payload["data"]["postCreated"]["title"], "counted");
+
+    let metrics = get(&node, "/metrics").await.body;
+    let name = "subgate_events_delivered_total";
+    assert!(
+        sample(&metrics, name, "transport", "graphql_ws_legacy") >= 1.0,
+        "no delivery counted for graphql_ws_legacy:\n{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, name, "transport", "graphql_ws"),
+        0.0,
+        "legacy deliveries counted as graphql_ws:\n{metrics}"
+    );
 }
