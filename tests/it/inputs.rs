@@ -258,3 +258,37 @@ async fn legacy_graphql_ws_deliveries_are_counted_under_their_own_transport() {
         "legacy deliveries counted as graphql_ws:\n{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_publisher_may_not_use_the_nodes_own_event_types() {
+    let node = publisher_node(&[]);
+    for kind in [
+        "gap",
+        "auth.success",
+        "connection.established",
+        "error",
+        "pong",
+        "message.created",
+        "notification.created",
+    ] {
+        let body = json!({ "topic": "orders", "type": kind, "payload": {} }).to_string();
+        let reply = publish_raw(&node, Some(API_KEY), body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{kind}: {}",
+            reply.body
+        );
+        let body = reply.json();
+        assert_eq!(body["error"]["code"], "bad_request", "{kind}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("\"{kind}\" is a reserved event type"))),
+            "{kind}: the refusal says why: {body}"
+        );
+    }
+    // Nothing of them was published: the next event is the topic's first.
+    let id = publish(&node, "orders", "acme.gap", json!({ "n": 1 })).await;
+    assert!(id.ends_with(":1"), "the first event of the topic: {id}");
+}
