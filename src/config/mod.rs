@@ -247,6 +247,12 @@ pub struct HistorySettings {
     pub size: usize,
     /// How long a topic's history lives after its last event.
     pub ttl_seconds: u64,
+    // -- issue 9 (hardening): memory bounds --
+    /// In-memory store only (no `redis.url`): most topics with a history.
+    /// Publishing to one more evicts the least recently published topic's
+    /// history (`subgate_history_evictions_total`); its subscribers resume
+    /// with a history gap. Redis expires histories by `ttl_seconds`.
+    pub max_topics: usize,
 }
 
 impl Default for HistorySettings {
@@ -254,6 +260,7 @@ impl Default for HistorySettings {
         Self {
             size: 1000,
             ttl_seconds: 86400,
+            max_topics: crate::broker::memory::DEFAULT_MAX_TOPICS,
         }
     }
 }
@@ -698,6 +705,7 @@ impl Settings {
             redis.pool_size,
             history.size,
             history.ttl_seconds,
+            history.max_topics,
             auth.login_token_ttl_seconds,
             publish.max_payload_bytes,
             sse.heartbeat_seconds,

@@ -77,6 +77,11 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// 1 while `/readyz` would answer 200, else 0; set at each scrape.
     pub ready: IntGauge,
+
+    // -- issue 9 (hardening): inputs and memory bounds --
+    /// Topic histories the in-memory broker evicted to stay within
+    /// `history.max_topics`.
+    pub history_evictions_total: prometheus::IntCounter,
 }
 
 /// Creates collectors already registered in one registry. A labelled one
@@ -289,6 +294,12 @@ impl Metrics {
             "subgate_ready",
             "1 while the node is ready for traffic (as /readyz), else 0",
         );
+        // -- issue 9 (hardening): inputs and memory bounds --
+        let history_evictions_total = r.counter(
+            "subgate_history_evictions_total",
+            "Topic histories the in-memory broker evicted to stay within history.max_topics",
+        );
+
         let version = env!("CARGO_PKG_VERSION");
         r.gauge_vec(
             "subgate_build_info",
@@ -338,6 +349,7 @@ impl Metrics {
             presence_refresh_failures_total,
             draining,
             ready,
+            history_evictions_total,
         }
     }
 
