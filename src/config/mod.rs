@@ -230,12 +230,19 @@ impl Default for WebsocketSettings {
 pub struct HubSettings {
     /// Events queued per subscriber before it is cut off as a slow consumer.
     pub subscriber_queue_capacity: usize,
+    // -- issue 9 (hardening): memory bounds --
+    /// WebSockets: bytes sent to a connection that its socket has not taken
+    /// yet; a frame that would exceed them cuts the connection off as a
+    /// slow consumer (1013), whichever of this and
+    /// `subscriber_queue_capacity` comes first.
+    pub subscriber_queue_bytes: usize,
 }
 
 impl Default for HubSettings {
     fn default() -> Self {
         Self {
             subscriber_queue_capacity: 256,
+            subscriber_queue_bytes: 1024 * 1024,
         }
     }
 }
@@ -702,6 +709,7 @@ impl Settings {
             websocket.auth_timeout_seconds,
             websocket.max_message_bytes,
             hub.subscriber_queue_capacity,
+            hub.subscriber_queue_bytes,
             redis.pool_size,
             history.size,
             history.ttl_seconds,

@@ -292,3 +292,86 @@ async fn a_publisher_may_not_use_the_nodes_own_event_types() {
     let id = publish(&node, "orders", "acme.gap", json!({ "n": 1 })).await;
     assert!(id.ends_with(":1"), "the first event of the topic: {id}");
 }
+
+/// The node's resident memory, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/PID/status")
+        * 1024
+}
+
+#[tokio::test]
+async fn consumers_that_stop_reading_large_events_are_cut_off_by_bytes_before_the_event_count() {
+    let node = publisher_node(&[("SUBGATE__HUB__SUBSCRIBER_QUEUE_BYTES", "262144")]);
+    let reader = create_user(&node, "Reader").await;
+    let url = node.ws_url("/graphql/ws");
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut ws = try_connect(
+            &url,
+            ConnectOptions {
+                subprotocol: Some(TRANSPORT_WS),
+                recv_buffer_bytes: Some(4096),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("connect");
+        ws.init_ack(json!({ "token": reader.token })).await;
+        ws.subscribe(
+            "big",
+            r#"subscription { events(topics: ["big"]) { id payload } }"#,
+            json!({}),
+        )
+        .await;
+        clients.push(ws);
+    }
+    let mut all: Vec<&mut GqlWs> = clients.iter_mut().collect();
+    until_live(&mut all, "big", async |n| {
+        let marker = format!("warm-up-{n}");
+        publish(&node, "big", "warm.up", json!({ "marker": marker })).await;
+        marker
+    })
+    .await;
+    let before = rss_bytes(node.pid);
+
+    // From here nobody reads. 100 events of 60 KB: far fewer than the 256
+    // events a subscriber may have queued, 6 MB each.
+    let blob = "x".repeat(60_000);
+    let mut peak = before;
+    for n in 0..100 {
+        publish(&node, "big", "blob", json!({ "n": n, "blob": blob })).await;
+        if n % 10 == 9 {
+            peak = peak.max(rss_bytes(node.pid));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    peak = peak.max(rss_bytes(node.pid));
+
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let (code, reason) = ws.expect_close(Duration::from_secs(30)).await;
+        assert_eq!(code, 1013, "client {i} closed with {code} {reason:?}");
+    }
+    let metrics = get(&node, "/metrics").await.body;
+    assert!(
+        sample(
+            &metrics,
+            "subgate_slow_consumer_disconnects_total",
+            "transport",
+            "graphql_ws"
+        ) >= 20.0,
+        "{metrics}"
+    );
+    // Each client may cost about its 256 KiB (plus what the socket layer
+    // holds); the events themselves are shared.
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "the node grew by {} MiB for 20 stalled clients",
+        grown >> 20
+    );
+}
