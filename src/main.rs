@@ -7,6 +7,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use subgate::config::Settings;
 
+/// jemalloc, with its background threads purging freed pages: after a
+/// spike (consumers that stopped reading large events, say) the node's
+/// memory goes back to the OS within seconds, where glibc's malloc kept
+/// all of it (BENCHMARKS.md, "Consumers that stop reading").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "subgate",

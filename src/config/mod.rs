@@ -242,7 +242,7 @@ impl Default for HubSettings {
     fn default() -> Self {
         Self {
             subscriber_queue_capacity: 256,
-            subscriber_queue_bytes: 1024 * 1024,
+            subscriber_queue_bytes: 256 * 1024,
         }
     }
 }
