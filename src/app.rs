@@ -60,7 +60,12 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
             Arc::new(RedisStore::new(redis.clone())),
         ),
         None => (
-            Arc::new(MemoryBroker::new(history.size, history.ttl)),
+            Arc::new(
+                MemoryBroker::new(history.size, history.ttl).with_max_topics(
+                    settings.history.max_topics,
+                    metrics.history_evictions_total.clone(),
+                ),
+            ),
             Arc::new(MemoryStore::new()),
         ),
     };

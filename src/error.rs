@@ -36,6 +36,9 @@ pub enum ErrorCode {
     /// The connection already runs `websocket.max_subscriptions_per_connection`
     /// subscriptions.
     TooManySubscriptions,
+    /// The document holds more tokens than `graphql.max_tokens`; it was
+    /// refused before it was parsed.
+    TooManyTokens,
 }
 
 impl ErrorCode {
@@ -53,6 +56,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::BadRequest => "BAD_REQUEST",
             ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
+            ErrorCode::TooManyTokens => "TOO_MANY_TOKENS",
         }
     }
 }

@@ -46,8 +46,9 @@
 //! hub of every subscribed node. The [`hub::Hub`] hands one shared,
 //! already-encoded copy to each local subscriber's bounded queue; a
 //! transport pulls from its queues and writes to its socket. Nothing on this
-//! path waits on a slow client: a full queue cuts that client off with close
-//! code 1013 (it reconnects) and is counted.
+//! path waits on a slow client: a full queue, or on a WebSocket more than
+//! `hub.subscriber_queue_bytes` waiting for the socket, cuts that client off
+//! with close code 1013 (it reconnects) and is counted.
 //!
 //! ## Guarantees
 //!

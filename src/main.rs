@@ -16,6 +16,14 @@ macro_rules! report {
     }};
 }
 
+/// jemalloc, with its background threads purging freed pages: after a
+/// spike (consumers that stopped reading large events, say) the node's
+/// memory goes back to the OS within seconds, where glibc's malloc kept
+/// all of it (BENCHMARKS.md, "Consumers that stop reading").
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "subgate",
@@ -58,26 +66,7 @@ enum Command {
     },
 }
 
-/// Serves every allocation of 4 MiB or more from its own mapping, returned
-/// to the system when freed.
-///
-/// Password hashing allocates about 19 MiB per hash. glibc otherwise raises
-/// its mmap threshold after the first such block is freed and keeps later
-/// ones in per-thread arenas (up to eight per core), where freed memory
-/// stays resident: with hashes spread over the blocking threads, a login
-/// storm left 16 × 19 MiB resident although only a few hashes ever ran at
-/// once. A fixed threshold keeps the resident size at what is in use.
-fn return_large_blocks_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; it is called first
-    // thing in main, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-    }
-}
-
 fn main() -> ExitCode {
-    return_large_blocks_to_the_system();
     let cli = Cli::parse();
     // A probe with an explicit URL needs no configuration: it must answer
     // even where the node's own settings would not load in this shell.

@@ -216,6 +216,12 @@ pub struct GraphqlSettings {
     pub introspection: Option<bool>,
     /// Most items a connection page may ask for.
     pub max_page_size: usize,
+    // -- issue 9 (hardening): document size --
+    /// Most lexical tokens in one document (names, punctuators, numbers,
+    /// strings; white space, commas and comments not counted). Checked
+    /// before the parse, on every transport: a larger document is refused
+    /// with `TOO_MANY_TOKENS` without being parsed or validated.
+    pub max_tokens: usize,
 }
 
 impl Default for GraphqlSettings {
@@ -227,6 +233,7 @@ impl Default for GraphqlSettings {
             max_batch_size: 10,
             introspection: None,
             max_page_size: 100,
+            max_tokens: 15_000,
         }
     }
 }
@@ -268,12 +275,19 @@ impl Default for WebsocketSettings {
 pub struct HubSettings {
     /// Events queued per subscriber before it is cut off as a slow consumer.
     pub subscriber_queue_capacity: usize,
+    // -- issue 9 (hardening): memory bounds --
+    /// WebSockets: bytes sent to a connection that its socket has not taken
+    /// yet; a frame that would exceed them cuts the connection off as a
+    /// slow consumer (1013), whichever of this and
+    /// `subscriber_queue_capacity` comes first.
+    pub subscriber_queue_bytes: usize,
 }
 
 impl Default for HubSettings {
     fn default() -> Self {
         Self {
             subscriber_queue_capacity: 256,
+            subscriber_queue_bytes: 256 * 1024,
         }
     }
 }
@@ -285,6 +299,12 @@ pub struct HistorySettings {
     pub size: usize,
     /// How long a topic's history lives after its last event.
     pub ttl_seconds: u64,
+    // -- issue 9 (hardening): memory bounds --
+    /// In-memory store only (no `redis.url`): most topics with a history.
+    /// Publishing to one more evicts the least recently published topic's
+    /// history (`subgate_history_evictions_total`); its subscribers resume
+    /// with a history gap. Redis expires histories by `ttl_seconds`.
+    pub max_topics: usize,
 }
 
 impl Default for HistorySettings {
@@ -292,6 +312,7 @@ impl Default for HistorySettings {
         Self {
             size: 1000,
             ttl_seconds: 86400,
+            max_topics: crate::broker::memory::DEFAULT_MAX_TOPICS,
         }
     }
 }
@@ -836,6 +857,7 @@ impl Settings {
             graphql.max_complexity,
             graphql.max_batch_size,
             graphql.max_page_size,
+            graphql.max_tokens,
             websocket.ping_interval_seconds,
             websocket.connection_init_timeout_seconds,
             websocket.max_frame_bytes,
@@ -843,9 +865,11 @@ impl Settings {
             websocket.auth_timeout_seconds,
             websocket.max_message_bytes,
             hub.subscriber_queue_capacity,
+            hub.subscriber_queue_bytes,
             redis.pool_size,
             history.size,
             history.ttl_seconds,
+            history.max_topics,
             auth.login_token_ttl_seconds,
             publish.max_payload_bytes,
             sse.heartbeat_seconds,

@@ -5,6 +5,7 @@
 //! connections, the connection's [`crate::hub::Cutoff`]. Schema data: the
 //! [`SchemaDeps`] and the loaders.
 
+pub mod document;
 pub mod limits;
 pub mod loaders;
 pub mod mutation;
@@ -61,10 +62,11 @@ pub fn build_schema(deps: SchemaDeps) -> AppSchema {
         .limit_complexity(settings.graphql.max_complexity)
         .limit_recursive_depth(64)
         .limit_directives(20)
-        .extension(limits::DocumentLimits {
-            max_aliases: settings.graphql.max_aliases,
-            introspection: settings.introspection_enabled(),
-        })
+        .extension(limits::DocumentLimits::new(
+            settings.graphql.max_tokens,
+            settings.graphql.max_aliases,
+            settings.introspection_enabled(),
+        ))
         .data(loaders::Loaders::new(deps.store.clone()))
         .data(deps);
     if !settings.introspection_enabled() {

@@ -84,6 +84,11 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// 1 while `/readyz` would answer 200, else 0; set at each scrape.
     pub ready: IntGauge,
+
+    // -- issue 9 (hardening): inputs and memory bounds --
+    /// Topic histories the in-memory broker evicted to stay within
+    /// `history.max_topics`.
+    pub history_evictions_total: prometheus::IntCounter,
 }
 
 /// Creates collectors already registered in one registry. A labelled one
@@ -320,6 +325,12 @@ impl Metrics {
             &["node", "fleet"],
         );
         // --- end node hardening ---
+        // -- issue 9 (hardening): inputs and memory bounds --
+        let history_evictions_total = r.counter(
+            "subgate_history_evictions_total",
+            "Topic histories the in-memory broker evicted to stay within history.max_topics",
+        );
+
         let version = env!("CARGO_PKG_VERSION");
         r.gauge_vec(
             "subgate_build_info",
@@ -371,6 +382,7 @@ impl Metrics {
             presence_refresh_failures_total,
             draining,
             ready,
+            history_evictions_total,
         }
     }
 

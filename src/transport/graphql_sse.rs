@@ -38,6 +38,7 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use crate::error::ErrorCode;
+use crate::graphql::limits::{off_worker, LARGE_BODY_BYTES};
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
@@ -130,14 +131,23 @@ async fn posted_request(
     }
     let body = read_body(&mut payload, state.settings.server.max_body_bytes)
         .await
-        .map_err(|e| refuse(e.status(), None, &e.to_string()))?;
-    serde_json::from_slice::<Request>(&body).map_err(|e| {
-        refuse(
-            StatusCode::BAD_REQUEST,
-            None,
-            &format!("the body is not one GraphQL request: {e}"),
-        )
-    })
+        .map_err(|e| refuse(e.status(), None, &e.to_string()))?
+        .freeze();
+    let decoded = if body.len() > LARGE_BODY_BYTES {
+        let body = body.clone();
+        off_worker(move || serde_json::from_slice::<Request>(&body)).await
+    } else {
+        None
+    };
+    decoded
+        .unwrap_or_else(|| serde_json::from_slice::<Request>(&body))
+        .map_err(|e| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                None,
+                &format!("the body is not one GraphQL request: {e}"),
+            )
+        })
 }
 
 /// What refuses a request whatever it asks: `Accept`, then the gate's
@@ -159,7 +169,7 @@ async fn stream_operation(
     state: &AppState,
     req: &HttpRequest,
     gate: Gate<'_>,
-    request: Request,
+    mut request: Request,
     method: Method,
 ) -> HttpResponse {
     let principal = match state.auth.from_header(req.headers()) {
@@ -172,9 +182,21 @@ async fn stream_operation(
             )
         }
     };
-    let ty = match counted_operation_type(&request, &state.metrics) {
+    let ty = match counted_operation_type(
+        &mut request,
+        state.settings.graphql.max_tokens,
+        &state.metrics,
+    )
+    .await
+    {
         Ok(ty) => ty,
-        Err(unknown) => return refuse(StatusCode::BAD_REQUEST, None, &unknown.to_string()),
+        Err(unknown) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                unknown.code(),
+                &unknown.to_string(),
+            )
+        }
     };
     if method == Method::GET && ty == OperationType::Mutation {
         return refuse(

@@ -8,7 +8,9 @@
 //!   holds `publish`. Anything else is 401; a valid token without the scope
 //!   is 403.
 //! - Validation: `topic` a valid topic name, `type` 1 to 100 characters of
-//!   `[a-z0-9._-]` (both 400); `payload` at most
+//!   `[a-z0-9._-]` and not reserved (the node's own message and event
+//!   names, such as `gap` or `auth.success`, and the domain's event kinds,
+//!   such as `message.created`: all 400); `payload` at most
 //!   `publish.max_payload_bytes` once encoded (413); a body that is not such
 //!   JSON is 400 saying why.
 //! - Any topic may be published to, the domain's included (backends notify

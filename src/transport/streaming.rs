@@ -85,10 +85,14 @@ pub mod frame {
         out.freeze()
     }
 
+    /// The event name of [`gap`]: reserved, no backend may publish it
+    /// (`crate::domain::publishing::is_reserved_type`).
+    pub const GAP: &str = "gap";
+
     /// `event: gap` for `topic`.
     pub fn gap(topic: &str, reason: GapReason) -> Bytes {
         event(
-            "gap",
+            GAP,
             None,
             &json!({ "topic": topic, "reason": reason.as_str() }).to_string(),
         )
@@ -287,6 +291,11 @@ mod tests {
 
     fn text(bytes: Bytes) -> String {
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn backends_may_not_publish_the_gap_event() {
+        assert!(crate::domain::publishing::is_reserved_type(frame::GAP));
     }
 
     #[test]

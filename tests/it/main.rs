@@ -13,6 +13,7 @@ mod envelope;
 mod fleet;
 mod graphql;
 mod http;
+mod inputs;
 mod loadgen;
 mod log_pipe;
 mod publish;

@@ -57,6 +57,16 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn backends_may_publish_no_type_of_the_protocol() {
+        for kind in CLIENT_MESSAGE_TYPES.iter().chain(SERVER_MESSAGE_TYPES) {
+            assert!(
+                crate::domain::publishing::is_reserved_type(kind),
+                "{kind} is not reserved"
+            );
+        }
+    }
+
     /// The types `asyncapi.yaml` documents in one direction: every message
     /// there carries `messageId: {direction}.{type}`.
     fn documented(spec: &str, direction: &str) -> BTreeSet<String> {

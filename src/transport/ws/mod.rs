@@ -184,11 +184,13 @@ pub async fn accept<E: Executor>(
     };
     match protocol {
         Subprotocol::TransportWs => {
-            let machine = TransportWs::new(principal, verify, max_operations);
+            let machine = TransportWs::new(principal, verify, max_operations)
+                .with_max_tokens(state.settings.graphql.max_tokens);
             actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
         Subprotocol::Legacy => {
-            let machine = Legacy::new(principal, verify, max_operations);
+            let machine = Legacy::new(principal, verify, max_operations)
+                .with_max_tokens(state.settings.graphql.max_tokens);
             actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
     }

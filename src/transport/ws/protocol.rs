@@ -234,6 +234,9 @@ struct Active {
 pub(crate) struct Operations {
     active: HashMap<String, Active>,
     max: usize,
+    /// `graphql.max_tokens`: a larger document is not parsed here to label
+    /// it (the schema refuses it, unparsed, with `TOO_MANY_TOKENS`).
+    max_tokens: usize,
 }
 
 impl Operations {
@@ -241,7 +244,12 @@ impl Operations {
         Self {
             active: HashMap::new(),
             max,
+            max_tokens: crate::config::GraphqlSettings::default().max_tokens,
         }
+    }
+
+    pub(crate) fn set_max_tokens(&mut self, max_tokens: usize) {
+        self.max_tokens = max_tokens;
     }
 
     pub(crate) fn max(&self) -> usize {
@@ -251,7 +259,7 @@ impl Operations {
     pub(crate) fn admit(
         &mut self,
         id: &str,
-        request: Request,
+        mut request: Request,
         principal: Option<Principal>,
     ) -> Admission {
         if self.active.contains_key(id) {
@@ -260,7 +268,7 @@ impl Operations {
         if self.active.len() >= self.max {
             return Admission::Full;
         }
-        let kind = operation_type(&request).ok();
+        let kind = operation_type(&mut request, self.max_tokens).ok();
         let label = kind.map_or("unknown", operation_label);
         self.active.insert(
             id.to_owned(),

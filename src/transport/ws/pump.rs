@@ -34,6 +34,7 @@ use tokio_stream::StreamMap;
 use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
 use crate::error::close;
+use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
 use crate::shutdown::Shutdown;
@@ -226,7 +227,11 @@ pub async fn run<E: Executor, P: Protocol>(
                         .data(client)
                         // The subscription resolvers hand this to the hub,
                         // which fires it when this connection falls behind.
-                        .data(cutoff.clone());
+                        .data(cutoff.clone())
+                        // The label its deliveries are counted under: each
+                        // protocol its own (without it, legacy graphql-ws
+                        // deliveries were counted as graphql_ws).
+                        .data(TransportLabel(transport));
                     let results = executor.execute_stream(request, None);
                     operations.insert(
                         operation.id,
