@@ -157,7 +157,7 @@ pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()
     let data = web::Data::new(state.clone());
     let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
         .workers(workers);
-    if let Some(capacity) = state.settings.capacity {
+    if let Some(capacity) = state.settings.loaded.capacity {
         // Sockets of every kind, per worker: a worker at its share stops
         // accepting (the kernel's backlog waits) instead of running out of
         // descriptors, which would cost `/healthz` and Redis theirs.

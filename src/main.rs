@@ -155,10 +155,10 @@ fn print_config(settings: &Settings) -> ExitCode {
 /// One structured line saying what this node runs as: the environment,
 /// the files layered and the effective settings (secrets redacted).
 fn log_configuration(settings: &Settings) {
-    let files = if settings.sources.is_empty() {
+    let files = if settings.loaded.sources.is_empty() {
         "none (built-in defaults)".to_owned()
     } else {
-        settings.sources.join(", ")
+        settings.loaded.sources.join(", ")
     };
     let server = &settings.server;
     tracing::info!(
@@ -167,8 +167,8 @@ fn log_configuration(settings: &Settings) {
         drain_timeout_seconds = server.drain_timeout_seconds,
         drain_grace_seconds = server.drain_grace_seconds,
         max_connections = settings.connection_limit(),
-        open_files_limit = settings.capacity.and_then(|c| c.files).map(|f| f.soft),
-        max_sockets_per_worker = settings.capacity.map(|c| c.max_sockets_per_worker),
+        open_files_limit = settings.loaded.capacity.and_then(|c| c.files).map(|f| f.soft),
+        max_sockets_per_worker = settings.loaded.capacity.map(|c| c.max_sockets_per_worker),
         redis = settings.redis.url.is_some(),
         introspection = settings.introspection_enabled(),
         settings = %settings.redacted(),
@@ -179,7 +179,7 @@ fn log_configuration(settings: &Settings) {
 
 fn serve(settings: Settings) -> ExitCode {
     subgate::telemetry::init(&settings);
-    for warning in &settings.deprecations {
+    for warning in &settings.loaded.deprecations {
         tracing::warn!("configuration: {warning}");
     }
     let addr = (settings.server.host.clone(), settings.server.port);

@@ -439,47 +439,33 @@ impl Limits {
     /// The limits of `settings`, with `password_hashes` hashing slots.
     pub fn new(settings: &RatelimitSettings, password_hashes: usize, metrics: &Metrics) -> Self {
         let s = settings;
+        let limiter = |scope, rate| ScopedLimiter::new(scope, rate, s.max_keys, metrics);
         Self {
             connection_rate: Rate::new(s.messages_per_second, s.messages_burst),
             connection_refused: refusals(metrics, Scope::Connection),
-            users: ScopedLimiter::new(
+            users: limiter(
                 Scope::User,
                 Rate::new(s.user_messages_per_second, s.user_messages_burst),
-                s.max_keys,
-                metrics,
             ),
-            publishers: ScopedLimiter::new(
+            publishers: limiter(
                 Scope::Publish,
                 Rate::new(s.publish_per_second, s.publish_burst),
-                s.max_keys,
-                metrics,
             ),
-            typing: ScopedLimiter::new(
+            typing: limiter(
                 Scope::Typing,
                 Rate::every(Duration::from_secs_f64(s.typing_interval_seconds)),
-                s.max_keys,
-                metrics,
             ),
-            login_addresses: ScopedLimiter::new(
-                Scope::Login,
-                Rate::new(s.login_per_second, s.login_burst),
-                s.max_keys,
-                metrics,
-            ),
-            login_emails: ScopedLimiter::new(
+            login_addresses: limiter(Scope::Login, Rate::new(s.login_per_second, s.login_burst)),
+            login_emails: limiter(
                 Scope::LoginEmail,
                 Rate::new(s.login_email_per_second, s.login_email_burst),
-                s.max_keys,
-                metrics,
             ),
-            publish_auth_failures: ScopedLimiter::new(
+            publish_auth_failures: limiter(
                 Scope::PublishAuth,
                 Rate::new(
                     s.publish_auth_failures_per_second,
                     s.publish_auth_failures_burst,
                 ),
-                s.max_keys,
-                metrics,
             ),
             password_hashes: PasswordSlots {
                 slots: Arc::new(Semaphore::new(password_hashes.max(1))),

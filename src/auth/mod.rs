@@ -53,22 +53,17 @@ impl Principal {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The claims a token is read for (a missing optional claim is `None`).
+#[derive(Debug, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<ScopeClaim>,
     /// The same as `scope`, under the name some identity providers use.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scp: Option<ScopeClaim>,
 }
 
@@ -226,16 +221,20 @@ impl Authenticator {
     ) -> Result<String, AuthError> {
         let key = self.encoding.as_ref().ok_or(AuthError::CannotMint)?;
         let now = crate::event::now_ms() / 1000;
-        let claims = Claims {
-            sub: sub.to_owned(),
-            exp: now + ttl.as_secs().max(1),
-            nbf: None,
-            iat: Some(now),
-            iss: self.issuer.clone(),
-            aud: self.audience.clone(),
-            scope: scope.map(|s| ScopeClaim::Text(s.to_owned())),
-            scp: None,
-        };
+        let mut claims = serde_json::json!({
+            "sub": sub,
+            "exp": now + ttl.as_secs().max(1),
+            "iat": now,
+        });
+        for (name, value) in [
+            ("iss", self.issuer.as_deref()),
+            ("aud", self.audience.as_deref()),
+            ("scope", scope),
+        ] {
+            if let Some(value) = value {
+                claims[name] = value.into();
+            }
+        }
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(|_| AuthError::CannotMint)
     }

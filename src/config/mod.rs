@@ -60,15 +60,20 @@ pub struct Settings {
     pub ratelimit: RatelimitSettings,
     pub presence: PresenceSettings,
     pub log: LogSettings,
-    /// Deprecated keys that were used, one warning each (logged at start).
+    /// What loading found out, beside the settings themselves.
     #[serde(skip)]
+    pub loaded: Loaded,
+}
+
+/// What loading the settings found out: reported at start, never set.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// Deprecated keys that were used, one warning each (logged at start).
     pub deprecations: Vec<String>,
     /// The configuration files layered, in order (those found).
-    #[serde(skip)]
     pub sources: Vec<String>,
     /// What the open-files limit allows, once [`Settings::apply_file_limit`]
     /// ran (the binary does, before it serves).
-    #[serde(skip)]
     pub capacity: Option<capacity::Capacity>,
 }
 
@@ -613,8 +618,8 @@ impl Settings {
         }
         let renamed = Self::deprecated_keys(&raw)?;
         let mut settings = Self::deserialize_every_key(&raw)?;
-        settings.deprecations = settings.convert_deprecated(&renamed);
-        settings.sources = sources;
+        settings.loaded.deprecations = settings.convert_deprecated(&renamed);
+        settings.loaded.sources = sources;
         settings.validate().map_err(ConfigErrors)?;
         Ok(settings)
     }
@@ -1060,7 +1065,7 @@ impl Settings {
     ) -> Result<(), ConfigError> {
         let planned = capacity::plan(self, files, self.http_workers())?;
         self.server.max_connections = Some(planned.max_connections);
-        self.capacity = Some(planned);
+        self.loaded.capacity = Some(planned);
         Ok(())
     }
 
@@ -1372,7 +1377,7 @@ mod tests {
     fn durations_are_seconds_and_old_millisecond_keys_still_work_with_a_warning() {
         let s = load(&[("SUBGATE__REDIS__COMMAND_TIMEOUT_SECONDS", "0.25")]).unwrap();
         assert_eq!(s.redis.command_timeout_seconds, 0.25);
-        assert!(s.deprecations.is_empty());
+        assert!(s.loaded.deprecations.is_empty());
         let s = load(&[
             ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
             ("SUBGATE__SSE__RETRY_MS", "1500"),
@@ -1380,8 +1385,14 @@ mod tests {
         .unwrap();
         assert_eq!(s.redis.max_backoff_seconds, 0.2);
         assert_eq!(s.sse.retry_seconds, 1.5);
-        assert_eq!(s.deprecations.len(), 2, "{:?}", s.deprecations);
+        assert_eq!(
+            s.loaded.deprecations.len(),
+            2,
+            "{:?}",
+            s.loaded.deprecations
+        );
         assert!(s
+            .loaded
             .deprecations
             .iter()
             .any(|w| w.contains("redis.max_backoff_seconds")));

@@ -185,31 +185,26 @@ mod tests {
 
     #[test]
     fn tokens_are_counted_as_the_lexer_splits_them() {
-        assert_eq!(tokens("{ me { id } }"), 6);
-        assert_eq!(tokens("query Q($a: Int = -1.5e+3) { f(a: $a) }"), 19);
-        assert_eq!(tokens("{ ...F } fragment F on Query { me { id } }"), 14);
-        assert_eq!(tokens("{f(a:[1,2,3]@x)}"), 14);
-    }
-
-    #[test]
-    fn ignored_text_is_not_counted() {
-        assert_eq!(tokens("\u{feff} ,,, \t\r\n# a { comment }\n{ me }"), 3);
-        assert_eq!(tokens(""), 0);
-    }
-
-    #[test]
-    fn strings_and_block_strings_are_one_token_each() {
-        assert_eq!(tokens(r#"{ f(a: "x { y } \" z") }"#), 8);
-        assert_eq!(tokens("{ f(a: \"\"\"a \\\"\"\" { \"\" } \n b\"\"\") }"), 8);
-        // Unterminated: the rest of the line, or of the text.
-        assert_eq!(tokens("\"open\n{"), 2);
-        assert_eq!(tokens("\"\"\"open { }"), 1);
-    }
-
-    #[test]
-    fn unknown_characters_count_and_keep_utf8_boundaries() {
-        assert_eq!(tokens("é ü ?"), 3);
-        assert_eq!(tokens("{ f(a: \"é\") }"), 8);
+        for (document, count) in [
+            ("{ me { id } }", 6),
+            ("query Q($a: Int = -1.5e+3) { f(a: $a) }", 19),
+            ("{ ...F } fragment F on Query { me { id } }", 14),
+            ("{f(a:[1,2,3]@x)}", 14),
+            // Ignored text is not counted.
+            ("\u{feff} ,,, \t\r\n# a { comment }\n{ me }", 3),
+            ("", 0),
+            // Strings and block strings are one token each.
+            (r#"{ f(a: "x { y } \" z") }"#, 8),
+            ("{ f(a: \"\"\"a \\\"\"\" { \"\" } \n b\"\"\") }", 8),
+            // Unterminated: the rest of the line, or of the text.
+            ("\"open\n{", 2),
+            ("\"\"\"open { }", 1),
+            // Unknown characters count, UTF-8 boundaries are kept.
+            ("é ü ?", 3),
+            ("{ f(a: \"é\") }", 8),
+        ] {
+            assert_eq!(tokens(document), count, "{document:?}");
+        }
     }
 
     #[test]

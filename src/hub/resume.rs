@@ -222,6 +222,7 @@ mod tests {
     use crate::broker::memory::MemoryBroker;
     use crate::event::NewEvent;
     use crate::telemetry::metrics::Metrics;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use std::time::Duration;
 
     fn hub(history: usize) -> Arc<Hub> {
@@ -323,12 +324,12 @@ mod tests {
     /// reconnect; the history still has every event.
     struct Lossy {
         sink: Arc<dyn crate::broker::EventSink>,
-        losing: Arc<std::sync::atomic::AtomicBool>,
+        losing: Arc<AtomicBool>,
     }
 
     impl crate::broker::EventSink for Lossy {
         fn dispatch(&self, event: Arc<SharedEvent>) {
-            if !self.losing.load(std::sync::atomic::Ordering::SeqCst) {
+            if !self.losing.load(SeqCst) {
                 self.sink.dispatch(event);
             }
         }
@@ -342,7 +343,7 @@ mod tests {
 
     struct LossyBroker {
         inner: MemoryBroker,
-        losing: Arc<std::sync::atomic::AtomicBool>,
+        losing: Arc<AtomicBool>,
     }
 
     #[async_trait::async_trait]
@@ -378,20 +379,33 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_hole_in_the_live_stream_is_filled_from_history() {
-        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    /// A hub whose bus link can be cut (`losing`), its histories living
+    /// `ttl`; and a stream on topic `t` that has delivered its first event.
+    async fn lossy_hub(ttl: Duration) -> (Arc<Hub>, Arc<AtomicBool>, Resumed) {
+        let losing = Arc::new(AtomicBool::new(false));
         let broker = LossyBroker {
-            inner: MemoryBroker::new(100, Duration::from_secs(60)),
+            inner: MemoryBroker::new(100, ttl),
             losing: losing.clone(),
         };
         let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
         let mut resumed = resume(&hub, None).await;
         let first = publish(&hub, "t", 1).await;
         assert_eq!(take(&mut resumed.stream, 1).await, first);
-        losing.store(true, std::sync::atomic::Ordering::SeqCst);
-        let lost = publish(&hub, "t", 3).await;
-        losing.store(false, std::sync::atomic::Ordering::SeqCst);
+        (hub, losing, resumed)
+    }
+
+    /// Publishes `n` events to `t` while the link is cut.
+    async fn unheard(hub: &Arc<Hub>, losing: &AtomicBool, n: usize) -> Vec<String> {
+        losing.store(true, SeqCst);
+        let ids = publish(hub, "t", n).await;
+        losing.store(false, SeqCst);
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_hole_in_the_live_stream_is_filled_from_history() {
+        let (hub, losing, mut resumed) = lossy_hub(Duration::from_secs(60)).await;
+        let lost = unheard(&hub, &losing, 3).await;
         let after = publish(&hub, "t", 2).await;
         assert_eq!(
             take(&mut resumed.stream, 5).await,
@@ -402,30 +416,17 @@ mod tests {
     #[tokio::test]
     async fn a_resync_point_fills_what_was_missed_and_is_ignored_by_a_fresh_stream() {
         use crate::broker::EventSink;
-        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let broker = LossyBroker {
-            inner: MemoryBroker::new(100, Duration::from_secs(60)),
-            losing: losing.clone(),
-        };
-        let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
-        let mut resumed = resume(&hub, None).await;
-        let first = publish(&hub, "t", 1).await;
-        assert_eq!(take(&mut resumed.stream, 1).await, first);
+        let (hub, losing, mut resumed) = lossy_hub(Duration::from_secs(60)).await;
         // The link is down while three events are published; then nothing
         // new comes, only the topic's latest event handed out again.
-        losing.store(true, std::sync::atomic::Ordering::SeqCst);
-        let lost = publish(&hub, "t", 3).await;
-        losing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let lost = unheard(&hub, &losing, 3).await;
         let mut fresh = resume(&hub, None).await;
-        let latest = hub
-            .broker()
-            .history("t", &Position::parse(&first[0]).unwrap(), 10)
-            .await
-            .unwrap();
-        let History::Complete(events) = latest else {
-            panic!("{latest:?}")
+        let latest = hub.broker().head("t").await.unwrap().unwrap();
+        let before = Position::new(latest.epoch.clone(), latest.seq - 1);
+        let History::Complete(events) = hub.broker().history("t", &before, 1).await.unwrap() else {
+            panic!("the history holds the latest event")
         };
-        hub.dispatch(events.last().unwrap().resync());
+        hub.dispatch(events[0].resync());
         assert_eq!(take(&mut resumed.stream, 3).await, lost);
         // A stream that had delivered nothing stands at the live edge.
         let next = publish(&hub, "t", 1).await;
@@ -435,22 +436,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_epoch_is_read_from_its_start() {
-        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let broker = LossyBroker {
-            inner: MemoryBroker::new(100, Duration::from_millis(200)),
-            losing: losing.clone(),
-        };
-        let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
-        let mut resumed = resume(&hub, None).await;
-        let first = publish(&hub, "t", 1).await;
-        assert_eq!(take(&mut resumed.stream, 1).await, first);
+        let (hub, losing, mut resumed) = lossy_hub(Duration::from_millis(200)).await;
         // The history expires (a new epoch begins) while the link is down.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        losing.store(true, std::sync::atomic::Ordering::SeqCst);
-        let unheard = publish(&hub, "t", 2).await;
-        losing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let unheard = unheard(&hub, &losing, 2).await;
         let heard = publish(&hub, "t", 1).await;
-        assert_ne!(first[0].split(':').next(), heard[0].split(':').next());
         assert_eq!(
             take(&mut resumed.stream, 4).await,
             [

@@ -108,12 +108,6 @@ impl Legacy {
         }
     }
 
-    /// Documents over `max_tokens` tokens are not parsed to label them.
-    pub fn with_max_tokens(mut self, max_tokens: usize) -> Self {
-        self.core.ops.set_max_tokens(max_tokens);
-        self
-    }
-
     // Encoding a `serde_json::Value` cannot fail (its keys are strings), so
     // the fallbacks below are never sent.
     fn connection_error(message: &str) -> Action {

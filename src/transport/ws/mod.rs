@@ -40,6 +40,7 @@ use crate::auth::credentials::verifier;
 use crate::error::ErrorCode;
 use crate::state::AppState;
 use crate::transport::request::is_websocket_upgrade;
+use crate::transport::ws::protocol::Protocol as _;
 use crate::transport::{graphql_error, socket};
 
 use self::legacy::Legacy;

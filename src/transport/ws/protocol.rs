@@ -188,6 +188,14 @@ pub trait Protocol {
     fn on_heartbeat(&mut self) -> Vec<Action>;
     /// Whether `connection_init` was accepted (the init timer then stops).
     fn is_initialised(&self) -> bool;
+    /// Documents over `max_tokens` tokens are not parsed to label them.
+    fn with_max_tokens(mut self, max_tokens: usize) -> Self
+    where
+        Self: Sized,
+    {
+        self.core().ops.set_max_tokens(max_tokens);
+        self
+    }
     /// When the token the connection runs as expires (seconds since the
     /// Unix epoch, leeway included).
     fn expires_at(&mut self) -> Option<u64> {

@@ -46,12 +46,6 @@ impl TransportWs {
         }
     }
 
-    /// Documents over `max_tokens` tokens are not parsed to label them.
-    pub fn with_max_tokens(mut self, max_tokens: usize) -> Self {
-        self.core.ops.set_max_tokens(max_tokens);
-        self
-    }
-
     fn connection_init(&mut self, payload: Option<Map<String, Value>>) -> Vec<Action> {
         if self.core.phase == Phase::Ready {
             return self
