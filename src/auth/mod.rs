@@ -53,15 +53,12 @@ impl Principal {
     }
 }
 
-/// The claims a token is read for (a missing optional claim is `None`).
+/// The claims a token is read for; `nbf`, `iss` and `aud` are checked by
+/// the validation itself and not kept.
 #[derive(Debug, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
-    pub nbf: Option<u64>,
-    pub iat: Option<u64>,
-    pub iss: Option<String>,
-    pub aud: Option<String>,
     pub scope: Option<ScopeClaim>,
     /// The same as `scope`, under the name some identity providers use.
     pub scp: Option<ScopeClaim>,
