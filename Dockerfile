@@ -20,6 +20,11 @@ FROM rust:1.95.0-slim-bookworm AS build
 
 WORKDIR /src
 
+# make: the jemalloc allocator (tikv-jemalloc-sys) builds its C sources with it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
+
 # The image's binaries are built once per release and shipped many times, so
 # they get the slow, thorough build: symbols stripped (a third of the file),
 # whole-program LTO in one codegen unit (smaller, usually a little faster;

@@ -23,6 +23,7 @@ use crate::state::AppState;
 use crate::store::{memory::MemoryStore, redis::RedisStore, Store};
 use crate::telemetry::metrics::Metrics;
 use crate::transport;
+use crate::user_connections::UserConnections;
 
 /// Why a node could not be built; each message is one line naming the
 /// setting at fault.
@@ -59,7 +60,12 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
             Arc::new(RedisStore::new(redis.clone())),
         ),
         None => (
-            Arc::new(MemoryBroker::new(history.size, history.ttl)),
+            Arc::new(
+                MemoryBroker::new(history.size, history.ttl).with_max_topics(
+                    settings.history.max_topics,
+                    metrics.history_evictions_total.clone(),
+                ),
+            ),
             Arc::new(MemoryStore::new()),
         ),
     };
@@ -69,6 +75,19 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         settings.hub.subscriber_queue_capacity,
     );
     let presence_ttl = Duration::from_secs(settings.presence.ttl_seconds);
+    // Leases of the per-user connection counts follow presence's timing:
+    // both say "this node still holds these users".
+    let user_connections = Arc::new(UserConnections::new(
+        settings.server.max_connections_per_user,
+        redis.clone().map(|redis| {
+            (
+                redis,
+                presence_ttl,
+                Duration::from_secs(settings.presence.refresh_seconds),
+            )
+        }),
+        metrics.clone(),
+    ));
     let presence: Arc<dyn Presence> = match redis {
         Some(redis) => {
             let options = RedisPresenceOptions {
@@ -85,13 +104,18 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         }
         None => Arc::new(MemoryPresence::new(hub.clone(), &metrics, presence_ttl)),
     };
-    let limits = Arc::new(Limits::new(&settings.ratelimit, &metrics));
+    let limits = Arc::new(Limits::new(
+        &settings.ratelimit,
+        settings.max_concurrent_password_hashes(),
+        &metrics,
+    ));
     let domain = Arc::new(Domain {
         store: store.clone(),
         hub: hub.clone(),
         auth: auth.clone(),
         limits: limits.clone(),
         login_token_ttl: Duration::from_secs(settings.auth.login_token_ttl_seconds),
+        unknown_email_hash: crate::domain::users::unknown_email_hash(),
         max_payload_bytes: settings.publish.max_payload_bytes,
     });
     let schema = graphql::build_schema(graphql::SchemaDeps {
@@ -114,6 +138,7 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         limits,
         presence,
         shutdown: Shutdown::new(),
+        user_connections,
     })
 }
 
@@ -125,47 +150,73 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Serves on `listener` until SIGTERM/SIGINT, then drains.
 pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    let workers = match state.settings.server.workers {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        n => n,
-    };
+    let workers = state.settings.http_workers();
     let drain_timeout = Duration::from_secs(state.settings.server.drain_timeout_seconds);
     let drain_grace =
         Duration::from_secs(state.settings.server.drain_grace_seconds).min(drain_timeout);
     let data = web::Data::new(state.clone());
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-        .workers(workers)
+    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+        .workers(workers);
+    if let Some(capacity) = state.settings.loaded.capacity {
+        // Sockets of every kind, per worker: a worker at its share stops
+        // accepting (the kernel's backlog waits) instead of running out of
+        // descriptors, which would cost `/healthz` and Redis theirs.
+        server = server.max_connections(capacity.max_sockets_per_worker);
+    }
+    let server = server
         // Long-lived connections are closed by the drain itself; this bounds
         // what actix waits for after that.
         .shutdown_timeout(drain_timeout.as_secs().max(1))
         .disable_signals()
         .listen(listener)?
         .run();
-    let signals = crate::shutdown::Signals::install()?;
+    let mut signals = Some(crate::shutdown::Signals::install()?);
     tracing::info!(%addr, "listening on {addr}");
     let handle = server.handle();
     let shutdown = state.shutdown.clone();
-    tokio::spawn(async move {
-        signals.recv().await;
-        tracing::info!(
-            open = shutdown.open_connections(),
-            "shutdown requested: draining for at most {}s",
-            drain_timeout.as_secs()
-        );
-        shutdown.begin();
-        let grace_until = tokio::time::Instant::now() + drain_grace;
-        let left = shutdown.drained(drain_timeout).await;
-        tokio::time::sleep_until(grace_until).await;
-        if left > 0 {
-            tracing::warn!(left, "drain timeout passed with connections still open");
-        }
-        // Graceful only when everything drained: after the drain timeout,
-        // what is left is dropped rather than waited for again.
-        handle.stop(left == 0).await;
-    });
+    // Supervised: a drain task that died would leave a node that ignores
+    // SIGTERM. A restarted run listens again (handlers installed anew),
+    // or goes straight on with a drain already begun.
+    let drain = crate::supervise::spawn(
+        "drain",
+        state.metrics.task_restarts_total.clone(),
+        move || {
+            let first = signals.take();
+            let shutdown = shutdown.clone();
+            let handle = handle.clone();
+            async move {
+                if !shutdown.is_draining() {
+                    let signals = match first {
+                        Some(signals) => signals,
+                        None => match crate::shutdown::Signals::install() {
+                            Ok(signals) => signals,
+                            Err(e) => panic!("cannot listen for stop signals: {e}"),
+                        },
+                    };
+                    signals.recv().await;
+                }
+                tracing::info!(
+                    open = shutdown.open_connections(),
+                    "shutdown requested: draining for at most {}s",
+                    drain_timeout.as_secs()
+                );
+                shutdown.begin();
+                let grace_until = tokio::time::Instant::now() + drain_grace;
+                let left = shutdown.drained(drain_timeout).await;
+                tokio::time::sleep_until(grace_until).await;
+                if left > 0 {
+                    tracing::warn!(left, "drain timeout passed with connections still open");
+                }
+                // Graceful only when everything drained: after the drain timeout,
+                // what is left is dropped rather than waited for again.
+                handle.stop(left == 0).await;
+                // Done: the server stops, and this task must not count as dead.
+                std::future::pending::<()>().await;
+            }
+        },
+    );
     server.await?;
+    drop(drain);
     tracing::info!("stopped");
     Ok(())
 }

@@ -36,6 +36,9 @@ pub enum ErrorCode {
     /// The connection already runs `websocket.max_subscriptions_per_connection`
     /// subscriptions.
     TooManySubscriptions,
+    /// The document holds more tokens than `graphql.max_tokens`; it was
+    /// refused before it was parsed.
+    TooManyTokens,
 }
 
 impl ErrorCode {
@@ -53,6 +56,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::BadRequest => "BAD_REQUEST",
             ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
+            ErrorCode::TooManyTokens => "TOO_MANY_TOKENS",
         }
     }
 }
@@ -87,6 +91,11 @@ pub mod close {
     pub const TOO_MANY_INIT: u16 = 4429;
     /// graphql-transport-ws: internal server error.
     pub const INTERNAL_SERVER_ERROR: u16 = 4500;
+    /// The user authenticated after the upgrade (`connection_init`, an
+    /// `auth` message) already holds `server.max_connections_per_user`.
+    /// Shares 4429 with graphql-transport-ws's "too many initialisation
+    /// requests": both say "too many", and a client retries later.
+    pub const TOO_MANY_USER_CONNECTIONS: u16 = 4429;
 
     /// The slow-consumer code (see [`TRY_AGAIN_LATER`]).
     pub const SLOW_CONSUMER: u16 = TRY_AGAIN_LATER;

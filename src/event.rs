@@ -20,6 +20,11 @@ use serde_json::value::RawValue;
 /// Longest topic name accepted anywhere.
 pub const MAX_TOPIC_LEN: usize = 200;
 
+/// The type of the live-only signal a node publishes on a topic whose
+/// readers rule changed: every stream of the topic asks again whether its
+/// subscriber may still read it. Never delivered to clients.
+pub const READERS_CHANGED: &str = "subgate.readers_changed";
+
 /// One event as it travels.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {
@@ -41,6 +46,12 @@ pub struct SharedEvent {
     pub published_at_ms: u64,
     /// The resume position, when the id is one.
     pub position: Option<Position>,
+    /// A topic's latest event handed out again after the node's bus link
+    /// came back (see [`SharedEvent::resync`]): a resumable stream that has
+    /// delivered something compares it with where it stands and reads what
+    /// it missed from history; a stream that has delivered nothing yet
+    /// ignores it.
+    pub resync: bool,
     /// The payload decoded into a domain type, once, by the first subscriber
     /// that asks (see [`SharedEvent::payload_as`]).
     typed: OnceLock<Option<Arc<dyn Any + Send + Sync>>>,
@@ -71,6 +82,19 @@ impl SharedEvent {
             json,
             published_at_ms,
             position,
+            resync: false,
+            typed: OnceLock::new(),
+        })
+    }
+
+    /// This event again, marked as a resync point.
+    pub fn resync(&self) -> Arc<Self> {
+        Arc::new(Self {
+            event: self.event.clone(),
+            json: self.json.clone(),
+            published_at_ms: self.published_at_ms,
+            position: self.position.clone(),
+            resync: true,
             typed: OnceLock::new(),
         })
     }

@@ -29,10 +29,14 @@
 //!   ([`transport::socket`]) and the event-stream body
 //!   ([`transport::streaming`]).
 //! - [`presence`]: who is online in which channel, with what status.
-//! - [`ratelimit`]: token buckets per connection, user and publisher.
+//! - [`ratelimit`]: token buckets per connection, user and publisher, per
+//!   client address and email for `login` / `createUser` and failed publish
+//!   authentication; the bounded password hashing slots.
+//! - [`user_connections`]: the per-user connection limit (fleet-wide on Redis).
 //! - [`telemetry`]: logs and the metrics registry (served by `transport::ops`).
 //! - [`healthcheck`]: the `subgate healthcheck` probe (the container's HEALTHCHECK).
 //! - [`shutdown`]: the drain.
+//! - [`supervise`]: background tasks restarted (and counted) when they die.
 //!
 //! ## Data flow
 //!
@@ -42,8 +46,9 @@
 //! hub of every subscribed node. The [`hub::Hub`] hands one shared,
 //! already-encoded copy to each local subscriber's bounded queue; a
 //! transport pulls from its queues and writes to its socket. Nothing on this
-//! path waits on a slow client: a full queue cuts that client off with close
-//! code 1013 (it reconnects) and is counted.
+//! path waits on a slow client: a full queue, or on a WebSocket more than
+//! `hub.subscriber_queue_bytes` waiting for the socket, cuts that client off
+//! with close code 1013 (it reconnects) and is counted.
 //!
 //! ## Guarantees
 //!
@@ -66,7 +71,9 @@ pub mod ratelimit;
 pub mod shutdown;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 #[cfg(test)]
 pub mod test_support;
 pub mod transport;
+pub mod user_connections;

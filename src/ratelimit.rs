@@ -12,16 +12,27 @@
 //! that never hands anyone a reset allowance.
 //!
 //! [`Limits`] is what a node shares through `AppState`: the per-user and
-//! per-publisher limiters, typing throttling, and per-connection buckets,
-//! each refusal counted in `subgate_rate_limited_total{scope}`.
+//! per-publisher limiters, typing throttling, per-connection buckets, the
+//! per-address and per-email limits of `login` / `createUser`, the
+//! per-address limit of failed publish authentications, and the bound on
+//! concurrent password hashes, each refusal counted in
+//! `subgate_rate_limited_total{scope}`.
+//!
+//! Some keys here are not authenticated identities (client addresses,
+//! emails typed into `login`): the cap still bounds memory, and a flood of
+//! new addresses is refused until idle buckets are swept, which is the
+//! safe side for the unauthenticated operations they guard.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::RatelimitSettings;
 use crate::telemetry::metrics::Metrics;
@@ -98,6 +109,13 @@ impl TokenBucket {
             let ms = (missing / self.rate.per_second * 1000.0).ceil().max(1.0);
             Err(Duration::from_millis(ms.min(u64::MAX as f64) as u64))
         }
+    }
+
+    /// Whether a token is available at `now`, taking none; else how long
+    /// until one is.
+    pub fn peek(&self, now: Instant) -> Result<(), Duration> {
+        let mut copy = self.clone();
+        copy.try_take(now)
     }
 
     /// Whether the bucket has refilled to its burst by `now`: dropping it
@@ -192,6 +210,28 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         taken
     }
 
+    /// Whether `key` has a token now, taking none (an unknown key has a
+    /// full bucket).
+    pub fn peek<Q>(&self, key: &Q) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.peek_at(key, Instant::now())
+    }
+
+    pub fn peek_at<Q>(&self, key: &Q, now: Instant) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.map.get(key) {
+            Some(bucket) => bucket.peek(now),
+            None => Ok(()),
+        }
+    }
+
     /// Keys with a bucket right now (idle ones included until the next sweep).
     pub fn len(&self) -> usize {
         self.inner
@@ -224,15 +264,39 @@ pub enum Scope {
     Publish,
     /// Typing indicators of one user in one channel.
     Typing,
+    /// `login` and `createUser` calls from one client address.
+    Login,
+    /// `login` attempts for one email address.
+    LoginEmail,
+    /// Password hashing at capacity (`auth.max_concurrent_password_hashes`).
+    PasswordHash,
+    /// Failed authentications on the publish API from one client address.
+    PublishAuth,
 }
 
 impl Scope {
+    /// Every scope: each label value exists from the start.
+    pub const ALL: [Scope; 8] = [
+        Scope::Connection,
+        Scope::User,
+        Scope::Publish,
+        Scope::Typing,
+        Scope::Login,
+        Scope::LoginEmail,
+        Scope::PasswordHash,
+        Scope::PublishAuth,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Connection => "connection",
             Scope::User => "user",
             Scope::Publish => "publish",
             Scope::Typing => "typing",
+            Scope::Login => "login",
+            Scope::LoginEmail => "login_email",
+            Scope::PasswordHash => "password_hash",
+            Scope::PublishAuth => "publish_auth",
         }
     }
 }
@@ -282,6 +346,56 @@ pub struct Limits {
     users: ScopedLimiter,
     publishers: ScopedLimiter,
     typing: ScopedLimiter,
+    login_addresses: ScopedLimiter,
+    login_emails: ScopedLimiter,
+    publish_auth_failures: ScopedLimiter,
+    password_hashes: PasswordSlots,
+}
+
+/// How long a password operation waits for a free hashing slot before it
+/// is refused: long enough to ride out a short burst (a hash takes tens of
+/// milliseconds), short enough that nobody waits long.
+pub const PASSWORD_HASH_WAIT: Duration = Duration::from_secs(1);
+
+/// How many callers may wait for a hashing slot, per slot: a few sign-ups
+/// at once are served in turn, a storm beyond this is refused at once.
+pub const PASSWORD_HASH_WAITERS_PER_SLOT: usize = 4;
+
+/// When a caller refused for want of a hashing slot should try again.
+const PASSWORD_HASH_RETRY: Duration = Duration::from_secs(1);
+
+/// The bound on concurrent password hashes, and on the callers waiting
+/// for one.
+struct PasswordSlots {
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    refused: IntCounter,
+}
+
+/// One caller counted in `PasswordSlots::waiting` until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The key of a client address: an IPv4 address, or an IPv6 address's /64
+/// (one host usually holds a whole /64, so counting single IPv6 addresses
+/// would hand it 2^64 allowances).
+pub fn address_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                format!("{}/64", std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
 }
 
 /// A keyed limiter whose refusals carry its scope and are counted in
@@ -306,6 +420,12 @@ impl ScopedLimiter {
             .check(key)
             .map_err(|retry_after| Limited::counted(self.scope, &self.refused, retry_after))
     }
+
+    fn peek(&self, key: &str) -> Result<(), Limited> {
+        self.limiter
+            .peek(key)
+            .map_err(|retry_after| Limited::counted(self.scope, &self.refused, retry_after))
+    }
 }
 
 /// The counter of `scope`'s refusals.
@@ -316,29 +436,88 @@ fn refusals(metrics: &Metrics, scope: Scope) -> IntCounter {
 }
 
 impl Limits {
-    pub fn new(settings: &RatelimitSettings, metrics: &Metrics) -> Self {
+    /// The limits of `settings`, with `password_hashes` hashing slots.
+    pub fn new(settings: &RatelimitSettings, password_hashes: usize, metrics: &Metrics) -> Self {
         let s = settings;
+        let limiter = |scope, rate| ScopedLimiter::new(scope, rate, s.max_keys, metrics);
         Self {
             connection_rate: Rate::new(s.messages_per_second, s.messages_burst),
             connection_refused: refusals(metrics, Scope::Connection),
-            users: ScopedLimiter::new(
+            users: limiter(
                 Scope::User,
                 Rate::new(s.user_messages_per_second, s.user_messages_burst),
-                s.max_keys,
-                metrics,
             ),
-            publishers: ScopedLimiter::new(
+            publishers: limiter(
                 Scope::Publish,
                 Rate::new(s.publish_per_second, s.publish_burst),
-                s.max_keys,
-                metrics,
             ),
-            typing: ScopedLimiter::new(
+            typing: limiter(
                 Scope::Typing,
                 Rate::every(Duration::from_secs_f64(s.typing_interval_seconds)),
-                s.max_keys,
-                metrics,
             ),
+            login_addresses: limiter(Scope::Login, Rate::new(s.login_per_second, s.login_burst)),
+            login_emails: limiter(
+                Scope::LoginEmail,
+                Rate::new(s.login_email_per_second, s.login_email_burst),
+            ),
+            publish_auth_failures: limiter(
+                Scope::PublishAuth,
+                Rate::new(
+                    s.publish_auth_failures_per_second,
+                    s.publish_auth_failures_burst,
+                ),
+            ),
+            password_hashes: PasswordSlots {
+                slots: Arc::new(Semaphore::new(password_hashes.max(1))),
+                waiting: AtomicUsize::new(0),
+                max_waiting: password_hashes.max(1) * PASSWORD_HASH_WAITERS_PER_SLOT,
+                refused: refusals(metrics, Scope::PasswordHash),
+            },
+        }
+    }
+
+    /// One `login` or `createUser` call from `client`.
+    pub fn login_address(&self, client: IpAddr) -> Result<(), Limited> {
+        self.login_addresses.check(&address_key(client))
+    }
+
+    /// One `login` attempt for `email` (compared case-insensitively).
+    pub fn login_email(&self, email: &str) -> Result<(), Limited> {
+        self.login_emails.check(&email.trim().to_lowercase())
+    }
+
+    /// Whether `client` may still try to authenticate on the publish API;
+    /// takes nothing (see [`Limits::publish_auth_failed`]).
+    pub fn publish_auth_allowed(&self, client: IpAddr) -> Result<(), Limited> {
+        self.publish_auth_failures.peek(&address_key(client))
+    }
+
+    /// One failed authentication on the publish API from `client`.
+    pub fn publish_auth_failed(&self, client: IpAddr) -> Result<(), Limited> {
+        self.publish_auth_failures.check(&address_key(client))
+    }
+
+    /// A password hashing slot: at once when one is free; else, when
+    /// fewer than [`PASSWORD_HASH_WAITERS_PER_SLOT`] callers per slot are
+    /// already waiting, after at most [`PASSWORD_HASH_WAIT`]; else refused
+    /// at once. The permit is owned so that it can travel with the hash
+    /// onto its blocking thread and be released only when the hash is
+    /// done, even if the request that asked for it has gone.
+    pub async fn password_hash(&self) -> Result<OwnedSemaphorePermit, Limited> {
+        let slots = &self.password_hashes;
+        let refused = || Limited::counted(Scope::PasswordHash, &slots.refused, PASSWORD_HASH_RETRY);
+        if let Ok(permit) = slots.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if slots.waiting.fetch_add(1, Ordering::AcqRel) >= slots.max_waiting {
+            slots.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(refused());
+        }
+        let _waiting = Waiting(&slots.waiting);
+        match tokio::time::timeout(PASSWORD_HASH_WAIT, slots.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // Timed out (or, never in practice, the semaphore was closed).
+            _ => Err(refused()),
         }
     }
 
@@ -509,6 +688,79 @@ mod tests {
     }
 
     #[test]
+    fn peeking_takes_nothing() {
+        let (l, t0) = keyed(1.0, 2, 10);
+        assert!(
+            l.peek_at("ann", t0).is_ok(),
+            "an unknown key has a full bucket"
+        );
+        assert_eq!(l.len(), 0, "and peeking does not make one");
+        l.check_at("ann", t0).unwrap();
+        for _ in 0..5 {
+            assert!(l.peek_at("ann", t0).is_ok());
+        }
+        l.check_at("ann", t0).unwrap();
+        assert_eq!(l.peek_at("ann", t0), Err(ms(1000)));
+        assert!(l.peek_at("ann", t0 + ms(1000)).is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.1"), "192.0.2.1");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.1"), "192.0.2.1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn password_hashing_slots_are_bounded_and_so_are_their_waiters() {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Arc::new(Limits::new(&RatelimitSettings::default(), 2, &metrics));
+        let first = limits.password_hash().await.unwrap();
+        let _second = limits.password_hash().await.unwrap();
+        // Eight callers (four per slot) may wait; a ninth is refused at once.
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let limits = limits.clone();
+                tokio::spawn(async move { limits.password_hash().await.map(drop) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let refused = limits.password_hash().await.unwrap_err();
+        assert_eq!(refused.scope, Scope::PasswordHash);
+        assert!(refused.retry_after >= Duration::from_secs(1));
+        // A slot freed within the wait serves the waiters in turn (each
+        // drops its permit at once); none waits past PASSWORD_HASH_WAIT.
+        drop(first);
+        for waiter in waiters {
+            assert!(waiter.await.unwrap().is_ok());
+        }
+        assert!(metrics
+            .render()
+            .contains("subgate_rate_limited_total{scope=\"password_hash\"} 1"));
+        // With both slots held past the wait, a waiter is refused in time.
+        let _first = limits.password_hash().await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(limits.password_hash().await.is_err());
+        assert_eq!(started.elapsed(), PASSWORD_HASH_WAIT);
+    }
+
+    #[test]
+    fn every_scope_is_exported_from_the_start() {
+        let text = Metrics::new().render();
+        for scope in Scope::ALL {
+            assert!(
+                text.contains(&format!(
+                    "subgate_rate_limited_total{{scope=\"{}\"}} 0",
+                    scope.as_str()
+                )),
+                "{scope:?}"
+            );
+        }
+    }
+
+    #[test]
     fn retry_after_rounds_up_for_http() {
         let limited = |ms| Limited {
             scope: Scope::Publish,
@@ -531,9 +783,15 @@ mod tests {
             publish_per_second: 1.0,
             publish_burst: 1,
             typing_interval_seconds: 2.0,
+            login_per_second: 1.0,
+            login_burst: 1,
+            login_email_per_second: 1.0,
+            login_email_burst: 1,
+            publish_auth_failures_per_second: 1.0,
+            publish_auth_failures_burst: 1,
             max_keys: 10,
         };
-        let limits = Limits::new(&settings, &metrics);
+        let limits = Limits::new(&settings, 1, &metrics);
         let mut conn = limits.connection();
         let t0 = Instant::now();
         assert!(conn.check_at(t0).is_ok());
@@ -548,8 +806,31 @@ mod tests {
             "typing is throttled per channel"
         );
         assert_eq!(limits.typing("u1", "c1").unwrap_err().scope, Scope::Typing);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(limits.login_address(ip).is_ok());
+        assert_eq!(limits.login_address(ip).unwrap_err().scope, Scope::Login);
+        assert!(limits.login_email("Ann@example.com").is_ok());
+        assert_eq!(
+            limits.login_email(" ann@EXAMPLE.com").unwrap_err().scope,
+            Scope::LoginEmail,
+            "one email however it is typed"
+        );
+        assert!(limits.publish_auth_allowed(ip).is_ok());
+        assert!(limits.publish_auth_failed(ip).is_ok());
+        assert_eq!(
+            limits.publish_auth_allowed(ip).unwrap_err().scope,
+            Scope::PublishAuth
+        );
         let text = metrics.render();
-        for scope in ["connection", "user", "publish", "typing"] {
+        for scope in [
+            "connection",
+            "user",
+            "publish",
+            "typing",
+            "login",
+            "login_email",
+            "publish_auth",
+        ] {
             assert!(
                 text.contains(&format!(
                     "subgate_rate_limited_total{{scope=\"{scope}\"}} 1"

@@ -64,6 +64,7 @@ impl Shutdown {
         self.inner.open.fetch_add(1, Ordering::SeqCst);
         DrainGuard {
             inner: self.inner.clone(),
+            _held: None,
         }
     }
 
@@ -92,6 +93,17 @@ impl Shutdown {
 /// Counts a connection as open while it lives.
 pub struct DrainGuard {
     inner: Arc<Inner>,
+    /// What else the connection holds for as long as it is open (its
+    /// place under the per-user limit).
+    _held: Option<Box<dyn Send + Sync>>,
+}
+
+impl DrainGuard {
+    /// Holds `thing` for as long as the connection is open.
+    pub fn holding(mut self, thing: impl Send + Sync + 'static) -> Self {
+        self._held = Some(Box::new(thing));
+        self
+    }
 }
 
 impl Drop for DrainGuard {

@@ -14,6 +14,7 @@ use crate::ratelimit::Limits;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
+use crate::user_connections::UserConnections;
 
 /// Everything a request handler may need, built once per node.
 #[derive(Clone)]
@@ -32,4 +33,6 @@ pub struct AppState {
     /// Who is online where: Redis when `redis.url` is set.
     pub presence: Arc<dyn Presence>,
     pub shutdown: Shutdown,
+    /// `server.max_connections_per_user`: fleet-wide on Redis.
+    pub user_connections: Arc<UserConnections>,
 }

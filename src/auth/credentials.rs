@@ -140,6 +140,7 @@ pub fn test_verify() -> Verify {
         "good" => Ok(Principal {
             user_id: "u1".into(),
             scopes: vec![],
+            expires_at: None,
         }),
         _ => Err(AuthError::Malformed.into()),
     })

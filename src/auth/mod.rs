@@ -24,30 +24,66 @@ pub use self::credentials::{verifier, Verify};
 pub struct Principal {
     /// The `sub` claim.
     pub user_id: String,
-    /// The `scope` claim, split on spaces.
+    /// The granted scopes: the `scope` and `scp` claims, each either an
+    /// OAuth 2 space-separated string or a JSON array of strings.
     pub scopes: Vec<String>,
+    /// When the token stops counting (its `exp` plus `auth.leeway_seconds`),
+    /// in seconds since the Unix epoch; `None` for a principal no token
+    /// bounds. A connection authenticated by the token ends then.
+    pub expires_at: Option<u64>,
 }
 
 impl Principal {
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope)
     }
+
+    /// How long the principal still counts; `None` when no token bounds it.
+    pub fn remaining(&self) -> Option<std::time::Duration> {
+        let expires_at = self.expires_at?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Some(std::time::Duration::from_secs(expires_at).saturating_sub(now))
+    }
+
+    /// Whether the token that made this principal has expired.
+    pub fn is_expired(&self) -> bool {
+        self.remaining().is_some_and(|left| left.is_zero())
+    }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The claims a token is read for; `nbf`, `iss` and `aud` are checked by
+/// the validation itself and not kept.
+#[derive(Debug, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub exp: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iss: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
+    pub scope: Option<ScopeClaim>,
+    /// The same as `scope`, under the name some identity providers use.
+    pub scp: Option<ScopeClaim>,
+}
+
+/// A scope claim as identity providers write it: the OAuth 2
+/// space-separated string (`"publish read"`, RFC 8693) or a JSON array
+/// (`["publish", "read"]`). Anything else makes the token malformed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ScopeClaim {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl ScopeClaim {
+    /// The scopes named, in order; an array's items are split on spaces
+    /// too, so both spellings grant the same.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        let items: &[String] = match self {
+            ScopeClaim::Text(text) => std::slice::from_ref(text),
+            ScopeClaim::List(list) => list,
+        };
+        items.iter().flat_map(|item| item.split_whitespace())
+    }
 }
 
 /// Why a token was refused; the message is safe to show and to log.
@@ -158,14 +194,18 @@ impl Authenticator {
         if claims.sub.is_empty() {
             return Err(AuthError::Malformed);
         }
+        let mut scopes: Vec<String> = Vec::new();
+        for claim in [&claims.scope, &claims.scp].into_iter().flatten() {
+            for scope in claim.scopes() {
+                if !scopes.iter().any(|s| s == scope) {
+                    scopes.push(scope.to_owned());
+                }
+            }
+        }
         Ok(Principal {
+            expires_at: Some(claims.exp.saturating_add(self.validation.leeway)),
             user_id: claims.sub,
-            scopes: claims
-                .scope
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect(),
+            scopes,
         })
     }
 
@@ -178,15 +218,20 @@ impl Authenticator {
     ) -> Result<String, AuthError> {
         let key = self.encoding.as_ref().ok_or(AuthError::CannotMint)?;
         let now = crate::event::now_ms() / 1000;
-        let claims = Claims {
-            sub: sub.to_owned(),
-            exp: now + ttl.as_secs().max(1),
-            nbf: None,
-            iat: Some(now),
-            iss: self.issuer.clone(),
-            aud: self.audience.clone(),
-            scope: scope.map(str::to_owned),
-        };
+        let mut claims = serde_json::json!({
+            "sub": sub,
+            "exp": now + ttl.as_secs().max(1),
+            "iat": now,
+        });
+        for (name, value) in [
+            ("iss", self.issuer.as_deref()),
+            ("aud", self.audience.as_deref()),
+            ("scope", scope),
+        ] {
+            if let Some(value) = value {
+                claims[name] = value.into();
+            }
+        }
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(|_| AuthError::CannotMint)
     }
@@ -365,6 +410,52 @@ mod tests {
         assert_eq!(
             auth.mint("u1", std::time::Duration::from_secs(60), None),
             Err(AuthError::CannotMint)
+        );
+    }
+
+    #[test]
+    fn scopes_are_read_from_a_string_or_an_array_under_scope_or_scp() {
+        let auth = auth_with(&[]);
+        let scopes_of = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "u", "exp": now() + 100});
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            auth.verify(&sign(claims, "test-secret", Algorithm::HS256))
+                .map(|p| p.scopes)
+        };
+        let both = vec!["publish".to_owned(), "read".to_owned()];
+        use serde_json::json;
+        assert_eq!(
+            scopes_of(json!({"scope": "publish  read"})),
+            Ok(both.clone())
+        );
+        assert_eq!(
+            scopes_of(json!({"scope": ["publish", "read"]})),
+            Ok(both.clone())
+        );
+        assert_eq!(
+            scopes_of(json!({"scp": ["publish", "read"]})),
+            Ok(both.clone())
+        );
+        assert_eq!(scopes_of(json!({"scp": "publish read"})), Ok(both.clone()));
+        assert_eq!(
+            scopes_of(json!({"scope": "read", "scp": ["publish", "read"]})),
+            Ok(vec!["read".to_owned(), "publish".to_owned()]),
+            "both claims count, each scope once"
+        );
+        assert_eq!(scopes_of(json!({"scope": []})), Ok(vec![]));
+        assert_eq!(scopes_of(json!({})), Ok(vec![]));
+        // Neither a string nor an array of strings: refused, not ignored.
+        assert_eq!(scopes_of(json!({"scope": 7})), Err(AuthError::Malformed));
+        assert_eq!(
+            scopes_of(json!({"scope": ["publish", 7]})),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            scopes_of(json!({"scp": {"publish": true}})),
+            Err(AuthError::Malformed)
         );
     }
 

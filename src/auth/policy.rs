@@ -53,6 +53,7 @@ mod tests {
         Principal {
             user_id: id.into(),
             scopes: vec![],
+            expires_at: None,
         }
     }
 
@@ -164,6 +165,31 @@ impl Refusal {
     }
 }
 
+/// For a backend topic (whose readers rule a publish may change), the check
+/// a stream runs again when the rule changes: the same decision as at
+/// subscribe time, revoking only on a definite refusal (a store that cannot
+/// answer keeps the stream). `None` for the domain's topics: their rules are
+/// built in, and channel membership is never taken away.
+pub fn recheck(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    principal: Option<Principal>,
+    topic: &str,
+) -> Option<crate::hub::resume::Recheck> {
+    if is_domain_topic(topic) {
+        return None;
+    }
+    let topic = topic.to_owned();
+    Some(std::sync::Arc::new(move || {
+        let (store, principal, topic) = (store.clone(), principal.clone(), topic.clone());
+        Box::pin(async move {
+            !matches!(
+                authorize(store.as_ref(), principal.as_ref(), &topic).await,
+                Err(Refusal::Unauthorized(_) | Refusal::Forbidden(_))
+            )
+        })
+    }))
+}
+
 /// The one authorization decision for subscribing to `topic`, used by every
 /// transport: the static rules of [`can_subscribe`], then channel
 /// membership or a backend topic's readers rule from the store.
@@ -175,6 +201,9 @@ pub async fn authorize(
     if !crate::event::topic::is_valid(topic) {
         return Err(Refusal::InvalidTopic(topic.to_owned()));
     }
+    // An expired token authorizes nothing, whatever the connection it
+    // opened still holds.
+    let principal = principal.filter(|p| !p.is_expired());
     match can_subscribe(principal, topic) {
         Decision::Allow => Ok(()),
         Decision::Unauthorized => Err(Refusal::Unauthorized(topic.to_owned())),

@@ -1,7 +1,12 @@
 //! The in-memory broker: one node, no Redis. Publishing records the event
 //! in its topic's ring and hands it straight to this node's sink.
+//!
+//! At most `history.max_topics` topics keep a history: publishing to one
+//! more evicts the history of the topic published to least recently
+//! (counted in `subgate_history_evictions_total`). A client resuming on an
+//! evicted topic hears of a history gap, as after a restart.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,13 +21,65 @@ struct Log {
     last_seq: u64,
     ring: VecDeque<Arc<SharedEvent>>,
     touched: Instant,
+    /// This log's key in [`Logs::by_publish`].
+    tick: u64,
+}
+
+/// The histories, and the order in which they were last published to.
+#[derive(Default)]
+struct Logs {
+    by_topic: HashMap<String, Log>,
+    /// tick of the last publish -> topic, least recent first: eviction and
+    /// expiry take from the front.
+    by_publish: BTreeMap<u64, String>,
+    next_tick: u64,
+}
+
+impl Logs {
+    fn remove(&mut self, topic: &str) -> Option<Log> {
+        let log = self.by_topic.remove(topic)?;
+        self.by_publish.remove(&log.tick);
+        Some(log)
+    }
+
+    /// Drops the logs idle for longer than `ttl` (their epoch ends): the
+    /// least recently published first, so only those are looked at.
+    fn expire(&mut self, ttl: Duration) {
+        while let Some((_, topic)) = self.by_publish.first_key_value() {
+            let idle = self
+                .by_topic
+                .get(topic)
+                .is_none_or(|log| log.touched.elapsed() >= ttl);
+            if !idle {
+                break;
+            }
+            let topic = topic.clone();
+            self.remove(&topic);
+        }
+    }
+
+    /// Marks `topic`'s log as published to now.
+    fn touch(&mut self, topic: &str) {
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        if let Some(log) = self.by_topic.get_mut(topic) {
+            self.by_publish.remove(&log.tick);
+            log.tick = tick;
+            log.touched = Instant::now();
+            self.by_publish.insert(tick, topic.to_owned());
+        }
+    }
 }
 
 pub struct MemoryBroker {
     sink: OnceLock<Arc<dyn EventSink>>,
-    logs: Mutex<HashMap<String, Log>>,
+    logs: Mutex<Logs>,
     history_size: usize,
     history_ttl: Duration,
+    /// Most topics with a history (see the module docs).
+    max_topics: usize,
+    /// Histories evicted to stay within `max_topics`.
+    evictions: prometheus::IntCounter,
 }
 
 impl Default for MemoryBroker {
@@ -31,26 +88,37 @@ impl Default for MemoryBroker {
     }
 }
 
+/// `history.max_topics` unless configured.
+pub const DEFAULT_MAX_TOPICS: usize = 10_000;
+
 impl MemoryBroker {
     /// Keeps `history_size` events per topic, for `history_ttl` after the
-    /// topic's last event.
+    /// topic's last event, for at most [`DEFAULT_MAX_TOPICS`] topics.
     pub fn new(history_size: usize, history_ttl: Duration) -> Self {
         Self {
             sink: OnceLock::new(),
-            logs: Mutex::new(HashMap::new()),
+            logs: Mutex::new(Logs::default()),
             history_size: history_size.max(1),
             history_ttl,
+            max_topics: DEFAULT_MAX_TOPICS,
+            evictions: prometheus::IntCounter::new(
+                "subgate_history_evictions_total",
+                "Topic histories evicted",
+            )
+            .expect("a valid metric name"),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Log>> {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner())
+    /// Keeps at most `max_topics` histories, counting each eviction in
+    /// `evictions`.
+    pub fn with_max_topics(mut self, max_topics: usize, evictions: prometheus::IntCounter) -> Self {
+        self.max_topics = max_topics.max(1);
+        self.evictions = evictions;
+        self
     }
 
-    /// Drops the logs idle for longer than the TTL (their epoch ends).
-    fn expire(&self, logs: &mut HashMap<String, Log>) {
-        let ttl = self.history_ttl;
-        logs.retain(|_, log| log.touched.elapsed() < ttl);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Logs> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -78,19 +146,34 @@ impl Broker for MemoryBroker {
         // The position is taken, recorded and dispatched under one lock so
         // that subscribers see events in position order.
         let mut logs = self.lock();
-        if let Some(log) = logs.get(&event.topic) {
-            if log.touched.elapsed() >= self.history_ttl {
-                logs.remove(&event.topic);
+        logs.expire(self.history_ttl);
+        if !logs.by_topic.contains_key(&event.topic) {
+            // A new history: make room by evicting the least recently
+            // published (its subscribers resume with a gap).
+            while logs.by_topic.len() >= self.max_topics {
+                let Some((_, oldest)) = logs.by_publish.pop_first() else {
+                    break;
+                };
+                logs.by_topic.remove(&oldest);
+                self.evictions.inc();
             }
+            logs.by_topic.insert(
+                event.topic.clone(),
+                Log {
+                    epoch: Position::new_epoch(),
+                    last_seq: 0,
+                    ring: VecDeque::new(),
+                    touched: Instant::now(),
+                    tick: u64::MAX,
+                },
+            );
         }
-        let log = logs.entry(event.topic.clone()).or_insert_with(|| Log {
-            epoch: Position::new_epoch(),
-            last_seq: 0,
-            ring: VecDeque::new(),
-            touched: Instant::now(),
-        });
+        logs.touch(&event.topic);
+        let log = logs
+            .by_topic
+            .get_mut(&event.topic)
+            .expect("inserted above, under the same lock");
         log.last_seq += 1;
-        log.touched = Instant::now();
         let position = Position::new(log.epoch.clone(), log.last_seq);
         let shared = SharedEvent::new(event.stamp(&position));
         if log.ring.len() == self.history_size {
@@ -115,8 +198,8 @@ impl Broker for MemoryBroker {
 
     async fn history(&self, topic: &str, after: &Position, limit: usize) -> BrokerResult<History> {
         let mut logs = self.lock();
-        self.expire(&mut logs);
-        let Some(log) = logs.get(topic) else {
+        logs.expire(self.history_ttl);
+        let Some(log) = logs.by_topic.get(topic) else {
             return Ok(History::Gap {
                 reason: GapReason::EpochChanged,
                 retained: Vec::new(),
@@ -127,8 +210,9 @@ impl Broker for MemoryBroker {
 
     async fn head(&self, topic: &str) -> BrokerResult<Option<Position>> {
         let mut logs = self.lock();
-        self.expire(&mut logs);
+        logs.expire(self.history_ttl);
         Ok(logs
+            .by_topic
             .get(topic)
             .filter(|log| log.last_seq > 0)
             .map(|log| Position::new(log.epoch.clone(), log.last_seq)))
@@ -267,6 +351,44 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_least_recently_published_history_is_evicted_beyond_max_topics() {
+        let evictions = prometheus::IntCounter::new("e", "e").unwrap();
+        let b = MemoryBroker::new(5, Duration::from_secs(60)).with_max_topics(2, evictions.clone());
+        let a = publish(&b, "a", 2);
+        publish(&b, "b", 1);
+        // `a` is published to again: `b` is now the least recent.
+        let a3 = publish(&b, "a", 1);
+        publish(&b, "c", 1);
+        assert_eq!(evictions.get(), 1);
+        assert_eq!(b.lock().by_topic.len(), 2);
+        assert_eq!(b.lock().by_publish.len(), 2);
+        // `a` kept its history and epoch.
+        assert_eq!(a3[0].position.as_ref().unwrap().seq, 3);
+        match history(&b, "a", a[0].position.as_ref().unwrap()) {
+            History::Complete(e) => assert_eq!(seqs(&e), vec![2, 3]),
+            other => panic!("{other:?}"),
+        }
+        // `b` is gone: resuming there is a gap, and it starts over.
+        assert!(matches!(
+            history(&b, "b", &Position::new("whatever", 1)),
+            History::Gap {
+                reason: GapReason::EpochChanged,
+                ..
+            }
+        ));
+        let b_again = publish(&b, "b", 1);
+        assert_eq!(b_again[0].position.as_ref().unwrap().seq, 1);
+        assert_eq!(evictions.get(), 2, "`a` (now least recent) made room");
+        // Many topics: never more than the cap.
+        for i in 0..100 {
+            publish(&b, &format!("t{i}"), 1);
+        }
+        assert_eq!(b.lock().by_topic.len(), 2);
+        assert_eq!(b.lock().by_publish.len(), 2);
+        assert_eq!(evictions.get(), 102);
     }
 
     #[test]

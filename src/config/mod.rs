@@ -1,16 +1,21 @@
 //! Typed, strict, defaulted settings and the layered loader.
 //!
 //! Layers, later wins: built-in defaults < `config/default.toml` <
-//! `config/$SUBGATE_ENV.toml` < `--config FILE` < `SUBGATE__SECTION__KEY`
-//! environment variables. [`Settings::validate`] lists every problem, each
+//! built-in production defaults ([`PRODUCTION_DEFAULTS`], when production
+//! is chosen) < `config/$SUBGATE_ENV.toml` < `--config FILE` <
+//! `SUBGATE__SECTION__KEY` environment variables. `SUBGATE_ENV=production`
+//! makes a production node whether or not `config/production.toml`
+//! exists; another name needs its file. [`Settings::validate`] lists every problem, each
 //! naming its key, so a bad deployment fails before it listens.
+
+pub mod capacity;
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Which defaults apply: `development` is friendly, `production` is strict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
     #[default]
@@ -18,8 +23,18 @@ pub enum Environment {
     Production,
 }
 
+impl Environment {
+    /// The name, as `environment` and `SUBGATE_ENV` spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Production => "production",
+        }
+    }
+}
+
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -28,7 +43,7 @@ pub enum LogFormat {
 }
 
 /// Everything a node can be told.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// `development` (default) or `production` (introspection off, no dev defaults).
@@ -45,12 +60,24 @@ pub struct Settings {
     pub ratelimit: RatelimitSettings,
     pub presence: PresenceSettings,
     pub log: LogSettings,
-    /// Deprecated keys that were used, one warning each (logged at start).
+    /// What loading found out, beside the settings themselves.
     #[serde(skip)]
-    pub deprecations: Vec<String>,
+    pub loaded: Loaded,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// What loading the settings found out: reported at start, never set.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// Deprecated keys that were used, one warning each (logged at start).
+    pub deprecations: Vec<String>,
+    /// The configuration files layered, in order (those found).
+    pub sources: Vec<String>,
+    /// What the open-files limit allows, once [`Settings::apply_file_limit`]
+    /// ran (the binary does, before it serves).
+    pub capacity: Option<capacity::Capacity>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     /// Listen host.
@@ -64,13 +91,26 @@ pub struct ServerSettings {
     /// Largest accepted HTTP request body.
     pub max_body_bytes: usize,
     /// Most concurrent long-lived connections (WebSocket and SSE) per node.
-    pub max_connections: usize,
+    /// Unset: derived from the open-files limit (see [`capacity`]); set
+    /// above what that limit allows: refused at start.
+    pub max_connections: Option<usize>,
     /// How long a drain may take before the process exits anyway.
     pub drain_timeout_seconds: u64,
+    // --- node hardening (issue 9, item 14) ---
+    /// Most long-lived connections (WebSockets of every protocol, event
+    /// streams) one user may hold: across the fleet when `redis.url` is
+    /// set (leases timed by `presence.ttl_seconds`), on this node otherwise.
+    pub max_connections_per_user: usize,
+    // --- end node hardening ---
     /// How long a draining node keeps answering HTTP (`/readyz` 503, new
     /// WebSockets refused) so that load balancers take it out of rotation
     /// before it stops listening; within `drain_timeout_seconds`.
     pub drain_grace_seconds: u64,
+    /// Proxies (addresses or CIDR blocks, `10.0.0.0/8`) whose
+    /// `X-Forwarded-For` names the client. Empty (the default): the header
+    /// is ignored and the client is the TCP peer, so no client can choose
+    /// the address its rate limits are counted under.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -81,14 +121,16 @@ impl Default for ServerSettings {
             workers: 0,
             allowed_origins: Vec::new(),
             max_body_bytes: 1024 * 1024,
-            max_connections: 50_000,
+            max_connections: None,
+            max_connections_per_user: 100,
             drain_timeout_seconds: 10,
             drain_grace_seconds: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// Set: Redis bus and store (stateless node). Unset: in-memory (one node).
@@ -125,7 +167,7 @@ impl Default for RedisSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// HS256 secret. Has a development default; required in production
@@ -141,6 +183,13 @@ pub struct AuthSettings {
     pub leeway_seconds: u64,
     /// Lifetime of the tokens the `login` mutation issues.
     pub login_token_ttl_seconds: u64,
+    /// Password hashes (argon2, about 19 MiB and tens of milliseconds
+    /// each) computed at once by `login`, `createUser` and password
+    /// changes; 0 means one per two cores (at least one), so that hashing
+    /// never takes every core from serving requests. Up to four callers per slot wait at
+    /// most a second for one; any more are refused with `RATE_LIMITED` at
+    /// once, so memory stays bounded whatever the number of callers.
+    pub max_concurrent_password_hashes: usize,
 }
 
 impl Default for AuthSettings {
@@ -152,11 +201,12 @@ impl Default for AuthSettings {
             audience: None,
             leeway_seconds: 0,
             login_token_ttl_seconds: 3600,
+            max_concurrent_password_hashes: 0,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GraphqlSettings {
     /// Deepest selection accepted, counted through fragments.
@@ -171,6 +221,12 @@ pub struct GraphqlSettings {
     pub introspection: Option<bool>,
     /// Most items a connection page may ask for.
     pub max_page_size: usize,
+    // -- issue 9 (hardening): document size --
+    /// Most lexical tokens in one document (names, punctuators, numbers,
+    /// strings; white space, commas and comments not counted). Checked
+    /// before the parse, on every transport: a larger document is refused
+    /// with `TOO_MANY_TOKENS` without being parsed or validated.
+    pub max_tokens: usize,
 }
 
 impl Default for GraphqlSettings {
@@ -182,11 +238,12 @@ impl Default for GraphqlSettings {
             max_batch_size: 10,
             introspection: None,
             max_page_size: 100,
+            max_tokens: 15_000,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebsocketSettings {
     /// Server ping interval; a peer silent for three intervals is dropped.
@@ -218,28 +275,41 @@ impl Default for WebsocketSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HubSettings {
     /// Events queued per subscriber before it is cut off as a slow consumer.
     pub subscriber_queue_capacity: usize,
+    // -- issue 9 (hardening): memory bounds --
+    /// WebSockets: bytes sent to a connection that its socket has not taken
+    /// yet; a frame that would exceed them cuts the connection off as a
+    /// slow consumer (1013), whichever of this and
+    /// `subscriber_queue_capacity` comes first.
+    pub subscriber_queue_bytes: usize,
 }
 
 impl Default for HubSettings {
     fn default() -> Self {
         Self {
             subscriber_queue_capacity: 256,
+            subscriber_queue_bytes: 256 * 1024,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistorySettings {
     /// Events kept per topic for resuming (approximate on Redis).
     pub size: usize,
     /// How long a topic's history lives after its last event.
     pub ttl_seconds: u64,
+    // -- issue 9 (hardening): memory bounds --
+    /// In-memory store only (no `redis.url`): most topics with a history.
+    /// Publishing to one more evicts the least recently published topic's
+    /// history (`subgate_history_evictions_total`); its subscribers resume
+    /// with a history gap. Redis expires histories by `ttl_seconds`.
+    pub max_topics: usize,
 }
 
 impl Default for HistorySettings {
@@ -247,11 +317,12 @@ impl Default for HistorySettings {
         Self {
             size: 1000,
             ttl_seconds: 86400,
+            max_topics: crate::broker::memory::DEFAULT_MAX_TOPICS,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishSettings {
     /// Keys accepted as `Authorization: Bearer K` on `POST /api/v1/publish`.
@@ -269,7 +340,7 @@ impl Default for PublishSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SseSettings {
     /// How often a quiet event stream gets a `: ping` comment, so that
@@ -290,7 +361,7 @@ impl Default for SseSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RatelimitSettings {
     /// Envelope messages one connection may send per second, sustained.
@@ -309,8 +380,24 @@ pub struct RatelimitSettings {
     /// Shortest time between two typing indicators of one user in one channel.
     #[serde(alias = "typing_interval_ms")]
     pub typing_interval_seconds: f64,
-    /// Most keys (users, publishers, typing pairs) each keyed limiter
-    /// tracks; idle ones are dropped, and a new key is refused while the
+    /// `login` and `createUser` calls per second from one client address
+    /// (an IPv6 client counts by its /64), sustained.
+    pub login_per_second: f64,
+    /// The per-address burst of `login` and `createUser`.
+    pub login_burst: u32,
+    /// `login` attempts per second for one email address, whoever makes
+    /// them: guessing one account's password stays slow from any number
+    /// of addresses.
+    pub login_email_per_second: f64,
+    /// The per-email burst of `login`.
+    pub login_email_burst: u32,
+    /// Failed authentications (a wrong API key, a bad token) on
+    /// `POST /api/v1/publish` per second from one client address.
+    pub publish_auth_failures_per_second: f64,
+    /// The per-address burst of failed publish authentications.
+    pub publish_auth_failures_burst: u32,
+    /// Most keys (users, publishers, typing pairs, addresses, emails) each
+    /// keyed limiter tracks; idle ones are dropped, and a new key is refused while the
     /// limiter is full of active ones.
     pub max_keys: usize,
 }
@@ -325,12 +412,18 @@ impl Default for RatelimitSettings {
             publish_per_second: 100.0,
             publish_burst: 200,
             typing_interval_seconds: 2.0,
+            login_per_second: 1.0,
+            login_burst: 20,
+            login_email_per_second: 0.2,
+            login_email_burst: 5,
+            publish_auth_failures_per_second: 0.2,
+            publish_auth_failures_burst: 10,
             max_keys: 100_000,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PresenceSettings {
     /// How long a node's claim that a user is in a channel lasts in Redis
@@ -355,7 +448,7 @@ impl Default for PresenceSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `text` or `json`.
@@ -376,6 +469,21 @@ impl Default for LogSettings {
 /// The development HS256 secret, used only when `environment = development`
 /// and no key is configured.
 pub const DEV_JWT_SECRET: &str = "subgate-development-secret-do-not-use-in-production";
+
+/// The built-in production defaults: layered over `config/default.toml`
+/// and under `config/production.toml` whenever production is chosen (by
+/// `SUBGATE_ENV=production`, or by `environment = "production"` in any
+/// layer), so that a production node without its file is still one.
+pub const PRODUCTION_DEFAULTS: &str = r#"
+environment = "production"
+[server]
+drain_timeout_seconds = 25
+drain_grace_seconds = 5
+[graphql]
+introspection = false
+[log]
+format = "json"
+"#;
 
 /// A configuration that cannot be used, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -444,24 +552,11 @@ impl Settings {
             .iter()
             .find(|(k, _)| k == "SUBGATE_ENV")
             .map(|(_, v)| v.clone());
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from(dir.join("config/default.toml")).required(false));
-        if let Some(name) = &env_name {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(ConfigError::new(
-                    "SUBGATE_ENV",
-                    format!("{name:?} is not a valid environment name"),
-                )
-                .into());
-            }
-            builder = builder.add_source(
-                config::File::from(dir.join(format!("config/{name}.toml"))).required(false),
-            );
-        }
+        let default_file = dir.join("config/default.toml");
+        let env_file = match &env_name {
+            None => None,
+            Some(name) => Some(Self::environment_file(dir, name)?),
+        };
         if let Some(file) = file {
             if !file.is_file() {
                 return Err(ConfigError::new(
@@ -470,28 +565,115 @@ impl Settings {
                 )
                 .into());
             }
-            builder = builder.add_source(config::File::from(file).required(true));
         }
         let env_map: std::collections::HashMap<String, String> = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with("SUBGATE__"))
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix("SUBGATE")
-                .prefix_separator("__")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("server.allowed_origins")
-                .with_list_parse_key("publish.api_keys")
-                .try_parsing(true)
-                .source(Some(env_map)),
-        );
-        let raw = builder.build().map_err(config_error)?;
+        // The layers, with the built-in production defaults between
+        // config/default.toml and the environment's file when asked.
+        let layers = |production_defaults: bool| {
+            let mut builder = config::Config::builder()
+                .add_source(config::File::from(default_file.clone()).required(false));
+            if production_defaults {
+                builder = builder.add_source(config::File::from_str(
+                    PRODUCTION_DEFAULTS,
+                    config::FileFormat::Toml,
+                ));
+            }
+            if let Some(env_file) = &env_file {
+                builder = builder.add_source(config::File::from(env_file.clone()).required(false));
+            }
+            if let Some(file) = file {
+                builder = builder.add_source(config::File::from(file).required(true));
+            }
+            builder.add_source(
+                config::Environment::with_prefix("SUBGATE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("server.allowed_origins")
+                    .with_list_parse_key("server.trusted_proxies")
+                    .with_list_parse_key("publish.api_keys")
+                    .try_parsing(true)
+                    .source(Some(env_map.clone())),
+            )
+        };
+        let raw = layers(false).build().map_err(config_error)?;
+        let production = Self::production_chosen(&raw, env_name.as_deref())?;
+        let raw = if production {
+            layers(true).build().map_err(config_error)?
+        } else {
+            raw
+        };
+        let mut sources: Vec<String> = Vec::new();
+        if default_file.is_file() {
+            sources.push(default_file.display().to_string());
+        }
+        if let Some(env_file) = env_file.filter(|f| f.is_file()) {
+            sources.push(env_file.display().to_string());
+        }
+        if let Some(file) = file {
+            sources.push(file.display().to_string());
+        }
         let renamed = Self::deprecated_keys(&raw)?;
         let mut settings = Self::deserialize_every_key(&raw)?;
-        settings.deprecations = settings.convert_deprecated(&renamed);
+        settings.loaded.deprecations = settings.convert_deprecated(&renamed);
+        settings.loaded.sources = sources;
         settings.validate().map_err(ConfigErrors)?;
         Ok(settings)
+    }
+
+    /// `config/NAME.toml` in `dir`, for `SUBGATE_ENV=NAME`. `development`
+    /// and `production` are built in, so their files are optional; any
+    /// other name was asked for explicitly and its file must exist.
+    fn environment_file(dir: &Path, name: &str) -> Result<PathBuf, ConfigErrors> {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::new(
+                "SUBGATE_ENV",
+                format!("{name:?} is not a valid environment name"),
+            )
+            .into());
+        }
+        let path = dir.join(format!("config/{name}.toml"));
+        if !matches!(name, "development" | "production") && !path.is_file() {
+            return Err(ConfigError::new(
+                "SUBGATE_ENV",
+                format!("{name:?} names {}, which does not exist", path.display()),
+            )
+            .into());
+        }
+        Ok(path)
+    }
+
+    /// Whether this node runs in production: `SUBGATE_ENV=production`
+    /// says so whether or not `config/production.toml` exists, as does an
+    /// `environment = "production"` key in any layer. `SUBGATE_ENV`
+    /// naming one built-in environment while the `environment` key names
+    /// the other is refused, naming the key.
+    fn production_chosen(
+        raw: &config::Config,
+        env_name: Option<&str>,
+    ) -> Result<bool, ConfigErrors> {
+        let key = raw.get_string("environment").ok();
+        let from_env = env_name.filter(|n| matches!(*n, "development" | "production"));
+        match (key.as_deref(), from_env) {
+            (Some(key), Some(name))
+                if key != name && matches!(key, "development" | "production") =>
+            {
+                Err(ConfigError::new(
+                    "environment",
+                    format!("is {key:?}, but SUBGATE_ENV={name}: set one of them, or both alike"),
+                )
+                .into())
+            }
+            (Some(key), _) => Ok(key == "production"),
+            (None, name) => Ok(name == Some("production")),
+        }
     }
 
     /// Deserializes `raw`, listing every key of the wrong type, unknown
@@ -675,11 +857,12 @@ impl Settings {
         );
         must_be_positive!(
             server.max_body_bytes,
-            server.max_connections,
+            server.max_connections_per_user,
             graphql.max_depth,
             graphql.max_complexity,
             graphql.max_batch_size,
             graphql.max_page_size,
+            graphql.max_tokens,
             websocket.ping_interval_seconds,
             websocket.connection_init_timeout_seconds,
             websocket.max_frame_bytes,
@@ -687,19 +870,30 @@ impl Settings {
             websocket.auth_timeout_seconds,
             websocket.max_message_bytes,
             hub.subscriber_queue_capacity,
+            hub.subscriber_queue_bytes,
             redis.pool_size,
             history.size,
             history.ttl_seconds,
+            history.max_topics,
             auth.login_token_ttl_seconds,
             publish.max_payload_bytes,
             sse.heartbeat_seconds,
             ratelimit.messages_burst,
             ratelimit.user_messages_burst,
             ratelimit.publish_burst,
+            ratelimit.login_burst,
+            ratelimit.login_email_burst,
+            ratelimit.publish_auth_failures_burst,
             ratelimit.max_keys,
             presence.ttl_seconds,
             presence.refresh_seconds,
         );
+        if self.server.max_connections == Some(0) {
+            errors.push(ConfigError::new(
+                "server.max_connections",
+                "must be greater than 0",
+            ));
+        }
         if self.presence.refresh_seconds >= self.presence.ttl_seconds {
             errors.push(ConfigError::new(
                 "presence.refresh_seconds",
@@ -718,6 +912,18 @@ impl Settings {
             (
                 "ratelimit.publish_per_second",
                 self.ratelimit.publish_per_second,
+            ),
+            (
+                "ratelimit.login_per_second",
+                self.ratelimit.login_per_second,
+            ),
+            (
+                "ratelimit.login_email_per_second",
+                self.ratelimit.login_email_per_second,
+            ),
+            (
+                "ratelimit.publish_auth_failures_per_second",
+                self.ratelimit.publish_auth_failures_per_second,
             ),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
@@ -747,6 +953,11 @@ impl Settings {
         if let Some(secret) = &self.auth.jwt_secret {
             if secret.is_empty() {
                 errors.push(ConfigError::new("auth.jwt_secret", "must not be empty"));
+            } else if self.environment == Environment::Production && secret == DEV_JWT_SECRET {
+                errors.push(ConfigError::new(
+                    "auth.jwt_secret",
+                    "is the public development secret, refused in production",
+                ));
             } else if self.environment == Environment::Production && secret.len() < 32 {
                 errors.push(ConfigError::new(
                     "auth.jwt_secret",
@@ -788,6 +999,14 @@ impl Settings {
                 break;
             }
         }
+        for proxy in &self.server.trusted_proxies {
+            if parse_proxy(proxy).is_none() {
+                errors.push(ConfigError::new(
+                    "server.trusted_proxies",
+                    format!("{proxy:?} is not an IP address or a CIDR block such as 10.0.0.0/8"),
+                ));
+            }
+        }
         for origin in &self.server.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://")) {
                 errors.push(ConfigError::new(
@@ -810,6 +1029,77 @@ impl Settings {
             .unwrap_or(self.environment == Environment::Development)
     }
 
+    /// The proxies of `server.trusted_proxies` (validated: none is dropped).
+    pub fn trusted_proxies(&self) -> Vec<ipnet::IpNet> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| parse_proxy(p))
+            .collect()
+    }
+
+    /// How many password hashes may run at once: the setting, or one per
+    /// two cores, at least one.
+    pub fn max_concurrent_password_hashes(&self) -> usize {
+        match self.auth.max_concurrent_password_hashes {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            n => n,
+        }
+    }
+
+    /// HTTP worker threads: `server.workers`, or one per core.
+    pub fn http_workers(&self) -> usize {
+        match self.server.workers {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        }
+    }
+
+    /// Sizes the node to the open-files limit `files` (see [`capacity`]):
+    /// `server.max_connections` becomes the limit in force.
+    pub fn apply_file_limit(
+        &mut self,
+        files: Option<capacity::FileLimit>,
+    ) -> Result<(), ConfigError> {
+        let planned = capacity::plan(self, files, self.http_workers())?;
+        self.server.max_connections = Some(planned.max_connections);
+        self.loaded.capacity = Some(planned);
+        Ok(())
+    }
+
+    /// Most long-lived connections admitted; unlimited before
+    /// [`Settings::apply_file_limit`] when the key is unset.
+    pub fn connection_limit(&self) -> usize {
+        self.server.max_connections.unwrap_or(usize::MAX)
+    }
+
+    /// The effective settings as JSON with every secret replaced by
+    /// `"<redacted>"`: `auth.jwt_secret`, each of `publish.api_keys` and
+    /// the password of `redis.url`. What `subgate config` prints and the
+    /// start-up log records.
+    pub fn redacted(&self) -> serde_json::Value {
+        const REDACTED: &str = "<redacted>";
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(secret) = value.pointer_mut("/auth/jwt_secret") {
+            if !secret.is_null() {
+                *secret = REDACTED.into();
+            }
+        }
+        if let Some(serde_json::Value::Array(keys)) = value.pointer_mut("/publish/api_keys") {
+            for key in keys {
+                *key = REDACTED.into();
+            }
+        }
+        if let Some(url) = value.pointer_mut("/redis/url") {
+            if let Some(text) = url.as_str() {
+                *url = redact_url_password(text, REDACTED).into();
+            }
+        }
+        value
+    }
+
     /// The HS256 secret in force, with the development default applied.
     pub fn effective_jwt_secret(&self) -> Option<&str> {
         match (&self.auth.jwt_secret, self.environment) {
@@ -819,6 +1109,38 @@ impl Settings {
             }
             _ => None,
         }
+    }
+}
+
+/// A trusted proxy: one address (a block of one) or a CIDR block.
+fn parse_proxy(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
+}
+
+/// `url` with the password of its user info (`scheme://user:PASSWORD@host`)
+/// replaced by `mask`.
+fn redact_url_password(url: &str, mask: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:{mask}{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
     }
 }
 
@@ -953,6 +1275,42 @@ mod tests {
     }
 
     #[test]
+    fn account_limits_and_trusted_proxies_are_checked() {
+        assert_refused_naming(
+            &[
+                ("SUBGATE__RATELIMIT__LOGIN_PER_SECOND", "0"),
+                ("SUBGATE__RATELIMIT__LOGIN_EMAIL_BURST", "0"),
+                ("SUBGATE__RATELIMIT__PUBLISH_AUTH_FAILURES_PER_SECOND", "-1"),
+                ("SUBGATE__SERVER__TRUSTED_PROXIES", "10.0.0.0/8,proxy.local"),
+            ],
+            &[
+                "ratelimit.login_per_second",
+                "ratelimit.login_email_burst",
+                "ratelimit.publish_auth_failures_per_second",
+                "server.trusted_proxies",
+            ],
+        );
+        let s = load(&[(
+            "SUBGATE__SERVER__TRUSTED_PROXIES",
+            "10.0.0.0/8, 192.0.2.7,::1",
+        )])
+        .unwrap();
+        let proxies = s.trusted_proxies();
+        assert_eq!(proxies.len(), 3);
+        assert!(proxies[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert!(proxies[1].contains(&"192.0.2.7".parse::<std::net::IpAddr>().unwrap()));
+        assert!(!proxies[1].contains(&"192.0.2.8".parse::<std::net::IpAddr>().unwrap()));
+        let defaults = load(&[]).unwrap();
+        assert!(
+            defaults.trusted_proxies().is_empty(),
+            "no proxy is trusted by default"
+        );
+        assert!(defaults.max_concurrent_password_hashes() >= 1);
+        let two = load(&[("SUBGATE__AUTH__MAX_CONCURRENT_PASSWORD_HASHES", "2")]).unwrap();
+        assert_eq!(two.max_concurrent_password_hashes(), 2);
+    }
+
+    #[test]
     fn defaults_are_the_embedded_node() {
         let s = load(&[]).unwrap();
         assert_eq!(s.server.host, "127.0.0.1");
@@ -1019,7 +1377,7 @@ mod tests {
     fn durations_are_seconds_and_old_millisecond_keys_still_work_with_a_warning() {
         let s = load(&[("SUBGATE__REDIS__COMMAND_TIMEOUT_SECONDS", "0.25")]).unwrap();
         assert_eq!(s.redis.command_timeout_seconds, 0.25);
-        assert!(s.deprecations.is_empty());
+        assert!(s.loaded.deprecations.is_empty());
         let s = load(&[
             ("SUBGATE__REDIS__MAX_BACKOFF_MS", "200"),
             ("SUBGATE__SSE__RETRY_MS", "1500"),
@@ -1027,8 +1385,14 @@ mod tests {
         .unwrap();
         assert_eq!(s.redis.max_backoff_seconds, 0.2);
         assert_eq!(s.sse.retry_seconds, 1.5);
-        assert_eq!(s.deprecations.len(), 2, "{:?}", s.deprecations);
+        assert_eq!(
+            s.loaded.deprecations.len(),
+            2,
+            "{:?}",
+            s.loaded.deprecations
+        );
         assert!(s
+            .loaded
             .deprecations
             .iter()
             .any(|w| w.contains("redis.max_backoff_seconds")));
@@ -1052,6 +1416,85 @@ mod tests {
         ])
         .unwrap();
         assert!(!s.introspection_enabled());
+    }
+
+    #[test]
+    fn production_is_chosen_by_either_name_and_brings_its_defaults() {
+        let secret = (
+            "SUBGATE__AUTH__JWT_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        );
+        for chosen in [
+            ("SUBGATE_ENV", "production"),
+            ("SUBGATE__ENVIRONMENT", "production"),
+        ] {
+            let s = load(&[chosen, secret]).unwrap();
+            assert_eq!(s.environment, Environment::Production, "{chosen:?}");
+            assert_eq!(s.server.drain_grace_seconds, 5, "{chosen:?}");
+            assert_eq!(s.server.drain_timeout_seconds, 25, "{chosen:?}");
+            assert_eq!(s.log.format, LogFormat::Json, "{chosen:?}");
+            assert!(!s.introspection_enabled());
+            // Still overridable, key by key.
+            let s = load(&[
+                chosen,
+                secret,
+                ("SUBGATE__SERVER__DRAIN_GRACE_SECONDS", "1"),
+            ])
+            .unwrap();
+            assert_eq!(s.server.drain_grace_seconds, 1);
+        }
+        assert_refused_naming(&[("SUBGATE_ENV", "production")], &["auth.jwt_secret"]);
+        assert_refused_naming(
+            &[
+                ("SUBGATE_ENV", "production"),
+                ("SUBGATE__AUTH__JWT_SECRET", DEV_JWT_SECRET),
+            ],
+            &["auth.jwt_secret"],
+        );
+        assert_refused_naming(
+            &[
+                ("SUBGATE_ENV", "development"),
+                ("SUBGATE__ENVIRONMENT", "production"),
+                secret,
+            ],
+            &["environment"],
+        );
+        assert_refused_naming(&[("SUBGATE_ENV", "staging")], &["SUBGATE_ENV"]);
+        let s = load(&[("SUBGATE_ENV", "development")]).unwrap();
+        assert_eq!(s.environment, Environment::Development);
+        assert_eq!(s.server.drain_grace_seconds, 0);
+    }
+
+    #[test]
+    fn redaction_hides_every_secret_and_nothing_else() {
+        let s = load(&[
+            ("SUBGATE__AUTH__JWT_SECRET", "jwt-secret-value"),
+            (
+                "SUBGATE__PUBLISH__API_KEYS",
+                "key-one-0123456789,key-two-0123456789",
+            ),
+            (
+                "SUBGATE__REDIS__URL",
+                "redis://user:pa:ss@db.example:6379/2",
+            ),
+        ])
+        .unwrap();
+        let text = s.redacted().to_string();
+        for secret in ["jwt-secret-value", "key-one", "key-two", "pa:ss"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(
+            text.contains("redis://user:<redacted>@db.example:6379/2"),
+            "{text}"
+        );
+        assert_eq!(
+            redact_url_password("redis://db.example:6379", "x"),
+            "redis://db.example:6379"
+        );
+        assert_eq!(
+            redact_url_password("redis://:pw@h/0", "x"),
+            "redis://:x@h/0"
+        );
     }
 
     #[test]

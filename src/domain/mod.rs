@@ -53,6 +53,9 @@ pub struct Domain {
     pub limits: Arc<Limits>,
     /// Lifetime of the tokens `login` issues.
     pub login_token_ttl: Duration,
+    /// What `login` checks a password against when no user has the email
+    /// ([`users::unknown_email_hash`], made once at start).
+    pub unknown_email_hash: String,
     /// The largest payload a backend may publish, encoded
     /// (`publish.max_payload_bytes`).
     pub max_payload_bytes: usize,

@@ -2,8 +2,8 @@
 //! trusted backend may put on the bus, and the readers rule it may set.
 //!
 //! - `topic` a valid topic name; `type` 1 to [`MAX_TYPE_LEN`] characters of
-//!   `[a-z0-9._-]`; `payload` at most `publish.max_payload_bytes` once
-//!   encoded compactly, as it will travel.
+//!   `[a-z0-9._-]`, not a reserved one ([`is_reserved_type`]); `payload` at most
+//!   `publish.max_payload_bytes` once encoded compactly, as it will travel.
 //! - Any topic may be published to, the domain's included (a backend
 //!   notifies a user on `notifications:{userId}`); `readers` sets who may
 //!   subscribe to a backend topic and is refused on a domain topic, whose
@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::auth::policy::is_domain_topic;
 use crate::broker::BrokerError;
-use crate::event::{topic, NewEvent, SharedEvent};
+use crate::event::{topic, NewEvent, SharedEvent, READERS_CHANGED};
 use crate::store::TopicReaders;
 
 use super::Domain;
@@ -29,6 +29,49 @@ pub const MAX_TYPE_LEN: usize = 100;
 pub const MAX_READERS: usize = 10_000;
 /// Longest user id in a `readers` rule.
 const MAX_USER_ID_LEN: usize = 200;
+
+/// Event types a backend may not publish ([`is_reserved_type`]): every
+/// type the node itself sends on some transport, besides the domain's kinds
+/// ([`super::events::NAMES`]).
+///
+/// A published type travels as the message's `type` on `/ws` and as the
+/// SSE `event:` name, beside the node's own messages: a backend's `gap`
+/// reads as a history gap to an SSE client, its `auth.success` as an
+/// authentication to an envelope client. The domain's kinds are decoded as
+/// its entities (`message.created` as a message of a channel, with its
+/// author) by subscribers that trust them: only the domain publishes them.
+/// Tests in the transports hold this list to what each of them sends.
+pub const NODE_TYPES: &[&str] = &[
+    // The event stream (SSE): a history gap, an expired token (also on
+    // `/ws`), a topic whose readers no longer include the subscriber.
+    "gap",
+    "auth.expired",
+    "revoked",
+    // The live-only signal of a readers change, never delivered.
+    crate::event::READERS_CHANGED,
+    // The envelope protocol on `/ws`, both directions.
+    "connection.established",
+    "auth",
+    "auth.success",
+    "auth.failed",
+    "channel.subscribe",
+    "channel.subscribed",
+    "channel.unsubscribe",
+    "channel.unsubscribed",
+    "channel.gap",
+    "message.send",
+    "message.sent",
+    "presence.update",
+    "ping",
+    "pong",
+    "error",
+];
+
+/// Whether backends may not publish events of type `kind`: the node's own
+/// ([`NODE_TYPES`]) and the domain's ([`super::events::NAMES`]).
+pub fn is_reserved_type(kind: &str) -> bool {
+    NODE_TYPES.contains(&kind) || super::events::NAMES.contains(&kind)
+}
 
 /// An event a backend asks to publish.
 #[derive(Debug, Clone)]
@@ -63,11 +106,21 @@ impl Domain {
             readers,
         } = event;
         if let Some(readers) = &readers {
+            let before = self.store.topic_readers(&topic).await.ok().flatten();
             if let Err(e) = self.store.set_topic_readers(&topic, readers).await {
                 tracing::warn!(error = %e, "a publish could not record its topic's readers");
                 return Err(PublishRefusal::Unavailable(
                     "the topic's readers could not be recorded; nothing was published",
                 ));
+            }
+            if before.as_ref() != Some(readers) {
+                // Every stream of the topic asks again before the event
+                // the new rule protects reaches it. Live only: a node that
+                // misses it (its bus link down) keeps its streams.
+                let signal = NewEvent::new(topic.clone(), READERS_CHANGED, serde_json::json!({}));
+                if let Err(e) = self.hub.publish(signal.ephemeral()).await {
+                    tracing::warn!(error = %e, "a readers change could not be announced");
+                }
             }
         }
         match self.hub.publish(NewEvent::new(topic, kind, payload)).await {
@@ -105,6 +158,12 @@ fn validate(request: &BackendEvent, max_payload_bytes: usize) -> Result<(), Inva
         return Err(Invalid::BadRequest(format!(
             "{:?} is not a valid type: 1 to {MAX_TYPE_LEN} characters of a-z, 0-9, '.', '_' and '-'",
             request.kind
+        )));
+    }
+    if is_reserved_type(&request.kind) {
+        return Err(Invalid::BadRequest(format!(
+            "{:?} is a reserved event type: subgate itself sends it; publish a type of your own (such as \"acme.{}\")",
+            request.kind, request.kind
         )));
     }
     // Measured as it will travel: encoded once, compactly.
@@ -178,6 +237,17 @@ mod tests {
             &"a".repeat(MAX_TYPE_LEN + 1),
         ] {
             assert!(!valid_type(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_domains_kinds_are_reserved() {
+        for kind in super::super::events::NAMES {
+            assert!(is_reserved_type(kind), "{kind}");
+            assert!(matches!(
+                validate(&request("t", kind, json!({}), None), 100),
+                Err(Invalid::BadRequest(m)) if m.contains("reserved")
+            ));
         }
     }
 

@@ -1,9 +1,11 @@
 //! The GraphQL schema: queries, mutations, subscriptions, loaders, limits.
 //!
-//! Per-request data: [`Viewer`] (who is calling) and, on long-lived
+//! Per-request data: [`Viewer`] (who is calling), [`ClientAddr`] (from
+//! where: the unauthenticated mutations are limited by it) and, on long-lived
 //! connections, the connection's [`crate::hub::Cutoff`]. Schema data: the
 //! [`SchemaDeps`] and the loaders.
 
+pub mod document;
 pub mod limits;
 pub mod loaders;
 pub mod mutation;
@@ -31,6 +33,12 @@ pub use subscription::Subscription;
 #[derive(Clone, Debug, Default)]
 pub struct Viewer(pub Option<Principal>);
 
+/// The address of the client making a request or holding a connection
+/// (after `server.trusted_proxies`); `None` when there is no network
+/// client (a test executing the schema directly).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
 /// What resolvers reach through the schema's data.
 pub struct SchemaDeps {
     pub settings: Arc<Settings>,
@@ -54,10 +62,11 @@ pub fn build_schema(deps: SchemaDeps) -> AppSchema {
         .limit_complexity(settings.graphql.max_complexity)
         .limit_recursive_depth(64)
         .limit_directives(20)
-        .extension(limits::DocumentLimits {
-            max_aliases: settings.graphql.max_aliases,
-            introspection: settings.introspection_enabled(),
-        })
+        .extension(limits::DocumentLimits::new(
+            settings.graphql.max_tokens,
+            settings.graphql.max_aliases,
+            settings.introspection_enabled(),
+        ))
         .data(loaders::Loaders::new(deps.store.clone()))
         .data(deps);
     if !settings.introspection_enabled() {
@@ -77,12 +86,32 @@ pub(crate) fn ctx_deps<'a>(ctx: &'a Context<'_>) -> &'a Arc<SchemaDeps> {
 
 /// The caller, when authenticated.
 pub(crate) fn viewer<'a>(ctx: &'a Context<'_>) -> Option<&'a Principal> {
-    ctx.data_opt::<Viewer>().and_then(|v| v.0.as_ref())
+    // A connection's token may expire while it is open: from then on its
+    // operations run as nobody (and the connection is closed).
+    ctx.data_opt::<Viewer>()
+        .and_then(|v| v.0.as_ref())
+        .filter(|p| !p.is_expired())
 }
 
 /// A GraphQL error with `extensions.code`.
 pub(crate) fn coded_error(code: ErrorCode, message: impl Into<String>) -> async_graphql::Error {
     async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code.as_str()))
+}
+
+/// The client's address, when the transport gave one.
+pub(crate) fn client_addr(ctx: &Context<'_>) -> Option<std::net::IpAddr> {
+    ctx.data_opt::<ClientAddr>().and_then(|c| c.0)
+}
+
+/// A RATE_LIMITED error saying when to retry: `extensions.retryAfterMs`
+/// and `extensions.scope` (the `subgate_rate_limited_total` label).
+pub(crate) fn rate_limited_error(limited: &crate::ratelimit::Limited) -> async_graphql::Error {
+    let (ms, scope) = (limited.retry_after_ms(), limited.scope.as_str());
+    async_graphql::Error::new(limited.to_string()).extend_with(move |_, e| {
+        e.set("code", ErrorCode::RateLimited.as_str());
+        e.set("retryAfterMs", ms);
+        e.set("scope", scope);
+    })
 }
 
 /// The caller, or an UNAUTHORIZED error.
@@ -216,8 +245,13 @@ mod tests {
                 store: store.clone(),
                 hub: hub.clone(),
                 auth: auth.clone(),
-                limits: Arc::new(crate::ratelimit::Limits::new(&settings.ratelimit, &metrics)),
+                limits: Arc::new(crate::ratelimit::Limits::new(
+                    &settings.ratelimit,
+                    settings.max_concurrent_password_hashes(),
+                    &metrics,
+                )),
                 login_token_ttl: std::time::Duration::from_secs(3600),
+                unknown_email_hash: crate::domain::users::unknown_email_hash(),
                 max_payload_bytes: settings.publish.max_payload_bytes,
             }),
             settings: settings.clone(),

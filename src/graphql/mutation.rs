@@ -6,7 +6,7 @@
 use async_graphql::{Context, InputObject, Object, SimpleObject, ID};
 
 use super::types::{Channel, Comment, Message, Notification, Post, User, UserError};
-use super::{ctx_deps, viewer};
+use super::{client_addr, ctx_deps, rate_limited_error, viewer};
 use crate::domain::channels::NewChannel;
 use crate::domain::messages::Allowance;
 use crate::domain::posts::PostChange;
@@ -257,30 +257,53 @@ fn plain<T, E>(
 
 #[Object]
 impl Mutation {
-    /// Signs up a user.
-    async fn create_user(&self, ctx: &Context<'_>, input: CreateUserInput) -> CreateUserPayload {
+    /// Signs up a user. Limited per client address
+    /// (`ratelimit.login_per_second`, shared with `login`) and by the
+    /// node's password hashing slots: over either, a `RATE_LIMITED` error
+    /// with `extensions.retryAfterMs`.
+    async fn create_user(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateUserInput,
+    ) -> async_graphql::Result<CreateUserPayload> {
         let domain = &ctx_deps(ctx).domain;
         let signup = SignUp {
             email: input.email,
             name: input.name,
             password: input.password,
         };
-        plain(domain.create_user(signup).await, User::new).into()
+        match domain.create_user(client_addr(ctx), signup).await {
+            Err(DomainError::RateLimited(limited)) => Err(rate_limited_error(&limited)),
+            // The caller typed this email: it is theirs to see.
+            result => Ok(plain(result, User::for_owner).into()),
+        }
     }
 
-    /// Exchanges an email and password for a bearer token.
-    async fn login(&self, ctx: &Context<'_>, input: LoginInput) -> LoginPayload {
+    /// Exchanges an email and password for a bearer token. Limited per
+    /// client address (`ratelimit.login_per_second`), per email
+    /// (`ratelimit.login_email_per_second`) and by the node's password
+    /// hashing slots: over any, a `RATE_LIMITED` error with
+    /// `extensions.retryAfterMs`.
+    async fn login(
+        &self,
+        ctx: &Context<'_>,
+        input: LoginInput,
+    ) -> async_graphql::Result<LoginPayload> {
         let domain = &ctx_deps(ctx).domain;
-        match domain.login(&input.email, input.password).await {
-            Ok(session) => LoginPayload {
+        match domain
+            .login(client_addr(ctx), &input.email, input.password)
+            .await
+        {
+            Ok(session) => Ok(LoginPayload {
                 token: Some(session.token),
-                user: Some(User::new(session.user)),
+                user: Some(User::for_owner(session.user)),
                 errors: vec![],
-            },
-            Err(e) => LoginPayload {
+            }),
+            Err(DomainError::RateLimited(limited)) => Err(rate_limited_error(&limited)),
+            Err(e) => Ok(LoginPayload {
                 errors: refused(e),
                 ..Default::default()
-            },
+            }),
         }
     }
 

@@ -58,7 +58,7 @@ impl Subscription {
         ctx: &Context<'_>,
         id: ID,
     ) -> Result<impl Stream<Item = Result<User>>> {
-        watch::<UserUpdated, _>(ctx, topic::user(&id), User).await
+        watch::<UserUpdated, _>(ctx, topic::user(&id), User::shared).await
     }
 
     /// The caller's own notifications.
@@ -163,7 +163,13 @@ async fn open(
     for (name, after) in topics {
         let resumed = deps
             .hub
-            .subscribe_from(&name, after.as_deref(), label, cutoff.clone())
+            .subscribe_from(
+                &name,
+                after.as_deref(),
+                label,
+                cutoff.clone(),
+                crate::auth::policy::recheck(deps.store.clone(), principal.cloned(), &name),
+            )
             .await
             .map_err(|e| {
                 coded_error(
@@ -176,6 +182,10 @@ async fn open(
         let rest = resumed.stream.map(move |delivery| match delivery {
             Delivery::Event(event) => Ok(event),
             Delivery::Gap(reason) => Err(gap_error(&topic_name, reason)),
+            Delivery::Revoked => Err(coded_error(
+                ErrorCode::Forbidden,
+                format!("no longer allowed to read {topic_name}: its readers changed"),
+            )),
         });
         streams.push(stream::iter(initial).chain(rest).boxed());
     }

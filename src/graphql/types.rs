@@ -84,11 +84,23 @@ impl UserError {
 }
 
 /// Shared, so that one decoded event serves every subscriber without a copy.
-pub struct User(pub Arc<store::User>);
+/// The second field says the caller is known to own the account although
+/// no token says so yet (the payloads of `createUser` and `login`).
+pub struct User(pub Arc<store::User>, bool);
 
 impl User {
     pub fn new(value: store::User) -> Self {
-        Self(Arc::new(value))
+        Self::shared(Arc::new(value))
+    }
+
+    pub fn shared(value: Arc<store::User>) -> Self {
+        Self(value, false)
+    }
+
+    /// A user shown to whoever just proved to own it (signed up with or
+    /// logged in as it): its email included.
+    pub fn for_owner(value: store::User) -> Self {
+        Self(Arc::new(value), true)
     }
 }
 
@@ -97,8 +109,20 @@ impl User {
     async fn id(&self) -> ID {
         ID(self.0.id.clone())
     }
-    async fn email(&self) -> &str {
-        &self.0.email
+    /// The email address, shown to the user it belongs to only: null for
+    /// anyone else (and events never carry it).
+    async fn email(&self, ctx: &Context<'_>) -> Result<Option<String>> {
+        let owner = self.1 || super::viewer(ctx).is_some_and(|me| me.user_id == self.0.id);
+        if !owner {
+            return Ok(None);
+        }
+        if !self.0.email.is_empty() {
+            return Ok(Some(self.0.email.clone()));
+        }
+        // Decoded from an event, which carries no email: the owner's is read.
+        Ok(super::loaders::user(ctx, &self.0.id)
+            .await?
+            .map(|me| me.0.email.clone()))
     }
     async fn name(&self) -> &str {
         &self.0.name

@@ -6,12 +6,18 @@
 //! replay is dropped by position. A live event whose position does not
 //! follow the last one delivered (Pub/Sub lost a message, say across a
 //! reconnect) makes the stream read the history from the last delivered
-//! position before going on. What cannot be recovered is said out loud as a
-//! [`Delivery::Gap`], never papered over.
+//! position before going on; a live event of a new epoch (the history was
+//! lost, e.g. Redis restarted empty) is a gap, then the new epoch read from
+//! its start, so whatever was published since reaches the subscriber once.
+//! A resync point (a topic's latest event, handed out again when the bus
+//! link returns) triggers the same comparison even if no new event comes.
+//! What cannot be recovered is said out loud as a [`Delivery::Gap`], never
+//! papered over.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
 
 use super::{Cutoff, Hub, Subscription};
@@ -24,7 +30,15 @@ pub enum Delivery {
     Event(Arc<SharedEvent>),
     /// Events were lost here and could not be recovered.
     Gap(GapReason),
+    /// The subscriber may no longer read the topic (its readers rule
+    /// changed); the stream ends after this.
+    Revoked,
 }
+
+/// Asks again whether a stream's subscriber may still read its topic, when
+/// the topic's readers rule changed: `false` only when it definitely may
+/// not.
+pub type Recheck = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
 
 /// A resumable subscription.
 pub struct Resumed {
@@ -44,6 +58,8 @@ struct State {
     /// A live event to look at again once the history read is delivered.
     requeued: Option<Arc<SharedEvent>>,
     last: Option<Position>,
+    recheck: Option<Recheck>,
+    revoked: bool,
 }
 
 impl State {
@@ -101,6 +117,9 @@ impl State {
 
     async fn next(mut self) -> Option<(Delivery, Self)> {
         loop {
+            if self.revoked {
+                return None;
+            }
             if let Some(d) = self.pending.pop_front() {
                 return Some((d, self));
             }
@@ -108,21 +127,32 @@ impl State {
                 Some(e) => e,
                 None => self.live.recv().await?,
             };
+            if event.event.kind == crate::event::READERS_CHANGED {
+                if let Some(recheck) = &self.recheck {
+                    if !recheck().await {
+                        self.revoked = true;
+                        return Some((Delivery::Revoked, self));
+                    }
+                }
+                continue;
+            }
             let Some(pos) = event.position.clone() else {
                 // Not a position subgate wrote: nothing to order by.
                 return Some((Delivery::Event(event), self));
             };
             match self.last.clone() {
+                // A stream that has delivered nothing stands at the live
+                // edge: an older event handed out again is not for it.
+                None if event.resync => continue,
                 None => {
                     self.last = Some(pos);
                     return Some((Delivery::Event(event), self));
                 }
-                Some(last) if last.epoch != pos.epoch => {
-                    // The history was lost under us (a new epoch).
-                    self.last = Some(pos);
-                    self.pending.push_back(Delivery::Event(event));
-                    return Some((Delivery::Gap(GapReason::EpochChanged), self));
-                }
+                // The history was lost under us (a new epoch): the gap is
+                // said, then the new epoch is read from its start, since
+                // what it holds before this event was published while this
+                // node could not hear it.
+                Some(last) if last.epoch != pos.epoch => self.fill(last, event).await,
                 Some(last) if pos.seq <= last.seq => continue,
                 Some(last) if pos.seq == last.seq + 1 => {
                     self.last = Some(pos);
@@ -137,12 +167,15 @@ impl State {
 impl Hub {
     /// Subscribes to `topic` and, when `after` is given, first replays what
     /// came after that position. `after` is an event id (`EPOCH:SEQ`).
+    /// `recheck`, for a topic whose readers may change, is asked whenever
+    /// they do.
     pub async fn subscribe_from(
         self: &Arc<Self>,
         topic: &str,
         after: Option<&str>,
         transport: &'static str,
         cutoff: Option<Arc<Cutoff>>,
+        recheck: Option<Recheck>,
     ) -> Result<Resumed, BrokerError> {
         // Live first, so that nothing published during the read is missed.
         let live = self.subscribe(topic, transport, cutoff).await?;
@@ -154,6 +187,8 @@ impl Hub {
             pending: VecDeque::new(),
             requeued: None,
             last: None,
+            recheck,
+            revoked: false,
         };
         let mut gap = None;
         if let Some(after) = after {
@@ -187,6 +222,7 @@ mod tests {
     use crate::broker::memory::MemoryBroker;
     use crate::event::NewEvent;
     use crate::telemetry::metrics::Metrics;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     use std::time::Duration;
 
     fn hub(history: usize) -> Arc<Hub> {
@@ -214,7 +250,7 @@ mod tests {
 
     /// A subscription to topic `t` from `position`.
     async fn resume(hub: &Arc<Hub>, position: Option<&str>) -> Resumed {
-        hub.subscribe_from("t", position, "test", None)
+        hub.subscribe_from("t", position, "test", None, None)
             .await
             .unwrap()
     }
@@ -229,6 +265,7 @@ mod tests {
             {
                 Delivery::Event(e) => out.push(e.event.id.clone()),
                 Delivery::Gap(reason) => out.push(format!("gap:{}", reason.as_str())),
+                Delivery::Revoked => out.push("revoked".into()),
             }
         }
         out
@@ -287,12 +324,12 @@ mod tests {
     /// reconnect; the history still has every event.
     struct Lossy {
         sink: Arc<dyn crate::broker::EventSink>,
-        losing: Arc<std::sync::atomic::AtomicBool>,
+        losing: Arc<AtomicBool>,
     }
 
     impl crate::broker::EventSink for Lossy {
         fn dispatch(&self, event: Arc<SharedEvent>) {
-            if !self.losing.load(std::sync::atomic::Ordering::SeqCst) {
+            if !self.losing.load(SeqCst) {
                 self.sink.dispatch(event);
             }
         }
@@ -306,7 +343,7 @@ mod tests {
 
     struct LossyBroker {
         inner: MemoryBroker,
-        losing: Arc<std::sync::atomic::AtomicBool>,
+        losing: Arc<AtomicBool>,
     }
 
     #[async_trait::async_trait]
@@ -342,24 +379,76 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_hole_in_the_live_stream_is_filled_from_history() {
-        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    /// A hub whose bus link can be cut (`losing`), its histories living
+    /// `ttl`; and a stream on topic `t` that has delivered its first event.
+    async fn lossy_hub(ttl: Duration) -> (Arc<Hub>, Arc<AtomicBool>, Resumed) {
+        let losing = Arc::new(AtomicBool::new(false));
         let broker = LossyBroker {
-            inner: MemoryBroker::new(100, Duration::from_secs(60)),
+            inner: MemoryBroker::new(100, ttl),
             losing: losing.clone(),
         };
         let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
         let mut resumed = resume(&hub, None).await;
         let first = publish(&hub, "t", 1).await;
         assert_eq!(take(&mut resumed.stream, 1).await, first);
-        losing.store(true, std::sync::atomic::Ordering::SeqCst);
-        let lost = publish(&hub, "t", 3).await;
-        losing.store(false, std::sync::atomic::Ordering::SeqCst);
+        (hub, losing, resumed)
+    }
+
+    /// Publishes `n` events to `t` while the link is cut.
+    async fn unheard(hub: &Arc<Hub>, losing: &AtomicBool, n: usize) -> Vec<String> {
+        losing.store(true, SeqCst);
+        let ids = publish(hub, "t", n).await;
+        losing.store(false, SeqCst);
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_hole_in_the_live_stream_is_filled_from_history() {
+        let (hub, losing, mut resumed) = lossy_hub(Duration::from_secs(60)).await;
+        let lost = unheard(&hub, &losing, 3).await;
         let after = publish(&hub, "t", 2).await;
         assert_eq!(
             take(&mut resumed.stream, 5).await,
             [&lost[..], &after[..]].concat()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resync_point_fills_what_was_missed_and_is_ignored_by_a_fresh_stream() {
+        use crate::broker::EventSink;
+        let (hub, losing, mut resumed) = lossy_hub(Duration::from_secs(60)).await;
+        // The link is down while three events are published; then nothing
+        // new comes, only the topic's latest event handed out again.
+        let lost = unheard(&hub, &losing, 3).await;
+        let mut fresh = resume(&hub, None).await;
+        let latest = hub.broker().head("t").await.unwrap().unwrap();
+        let before = Position::new(latest.epoch.clone(), latest.seq - 1);
+        let History::Complete(events) = hub.broker().history("t", &before, 1).await.unwrap() else {
+            panic!("the history holds the latest event")
+        };
+        hub.dispatch(events[0].resync());
+        assert_eq!(take(&mut resumed.stream, 3).await, lost);
+        // A stream that had delivered nothing stands at the live edge.
+        let next = publish(&hub, "t", 1).await;
+        assert_eq!(take(&mut fresh.stream, 1).await, next);
+        assert_eq!(take(&mut resumed.stream, 1).await, next);
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_is_read_from_its_start() {
+        let (hub, losing, mut resumed) = lossy_hub(Duration::from_millis(200)).await;
+        // The history expires (a new epoch begins) while the link is down.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let unheard = unheard(&hub, &losing, 2).await;
+        let heard = publish(&hub, "t", 1).await;
+        assert_eq!(
+            take(&mut resumed.stream, 4).await,
+            [
+                &["gap:epoch_changed".to_owned()][..],
+                &unheard[..],
+                &heard[..]
+            ]
+            .concat()
         );
     }
 }

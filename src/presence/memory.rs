@@ -48,7 +48,11 @@ impl MemoryPresence {
             status_ttl,
             state: Mutex::new(State::default()),
         });
-        let task = TaskGuard::spawn(announce(shared.clone()));
+        let task =
+            TaskGuard::supervise("presence_announce", metrics.task_restarts_total.clone(), {
+                let shared = shared.clone();
+                move || announce(shared.clone())
+            });
         Self {
             shared,
             _task: task,

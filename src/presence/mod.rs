@@ -342,18 +342,22 @@ pub fn updated_event(channel_id: &str, user_id: &str, status: &str) -> NewEvent 
     })
 }
 
-/// Aborts a background task when the presence service that owns it drops.
-pub(crate) struct TaskGuard(tokio::task::AbortHandle);
+/// A supervised background task (restarted when it dies, see
+/// [`crate::supervise`]), stopped when the presence service that owns it
+/// drops.
+pub(crate) struct TaskGuard(#[allow(dead_code)] crate::supervise::Supervised);
 
 impl TaskGuard {
-    pub(crate) fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
-        Self(tokio::spawn(task).abort_handle())
-    }
-}
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        self.0.abort();
+    pub(crate) fn supervise<F, Fut>(
+        task: &'static str,
+        restarts: prometheus::IntCounterVec,
+        make: F,
+    ) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        Self(crate::supervise::spawn(task, restarts, make))
     }
 }
 

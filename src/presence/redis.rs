@@ -263,9 +263,16 @@ impl RedisPresence {
             node_id: crate::store::new_id(),
             metrics,
         });
+        let restarts = shared.metrics.task_restarts_total.clone();
         let tasks = [
-            TaskGuard::spawn(write(shared.clone())),
-            TaskGuard::spawn(sweep(shared.clone())),
+            TaskGuard::supervise("presence_write", restarts.clone(), {
+                let shared = shared.clone();
+                move || write(shared.clone())
+            }),
+            TaskGuard::supervise("presence_sweep", restarts, {
+                let shared = shared.clone();
+                move || sweep(shared.clone())
+            }),
         ];
         Self {
             shared,

@@ -27,6 +27,10 @@ use chrono::{DateTime, Utc};
 #[serde(rename_all = "camelCase")]
 pub struct User {
     pub id: String,
+    /// Shown to its owner only: never in events (`user.updated`,
+    /// `user.deleted`), where any subscriber of `user:{id}` would read it;
+    /// an event decodes with it empty.
+    #[serde(skip_serializing, default)]
     pub email: String,
     pub name: String,
     /// Never leaves the node: not in events, not in responses.

@@ -33,6 +33,13 @@ pub struct Metrics {
     delivery: Vec<(&'static str, prometheus::IntCounter, prometheus::Histogram)>,
     /// Open long-lived connections by transport.
     pub connections: IntGaugeVec,
+    // --- node hardening (issue 9: items 5 and 14) ---
+    /// Supervised background tasks restarted after they died, by task.
+    pub task_restarts_total: IntCounterVec,
+    /// Long-lived connections refused by the per-user limit, by where it
+    /// was enforced (`node` memory, `fleet` Redis).
+    pub user_connections_rejected_total: IntCounterVec,
+    // --- end node hardening ---
     /// Connections accepted, by transport.
     pub connections_total: IntCounterVec,
     /// Connections refused at admission, by reason.
@@ -77,6 +84,11 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// 1 while `/readyz` would answer 200, else 0; set at each scrape.
     pub ready: IntGauge,
+
+    // -- issue 9 (hardening): inputs and memory bounds --
+    /// Topic histories the in-memory broker evicted to stay within
+    /// `history.max_topics`.
+    pub history_evictions_total: prometheus::IntCounter,
 }
 
 /// Creates collectors already registered in one registry. A labelled one
@@ -157,7 +169,13 @@ impl Metrics {
             "subgate_rejected_total",
             "Connections or subscriptions refused at admission by reason",
             "reason",
-            &["origin", "draining", "max_connections", "max_subscriptions"],
+            &[
+                "origin",
+                "draining",
+                "max_connections",
+                "max_subscriptions",
+                "max_connections_per_user",
+            ],
         );
         let subscriptions = r.gauge_vec(
             "subgate_subscriptions",
@@ -269,9 +287,10 @@ impl Metrics {
         );
         let rate_limited_total = r.counter_vec(
             "subgate_rate_limited_total",
-            "Requests refused by a rate limit, by scope (connection, user, publish, typing)",
+            "Requests refused by a rate limit, by scope (connection, user, publish, typing, \
+             login, login_email, password_hash, publish_auth)",
             "scope",
-            &["connection", "user", "publish", "typing"],
+            &crate::ratelimit::Scope::ALL.map(crate::ratelimit::Scope::as_str),
         );
         let presence_entries = r.gauge(
             "subgate_presence_entries",
@@ -289,6 +308,29 @@ impl Metrics {
             "subgate_ready",
             "1 while the node is ready for traffic (as /readyz), else 0",
         );
+        // --- node hardening (issue 9: items 5 and 14) ---
+        registry
+            .register(Box::new(super::sink::LOG_WRITE_ERRORS.clone()))
+            .expect("the log counter registers once per registry");
+        let task_restarts_total = r.counter_vec(
+            "subgate_task_restarts_total",
+            "Supervised background tasks that died (panicked or returned) and were restarted, by task",
+            "task",
+            &[],
+        );
+        let user_connections_rejected_total = r.counter_vec(
+            "subgate_user_connections_rejected_total",
+            "Long-lived connections refused by server.max_connections_per_user, by scope (node, fleet)",
+            "scope",
+            &["node", "fleet"],
+        );
+        // --- end node hardening ---
+        // -- issue 9 (hardening): inputs and memory bounds --
+        let history_evictions_total = r.counter(
+            "subgate_history_evictions_total",
+            "Topic histories the in-memory broker evicted to stay within history.max_topics",
+        );
+
         let version = env!("CARGO_PKG_VERSION");
         r.gauge_vec(
             "subgate_build_info",
@@ -316,6 +358,8 @@ impl Metrics {
             registry,
             delivery,
             connections,
+            task_restarts_total,
+            user_connections_rejected_total,
             connections_total,
             rejected_total,
             subscriptions,
@@ -338,6 +382,7 @@ impl Metrics {
             presence_refresh_failures_total,
             draining,
             ready,
+            history_evictions_total,
         }
     }
 

@@ -20,6 +20,10 @@ use crate::shutdown::DrainGuard;
 use crate::state::AppState;
 use crate::transport::{api_error, graphql_error};
 
+/// `Retry-After` of a 429 for the per-user limit: a user's connection
+/// closes when they close a tab, not on a clock; a few seconds, then try.
+pub const USER_FULL_RETRY_AFTER_SECONDS: u64 = 5;
+
 /// What a connection opens, as a refusal names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opening {
@@ -36,6 +40,9 @@ pub enum Refusal {
     Draining,
     /// The node holds `server.max_connections`.
     Full,
+    /// The user holds `server.max_connections_per_user` (on this node or
+    /// across the fleet).
+    UserFull,
 }
 
 impl Refusal {
@@ -45,6 +52,7 @@ impl Refusal {
             Refusal::Origin(_) => "origin",
             Refusal::Draining => "draining",
             Refusal::Full => "max_connections",
+            Refusal::UserFull => "max_connections_per_user",
         }
     }
 
@@ -54,6 +62,7 @@ impl Refusal {
         match self {
             Refusal::Origin(_) => StatusCode::FORBIDDEN,
             Refusal::Draining | Refusal::Full => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UserFull => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -62,12 +71,24 @@ impl Refusal {
         match self {
             Refusal::Origin(_) => "forbidden",
             Refusal::Draining | Refusal::Full => "unavailable",
+            Refusal::UserFull => crate::error::envelope::RATE_LIMITED,
         }
     }
 
     /// The refusal as the REST endpoints answer it (`{"error": {…}}`).
     pub fn api_response(self) -> HttpResponse {
-        api_error(self.status(), self.code(), self.message())
+        self.with_retry_after(api_error(self.status(), self.code(), self.message()))
+    }
+
+    /// 429 says when to try again (503s already do, in every shape).
+    fn with_retry_after(self, mut response: HttpResponse) -> HttpResponse {
+        if self == Refusal::UserFull {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(USER_FULL_RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 
     /// The refusal as a GraphQL error (`{"errors": […]}`, its
@@ -76,8 +97,9 @@ impl Refusal {
         let code = match self {
             Refusal::Origin(_) => ErrorCode::Forbidden,
             Refusal::Draining | Refusal::Full => ErrorCode::Unavailable,
+            Refusal::UserFull => ErrorCode::RateLimited,
         };
-        graphql_error(self.status(), Some(code), self.message())
+        self.with_retry_after(graphql_error(self.status(), Some(code), self.message()))
     }
 
     /// For humans.
@@ -87,6 +109,7 @@ impl Refusal {
             Refusal::Origin(Opening::EventStream) => "this Origin may not open an event stream",
             Refusal::Draining => "the node is shutting down",
             Refusal::Full => "the node is at its connection limit",
+            Refusal::UserFull => "this user holds as many connections as allowed",
         }
     }
 }
@@ -125,11 +148,25 @@ impl<'a> Gate<'a> {
         // Counted first and checked after, so that concurrent requests on
         // several workers can never overshoot the limit together.
         let drain = shutdown.track();
-        if shutdown.open_connections() > self.state.settings.server.max_connections {
+        if shutdown.open_connections() > self.state.settings.connection_limit() {
             drop(drain);
             return Err(self.refuse(Refusal::Full));
         }
         Ok(drain)
+    }
+
+    /// [`Gate::admit`], then a place under the per-user limit for `user`
+    /// (when the connection speaks for one), held by the guard too.
+    pub async fn admit_as(self, user: Option<&str>) -> Result<DrainGuard, Refusal> {
+        let state = self.state;
+        let drain = self.admit()?;
+        let Some(user) = user else {
+            return Ok(drain);
+        };
+        match state.user_connections.acquire(user).await {
+            Ok(lease) => Ok(drain.holding(lease)),
+            Err(_) => Err(Gate { state }.refuse(Refusal::UserFull)),
+        }
     }
 
     fn refuse(&self, refusal: Refusal) -> Refusal {
@@ -191,7 +228,7 @@ mod tests {
     async fn every_refusal_is_counted_once_by_its_reason() {
         let mut settings = Settings::default();
         settings.server.allowed_origins = vec!["https://app.example".into()];
-        settings.server.max_connections = 1;
+        settings.server.max_connections = Some(1);
         let state = crate::test_support::state(settings);
         let rejected = |reason| {
             state

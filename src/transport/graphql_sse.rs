@@ -38,8 +38,9 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use crate::error::ErrorCode;
+use crate::graphql::limits::{off_worker, LARGE_BODY_BYTES};
 use crate::graphql::subscription::TransportLabel;
-use crate::graphql::Viewer;
+use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport, GaugeGuard, Metrics};
@@ -130,14 +131,23 @@ async fn posted_request(
     }
     let body = read_body(&mut payload, state.settings.server.max_body_bytes)
         .await
-        .map_err(|e| refuse(e.status(), None, &e.to_string()))?;
-    serde_json::from_slice::<Request>(&body).map_err(|e| {
-        refuse(
-            StatusCode::BAD_REQUEST,
-            None,
-            &format!("the body is not one GraphQL request: {e}"),
-        )
-    })
+        .map_err(|e| refuse(e.status(), None, &e.to_string()))?
+        .freeze();
+    let decoded = if body.len() > LARGE_BODY_BYTES {
+        let body = body.clone();
+        off_worker(move || serde_json::from_slice::<Request>(&body)).await
+    } else {
+        None
+    };
+    decoded
+        .unwrap_or_else(|| serde_json::from_slice::<Request>(&body))
+        .map_err(|e| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                None,
+                &format!("the body is not one GraphQL request: {e}"),
+            )
+        })
 }
 
 /// What refuses a request whatever it asks: `Accept`, then the gate's
@@ -159,7 +169,7 @@ async fn stream_operation(
     state: &AppState,
     req: &HttpRequest,
     gate: Gate<'_>,
-    request: Request,
+    mut request: Request,
     method: Method,
 ) -> HttpResponse {
     let principal = match state.auth.from_header(req.headers()) {
@@ -172,9 +182,21 @@ async fn stream_operation(
             )
         }
     };
-    let ty = match counted_operation_type(&request, &state.metrics) {
+    let ty = match counted_operation_type(
+        &mut request,
+        state.settings.graphql.max_tokens,
+        &state.metrics,
+    )
+    .await
+    {
         Ok(ty) => ty,
-        Err(unknown) => return refuse(StatusCode::BAD_REQUEST, None, &unknown.to_string()),
+        Err(unknown) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                unknown.code(),
+                &unknown.to_string(),
+            )
+        }
     };
     if method == Method::GET && ty == OperationType::Mutation {
         return refuse(
@@ -183,13 +205,21 @@ async fn stream_operation(
             "mutations cannot be sent with GET; use POST",
         );
     }
-    let drain = match gate.admit() {
+    let drain = match gate
+        .admit_as(principal.as_ref().map(|p| p.user_id.as_str()))
+        .await
+    {
         Ok(drain) => drain,
         Err(refusal) => return refusal.graphql_response(),
     };
     let cutoff = Cutoff::new();
+    let expires_at = principal.as_ref().and_then(|p| p.expires_at);
     let request = request
         .data(Viewer(principal))
+        .data(ClientAddr(crate::transport::request::client_of(
+            req,
+            &state.settings,
+        )))
         .data(cutoff.clone())
         .data(TransportLabel(transport::GRAPHQL_SSE));
     let held = (ty == OperationType::Subscription)
@@ -213,7 +243,19 @@ async fn stream_operation(
             Bytes::from_static(b"event: complete\ndata: \n\n")
         }))
         .boxed();
+    // An expired token ends the operation as a failed one would: an error
+    // result, then `complete`.
+    let expired = json!({ "errors": [{
+        "message": "the token has expired: reconnect with a fresh one",
+        "extensions": { "code": ErrorCode::Unauthorized.as_str() },
+    }] });
+    let farewell = [
+        frame::event("next", None, &expired.to_string()),
+        Bytes::from_static(b"event: complete\ndata: \n\n"),
+    ]
+    .concat();
     Streaming::new(state, transport::GRAPHQL_SSE, PING, cutoff, drain, held)
+        .expiring(expires_at, Bytes::from(farewell))
         .respond(Vec::new(), frames)
 }
 

@@ -20,12 +20,13 @@ use async_graphql::{BatchRequest, BatchResponse};
 use serde_json::json;
 
 use crate::error::ErrorCode;
-use crate::graphql::Viewer;
+use crate::graphql::limits::{off_worker, LARGE_BODY_BYTES};
+use crate::graphql::{ClientAddr, Viewer};
 use crate::state::AppState;
 use crate::transport::operation::{
     counted_operation_type, is_request_error, operation_label, outcome, request_from_query,
 };
-use crate::transport::request::{is_websocket_upgrade, media_type, read_body};
+use crate::transport::request::{client_of, is_websocket_upgrade, media_type, read_body};
 
 pub const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 
@@ -51,6 +52,18 @@ fn request_error(status: StatusCode, message: &str, json_type: &'static str) -> 
     HttpResponse::build(status)
         .content_type(json_type)
         .json(json!({ "errors": [{ "message": message }] }))
+}
+
+/// The error of a request refused before execution, with its
+/// `extensions.code` when it has one.
+fn refusal(message: String, code: Option<ErrorCode>) -> async_graphql::ServerError {
+    let mut error = async_graphql::ServerError::new(message, None);
+    if let Some(code) = code {
+        let mut extensions = async_graphql::ErrorExtensionValues::default();
+        extensions.set("code", code.as_str());
+        error.extensions = Some(extensions);
+    }
+    error
 }
 
 /// Which media type the response uses, per the client's `Accept`.
@@ -91,10 +104,16 @@ async fn post_graphql(
         );
     }
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
-        Ok(body) => body,
+        Ok(body) => body.freeze(),
         Err(e) => return request_error(e.status(), &e.to_string(), json_type),
     };
-    let batch: BatchRequest = match serde_json::from_slice(&body) {
+    let decoded = if body.len() > LARGE_BODY_BYTES {
+        let body = body.clone();
+        off_worker(move || serde_json::from_slice::<BatchRequest>(&body)).await
+    } else {
+        None
+    };
+    let batch = match decoded.unwrap_or_else(|| serde_json::from_slice(&body)) {
         Ok(batch) => batch,
         Err(e) => {
             return request_error(
@@ -154,11 +173,17 @@ async fn execute(
             rs
         }
     };
+    let client = ClientAddr(client_of(req, &state.settings));
     let batched = requests.len() > 1;
     let mut responses = Vec::with_capacity(requests.len());
     let mut any_request_error = false;
-    for request in requests {
-        let ty = counted_operation_type(&request, &state.metrics);
+    for mut request in requests {
+        let ty = counted_operation_type(
+            &mut request,
+            state.settings.graphql.max_tokens,
+            &state.metrics,
+        )
+        .await;
         if method == Method::GET && ty.as_ref().is_ok_and(|ty| *ty != OperationType::Query) {
             return HttpResponse::MethodNotAllowed()
                 .insert_header((header::ALLOW, "POST"))
@@ -166,21 +191,24 @@ async fn execute(
                 .json(json!({ "errors": [{ "message": "only queries may be sent with GET; use POST" }] }));
         }
         let refused = match ty {
-            Err(unknown) => unknown.to_string(),
+            Err(unknown) => refusal(unknown.to_string(), unknown.code()),
             Ok(OperationType::Subscription) => {
                 state
                     .metrics
                     .graphql_operations_total
                     .with_label_values(&["subscription", "request_error"])
                     .inc();
-                "subscriptions are served over WebSocket at /graphql/ws".to_owned()
+                refusal(
+                    "subscriptions are served over WebSocket at /graphql/ws".to_owned(),
+                    None,
+                )
             }
             Ok(ty) => {
                 let label = operation_label(ty);
                 let started = Instant::now();
                 let response = state
                     .schema
-                    .execute(request.data(Viewer(principal.clone())))
+                    .execute(request.data(Viewer(principal.clone())).data(client))
                     .await;
                 state
                     .metrics
@@ -200,12 +228,12 @@ async fn execute(
         // Refused before it ran: alone, the request is 400; in a batch, the
         // operation's place holds the error and the others still run.
         if !batched {
-            return request_error(StatusCode::BAD_REQUEST, &refused, json_type);
+            return HttpResponse::BadRequest()
+                .content_type(json_type)
+                .json(json!({ "errors": [refused] }));
         }
         any_request_error = true;
-        responses.push(async_graphql::Response::from_errors(vec![
-            async_graphql::ServerError::new(refused, None),
-        ]));
+        responses.push(async_graphql::Response::from_errors(vec![refused]));
     }
     let status = if any_request_error && !batched {
         StatusCode::BAD_REQUEST

@@ -3,9 +3,12 @@
 //! the labels it is counted under in `subgate_graphql_operations_total`.
 
 use actix_web::web;
-use async_graphql::parser::types::OperationType;
+use async_graphql::parser::types::{ExecutableDocument, OperationType};
 use async_graphql::{Request, Response};
 
+use crate::error::ErrorCode;
+use crate::graphql::document::{count_tokens, describe_parse_error, TooManyTokens};
+use crate::graphql::limits::{parse_large, LARGE_DOCUMENT_TOKENS};
 use crate::telemetry::metrics::Metrics;
 
 #[derive(serde::Deserialize)]
@@ -58,9 +61,13 @@ pub(crate) fn request_from_query(query_string: &str) -> Result<Request, GetReque
 /// Why the operation a request would run cannot be told.
 #[derive(Debug, thiserror::Error)]
 pub enum OperationError {
-    /// The document does not parse (the parser's own message).
+    /// More tokens than `graphql.max_tokens`: refused unparsed.
+    #[error(transparent)]
+    TooManyTokens(#[from] TooManyTokens),
+    /// The document does not parse: the parser's message, quoting a short
+    /// window around the position rather than the whole line.
     #[error("{0}")]
-    Syntax(#[from] async_graphql::parser::Error),
+    Syntax(String),
     #[error("unknown operation named \"{0}\"")]
     UnknownName(String),
     #[error("operationName is required with several operations")]
@@ -69,9 +76,61 @@ pub enum OperationError {
     NoOperation,
 }
 
-/// The type of the operation `request` would run, if its document parses.
-pub fn operation_type(request: &Request) -> Result<OperationType, OperationError> {
-    let doc = async_graphql::parser::parse_query(&request.query)?;
+impl OperationError {
+    /// The `extensions.code` of the refusal, where it has one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            OperationError::TooManyTokens(_) => Some(ErrorCode::TooManyTokens),
+            _ => None,
+        }
+    }
+}
+
+/// The type of the operation `request` would run, if its document holds at
+/// most `max_tokens` tokens (counted first: a larger one is not parsed) and
+/// parses. The parsed document is kept in `request`, so that the schema
+/// does not parse it again.
+pub fn operation_type(
+    request: &mut Request,
+    max_tokens: usize,
+) -> Result<OperationType, OperationError> {
+    count_tokens(&request.query, max_tokens)?;
+    let doc = async_graphql::parser::parse_query(&request.query);
+    kept_operation_type(request, doc)
+}
+
+/// [`operation_type`] for the transports that may wait: a large document
+/// is parsed off the worker ([`parse_large`]). A request whose type cannot
+/// be told is counted as `{type="unknown", outcome="request_error"}`.
+pub(crate) async fn counted_operation_type(
+    request: &mut Request,
+    max_tokens: usize,
+    metrics: &Metrics,
+) -> Result<OperationType, OperationError> {
+    let told = async {
+        let tokens = count_tokens(&request.query, max_tokens)?;
+        let doc = if tokens > LARGE_DOCUMENT_TOKENS {
+            parse_large(&request.query).await
+        } else {
+            async_graphql::parser::parse_query(&request.query)
+        };
+        kept_operation_type(request, doc)
+    };
+    told.await.inspect_err(|_| {
+        metrics
+            .graphql_operations_total
+            .with_label_values(&["unknown", "request_error"])
+            .inc();
+    })
+}
+
+/// The type of the operation `request` names in `doc`, its parsed document,
+/// which the request keeps.
+fn kept_operation_type(
+    request: &mut Request,
+    doc: Result<ExecutableDocument, async_graphql::parser::Error>,
+) -> Result<OperationType, OperationError> {
+    let doc = doc.map_err(|e| OperationError::Syntax(describe_parse_error(&request.query, &e)))?;
     let op = match (&request.operation_name, &doc.operations) {
         (Some(name), ops) => ops
             .iter()
@@ -87,21 +146,8 @@ pub fn operation_type(request: &Request) -> Result<OperationType, OperationError
             }
         }
     };
+    request.set_parsed_query(doc);
     Ok(op)
-}
-
-/// [`operation_type`], counting a request whose type cannot be told as
-/// `{type="unknown", outcome="request_error"}`.
-pub(crate) fn counted_operation_type(
-    request: &Request,
-    metrics: &Metrics,
-) -> Result<OperationType, OperationError> {
-    operation_type(request).inspect_err(|_| {
-        metrics
-            .graphql_operations_total
-            .with_label_values(&["unknown", "request_error"])
-            .inc();
-    })
 }
 
 /// The `type` label of an operation.

@@ -17,6 +17,14 @@ fn readiness_problems(state: &AppState) -> Vec<String> {
     if state.shutdown.is_draining() {
         problems.push("draining".to_owned());
     }
+    let (open, limit) = (
+        state.shutdown.open_connections(),
+        state.settings.connection_limit(),
+    );
+    if open >= limit {
+        // Full: new clients should go to another node.
+        problems.push(format!("connections: full ({open} of {limit})"));
+    }
     if let Err(why) = state.hub.broker().readiness() {
         problems.push(format!("broker: {why}"));
     }

@@ -8,7 +8,9 @@
 //!   holds `publish`. Anything else is 401; a valid token without the scope
 //!   is 403.
 //! - Validation: `topic` a valid topic name, `type` 1 to 100 characters of
-//!   `[a-z0-9._-]` (both 400); `payload` at most
+//!   `[a-z0-9._-]` and not reserved (the node's own message and event
+//!   names, such as `gap` or `auth.success`, and the domain's event kinds,
+//!   such as `message.created`: all 400); `payload` at most
 //!   `publish.max_payload_bytes` once encoded (413); a body that is not such
 //!   JSON is 400 saying why.
 //! - Any topic may be published to, the domain's included (backends notify
@@ -20,6 +22,12 @@
 //! - Rate limit: a token bucket per API key or token subject on this node
 //!   (`ratelimit.publish_per_second`, `ratelimit.publish_burst`); over it,
 //!   429 with `Retry-After` (whole seconds, rounded up).
+//! - Guessing: every 401 takes a token from the client address's bucket
+//!   (`ratelimit.publish_auth_failures_per_second` / `_burst`; the address
+//!   after `server.trusted_proxies`). While that bucket is empty, every
+//!   publish from the address is 429 with `Retry-After` before its
+//!   credentials are even looked at: answering a right key differently
+//!   would tell the guesser which key was right.
 //! - Answer: 202 `{"id": "<position>", "topic": …}` once the broker has the
 //!   event; 503 when the broker or the store cannot take it (Redis down).
 //!
@@ -33,11 +41,12 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use super::request::{read_body, BodyError};
+use super::request::{client_of, read_body, BodyError};
 use super::{api_error, ApiError};
 use crate::auth::bearer;
 use crate::domain::publishing::{BackendEvent, Invalid, PublishRefusal};
 use crate::event::topic;
+use crate::ratelimit::Limited;
 use crate::state::AppState;
 use crate::store::TopicReaders;
 
@@ -122,28 +131,48 @@ fn authenticate(state: &AppState, req: &HttpRequest) -> Result<Publisher, ApiErr
     Ok(Publisher::Subject(principal.user_id))
 }
 
+/// 429 `rate_limited`, with `Retry-After` in whole seconds.
+fn too_many_requests(limited: Limited) -> HttpResponse {
+    let mut response = api_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        &limited.to_string(),
+    );
+    response.headers_mut().insert(
+        actix_web::http::header::RETRY_AFTER,
+        actix_web::http::header::HeaderValue::from(limited.retry_after_secs()),
+    );
+    response
+}
+
 /// What is wrong with a publish request, as the client is told.
 async fn publish(
     state: web::Data<AppState>,
     req: HttpRequest,
     mut payload: web::Payload,
 ) -> HttpResponse {
+    let client = client_of(&req, &state.settings);
+    if let Some(ip) = client {
+        if let Err(limited) = state.limits.publish_auth_allowed(ip) {
+            return too_many_requests(limited);
+        }
+    }
     let publisher = match authenticate(&state, &req) {
         Ok(publisher) => publisher,
-        Err(refusal) => return refusal.response(),
+        Err(refusal) => {
+            if refusal.status == StatusCode::UNAUTHORIZED {
+                if let Some(ip) = client {
+                    if let Err(limited) = state.limits.publish_auth_failed(ip) {
+                        return too_many_requests(limited);
+                    }
+                }
+            }
+            return refusal.response();
+        }
     };
     // Before the body is read: a publisher over its limit costs no parsing.
     if let Err(limited) = state.limits.publish(&publisher.limit_key()) {
-        let mut response = api_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            &limited.to_string(),
-        );
-        response.headers_mut().insert(
-            actix_web::http::header::RETRY_AFTER,
-            actix_web::http::header::HeaderValue::from(limited.retry_after_secs()),
-        );
-        return response;
+        return too_many_requests(limited);
     }
     let body = match read_body(&mut payload, state.settings.server.max_body_bytes).await {
         Ok(body) => body,

@@ -1,5 +1,8 @@
 //! What HTTP handlers read from a request before deciding anything: whether
-//! it is a WebSocket upgrade, its media type, and its body within a limit.
+//! it is a WebSocket upgrade, its media type, its body within a limit, and
+//! which client address it comes from.
+
+use std::net::IpAddr;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest};
@@ -11,6 +14,52 @@ pub fn is_websocket_upgrade(headers: &header::HeaderMap) -> bool {
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// The address of the client that made `req`: the TCP peer, unless the
+/// peer is one of `trusted` proxies, in which case `X-Forwarded-For` is read
+/// from the right (each proxy appends the address it received from) and
+/// the first address that is not a trusted proxy is the client. A header
+/// that does not parse is ignored: the peer stands. Only a trusted proxy's
+/// header is believed, so a client cannot pick the address its rate limits
+/// are counted under.
+pub fn client_ip(req: &HttpRequest, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let peer = req.peer_addr()?.ip();
+    Some(client_behind(peer, req.headers(), trusted))
+}
+
+/// [`client_ip`] with the node's `server.trusted_proxies`.
+pub fn client_of(req: &HttpRequest, settings: &crate::config::Settings) -> Option<IpAddr> {
+    let trusted = settings.trusted_proxies();
+    client_ip(req, &trusted)
+}
+
+fn client_behind(peer: IpAddr, headers: &header::HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    // Every X-Forwarded-For header, in order, as one list.
+    let mut hops = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        let Ok(value) = value.to_str() else {
+            return peer;
+        };
+        for hop in value.split(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => hops.push(ip),
+                Err(_) => return peer,
+            }
+        }
+    }
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        client = hop;
+        if !is_trusted(&hop) {
+            break;
+        }
+    }
+    client
 }
 
 /// Why a request body was not read; its message is the GraphQL endpoints'.
@@ -70,4 +119,61 @@ pub(crate) fn bare_media_type(value: &str) -> String {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn behind(peer: &str, forwarded: &[&str], trusted: &[&str]) -> String {
+        let mut headers = header::HeaderMap::new();
+        for value in forwarded {
+            headers.append(
+                header::HeaderName::from_static("x-forwarded-for"),
+                header::HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let trusted: Vec<ipnet::IpNet> = trusted.iter().map(|t| t.parse().unwrap()).collect();
+        client_behind(peer.parse().unwrap(), &headers, &trusted).to_string()
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        // Nothing trusted (the default): the header changes nothing.
+        assert_eq!(
+            behind("198.51.100.9", &["203.0.113.5"], &[]),
+            "198.51.100.9"
+        );
+        // From a proxy that is not trusted: the same.
+        assert_eq!(
+            behind("198.51.100.9", &["203.0.113.5"], &["10.0.0.0/8"]),
+            "198.51.100.9"
+        );
+        // Through a trusted proxy: the address it received from.
+        assert_eq!(
+            behind("10.0.0.2", &["203.0.113.5"], &["10.0.0.0/8"]),
+            "203.0.113.5"
+        );
+        // A client's own forged entries sit left of what the proxies
+        // appended and are never reached.
+        assert_eq!(
+            behind(
+                "10.0.0.2",
+                &["1.2.3.4, 203.0.113.5", "10.0.0.7"],
+                &["10.0.0.0/8"]
+            ),
+            "203.0.113.5"
+        );
+        // Only trusted hops: the farthest one.
+        assert_eq!(
+            behind("10.0.0.2", &["10.0.0.3"], &["10.0.0.0/8"]),
+            "10.0.0.3"
+        );
+        // No header, or one that does not parse: the peer.
+        assert_eq!(behind("10.0.0.2", &[], &["10.0.0.0/8"]), "10.0.0.2");
+        assert_eq!(
+            behind("10.0.0.2", &["203.0.113.5, junk"], &["10.0.0.0/8"]),
+            "10.0.0.2"
+        );
+    }
 }

@@ -271,7 +271,10 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
     if let Some(refusal) = decisions.into_iter().find_map(Result::err) {
         return refused(&refusal);
     }
-    let drain = match gate.admit() {
+    let drain = match gate
+        .admit_as(principal.as_ref().map(|p| p.user_id.as_str()))
+        .await
+    {
         Ok(drain) => drain,
         Err(refusal) => return refusal.api_response(),
     };
@@ -313,9 +316,13 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
                 ResumeFrom::After(position) => Some(position.as_str()),
                 ResumeFrom::Live | ResumeFrom::Malformed => anchor.as_deref(),
             };
-            state
-                .hub
-                .subscribe_from(name, after, transport::SSE, Some(cutoff.clone()))
+            state.hub.subscribe_from(
+                name,
+                after,
+                transport::SSE,
+                Some(cutoff.clone()),
+                crate::auth::policy::recheck(state.store.clone(), principal.clone(), name),
+            )
         },
     ))
     .await;
@@ -385,9 +392,24 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
                 frame::event(&event.event.kind, cursor.id().as_deref(), event.json.get())
             }
             Delivery::Gap(reason) => frame::gap(&cursor.topics[index], reason),
+            // The topic's stream ends; the others go on.
+            Delivery::Revoked => frame::event(
+                "revoked",
+                None,
+                &serde_json::json!({ "topic": cursor.topics[index], "code": "forbidden" })
+                    .to_string(),
+            ),
         })
         .boxed();
+    let expired = serde_json::json!({
+        "code": crate::error::envelope::UNAUTHORIZED,
+        "message": "the token has expired: reconnect with a fresh one",
+    });
     Streaming::new(&state, transport::SSE, frame::PING, cutoff, drain, held)
+        .expiring(
+            principal.as_ref().and_then(|p| p.expires_at),
+            frame::event("auth.expired", None, &expired.to_string()),
+        )
         .respond(opening, frames)
 }
 
@@ -501,6 +523,7 @@ mod tests {
         let me = Principal {
             user_id: "u1".into(),
             scopes: vec![],
+            expires_at: None,
         };
         assert_eq!(
             choose_topics(vec![], Some(&me)).unwrap(),

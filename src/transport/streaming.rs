@@ -24,6 +24,7 @@ use crate::hub::Cutoff;
 use crate::shutdown::{DrainGuard, Shutdown};
 use crate::state::AppState;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
+use crate::transport::socket::Expiry;
 
 /// Frames queued between a stream's task and its response body. Small on
 /// purpose: the hub's per-subscriber queue is where a slow client is
@@ -84,10 +85,14 @@ pub mod frame {
         out.freeze()
     }
 
+    /// The event name of [`gap`]: reserved, no backend may publish it
+    /// (`crate::domain::publishing::is_reserved_type`).
+    pub const GAP: &str = "gap";
+
     /// `event: gap` for `topic`.
     pub fn gap(topic: &str, reason: GapReason) -> Bytes {
         event(
-            "gap",
+            GAP,
             None,
             &json!({ "topic": topic, "reason": reason.as_str() }).to_string(),
         )
@@ -122,6 +127,9 @@ pub struct Streaming {
     metrics: Arc<Metrics>,
     /// Gauges held up for as long as the stream runs (its subscriptions).
     held: Vec<GaugeGuard>,
+    /// When the token the stream was opened with expires (seconds since
+    /// the Unix epoch), and the frame that says so before the stream ends.
+    expiry: Option<(u64, Bytes)>,
 }
 
 impl Streaming {
@@ -145,7 +153,16 @@ impl Streaming {
             drain,
             metrics: state.metrics.clone(),
             held,
+            expiry: None,
         }
+    }
+
+    /// Ends the stream when its token expires (`expires_at`, as
+    /// [`crate::auth::Principal::expires_at`]), with `farewell` as its last
+    /// frame. A client opens a new stream with a fresh token and resumes.
+    pub fn expiring(mut self, expires_at: Option<u64>, farewell: Bytes) -> Self {
+        self.expiry = expires_at.map(|at| (at, farewell));
+        self
     }
 }
 
@@ -160,6 +177,8 @@ enum End {
     SlowConsumer,
     /// The client went away.
     Gone,
+    /// The token the stream was opened with expired.
+    Expired,
 }
 
 impl Streaming {
@@ -200,8 +219,12 @@ impl Streaming {
             drain,
             metrics,
             held,
+            expiry,
         } = self;
         let _drain = drain;
+        let (expires_at, mut farewell) = expiry.unzip();
+        let mut expiry = Expiry::new();
+        expiry.follow(expires_at);
         let _held = held;
         let _open = GaugeGuard::new(metrics.connections.with_label_values(&[transport]));
         let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
@@ -222,6 +245,13 @@ impl Streaming {
                         None => break End::Complete,
                     },
                     _ = beat.tick() => Bytes::from_static(ping),
+                    () = expiry.wait() => {
+                        if let Some(farewell) = farewell.take() {
+                            // Best effort: the stream ends either way.
+                            let _ = write(&tx, farewell, &cutoff, &shutdown).await;
+                        }
+                        break End::Expired;
+                    }
                 },
             };
             if let Err(end) = write(&tx, frame, &cutoff, &shutdown).await {
@@ -261,6 +291,11 @@ mod tests {
 
     fn text(bytes: Bytes) -> String {
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn backends_may_not_publish_the_gap_event() {
+        assert!(crate::domain::publishing::is_reserved_type(frame::GAP));
     }
 
     #[test]

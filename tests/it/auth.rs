@@ -155,3 +155,102 @@ async fn bad_tokens_are_refused_over_websocket_with_4403() {
         wrong.join("\n")
     );
 }
+
+/// Connects to `/ws` with `?token=` and reads the greeting up to
+/// `auth.success`.
+async fn envelope_client(node: &Node, token: &str) -> GqlWs {
+    let url = node.ws_url(&format!("/ws?token={token}"));
+    let mut ws = try_connect(&url, ConnectOptions::default())
+        .await
+        .expect("the /ws upgrade");
+    for kind in ["connection.established", "auth.success"] {
+        let m = ws.next_message(Duration::from_secs(5)).await;
+        assert_eq!(m["type"], kind, "{m}");
+    }
+    ws
+}
+
+#[tokio::test]
+async fn a_token_that_expires_ends_the_connections_it_opened_on_every_transport() {
+    use crate::common::jwt::{now, sign};
+    let node = publisher_node(&[]);
+    let lifetime = 4;
+    let short = sign(
+        jsonwebtoken::Algorithm::HS256,
+        &json!({ "sub": "carol", "exp": now() + lifetime }),
+        node.secret(),
+    );
+    let fresh = token(node.secret(), "carol");
+    let topic = "notifications:carol";
+
+    let mut gql = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
+    gql.init_ack(json!({ "token": short })).await;
+    gql.subscribe(
+        "n",
+        &format!("subscription {{ events(topics: [\"{topic}\"]) {{ id }} }}"),
+        json!({}),
+    )
+    .await;
+    let mut sse = open_stream(
+        &node,
+        &format!("/api/v1/events/stream?topic={topic}&token={short}"),
+        &[],
+    )
+    .await
+    .expect("the stream opens with a valid token");
+    let mut envelope = envelope_client(&node, &short).await;
+    // Another /ws connection sends a fresh token of the same user in time.
+    let mut refreshed = envelope_client(&node, &short).await;
+    refreshed
+        .send_json(json!({ "type": "auth", "payload": { "token": fresh } }))
+        .await;
+    let m = refreshed.next_message(Duration::from_secs(5)).await;
+    assert_eq!(m["type"], "auth.success", "{m}");
+
+    // While the token counts, events arrive.
+    until_live(&mut [&mut gql], "n", async |n| {
+        publish(&node, topic, "note", json!({ "n": n })).await
+    })
+    .await;
+    let seen = sse.next_event(Duration::from_secs(5)).await;
+    assert_eq!(seen.event(), Some("note"), "{seen:?}");
+
+    // At the expiry every connection the token opened ends, each as its
+    // protocol says; nothing more is delivered.
+    let (_, (code, reason)) = gql
+        .read_until_close(Duration::from_secs(lifetime as u64 + 4))
+        .await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (4403, "Forbidden: token expired"),
+        "graphql-transport-ws"
+    );
+    let blocks = sse.until_ended(Duration::from_secs(5)).await;
+    let last = blocks.iter().rev().find(|b| b.dispatches());
+    assert_eq!(
+        last.and_then(|b| b.event()),
+        Some("auth.expired"),
+        "the SSE stream says why it ends: {blocks:?}"
+    );
+    let (messages, (code, _)) = envelope.read_until_close(Duration::from_secs(5)).await;
+    assert_eq!(code, 4401, "/ws closes with 4401: {messages:?}");
+    assert!(
+        messages.iter().any(|m| m["type"] == "auth.expired"),
+        "/ws says auth.expired first: {messages:?}"
+    );
+    // The refreshed connection lives on.
+    refreshed.send_json(json!({ "type": "ping" })).await;
+    let pong = refreshed.next_message(Duration::from_secs(5)).await;
+    assert_eq!(pong["type"], "pong", "{pong}");
+    // And the expired token opens nothing new.
+    let again = open_stream(
+        &node,
+        &format!("/api/v1/events/stream?topic={topic}&token={short}"),
+        &[],
+    )
+    .await;
+    assert!(
+        again.is_err_and(|reply| reply.status == StatusCode::UNAUTHORIZED),
+        "an expired token opens no stream"
+    );
+}

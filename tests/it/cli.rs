@@ -394,3 +394,172 @@ fn subgate_schema_prints_the_sdl_kept_in_the_repository() {
         "schema.graphql differs from `subgate schema`; regenerate it"
     );
 }
+
+/// A secret long enough for production, and not the development one.
+const PRODUCTION_SECRET: &str = "production-secret-of-at-least-32-bytes!";
+
+#[tokio::test]
+async fn subgate_env_production_is_production_without_its_file() {
+    // An empty working directory: no config/production.toml to say so.
+    let dir = TempDir::new();
+    let env = [
+        ("SUBGATE_ENV", "production"),
+        ("SUBGATE__SERVER__PORT", "0"),
+    ];
+    let out = run_cli(&[], &env, dir.path(), REFUSAL_TIMEOUT);
+    assert!(
+        !out.status.success(),
+        "production without a secret must refuse to start:\n{}",
+        out.stderr
+    );
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line:\n{}", out.stderr);
+    assert!(lines[0].contains("auth.jwt_secret"), "{}", out.stderr);
+
+    // The public development secret, set explicitly, is no secret.
+    let dev_secret = [
+        ("SUBGATE_ENV", "production"),
+        ("SUBGATE__SERVER__PORT", "0"),
+        (
+            "SUBGATE__AUTH__JWT_SECRET",
+            "subgate-development-secret-do-not-use-in-production",
+        ),
+    ];
+    let out = run_cli(&[], &dev_secret, dir.path(), REFUSAL_TIMEOUT);
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("auth.jwt_secret"), "{}", out.stderr);
+
+    // With a real secret it starts, as production: no introspection, and
+    // the start-up log says which environment it is.
+    let node = Node::start(&[
+        ("SUBGATE_ENV", "production"),
+        ("SUBGATE__AUTH__JWT_SECRET", PRODUCTION_SECRET),
+    ]);
+    let reply = post_json(
+        &node,
+        &json!({ "query": "{ __schema { queryType { name } } }" }),
+        None,
+    )
+    .await;
+    assert!(
+        reply.json()["data"]["__schema"].is_null() && !error_messages(&reply.json()).is_empty(),
+        "a production node refuses introspection: {}",
+        reply.body
+    );
+    let log = node.stderr_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"environment\":\"production\""))
+        .unwrap_or_else(|| panic!("a JSON log line naming the environment:\n{log}"));
+    // Production's own defaults apply without config/production.toml.
+    assert!(line.contains("\"drain_grace_seconds\":5"), "{line}");
+    assert!(line.contains("none (built-in defaults)"), "{line}");
+    assert!(
+        !line.contains(PRODUCTION_SECRET),
+        "secrets stay out: {line}"
+    );
+}
+
+#[test]
+fn an_environment_that_is_asked_for_must_exist_and_agree() {
+    let dir = TempDir::new();
+    let port = ("SUBGATE__SERVER__PORT", "0");
+    for (env, key) in [
+        // A name other than the built-in ones needs its file.
+        (vec![("SUBGATE_ENV", "staging"), port], "SUBGATE_ENV"),
+        // Two answers to one question.
+        (
+            vec![
+                ("SUBGATE_ENV", "production"),
+                ("SUBGATE__ENVIRONMENT", "development"),
+                ("SUBGATE__AUTH__JWT_SECRET", PRODUCTION_SECRET),
+                port,
+            ],
+            "environment",
+        ),
+    ] {
+        let out = run_cli(&[], &env, dir.path(), REFUSAL_TIMEOUT);
+        assert!(!out.status.success(), "{env:?}:\n{}", out.stderr);
+        let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{env:?}:\n{}", out.stderr);
+        assert!(lines[0].contains(key), "{env:?} names {key}: {}", lines[0]);
+    }
+}
+
+#[test]
+fn the_start_up_log_names_the_environment_and_the_files_layered() {
+    let node = Node::start_with(&[], &[("SUBGATE_ENV", "ci")], |dir| {
+        std::fs::create_dir_all(dir.join("config")).unwrap();
+        std::fs::write(dir.join("config/default.toml"), "[server]\nworkers = 1\n").unwrap();
+        std::fs::write(
+            dir.join("config/ci.toml"),
+            "[server]\ndrain_timeout_seconds = 7\n",
+        )
+        .unwrap();
+    });
+    let log = node.stderr_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("configuration: environment development"))
+        .unwrap_or_else(|| panic!("a line naming the environment:\n{log}"));
+    let default = line.find("config/default.toml");
+    let ci = line.find("config/ci.toml");
+    assert!(
+        default.is_some() && ci.is_some() && default < ci,
+        "both files, in layering order: {line}"
+    );
+    assert!(line.contains("drain_timeout_seconds=7"), "{line}");
+    assert!(
+        !line.contains(SECRET),
+        "secrets stay out of the log: {line}"
+    );
+}
+
+#[test]
+fn subgate_config_prints_the_effective_settings_with_secrets_redacted() {
+    let dir = TempDir::new();
+    let api_key = "publish-key-0123456789abcdef";
+    let env = [
+        ("SUBGATE__AUTH__JWT_SECRET", PRODUCTION_SECRET),
+        ("SUBGATE__PUBLISH__API_KEYS", api_key),
+        (
+            "SUBGATE__REDIS__URL",
+            "redis://app:hunter2-password@127.0.0.1:6390/0",
+        ),
+        ("SUBGATE__SERVER__DRAIN_TIMEOUT_SECONDS", "12"),
+    ];
+    let out = run_cli(&["config"], &env, dir.path(), REFUSAL_TIMEOUT);
+    assert!(out.status.success(), "{:?}\n{}", out.status, out.stderr);
+    for secret in [PRODUCTION_SECRET, api_key, "hunter2-password"] {
+        assert!(
+            !out.stdout.contains(secret),
+            "{secret} leaked:\n{}",
+            out.stdout
+        );
+    }
+    let config: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("JSON on stdout ({e}):\n{}", out.stdout));
+    assert_eq!(config["environment"], "development");
+    assert_eq!(config["server"]["drain_timeout_seconds"], 12);
+    assert_eq!(config["auth"]["jwt_secret"], "<redacted>");
+    assert_eq!(config["publish"]["api_keys"], json!(["<redacted>"]));
+    assert_eq!(
+        config["redis"]["url"],
+        "redis://app:<redacted>@127.0.0.1:6390/0"
+    );
+
+    // A configuration that cannot run is not printed: the usual refusal.
+    let out = run_cli(
+        &["config"],
+        &[("SUBGATE__SERVER__MAX_BODY_BYTES", "0")],
+        dir.path(),
+        REFUSAL_TIMEOUT,
+    );
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("server.max_body_bytes"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+}

@@ -646,7 +646,7 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
         &n2,
         "query($id: ID!) { user(id: $id) { id email name } }",
         json!({ "id": ann.id }),
-        None,
+        Some(&ann.token),
     )
     .await;
     assert_eq!(
@@ -865,12 +865,17 @@ async fn ten_concurrent_signups_with_one_email_across_the_fleet_make_one_user() 
             "a losing createUser on node {node} should say the email is taken: {payload}"
         );
     }
+    // Read as the winner: an email is shown to its owner only.
+    let winner = token(
+        nodes[0].secret(),
+        winners[0].1["user"]["id"].as_str().unwrap(),
+    );
     for (i, node) in nodes.iter().enumerate() {
         let data = gql_ok(
             node,
             "{ users(first: 100) { totalCount nodes { email } } }",
             json!({}),
-            None,
+            Some(&winner),
         )
         .await;
         assert_eq!(
@@ -995,4 +1000,198 @@ async fn redis_dropping_a_nodes_pubsub_connection_costs_no_client_and_delivery_r
         "after the limit",
     )
     .await;
+}
+
+/// The topic of the restart test, readable by anyone.
+const TICKS: &str = "ticks";
+/// The tick that ends the restart test's stream.
+const LAST_TICK: i64 = 1_000_000;
+
+/// Publishes tick `n` on `node`; whether it was acknowledged (202).
+async fn tick(node: &Node, n: i64) -> bool {
+    let body =
+        json!({ "topic": TICKS, "type": "tick", "payload": { "n": n }, "readers": "public" });
+    publish_raw(node, Some(API_KEY), body.to_string())
+        .await
+        .status
+        == StatusCode::ACCEPTED
+}
+
+/// What one subscriber of the restart test received: the ticks, in order,
+/// and how many gap signals came with them.
+#[derive(Debug, Default)]
+struct Ticks {
+    got: Vec<i64>,
+    gaps: usize,
+}
+
+impl Ticks {
+    /// Takes one delivery: a tick's number, or `None` for a gap signal.
+    fn take(&mut self, tick: Option<i64>) -> bool {
+        match tick {
+            Some(LAST_TICK) => return true,
+            Some(n) => self.got.push(n),
+            None => self.gaps += 1,
+        }
+        false
+    }
+}
+
+/// The next tick of the SSE stream (`None`: a gap), within `wait`.
+async fn sse_tick(stream: &mut SseStream, wait: Duration) -> Option<Option<i64>> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match stream
+            .read(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            SseRead::Block(block) if !block.dispatches() => continue,
+            SseRead::Block(block) if block.event() == Some("gap") => return Some(None),
+            SseRead::Block(block) => return Some(block.json()["payload"]["n"].as_i64()),
+            SseRead::TimedOut => return None,
+            other => panic!("the SSE stream ended: {other:?}"),
+        }
+    }
+}
+
+/// The next tick of the GraphQL subscription `t` (`None`: a gap), within `wait`.
+async fn ws_tick(ws: &mut GqlWs, wait: Duration) -> Option<Option<i64>> {
+    let message = ws.delivery("t", wait).await?;
+    assert_eq!(message["type"], "next", "{message}");
+    if let Some(errors) = message["payload"]["errors"].as_array() {
+        assert!(
+            errors
+                .iter()
+                .all(|e| e["extensions"]["code"] == "HISTORY_GAP"),
+            "{message}"
+        );
+        return Some(None);
+    }
+    Some(message["payload"]["data"]["events"]["payload"]["n"].as_i64())
+}
+
+#[tokio::test]
+async fn events_acknowledged_after_redis_restarts_empty_reach_every_live_subscriber_once() {
+    let mut redis = TestRedis::start();
+    let url = redis.url();
+    let env = [
+        ("SUBGATE__REDIS__URL", url.as_str()),
+        ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2"),
+        ("SUBGATE__PUBLISH__API_KEYS", API_KEY),
+    ];
+    let (n1, n2) = std::thread::scope(|s| {
+        let a = s.spawn(|| Node::start(&env));
+        let b = s.spawn(|| Node::start(&env));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(
+        tick(&n1, -1).await,
+        "the first publish sets the topic's readers"
+    );
+    let mut sse = open_stream(&n1, &format!("/api/v1/events/stream?topic={TICKS}"), &[])
+        .await
+        .expect("the stream opens");
+    let mut ws = GqlWs::connect(&n2.ws_url("/graphql/ws"), TRANSPORT_WS).await;
+    ws.init_ack(json!({})).await;
+    ws.subscribe(
+        "t",
+        &format!("subscription {{ events(topics: [\"{TICKS}\"]) {{ id payload }} }}"),
+        json!({}),
+    )
+    .await;
+    // Live: a warm-up tick has reached both (later ones then must too).
+    let mut warm = -2;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut sse_live, mut ws_live) = (false, false);
+    while !(sse_live && ws_live) {
+        assert!(Instant::now() < deadline, "the subscribers never went live");
+        warm -= 1;
+        assert!(tick(&n1, warm).await);
+        let wait = Duration::from_millis(300);
+        while !sse_live {
+            match sse_tick(&mut sse, wait).await {
+                Some(Some(n)) if n == warm => sse_live = true,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        while !ws_live {
+            match ws_tick(&mut ws, wait).await {
+                Some(Some(n)) if n == warm => ws_live = true,
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+
+    // Ticks every 100 ms, alternately through each node, across a Redis
+    // killed and restarted empty on its port.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let ticking = async {
+        let mut acked = Vec::new();
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let node = if n % 2 == 0 { &n1 } else { &n2 };
+            if tick(node, n).await {
+                acked.push(n);
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        acked
+    };
+    let outage = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let redis = tokio::task::spawn_blocking(move || {
+            redis.kill();
+            std::thread::sleep(Duration::from_secs(1));
+            redis.restart();
+            redis
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        redis
+    };
+    let (acked, _redis) = tokio::join!(ticking, outage);
+    let after_restart = acked.iter().filter(|n| **n >= 30).count();
+    assert!(
+        after_restart >= 10,
+        "too few ticks acknowledged after the restart to tell anything: {acked:?}"
+    );
+    assert!(tick(&n2, LAST_TICK).await, "the last tick is acknowledged");
+
+    let wait = Duration::from_secs(10);
+    let mut sse_ticks = Ticks::default();
+    while let Some(tick) = sse_tick(&mut sse, wait).await {
+        if sse_ticks.take(tick) {
+            break;
+        }
+    }
+    let mut ws_ticks = Ticks::default();
+    while let Some(tick) = ws_tick(&mut ws, wait).await {
+        if ws_ticks.take(tick) {
+            break;
+        }
+    }
+    for (who, ticks) in [
+        ("SSE on node 1", &sse_ticks),
+        ("GraphQL on node 2", &ws_ticks),
+    ] {
+        let missing: Vec<_> = acked.iter().filter(|n| !ticks.got.contains(n)).collect();
+        let mut seen = HashSet::new();
+        let twice: Vec<_> = ticks.got.iter().filter(|n| !seen.insert(**n)).collect();
+        assert!(
+            missing.is_empty() && twice.is_empty(),
+            "{who}: every acknowledged tick once; missing {missing:?}, twice {twice:?} \
+             (acknowledged {acked:?}, received {:?}, {} gap signals)",
+            ticks.got,
+            ticks.gaps
+        );
+        assert!(
+            ticks.gaps >= 1,
+            "{who}: the lost history is signalled: {ticks:?}"
+        );
+    }
 }

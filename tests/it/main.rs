@@ -5,17 +5,22 @@
 
 mod common;
 
+mod accounts;
 mod auth;
+mod capacity;
 mod cli;
 mod envelope;
 mod fleet;
 mod graphql;
 mod http;
+mod inputs;
 mod loadgen;
+mod log_pipe;
 mod publish;
 mod resume;
 mod rig;
 mod shutdown;
 mod slow_consumer;
 mod sse;
+mod user_limit;
 mod ws;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::common::jwt::{now, sign};
 use crate::common::*;
+use jsonwebtoken::Algorithm;
 
 const STREAM: &str = "/api/v1/events/stream";
 const WAIT: Duration = Duration::from_secs(10);
@@ -177,6 +179,43 @@ async fn api_keys_and_tokens_with_the_publish_scope_may_publish_and_nothing_else
             "scope {scope:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_token_whose_scopes_are_a_json_array_may_publish() {
+    let node = publisher_node(&[]);
+    let watcher = token(node.secret(), "watcher");
+    let mut stream = subscribed(&node, &format!("{STREAM}?topic=ledger"), Some(&watcher)).await;
+    let body = json!({ "topic": "ledger", "type": "entry", "payload": { "n": 1 } }).to_string();
+    // As identity providers issue them: `scope` or `scp`, as an array.
+    for (claim, scopes) in [
+        ("scope", json!(["read", "publish"])),
+        ("scp", json!(["publish"])),
+        ("scp", json!("read publish")),
+    ] {
+        let token = sign(
+            Algorithm::HS256,
+            &json!({ "sub": "ledger-service", "exp": now() + 3600, claim: scopes }),
+            node.secret(),
+        );
+        let reply = publish_raw(&node, Some(&token), body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "{claim}: {scopes}: {}",
+            reply.body
+        );
+        let got = stream.next_event(WAIT).await;
+        assert_eq!(got.id(), reply.json()["id"].as_str(), "{claim}: {scopes}");
+    }
+    // An array without `publish` is a valid token that may not publish.
+    let reader = sign(
+        Algorithm::HS256,
+        &json!({ "sub": "reader", "exp": now() + 3600, "scope": ["read"] }),
+        node.secret(),
+    );
+    let reply = publish_raw(&node, Some(&reader), body).await;
+    assert_eq!(error_code(&reply, StatusCode::FORBIDDEN), "forbidden");
 }
 
 #[tokio::test]
@@ -377,6 +416,83 @@ async fn a_publisher_over_its_rate_is_told_when_to_retry() {
     );
 }
 
+/// An HTTP client whose connections come from `source` (any 127.0.0.0/8
+/// address reaches the node): another client address.
+fn client_from(source: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(source.parse::<std::net::IpAddr>().expect("an address"))
+        .build()
+        .expect("build an HTTP client")
+}
+
+async fn publish_from(client: &reqwest::Client, node: &Node, bearer: &str) -> reqwest::Response {
+    client
+        .post(node.http_url("/api/v1/publish"))
+        .header("authorization", format!("Bearer {bearer}"))
+        .json(&json!({ "topic": "guarded", "type": "tick", "payload": {} }))
+        .send()
+        .await
+        .expect("POST /api/v1/publish")
+}
+
+#[tokio::test]
+async fn guessing_keys_is_cut_off_per_address_and_other_addresses_publish_on() {
+    let node = publisher_node(&[
+        (
+            "SUBGATE__RATELIMIT__PUBLISH_AUTH_FAILURES_PER_SECOND",
+            "0.05",
+        ),
+        ("SUBGATE__RATELIMIT__PUBLISH_AUTH_FAILURES_BURST", "5"),
+    ]);
+    let guesser = client_from("127.0.0.2");
+    let (_, expired) = bad_tokens(node.secret(), "svc").remove(0);
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let guess = if i % 2 == 0 {
+            format!("it-publish-key-guess-{i:08}")
+        } else {
+            expired.clone()
+        };
+        statuses.push(publish_from(&guesser, &node, &guess).await);
+    }
+    let codes: Vec<u16> = statuses.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(&codes[..5], &[401; 5], "the budget: {codes:?}");
+    assert!(
+        codes[5..].iter().all(|c| *c == 429),
+        "then cut off: {codes:?}"
+    );
+    let retry_after: u64 = statuses[39].headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("whole seconds");
+    assert!(
+        (1..=20).contains(&retry_after),
+        "Retry-After: {retry_after}"
+    );
+    // Even the right key is refused from there until the bucket refills:
+    // a 202 would tell the guesser it had found it.
+    let right = publish_from(&guesser, &node, API_KEY).await;
+    assert_eq!(right.status(), StatusCode::TOO_MANY_REQUESTS);
+    // From another address the right key publishes, as do tokens.
+    let backend = client_from("127.0.0.3");
+    assert_eq!(
+        publish_from(&backend, &node, API_KEY).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let token = scoped_token(node.secret(), "svc", "publish");
+    assert_eq!(
+        publish_from(&backend, &node, &token).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let metrics = get(&node, "/metrics").await.body;
+    assert!(
+        metrics.contains("subgate_rate_limited_total{scope=\"publish_auth\"} 36"),
+        "35 guesses and the right key refused: {metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_publish_the_bus_cannot_take_is_503_never_202() {
     let mut redis = TestRedis::start();
@@ -415,4 +531,83 @@ async fn a_publish_the_bus_cannot_take_is_503_never_202() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn tightening_a_topics_readers_stops_delivery_to_those_it_leaves_out() {
+    let node = publisher_node(&[]);
+    let ann = create_user(&node, "Ann").await;
+    let bob = create_user(&node, "Bob").await;
+    let both = json!({ "users": [ann.id, bob.id] });
+    publish_body(
+        &node,
+        &json!({ "topic": "audit", "type": "entry", "payload": { "n": 0 }, "readers": both }),
+    )
+    .await;
+    // Bob reads over GraphQL and SSE, Ann over GraphQL.
+    let subscribe = async |user: &TestUser| {
+        let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
+        ws.init_ack(json!({ "token": user.token })).await;
+        ws.subscribe(
+            "a",
+            "subscription { events(topics: [\"audit\"]) { id payload } }",
+            json!({}),
+        )
+        .await;
+        ws
+    };
+    let mut ann_ws = subscribe(&ann).await;
+    let mut bob_ws = subscribe(&bob).await;
+    let mut bob_sse = open_stream(
+        &node,
+        &format!("{STREAM}?topic=audit&token={}", bob.token),
+        &[],
+    )
+    .await
+    .expect("Bob may read audit");
+    until_live(&mut [&mut ann_ws, &mut bob_ws], "a", async |n| {
+        publish(&node, "audit", "entry", json!({ "n": n + 1 })).await
+    })
+    .await;
+    // Drain Bob's SSE stream up to now.
+    let marker = publish(&node, "audit", "entry", json!({ "n": "marker" })).await;
+    loop {
+        let block = bob_sse.next_event(Duration::from_secs(5)).await;
+        if block.json()["id"] == marker.as_str() {
+            break;
+        }
+    }
+    for ws in [&mut ann_ws, &mut bob_ws] {
+        let m = ws.next_data("a", Duration::from_secs(5)).await;
+        assert_eq!(m["data"]["events"]["id"], marker.as_str(), "{m}");
+    }
+
+    // The rule now leaves Bob out: the event it protects reaches Ann only.
+    let secret = publish_body(
+        &node,
+        &json!({ "topic": "audit", "type": "entry", "payload": { "n": "secret" }, "readers": { "users": [ann.id] } }),
+    )
+    .await;
+    let m = ann_ws.next_data("a", Duration::from_secs(5)).await;
+    assert_eq!(m["data"]["events"]["id"], secret.as_str(), "{m}");
+    // Bob's subscription ends with a FORBIDDEN error, the connection lives.
+    let refusal = bob_ws.next_message(Duration::from_secs(5)).await;
+    assert_eq!(refusal["type"], "next", "{refusal}");
+    assert_eq!(
+        refusal["payload"]["errors"][0]["extensions"]["code"], "FORBIDDEN",
+        "{refusal}"
+    );
+    let end = bob_ws.next_message(Duration::from_secs(5)).await;
+    assert_eq!(
+        (end["type"].as_str(), end["id"].as_str()),
+        (Some("complete"), Some("a")),
+        "{end}"
+    );
+    bob_ws.ping_pong().await;
+    // Bob's SSE stream says so, then ends; the protected event is in neither.
+    let blocks = bob_sse.until_ended(Duration::from_secs(5)).await;
+    let events: Vec<&Block> = blocks.iter().filter(|b| b.dispatches()).collect();
+    assert_eq!(events.len(), 1, "{blocks:?}");
+    assert_eq!(events[0].event(), Some("revoked"), "{blocks:?}");
+    assert_eq!(events[0].json()["code"], "forbidden", "{blocks:?}");
 }

@@ -16,6 +16,11 @@ use crate::publisher::{first_error, graphql, Publisher};
 /// per connection.
 const ENVELOPE_USERS: usize = 32;
 
+/// Connections per minted user at most: well under the node's default
+/// `server.max_connections_per_user` (100), so that a large run spreads
+/// over more users instead of being refused with 429.
+const CONNECTIONS_PER_USER: usize = 50;
+
 /// The built-in subscription of the `mutation` publisher.
 const POSTS_QUERY: &str = "subscription LoadgenPosts { postCreated { id title content } }";
 /// The built-in subscription of the `api` publisher: the client fills in
@@ -105,6 +110,7 @@ pub async fn prepare(
     let tokens = match (args.transport, &args.jwt_secret, &user_token, &args.token) {
         (_, _, _, Some(t)) => vec![t.clone()],
         (Transport::Envelope, Some(secret), _, None) => (0..ENVELOPE_USERS
+            .max(args.connections.div_ceil(CONNECTIONS_PER_USER))
             .min(args.connections.max(1)))
             .map(|i| mint(secret, &format!("loadgen-{run}-{i}"), None))
             .collect::<Result<_, _>>()?,

@@ -145,6 +145,54 @@ impl RedisBroker {
     }
 }
 
+/// The entries of a stream read, as `XRANGE` answers.
+type Entries = Vec<(String, HashMap<String, String>)>;
+
+/// The events of `entries`, numbered in `epoch`.
+fn decode_entries(epoch: &str, entries: Entries) -> Vec<Arc<SharedEvent>> {
+    entries
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let seq = id.split('-').next()?.parse::<u64>().ok()?;
+            let tail = fields.get("t")?;
+            let text = format!("{ENVELOPE_HEAD}{epoch}:{seq}{tail}");
+            SharedEvent::decode(&text).ok()
+        })
+        .collect()
+}
+
+/// The latest event of each of `topics` that has a history, read in one
+/// round trip (a topic's epoch and last entry are read together).
+async fn latest_events(
+    redis: &Redis,
+    topics: &[String],
+) -> Result<Vec<Arc<SharedEvent>>, CallError> {
+    let keys = redis.keys();
+    let mut read = redis::pipe();
+    for topic in topics {
+        read.cmd("HGET")
+            .arg(keys.history_meta(topic))
+            .arg("epoch")
+            .cmd("XREVRANGE")
+            .arg(keys.history(topic))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+    }
+    let replies: Vec<redis::Value> = redis.call("resync", &read).await?;
+    let mut events = Vec::new();
+    let mut replies = replies.into_iter();
+    while let (Some(epoch), Some(last)) = (replies.next(), replies.next()) {
+        let epoch: Option<String> = redis::from_redis_value(epoch).unwrap_or(None);
+        let last: Entries = redis::from_redis_value(last).unwrap_or_default();
+        if let Some(epoch) = epoch {
+            events.extend(decode_entries(&epoch, last));
+        }
+    }
+    Ok(events)
+}
+
 impl From<CallError> for BrokerError {
     fn from(e: CallError) -> Self {
         BrokerError::Unavailable(e.to_string())
@@ -157,12 +205,21 @@ impl Broker for RedisBroker {
         if self.shared.sink.set(sink).is_err() {
             return;
         }
-        let task = subscriber::SubscriberTask {
-            probe_channel: self.redis.keys().probe_channel(&self.node_id),
-            redis: self.redis.clone(),
-            shared: self.shared.clone(),
-        };
-        tokio::spawn(task.run());
+        let probe_channel = self.redis.keys().probe_channel(&self.node_id);
+        let redis = self.redis.clone();
+        let shared = self.shared.clone();
+        let restarts = self.shared.metrics.task_restarts_total.clone();
+        // A new run starts from a new connection: the hub's wanted topics
+        // are resubscribed by construction.
+        crate::supervise::spawn("redis_subscriber", restarts, move || {
+            subscriber::SubscriberTask {
+                probe_channel: probe_channel.clone(),
+                redis: redis.clone(),
+                shared: shared.clone(),
+            }
+            .run()
+        })
+        .detach();
     }
 
     async fn publish(&self, event: NewEvent) -> BrokerResult<Arc<SharedEvent>> {
@@ -251,7 +308,6 @@ impl Broker for RedisBroker {
         let from = format!("{}-0", after.seq.saturating_add(1));
         // One atomic read: the epoch, the last number, the oldest retained
         // entry and the entries after the position.
-        type Entries = Vec<(String, HashMap<String, String>)>;
         let mut read = redis::pipe();
         read.atomic()
             .cmd("HGET")
@@ -280,17 +336,7 @@ impl Broker for RedisBroker {
                 retained: Vec::new(),
             });
         };
-        let decode = |entries: Entries| -> Vec<Arc<SharedEvent>> {
-            entries
-                .into_iter()
-                .filter_map(|(id, fields)| {
-                    let seq = id.split('-').next()?.parse::<u64>().ok()?;
-                    let tail = fields.get("t")?;
-                    let text = format!("{ENVELOPE_HEAD}{epoch}:{seq}{tail}");
-                    SharedEvent::decode(&text).ok()
-                })
-                .collect()
-        };
+        let decode = |entries: Entries| decode_entries(&epoch, entries);
         if after.epoch != epoch {
             return Ok(History::Gap {
                 reason: GapReason::EpochChanged,

@@ -28,8 +28,9 @@ pub(super) struct SubscriberTask {
 impl SubscriberTask {
     pub(super) async fn run(self) {
         let mut attempt: u32 = 0;
+        let mut reconnecting = false;
         loop {
-            let reason = match self.connect_and_serve(&mut attempt).await {
+            let reason = match self.connect_and_serve(&mut attempt, reconnecting).await {
                 Ok(()) => return,
                 Err(reason) => reason,
             };
@@ -50,12 +51,15 @@ impl SubscriberTask {
                 tracing::debug!(%reason, attempt, delay_ms = delay, "redis pub/sub reconnect failed");
             }
             attempt = attempt.saturating_add(1);
+            reconnecting = true;
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
     }
 
     /// Serves one Pub/Sub connection until it fails; `Err` says why.
-    async fn connect_and_serve(&self, attempt: &mut u32) -> Result<(), String> {
+    /// `reconnecting`: an earlier connection was lost, and with it whatever
+    /// was published meanwhile.
+    async fn connect_and_serve(&self, attempt: &mut u32, reconnecting: bool) -> Result<(), String> {
         let pubsub = self
             .redis
             .pubsub()
@@ -117,6 +121,11 @@ impl SubscriberTask {
         let mut probe_sent_at: Option<Instant> = None;
         // Everything the hub wants is missing on a new connection.
         self.reconcile(&mut sink, true).await?;
+        // Events published while the link was down were kept in history
+        // but never heard here: each topic's latest event is handed out
+        // again, so every stream compares it with where it stands and
+        // reads what it missed, even if nothing new is published.
+        let _resync = reconnecting.then(|| AbortOnDrop(tokio::spawn(self.resync())));
         loop {
             tokio::select! {
                 _ = &mut ended_rx => return Err("the connection closed".into()),
@@ -141,6 +150,34 @@ impl SubscriberTask {
                             probe_sent -= 1;
                             probe_sent_at = None;
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands out the latest event of every subscribed topic again, marked
+    /// as a resync point, in batches of [`BATCH`] topics per round trip.
+    fn resync(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let redis = self.redis.clone();
+        let shared = self.shared.clone();
+        async move {
+            let topics: Vec<String> = shared.confirmed().iter().cloned().collect();
+            for chunk in topics.chunks(BATCH) {
+                match super::latest_events(&redis, chunk).await {
+                    Ok(events) => {
+                        let Some(sink) = shared.sink.get() else {
+                            return;
+                        };
+                        for event in events {
+                            sink.dispatch(event.resync());
+                        }
+                    }
+                    Err(e) => {
+                        // The next event of each topic still fills its
+                        // hole; only an idle topic waits for one.
+                        tracing::warn!(error = %e, "redis: could not resync topics after reconnecting");
+                        return;
                     }
                 }
             }

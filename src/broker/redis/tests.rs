@@ -93,6 +93,47 @@ mod nodes {
         }
     }
 
+    /// Subscribers of one topic come and go on many tasks at once while
+    /// events flow: the count of local subscribers keeps touching zero, so
+    /// SUBSCRIBE and UNSUBSCRIBE race. Every subscription, once confirmed,
+    /// must receive: a topic unsubscribed under a live subscriber would
+    /// starve it silently.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn churning_subscribers_of_one_topic_never_lose_the_redis_subscription() {
+        let redis = TestRedis::start();
+        let a = node(&redis.url());
+        let b = node(&redis.url());
+        let publisher = tokio::spawn(async move {
+            loop {
+                let _ = b.publish(event("churn")).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        // Few tasks, so that the count of subscribers often falls to zero;
+        // a varying pause after each drop lands the next subscribe at every
+        // point of the UNSUBSCRIBE that the drop set off.
+        let churners = (0..2u64).map(|task| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                for round in 0..150u64 {
+                    let mut sub = a.subscribe("churn", "test", None).await.unwrap();
+                    let got = tokio::time::timeout(Duration::from_secs(3), sub.recv()).await;
+                    assert!(
+                        matches!(got, Ok(Some(_))),
+                        "task {task}, round {round}: a confirmed subscriber received nothing"
+                    );
+                    drop(sub);
+                    let pause = (task * 7 + round * 13) % 8 * 150;
+                    tokio::time::sleep(Duration::from_micros(pause)).await;
+                }
+            })
+        });
+        for result in futures_util::future::join_all(churners).await {
+            result.unwrap();
+        }
+        publisher.abort();
+    }
+
     #[tokio::test]
     async fn events_cross_nodes_in_order_and_channels_follow_local_subscribers() {
         let redis = TestRedis::start();

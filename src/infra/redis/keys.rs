@@ -13,6 +13,7 @@
 //! | `{p}presence:user:{user}` | sorted set | presence | channel -> lease: the channels a user is present in |
 //! | `{p}presence:status:{user}` | string | presence | `away` / `busy` (absent: `online`), with a TTL |
 //! | `{p}presence:channels` | sorted set | presence | channel -> its earliest lease: what the sweep looks at |
+//! | `{p}user-connections:{user}` | hash | user connections | node id -> `count:lease_ms`: that node's connections of the user, until when |
 //! | `{p}seq` | string (INCR) | store | the last list position handed out |
 //! | `{p}user:{id}` | hash | store | `id email email_norm name password_hash created_at updated_at seq` |
 //! | `{p}email:{normalized}` | string | store | the id of the user owning that email (trimmed, lowercased) |
@@ -81,6 +82,13 @@ impl Keys {
     /// What every presence key starts with; the scripts append the rest.
     pub fn presence(&self) -> String {
         self.name(format_args!("presence:"))
+    }
+
+    // Per-user connection counts (`crate::user_connections`).
+
+    /// The hash of `user`'s connection counts, node id -> `count:lease_ms`.
+    pub fn user_connections(&self, user: &str) -> String {
+        self.name(format_args!("user-connections:{user}"))
     }
 
     // The store.

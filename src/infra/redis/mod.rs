@@ -187,13 +187,18 @@ impl Redis {
     /// readiness follows Redis even while no request arrives.
     pub fn watch(&self, every: Duration) {
         let layer = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let _ = layer.ping().await;
+        let restarts = self.inner.metrics.task_restarts_total.clone();
+        crate::supervise::spawn("redis_health", restarts, move || {
+            let layer = layer.clone();
+            async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let _ = layer.ping().await;
+                }
             }
-        });
+        })
+        .detach();
     }
 
     /// `Err(why)` while the last call could not reach Redis. Before the

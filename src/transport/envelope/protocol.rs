@@ -371,6 +371,11 @@ impl Machine {
         self.principal.is_some()
     }
 
+    /// Who the connection speaks for, once authenticated.
+    pub fn user_id(&self) -> Option<&str> {
+        self.principal.as_ref().map(|p| p.user_id.as_str())
+    }
+
     /// A complete text message from the client.
     pub fn on_text(&mut self, text: &str) -> Vec<Action> {
         self.on_text_at(text, Instant::now())
@@ -422,6 +427,25 @@ impl Machine {
             self.control(server::AUTH_FAILED, None, failed),
             Action::Reject("auth_timeout"),
             Action::Close(close::UNAUTHORIZED, "authentication timeout".into()),
+        ]
+    }
+
+    /// When the connection's token stops counting (seconds since the Unix
+    /// epoch, leeway included); an `auth` with a fresh token of the same
+    /// user before then moves it.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.principal.as_ref().and_then(|p| p.expires_at)
+    }
+
+    /// The connection's token expired: `auth.expired`, then close 4401.
+    pub fn on_expired(&mut self) -> Vec<Action> {
+        let expired = json!({
+            "code": code::UNAUTHORIZED,
+            "message": "the token has expired: reconnect with a fresh one (or send auth with one before it expires)",
+        });
+        vec![
+            self.control(server::AUTH_EXPIRED, None, expired),
+            Action::Close(close::UNAUTHORIZED, "token expired".into()),
         ]
     }
 
@@ -766,10 +790,12 @@ mod tests {
             ANN => Ok(Principal {
                 user_id: "ann".into(),
                 scopes: vec![],
+                expires_at: None,
             }),
             BOB => Ok(Principal {
                 user_id: "bob".into(),
                 scopes: vec![],
+                expires_at: None,
             }),
             _ => Err(crate::auth::AuthError::Malformed.into()),
         })
@@ -783,7 +809,7 @@ mod tests {
             user_messages_burst: 1000,
             ..RatelimitSettings::default()
         };
-        Arc::new(Limits::new(&settings, &Metrics::new()))
+        Arc::new(Limits::new(&settings, 1, &Metrics::new()))
     }
 
     fn config() -> MachineConfig {

@@ -4,7 +4,8 @@
 //!
 //! One task per connection, selecting over the client's frames, the effect
 //! at the head of the connection's *lane*, the channels' streams (one
-//! `StreamMap`, polled in place), the auth deadline, the heartbeat, the
+//! `StreamMap`, polled in place), the auth deadline, the token's expiry
+//! (`auth.expired`, then 4401), the heartbeat, the
 //! connection's [`Cutoff`] (1013) and the node's drain (1001). Frame
 //! limits, heartbeat and closing are every subgate WebSocket's
 //! ([`crate::transport::socket`]).
@@ -37,7 +38,9 @@ use crate::hub::Cutoff;
 use crate::presence::PresenceGuard;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport::ENVELOPE_WS, GaugeGuard, Metrics};
-use crate::transport::socket::{finish, going_away, slow_consumer, End, Outbox, Received, Socket};
+use crate::transport::socket::{
+    finish, going_away, slow_consumer, End, Expiry, Outbox, Received, Socket,
+};
 
 /// Most lane steps waiting before the task stops reading the socket.
 const MAX_PENDING: usize = 64;
@@ -85,6 +88,7 @@ enum Wake {
     Delivery(String, Delivery),
     AuthTimeout,
     Heartbeat,
+    Expired,
 }
 
 /// The parts of the task that actions work on.
@@ -212,7 +216,15 @@ fn effect_job(effect: Effect, state: &AppState, cutoff: &Arc<Cutoff>) -> BoxFutu
                     authorize(state.store.as_ref(), Some(&principal), &name).await?;
                     state
                         .hub
-                        .subscribe_from(&name, last_event_id.as_deref(), ENVELOPE_WS, Some(cutoff))
+                        // Channels are never rechecked: membership is
+                        // only ever granted.
+                        .subscribe_from(
+                            &name,
+                            last_event_id.as_deref(),
+                            ENVELOPE_WS,
+                            Some(cutoff),
+                            None,
+                        )
                         .await
                         .map_err(|e| Refusal::Unavailable(e.to_string()))
                 }
@@ -329,8 +341,12 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
         settings.auth_timeout_seconds
     )));
     let mut auth_armed = !machine.is_authenticated();
+    // A place under the per-user limit for a user who authenticates with
+    // an `auth` message (the upgrade took one for a `?token=`).
+    let mut _user_lease = None;
     let mut drained = pin!(shutdown.wait());
     let mut cut = pin!(cutoff.fired());
+    let mut expiry = Expiry::new();
 
     let greeting = machine.start();
     let end = match io.run(greeting).await {
@@ -338,7 +354,9 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
         Ok(()) => loop {
             let reading = io.lane.len() < MAX_PENDING;
             let working = matches!(io.lane.front(), Some(Step::Effect(_)));
+            expiry.follow(machine.expires_at());
             let wake = tokio::select! {
+                () = expiry.wait() => Wake::Expired,
                 _ = &mut drained => Wake::Drain,
                 _ = &mut cut => Wake::Cut,
                 frame = reader.messages.next(), if reading => Wake::Frame(frame),
@@ -353,13 +371,38 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
                 Wake::Drain => Err(going_away()),
                 Wake::Cut => Err(slow_consumer()),
                 Wake::Frame(frame) => match reader.receive(frame, &mut io.outbox).await {
-                    Ok(Received::Text(text)) => io.run(machine.on_text(&text)).await,
+                    Ok(Received::Text(text)) => {
+                        let anonymous = !machine.is_authenticated();
+                        let actions = machine.on_text(&text);
+                        match machine.user_id().filter(|_| anonymous) {
+                            None => io.run(actions).await,
+                            // Before `auth.success` goes out.
+                            Some(user) => match io.state.user_connections.acquire(user).await {
+                                Ok(lease) => {
+                                    _user_lease = Some(lease);
+                                    io.run(actions).await
+                                }
+                                Err(_) => {
+                                    metrics
+                                        .rejected_total
+                                        .with_label_values(&["max_connections_per_user"])
+                                        .inc();
+                                    Err(End::Close(
+                                        crate::error::close::TOO_MANY_USER_CONNECTIONS,
+                                        "too many connections for this user".into(),
+                                    ))
+                                }
+                            },
+                        }
+                    }
                     Ok(Received::Binary) => io.run(machine.on_binary()).await,
                     Ok(Received::Nothing) => Ok(()),
                     Err(end) => Err(end),
                 },
                 Wake::Done(done) => io.finished(&mut machine, done).await,
                 Wake::Delivery(_, Delivery::Event(event)) => io.forward(&event, &metrics).await,
+                // Only streams with a recheck end so; channels have none.
+                Wake::Delivery(_, Delivery::Revoked) => Ok(()),
                 Wake::Delivery(channel_id, Delivery::Gap(reason)) => {
                     io.run(machine.on_gap(&channel_id, reason)).await
                 }
@@ -368,6 +411,7 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
                     io.run(machine.on_auth_timeout()).await
                 }
                 Wake::Heartbeat => reader.beat(&mut io.outbox).await,
+                Wake::Expired => io.run(machine.on_expired()).await,
             };
             if let Err(end) = step {
                 break end;

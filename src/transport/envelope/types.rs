@@ -38,6 +38,7 @@ message_types! {
     CONNECTION_ESTABLISHED = "connection.established",
     AUTH_SUCCESS = "auth.success",
     AUTH_FAILED = "auth.failed",
+    AUTH_EXPIRED = "auth.expired",
     CHANNEL_SUBSCRIBED = "channel.subscribed",
     CHANNEL_UNSUBSCRIBED = "channel.unsubscribed",
     CHANNEL_GAP = "channel.gap",
@@ -55,6 +56,16 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn backends_may_publish_no_type_of_the_protocol() {
+        for kind in CLIENT_MESSAGE_TYPES.iter().chain(SERVER_MESSAGE_TYPES) {
+            assert!(
+                crate::domain::publishing::is_reserved_type(kind),
+                "{kind} is not reserved"
+            );
+        }
+    }
 
     /// The types `asyncapi.yaml` documents in one direction: every message
     /// there carries `messageId: {direction}.{type}`.

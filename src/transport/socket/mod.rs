@@ -11,7 +11,10 @@
 //! - [`Outbox`]: the sending half, whose every write yields to the
 //!   connection's [`Cutoff`] (1013 "slow consumer") and the node's drain
 //!   (1001 "server shutting down"), so a client that stops reading cannot
-//!   hold its task;
+//!   hold its task; and which cuts the connection off (1013) when the bytes
+//!   it has sent that the socket has not taken yet would exceed
+//!   `hub.subscriber_queue_bytes`, so such a client costs the node a
+//!   bounded number of bytes, whatever the size of its events;
 //! - [`Heartbeat`]: a WebSocket ping every `websocket.ping_interval_seconds`;
 //!   a peer that has sent nothing at all, not even a pong, for three
 //!   intervals is closed with 1001 "idle timeout";
@@ -19,6 +22,7 @@
 //!   lives, and its close, counted in `ws_closes_total` when the node
 //!   decides on it.
 
+mod expiry;
 mod frame;
 mod heartbeat;
 mod outbox;
@@ -27,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::body::BoxBody;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseReason, Message, MessageStream, ProtocolError, Session};
@@ -41,10 +46,12 @@ use crate::telemetry::metrics::{GaugeGuard, Metrics};
 use crate::transport::admission::{Gate, Opening, Refusal};
 use crate::transport::graphql_error;
 
+pub use self::expiry::Expiry;
 use self::frame::{guard_frames, Assembled, Assembler, FrameError};
 pub use self::heartbeat::Heartbeat;
 use self::outbox::close_reason;
 pub use self::outbox::{going_away, slow_consumer, Outbox};
+use self::outbox::{Budget, Buffered, Drained};
 
 /// RFC 6455 "protocol error": a frame the WebSocket layer rejects.
 pub const PROTOCOL_ERROR: u16 = 1002;
@@ -61,6 +68,10 @@ pub struct Socket {
     /// The connection's place under `server.max_connections`: counts it as
     /// open (admission, drain) for as long as the pump holds it.
     drain: DrainGuard,
+    /// Bytes sent and not yet taken by the socket's writer, and their bound
+    /// (`hub.subscriber_queue_bytes`).
+    buffered: Buffered,
+    max_buffered_bytes: usize,
 }
 
 impl Socket {
@@ -87,7 +98,14 @@ impl Socket {
             _drain: self.drain,
             _open: GaugeGuard::new(metrics.connections.with_label_values(&[transport])),
         };
-        (reader, Outbox::new(self.session, cutoff, shutdown))
+        let budget = Budget {
+            buffered: self.buffered,
+            max_buffered_bytes: self.max_buffered_bytes,
+            slow_consumers: metrics
+                .slow_consumer_disconnects_total
+                .with_label_values(&[transport]),
+        };
+        (reader, Outbox::new(self.session, cutoff, shutdown, budget))
     }
 }
 
@@ -135,7 +153,8 @@ pub struct Accepted<T> {
 /// Takes a WebSocket upgrade through every check, in this order: the
 /// gate's screening (403 `Origin`, 503 drain), the transport's own `check`
 /// (the GraphQL subprotocol: 400), the token from `Authorization: Bearer`
-/// or `?token=` (401), a place under `server.max_connections` (503), then
+/// or `?token=` (401), a place under `server.max_connections` (503) and,
+/// with a token, under `server.max_connections_per_user` (429), then
 /// the handshake, with frames of at most `max_frame_bytes`. `Err` is the
 /// response that refuses it, in the GraphQL error shape (`check`'s is
 /// boxed: a response is large and the common case is to pass).
@@ -159,12 +178,23 @@ pub async fn accept<T>(
                 &message.to_string(),
             )
         })?;
-    let drain = gate.admit().map_err(Refusal::graphql_response)?;
+    let drain = gate
+        .admit_as(principal.as_ref().map(|p| p.user_id.as_str()))
+        .await
+        .map_err(Refusal::graphql_response)?;
     let (body, oversized) = guard_frames(req, body, max_frame_bytes)
         .await
         .map_err(|e| e.error_response())?;
     let (response, session, messages) =
         actix_ws::handle(req, body).map_err(|e| e.error_response())?;
+    let buffered = Buffered::default();
+    let counted = buffered.clone();
+    let response = response.map_body(move |_, inner| {
+        BoxBody::new(Drained {
+            inner,
+            buffered: counted,
+        })
+    });
     Ok(Accepted {
         chosen,
         principal,
@@ -175,6 +205,8 @@ pub async fn accept<T>(
             max_frame_bytes,
             oversized,
             drain,
+            buffered,
+            max_buffered_bytes: state.settings.hub.subscriber_queue_bytes,
         },
     })
 }

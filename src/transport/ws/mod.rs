@@ -40,6 +40,7 @@ use crate::auth::credentials::verifier;
 use crate::error::ErrorCode;
 use crate::state::AppState;
 use crate::transport::request::is_websocket_upgrade;
+use crate::transport::ws::protocol::Protocol as _;
 use crate::transport::{graphql_error, socket};
 
 use self::legacy::Legacy;
@@ -167,6 +168,7 @@ pub async fn accept<E: Executor>(
             HeaderValue::from_static(protocol.name()),
         );
     }
+    let admitted_user = principal.as_ref().map(|p| p.user_id.clone());
     let verify = verifier(state.auth.clone());
     let max_operations = config.max_operations;
     let connection = Connection {
@@ -174,14 +176,22 @@ pub async fn accept<E: Executor>(
         config,
         metrics: state.metrics.clone(),
         shutdown: state.shutdown.clone(),
+        client: crate::graphql::ClientAddr(crate::transport::request::client_of(
+            req,
+            &state.settings,
+        )),
+        user_connections: state.user_connections.clone(),
+        admitted_user,
     };
     match protocol {
         Subprotocol::TransportWs => {
-            let machine = TransportWs::new(principal, verify, max_operations);
+            let machine = TransportWs::new(principal, verify, max_operations)
+                .with_max_tokens(state.settings.graphql.max_tokens);
             actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
         Subprotocol::Legacy => {
-            let machine = Legacy::new(principal, verify, max_operations);
+            let machine = Legacy::new(principal, verify, max_operations)
+                .with_max_tokens(state.settings.graphql.max_tokens);
             actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
     }

@@ -48,7 +48,6 @@ impl Core {
     }
 
     /// The principal operations run as.
-    #[cfg(test)]
     pub(crate) fn principal(&self) -> Option<&Principal> {
         self.principal.as_ref()
     }
@@ -92,6 +91,12 @@ impl Core {
         }
         let delivery = self.ops.deliver(id, response, &mut out);
         (out, delivery)
+    }
+
+    /// When the connection's principal stops counting (seconds since the
+    /// Unix epoch); `None` when no token bounds it.
+    pub(crate) fn expires_at(&self) -> Option<u64> {
+        self.principal.as_ref().and_then(|p| p.expires_at)
     }
 
     /// Whether `connection_init` has been accepted (or the connection
@@ -183,6 +188,28 @@ pub trait Protocol {
     fn on_heartbeat(&mut self) -> Vec<Action>;
     /// Whether `connection_init` was accepted (the init timer then stops).
     fn is_initialised(&self) -> bool;
+    /// Documents over `max_tokens` tokens are not parsed to label them.
+    fn with_max_tokens(mut self, max_tokens: usize) -> Self
+    where
+        Self: Sized,
+    {
+        self.core().ops.set_max_tokens(max_tokens);
+        self
+    }
+    /// When the token the connection runs as expires (seconds since the
+    /// Unix epoch, leeway included).
+    fn expires_at(&mut self) -> Option<u64> {
+        self.core().expires_at()
+    }
+    /// The connection's token expired: it ends with 4403 on both protocols
+    /// (a client reconnects with a fresh token and resumes).
+    fn on_expired(&mut self) -> Vec<Action> {
+        if self.core().phase == Phase::Closed {
+            return Vec::new();
+        }
+        self.core()
+            .close(crate::error::close::FORBIDDEN, "Forbidden: token expired")
+    }
 }
 
 /// The outcome of [`Operations::admit`].
@@ -215,6 +242,9 @@ struct Active {
 pub(crate) struct Operations {
     active: HashMap<String, Active>,
     max: usize,
+    /// `graphql.max_tokens`: a larger document is not parsed here to label
+    /// it (the schema refuses it, unparsed, with `TOO_MANY_TOKENS`).
+    max_tokens: usize,
 }
 
 impl Operations {
@@ -222,7 +252,12 @@ impl Operations {
         Self {
             active: HashMap::new(),
             max,
+            max_tokens: crate::config::GraphqlSettings::default().max_tokens,
         }
+    }
+
+    pub(crate) fn set_max_tokens(&mut self, max_tokens: usize) {
+        self.max_tokens = max_tokens;
     }
 
     pub(crate) fn max(&self) -> usize {
@@ -232,7 +267,7 @@ impl Operations {
     pub(crate) fn admit(
         &mut self,
         id: &str,
-        request: Request,
+        mut request: Request,
         principal: Option<Principal>,
     ) -> Admission {
         if self.active.contains_key(id) {
@@ -241,7 +276,7 @@ impl Operations {
         if self.active.len() >= self.max {
             return Admission::Full;
         }
-        let kind = operation_type(&request).ok();
+        let kind = operation_type(&mut request, self.max_tokens).ok();
         let label = kind.map_or("unknown", operation_label);
         self.active.insert(
             id.to_owned(),

@@ -12,6 +12,7 @@
 //! - the heartbeat ([`Heartbeat`](crate::transport::socket::Heartbeat), and the protocol's own
 //!   keep-alive, if it has one);
 //! - the `connection_init` deadline;
+//! - the expiry of the token the connection runs as: 4403;
 //! - the connection's [`Cutoff`]: fired by the hub when one of its
 //!   subscriptions overflowed, it closes with 1013 "slow consumer";
 //! - the node's drain: 1001 "server shutting down".
@@ -32,11 +33,14 @@ use tokio_stream::StreamMap;
 
 use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
-use crate::graphql::Viewer;
+use crate::error::close;
+use crate::graphql::subscription::TransportLabel;
+use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
-use crate::transport::socket::{finish, going_away, slow_consumer, End, Received, Socket};
+use crate::transport::socket::{finish, going_away, slow_consumer, End, Expiry, Received, Socket};
+use crate::user_connections::UserConnections;
 
 /// The connection's timing and limits, in the units the task uses.
 #[derive(Debug, Clone)]
@@ -64,6 +68,13 @@ pub struct Connection<E> {
     pub config: PumpConfig,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
+    /// The client's address, for the mutations limited by it.
+    pub client: ClientAddr,
+    /// The per-user limit, for a user who authenticates in
+    /// `connection_init` rather than with the upgrade.
+    pub user_connections: Arc<UserConnections>,
+    /// The user the upgrade already took a place for.
+    pub admitted_user: Option<String>,
 }
 
 /// One operation's results, then one `None` to say it ended (a `StreamMap`
@@ -104,6 +115,7 @@ enum Event {
     Result(String, Option<Response>),
     InitTimeout,
     Heartbeat,
+    Expired,
 }
 
 /// Serves one connection until either side closes it.
@@ -117,7 +129,13 @@ pub async fn run<E: Executor, P: Protocol>(
         config,
         metrics,
         shutdown,
+        client,
+        user_connections,
+        admitted_user,
     } = connection;
+    let mut admitted_user = admitted_user;
+    // A place under the per-user limit taken after the upgrade.
+    let mut _user_lease = None;
     let transport = P::TRANSPORT;
     let cutoff = Cutoff::new();
     let (mut reader, mut outbox) = socket.open(
@@ -132,9 +150,12 @@ pub async fn run<E: Executor, P: Protocol>(
     let mut init_timer_armed = true;
     let mut drained = pin!(shutdown.wait());
     let mut cut = pin!(cutoff.fired());
+    let mut expiry = Expiry::new();
 
     let end = 'connection: loop {
+        expiry.follow(machine.expires_at());
         let event = tokio::select! {
+            () = expiry.wait() => Event::Expired,
             _ = &mut drained => Event::Drain,
             _ = &mut cut => Event::Cut,
             frame = reader.messages.next() => Event::Frame(frame),
@@ -157,6 +178,7 @@ pub async fn run<E: Executor, P: Protocol>(
                 init_timer_armed = false;
                 machine.on_init_timeout()
             }
+            Event::Expired => machine.on_expired(),
             Event::Heartbeat => {
                 if let Err(end) = reader.beat(&mut outbox).await {
                     break end;
@@ -164,6 +186,28 @@ pub async fn run<E: Executor, P: Protocol>(
                 machine.on_heartbeat()
             }
         };
+        // `connection_init` may have authenticated someone the upgrade did
+        // not: they take a place under the per-user limit before anything
+        // (the ack) is answered, or the connection closes with 4429.
+        let user = machine.core().principal().map(|p| p.user_id.clone());
+        if let Some(user) = user.filter(|u| admitted_user.as_ref() != Some(u)) {
+            match user_connections.acquire(&user).await {
+                Ok(lease) => {
+                    _user_lease = Some(lease);
+                    admitted_user = Some(user);
+                }
+                Err(_) => {
+                    metrics
+                        .rejected_total
+                        .with_label_values(&["max_connections_per_user"])
+                        .inc();
+                    break End::Close(
+                        close::TOO_MANY_USER_CONNECTIONS,
+                        "too many connections for this user".into(),
+                    );
+                }
+            }
+        }
         for action in actions {
             match action {
                 Action::Send(text) => {
@@ -180,9 +224,14 @@ pub async fn run<E: Executor, P: Protocol>(
                     let request = operation
                         .request
                         .data(Viewer(operation.principal))
+                        .data(client)
                         // The subscription resolvers hand this to the hub,
                         // which fires it when this connection falls behind.
-                        .data(cutoff.clone());
+                        .data(cutoff.clone())
+                        // The label its deliveries are counted under: each
+                        // protocol its own (without it, legacy graphql-ws
+                        // deliveries were counted as graphql_ws).
+                        .data(TransportLabel(transport));
                     let results = executor.execute_stream(request, None);
                     operations.insert(
                         operation.id,

@@ -236,9 +236,17 @@ async fn init(ws: &mut Client) {
 /// A node with default settings serving the test schema, its pump
 /// configured as [`config`] with `tweak` applied.
 async fn node(tweak: impl FnOnce(&mut PumpConfig)) -> (AppState, SocketAddr, ServerHandle) {
+    node_with(tweak, |_| {}).await
+}
+
+/// [`node`], with `edit` applied to its settings.
+async fn node_with(
+    tweak: impl FnOnce(&mut PumpConfig),
+    edit: impl FnOnce(&mut Settings),
+) -> (AppState, SocketAddr, ServerHandle) {
     let mut config = config();
     tweak(&mut config);
-    let state = state_with(|_| {});
+    let state = state_with(edit);
     let (addr, server) = serve(state.clone(), config).await;
     (state, addr, server)
 }
@@ -246,7 +254,16 @@ async fn node(tweak: impl FnOnce(&mut PumpConfig)) -> (AppState, SocketAddr, Ser
 /// A node serving the test schema, and a graphql-transport-ws client on it
 /// that is acknowledged and subscribed to `subscription { <field> }` as `id`.
 async fn subscribed(id: &str, field: &str) -> (AppState, ServerHandle, Client) {
-    let (state, addr, server) = node(|_| {}).await;
+    subscribed_with(id, field, |_| {}).await
+}
+
+/// [`subscribed`], with `edit` applied to the node's settings.
+async fn subscribed_with(
+    id: &str,
+    field: &str,
+    edit: impl FnOnce(&mut Settings),
+) -> (AppState, ServerHandle, Client) {
+    let (state, addr, server) = node_with(|_| {}, edit).await;
     let (mut ws, _) = connect(addr, "/test/ws", Some("graphql-transport-ws")).await;
     init(&mut ws).await;
     let query = format!("subscription {{ {field} }}");
@@ -309,7 +326,7 @@ fn negotiation_prefers_the_current_protocol() {
 async fn upgrades_are_refused_before_the_handshake() {
     let state = state_with(|s| {
         s.server.allowed_origins = vec!["https://app.example".into()];
-        s.server.max_connections = 1;
+        s.server.max_connections = Some(1);
     });
     let app =
         actix_test::init_service(App::new().configure(app_config(state.clone(), config()))).await;
@@ -591,7 +608,10 @@ async fn a_cut_off_connection_closes_with_1013() {
 
 #[actix_web::test]
 async fn a_client_that_stops_reading_is_still_cut_off() {
-    let (state, server, ws) = subscribed("f", "flood").await;
+    // No byte bound (it would cut the client off before a write blocks):
+    // this is about a write that already blocks.
+    let (state, server, ws) =
+        subscribed_with("f", "flood", |s| s.hub.subscriber_queue_bytes = 1 << 40).await;
     // Not reading: the socket fills up and the pump blocks on a write,
     // which shows as the stream no longer being polled.
     let items = || FLOOD_ITEMS.load(std::sync::atomic::Ordering::Relaxed);

@@ -311,6 +311,7 @@ mod tests {
         let upgrade = Some(Principal {
             user_id: "from-upgrade".into(),
             scopes: vec![],
+            expires_at: None,
         });
         for payload in [
             json!({"authorization": "Bearer good"}),

@@ -273,6 +273,19 @@ impl Node {
     /// Like [`Node::start`], with command-line `args` and a `setup` that may
     /// write files (config layers) into the node's working directory first.
     pub fn start_with(args: &[&str], env: &[(&str, &str)], setup: impl FnOnce(&Path)) -> Node {
+        Self::start_custom(args, env, setup, |_| None)
+    }
+
+    /// Like [`Node::start_with`], with a `configure` hook on the command
+    /// before it spawns (resource limits, where stderr goes). When the hook
+    /// answers a reader, the node's log is read from it instead of from a
+    /// stderr pipe (the hook then sets stderr itself).
+    pub fn start_custom(
+        args: &[&str],
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&Path),
+        configure: impl FnOnce(&mut Command) -> Option<Box<dyn Read + Send>>,
+    ) -> Node {
         let dir = TempDir::new();
         setup(dir.path());
         let mut full = owned(&[
@@ -284,14 +297,17 @@ impl Node {
             full.retain(|(key, _)| *key != k);
             full.push((k, v));
         }
-        let mut child = command(args, &full, dir.path())
-            .stdin(Stdio::null())
+        let mut cmd = command(args, &full, dir.path());
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the subgate binary");
+            .stderr(Stdio::piped());
+        let log = configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn the subgate binary");
         let pid = child.id();
-        let stderr = Capture::spawn(child.stderr.take().unwrap());
+        let stderr = match log {
+            Some(reader) => Capture::spawn(reader),
+            None => Capture::spawn(child.stderr.take().unwrap()),
+        };
         let exit = reap(child);
         let addr = match stderr.wait_for(START_TIMEOUT, parse_listen_addr) {
             Ok(addr) => addr,

@@ -121,7 +121,7 @@ impl GqlWs {
         ws
     }
 
-    fn legacy(&self) -> bool {
+    pub fn legacy(&self) -> bool {
         self.protocol == LEGACY_WS
     }
 
@@ -350,7 +350,7 @@ impl GqlWs {
     /// The next `next`/`data` message (of any operation) within `timeout`,
     /// or None on timeout. The end (`complete`) of another operation is
     /// skipped; anything else fails, naming operation `id`.
-    async fn delivery(&mut self, id: &str, timeout: Duration) -> Option<Value> {
+    pub async fn delivery(&mut self, id: &str, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             match self
