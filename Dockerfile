@@ -20,9 +20,10 @@ FROM rust:1.95.0-slim-bookworm AS build
 
 WORKDIR /src
 
-# make: the jemalloc allocator (tikv-jemalloc-sys) builds its C sources with it.
+# make: the jemalloc allocator (tikv-jemalloc-sys) builds its C sources with
+# it; pinned to bookworm's version, like the base image.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
     && rm -rf /var/lib/apt/lists/*
 
 # The image's binaries are built once per release and shipped many times, so
