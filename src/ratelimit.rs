@@ -272,11 +272,14 @@ pub enum Scope {
     PasswordHash,
     /// Failed authentications on the publish API from one client address.
     PublishAuth,
+    /// Large documents beyond the queue of those waiting to be checked
+    /// (`graphql::limits::LARGE_WORK_QUEUE`).
+    LargeDocument,
 }
 
 impl Scope {
     /// Every scope: each label value exists from the start.
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 9] = [
         Scope::Connection,
         Scope::User,
         Scope::Publish,
@@ -285,6 +288,7 @@ impl Scope {
         Scope::LoginEmail,
         Scope::PasswordHash,
         Scope::PublishAuth,
+        Scope::LargeDocument,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -297,6 +301,7 @@ impl Scope {
             Scope::LoginEmail => "login_email",
             Scope::PasswordHash => "password_hash",
             Scope::PublishAuth => "publish_auth",
+            Scope::LargeDocument => "large_document",
         }
     }
 }

@@ -10,6 +10,7 @@
 //! [`crate::transport::operation::operation_type`], and the schema applies it
 //! again before its own parse ([`super::limits::DocumentLimits`]).
 
+use async_graphql::parser::types::OperationType;
 use async_graphql::parser::Error as ParseError;
 
 /// The document holds more lexical tokens than `graphql.max_tokens`.
@@ -28,26 +29,50 @@ pub struct TooManyTokens {
 /// A character the grammar does not know counts as one token: the parser
 /// refuses it anyway, and counting it keeps a flood of them bounded too.
 pub fn count_tokens(source: &str, max: usize) -> Result<usize, TooManyTokens> {
-    let bytes = source.as_bytes();
-    let len = bytes.len();
-    let mut at = 0;
     let mut count = 0usize;
-    while at < len {
-        match bytes[at] {
-            b' ' | b'\t' | b'\n' | b'\r' | b',' => {
-                at += 1;
-                continue;
-            }
-            0xEF if bytes[at..].starts_with(&[0xEF, 0xBB, 0xBF]) => {
-                at += 3;
-                continue;
-            }
-            b'#' => {
-                while at < len && bytes[at] != b'\n' && bytes[at] != b'\r' {
-                    at += 1;
+    for _ in Tokens::new(source) {
+        count += 1;
+        if count > max {
+            return Err(TooManyTokens { max });
+        }
+    }
+    Ok(count)
+}
+
+/// The lexical tokens of a document, as text, in order (see
+/// [`count_tokens`] for what a token is). Allocates nothing.
+pub struct Tokens<'a> {
+    source: &'a str,
+    at: usize,
+}
+
+impl<'a> Tokens<'a> {
+    pub fn new(source: &'a str) -> Self {
+        Tokens { source, at: 0 }
+    }
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let bytes = self.source.as_bytes();
+        let len = bytes.len();
+        let mut at = self.at;
+        loop {
+            match bytes.get(at)? {
+                b' ' | b'\t' | b'\n' | b'\r' | b',' => at += 1,
+                0xEF if bytes[at..].starts_with(&[0xEF, 0xBB, 0xBF]) => at += 3,
+                b'#' => {
+                    while at < len && bytes[at] != b'\n' && bytes[at] != b'\r' {
+                        at += 1;
+                    }
                 }
-                continue;
+                _ => break,
             }
+        }
+        let start = at;
+        match bytes[at] {
             b'"' if bytes[at..].starts_with(b"\"\"\"") => {
                 at = end_of_block_string(bytes, at + 3);
             }
@@ -78,12 +103,78 @@ pub fn count_tokens(source: &str, max: usize) -> Result<usize, TooManyTokens> {
             // whole UTF-8 sequence, so that `at` stays on a boundary).
             first => at += utf8_width(first),
         }
-        count += 1;
-        if count > max {
-            return Err(TooManyTokens { max });
-        }
+        // An escape at the very end may step past it.
+        self.at = at.min(len);
+        self.source.get(start..self.at)
     }
-    Ok(count)
+}
+
+/// The type of the operation a document would run (the one named `name`,
+/// or its only one), read from its tokens without parsing it: the keyword
+/// that opens each operation at the top level (`{` alone opens a query).
+/// `None` when it cannot be told so (no such operation, several without a
+/// name). A large document's type is told so on a worker while its parse
+/// waits for a turn off the workers; should it not parse, the parse says
+/// so.
+pub fn scanned_operation_type(source: &str, name: Option<&str>) -> Option<OperationType> {
+    // `{}` and `()` nesting together: only the top level is read.
+    let mut depth = 0usize;
+    // In an operation's header (its type, and its name once read), or in a
+    // fragment's; the header ends at the `{` of the selection set.
+    let mut operation: Option<(OperationType, Option<&str>)> = None;
+    let mut fragment = false;
+    let mut name_next = false;
+    let mut only = None;
+    let mut count = 0usize;
+    for token in Tokens::new(source) {
+        if depth > 0 {
+            match token {
+                "{" | "(" => depth += 1,
+                "}" | ")" => depth -= 1,
+                _ => {}
+            }
+            continue;
+        }
+        if std::mem::take(&mut name_next)
+            && token.starts_with(|c: char| c == '_' || c.is_ascii_alphabetic())
+        {
+            if let Some((_, named)) = &mut operation {
+                *named = Some(token);
+            }
+            continue;
+        }
+        match token {
+            "(" => depth += 1,
+            "{" => {
+                depth += 1;
+                if std::mem::take(&mut fragment) {
+                    continue;
+                }
+                let (ty, named) = operation.take().unwrap_or((OperationType::Query, None));
+                match name {
+                    Some(name) if named == Some(name) => return Some(ty),
+                    Some(_) => {}
+                    None => {
+                        count += 1;
+                        only = Some(ty);
+                    }
+                }
+            }
+            _ if operation.is_some() || fragment => {}
+            "query" => operation = Some((OperationType::Query, None)),
+            "mutation" => operation = Some((OperationType::Mutation, None)),
+            "subscription" => operation = Some((OperationType::Subscription, None)),
+            "fragment" => fragment = true,
+            _ => {}
+        }
+        name_next = operation.is_some_and(|(_, named)| named.is_none())
+            && !fragment
+            && matches!(token, "query" | "mutation" | "subscription");
+    }
+    match (name, count) {
+        (None, 1) => only,
+        _ => None,
+    }
 }
 
 /// Where the string whose body starts at `at` ends: after its closing quote,
@@ -204,6 +295,109 @@ mod tests {
             ("{ f(a: \"é\") }", 8),
         ] {
             assert_eq!(tokens(document), count, "{document:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_the_lexers_pieces_of_text() {
+        let source = "query Q($a: [Int!] = [-1, 2e3]) @x { f(s: \"a b\", t: \"\"\"c\"\"\") ...F } # c\n\"open";
+        let tokens: Vec<&str> = Tokens::new(source).collect();
+        assert_eq!(
+            tokens,
+            [
+                "query",
+                "Q",
+                "(",
+                "$",
+                "a",
+                ":",
+                "[",
+                "Int",
+                "!",
+                "]",
+                "=",
+                "[",
+                "-1",
+                "2e3",
+                "]",
+                ")",
+                "@",
+                "x",
+                "{",
+                "f",
+                "(",
+                "s",
+                ":",
+                "\"a b\"",
+                "t",
+                ":",
+                "\"\"\"c\"\"\"",
+                ")",
+                "...",
+                "F",
+                "}",
+                "\"open"
+            ]
+        );
+        // An escape as the last character stays within the text.
+        assert_eq!(Tokens::new("\"a\\").collect::<Vec<_>>(), ["\"a\\"]);
+    }
+
+    #[test]
+    fn the_operation_type_read_from_tokens_is_the_parsers() {
+        use OperationType::*;
+        for (document, name, expected) in [
+            ("{ me { id } }", None, Some(Query)),
+            (
+                "subscription { postCreated { id } }",
+                None,
+                Some(Subscription),
+            ),
+            (
+                "mutation M($a: I = {x: {y: 1}}) @d(a: {b: 2}) { a }",
+                None,
+                Some(Mutation),
+            ),
+            (
+                "fragment query on Query { me { id } } subscription S { x }",
+                None,
+                Some(Subscription),
+            ),
+            (
+                "query A { a } subscription B { b }",
+                Some("B"),
+                Some(Subscription),
+            ),
+            ("query A { a } subscription B { b }", Some("A"), Some(Query)),
+            ("query A { a } subscription B { b }", None, None),
+            ("query A { a } subscription B { b }", Some("C"), None),
+            (
+                "query subscription { a }",
+                Some("subscription"),
+                Some(Query),
+            ),
+            (
+                "subscription($a: Int) { a(x: $a) }",
+                None,
+                Some(Subscription),
+            ),
+            ("{ a(s: \"}\") } mutation { b }", None, None),
+            ("fragment F on Q { a }", None, None),
+        ] {
+            assert_eq!(
+                scanned_operation_type(document, name),
+                expected,
+                "{document:?} {name:?}"
+            );
+            // Where the tokens tell a type, the parser agrees.
+            if let (Some(ty), Ok(doc)) = (expected, async_graphql::parser::parse_query(document)) {
+                let parsed = doc
+                    .operations
+                    .iter()
+                    .find(|(n, _)| name.is_none() || n.map(|n| n.as_str()) == name)
+                    .map(|(_, op)| op.node.ty);
+                assert_eq!(parsed, Some(ty), "{document:?}");
+            }
         }
     }
 

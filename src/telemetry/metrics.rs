@@ -288,7 +288,7 @@ impl Metrics {
         let rate_limited_total = r.counter_vec(
             "subgate_rate_limited_total",
             "Requests refused by a rate limit, by scope (connection, user, publish, typing, \
-             login, login_email, password_hash, publish_auth)",
+             login, login_email, password_hash, publish_auth, large_document)",
             "scope",
             &crate::ratelimit::Scope::ALL.map(crate::ratelimit::Scope::as_str),
         );

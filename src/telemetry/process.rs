@@ -16,6 +16,7 @@ pub struct ProcessCollector {
     open_fds: IntGauge,
     max_fds: IntGauge,
     resident_memory_bytes: IntGauge,
+    resident_memory_max_bytes: IntGauge,
     virtual_memory_bytes: IntGauge,
     start_time_seconds: Gauge,
     threads: IntGauge,
@@ -39,6 +40,13 @@ impl ProcessCollector {
             "Resident memory size in bytes.",
         )
         .unwrap();
+        // Not in the prometheus crate's collector: what a memory limit must
+        // hold is the peak, which a scrape every 15 s easily misses.
+        let resident_memory_max_bytes = IntGauge::new(
+            name("resident_memory_max_bytes"),
+            "Peak resident memory size in bytes since the process started (VmHWM).",
+        )
+        .unwrap();
         let virtual_memory_bytes = IntGauge::new(
             name("virtual_memory_bytes"),
             "Virtual memory size in bytes.",
@@ -57,6 +65,7 @@ impl ProcessCollector {
             &open_fds,
             &max_fds,
             &resident_memory_bytes,
+            &resident_memory_max_bytes,
             &virtual_memory_bytes,
             &start_time_seconds,
             &threads,
@@ -76,6 +85,7 @@ impl ProcessCollector {
             open_fds,
             max_fds,
             resident_memory_bytes,
+            resident_memory_max_bytes,
             virtual_memory_bytes,
             start_time_seconds,
             threads,
@@ -114,13 +124,17 @@ impl Collector for ProcessCollector {
                     self.cpu_seconds.inc_by(delta);
                 }
             }
+            if let Some(kib) = me.status().ok().and_then(|s| s.vmhwm) {
+                self.resident_memory_max_bytes.set(kib as i64 * 1024);
+            }
         }
-        let mut out = Vec::with_capacity(7);
+        let mut out = Vec::with_capacity(8);
         for c in [
             &self.cpu_seconds as &dyn Collector,
             &self.open_fds,
             &self.max_fds,
             &self.resident_memory_bytes,
+            &self.resident_memory_max_bytes,
             &self.virtual_memory_bytes,
             &self.start_time_seconds,
             &self.threads,
@@ -163,6 +177,9 @@ mod tests {
         let cpu = get("t_process_cpu_seconds_total");
         assert!(cpu > 0.0 && cpu.fract() != 0.0, "cpu seconds {cpu}");
         assert!(get("t_process_resident_memory_bytes") > 1e6);
+        assert!(
+            get("t_process_resident_memory_max_bytes") >= get("t_process_resident_memory_bytes")
+        );
         assert!(get("t_process_open_fds") >= 3.0);
         assert!(get("t_process_start_time_seconds") > 1.6e9);
     }

@@ -135,7 +135,11 @@ async fn posted_request(
         .freeze();
     let decoded = if body.len() > LARGE_BODY_BYTES {
         let body = body.clone();
-        off_worker(move || serde_json::from_slice::<Request>(&body)).await
+        // Busy (or stopping): decoded here, in time linear in the body,
+        // which `server.max_body_bytes` bounds.
+        off_worker(move || serde_json::from_slice::<Request>(&body))
+            .await
+            .ok()
     } else {
         None
     };
@@ -183,6 +187,7 @@ async fn stream_operation(
         }
     };
     let ty = match counted_operation_type(
+        &state.schema,
         &mut request,
         state.settings.graphql.max_tokens,
         &state.metrics,
@@ -191,11 +196,11 @@ async fn stream_operation(
     {
         Ok(ty) => ty,
         Err(unknown) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                unknown.code(),
-                &unknown.to_string(),
-            )
+            let mut refused = HttpResponse::build(unknown.status());
+            if unknown.status() == StatusCode::TOO_MANY_REQUESTS {
+                refused.insert_header((header::RETRY_AFTER, "1"));
+            }
+            return refused.json(serde_json::json!({ "errors": [unknown.server_error()] }));
         }
     };
     if method == Method::GET && ty == OperationType::Mutation {

@@ -54,18 +54,6 @@ fn request_error(status: StatusCode, message: &str, json_type: &'static str) -> 
         .json(json!({ "errors": [{ "message": message }] }))
 }
 
-/// The error of a request refused before execution, with its
-/// `extensions.code` when it has one.
-fn refusal(message: String, code: Option<ErrorCode>) -> async_graphql::ServerError {
-    let mut error = async_graphql::ServerError::new(message, None);
-    if let Some(code) = code {
-        let mut extensions = async_graphql::ErrorExtensionValues::default();
-        extensions.set("code", code.as_str());
-        error.extensions = Some(extensions);
-    }
-    error
-}
-
 /// Which media type the response uses, per the client's `Accept`.
 fn response_type(req: &HttpRequest) -> &'static str {
     let accept = req
@@ -109,7 +97,11 @@ async fn post_graphql(
     };
     let decoded = if body.len() > LARGE_BODY_BYTES {
         let body = body.clone();
-        off_worker(move || serde_json::from_slice::<BatchRequest>(&body)).await
+        // Busy (or stopping): decoded here, in time linear in the body,
+        // which `server.max_body_bytes` bounds.
+        off_worker(move || serde_json::from_slice::<BatchRequest>(&body))
+            .await
+            .ok()
     } else {
         None
     };
@@ -179,6 +171,7 @@ async fn execute(
     let mut any_request_error = false;
     for mut request in requests {
         let ty = counted_operation_type(
+            &state.schema,
             &mut request,
             state.settings.graphql.max_tokens,
             &state.metrics,
@@ -190,17 +183,20 @@ async fn execute(
                 .content_type(json_type)
                 .json(json!({ "errors": [{ "message": "only queries may be sent with GET; use POST" }] }));
         }
-        let refused = match ty {
-            Err(unknown) => refusal(unknown.to_string(), unknown.code()),
+        let (refused, status) = match ty {
+            Err(unknown) => (unknown.server_error(), unknown.status()),
             Ok(OperationType::Subscription) => {
                 state
                     .metrics
                     .graphql_operations_total
                     .with_label_values(&["subscription", "request_error"])
                     .inc();
-                refusal(
-                    "subscriptions are served over WebSocket at /graphql/ws".to_owned(),
-                    None,
+                (
+                    async_graphql::ServerError::new(
+                        "subscriptions are served over WebSocket at /graphql/ws",
+                        None,
+                    ),
+                    StatusCode::BAD_REQUEST,
                 )
             }
             Ok(ty) => {
@@ -228,7 +224,11 @@ async fn execute(
         // Refused before it ran: alone, the request is 400; in a batch, the
         // operation's place holds the error and the others still run.
         if !batched {
-            return HttpResponse::BadRequest()
+            let mut response = HttpResponse::build(status);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                response.insert_header((header::RETRY_AFTER, "1"));
+            }
+            return response
                 .content_type(json_type)
                 .json(json!({ "errors": [refused] }));
         }

@@ -134,32 +134,8 @@ async fn a_storm_of_bad_logins_is_refused_and_the_node_stays_small_and_responsiv
         .map(|i| client_from(&format!("127.0.0.{i}")))
         .collect();
 
-    // /healthz, polled throughout from a thread and a client of its own,
-    // so that the storm's tasks in this process do not delay the probes.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (url, stop) = (node.http_url("/healthz"), stop.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime for the prober");
-            runtime.block_on(async move {
-                let client = client_from("127.0.0.99");
-                let (mut slowest, mut probes, mut failed) = (Duration::ZERO, 0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let started = Instant::now();
-                    match client.get(&url).send().await {
-                        Ok(r) if r.status() == reqwest::StatusCode::OK => probes += 1,
-                        _ => failed += 1,
-                    }
-                    slowest = slowest.max(started.elapsed());
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                (slowest, probes, failed)
-            })
-        })
-    };
+    // /healthz, polled throughout from an address of its own.
+    let prober = HealthProber::start(node.http_url("/healthz"), Some([127, 0, 0, 99].into()));
 
     let storm: Vec<_> = (0..1000)
         .map(|i| {
@@ -192,8 +168,8 @@ async fn a_storm_of_bad_logins_is_refused_and_the_node_stays_small_and_responsiv
     )
     .await
     .expect("every login is answered: none hangs");
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (slowest, probes, failed_probes) = prober.join().expect("the health prober");
+    let probed = prober.stop();
+    let (slowest, probes, failed_probes) = (probed.slowest, probed.answered, probed.failed);
 
     let (mut limited, mut wrong, mut shed) = (0, 0, 0);
     for answer in answers {

@@ -13,7 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 
 use crate::marker::Kind;
-use crate::plan::{normalize_url, Args, Command, Status, WorkerMessage, WorkerReport};
+use crate::plan::{
+    metrics_urls, normalize_url, Args, Command, Status, WorkerMessage, WorkerReport,
+};
 use crate::publisher;
 use crate::report::{self, Connections, Deliveries, Publish, Report};
 use crate::scrape::Targets;
@@ -81,17 +83,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
             .map(|u| normalize_url(u))
             .collect::<Result<_, _>>()?
     };
-    let metrics_urls: Vec<String> = if args.metrics_urls.is_empty() {
-        let mut u = urls.clone();
-        u.dedup();
-        u
-    } else {
-        args.metrics_urls
-            .iter()
-            .map(|u| normalize_url(u))
-            .collect::<Result<_, _>>()?
-    };
-    let targets = Targets::resolve(&metrics_urls).await?;
+    let targets = Targets::resolve(&metrics_urls(&args, &urls)?).await?;
     let labels = targets.labels();
     let baseline = targets.sample().await;
     let prepared = setup::prepare(&args, &urls, &publish_urls).await?;

@@ -17,6 +17,8 @@
 //! - [`scrape`]: server CPU and RSS from `/metrics`.
 //! - [`report`]: the summary, the JSON report and the exit status.
 //! - [`coordinator`]: the phases: connect, warm up, measure, drain, finish.
+//! - [`storm`]: `--storm`, hostile requests at once while `/healthz` is
+//!   probed: how the hardening targets are measured.
 
 mod client;
 mod coordinator;
@@ -26,6 +28,7 @@ mod publisher;
 mod report;
 mod scrape;
 mod setup;
+mod storm;
 mod worker;
 
 use std::process::ExitCode;
@@ -49,7 +52,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(coordinator::run(args)) {
+    let run = async move {
+        match args.storm {
+            Some(storm) => storm::run(storm, &args).await,
+            None => coordinator::run(args).await,
+        }
+    };
+    match runtime.block_on(run) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("subgate-loadgen: {e}");

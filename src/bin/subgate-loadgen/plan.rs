@@ -97,6 +97,17 @@ pub struct Args {
     /// Write every figure of the report here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Instead of subscribers and publishers: `--connections` hostile
+    /// requests at once, each on a connection of its own, with `/healthz`
+    /// probed every 20 ms and the nodes' memory read before and after.
+    #[arg(long, value_enum)]
+    pub storm: Option<crate::storm::Storm>,
+    /// With `--storm`: fail when the slowest `/healthz` took longer (ms).
+    #[arg(long)]
+    pub max_healthz_ms: Option<f64>,
+    /// With `--storm`: fail when a node's peak RSS is above this (MiB).
+    #[arg(long)]
+    pub max_rss_mib: Option<f64>,
     /// Run as a worker (internal: the coordinator starts these).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -236,6 +247,17 @@ pub enum WorkerMessage {
 
 /// `http://host:port[/…]` without a trailing slash; refuses anything else
 /// (TLS is for the load balancer in front, not for a load generator).
+/// The nodes whose `/metrics` are scraped: the `--metrics-url`s, or else
+/// `urls` (normalised, each once).
+pub fn metrics_urls(args: &Args, urls: &[String]) -> Result<Vec<String>, String> {
+    if args.metrics_urls.is_empty() {
+        let mut u = urls.to_vec();
+        u.dedup();
+        return Ok(u);
+    }
+    args.metrics_urls.iter().map(|u| normalize_url(u)).collect()
+}
+
 pub fn normalize_url(url: &str) -> Result<String, String> {
     let trimmed = url.trim().trim_end_matches('/');
     let rest = trimmed

@@ -15,6 +15,9 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Sample {
     pub cpu_seconds: f64,
     pub rss_bytes: f64,
+    /// The node's peak RSS since it started (0 from a node that does not
+    /// say).
+    pub peak_rss_bytes: f64,
     pub delivered: f64,
 }
 
@@ -112,6 +115,7 @@ pub fn parse(text: &str) -> Option<Sample> {
         match name {
             "subgate_process_cpu_seconds_total" => sample.cpu_seconds = value,
             "subgate_process_resident_memory_bytes" => sample.rss_bytes = value,
+            "subgate_process_resident_memory_max_bytes" => sample.peak_rss_bytes = value,
             "subgate_events_delivered_total" => sample.delivered += value,
             _ => continue,
         }
@@ -128,10 +132,11 @@ mod tests {
 
     #[test]
     fn the_process_figures_are_read_and_deliveries_summed() {
-        let text = "# HELP x\nsubgate_process_cpu_seconds_total 12.5\nsubgate_process_resident_memory_bytes 3.2e7\nsubgate_events_delivered_total{transport=\"sse\"} 3\nsubgate_events_delivered_total{transport=\"graphql_ws\"} 4\n";
+        let text = "# HELP x\nsubgate_process_cpu_seconds_total 12.5\nsubgate_process_resident_memory_bytes 3.2e7\nsubgate_process_resident_memory_max_bytes 4e7\nsubgate_events_delivered_total{transport=\"sse\"} 3\nsubgate_events_delivered_total{transport=\"graphql_ws\"} 4\n";
         let s = parse(text).unwrap();
         assert_eq!(s.cpu_seconds, 12.5);
         assert_eq!(s.rss_bytes, 3.2e7);
+        assert_eq!(s.peak_rss_bytes, 4e7);
         assert_eq!(s.delivered, 7.0);
         assert!(parse("not metrics").is_none());
     }

@@ -276,7 +276,7 @@ impl Operations {
         if self.active.len() >= self.max {
             return Admission::Full;
         }
-        let kind = operation_type(&mut request, self.max_tokens).ok();
+        let kind = operation_type(&mut request, self.max_tokens);
         let label = kind.map_or("unknown", operation_label);
         self.active.insert(
             id.to_owned(),

@@ -34,6 +34,7 @@ use tokio_stream::StreamMap;
 use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
 use crate::error::close;
+use crate::graphql::limits::{check_large, is_large, Unchecked};
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
@@ -100,6 +101,37 @@ impl Stream for OperationStream {
             }
         }
     }
+}
+
+/// The results of `request`: a large document is first parsed and
+/// validated off the worker ([`check_large`]), while the connection goes on
+/// serving its other operations; one it cannot check ends in one error.
+fn checked_stream<E: Executor>(
+    executor: &E,
+    mut request: async_graphql::Request,
+    metrics: &Arc<Metrics>,
+) -> BoxStream<'static, Response> {
+    if !is_large(&request.query) {
+        return executor.execute_stream(request, None);
+    }
+    let (executor, metrics) = (executor.clone(), metrics.clone());
+    futures_util::stream::once(async move {
+        match check_large(&executor, &mut request).await {
+            Ok(()) => executor.execute_stream(request, None),
+            Err(unchecked) => {
+                if matches!(unchecked, Unchecked::Busy) {
+                    metrics
+                        .rate_limited_total
+                        .with_label_values(&[crate::ratelimit::Scope::LargeDocument.as_str()])
+                        .inc();
+                }
+                let error = Response::from_errors(vec![unchecked.server_error()]);
+                futures_util::stream::once(async move { error }).boxed()
+            }
+        }
+    })
+    .flatten()
+    .boxed()
 }
 
 // ---------------------------------------------------------------------------
@@ -232,7 +264,7 @@ pub async fn run<E: Executor, P: Protocol>(
                         // protocol its own (without it, legacy graphql-ws
                         // deliveries were counted as graphql_ws).
                         .data(TransportLabel(transport));
-                    let results = executor.execute_stream(request, None);
+                    let results = checked_stream(&executor, request, &metrics);
                     operations.insert(
                         operation.id,
                         OperationStream {

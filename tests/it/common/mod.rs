@@ -7,6 +7,7 @@
 //! - [`redis`]: a redis-server of the test's own, to share and to break.
 //! - [`sse`]: an event-stream client; [`publish`]: the backend publish API.
 //! - [`loadgen`]: `subgate-loadgen` run to its end, with its report.
+//! - [`probe`]: `/healthz` polled while a test loads the node.
 
 #![allow(dead_code)] // not every test module uses every helper
 
@@ -14,6 +15,7 @@ pub mod gql;
 pub mod jwt;
 pub mod loadgen;
 pub mod node;
+pub mod probe;
 pub mod publish;
 pub mod redis;
 pub mod sse;
@@ -24,6 +26,7 @@ pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, scoped_token, token};
 pub use loadgen::run_loadgen;
 pub use node::{run_cli, Node, TempDir, SECRET};
+pub use probe::{HealthProber, Probed};
 pub use publish::{publish, publish_body, publish_raw, publisher_node, API_KEY};
 pub use sse::{open_stream, Block, SseRead, SseStream};
 pub use ws::{
