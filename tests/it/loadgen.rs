@@ -1,7 +1,8 @@
 //! `subgate-loadgen`, the instrument every benchmark is read from, checked
 //! against real nodes: it drives every transport with nothing lost, it
 //! reports a soak's memory per connection from the server's own metrics,
-//! and it fails (exit status and report) when events are lost.
+//! it fails (exit status and report) when events are lost, and its storm
+//! mode tallies every answer to hostile requests.
 
 use std::time::Duration;
 
@@ -164,4 +165,71 @@ async fn lost_events_fail_the_run_and_are_counted_exactly() {
     assert!(lost > 0, "{}", r.output);
     assert_eq!(received + lost, published * 40, "{}", r.output);
     assert!(r.output.contains("deliveries lost"), "{}", r.output);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_reports_every_answer_the_probes_and_the_nodes_peak_memory() {
+    let node = Node::start(&[]);
+    let url = node.http_url("");
+    let url = url.trim_end_matches('/');
+    let dir = TempDir::new();
+
+    // 200 logins from one address: the node's per-address limit answers
+    // most of them; every answer is tallied.
+    let json = dir.path().join("login.json");
+    let args = ["--url", url, "--storm", "login", "--connections", "200"];
+    let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(120)));
+    assert!(r.ok, "{}", r.output);
+    let outcomes = r.report["outcomes"].as_object().expect("outcomes");
+    let answered: u64 = outcomes.values().filter_map(Value::as_u64).sum();
+    assert_eq!(answered, 200, "{}", r.output);
+    assert!(
+        r.count("/outcomes/200 RATE_LIMITED~1login") > 0,
+        "{}",
+        r.output
+    );
+    assert!(r.count("/healthz/answered") >= 5, "{}", r.output);
+    assert_eq!(r.count("/healthz/failed"), 0);
+    let peak = r
+        .report
+        .pointer("/nodes/0/rss_peak")
+        .and_then(Value::as_f64);
+    let after = r
+        .report
+        .pointer("/nodes/0/rss_after")
+        .and_then(Value::as_f64);
+    assert!(
+        matches!((peak, after), (Some(p), Some(a)) if p >= a && a > 1e6),
+        "{}",
+        r.output
+    );
+
+    // Large documents: the excess over the queue is refused at once; a
+    // target the node cannot meet fails the run, saying why.
+    let json = dir.path().join("large.json");
+    let args = [
+        "--url",
+        url,
+        "--storm",
+        "large-document",
+        "--connections",
+        "60",
+        "--max-rss-mib",
+        "1",
+    ];
+    let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(120)));
+    assert!(!r.ok, "{}", r.output);
+    assert!(
+        r.count("/outcomes/429 RATE_LIMITED~1large_document") > 0,
+        "{}",
+        r.output
+    );
+    assert!(r.count("/outcomes/400 (no code)") > 0, "{}", r.output);
+    assert!(r.output.contains("peaked at"), "{}", r.output);
+    assert_eq!(
+        r.report["failures"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        r.output
+    );
 }
