@@ -97,6 +97,21 @@ async fn run_in_turn<T: Send + 'static>(
         .map_err(|_| OffWorker::Lost)
 }
 
+/// Decodes a request body: one over [`LARGE_BODY_BYTES`] [`off_worker`].
+/// When the node is busy with large requests (or stopping) it is decoded
+/// here, in time linear in the body, which `server.max_body_bytes` bounds.
+pub async fn decode_body<T: serde::de::DeserializeOwned + Send + 'static>(
+    body: bytes::Bytes,
+) -> serde_json::Result<T> {
+    if body.len() > LARGE_BODY_BYTES {
+        let owned = body.clone();
+        if let Ok(decoded) = off_worker(move || serde_json::from_slice(&owned)).await {
+            return decoded;
+        }
+    }
+    serde_json::from_slice(&body)
+}
+
 /// Whether `query` is a large document (more than [`LARGE_DOCUMENT_TOKENS`]
 /// tokens); counting stops there.
 pub fn is_large(query: &str) -> bool {

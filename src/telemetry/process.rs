@@ -32,33 +32,24 @@ impl ProcessCollector {
             "Total user and system CPU time spent in seconds.",
         ))
         .unwrap();
-        let open_fds = IntGauge::new(name("open_fds"), "Number of open file descriptors.").unwrap();
-        let max_fds =
-            IntGauge::new(name("max_fds"), "Maximum number of open file descriptors.").unwrap();
-        let resident_memory_bytes = IntGauge::new(
-            name("resident_memory_bytes"),
-            "Resident memory size in bytes.",
-        )
-        .unwrap();
+        let gauge = |n: &str, help: &str| IntGauge::new(name(n), help).unwrap();
+        let open_fds = gauge("open_fds", "Number of open file descriptors.");
+        let max_fds = gauge("max_fds", "Maximum number of open file descriptors.");
+        let resident_memory_bytes =
+            gauge("resident_memory_bytes", "Resident memory size in bytes.");
         // Not in the prometheus crate's collector: what a memory limit must
         // hold is the peak, which a scrape every 15 s easily misses.
-        let resident_memory_max_bytes = IntGauge::new(
-            name("resident_memory_max_bytes"),
+        let resident_memory_max_bytes = gauge(
+            "resident_memory_max_bytes",
             "Peak resident memory size in bytes since the process started (VmHWM).",
-        )
-        .unwrap();
-        let virtual_memory_bytes = IntGauge::new(
-            name("virtual_memory_bytes"),
-            "Virtual memory size in bytes.",
-        )
-        .unwrap();
+        );
+        let virtual_memory_bytes = gauge("virtual_memory_bytes", "Virtual memory size in bytes.");
         let start_time_seconds = Gauge::new(
             name("start_time_seconds"),
             "Start time of the process since unix epoch in seconds.",
         )
         .unwrap();
-        let threads =
-            IntGauge::new(name("threads"), "Number of OS threads in the process.").unwrap();
+        let threads = gauge("threads", "Number of OS threads in the process.");
         let mut descs = Vec::new();
         for c in [
             &cpu_seconds as &dyn Collector,

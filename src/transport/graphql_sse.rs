@@ -38,7 +38,7 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use crate::error::ErrorCode;
-use crate::graphql::limits::{off_worker, LARGE_BODY_BYTES};
+use crate::graphql::limits::decode_body;
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
@@ -133,25 +133,13 @@ async fn posted_request(
         .await
         .map_err(|e| refuse(e.status(), None, &e.to_string()))?
         .freeze();
-    let decoded = if body.len() > LARGE_BODY_BYTES {
-        let body = body.clone();
-        // Busy (or stopping): decoded here, in time linear in the body,
-        // which `server.max_body_bytes` bounds.
-        off_worker(move || serde_json::from_slice::<Request>(&body))
-            .await
-            .ok()
-    } else {
-        None
-    };
-    decoded
-        .unwrap_or_else(|| serde_json::from_slice::<Request>(&body))
-        .map_err(|e| {
-            refuse(
-                StatusCode::BAD_REQUEST,
-                None,
-                &format!("the body is not one GraphQL request: {e}"),
-            )
-        })
+    decode_body::<Request>(body).await.map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            None,
+            &format!("the body is not one GraphQL request: {e}"),
+        )
+    })
 }
 
 /// What refuses a request whatever it asks: `Accept`, then the gate's

@@ -20,7 +20,7 @@ use async_graphql::{BatchRequest, BatchResponse};
 use serde_json::json;
 
 use crate::error::ErrorCode;
-use crate::graphql::limits::{off_worker, LARGE_BODY_BYTES};
+use crate::graphql::limits::decode_body;
 use crate::graphql::{ClientAddr, Viewer};
 use crate::state::AppState;
 use crate::transport::operation::{
@@ -95,17 +95,7 @@ async fn post_graphql(
         Ok(body) => body.freeze(),
         Err(e) => return request_error(e.status(), &e.to_string(), json_type),
     };
-    let decoded = if body.len() > LARGE_BODY_BYTES {
-        let body = body.clone();
-        // Busy (or stopping): decoded here, in time linear in the body,
-        // which `server.max_body_bytes` bounds.
-        off_worker(move || serde_json::from_slice::<BatchRequest>(&body))
-            .await
-            .ok()
-    } else {
-        None
-    };
-    let batch = match decoded.unwrap_or_else(|| serde_json::from_slice(&body)) {
+    let batch = match decode_body::<BatchRequest>(body).await {
         Ok(batch) => batch,
         Err(e) => {
             return request_error(

@@ -380,16 +380,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         failures: Vec::new(),
     };
     report.judge(args.max_connect_errors, args.rate > 0.0);
-    print!("{}", report.summary());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).expect("the report encodes");
-        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
-    Ok(if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    report::finish(&report, &report.summary(), report.ok, args.json.as_deref())
 }
 
 async fn write_command(stdin: &mut ChildStdin, command: &Command) -> Result<(), String> {

@@ -118,6 +118,25 @@ pub struct Server {
     pub rss_per_connection_bytes: Option<f64>,
 }
 
+/// Prints `summary`, writes `report` to `json` when asked, and gives the
+/// exit status of the verdict `ok`.
+pub fn finish(
+    report: &impl Serialize,
+    summary: &str,
+    ok: bool,
+    json: Option<&std::path::Path>,
+) -> Result<std::process::ExitCode, String> {
+    print!("{summary}");
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(report).expect("the report encodes");
+        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(match ok {
+        true => std::process::ExitCode::SUCCESS,
+        false => std::process::ExitCode::FAILURE,
+    })
+}
+
 /// Sums the workers' histograms and tallies.
 pub fn merge(reports: &[WorkerReport]) -> (WorkerReport, Histogram<u64>) {
     let mut total = WorkerReport::default();

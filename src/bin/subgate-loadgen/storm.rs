@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::plan::{metrics_urls, normalize_url, Args};
-use crate::publisher::graphql;
+use crate::publisher::{graphql, request_error};
 use crate::scrape::{Sample, Targets};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -108,9 +108,9 @@ pub async fn run(storm: Storm, args: &Args) -> Result<ExitCode, String> {
                 .body(body)
                 .send()
                 .await
-                .map_err(reason)?;
+                .map_err(request_error)?;
             let status = response.status().as_u16();
-            let text = response.text().await.map_err(reason)?;
+            let text = response.text().await.map_err(request_error)?;
             Ok::<_, String>(outcome(status, &text))
         }
     }))
@@ -139,16 +139,7 @@ pub async fn run(storm: Storm, args: &Args) -> Result<ExitCode, String> {
         *tally.or_default() += 1;
     }
     report.judge(args.max_healthz_ms, args.max_rss_mib);
-    print!("{}", report.summary());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).expect("the report encodes");
-        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
-    Ok(if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    crate::report::finish(&report, &report.summary(), report.ok, args.json.as_deref())
 }
 
 /// The request bodies of the storm, made up front so that they leave
@@ -226,17 +217,6 @@ fn outcome(status: u16, text: &str) -> String {
         },
     };
     format!("{status} {what}")
-}
-
-/// Why a request went unanswered, in a few words (the tally's key).
-fn reason(error: reqwest::Error) -> String {
-    if error.is_timeout() {
-        "timed out".into()
-    } else if error.is_connect() {
-        "connect error".into()
-    } else {
-        "connection error".into()
-    }
 }
 
 fn memory(
