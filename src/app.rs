@@ -127,6 +127,12 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         metrics: metrics.clone(),
         presence: presence.clone(),
     });
+    let groups = graphql::groups::Groups::new(
+        schema.clone(),
+        store.clone(),
+        metrics.clone(),
+        settings.hub.subscriber_queue_capacity,
+    );
     Ok(AppState {
         settings,
         domain,
@@ -134,6 +140,7 @@ pub fn build(settings: Settings) -> Result<AppState, BuildError> {
         hub,
         auth,
         schema,
+        groups,
         metrics,
         limits,
         presence,

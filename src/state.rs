@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::domain::Domain;
+use crate::graphql::groups::Groups;
 use crate::graphql::AppSchema;
 use crate::hub::Hub;
 use crate::presence::Presence;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub auth: Arc<Authenticator>,
     pub schema: AppSchema,
+    /// Identical GraphQL subscriptions, each executed once per event.
+    pub groups: Arc<Groups<AppSchema>>,
     pub metrics: Arc<Metrics>,
     /// Shared rate limiters: per user, per publisher, typing; and the
     /// factory of per-connection buckets.

@@ -6,6 +6,7 @@
 //! [`SchemaDeps`] and the loaders.
 
 pub mod document;
+pub mod groups;
 pub mod limits;
 pub mod loaders;
 pub mod mutation;

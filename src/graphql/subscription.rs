@@ -12,8 +12,10 @@ use std::sync::Arc;
 use async_graphql::{
     Context, ErrorExtensions, Json, Result, Subscription as SubscriptionMacro, ID,
 };
+use futures_util::stream::BoxStream;
 use futures_util::{future, stream, Stream, StreamExt};
 
+use super::groups::{AuthorizeOnly, GroupLeader};
 use super::types::{Event, Message, Notification, Post, User};
 use super::{coded_error, ctx_deps, require_viewer, viewer};
 use crate::auth::policy::authorize;
@@ -144,32 +146,44 @@ fn gap_error(topic: &str, reason: GapReason) -> async_graphql::Error {
 
 /// Authorizes and opens resumable hub subscriptions to `topics` (each with
 /// the position to resume after, if any), merged.
+///
+/// In a member's probe ([`AuthorizeOnly`]) it stops after authorizing; in a
+/// group's own request ([`GroupLeader`]) it does not authorize (each member
+/// did) and reports to the group instead of counting deliveries (see
+/// [`super::groups`]).
 async fn open(
     ctx: &Context<'_>,
     topics: Vec<(String, Option<String>)>,
-) -> Result<impl Stream<Item = Result<Arc<SharedEvent>>>> {
+) -> Result<BoxStream<'static, Result<Arc<SharedEvent>>>> {
     let deps = ctx_deps(ctx);
     let principal = viewer(ctx);
-    for (name, _) in &topics {
-        authorize(deps.store.as_ref(), principal, name)
-            .await
-            .map_err(|refusal| coded_error(refusal.code(), refusal.to_string()))?;
+    let leader = ctx.data_opt::<GroupLeader>().map(|l| l.0.clone());
+    if leader.is_none() {
+        for (name, _) in &topics {
+            authorize(deps.store.as_ref(), principal, name)
+                .await
+                .map_err(|refusal| coded_error(refusal.code(), refusal.to_string()))?;
+        }
     }
-    let cutoff = ctx.data_opt::<Arc<Cutoff>>().cloned();
+    if ctx.data_opt::<AuthorizeOnly>().is_some() {
+        return Ok(stream::empty().boxed());
+    }
+    let cutoff = match &leader {
+        Some(group) => Some(group.cutoff()),
+        None => ctx.data_opt::<Arc<Cutoff>>().cloned(),
+    };
     let label = ctx
         .data_opt::<TransportLabel>()
         .map_or("graphql_ws", |l| l.0);
     let mut streams = Vec::with_capacity(topics.len());
     for (name, after) in topics {
+        let recheck = match &leader {
+            Some(group) => group.recheck(&name),
+            None => crate::auth::policy::recheck(deps.store.clone(), principal.cloned(), &name),
+        };
         let resumed = deps
             .hub
-            .subscribe_from(
-                &name,
-                after.as_deref(),
-                label,
-                cutoff.clone(),
-                crate::auth::policy::recheck(deps.store.clone(), principal.cloned(), &name),
-            )
+            .subscribe_from(&name, after.as_deref(), label, cutoff.clone(), recheck)
             .await
             .map_err(|e| {
                 coded_error(
@@ -192,7 +206,11 @@ async fn open(
     let metrics = deps.metrics.clone();
     let merged = stream::select_all(streams).map(move |item| {
         if let Ok(event) = &item {
-            metrics.delivered(label, event.published_at_ms);
+            match &leader {
+                // Counted per member, as each takes the shared result.
+                Some(group) => group.note_published(event.published_at_ms),
+                None => metrics.delivered(label, event.published_at_ms),
+            }
         }
         item
     });
@@ -204,7 +222,7 @@ async fn open(
         }
     })
     .filter_map(|_| future::ready(None));
-    Ok(merged.chain(tail))
+    Ok(merged.chain(tail).boxed())
 }
 
 /// Events of `kind` decoded into `T` (once per node, not per subscriber),

@@ -48,6 +48,11 @@ pub struct Metrics {
     pub subscriptions: IntGaugeVec,
     /// Topics with at least one local subscriber.
     pub hub_topics: IntGauge,
+    /// GraphQL subscription results executed: once per event per group, and
+    /// once per event per subscription that runs on its own.
+    pub subscription_executions_total: prometheus::IntCounter,
+    /// Groups of subscribers sharing one execution.
+    pub subscription_groups: IntGauge,
     /// Events accepted by the broker, by topic namespace.
     pub events_published_total: IntCounterVec,
     /// Publishes the broker refused, by reason.
@@ -187,6 +192,15 @@ impl Metrics {
         let hub_topics = r.gauge(
             "subgate_hub_topics",
             "Topics with at least one local subscriber",
+        );
+        let subscription_executions_total = r.counter(
+            "subgate_graphql_subscription_executions_total",
+            "GraphQL subscription results executed (once per event per group of identical \
+             subscriptions, once per event per subscription that runs on its own)",
+        );
+        let subscription_groups = r.gauge(
+            "subgate_subscription_groups",
+            "Groups of identical GraphQL subscriptions sharing one execution",
         );
         let events_published_total = r.counter_vec(
             "subgate_events_published_total",
@@ -364,6 +378,8 @@ impl Metrics {
             rejected_total,
             subscriptions,
             hub_topics,
+            subscription_executions_total,
+            subscription_groups,
             events_published_total,
             publish_failures_total,
             events_delivered_total,

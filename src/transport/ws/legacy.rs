@@ -198,6 +198,7 @@ impl Legacy {
 
 impl Protocol for Legacy {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS_LEGACY;
+    const NEXT: &'static str = "data";
 
     fn core(&mut self) -> &mut Core {
         &mut self.core

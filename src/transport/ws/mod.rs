@@ -34,10 +34,13 @@ pub mod transport_ws;
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
+use std::sync::Arc;
+
 use async_graphql::Executor;
 
 use crate::auth::credentials::verifier;
 use crate::error::ErrorCode;
+use crate::graphql::groups::Groups;
 use crate::state::AppState;
 use crate::transport::request::is_websocket_upgrade;
 use crate::transport::ws::protocol::Protocol as _;
@@ -82,7 +85,8 @@ async fn graphql_ws(
     body: web::Payload,
 ) -> HttpResponse {
     let config = PumpConfig::from_settings(&state.settings.websocket);
-    accept(&state, &req, body, state.schema.clone(), config).await
+    let groups = Some(state.groups.clone());
+    accept(&state, &req, body, state.schema.clone(), groups, config).await
 }
 
 /// Which protocol a connection speaks.
@@ -128,12 +132,14 @@ pub fn negotiate(headers: &HeaderMap) -> Option<Subprotocol> {
 /// Runs the admission checks, completes the handshake and spawns the pump
 /// that serves the connection with `executor`.
 ///
-/// Generic over the executor so that tests can serve a schema of their own.
+/// Generic over the executor so that tests can serve a schema of their own
+/// (without `groups`: each subscription then runs on its own).
 pub async fn accept<E: Executor>(
     state: &AppState,
     req: &HttpRequest,
     body: web::Payload,
     executor: E,
+    groups: Option<Arc<Groups<E>>>,
     config: PumpConfig,
 ) -> HttpResponse {
     let accepted = socket::accept(state, req, body, config.max_frame_bytes, |req| {
@@ -182,6 +188,7 @@ pub async fn accept<E: Executor>(
         )),
         user_connections: state.user_connections.clone(),
         admitted_user,
+        groups,
     };
     match protocol {
         Subprotocol::TransportWs => {

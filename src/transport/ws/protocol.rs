@@ -14,6 +14,7 @@ use serde_json::{json, Map, Value};
 use crate::auth::credentials::{init_token, CredentialError, Verify};
 use crate::auth::Principal;
 use crate::error::ErrorCode;
+use crate::graphql::groups::SharedResult;
 use crate::transport::operation::{operation_label, operation_type, outcome};
 
 /// Where a connection stands.
@@ -93,6 +94,18 @@ impl Core {
         (out, delivery)
     }
 
+    /// [`Core::deliver`] for a result shared with a group (never a request
+    /// error: the member's own checks passed before it joined): whether to
+    /// send it, with its counts in `out`.
+    pub(crate) fn deliver_shared(
+        &mut self,
+        id: &str,
+        outcome: &'static str,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        self.phase != Phase::Closed && self.ops.deliver_shared(id, outcome, out)
+    }
+
     /// When the connection's principal stops counting (seconds since the
     /// Unix epoch); `None` when no token bounds it.
     pub(crate) fn expires_at(&self) -> Option<u64> {
@@ -155,6 +168,8 @@ pub struct Operation {
 pub trait Protocol {
     /// The `transport` metric label.
     const TRANSPORT: &'static str;
+    /// The type of the message that carries a result (`next`, `data`).
+    const NEXT: &'static str;
     /// What the machine keeps about its connection.
     fn core(&mut self) -> &mut Core;
     /// A complete text message from the client; ignored once closed.
@@ -177,6 +192,15 @@ pub trait Protocol {
     fn binary_message(&mut self) -> Vec<Action>;
     /// One result of the operation `id`.
     fn on_response(&mut self, id: &str, response: Response) -> Vec<Action>;
+    /// One result of the operation `id` that its group shares, encoded
+    /// once: only the envelope around it is this connection's.
+    fn on_shared(&mut self, id: &str, shared: &SharedResult) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.core().deliver_shared(id, shared.outcome, &mut out) {
+            out.push(Action::Send(encode_raw(Self::NEXT, id, &shared.json)));
+        }
+        out
+    }
     /// The operation `id` has no more results: `complete` when it was
     /// active, as both protocols name it.
     fn on_end(&mut self, id: &str) -> Vec<Action> {
@@ -317,6 +341,27 @@ impl Operations {
         Some(Delivery::Next(response))
     }
 
+    /// [`Operations::deliver`] for a shared result whose outcome is known:
+    /// `false` when `id` is no longer active.
+    pub(crate) fn deliver_shared(
+        &mut self,
+        id: &str,
+        outcome: &'static str,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(op) = self.active.get_mut(id) else {
+            return false;
+        };
+        if !op.answered {
+            op.answered = true;
+            out.push(Action::Count {
+                ty: op.label,
+                outcome,
+            });
+        }
+        true
+    }
+
     /// The stream of `id` ended; `true` when it was active (the client is
     /// then told it completed).
     pub(crate) fn end(&mut self, id: &str, out: &mut Vec<Action>) -> bool {
@@ -419,6 +464,22 @@ pub(crate) fn encode<P: Serialize>(
     payload: Option<P>,
 ) -> Result<String, serde_json::Error> {
     serde_json::to_string(&Outgoing { ty, id, payload })
+}
+
+/// Encodes `{"type":ty,"id":id,"payload":json}` around a payload that is
+/// already JSON, as [`encode`] would write it.
+pub(crate) fn encode_raw(ty: &str, id: &str, json: &[u8]) -> String {
+    let id = serde_json::to_string(id).unwrap_or_else(|_| "\"\"".to_owned());
+    let payload = std::str::from_utf8(json).unwrap_or("null");
+    let mut out = String::with_capacity(ty.len() + id.len() + payload.len() + 32);
+    out.push_str("{\"type\":\"");
+    out.push_str(ty);
+    out.push_str("\",\"id\":");
+    out.push_str(&id);
+    out.push_str(",\"payload\":");
+    out.push_str(payload);
+    out.push('}');
+    out
 }
 
 /// Encodes a message without payload (cannot fail: only strings inside).

@@ -34,6 +34,7 @@ use tokio_stream::StreamMap;
 use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
 use crate::error::close;
+use crate::graphql::groups::{Groups, Membership, Output};
 use crate::graphql::limits::{check_large, is_large, Unchecked};
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
@@ -64,7 +65,7 @@ impl PumpConfig {
 }
 
 /// What the task needs besides the socket and the protocol machine.
-pub struct Connection<E> {
+pub struct Connection<E: Executor> {
     pub executor: E,
     pub config: PumpConfig,
     pub metrics: Arc<Metrics>,
@@ -76,18 +77,21 @@ pub struct Connection<E> {
     pub user_connections: Arc<UserConnections>,
     /// The user the upgrade already took a place for.
     pub admitted_user: Option<String>,
+    /// The node's groups of identical subscriptions, when subscriptions are
+    /// shared (`None`: each runs on its own).
+    pub groups: Option<Arc<Groups<E>>>,
 }
 
 /// One operation's results, then one `None` to say it ended (a `StreamMap`
 /// drops finished streams without telling). Holds the `subscriptions`
 /// gauge up while a subscription runs.
 struct OperationStream {
-    inner: Option<BoxStream<'static, Response>>,
+    inner: Option<BoxStream<'static, Output>>,
     _active: Option<GaugeGuard>,
 }
 
 impl Stream for OperationStream {
-    type Item = Option<Response>;
+    type Item = Option<Output>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let Some(inner) = self.inner.as_mut() else {
@@ -144,7 +148,7 @@ enum Event {
     Drain,
     Cut,
     Frame(Option<Result<Message, ProtocolError>>),
-    Result(String, Option<Response>),
+    Result(String, Option<Output>),
     InitTimeout,
     Heartbeat,
     Expired,
@@ -164,6 +168,7 @@ pub async fn run<E: Executor, P: Protocol>(
         client,
         user_connections,
         admitted_user,
+        groups,
     } = connection;
     let mut admitted_user = admitted_user;
     // A place under the per-user limit taken after the upgrade.
@@ -204,7 +209,13 @@ pub async fn run<E: Executor, P: Protocol>(
                 Ok(Received::Nothing) => Vec::new(),
                 Err(end) => break end,
             },
-            Event::Result(id, Some(response)) => machine.on_response(&id, response),
+            Event::Result(id, Some(Output::Own(response))) => machine.on_response(&id, *response),
+            Event::Result(id, Some(Output::Shared(shared))) => {
+                if let Some(published_at) = shared.published_at_ms {
+                    metrics.delivered(transport, published_at);
+                }
+                machine.on_shared(&id, &shared)
+            }
             Event::Result(id, None) => machine.on_end(&id),
             Event::InitTimeout => {
                 init_timer_armed = false;
@@ -253,9 +264,11 @@ pub async fn run<E: Executor, P: Protocol>(
                         GaugeGuard::new(metrics.subscriptions.with_label_values(&[transport]))
                     });
                     let operation = *operation;
+                    let subscription = operation.kind == Some(OperationType::Subscription);
+                    let principal = operation.principal;
                     let request = operation
                         .request
-                        .data(Viewer(operation.principal))
+                        .data(Viewer(principal.clone()))
                         .data(client)
                         // The subscription resolvers hand this to the hub,
                         // which fires it when this connection falls behind.
@@ -264,7 +277,29 @@ pub async fn run<E: Executor, P: Protocol>(
                         // protocol its own (without it, legacy graphql-ws
                         // deliveries were counted as graphql_ws).
                         .data(TransportLabel(transport));
-                    let results = checked_stream(&executor, request, &metrics);
+                    let results = match &groups {
+                        // Shared with the identical subscriptions on the node.
+                        Some(groups) if subscription && !is_large(&request.query) => groups
+                            .subscribe(
+                                request,
+                                principal,
+                                Membership {
+                                    transport,
+                                    cutoff: cutoff.clone(),
+                                },
+                            ),
+                        _ => {
+                            let executions = metrics.subscription_executions_total.clone();
+                            checked_stream(&executor, request, &metrics)
+                                .map(move |response| {
+                                    if subscription {
+                                        executions.inc();
+                                    }
+                                    Output::own(response)
+                                })
+                                .boxed()
+                        }
+                    };
                     operations.insert(
                         operation.id,
                         OperationStream {

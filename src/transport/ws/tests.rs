@@ -104,7 +104,15 @@ async fn test_ws(
     req: HttpRequest,
     body: web::Payload,
 ) -> HttpResponse {
-    accept(&state, &req, body, deps.schema.clone(), deps.config.clone()).await
+    accept(
+        &state,
+        &req,
+        body,
+        deps.schema.clone(),
+        None,
+        deps.config.clone(),
+    )
+    .await
 }
 
 fn config() -> PumpConfig {

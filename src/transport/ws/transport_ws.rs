@@ -185,6 +185,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 impl Protocol for TransportWs {
     const TRANSPORT: &'static str = transport::GRAPHQL_WS;
+    const NEXT: &'static str = "next";
 
     fn core(&mut self) -> &mut Core {
         &mut self.core
