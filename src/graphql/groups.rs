@@ -40,12 +40,12 @@ use tokio::sync::mpsc;
 
 use super::document::Tokens;
 use super::limits::is_large;
+use super::{is_request_error, outcome};
 use crate::auth::Principal;
 use crate::hub::resume::Recheck;
 use crate::hub::{Cutoff, CutoffReason};
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
-use crate::transport::operation::{is_request_error, outcome};
 
 /// Field names whose value or visibility depends on the viewer (`User.email`,
 /// `Message.channel`, `notificationReceived`'s topic). A document that
@@ -63,6 +63,20 @@ pub struct SharedResult {
     pub outcome: &'static str,
     /// When the event behind it was published (ms since the Unix epoch).
     pub published_at_ms: Option<u64>,
+    /// A frame that is the same for every member whatever its operation
+    /// id (GraphQL over SSE's `event: next`): built by the first that needs
+    /// it.
+    frame: std::sync::OnceLock<Bytes>,
+}
+
+impl SharedResult {
+    /// The frame every member sends alike, made by `build` from the JSON
+    /// the first time.
+    pub fn common_frame(&self, build: impl FnOnce(&str) -> Bytes) -> Bytes {
+        self.frame
+            .get_or_init(|| build(std::str::from_utf8(&self.json).unwrap_or("null")))
+            .clone()
+    }
 }
 
 /// An item of a subscription's results: a member's own result (a refusal,
@@ -357,6 +371,7 @@ async fn run<E: Executor>(
             json,
             outcome: outcome(&response),
             published_at_ms: (published_at > 0).then_some(published_at),
+            frame: std::sync::OnceLock::new(),
         });
         group.dispatch(shared);
     }

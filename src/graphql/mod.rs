@@ -76,6 +76,27 @@ pub fn build_schema(deps: SchemaDeps) -> AppSchema {
     builder.finish()
 }
 
+/// A response that failed before execution (parse, validation, limits):
+/// errors, no data, and no error tied to a field path. A field error that
+/// nulled the whole result still ran, and is answered 200.
+pub fn is_request_error(response: &async_graphql::Response) -> bool {
+    !response.errors.is_empty()
+        && matches!(response.data, async_graphql::Value::Null)
+        && response.errors.iter().all(|e| e.path.is_empty())
+}
+
+/// The `outcome` label of an operation, decided by its first result:
+/// `request_error` (it never ran), `field_error` or `ok`.
+pub fn outcome(response: &async_graphql::Response) -> &'static str {
+    if is_request_error(response) {
+        "request_error"
+    } else if response.errors.is_empty() {
+        "ok"
+    } else {
+        "field_error"
+    }
+}
+
 /// The SDL of the schema, as `subgate schema` prints it and `schema.graphql` holds it.
 pub fn sdl() -> String {
     Schema::build(Query, Mutation, Subscription).finish().sdl()

@@ -38,7 +38,8 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use crate::error::ErrorCode;
-use crate::graphql::limits::decode_body;
+use crate::graphql::groups::{Membership, Output};
+use crate::graphql::limits::{decode_body, is_large};
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
@@ -207,6 +208,7 @@ async fn stream_operation(
     };
     let cutoff = Cutoff::new();
     let expires_at = principal.as_ref().and_then(|p| p.expires_at);
+    let member = principal.clone();
     let request = request
         .data(Viewer(principal))
         .data(ClientAddr(crate::transport::request::client_of(
@@ -227,9 +229,40 @@ async fn stream_operation(
         .into_iter()
         .collect();
     let mut outcome = Outcome::new(state.metrics.clone(), ty);
-    let results = state.schema.execute_stream(request).map(move |response| {
-        outcome.result(&response);
-        next(&response)
+    let subscription = ty == OperationType::Subscription;
+    let results = if subscription && !is_large(&request.query) {
+        // Shared with the identical subscriptions on the node.
+        let membership = Membership {
+            transport: transport::GRAPHQL_SSE,
+            cutoff: cutoff.clone(),
+        };
+        state.groups.subscribe(request, member, membership)
+    } else {
+        let executions = state.metrics.subscription_executions_total.clone();
+        state
+            .schema
+            .execute_stream(request)
+            .map(move |response| {
+                if subscription {
+                    executions.inc();
+                }
+                Output::own(response)
+            })
+            .boxed()
+    };
+    let metrics = state.metrics.clone();
+    let results = results.map(move |output| match output {
+        Output::Own(response) => {
+            outcome.result(&response);
+            next(&response)
+        }
+        Output::Shared(shared) => {
+            outcome.counted(shared.outcome);
+            if let Some(published_at) = shared.published_at_ms {
+                metrics.delivered(transport::GRAPHQL_SSE, published_at);
+            }
+            shared.common_frame(|json| frame::event("next", None, json))
+        }
     });
     let frames = results
         .chain(stream::once(async {
@@ -288,13 +321,18 @@ impl Outcome {
     }
 
     fn result(&mut self, response: &Response) {
+        self.counted(outcome(response));
+    }
+
+    /// Counts the first result, whose outcome label is `outcome`.
+    fn counted(&mut self, outcome: &'static str) {
         if self.counted {
             return;
         }
         self.counted = true;
         self.metrics
             .graphql_operations_total
-            .with_label_values(&[self.label, outcome(response)])
+            .with_label_values(&[self.label, outcome])
             .inc();
         // A subscription's first result waits for its first event: only
         // queries and mutations have an execution time worth the name.

@@ -4,13 +4,14 @@
 
 use actix_web::web;
 use async_graphql::parser::types::{ExecutableDocument, OperationType};
-use async_graphql::{Executor, Request, Response};
+use async_graphql::{Executor, Request};
 
 use crate::error::ErrorCode;
 use crate::graphql::document::{
     count_tokens, describe_parse_error, scanned_operation_type, TooManyTokens,
 };
 use crate::graphql::limits::{check_large, is_large, Unchecked};
+pub use crate::graphql::{is_request_error, outcome};
 use crate::ratelimit::Scope;
 use crate::telemetry::metrics::Metrics;
 
@@ -229,26 +230,5 @@ pub fn operation_label(ty: OperationType) -> &'static str {
         OperationType::Query => "query",
         OperationType::Mutation => "mutation",
         OperationType::Subscription => "subscription",
-    }
-}
-
-/// A response that failed before execution (parse, validation, limits):
-/// errors, no data, and no error tied to a field path. A field error that
-/// nulled the whole result still ran, and is answered 200.
-pub fn is_request_error(response: &Response) -> bool {
-    !response.errors.is_empty()
-        && matches!(response.data, async_graphql::Value::Null)
-        && response.errors.iter().all(|e| e.path.is_empty())
-}
-
-/// The `outcome` label of an operation, decided by its first result:
-/// `request_error` (it never ran), `field_error` or `ok`.
-pub fn outcome(response: &Response) -> &'static str {
-    if is_request_error(response) {
-        "request_error"
-    } else if response.errors.is_empty() {
-        "ok"
-    } else {
-        "field_error"
     }
 }

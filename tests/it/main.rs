@@ -12,6 +12,7 @@ mod cli;
 mod envelope;
 mod fleet;
 mod graphql;
+mod groups;
 mod http;
 mod inputs;
 mod loadgen;
