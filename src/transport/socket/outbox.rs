@@ -164,6 +164,13 @@ async fn interruptible(
     cutoff: &Cutoff,
     shutdown: &Shutdown,
 ) -> Result<(), End> {
+    let mut send = std::pin::pin!(send);
+    // The usual case: the socket layer has room and takes the frame at
+    // once, without waiting on (and registering with) the cut-off and the
+    // drain.
+    if let Some(sent) = futures_util::FutureExt::now_or_never(send.as_mut()) {
+        return sent.map_err(|Closed| End::Gone);
+    }
     tokio::select! {
         biased;
         sent = send => sent.map_err(|Closed| End::Gone),
