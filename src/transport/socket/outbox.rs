@@ -136,8 +136,17 @@ impl Outbox {
             return Err(slow_consumer());
         }
         self.buffered.add(size);
+        // The usual case: the socket layer has room and takes the frame at
+        // once, without waiting on (and registering with) the cut-off and
+        // the drain. A send that would wait sends nothing (the channel's
+        // send is cancel-safe), and the frame (a shared buffer: the clone
+        // is a count) goes the slow way, boxed, so that every connection's
+        // task does not carry the slow way's state.
+        if let Some(sent) = futures_util::FutureExt::now_or_never(self.session.text(text.clone())) {
+            return sent.map_err(|Closed| End::Gone);
+        }
         let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
-        interruptible(self.session.text(text), &cutoff, &shutdown).await
+        Box::pin(interruptible(self.session.text(text), &cutoff, &shutdown)).await
     }
 
     pub async fn ping(&mut self) -> Result<(), End> {
@@ -164,13 +173,6 @@ async fn interruptible(
     cutoff: &Cutoff,
     shutdown: &Shutdown,
 ) -> Result<(), End> {
-    let mut send = std::pin::pin!(send);
-    // The usual case: the socket layer has room and takes the frame at
-    // once, without waiting on (and registering with) the cut-off and the
-    // drain.
-    if let Some(sent) = futures_util::FutureExt::now_or_never(send.as_mut()) {
-        return sent.map_err(|Closed| End::Gone);
-    }
     tokio::select! {
         biased;
         sent = send => sent.map_err(|Closed| End::Gone),

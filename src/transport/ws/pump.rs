@@ -203,7 +203,7 @@ pub async fn run<E: Executor, P: Protocol>(
         let actions = match event {
             Event::Drain => break going_away(),
             Event::Cut => break slow_consumer(),
-            Event::Frame(frame) => match reader.receive(frame, &mut outbox).await {
+            Event::Frame(frame) => match Box::pin(reader.receive(frame, &mut outbox)).await {
                 Ok(Received::Text(text)) => machine.on_text(&text),
                 Ok(Received::Binary) => machine.on_binary(),
                 Ok(Received::Nothing) => Vec::new(),
@@ -223,7 +223,7 @@ pub async fn run<E: Executor, P: Protocol>(
             }
             Event::Expired => machine.on_expired(),
             Event::Heartbeat => {
-                if let Err(end) = reader.beat(&mut outbox).await {
+                if let Err(end) = Box::pin(reader.beat(&mut outbox)).await {
                     break end;
                 }
                 machine.on_heartbeat()
@@ -234,7 +234,7 @@ pub async fn run<E: Executor, P: Protocol>(
         // (the ack) is answered, or the connection closes with 4429.
         let user = machine.core().principal().map(|p| p.user_id.clone());
         if let Some(user) = user.filter(|u| admitted_user.as_ref() != Some(u)) {
-            match user_connections.acquire(&user).await {
+            match Box::pin(user_connections.acquire(&user)).await {
                 Ok(lease) => {
                     _user_lease = Some(lease);
                     admitted_user = Some(user);
@@ -325,5 +325,5 @@ pub async fn run<E: Executor, P: Protocol>(
     // Release the operations (and their hub places) before the close goes
     // out, so that nothing is delivered after it.
     drop(operations);
-    finish(outbox, end, &metrics, transport).await;
+    Box::pin(finish(outbox, end, &metrics, transport)).await;
 }
