@@ -389,7 +389,14 @@ async fn events_stream(state: web::Data<AppState>, req: HttpRequest) -> HttpResp
                     cursor.set(index, event.event.id.clone());
                 }
                 metrics.delivered(transport::SSE, event.published_at_ms);
-                frame::event(&event.event.kind, cursor.id().as_deref(), event.json.get())
+                match cursor.id() {
+                    // One topic: every stream of it writes the same block,
+                    // made once per node.
+                    Some(id) if id == event.event.id => event.sse_frame(|e| {
+                        frame::event(&e.event.kind, Some(&e.event.id), e.json.get())
+                    }),
+                    id => frame::event(&event.event.kind, id.as_deref(), event.json.get()),
+                }
             }
             Delivery::Gap(reason) => frame::gap(&cursor.topics[index], reason),
             // The topic's stream ends; the others go on.
