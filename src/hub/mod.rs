@@ -2,7 +2,9 @@
 //!
 //! The broker hands each event to [`Hub::dispatch`] once; the hub passes the
 //! same `Arc` to every local subscriber's bounded queue with `try_send`, so
-//! it never waits on a client. A subscriber whose queue is full is cut off:
+//! it never waits on a client. The topics are spread over [`SHARDS`] maps,
+//! each with a lock of its own: a dispatch holds one topic's shard for a few
+//! `try_send`s, never every topic, and never across an await. A subscriber whose queue is full is cut off:
 //! its queue is closed, its connection's [`Cutoff`] fires (the transport
 //! closes with the slow-consumer code) and it is counted. A subscription's
 //! [`Subscription`] releases its place synchronously in `Drop`; the last one
@@ -73,10 +75,19 @@ struct Subscriber {
     transport: &'static str,
 }
 
+/// How many independently locked maps the topics are spread over.
+pub const SHARDS: usize = 64;
+
+type Topics = HashMap<String, HashMap<u64, Subscriber>>;
+
 pub struct Hub {
     /// Most events one history read returns.
     history_limit: usize,
-    topics: Mutex<HashMap<String, HashMap<u64, Subscriber>>>,
+    shards: Box<[Mutex<Topics>]>,
+    /// Which shard a topic is in.
+    hasher: std::hash::RandomState,
+    /// Topics with local subscribers, over every shard.
+    topic_count: std::sync::atomic::AtomicI64,
     next_id: AtomicU64,
     capacity: usize,
     broker: Arc<dyn Broker>,
@@ -90,7 +101,9 @@ impl Hub {
             // One read replays at most this much; a longer absence is
             // caught up by the next hole fill, read by read.
             history_limit: 1000,
-            topics: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::hash::RandomState::new(),
+            topic_count: std::sync::atomic::AtomicI64::new(0),
             next_id: AtomicU64::new(1),
             capacity: capacity.max(1),
             broker: broker.clone(),
@@ -115,8 +128,14 @@ impl Hub {
         let (tx, rx) = mpsc::channel(self.capacity);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
-            let mut topics = self.lock();
-            let subs = topics.entry(topic.to_owned()).or_default();
+            let mut topics = self.lock(topic);
+            let subs = match topics.get_mut(topic) {
+                Some(subs) => subs,
+                None => {
+                    self.counted_topics(1);
+                    topics.entry(topic.to_owned()).or_default()
+                }
+            };
             subs.insert(
                 id,
                 Subscriber {
@@ -125,7 +144,6 @@ impl Hub {
                     transport,
                 },
             );
-            self.metrics.hub_topics.set(topics.len() as i64);
         }
         // Constructed before the await so that a cancelled or failed
         // subscribe still releases its place.
@@ -168,23 +186,40 @@ impl Hub {
 
     /// The number of local subscribers of `topic`.
     pub fn subscriber_count(&self, topic: &str) -> usize {
-        self.lock().get(topic).map_or(0, HashMap::len)
+        self.lock(topic).get(topic).map_or(0, HashMap::len)
     }
 
     /// The topics with local subscribers.
     pub fn topics(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            all.extend(Self::locked(shard).keys().cloned());
+        }
+        all
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<u64, Subscriber>>> {
+    /// The shard of `topic`, locked.
+    fn lock(&self, topic: &str) -> std::sync::MutexGuard<'_, Topics> {
+        use std::hash::BuildHasher;
+        let shard = self.hasher.hash_one(topic) as usize % self.shards.len();
+        Self::locked(&self.shards[shard])
+    }
+
+    fn locked(shard: &Mutex<Topics>) -> std::sync::MutexGuard<'_, Topics> {
         // A panic elsewhere must not wedge every subscription: the map stays
         // consistent because every critical section is a few map operations.
-        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+        shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Topics came (`+`) or went (`-`).
+    fn counted_topics(&self, delta: i64) {
+        let now = self.topic_count.fetch_add(delta, Ordering::Relaxed) + delta;
+        self.metrics.hub_topics.set(now);
     }
 
     fn remove(&self, topic: &str, id: u64) {
         let released = {
-            let mut topics = self.lock();
+            let mut topics = self.lock(topic);
             let Some(subs) = topics.get_mut(topic) else {
                 return;
             };
@@ -192,8 +227,8 @@ impl Hub {
             let empty = subs.is_empty();
             if empty {
                 topics.remove(topic);
+                self.counted_topics(-1);
             }
-            self.metrics.hub_topics.set(topics.len() as i64);
             empty
         };
         if released {
@@ -208,13 +243,13 @@ impl EventSink for Hub {
     }
 
     fn wants(&self, topic: &str) -> bool {
-        self.lock().contains_key(topic)
+        self.lock(topic).contains_key(topic)
     }
 
     fn dispatch(&self, event: Arc<SharedEvent>) {
         let mut slow = Vec::new();
         {
-            let mut topics = self.lock();
+            let mut topics = self.lock(&event.event.topic);
             let Some(subs) = topics.get_mut(&event.event.topic) else {
                 self.metrics
                     .events_dropped_total
@@ -235,7 +270,7 @@ impl EventSink for Hub {
             });
             if subs.is_empty() {
                 topics.remove(&event.event.topic);
-                self.metrics.hub_topics.set(topics.len() as i64);
+                self.counted_topics(-1);
                 drop(topics);
                 self.broker.release(&event.event.topic);
             }
