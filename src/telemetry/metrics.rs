@@ -53,6 +53,11 @@ pub struct Metrics {
     pub subscription_executions_total: prometheus::IntCounter,
     /// Groups of subscribers sharing one execution.
     pub subscription_groups: IntGauge,
+    /// Redis Pub/Sub messages received and not yet dispatched to the hub.
+    pub pubsub_queue: IntGauge,
+    /// Times the Pub/Sub queue filled and the connection was ended to catch
+    /// up from history.
+    pub pubsub_overflows_total: prometheus::IntCounter,
     /// Events accepted by the broker, by topic namespace.
     pub events_published_total: IntCounterVec,
     /// Publishes the broker refused, by reason.
@@ -201,6 +206,15 @@ impl Metrics {
         let subscription_groups = r.gauge(
             "subgate_subscription_groups",
             "Groups of identical GraphQL subscriptions sharing one execution",
+        );
+        let pubsub_queue = r.gauge(
+            "subgate_pubsub_queue",
+            "Redis Pub/Sub messages received and not yet dispatched to the hub",
+        );
+        let pubsub_overflows_total = r.counter(
+            "subgate_pubsub_overflows_total",
+            "Times the node fell a whole queue behind its Redis Pub/Sub connection and \
+             reconnected to catch up from history",
         );
         let events_published_total = r.counter_vec(
             "subgate_events_published_total",
@@ -380,6 +394,8 @@ impl Metrics {
             hub_topics,
             subscription_executions_total,
             subscription_groups,
+            pubsub_queue,
+            pubsub_overflows_total,
             events_published_total,
             publish_failures_total,
             events_delivered_total,

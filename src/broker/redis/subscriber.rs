@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use rand::Rng;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Link, Shared};
 use crate::event::SharedEvent;
@@ -17,6 +17,10 @@ use crate::infra::redis::Redis;
 
 /// How many channels one SUBSCRIBE or UNSUBSCRIBE names.
 const BATCH: usize = 1000;
+
+/// Messages received from Redis and not yet dispatched to the hub, at most:
+/// a full queue ends the connection (`subgate_pubsub_overflows_total`).
+pub(super) const PUBSUB_QUEUE: usize = 16 * 1024;
 
 pub(super) struct SubscriberTask {
     pub(super) redis: Redis,
@@ -71,15 +75,22 @@ impl SubscriberTask {
         *attempt = 0;
         tracing::info!("redis pub/sub connected");
 
-        // The reader drains the connection into the hub and reports its end.
+        // The reader drains the connection into a bounded queue and reports
+        // its end; the dispatcher decodes what the queue holds into the
+        // hub. The reader only moves messages, so redis-rs's own (unbounded)
+        // buffer stays empty while the node has any CPU at all; when the
+        // node cannot keep up the queue fills, and a full queue ends the
+        // connection (counted): the node reconnects and each stream reads
+        // what it missed from history, instead of the node buffering
+        // without bound.
         let (ended_tx, mut ended_rx) = oneshot::channel::<()>();
+        let (queue_tx, mut queue_rx) = mpsc::channel::<redis::Msg>(PUBSUB_QUEUE);
         let reader = {
             let shared = self.shared.clone();
             let probe_channel = self.probe_channel.clone();
             tokio::spawn(async move {
                 while let Some(msg) = stream.next().await {
-                    let channel = msg.get_channel_name();
-                    if channel == probe_channel {
+                    if msg.get_channel_name() == probe_channel {
                         if let Ok(seq) = std::str::from_utf8(msg.get_payload_bytes())
                             .unwrap_or("")
                             .parse::<u64>()
@@ -88,6 +99,25 @@ impl SubscriberTask {
                         }
                         continue;
                     }
+                    if let Err(full) = queue_tx.try_send(msg) {
+                        if matches!(full, mpsc::error::TrySendError::Full(_)) {
+                            shared.metrics.pubsub_overflows_total.inc();
+                            tracing::warn!(
+                                queued = PUBSUB_QUEUE,
+                                "redis pub/sub: the node fell behind its bus; reconnecting to catch up from history"
+                            );
+                        }
+                        break;
+                    }
+                }
+                let _ = ended_tx.send(());
+            })
+        };
+        let dispatcher = {
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = queue_rx.recv().await {
+                    shared.metrics.pubsub_queue.set(queue_rx.len() as i64);
                     let Ok(text) = std::str::from_utf8(msg.get_payload_bytes()) else {
                         shared
                             .metrics
@@ -109,9 +139,10 @@ impl SubscriberTask {
                             .inc(),
                     }
                 }
-                let _ = ended_tx.send(());
+                shared.metrics.pubsub_queue.set(0);
             })
         };
+        let _abort_dispatcher = AbortOnDrop(dispatcher);
         let _abort_reader = AbortOnDrop(reader);
 
         let probe_interval = self.redis.config().probe_interval;
