@@ -232,8 +232,12 @@ pub async fn run<E: Executor, P: Protocol>(
         // `connection_init` may have authenticated someone the upgrade did
         // not: they take a place under the per-user limit before anything
         // (the ack) is answered, or the connection closes with 4429.
-        let user = machine.core().principal().map(|p| p.user_id.clone());
-        if let Some(user) = user.filter(|u| admitted_user.as_ref() != Some(u)) {
+        let user = machine
+            .core()
+            .principal()
+            .filter(|p| admitted_user.as_ref() != Some(&p.user_id))
+            .map(|p| p.user_id.clone());
+        if let Some(user) = user {
             match Box::pin(user_connections.acquire(&user)).await {
                 Ok(lease) => {
                     _user_lease = Some(lease);
