@@ -19,9 +19,15 @@
 //!   hub subscriber would be, and the rest of the group goes on;
 //! - its token's expiry and every close code (the connection's own).
 //!
-//! What is not grouped (runs on its own, as before): a subscription that
-//! resumes (`after`), a large document (checked off the workers first), a
-//! document whose root is not a single plain field.
+//! A subscriber that resumes (`after`, given as a variable) joins the group
+//! of the same subscription without `after`, but first replays what it
+//! missed through an execution of its own; once that has delivered the
+//! event just before the group's next one, it switches to the group's
+//! results, none lost, none twice ([`Resuming`]).
+//!
+//! What is not grouped (runs on its own, as before): a large document
+//! (checked off the workers first), a document whose root is not a single
+//! plain field, `after` written as a literal.
 //!
 //! A group lives while it has members: the last one out stops its
 //! execution, which releases its hub subscription.
@@ -34,6 +40,7 @@ use std::task::{Context, Poll};
 
 use async_graphql::parser::types::{OperationType, Selection};
 use async_graphql::{Executor, PathSegment, Request, Response, ServerError, Variables};
+use async_graphql_value::{ConstValue, Value};
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -42,6 +49,7 @@ use super::document::Tokens;
 use super::limits::is_large;
 use super::{is_request_error, outcome};
 use crate::auth::Principal;
+use crate::event::{Position, SharedEvent};
 use crate::hub::resume::Recheck;
 use crate::hub::{Cutoff, CutoffReason};
 use crate::store::Store;
@@ -63,6 +71,8 @@ pub struct SharedResult {
     pub outcome: &'static str,
     /// When the event behind it was published (ms since the Unix epoch).
     pub published_at_ms: Option<u64>,
+    /// The topic and resume position of the event behind it.
+    pub position: Option<(String, Position)>,
     /// A frame that is the same for every member whatever its operation
     /// id (GraphQL over SSE's `event: next`): built by the first that needs
     /// it.
@@ -127,6 +137,8 @@ struct Plan {
     /// Who the group's own request runs as: the viewer (without expiry:
     /// each member's connection ends with its own token) or nobody.
     leader: Option<Principal>,
+    /// The member resumes: it replays on its own, then joins.
+    resumes: bool,
 }
 
 /// A member's connection, as the group needs it.
@@ -155,6 +167,8 @@ pub struct Group {
     cutoff: Arc<Cutoff>,
     /// The publish time of the event being executed.
     published_at: AtomicU64,
+    /// The topic and position of the event being executed.
+    position: Mutex<Option<(String, Position)>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
@@ -206,6 +220,27 @@ impl<E: Executor> Groups<E> {
         };
         let groups = self.clone();
         stream::once(async move {
+            if plan.resumes {
+                // Replays as itself, from its `after` (its own execution
+                // authorizes it, as alone), noting the position of each
+                // event it delivers; joins the group once it delivered
+                // something, and switches when it meets the group's results.
+                let tracker = Arc::new(Tracker::default());
+                let own = groups
+                    .executor
+                    .execute_stream(request.data(tracker.clone()), None);
+                let executions = groups.metrics.subscription_executions_total.clone();
+                let join: Join<E> = Box::new(move || groups.join(plan, principal, membership));
+                return Resuming {
+                    own: Some(own),
+                    tracker,
+                    join: Some(join),
+                    group: None,
+                    head: None,
+                    executions,
+                }
+                .boxed();
+            }
             // Authorized as the member, by the resolvers' own checks.
             let mut probe = groups
                 .executor
@@ -272,6 +307,7 @@ impl<E: Executor> Groups<E> {
             next_member: AtomicU64::new(0),
             cutoff: Cutoff::new(),
             published_at: AtomicU64::new(0),
+            position: Mutex::new(None),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             task: Mutex::new(None),
@@ -367,10 +403,16 @@ async fn run<E: Executor>(
             }
         };
         let published_at = group.published_at.load(Ordering::Relaxed);
+        let position = group
+            .position
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let shared = Arc::new(SharedResult {
             json,
             outcome: outcome(&response),
             published_at_ms: (published_at > 0).then_some(published_at),
+            position,
             frame: std::sync::OnceLock::new(),
         });
         group.dispatch(shared);
@@ -388,9 +430,14 @@ impl Group {
         self.cutoff.clone()
     }
 
-    /// Notes the publish time of the event the group is executing.
-    pub fn note_published(&self, published_at_ms: u64) {
-        self.published_at.store(published_at_ms, Ordering::Relaxed);
+    /// Notes the event the group is executing.
+    pub fn note(&self, event: &SharedEvent) {
+        self.published_at
+            .store(event.published_at_ms, Ordering::Relaxed);
+        *self.position.lock().unwrap_or_else(|p| p.into_inner()) = event
+            .position
+            .clone()
+            .map(|p| (event.event.topic.clone(), p));
     }
 
     /// The recheck of `topic`'s readers for every member, where the topic
@@ -533,12 +580,15 @@ impl<E: Executor> MemberStream<E> {
 
 /// How `request` is grouped, or `None` where it runs on its own: a large
 /// document, one that does not parse, an operation that is not a
-/// subscription of one plain root field, or one that resumes (`after`).
+/// subscription of one plain root field, one that resumes with `after`
+/// written as a literal, used elsewhere too, or over several topics.
 fn plan(request: &mut Request, principal: Option<&Principal>) -> Option<Plan> {
     if is_large(&request.query) {
         return None;
     }
     let operation = request.operation_name.clone();
+    let query = request.query.clone();
+    let mut variables = request.variables.clone();
     let doc = request.parsed_query().ok()?;
     let op = match &operation {
         Some(name) => {
@@ -565,18 +615,55 @@ fn plan(request: &mut Request, principal: Option<&Principal>) -> Option<Plan> {
     let Selection::Field(field) = &root.node else {
         return None;
     };
-    if field
-        .node
-        .arguments
-        .iter()
-        .any(|(name, _)| name.node.as_str() == "after")
-    {
-        return None;
+    let argument = |name: &str| {
+        field
+            .node
+            .arguments
+            .iter()
+            .find(|(n, _)| n.node.as_str() == name)
+            .map(|(_, v)| &v.node)
+    };
+    // A member that resumes joins the group of the same subscription
+    // without `after`: the variable that carries it is left out of the key
+    // and null in the group's own request.
+    let after = match argument("after") {
+        None => None,
+        Some(Value::Variable(name)) => Some(name.to_string()),
+        Some(_) => return None,
+    };
+    if let Some(name) = &after {
+        let mentions = Tokens::new(&query)
+            .zip(Tokens::new(&query).skip(1))
+            .filter(|(dollar, n)| *dollar == "$" && n == name)
+            .count();
+        // Its definition and this argument: nowhere else.
+        if mentions != 2 {
+            return None;
+        }
+        // One topic, so that positions tell where its replay stands.
+        let one_topic = match argument("topics") {
+            None => true,
+            Some(Value::List(items)) => items.len() == 1,
+            Some(Value::Variable(topics)) => matches!(
+                variables.get(topics.as_str()),
+                Some(ConstValue::List(items)) if items.len() == 1
+            ),
+            Some(_) => false,
+        };
+        if !one_topic {
+            return None;
+        }
     }
+    // Resuming means a position to resume after; without one (absent or
+    // null) the member is live from the start, like the group.
+    let resumes = after
+        .as_ref()
+        .and_then(|name| variables.remove(name.as_str()))
+        .is_some_and(|value| value != ConstValue::Null);
     let root = field.node.response_key().node.to_string();
-    let mut document = String::with_capacity(request.query.len());
+    let mut document = String::with_capacity(query.len());
     let mut by_viewer = false;
-    for token in Tokens::new(&request.query) {
+    for token in Tokens::new(&query) {
         by_viewer |= VIEWER_DEPENDENT_FIELDS.contains(&token);
         if !document.is_empty() {
             document.push(' ');
@@ -592,19 +679,155 @@ fn plan(request: &mut Request, principal: Option<&Principal>) -> Option<Plan> {
     let key = GroupKey {
         document,
         operation: operation.clone(),
-        variables: serde_json::to_string(&request.variables).ok()?,
+        variables: serde_json::to_string(&variables).ok()?,
         // Anonymous viewers of a viewer-dependent document share: they see
         // what nobody sees.
         viewer: viewer.flatten(),
     };
     Some(Plan {
         key,
-        query: request.query.clone(),
+        query,
         operation,
-        variables: request.variables.clone(),
+        variables,
         root,
         leader,
+        resumes,
     })
+}
+
+/// Where a resuming member's own execution stands: the topic and position
+/// of the last event it delivered (noted by the subscription resolvers).
+#[derive(Default)]
+pub struct Tracker {
+    last: Mutex<Option<(String, Position)>>,
+}
+
+impl Tracker {
+    pub fn note(&self, event: &SharedEvent) {
+        if let Some(position) = &event.position {
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((event.event.topic.clone(), position.clone()));
+        }
+    }
+
+    fn last(&self) -> Option<(String, Position)> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Joins a resuming member to its group, when it is time.
+type Join<E> = Box<dyn FnOnce() -> MemberStream<E> + Send>;
+
+/// Where the group's next result stands against what a resuming member
+/// delivered on its own.
+enum Meeting {
+    /// Already delivered on its own: dropped.
+    Behind,
+    /// The very next one: the member switches to the group.
+    Next,
+    /// Not there yet (or cannot tell): the member goes on on its own.
+    Ahead,
+}
+
+/// A resuming member: its own execution (the replay, then live) until that
+/// delivered the event just before the group's next result; from then on
+/// the group's results.
+pub struct Resuming<E: Executor> {
+    own: Option<BoxStream<'static, Response>>,
+    tracker: Arc<Tracker>,
+    join: Option<Join<E>>,
+    group: Option<MemberStream<E>>,
+    /// The group's next result, taken to compare.
+    head: Option<Output>,
+    executions: prometheus::IntCounter,
+}
+
+impl<E: Executor> Resuming<E> {
+    fn meets(&self, head: &Output) -> Meeting {
+        let Output::Shared(shared) = head else {
+            // A result of the member's own from the group (it was
+            // revoked): the group speaks for it now.
+            return Meeting::Next;
+        };
+        let (Some((topic, next)), Some((own_topic, own))) = (&shared.position, self.tracker.last())
+        else {
+            return Meeting::Ahead;
+        };
+        if *topic != own_topic || next.epoch != own.epoch {
+            return Meeting::Ahead;
+        }
+        match next.seq {
+            seq if seq <= own.seq => Meeting::Behind,
+            seq if seq == own.seq + 1 => Meeting::Next,
+            _ => Meeting::Ahead,
+        }
+    }
+}
+
+impl<E: Executor> Stream for Resuming<E> {
+    type Item = Output;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Output>> {
+        let this = self.get_mut();
+        loop {
+            if this.own.is_none() {
+                if let Some(head) = this.head.take() {
+                    return Poll::Ready(Some(head));
+                }
+                return match this.group.as_mut() {
+                    Some(group) => group.poll_next_unpin(cx),
+                    None => Poll::Ready(None),
+                };
+            }
+            if let Some(group) = this.group.as_mut() {
+                if this.head.is_none() {
+                    match group.poll_next_unpin(cx) {
+                        Poll::Ready(Some(item)) => this.head = Some(item),
+                        // The group ended: the member goes on on its own.
+                        Poll::Ready(None) => this.group = None,
+                        Poll::Pending => {}
+                    }
+                }
+                if let Some(head) = &this.head {
+                    match this.meets(head) {
+                        Meeting::Behind => {
+                            this.head = None;
+                            continue;
+                        }
+                        Meeting::Next => {
+                            this.own = None;
+                            continue;
+                        }
+                        Meeting::Ahead => {}
+                    }
+                }
+            }
+            let Some(own) = this.own.as_mut() else {
+                continue;
+            };
+            return match own.poll_next_unpin(cx) {
+                Poll::Ready(Some(response)) => {
+                    this.executions.inc();
+                    // Its own execution delivered an event: it was
+                    // authorized (a refusal delivers none), it may join.
+                    if this.join.is_some() && this.tracker.last().is_some() {
+                        if let Some(join) = this.join.take() {
+                            this.group = Some(join());
+                        }
+                    }
+                    Poll::Ready(Some(Output::own(response)))
+                }
+                // Its own subscription ended (refused, revoked): so does
+                // the member.
+                Poll::Ready(None) => {
+                    this.group = None;
+                    this.head = None;
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
 }
 
 #[cfg(test)]

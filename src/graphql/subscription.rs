@@ -15,7 +15,7 @@ use async_graphql::{
 use futures_util::stream::BoxStream;
 use futures_util::{future, stream, Stream, StreamExt};
 
-use super::groups::{AuthorizeOnly, GroupLeader};
+use super::groups::{AuthorizeOnly, GroupLeader, Tracker};
 use super::types::{Event, Message, Notification, Post, User};
 use super::{coded_error, ctx_deps, require_viewer, viewer};
 use crate::auth::policy::authorize;
@@ -204,12 +204,19 @@ async fn open(
         streams.push(stream::iter(initial).chain(rest).boxed());
     }
     let metrics = deps.metrics.clone();
+    // A resuming member of a group notes where its replay stands.
+    let tracker = ctx.data_opt::<Arc<Tracker>>().cloned();
     let merged = stream::select_all(streams).map(move |item| {
         if let Ok(event) = &item {
             match &leader {
                 // Counted per member, as each takes the shared result.
-                Some(group) => group.note_published(event.published_at_ms),
-                None => metrics.delivered(label, event.published_at_ms),
+                Some(group) => group.note(event),
+                None => {
+                    metrics.delivered(label, event.published_at_ms);
+                    if let Some(tracker) = &tracker {
+                        tracker.note(event);
+                    }
+                }
             }
         }
         item

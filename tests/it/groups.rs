@@ -192,3 +192,112 @@ async fn results_that_depend_on_the_viewer_are_never_shared_across_users() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_member_that_resumes_replays_on_its_own_then_joins_its_group_none_lost_none_twice() {
+    let node = publisher_node(&[]);
+    let reader = create_user(&node, "Reader").await;
+    // A backend topic: its readers are authenticated users.
+    let topic = "ticks";
+    let document = "subscription Ticks($topics: [String!]!, $after: String) { events(topics: $topics, after: $after) { id payload } }";
+    let url = node.ws_url("/graphql/ws");
+    let ids = |payloads: Vec<Value>| -> Vec<String> {
+        payloads
+            .iter()
+            .map(|p| p["data"]["events"]["id"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+
+    // A live member, and five events it sees.
+    let mut live = GqlWs::connect(&url, TRANSPORT_WS).await;
+    live.init_ack(json!({ "token": reader.token })).await;
+    live.subscribe("live", document, json!({ "topics": [topic] }))
+        .await;
+    until_live(&mut [&mut live], "live", async |n| {
+        publish(&node, topic, "tick", json!({ "warm": n })).await
+    })
+    .await;
+    let mut sent = Vec::new();
+    for n in 0..5 {
+        sent.push(publish(&node, topic, "tick", json!({ "n": n })).await);
+    }
+    assert_eq!(ids(deliveries(&mut live, "live", 5).await), sent);
+
+    // A member that saw the first two comes back: it gets the three it
+    // missed, then everything live, once each and in order, and ends up
+    // sharing the live member's execution.
+    let mut back = GqlWs::connect(&url, LEGACY_WS).await;
+    back.init_ack(json!({ "token": reader.token })).await;
+    back.subscribe(
+        "back",
+        document,
+        json!({ "topics": [topic], "after": sent[1] }),
+    )
+    .await;
+    assert_eq!(ids(deliveries(&mut back, "back", 3).await), sent[2..]);
+    for n in 5..7 {
+        sent.push(publish(&node, topic, "tick", json!({ "n": n })).await);
+    }
+    assert_eq!(ids(deliveries(&mut back, "back", 2).await), sent[5..7]);
+    assert_eq!(ids(deliveries(&mut live, "live", 2).await), sent[5..7]);
+    assert_eq!(metric(&node, "subgate_subscription_groups").await, 1.0);
+
+    let executions = metric(&node, "subgate_graphql_subscription_executions_total").await;
+    for n in 7..12 {
+        sent.push(publish(&node, topic, "tick", json!({ "n": n })).await);
+    }
+    assert_eq!(ids(deliveries(&mut back, "back", 5).await), sent[7..12]);
+    assert_eq!(ids(deliveries(&mut live, "live", 5).await), sent[7..12]);
+    for (ws, id) in [(&mut back, "back"), (&mut live, "live")] {
+        assert!(
+            ws.delivery(id, Duration::from_millis(300)).await.is_none(),
+            "{id}: nothing twice"
+        );
+    }
+    // Both members, five events: five executions.
+    assert_eq!(
+        metric(&node, "subgate_graphql_subscription_executions_total").await - executions,
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn a_member_refused_on_its_own_never_gets_the_groups_results() {
+    let node = publisher_node(&[]);
+    let reader = create_user(&node, "Reader").await;
+    let document = "subscription($topics: [String!]!, $after: String) { events(topics: $topics, after: $after) { id } }";
+    let url = node.ws_url("/graphql/ws");
+    let mut allowed = GqlWs::connect(&url, TRANSPORT_WS).await;
+    allowed.init_ack(json!({ "token": reader.token })).await;
+    allowed
+        .subscribe("in", document, json!({ "topics": ["ticks"] }))
+        .await;
+    until_live(&mut [&mut allowed], "in", async |n| {
+        publish(&node, "ticks", "tick", json!({ "n": n })).await
+    })
+    .await;
+    let earlier = publish(&node, "ticks", "tick", json!({ "n": "earlier" })).await;
+    // Anonymous, resuming or not: refused, as alone, and nothing after.
+    for (id, variables) in [
+        ("live", json!({ "topics": ["ticks"] })),
+        ("resuming", json!({ "topics": ["ticks"], "after": earlier })),
+    ] {
+        let mut outsider = GqlWs::connect(&url, TRANSPORT_WS).await;
+        outsider.init_ack(json!({})).await;
+        outsider.subscribe(id, document, variables).await;
+        let refused = outsider.next_message(Duration::from_secs(10)).await;
+        assert!(
+            refused.to_string().contains("UNAUTHORIZED"),
+            "{id}: {refused}"
+        );
+        for n in 0..3 {
+            publish(&node, "ticks", "tick", json!({ "after_refusal": n })).await;
+        }
+        let (rest, _) = (outsider.read(Duration::from_millis(500)).await, ());
+        assert!(
+            matches!(&rest, Read::Message(m) if m["type"] == "complete")
+                || matches!(rest, Read::TimedOut),
+            "{id}: nothing but the end after a refusal: {rest:?}"
+        );
+    }
+}

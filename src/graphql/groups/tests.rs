@@ -132,3 +132,20 @@ fn what_cannot_be_shared_runs_on_its_own() {
     assert!(alone("subscription {"));
     assert!(!alone("subscription { events(topics: [\"t\"]) { id } }"));
 }
+
+#[test]
+fn a_member_resuming_through_a_variable_joins_the_group_without_it() {
+    let doc = "subscription($t: [String!]!, $a: String) { events(topics: $t, after: $a) { id } }";
+    let resuming = planned(doc, serde_json::json!({"t": ["x"], "a": "1:5"}), None).unwrap();
+    assert!(resuming.resumes);
+    let live = planned(doc, serde_json::json!({"t": ["x"]}), None).unwrap();
+    assert!(!live.resumes);
+    assert_eq!(resuming.key, live.key);
+    assert!(resuming.variables.get("a").is_none());
+    // Over several topics positions cannot say where the replay stands;
+    // `after` used elsewhere too would change the group's own request.
+    assert!(planned(doc, serde_json::json!({"t": ["x", "y"], "a": "1:5"}), None).is_none());
+    let twice =
+        "subscription($a: String) { events(topics: [\"x\"], after: $a) { id payload(at: $a) } }";
+    assert!(planned(twice, serde_json::json!({"a": "1:5"}), None).is_none());
+}
