@@ -293,7 +293,7 @@ async fn a_member_refused_on_its_own_never_gets_the_groups_results() {
         for n in 0..3 {
             publish(&node, "ticks", "tick", json!({ "after_refusal": n })).await;
         }
-        let (rest, _) = (outsider.read(Duration::from_millis(500)).await, ());
+        let rest = outsider.read(Duration::from_millis(500)).await;
         assert!(
             matches!(&rest, Read::Message(m) if m["type"] == "complete")
                 || matches!(rest, Read::TimedOut),
