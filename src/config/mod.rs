@@ -151,6 +151,10 @@ pub struct RedisSettings {
     pub max_backoff_seconds: f64,
     /// Pooled connections for commands (publish, store).
     pub pool_size: usize,
+    /// Pub/Sub messages received and not yet handed to the hub, at most; a
+    /// node that falls this far behind reconnects and catches up from
+    /// history.
+    pub pubsub_queue_messages: usize,
 }
 
 impl Default for RedisSettings {
@@ -163,6 +167,7 @@ impl Default for RedisSettings {
             probe_interval_seconds: 5.0,
             max_backoff_seconds: 2.0,
             pool_size: 32,
+            pubsub_queue_messages: 16 * 1024,
         }
     }
 }
@@ -872,6 +877,7 @@ impl Settings {
             hub.subscriber_queue_capacity,
             hub.subscriber_queue_bytes,
             redis.pool_size,
+            redis.pubsub_queue_messages,
             history.size,
             history.ttl_seconds,
             history.max_topics,

@@ -1195,3 +1195,58 @@ async fn events_acknowledged_after_redis_restarts_empty_reach_every_live_subscri
         );
     }
 }
+
+#[tokio::test]
+async fn a_node_a_whole_queue_behind_its_bus_reconnects_and_its_streams_lose_nothing() {
+    let redis = TestRedis::start();
+    // A queue of one message: a burst that reaches the node faster than its
+    // hub takes it overflows the queue.
+    let node = Node::start(&[
+        ("SUBGATE__REDIS__URL", redis.url().as_str()),
+        ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2"),
+        ("SUBGATE__REDIS__PUBSUB_QUEUE_MESSAGES", "1"),
+        ("SUBGATE__PUBLISH__API_KEYS", API_KEY),
+    ]);
+    let reader = create_user(&node, "Reader").await;
+    let auth = format!("Bearer {}", reader.token);
+    let mut stream = open_stream(
+        &node,
+        "/api/v1/events/stream?topic=bursts",
+        &[("authorization", auth.as_str())],
+    )
+    .await
+    .expect("the stream opens");
+    let mut sent = Vec::new();
+    let overflows = async || {
+        metric_sum(
+            &get(&node, "/metrics").await.body,
+            "subgate_pubsub_overflows_total",
+        )
+    };
+    for burst in 0..20 {
+        let ids = futures_util::future::join_all(
+            (0..50).map(|n| publish(&node, "bursts", "burst", json!({ "burst": burst, "n": n }))),
+        )
+        .await;
+        sent.extend(ids);
+        if overflows().await > 0.0 {
+            break;
+        }
+    }
+    assert!(
+        overflows().await > 0.0,
+        "{} events in bursts of 50 never overflowed a queue of one",
+        sent.len()
+    );
+    // Every event, once, in the topic's order, though the node dropped what
+    // its queue could not hold and reconnected.
+    sent.sort_by_key(|id| id.rsplit(':').next().and_then(|s| s.parse::<u64>().ok()));
+    let got: Vec<String> = stream
+        .events(sent.len(), Duration::from_secs(30))
+        .await
+        .iter()
+        .filter(|block| block.event() == Some("burst"))
+        .map(|block| block.id().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(got, sent);
+}

@@ -18,10 +18,6 @@ use crate::infra::redis::Redis;
 /// How many channels one SUBSCRIBE or UNSUBSCRIBE names.
 const BATCH: usize = 1000;
 
-/// Messages received from Redis and not yet dispatched to the hub, at most:
-/// a full queue ends the connection (`subgate_pubsub_overflows_total`).
-pub(super) const PUBSUB_QUEUE: usize = 16 * 1024;
-
 pub(super) struct SubscriberTask {
     pub(super) redis: Redis,
     pub(super) shared: Arc<Shared>,
@@ -84,7 +80,10 @@ impl SubscriberTask {
         // what it missed from history, instead of the node buffering
         // without bound.
         let (ended_tx, mut ended_rx) = oneshot::channel::<()>();
-        let (queue_tx, mut queue_rx) = mpsc::channel::<redis::Msg>(PUBSUB_QUEUE);
+        // `redis.pubsub_queue_messages`: a full queue ends the connection
+        // (`subgate_pubsub_overflows_total`).
+        let queued = self.redis.config().pubsub_queue.max(1);
+        let (queue_tx, mut queue_rx) = mpsc::channel::<redis::Msg>(queued);
         let reader = {
             let shared = self.shared.clone();
             let probe_channel = self.probe_channel.clone();
@@ -103,7 +102,7 @@ impl SubscriberTask {
                         if matches!(full, mpsc::error::TrySendError::Full(_)) {
                             shared.metrics.pubsub_overflows_total.inc();
                             tracing::warn!(
-                                queued = PUBSUB_QUEUE,
+                                queued,
                                 "redis pub/sub: the node fell behind its bus; reconnecting to catch up from history"
                             );
                         }

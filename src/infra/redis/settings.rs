@@ -24,6 +24,8 @@ pub struct RedisConfig {
     pub max_backoff: Duration,
     /// Pooled connections for commands: publishes, the store, presence.
     pub pool_size: usize,
+    /// Pub/Sub messages received and not yet handed to the hub, at most.
+    pub pubsub_queue: usize,
 }
 
 impl RedisConfig {
@@ -40,6 +42,7 @@ impl RedisConfig {
             probe_interval: secs(redis.probe_interval_seconds),
             max_backoff: secs(redis.max_backoff_seconds),
             pool_size: redis.pool_size,
+            pubsub_queue: redis.pubsub_queue_messages,
         })
     }
 
