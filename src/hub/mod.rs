@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 use tokio::sync::{mpsc, Notify};
 
-use crate::broker::{Broker, BrokerError, EventSink};
+use crate::broker::{Broker, BrokerError, EventSink, History};
 use crate::event::{NewEvent, SharedEvent};
 use crate::telemetry::metrics::Metrics;
 
@@ -78,7 +78,18 @@ struct Subscriber {
 /// How many independently locked maps the topics are spread over.
 pub const SHARDS: usize = 64;
 
-type Topics = HashMap<String, HashMap<u64, Subscriber>>;
+type Topics = HashMap<String, TopicSubs>;
+
+/// One topic's local subscribers, and where its live stream stands.
+#[derive(Default)]
+struct TopicSubs {
+    subs: HashMap<u64, Subscriber>,
+    /// The position of the last event handed out.
+    last: Option<crate::event::Position>,
+    /// While a hole is being filled from history: the events that arrived
+    /// meanwhile, handed out after the fill, in order.
+    filling: Option<Vec<Arc<SharedEvent>>>,
+}
 
 pub struct Hub {
     /// Most events one history read returns.
@@ -92,6 +103,8 @@ pub struct Hub {
     capacity: usize,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
+    /// Itself, for the fills it spawns.
+    me: OnceLock<std::sync::Weak<Hub>>,
 }
 
 impl Hub {
@@ -108,7 +121,9 @@ impl Hub {
             capacity: capacity.max(1),
             broker: broker.clone(),
             metrics,
+            me: OnceLock::new(),
         });
+        let _ = hub.me.set(Arc::downgrade(&hub));
         broker.start(hub.clone());
         hub
     }
@@ -129,14 +144,14 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut topics = self.lock(topic);
-            let subs = match topics.get_mut(topic) {
-                Some(subs) => subs,
+            let entry = match topics.get_mut(topic) {
+                Some(entry) => entry,
                 None => {
                     self.counted_topics(1);
                     topics.entry(topic.to_owned()).or_default()
                 }
             };
-            subs.insert(
+            entry.subs.insert(
                 id,
                 Subscriber {
                     tx,
@@ -186,7 +201,7 @@ impl Hub {
 
     /// The number of local subscribers of `topic`.
     pub fn subscriber_count(&self, topic: &str) -> usize {
-        self.lock(topic).get(topic).map_or(0, HashMap::len)
+        self.lock(topic).get(topic).map_or(0, |t| t.subs.len())
     }
 
     /// The topics with local subscribers.
@@ -220,11 +235,11 @@ impl Hub {
     fn remove(&self, topic: &str, id: u64) {
         let released = {
             let mut topics = self.lock(topic);
-            let Some(subs) = topics.get_mut(topic) else {
+            let Some(entry) = topics.get_mut(topic) else {
                 return;
             };
-            subs.remove(&id);
-            let empty = subs.is_empty();
+            entry.subs.remove(&id);
+            let empty = entry.subs.is_empty();
             if empty {
                 topics.remove(topic);
                 self.counted_topics(-1);
@@ -247,17 +262,118 @@ impl EventSink for Hub {
     }
 
     fn dispatch(&self, event: Arc<SharedEvent>) {
-        let mut slow = Vec::new();
-        {
-            let mut topics = self.lock(&event.event.topic);
-            let Some(subs) = topics.get_mut(&event.event.topic) else {
-                self.metrics
-                    .events_dropped_total
-                    .with_label_values(&["no_subscriber"])
-                    .inc();
+        let topic = event.event.topic.clone();
+        let mut topics = self.lock(&topic);
+        let Some(entry) = topics.get_mut(&topic) else {
+            self.metrics
+                .events_dropped_total
+                .with_label_values(&["no_subscriber"])
+                .inc();
+            return;
+        };
+        if let Some(waiting) = entry.filling.as_mut() {
+            // A fill is under way: this waits its turn, in order. A fill
+            // that falls a whole history read behind gives the rest to the
+            // subscribers' own fills.
+            if waiting.len() < self.history_limit {
+                waiting.push(event);
                 return;
+            }
+        }
+        if let Some(from) = hole_before(entry.last.as_ref(), &event) {
+            // A hole (Pub/Sub lost a message, or this node's link came back
+            // and the topic's latest event is handed out again): read it
+            // from history once for the topic, not once per subscriber.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                entry.filling = Some(vec![event]);
+                self.metrics.history_fills_total.inc();
+                let hub = self.me.get().and_then(std::sync::Weak::upgrade);
+                let limit = self.history_limit;
+                drop(topics);
+                if let Some(hub) = hub {
+                    runtime.spawn(async move {
+                        let read = hub.broker.history(&topic, &from, limit).await;
+                        let missed = match read {
+                            Ok(History::Complete(events)) => events,
+                            Ok(History::Gap { retained, .. }) => retained,
+                            Err(_) => Vec::new(),
+                        };
+                        hub.filled(&topic, missed);
+                    });
+                }
+                return;
+            }
+        }
+        let released = self.hand_out(&topic, &mut topics, event);
+        drop(topics);
+        if released {
+            self.broker.release(&topic);
+        }
+    }
+}
+
+/// Where a hole before `event` begins, when there is one: `event` is of the
+/// epoch of the last event handed out, and more than one past it.
+fn hole_before(
+    last: Option<&crate::event::Position>,
+    event: &SharedEvent,
+) -> Option<crate::event::Position> {
+    let (last, pos) = (last?, event.position.as_ref()?);
+    (last.epoch == pos.epoch && pos.seq > last.seq + 1).then(|| last.clone())
+}
+
+impl Hub {
+    /// The fill of `topic` read `missed` from history: what of it is new is
+    /// handed out, then what waited, in order.
+    fn filled(&self, topic: &str, missed: Vec<Arc<SharedEvent>>) {
+        let mut topics = self.lock(topic);
+        let Some(entry) = topics.get_mut(topic) else {
+            return;
+        };
+        let waited = entry.filling.take().unwrap_or_default();
+        let mut released = false;
+        // What the fill read is marked as a resync point: a stream that has
+        // delivered nothing yet stands at the live edge and skips it, the
+        // others take what follows where they stand.
+        let missed = missed.into_iter().map(|event| event.resync());
+        for event in missed.chain(waited) {
+            let Some(entry) = topics.get(topic) else {
+                break;
             };
-            subs.retain(|_, sub| match sub.tx.try_send(event.clone()) {
+            let stale = match (&entry.last, &event.position) {
+                (Some(last), Some(pos)) => last.epoch == pos.epoch && pos.seq <= last.seq,
+                _ => false,
+            };
+            if !stale {
+                released |= self.hand_out(topic, &mut topics, event);
+            }
+        }
+        drop(topics);
+        if released {
+            self.broker.release(topic);
+        }
+    }
+
+    /// Hands `event` to every subscriber of `topic` (whose shard is
+    /// `topics`); `true` when the last one left (the caller releases the
+    /// topic at the broker once the lock is dropped).
+    fn hand_out(&self, topic: &str, topics: &mut Topics, event: Arc<SharedEvent>) -> bool {
+        let Some(entry) = topics.get_mut(topic) else {
+            return false;
+        };
+        if let Some(pos) = &event.position {
+            let newer = match &entry.last {
+                Some(last) => last.epoch != pos.epoch || pos.seq > last.seq,
+                None => true,
+            };
+            if newer {
+                entry.last = Some(pos.clone());
+            }
+        }
+        let mut slow = Vec::new();
+        entry
+            .subs
+            .retain(|_, sub| match sub.tx.try_send(event.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // Deliberate drop: the subscriber is removed (its queue
@@ -268,12 +384,10 @@ impl EventSink for Hub {
                 // The receiver is gone; its guard removes it shortly.
                 Err(mpsc::error::TrySendError::Closed(_)) => true,
             });
-            if subs.is_empty() {
-                topics.remove(&event.event.topic);
-                self.counted_topics(-1);
-                drop(topics);
-                self.broker.release(&event.event.topic);
-            }
+        let released = entry.subs.is_empty();
+        if released {
+            topics.remove(topic);
+            self.counted_topics(-1);
         }
         for (cutoff, transport) in slow {
             self.metrics
@@ -288,6 +402,7 @@ impl EventSink for Hub {
                 cutoff.cut(CutoffReason::SlowConsumer);
             }
         }
+        released
     }
 }
 

@@ -344,6 +344,8 @@ mod tests {
     struct LossyBroker {
         inner: MemoryBroker,
         losing: Arc<AtomicBool>,
+        /// History reads, by the hub and by every stream.
+        reads: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     #[async_trait::async_trait]
@@ -372,6 +374,7 @@ mod tests {
             after: &Position,
             limit: usize,
         ) -> Result<History, BrokerError> {
+            self.reads.fetch_add(1, SeqCst);
             self.inner.history(topic, after, limit).await
         }
         async fn head(&self, topic: &str) -> Result<Option<Position>, BrokerError> {
@@ -382,16 +385,31 @@ mod tests {
     /// A hub whose bus link can be cut (`losing`), its histories living
     /// `ttl`; and a stream on topic `t` that has delivered its first event.
     async fn lossy_hub(ttl: Duration) -> (Arc<Hub>, Arc<AtomicBool>, Resumed) {
+        let (hub, losing, resumed, _) = lossy_hub_counting(ttl).await;
+        (hub, losing, resumed)
+    }
+
+    /// [`lossy_hub`], and the count of history reads.
+    async fn lossy_hub_counting(
+        ttl: Duration,
+    ) -> (
+        Arc<Hub>,
+        Arc<AtomicBool>,
+        Resumed,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let losing = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let broker = LossyBroker {
             inner: MemoryBroker::new(100, ttl),
             losing: losing.clone(),
+            reads: reads.clone(),
         };
         let hub = Hub::new(Arc::new(broker), Arc::new(Metrics::new()), 64);
         let mut resumed = resume(&hub, None).await;
         let first = publish(&hub, "t", 1).await;
         assert_eq!(take(&mut resumed.stream, 1).await, first);
-        (hub, losing, resumed)
+        (hub, losing, resumed, reads)
     }
 
     /// Publishes `n` events to `t` while the link is cut.
@@ -411,6 +429,29 @@ mod tests {
             take(&mut resumed.stream, 5).await,
             [&lost[..], &after[..]].concat()
         );
+    }
+
+    #[tokio::test]
+    async fn a_hole_is_read_from_history_once_for_every_stream_of_the_topic() {
+        let (hub, losing, mut first, reads) = lossy_hub_counting(Duration::from_secs(60)).await;
+        // Four more streams that stand where the first does.
+        let mut others = Vec::new();
+        for _ in 0..4 {
+            others.push(resume(&hub, None).await);
+        }
+        let edge = publish(&hub, "t", 1).await;
+        assert_eq!(take(&mut first.stream, 1).await, edge);
+        for other in &mut others {
+            assert_eq!(take(&mut other.stream, 1).await, edge);
+        }
+        let lost = unheard(&hub, &losing, 3).await;
+        let after = publish(&hub, "t", 2).await;
+        let all = [&lost[..], &after[..]].concat();
+        assert_eq!(take(&mut first.stream, 5).await, all);
+        for other in &mut others {
+            assert_eq!(take(&mut other.stream, 5).await, all);
+        }
+        assert_eq!(reads.load(SeqCst), 1, "one read for five streams");
     }
 
     #[tokio::test]

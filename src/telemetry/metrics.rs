@@ -55,6 +55,9 @@ pub struct Metrics {
     pub subscription_groups: IntGauge,
     /// Redis Pub/Sub messages received and not yet dispatched to the hub.
     pub pubsub_queue: IntGauge,
+    /// Holes in topics' live streams filled from history by the hub (once
+    /// per topic per hole, whatever the number of subscribers).
+    pub history_fills_total: prometheus::IntCounter,
     /// Times the Pub/Sub queue filled and the connection was ended to catch
     /// up from history.
     pub pubsub_overflows_total: prometheus::IntCounter,
@@ -210,6 +213,10 @@ impl Metrics {
         let pubsub_queue = r.gauge(
             "subgate_pubsub_queue",
             "Redis Pub/Sub messages received and not yet dispatched to the hub",
+        );
+        let history_fills_total = r.counter(
+            "subgate_history_fills_total",
+            "Holes in topics' live streams filled from history, once per topic per hole",
         );
         let pubsub_overflows_total = r.counter(
             "subgate_pubsub_overflows_total",
@@ -396,6 +403,7 @@ impl Metrics {
             subscription_groups,
             pubsub_queue,
             pubsub_overflows_total,
+            history_fills_total,
             events_published_total,
             publish_failures_total,
             events_delivered_total,
