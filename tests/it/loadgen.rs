@@ -72,6 +72,15 @@ async fn every_transport_delivers_every_event_once() {
         assert_eq!(r.count("/workers"), 2);
         assert!(r.count("/latency_ms/count") == expected, "{}", r.output);
         assert!(r.output.contains("result       OK"), "{}", r.output);
+        // Identical GraphQL subscriptions share one execution per event
+        // (per topic: each event is executed for its topic's group).
+        if transport.starts_with("graphql") {
+            let per_event = r
+                .report
+                .pointer("/server/executions_per_event")
+                .and_then(Value::as_f64);
+            assert_eq!(per_event, Some(1.0), "{transport} {extra:?}\n{}", r.output);
+        }
     }
 }
 

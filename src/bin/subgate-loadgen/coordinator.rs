@@ -326,6 +326,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         } else {
             0
         },
+        tally.acked,
         (args.rate == 0.0).then_some(open_at_end),
     );
     let mut report = Report {

@@ -116,6 +116,11 @@ pub struct Server {
     pub rss_peak_bytes: Option<f64>,
     /// RSS added by the connections (held, not publishing), per connection.
     pub rss_per_connection_bytes: Option<f64>,
+    /// GraphQL subscription results the nodes executed per event published
+    /// in the measured phase, summed over the nodes: 1 per node when
+    /// identical subscriptions share their execution, one per subscriber
+    /// when they do not.
+    pub executions_per_event: Option<f64>,
 }
 
 /// Prints `summary`, writes `report` to `json` when asked, and gives the
@@ -195,9 +200,11 @@ pub fn server(
     end: &[Option<Sample>],
     peak_rss: &[Option<f64>],
     delivered: u64,
+    events: u64,
     held_connections: Option<u64>,
 ) -> Server {
     let mut out = Server::default();
+    let mut executions = 0.0;
     let mut cpu_total = 0.0;
     let mut cpu_known = !labels.is_empty();
     let mut peak_total = 0.0;
@@ -216,6 +223,9 @@ pub fn server(
         match (b, e) {
             (Some(b), Some(e)) => rss_growth += e.rss_bytes - b.rss_bytes,
             _ => rss_known = false,
+        }
+        if let (Some(s), Some(e)) = (s, e) {
+            executions += e.executions - s.executions;
         }
         peak_total += peak_rss[i].unwrap_or(0.0);
         out.nodes.push(Node {
@@ -239,6 +249,9 @@ pub fn server(
     }
     if !labels.is_empty() {
         out.rss_peak_bytes = Some(peak_total);
+    }
+    if events > 0 && executions > 0.0 {
+        out.executions_per_event = Some(executions / events as f64);
     }
     if let (true, Some(n)) = (rss_known, held_connections) {
         if n > 0 {
@@ -330,6 +343,9 @@ impl Report {
                     "  {per:.4}s per 1000 deliveries  ({:.0} deliveries per cpu-second)",
                     sv.deliveries_per_cpu_second.unwrap_or(0.0)
                 ));
+            }
+            if let Some(per_event) = sv.executions_per_event {
+                s.push_str(&format!("  {per_event:.2} GraphQL executions per event"));
             }
             s.push('\n');
         }

@@ -19,6 +19,8 @@ pub struct Sample {
     /// say).
     pub peak_rss_bytes: f64,
     pub delivered: f64,
+    /// GraphQL subscription results executed so far.
+    pub executions: f64,
 }
 
 /// The nodes to scrape, found once: a host name stands for every address
@@ -117,6 +119,7 @@ pub fn parse(text: &str) -> Option<Sample> {
             "subgate_process_resident_memory_bytes" => sample.rss_bytes = value,
             "subgate_process_resident_memory_max_bytes" => sample.peak_rss_bytes = value,
             "subgate_events_delivered_total" => sample.delivered += value,
+            "subgate_graphql_subscription_executions_total" => sample.executions = value,
             _ => continue,
         }
         found.insert(name.to_owned(), ());
@@ -132,12 +135,13 @@ mod tests {
 
     #[test]
     fn the_process_figures_are_read_and_deliveries_summed() {
-        let text = "# HELP x\nsubgate_process_cpu_seconds_total 12.5\nsubgate_process_resident_memory_bytes 3.2e7\nsubgate_process_resident_memory_max_bytes 4e7\nsubgate_events_delivered_total{transport=\"sse\"} 3\nsubgate_events_delivered_total{transport=\"graphql_ws\"} 4\n";
+        let text = "# HELP x\nsubgate_process_cpu_seconds_total 12.5\nsubgate_process_resident_memory_bytes 3.2e7\nsubgate_process_resident_memory_max_bytes 4e7\nsubgate_events_delivered_total{transport=\"sse\"} 3\nsubgate_events_delivered_total{transport=\"graphql_ws\"} 4\nsubgate_graphql_subscription_executions_total 9\n";
         let s = parse(text).unwrap();
         assert_eq!(s.cpu_seconds, 12.5);
         assert_eq!(s.rss_bytes, 3.2e7);
         assert_eq!(s.peak_rss_bytes, 4e7);
         assert_eq!(s.delivered, 7.0);
+        assert_eq!(s.executions, 9.0);
         assert!(parse("not metrics").is_none());
     }
 }
