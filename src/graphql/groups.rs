@@ -51,7 +51,7 @@ use super::{is_request_error, outcome};
 use crate::auth::Principal;
 use crate::event::{Position, SharedEvent};
 use crate::hub::resume::Recheck;
-use crate::hub::{Cutoff, CutoffReason};
+use crate::hub::Cutoff;
 use crate::store::Store;
 use crate::telemetry::metrics::Metrics;
 
@@ -333,13 +333,7 @@ impl<E: Executor> Groups<E> {
             return;
         }
         drop(members);
-        if groups
-            .get(&group.key)
-            .is_some_and(|current| Arc::ptr_eq(current, group))
-        {
-            groups.remove(&group.key);
-            self.metrics.subscription_groups.set(groups.len() as i64);
-        }
+        self.forget(&mut groups, group);
         drop(groups);
         if let Some(task) = group.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
@@ -350,6 +344,14 @@ impl<E: Executor> Groups<E> {
     /// it has end after what they hold.
     fn ended(&self, group: &Arc<Group>) {
         let mut groups = self.lock();
+        self.forget(&mut groups, group);
+        drop(groups);
+        group.lock().clear();
+    }
+
+    /// Takes `group` out of `groups` (if it is still the one under its key):
+    /// no member joins it any more.
+    fn forget(&self, groups: &mut HashMap<GroupKey, Arc<Group>>, group: &Arc<Group>) {
         if groups
             .get(&group.key)
             .is_some_and(|current| Arc::ptr_eq(current, group))
@@ -357,8 +359,6 @@ impl<E: Executor> Groups<E> {
             groups.remove(&group.key);
             self.metrics.subscription_groups.set(groups.len() as i64);
         }
-        drop(groups);
-        group.lock().clear();
     }
 
     /// The number of groups (for tests and the gauge).
@@ -527,15 +527,7 @@ impl Group {
     }
 
     fn cut(&self, cutoff: &Cutoff, transport: &'static str) {
-        self.metrics
-            .events_dropped_total
-            .with_label_values(&["slow_consumer"])
-            .inc();
-        self.metrics
-            .slow_consumer_disconnects_total
-            .with_label_values(&[transport])
-            .inc();
-        cutoff.cut(CutoffReason::SlowConsumer);
+        crate::hub::cut_slow_consumer(&self.metrics, Some(cutoff), transport);
     }
 }
 

@@ -390,19 +390,30 @@ impl Hub {
             self.counted_topics(-1);
         }
         for (cutoff, transport) in slow {
-            self.metrics
-                .events_dropped_total
-                .with_label_values(&["slow_consumer"])
-                .inc();
-            self.metrics
-                .slow_consumer_disconnects_total
-                .with_label_values(&[transport])
-                .inc();
-            if let Some(cutoff) = cutoff {
-                cutoff.cut(CutoffReason::SlowConsumer);
-            }
+            cut_slow_consumer(&self.metrics, cutoff.as_deref(), transport);
         }
         released
+    }
+}
+
+/// Cuts off a subscriber that fell a whole queue behind (its connection
+/// closes with the slow-consumer code), counting the dropped event and the
+/// disconnect.
+pub(crate) fn cut_slow_consumer(
+    metrics: &Metrics,
+    cutoff: Option<&Cutoff>,
+    transport: &'static str,
+) {
+    metrics
+        .events_dropped_total
+        .with_label_values(&["slow_consumer"])
+        .inc();
+    metrics
+        .slow_consumer_disconnects_total
+        .with_label_values(&[transport])
+        .inc();
+    if let Some(cutoff) = cutoff {
+        cutoff.cut(CutoffReason::SlowConsumer);
     }
 }
 

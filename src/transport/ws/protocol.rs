@@ -94,18 +94,6 @@ impl Core {
         (out, delivery)
     }
 
-    /// [`Core::deliver`] for a result shared with a group (never a request
-    /// error: the member's own checks passed before it joined): whether to
-    /// send it, with its counts in `out`.
-    pub(crate) fn deliver_shared(
-        &mut self,
-        id: &str,
-        outcome: &'static str,
-        out: &mut Vec<Action>,
-    ) -> bool {
-        self.phase != Phase::Closed && self.ops.deliver_shared(id, outcome, out)
-    }
-
     /// When the connection's principal stops counting (seconds since the
     /// Unix epoch); `None` when no token bounds it.
     pub(crate) fn expires_at(&self) -> Option<u64> {
@@ -196,7 +184,10 @@ pub trait Protocol {
     /// once: only the envelope around it is this connection's.
     fn on_shared(&mut self, id: &str, shared: &SharedResult) -> Vec<Action> {
         let mut out = Vec::new();
-        if self.core().deliver_shared(id, shared.outcome, &mut out) {
+        // Never a request error: the member's own checks passed before it
+        // joined its group.
+        let core = self.core();
+        if core.phase != Phase::Closed && core.ops.deliver_shared(id, shared.outcome, &mut out) {
             out.push(Action::Send(encode_raw(Self::NEXT, id, &shared.json)));
         }
         out
