@@ -13,14 +13,16 @@
 //! - [`broker`]: the seam to the bus (memory now; Redis Pub/Sub + history).
 //! - [`infra`]: the one Redis layer the broker, the store and presence
 //!   share: settings, pool, timed call, key layout, scripts, health.
-//! - [`hub`]: topic -> local subscribers, bounded queues, slow-consumer cut-off.
+//! - [`hub`]: topic -> local subscribers, bounded queues, slow-consumer
+//!   cut-off, holes in a topic's live stream filled once per node.
 //! - [`store`]: the domain data behind a trait (memory; Redis).
 //! - [`domain`]: the rules, once: each operation of users, posts, comments,
 //!   channels, messages and notifications takes the caller and a plain
 //!   input and answers a typed result or a `DomainError`; the catalogue of
 //!   event kinds (name, topic, payload type).
 //! - [`graphql`]: the schema as adapters over the domain, its loaders and
-//!   limits.
+//!   limits; identical subscriptions executed once per event
+//!   ([`graphql::groups`]).
 //! - [`transport`]: GraphQL over HTTP, over WebSocket (graphql-transport-ws
 //!   and legacy graphql-ws) and over SSE; the event-envelope protocol on
 //!   `/ws`; the resumable event stream (SSE); the backend publish API;
