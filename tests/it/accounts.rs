@@ -4,7 +4,7 @@
 //! slots, on every transport that runs mutations.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 

@@ -26,7 +26,7 @@ pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, scoped_token, token};
 pub use loadgen::run_loadgen;
 pub use node::{run_cli, Node, TempDir, SECRET};
-pub use probe::{HealthProber, Probed};
+pub use probe::HealthProber;
 pub use publish::{publish, publish_body, publish_raw, publisher_node, API_KEY};
 pub use sse::{open_stream, Block, SseRead, SseStream};
 pub use ws::{
