@@ -290,7 +290,7 @@ impl<E: Executor> Groups<E> {
         MemberStream {
             rx,
             cutoff: membership.cutoff,
-            guard: MemberGuard {
+            _guard: MemberGuard {
                 groups: self.clone(),
                 group,
                 id,
@@ -359,15 +359,6 @@ impl<E: Executor> Groups<E> {
             groups.remove(&group.key);
             self.metrics.subscription_groups.set(groups.len() as i64);
         }
-    }
-
-    /// The number of groups (for tests and the gauge).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -535,7 +526,7 @@ impl Group {
 pub struct MemberStream<E: Executor> {
     rx: mpsc::Receiver<Output>,
     cutoff: Arc<Cutoff>,
-    guard: MemberGuard<E>,
+    _guard: MemberGuard<E>,
 }
 
 struct MemberGuard<E: Executor> {
@@ -560,13 +551,6 @@ impl<E: Executor> Stream for MemberStream<E> {
             Poll::Ready(None) if self.cutoff.reason().is_some() => Poll::Pending,
             polled => polled,
         }
-    }
-}
-
-impl<E: Executor> MemberStream<E> {
-    /// The group this stream is a member of (for tests).
-    pub fn group_members(&self) -> usize {
-        self.guard.group.lock().len()
     }
 }
 
