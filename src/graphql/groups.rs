@@ -66,7 +66,7 @@ pub const VIEWER_DEPENDENT_FIELDS: &[&str] = &["email", "channel", "notification
 pub struct SharedResult {
     /// The GraphQL result (`{"data":…}`, with `errors` when a field failed)
     /// as JSON.
-    pub json: Bytes,
+    pub json: String,
     /// Its outcome label: `ok` or `field_error`.
     pub outcome: &'static str,
     /// When the event behind it was published (ms since the Unix epoch).
@@ -83,9 +83,7 @@ impl SharedResult {
     /// The frame every member sends alike, made by `build` from the JSON
     /// the first time.
     pub fn common_frame(&self, build: impl FnOnce(&str) -> Bytes) -> Bytes {
-        self.frame
-            .get_or_init(|| build(std::str::from_utf8(&self.json).unwrap_or("null")))
-            .clone()
+        self.frame.get_or_init(|| build(&self.json)).clone()
     }
 }
 
@@ -102,6 +100,25 @@ impl Output {
     pub fn own(response: Response) -> Self {
         Output::Own(Box::new(response))
     }
+}
+
+/// The results of an operation that runs on its own, as [`Output`]s; those
+/// of a subscription are counted in
+/// `subgate_graphql_subscription_executions_total`.
+pub fn own_results(
+    results: BoxStream<'static, Response>,
+    subscription: bool,
+    metrics: &Metrics,
+) -> BoxStream<'static, Output> {
+    let executions = subscription.then(|| metrics.subscription_executions_total.clone());
+    results
+        .map(move |response| {
+            if let Some(executions) = &executions {
+                executions.inc();
+            }
+            Output::own(response)
+        })
+        .boxed()
 }
 
 /// In a member's probe request: the subscription resolvers authorize, then
@@ -208,15 +225,8 @@ impl<E: Executor> Groups<E> {
         membership: Membership,
     ) -> BoxStream<'static, Output> {
         let Some(plan) = plan(&mut request, principal.as_ref()) else {
-            let executions = self.metrics.subscription_executions_total.clone();
-            return self
-                .executor
-                .execute_stream(request, None)
-                .map(move |response| {
-                    executions.inc();
-                    Output::own(response)
-                })
-                .boxed();
+            let results = self.executor.execute_stream(request, None);
+            return own_results(results, true, &self.metrics);
         };
         let groups = self.clone();
         stream::once(async move {
@@ -386,8 +396,8 @@ async fn run<E: Executor>(
             group.each(|| Output::own(Response::from_errors(response.errors.clone())));
             break;
         }
-        let json = match serde_json::to_vec(&response) {
-            Ok(json) => Bytes::from(json),
+        let json = match serde_json::to_string(&response) {
+            Ok(json) => json,
             Err(e) => {
                 tracing::warn!(error = %e, "a subscription result did not encode; skipped");
                 continue;

@@ -38,7 +38,7 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 
 use crate::error::ErrorCode;
-use crate::graphql::groups::{Membership, Output};
+use crate::graphql::groups::{own_results, Membership, Output};
 use crate::graphql::limits::{decode_body, is_large};
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
@@ -238,17 +238,11 @@ async fn stream_operation(
         };
         state.groups.subscribe(request, member, membership)
     } else {
-        let executions = state.metrics.subscription_executions_total.clone();
-        state
-            .schema
-            .execute_stream(request)
-            .map(move |response| {
-                if subscription {
-                    executions.inc();
-                }
-                Output::own(response)
-            })
-            .boxed()
+        own_results(
+            state.schema.execute_stream(request),
+            subscription,
+            &state.metrics,
+        )
     };
     let metrics = state.metrics.clone();
     let results = results.map(move |output| match output {

@@ -458,17 +458,24 @@ pub(crate) fn encode<P: Serialize>(
 }
 
 /// Encodes `{"type":ty,"id":id,"payload":json}` around a payload that is
-/// already JSON, as [`encode`] would write it.
-pub(crate) fn encode_raw(ty: &str, id: &str, json: &[u8]) -> String {
-    let id = serde_json::to_string(id).unwrap_or_else(|_| "\"\"".to_owned());
-    let payload = std::str::from_utf8(json).unwrap_or("null");
-    let mut out = String::with_capacity(ty.len() + id.len() + payload.len() + 32);
+/// already JSON, as [`encode`] would write it: once per delivery, so the id
+/// is escaped only when it needs to be.
+pub(crate) fn encode_raw(ty: &str, id: &str, json: &str) -> String {
+    let plain = !id.chars().any(|c| c == '"' || c == '\\' || c.is_control());
+    let mut out = String::with_capacity(ty.len() + id.len() + json.len() + 34);
     out.push_str("{\"type\":\"");
     out.push_str(ty);
     out.push_str("\",\"id\":");
-    out.push_str(&id);
+    match plain {
+        true => {
+            out.push('"');
+            out.push_str(id);
+            out.push('"');
+        }
+        false => out.push_str(&serde_json::to_string(id).unwrap_or_else(|_| "\"\"".to_owned())),
+    }
     out.push_str(",\"payload\":");
-    out.push_str(payload);
+    out.push_str(json);
     out.push('}');
     out
 }
@@ -643,5 +650,20 @@ pub(crate) mod action_tests {
                 _ => None,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_payload_is_framed_as_encode_frames_a_value() {
+        let payload = serde_json::json!({ "data": { "postCreated": { "id": "1" } } });
+        for id in ["op-1", "with \"quotes\" and \\ and\nnewline", "é"] {
+            let raw = encode_raw("next", id, &payload.to_string());
+            let encoded = encode("next", Some(id), Some(&payload)).unwrap();
+            assert_eq!(raw, encoded, "{id:?}");
+        }
     }
 }

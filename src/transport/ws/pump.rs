@@ -34,7 +34,7 @@ use tokio_stream::StreamMap;
 use super::protocol::{Action, Protocol};
 use crate::config::WebsocketSettings;
 use crate::error::close;
-use crate::graphql::groups::{Groups, Membership, Output};
+use crate::graphql::groups::{own_results, Groups, Membership, Output};
 use crate::graphql::limits::{check_large, is_large, Unchecked};
 use crate::graphql::subscription::TransportLabel;
 use crate::graphql::{ClientAddr, Viewer};
@@ -292,17 +292,11 @@ pub async fn run<E: Executor, P: Protocol>(
                                     cutoff: cutoff.clone(),
                                 },
                             ),
-                        _ => {
-                            let executions = metrics.subscription_executions_total.clone();
-                            checked_stream(&executor, request, &metrics)
-                                .map(move |response| {
-                                    if subscription {
-                                        executions.inc();
-                                    }
-                                    Output::own(response)
-                                })
-                                .boxed()
-                        }
+                        _ => own_results(
+                            checked_stream(&executor, request, &metrics),
+                            subscription,
+                            &metrics,
+                        ),
                     };
                     operations.insert(
                         operation.id,
