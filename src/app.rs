@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{web, App, HttpServer};
+use actix_web::web;
 
 use crate::auth::Authenticator;
 use crate::broker::redis::RedisBroker;
@@ -162,21 +162,33 @@ pub async fn serve(state: AppState, listener: TcpListener) -> std::io::Result<()
     let drain_grace =
         Duration::from_secs(state.settings.server.drain_grace_seconds).min(drain_timeout);
     let data = web::Data::new(state.clone());
-    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-        .workers(workers);
-    if let Some(capacity) = state.settings.loaded.capacity {
+    let settings = transport::server::ServerSettings {
+        workers,
         // Sockets of every kind, per worker: a worker at its share stops
         // accepting (the kernel's backlog waits) instead of running out of
         // descriptors, which would cost `/healthz` and Redis theirs.
-        server = server.max_connections(capacity.max_sockets_per_worker);
-    }
-    let server = server
+        max_sockets_per_worker: state
+            .settings
+            .loaded
+            .capacity
+            .map(|c| c.max_sockets_per_worker),
         // Long-lived connections are closed by the drain itself; this bounds
         // what actix waits for after that.
-        .shutdown_timeout(drain_timeout.as_secs().max(1))
-        .disable_signals()
-        .listen(listener)?
-        .run();
+        shutdown_timeout: drain_timeout,
+    };
+    let upgrades = {
+        let state = state.clone();
+        move |upgrade| transport::upgrade(state.clone(), upgrade)
+    };
+    let server = transport::server::start(
+        listener,
+        settings,
+        move |cfg: &mut web::ServiceConfig| {
+            cfg.app_data(data.clone());
+            routes(cfg);
+        },
+        upgrades,
+    )?;
     let mut signals = Some(crate::shutdown::Signals::install()?);
     tracing::info!(%addr, "listening on {addr}");
     let handle = server.handle();

@@ -121,12 +121,15 @@ pub fn is_large(query: &str) -> bool {
 /// The verdict on a large document's validation, reached off the workers
 /// and carried in its request's data: the schema's validation step answers
 /// with it instead of validating again on a worker.
-struct Validated(Result<ValidationResult, Vec<ServerError>>);
+struct Validated(Verdict);
+
+/// What validating a document came to.
+type Verdict = Result<ValidationResult, Vec<ServerError>>;
 
 /// Put in a probe's data: the validation step leaves its verdict here and
 /// stops the request (nothing executes).
 #[derive(Clone, Default)]
-struct ValidateOnly(Arc<Mutex<Option<Result<ValidationResult, Vec<ServerError>>>>>);
+struct ValidateOnly(Arc<Mutex<Option<Verdict>>>);
 
 /// Why a large document was not checked.
 #[derive(Debug)]

@@ -7,7 +7,8 @@
 //! [`socket`] the WebSocket layer both WebSocket protocols run on;
 //! [`streaming`] the event-stream body both SSE transports write;
 //! [`operation`] what every GraphQL transport says about an operation;
-//! [`request`] what handlers read from a request first.
+//! [`request`] what handlers read from a request first; [`server`] the HTTP
+//! server that hands WebSocket upgrades to [`upgrade`].
 
 pub mod admission;
 pub mod envelope;
@@ -17,6 +18,7 @@ pub mod operation;
 pub mod ops;
 pub mod publish;
 pub mod request;
+pub mod server;
 pub mod socket;
 pub mod sse;
 pub mod streaming;
@@ -27,9 +29,9 @@ use actix_web::{web, HttpResponse, HttpResponseBuilder};
 use serde_json::json;
 
 use crate::error::ErrorCode;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    // First: the upgrade on /graphql must be matched before the plain GET.
     ws::configure(cfg);
     envelope::configure(cfg);
     // Before /graphql too, though the paths differ: the more specific
@@ -39,6 +41,24 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     sse::configure(cfg);
     publish::configure(cfg);
     ops::configure(cfg);
+}
+
+/// Serves a WebSocket upgrade on the node's paths: `/graphql/ws` and
+/// `/graphql` (GraphQL over WebSocket), `/ws` (the envelope protocol); any
+/// other path is refused with 404.
+pub async fn upgrade(state: AppState, upgrade: socket::Upgrade) {
+    match upgrade.path() {
+        "/graphql/ws" | "/graphql" => ws::upgrade(state, upgrade).await,
+        "/ws" => envelope::upgrade(state, upgrade).await,
+        _ => {
+            let refusal = graphql_error(
+                StatusCode::NOT_FOUND,
+                Some(ErrorCode::NotFound),
+                "no WebSocket here: /graphql/ws (or /graphql) and /ws take upgrades",
+            );
+            upgrade.refuse(refusal).await
+        }
+    }
 }
 
 /// A REST refusal not yet turned into a response (small enough to return

@@ -28,6 +28,17 @@ pub fn client_ip(req: &HttpRequest, trusted: &[ipnet::IpNet]) -> Option<IpAddr> 
     Some(client_behind(peer, req.headers(), trusted))
 }
 
+/// [`client_of`] for a request known by its `peer` and `headers` (a
+/// WebSocket upgrade, which the HTTP application never sees).
+pub fn client_from(
+    peer: Option<std::net::SocketAddr>,
+    headers: &header::HeaderMap,
+    settings: &crate::config::Settings,
+) -> Option<IpAddr> {
+    let trusted = settings.trusted_proxies();
+    Some(client_behind(peer?.ip(), headers, &trusted))
+}
+
 /// [`client_ip`] with the node's `server.trusted_proxies`.
 pub fn client_of(req: &HttpRequest, settings: &crate::config::Settings) -> Option<IpAddr> {
     let trusted = settings.trusted_proxies();

@@ -75,29 +75,37 @@ pub mod types;
 
 use std::time::Duration;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
 
 use crate::auth::credentials::verifier;
+use crate::error::ErrorCode;
 use crate::state::AppState;
-use crate::transport::socket;
+use crate::transport::graphql_error;
+use crate::transport::socket::{self, Upgrade};
 
 use self::protocol::{Machine, MachineConfig};
 
-/// Registers `GET /ws`.
+/// Registers `GET /ws` for requests that are not WebSocket upgrades (those
+/// never reach the application: [`upgrade`] serves them): 400.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ws", web::get().to(envelope_ws));
+    cfg.route("/ws", web::get().to(not_an_upgrade));
 }
 
-async fn envelope_ws(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    body: web::Payload,
-) -> HttpResponse {
+async fn not_an_upgrade() -> HttpResponse {
+    graphql_error(
+        StatusCode::BAD_REQUEST,
+        Some(ErrorCode::BadRequest),
+        "this endpoint speaks the event-envelope WebSocket protocol: send a WebSocket upgrade",
+    )
+}
+
+/// Serves a WebSocket upgrade of `/ws` until the connection closes.
+pub async fn upgrade(state: AppState, upgrade: Upgrade) {
     let settings = &state.settings.websocket;
-    let accepted = socket::accept(&state, &req, body, settings.max_frame_bytes, |_| Ok(())).await;
-    let accepted = match accepted {
-        Ok(accepted) => accepted,
-        Err(refused) => return refused,
+    let accepted = socket::accept(&state, upgrade, settings.max_frame_bytes, |_| Ok(())).await;
+    let Some(accepted) = accepted else {
+        return;
     };
     let config = MachineConfig {
         max_subscriptions: settings.max_subscriptions_per_connection,
@@ -108,12 +116,13 @@ async fn envelope_ws(
     let session_id = uuid::Uuid::new_v4().simple().to_string();
     let machine = Machine::new(
         session_id,
-        accepted.principal,
+        accepted.principal.clone(),
         verifier(state.auth.clone()),
         config,
         state.limits.clone(),
     );
-    let state = state.get_ref().clone();
-    actix_web::rt::spawn(pump::run(state, machine, accepted.socket));
-    accepted.response
+    let Some(socket) = accepted.switch(None).await else {
+        return;
+    };
+    pump::run(state, machine, socket).await
 }

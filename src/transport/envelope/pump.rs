@@ -39,7 +39,7 @@ use crate::presence::PresenceGuard;
 use crate::state::AppState;
 use crate::telemetry::metrics::{transport::ENVELOPE_WS, GaugeGuard, Metrics};
 use crate::transport::socket::{
-    finish, going_away, slow_consumer, End, Expiry, Outbox, Received, Socket,
+    finish, going_away, slow_consumer, End, Expiry, Incoming, Outbox, Received, Socket,
 };
 
 /// Most lane steps waiting before the task stops reading the socket.
@@ -83,7 +83,9 @@ impl Stream for ChannelStream {
 enum Wake {
     Drain,
     Cut,
-    Frame(Option<Result<actix_ws::Message, actix_ws::ProtocolError>>),
+    Frame(Incoming),
+    /// The socket may take what waits for it.
+    Writable,
     Done(Done),
     Delivery(String, Delivery),
     AuthTimeout,
@@ -138,7 +140,7 @@ impl Io {
 
     async fn perform(&mut self, action: Action, opened: &mut Option<Opened>) -> Result<(), End> {
         match action {
-            Action::Send(text) => self.outbox.text(text).await,
+            Action::Send(text) => self.outbox.text(&text),
             Action::Close(code, reason) => Err(End::Close(code, reason)),
             Action::Attach {
                 channel_id,
@@ -181,7 +183,7 @@ impl Io {
 
     /// Writes one event as the node encoded it.
     async fn forward(&mut self, event: &SharedEvent, metrics: &Metrics) -> Result<(), End> {
-        self.outbox.text(event.text()).await?;
+        self.outbox.text(&event.text())?;
         metrics.delivered(ENVELOPE_WS, event.published_at_ms);
         Ok(())
     }
@@ -328,7 +330,6 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
         ENVELOPE_WS,
         Duration::from_secs(settings.ping_interval_seconds),
         cutoff.clone(),
-        shutdown.clone(),
     );
     let mut io = Io {
         outbox,
@@ -349,7 +350,7 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
     let mut expiry = Expiry::new();
 
     let greeting = machine.start();
-    let end = match io.run(greeting).await {
+    let end = match io.run(greeting).await.and_then(|()| io.outbox.flush()) {
         Err(end) => end,
         Ok(()) => loop {
             let reading = io.lane.len() < MAX_PENDING;
@@ -359,18 +360,21 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
                 () = expiry.wait() => Wake::Expired,
                 _ = &mut drained => Wake::Drain,
                 _ = &mut cut => Wake::Cut,
-                frame = reader.messages.next(), if reading => Wake::Frame(frame),
+                frame = reader.frames.next(), if reading => Wake::Frame(frame),
                 done = head(&mut io.lane), if working => Wake::Done(done),
-                Some((channel_id, delivery)) = io.channels.next(), if !io.channels.is_empty() => {
+                // While the socket is far behind, events wait in their
+                // subscriptions' bounded queues.
+                Some((channel_id, delivery)) = io.channels.next(), if !io.channels.is_empty() && !io.outbox.is_backed_up() => {
                     Wake::Delivery(channel_id, delivery)
                 }
+                () = io.outbox.writable(), if io.outbox.is_waiting() => Wake::Writable,
                 _ = &mut auth_deadline, if auth_armed && !machine.is_authenticated() => Wake::AuthTimeout,
                 () = reader.heartbeat.tick() => Wake::Heartbeat,
             };
             let step = match wake {
                 Wake::Drain => Err(going_away()),
                 Wake::Cut => Err(slow_consumer()),
-                Wake::Frame(frame) => match reader.receive(frame, &mut io.outbox).await {
+                Wake::Frame(frame) => match reader.receive(frame, &mut io.outbox) {
                     Ok(Received::Text(text)) => {
                         let anonymous = !machine.is_authenticated();
                         let actions = machine.on_text(&text);
@@ -410,10 +414,12 @@ pub async fn run(state: AppState, mut machine: Machine, socket: Socket) {
                     auth_armed = false;
                     io.run(machine.on_auth_timeout()).await
                 }
-                Wake::Heartbeat => reader.beat(&mut io.outbox).await,
+                Wake::Heartbeat => reader.beat(&mut io.outbox),
+                Wake::Writable => Ok(()),
                 Wake::Expired => io.run(machine.on_expired()).await,
             };
-            if let Err(end) = step {
+            // What this turn wrote goes out in one write.
+            if let Err(end) = step.and_then(|()| io.outbox.flush()) {
                 break end;
             }
         },

@@ -44,10 +44,11 @@ impl Heartbeat {
 
     /// At a beat: closes an idle peer with 1001 "idle timeout" (1001 because
     /// a client that is in fact alive should simply reconnect), else pings.
-    pub async fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
+    pub fn beat(&mut self, outbox: &mut Outbox) -> Result<(), End> {
         if self.last_heard.elapsed() >= self.idle_limit {
             return Err(End::Close(close::GOING_AWAY, "idle timeout".into()));
         }
-        outbox.ping().await
+        outbox.ping();
+        Ok(())
     }
 }

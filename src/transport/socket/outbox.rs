@@ -1,183 +1,250 @@
-//! The socket's sending half, and how it closes; the bytes it has handed
-//! to the socket layer that the socket has not taken yet, and their bound.
+//! The socket's sending half: one send buffer, written when the connection's
+//! task has finished a turn, its bound, and how the connection closes.
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use actix_web::body::{BodySize, BoxBody, MessageBody};
-use actix_web::web::Bytes;
-use actix_ws::{CloseCode, CloseReason, Closed, Session};
-use bytestring::ByteString;
+use actix_web::web::{Buf, BytesMut};
+use tokio::net::TcpStream;
 
+use super::wire::{self, frame_bytes, opcode};
 use super::End;
 use crate::error::close;
 use crate::hub::{Cutoff, CutoffReason};
-use crate::shutdown::Shutdown;
 
-/// How long a close may wait on a congested socket before the connection is
-/// dropped without it.
+/// How long a close may wait on a congested socket, and then for the peer
+/// to close its side, before the connection is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// The longest close reason a WebSocket close frame carries.
-const MAX_CLOSE_REASON_BYTES: usize = 123;
+/// The most a send buffer holds when `hub.subscriber_queue_bytes` is set
+/// higher (or effectively off): the connection then stops taking results,
+/// and its subscriptions' bounded queues take the strain (cutting it off
+/// when they overflow). Under the byte bound (256 KiB by default) the
+/// bound itself cuts the connection off first.
+const BACKED_UP_BYTES: usize = 1024 * 1024;
+/// A send buffer emptied with more room than this is released: a burst
+/// does not leave every connection holding its high-water mark.
+const KEEP_BYTES: usize = 1024;
 
-/// Bytes of frames handed to the socket layer (actix-ws queues up to 32
-/// messages per connection) and not yet taken by the connection's writer:
-/// what a client that stops reading makes the node hold for it.
-#[derive(Clone, Default)]
-pub struct Buffered(Arc<AtomicUsize>);
-
-impl Buffered {
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    fn add(&self, bytes: usize) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    fn taken(&self, bytes: usize) {
-        // Saturating: the close frame goes out uncounted.
-        let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(bytes))
-            });
-    }
-}
-
-/// The size on the wire of a server (unmasked) frame of `payload` bytes.
-pub(super) fn frame_bytes(payload: usize) -> usize {
-    payload
-        + match payload {
-            0..=125 => 2,
-            126..=65535 => 4,
-            _ => 10,
-        }
-}
-
-/// The WebSocket response body, counting out of [`Buffered`] every chunk the
-/// connection's writer takes (actix-web pulls the next chunk only when it
-/// has room to write it).
-pub(super) struct Drained {
-    pub(super) inner: BoxBody,
-    pub(super) buffered: Buffered,
-}
-
-impl MessageBody for Drained {
-    type Error = Box<dyn std::error::Error>;
-
-    fn size(&self) -> BodySize {
-        self.inner.size()
-    }
-
-    fn poll_next(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_next(cx);
-        if let Poll::Ready(Some(Ok(chunk))) = &polled {
-            this.buffered.taken(chunk.len());
-        }
-        polled
-    }
-}
-
-/// The socket's sending half; every write yields to the cut-off and the
-/// drain, so a client that stopped reading cannot wedge the task.
+/// The socket's sending half. Frames are appended to the send buffer
+/// ([`Outbox::text`]) and go out in one write per turn of the connection's
+/// task ([`Outbox::flush`]); nothing here waits on the socket, so a client
+/// that stopped reading cannot wedge the task.
 pub struct Outbox {
-    session: Session,
+    stream: Rc<TcpStream>,
+    /// Frames the socket has not taken yet.
+    pending: BytesMut,
+    /// How many bytes at the front of `pending` finish a frame the socket
+    /// has taken part of: nothing may be sent before them.
+    partial: usize,
     cutoff: Arc<Cutoff>,
-    shutdown: Shutdown,
-    buffered: Buffered,
-    /// `hub.subscriber_queue_bytes`: a text frame that would take
-    /// [`Buffered`] above it cuts the connection off as a slow consumer.
+    /// `hub.subscriber_queue_bytes`: a frame that would take the send
+    /// buffer above it cuts the connection off as a slow consumer.
     max_buffered_bytes: usize,
     /// `slow_consumer_disconnects_total` for this connection's transport.
     slow_consumers: prometheus::IntCounter,
 }
 
-/// What an [`Outbox`] is bounded by and counts in.
-pub struct Budget {
-    pub buffered: Buffered,
-    pub max_buffered_bytes: usize,
-    pub slow_consumers: prometheus::IntCounter,
-}
-
 impl Outbox {
-    pub fn new(session: Session, cutoff: Arc<Cutoff>, shutdown: Shutdown, budget: Budget) -> Self {
+    pub(super) fn new(
+        stream: Rc<TcpStream>,
+        cutoff: Arc<Cutoff>,
+        max_buffered_bytes: usize,
+        slow_consumers: prometheus::IntCounter,
+    ) -> Self {
         Self {
-            session,
+            stream,
+            pending: BytesMut::new(),
+            partial: 0,
             cutoff,
-            shutdown,
-            buffered: budget.buffered,
-            max_buffered_bytes: budget.max_buffered_bytes,
-            slow_consumers: budget.slow_consumers,
+            max_buffered_bytes,
+            slow_consumers,
         }
     }
 
-    /// Sends a text frame, unless the frames still waiting for the socket
+    /// Queues a text frame, unless the frames the socket has not taken
     /// and this one would exceed the connection's byte bound: the client is
-    /// then cut off (1013, counted as a slow consumer) before the node holds
-    /// more for it. A frame alone over the bound still goes out when
+    /// then cut off (1013, counted as a slow consumer) before the node
+    /// holds more for it. A frame alone over the bound still goes out when
     /// nothing waits.
-    pub async fn text(&mut self, text: impl Into<ByteString>) -> Result<(), End> {
-        let text = text.into();
+    pub fn text(&mut self, text: &str) -> Result<(), End> {
         let size = frame_bytes(text.len());
-        let waiting = self.buffered.get();
-        if waiting > 0 && waiting + size > self.max_buffered_bytes {
-            if self.cutoff.reason().is_none() {
-                self.slow_consumers.inc();
-                self.cutoff.cut(CutoffReason::SlowConsumer);
+        if self.over_bound(size) {
+            // The socket may simply not have been offered what waits yet.
+            self.flush()?;
+            if self.over_bound(size) {
+                if self.cutoff.reason().is_none() {
+                    self.slow_consumers.inc();
+                    self.cutoff.cut(CutoffReason::SlowConsumer);
+                }
+                return Err(slow_consumer());
             }
-            return Err(slow_consumer());
         }
-        self.buffered.add(size);
-        // The usual case: the socket layer has room and takes the frame at
-        // once, without waiting on (and registering with) the cut-off and
-        // the drain. A send that would wait sends nothing (the channel's
-        // send is cancel-safe), and the frame (a shared buffer: the clone
-        // is a count) goes the slow way, boxed, so that every connection's
-        // task does not carry the slow way's state.
-        if let Some(sent) = futures_util::FutureExt::now_or_never(self.session.text(text.clone())) {
-            return sent.map_err(|Closed| End::Gone);
+        wire::write_frame(&mut self.pending, opcode::TEXT, text.as_bytes());
+        Ok(())
+    }
+
+    fn over_bound(&self, size: usize) -> bool {
+        let waiting = self.pending.len();
+        waiting > 0 && waiting + size > self.max_buffered_bytes
+    }
+
+    pub fn ping(&mut self) {
+        wire::write_frame(&mut self.pending, opcode::PING, b"");
+    }
+
+    pub(super) fn pong(&mut self, payload: &[u8]) {
+        wire::write_frame(&mut self.pending, opcode::PONG, payload);
+    }
+
+    /// Hands the socket as much of the send buffer as it takes now; never
+    /// waits. `Err` when the connection failed.
+    pub fn flush(&mut self) -> Result<(), End> {
+        while !self.pending.is_empty() {
+            match self.stream.try_write(&self.pending) {
+                Ok(0) => return Err(End::Gone),
+                Ok(n) => self.taken(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => return Err(End::Gone),
+            }
         }
-        let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
-        Box::pin(interruptible(self.session.text(text), &cutoff, &shutdown)).await
+        if self.pending.capacity() > KEEP_BYTES {
+            self.pending = BytesMut::new();
+        }
+        Ok(())
     }
 
-    pub async fn ping(&mut self) -> Result<(), End> {
-        self.buffered.add(frame_bytes(0));
-        let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
-        interruptible(self.session.ping(b""), &cutoff, &shutdown).await
+    /// The socket took the first `n` bytes of `pending`.
+    fn taken(&mut self, n: usize) {
+        self.partial = left_of_frame(&self.pending, self.partial, n);
+        self.pending.advance(n);
     }
 
-    pub(super) async fn pong(&mut self, payload: &[u8]) -> Result<(), End> {
-        self.buffered.add(frame_bytes(payload.len()));
-        let (cutoff, shutdown) = (self.cutoff.clone(), self.shutdown.clone());
-        interruptible(self.session.pong(payload), &cutoff, &shutdown).await
+    /// Whether frames wait for the socket: the task then also waits for
+    /// [`Outbox::writable`].
+    pub fn is_waiting(&self) -> bool {
+        !self.pending.is_empty()
     }
 
-    /// Sends the close frame if the socket takes it within [`CLOSE_GRACE`];
-    /// dropping the session afterwards ends the response and the connection.
-    pub(super) async fn close(self, reason: Option<CloseReason>) {
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.session.close(reason)).await;
+    /// Whether so much waits that the task should take no more results
+    /// until the socket drains.
+    pub fn is_backed_up(&self) -> bool {
+        self.pending.len() >= BACKED_UP_BYTES.min(self.max_buffered_bytes)
+    }
+
+    /// Resolves when the socket may take more (then [`Outbox::flush`]).
+    pub async fn writable(&self) {
+        // An error shows in the flush that follows.
+        let _ = self.stream.writable().await;
+    }
+
+    /// Sends a close frame (with `code` and `reason`, or empty) after what
+    /// waits (a slow consumer's waiting frames are dropped: only the rest
+    /// of a frame already begun goes first), then closes the sending side
+    /// and waits a moment for the peer to close its own: a socket closed
+    /// with bytes unread would be reset, and the peer could lose the close
+    /// frame. A close the socket does not take within [`CLOSE_GRACE`] is
+    /// left to [`linger`], so that the connection ends now.
+    pub(super) async fn close(mut self, code: Option<u16>, reason: &str) {
+        if code == Some(close::SLOW_CONSUMER) {
+            self.pending.truncate(self.partial);
+        }
+        match code {
+            Some(code) => wire::write_close(&mut self.pending, code, reason),
+            None => wire::write_frame(&mut self.pending, opcode::CLOSE, b""),
+        }
+        let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+        loop {
+            if self.flush().is_err() {
+                return;
+            }
+            if self.pending.is_empty() {
+                break;
+            }
+            let writable = tokio::time::timeout_at(deadline, self.stream.writable()).await;
+            match writable {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => return linger(self.stream, self.pending),
+            }
+        }
+        half_close(&self.stream, deadline).await;
     }
 }
 
-async fn interruptible(
-    send: impl std::future::Future<Output = Result<(), Closed>>,
-    cutoff: &Cutoff,
-    shutdown: &Shutdown,
-) -> Result<(), End> {
-    tokio::select! {
-        biased;
-        sent = send => sent.map_err(|Closed| End::Gone),
-        _ = cutoff.fired() => Err(slow_consumer()),
-        _ = shutdown.wait() => Err(going_away()),
+/// Closes the sending side, then reads until the peer closes its own (or
+/// `deadline`).
+async fn half_close(stream: &TcpStream, deadline: tokio::time::Instant) {
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    let _ = tokio::time::timeout_at(deadline, until_closed(stream)).await;
+}
+
+/// Closes whose frame waits for a client that is not reading: the peer that
+/// reads again within [`LINGER`] still learns why it was closed (a slow
+/// consumer's 1013 above all). The connection has ended for the node (its
+/// place, its subscriptions); what lingers is the socket and a few bytes.
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Most closes lingering on a node; past it a close that cannot go out is
+/// dropped with its connection.
+const MAX_LINGERING: usize = 1024;
+/// How long a close frame waits for a client that is not reading.
+const LINGER: Duration = Duration::from_secs(10);
+
+fn linger(stream: Rc<TcpStream>, mut pending: BytesMut) {
+    use std::sync::atomic::Ordering;
+    if LINGERING.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
+        LINGERING.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    actix_web::rt::spawn(async move {
+        let deadline = tokio::time::Instant::now() + LINGER;
+        let sent = tokio::time::timeout_at(deadline, async {
+            while !pending.is_empty() {
+                stream.writable().await?;
+                match stream.try_write(&pending) {
+                    Ok(n) => pending.advance(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if matches!(sent, Ok(Ok(()))) {
+            half_close(&stream, tokio::time::Instant::now() + CLOSE_GRACE).await;
+        }
+        LINGERING.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Of `pending` (whole server frames, but for the first `partial` bytes,
+/// which end a frame), the bytes that are left of the frame the first `n`
+/// end in.
+fn left_of_frame(pending: &[u8], partial: usize, n: usize) -> usize {
+    if n <= partial {
+        return partial - n;
+    }
+    // Walk the frames the write finished, to the one it ends in.
+    let mut end = partial;
+    while end < n {
+        end += wire::server_frame_len(&pending[end..]);
+    }
+    end - n
+}
+
+/// Reads and discards until the peer closes (or the connection fails).
+async fn until_closed(stream: &TcpStream) {
+    let mut sink = [0u8; 1024];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
     }
 }
 
@@ -189,48 +256,27 @@ pub fn going_away() -> End {
     End::Close(close::GOING_AWAY, "server shutting down".into())
 }
 
-/// At most [`MAX_CLOSE_REASON_BYTES`] of `reason`, on a character boundary.
-pub(super) fn close_reason(code: u16, reason: &str) -> CloseReason {
-    let mut end = reason.len().min(MAX_CLOSE_REASON_BYTES);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    CloseReason {
-        code: CloseCode::from(code),
-        description: Some(reason[..end].to_owned()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn frame_sizes_count_the_header_as_the_codec_writes_it() {
-        assert_eq!(frame_bytes(0), 2);
-        assert_eq!(frame_bytes(125), 127);
-        assert_eq!(frame_bytes(126), 130);
-        assert_eq!(frame_bytes(65535), 65539);
-        assert_eq!(frame_bytes(65536), 65546);
-        // As actix's codec frames them.
-        for len in [0, 125, 126, 65535, 65536] {
-            let mut out = actix_web::web::BytesMut::new();
-            let text = "x".repeat(len);
-            actix_http::ws::Parser::write_message(
-                &mut out,
-                text.as_bytes(),
-                actix_http::ws::OpCode::Text,
-                true,
-                false,
-            );
-            assert_eq!(out.len(), frame_bytes(len), "{len}");
-        }
-    }
-
-    #[test]
-    fn close_reasons_fit_a_close_frame() {
-        let long = "é".repeat(100);
-        let reason = close_reason(4400, &long);
-        assert!(reason.description.unwrap().len() <= MAX_CLOSE_REASON_BYTES);
+    fn a_partial_write_leaves_the_rest_of_its_frame_in_front() {
+        let mut pending = BytesMut::new();
+        wire::write_frame(&mut pending, opcode::TEXT, &[b'a'; 10]); // 12 bytes
+        wire::write_frame(&mut pending, opcode::TEXT, &[b'b'; 200]); // 204 bytes
+        wire::write_frame(&mut pending, opcode::PING, b""); // 2 bytes
+        assert_eq!(left_of_frame(&pending, 0, 0), 0);
+        assert_eq!(left_of_frame(&pending, 0, 5), 7);
+        assert_eq!(left_of_frame(&pending, 0, 12), 0);
+        assert_eq!(left_of_frame(&pending, 0, 13), 203);
+        assert_eq!(left_of_frame(&pending, 0, 216), 0);
+        assert_eq!(left_of_frame(&pending, 0, 217), 1);
+        assert_eq!(left_of_frame(&pending, 0, 218), 0);
+        // With 7 bytes of a frame already begun in front.
+        let rest = &pending[5..];
+        assert_eq!(left_of_frame(rest, 7, 3), 4);
+        assert_eq!(left_of_frame(rest, 7, 7), 0);
+        assert_eq!(left_of_frame(rest, 7, 8), 203);
     }
 }

@@ -31,9 +31,9 @@ pub mod pump;
 mod tests;
 pub mod transport_ws;
 
-use actix_web::http::header::{self, HeaderMap, HeaderValue};
+use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use std::sync::Arc;
 
 use async_graphql::Executor;
@@ -42,9 +42,9 @@ use crate::auth::credentials::verifier;
 use crate::error::ErrorCode;
 use crate::graphql::groups::Groups;
 use crate::state::AppState;
-use crate::transport::request::is_websocket_upgrade;
+use crate::transport::graphql_error;
+use crate::transport::socket::{self, Upgrade};
 use crate::transport::ws::protocol::Protocol as _;
-use crate::transport::{graphql_error, socket};
 
 use self::legacy::Legacy;
 use self::pump::{Connection, PumpConfig};
@@ -55,38 +55,28 @@ pub const GRAPHQL_TRANSPORT_WS: &str = "graphql-transport-ws";
 /// The legacy (subscriptions-transport-ws) subprotocol name.
 pub const GRAPHQL_WS: &str = "graphql-ws";
 
-/// Registers `GET /graphql/ws` and the WebSocket upgrade on `/graphql`.
-///
-/// Must be called before the HTTP transport registers `/graphql`: the
-/// upgrade resource carries a resource-level guard, so a plain GET falls
-/// through it to the next `/graphql` resource, whereas a resource that
-/// matched the path first would answer an upgrade with 405 itself.
+/// Registers `GET /graphql/ws` for requests that are not WebSocket
+/// upgrades (those never reach the application: [`upgrade`] serves them):
+/// 400, naming what the endpoint speaks.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/graphql/ws").route(web::get().to(graphql_ws)))
-        .service(
-            web::resource("/graphql")
-                .guard(UpgradeGuard)
-                .route(web::get().to(graphql_ws)),
-        );
+    cfg.service(web::resource("/graphql/ws").route(web::get().to(not_an_upgrade)));
 }
 
-/// Matches WebSocket upgrade requests.
-struct UpgradeGuard;
-
-impl actix_web::guard::Guard for UpgradeGuard {
-    fn check(&self, ctx: &actix_web::guard::GuardContext<'_>) -> bool {
-        is_websocket_upgrade(ctx.head().headers())
-    }
+async fn not_an_upgrade() -> HttpResponse {
+    graphql_error(
+        StatusCode::BAD_REQUEST,
+        Some(ErrorCode::BadRequest),
+        &format!("this endpoint speaks GraphQL over WebSocket ({GRAPHQL_TRANSPORT_WS}, {GRAPHQL_WS}): send a WebSocket upgrade"),
+    )
 }
 
-async fn graphql_ws(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    body: web::Payload,
-) -> HttpResponse {
+/// Serves a WebSocket upgrade of `/graphql/ws` or `/graphql` with the
+/// node's schema, its subscriptions shared through the node's groups.
+pub async fn upgrade(state: AppState, upgrade: Upgrade) {
     let config = PumpConfig::from_settings(&state.settings.websocket);
     let groups = Some(state.groups.clone());
-    accept(&state, &req, body, state.schema.clone(), groups, config).await
+    let schema = state.schema.clone();
+    accept(&state, upgrade, schema, groups, config).await
 }
 
 /// Which protocol a connection speaks.
@@ -129,21 +119,28 @@ pub fn negotiate(headers: &HeaderMap) -> Option<Subprotocol> {
     legacy.then_some(Subprotocol::Legacy)
 }
 
-/// Runs the admission checks, completes the handshake and spawns the pump
-/// that serves the connection with `executor`.
+/// Runs the admission checks, completes the handshake and serves the
+/// connection with `executor` until it closes.
 ///
 /// Generic over the executor so that tests can serve a schema of their own
 /// (without `groups`: each subscription then runs on its own).
 pub async fn accept<E: Executor>(
     state: &AppState,
-    req: &HttpRequest,
-    body: web::Payload,
+    upgrade: Upgrade,
     executor: E,
     groups: Option<Arc<Groups<E>>>,
     config: PumpConfig,
-) -> HttpResponse {
-    let accepted = socket::accept(state, req, body, config.max_frame_bytes, |req| {
-        negotiate(req.headers()).ok_or_else(|| {
+) {
+    // The handshake does not echo a subprotocol; a client that offered some
+    // must see the one chosen or it fails the connection, and one that
+    // offered none must not see any.
+    let offered = upgrade
+        .head()
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .any(|v| v.to_str().is_ok_and(|v| !v.trim().is_empty()));
+    let accepted = socket::accept(state, upgrade, config.max_frame_bytes, |head| {
+        negotiate(head.headers()).ok_or_else(|| {
             Box::new(graphql_error(
                 StatusCode::BAD_REQUEST,
                 Some(ErrorCode::BadRequest),
@@ -152,28 +149,15 @@ pub async fn accept<E: Executor>(
         })
     })
     .await;
-    let socket::Accepted {
-        chosen: protocol,
-        principal,
-        mut response,
-        socket,
-    } = match accepted {
-        Ok(accepted) => accepted,
-        Err(refused) => return refused,
+    let Some(accepted) = accepted else {
+        return;
     };
-    // The handshake does not echo a subprotocol; a client that offered some
-    // must see the one chosen or it fails the connection, and one that
-    // offered none must not see any.
-    let offered = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .any(|v| v.to_str().is_ok_and(|v| !v.trim().is_empty()));
-    if offered {
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(protocol.name()),
-        );
-    }
+    let protocol = accepted.chosen;
+    let principal = accepted.principal.clone();
+    let client = crate::graphql::ClientAddr(accepted.client);
+    let Some(socket) = accepted.switch(offered.then_some(protocol.name())).await else {
+        return;
+    };
     let admitted_user = principal.as_ref().map(|p| p.user_id.clone());
     let verify = verifier(state.auth.clone());
     let max_operations = config.max_operations;
@@ -182,25 +166,23 @@ pub async fn accept<E: Executor>(
         config,
         metrics: state.metrics.clone(),
         shutdown: state.shutdown.clone(),
-        client: crate::graphql::ClientAddr(crate::transport::request::client_of(
-            req,
-            &state.settings,
-        )),
+        client,
         user_connections: state.user_connections.clone(),
         admitted_user,
         groups,
     };
+    // The connection is served here, in the task the HTTP server gave the
+    // upgrade: one task per connection.
     match protocol {
         Subprotocol::TransportWs => {
             let machine = TransportWs::new(principal, verify, max_operations)
                 .with_max_tokens(state.settings.graphql.max_tokens);
-            actix_web::rt::spawn(pump::run(connection, machine, socket));
+            pump::run(connection, machine, socket).await
         }
         Subprotocol::Legacy => {
             let machine = Legacy::new(principal, verify, max_operations)
                 .with_max_tokens(state.settings.graphql.max_tokens);
-            actix_web::rt::spawn(pump::run(connection, machine, socket));
+            pump::run(connection, machine, socket).await
         }
     }
-    response
 }

@@ -9,6 +9,7 @@
 //!   channel per operation. While the socket is slow this task simply stops
 //!   polling them, and the hub's bounded queues (with their slow-consumer
 //!   cut-off) take the strain;
+//! - the socket's readiness to take what waits for it;
 //! - the heartbeat ([`Heartbeat`](crate::transport::socket::Heartbeat), and the protocol's own
 //!   keep-alive, if it has one);
 //! - the `connection_init` deadline;
@@ -17,15 +18,15 @@
 //!   subscriptions overflowed, it closes with 1013 "slow consumer";
 //! - the node's drain: 1001 "server shutting down".
 //!
-//! Every write goes through the [`Outbox`](crate::transport::socket::Outbox), so a client that stops
-//! reading cannot hold the task.
+//! Every write goes through the [`Outbox`](crate::transport::socket::Outbox): the frames of one turn
+//! go out in one write at its end, and a client that stops reading cannot
+//! hold the task.
 
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use actix_ws::{Message, ProtocolError};
 use async_graphql::parser::types::OperationType;
 use async_graphql::{Executor, Response};
 use futures_util::stream::{BoxStream, Stream, StreamExt};
@@ -41,7 +42,9 @@ use crate::graphql::{ClientAddr, Viewer};
 use crate::hub::Cutoff;
 use crate::shutdown::Shutdown;
 use crate::telemetry::metrics::{GaugeGuard, Metrics};
-use crate::transport::socket::{finish, going_away, slow_consumer, End, Expiry, Received, Socket};
+use crate::transport::socket::{
+    finish, going_away, slow_consumer, End, Expiry, Incoming, Received, Socket,
+};
 use crate::user_connections::UserConnections;
 
 /// The connection's timing and limits, in the units the task uses.
@@ -147,7 +150,9 @@ fn checked_stream<E: Executor>(
 enum Event {
     Drain,
     Cut,
-    Frame(Option<Result<Message, ProtocolError>>),
+    Frame(Incoming),
+    /// The socket may take what waits for it.
+    Writable,
     Result(String, Option<Output>),
     InitTimeout,
     Heartbeat,
@@ -175,13 +180,8 @@ pub async fn run<E: Executor, P: Protocol>(
     let mut _user_lease = None;
     let transport = P::TRANSPORT;
     let cutoff = Cutoff::new();
-    let (mut reader, mut outbox) = socket.open(
-        &metrics,
-        transport,
-        config.ping_interval,
-        cutoff.clone(),
-        shutdown.clone(),
-    );
+    let (mut reader, mut outbox) =
+        socket.open(&metrics, transport, config.ping_interval, cutoff.clone());
     let mut operations: StreamMap<String, OperationStream> = StreamMap::new();
     let mut init_timer = pin!(tokio::time::sleep(config.init_timeout));
     let mut init_timer_armed = true;
@@ -195,15 +195,18 @@ pub async fn run<E: Executor, P: Protocol>(
             () = expiry.wait() => Event::Expired,
             _ = &mut drained => Event::Drain,
             _ = &mut cut => Event::Cut,
-            frame = reader.messages.next() => Event::Frame(frame),
-            Some((id, result)) = operations.next(), if !operations.is_empty() => Event::Result(id, result),
+            frame = reader.frames.next() => Event::Frame(frame),
+            // While the socket is far behind, results wait in their
+            // subscriptions' bounded queues.
+            Some((id, result)) = operations.next(), if !operations.is_empty() && !outbox.is_backed_up() => Event::Result(id, result),
+            () = outbox.writable(), if outbox.is_waiting() => Event::Writable,
             _ = &mut init_timer, if init_timer_armed && !machine.is_initialised() => Event::InitTimeout,
             () = reader.heartbeat.tick() => Event::Heartbeat,
         };
         let actions = match event {
             Event::Drain => break going_away(),
             Event::Cut => break slow_consumer(),
-            Event::Frame(frame) => match Box::pin(reader.receive(frame, &mut outbox)).await {
+            Event::Frame(frame) => match reader.receive(frame, &mut outbox) {
                 Ok(Received::Text(text)) => machine.on_text(&text),
                 Ok(Received::Binary) => machine.on_binary(),
                 Ok(Received::Nothing) => Vec::new(),
@@ -223,11 +226,12 @@ pub async fn run<E: Executor, P: Protocol>(
             }
             Event::Expired => machine.on_expired(),
             Event::Heartbeat => {
-                if let Err(end) = Box::pin(reader.beat(&mut outbox)).await {
+                if let Err(end) = reader.beat(&mut outbox) {
                     break end;
                 }
                 machine.on_heartbeat()
             }
+            Event::Writable => Vec::new(),
         };
         // `connection_init` may have authenticated someone the upgrade did
         // not: they take a place under the per-user limit before anything
@@ -258,7 +262,7 @@ pub async fn run<E: Executor, P: Protocol>(
         for action in actions {
             match action {
                 Action::Send(text) => {
-                    if let Err(end) = outbox.text(text).await {
+                    if let Err(end) = outbox.text(&text) {
                         break 'connection end;
                     }
                 }
@@ -317,6 +321,10 @@ pub async fn run<E: Executor, P: Protocol>(
                 }
                 Action::Reject(reason) => metrics.rejected_total.with_label_values(&[reason]).inc(),
             }
+        }
+        // What this turn wrote goes out in one write.
+        if let Err(end) = outbox.flush() {
+            break end;
         }
     };
 

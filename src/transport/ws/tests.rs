@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
-use actix_web::http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
-use actix_web::http::StatusCode;
-use actix_web::{test as actix_test, App, HttpServer};
+use actix_web::http::header::HeaderValue;
 use async_graphql::{Context, Object, Schema, Subscription};
 use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{json, Value};
@@ -92,29 +90,6 @@ static FLOOD_ITEMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUs
 
 type TestSchema = Schema<TestQuery, TestMutation, TestSubscription>;
 
-#[derive(Clone)]
-struct TestDeps {
-    schema: TestSchema,
-    config: PumpConfig,
-}
-
-async fn test_ws(
-    state: web::Data<AppState>,
-    deps: web::Data<TestDeps>,
-    req: HttpRequest,
-    body: web::Payload,
-) -> HttpResponse {
-    accept(
-        &state,
-        &req,
-        body,
-        deps.schema.clone(),
-        None,
-        deps.config.clone(),
-    )
-    .await
-}
-
 fn config() -> PumpConfig {
     PumpConfig {
         ping_interval: Duration::from_secs(5),
@@ -130,31 +105,38 @@ fn state_with(edit: impl FnOnce(&mut Settings)) -> AppState {
     crate::test_support::state(settings)
 }
 
-fn app_config(state: AppState, config: PumpConfig) -> impl FnOnce(&mut web::ServiceConfig) + Clone {
-    let deps = TestDeps {
-        schema: Schema::new(TestQuery, TestMutation, TestSubscription),
-        config,
-    };
-    move |cfg: &mut web::ServiceConfig| {
-        cfg.app_data(web::Data::new(state))
-            .app_data(web::Data::new(deps))
-            .route("/test/ws", web::get().to(test_ws));
-        crate::transport::configure(cfg);
-    }
-}
-
 /// A node on 127.0.0.1:0 serving the test schema at `/test/ws` beside
 /// the node's own routes.
 async fn serve(state: AppState, config: PumpConfig) -> (SocketAddr, ServerHandle) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let routes = app_config(state, config);
-    let server = HttpServer::new(move || App::new().configure(routes.clone()))
-        .workers(1)
-        .disable_signals()
-        .listen(listener)
-        .unwrap()
-        .run();
+    let schema: TestSchema = Schema::new(TestQuery, TestMutation, TestSubscription);
+    let data = web::Data::new(state.clone());
+    let upgrades = move |upgrade: Upgrade| {
+        let (state, schema, config) = (state.clone(), schema.clone(), config.clone());
+        async move {
+            if upgrade.path() == "/test/ws" {
+                accept(&state, upgrade, schema, None, config).await
+            } else {
+                crate::transport::upgrade(state, upgrade).await
+            }
+        }
+    };
+    let settings = crate::transport::server::ServerSettings {
+        workers: 1,
+        max_sockets_per_worker: None,
+        shutdown_timeout: Duration::from_secs(1),
+    };
+    let server = crate::transport::server::start(
+        listener,
+        settings,
+        move |cfg: &mut web::ServiceConfig| {
+            cfg.app_data(data.clone());
+            crate::transport::configure(cfg);
+        },
+        upgrades,
+    )
+    .unwrap();
     let handle = server.handle();
     actix_web::rt::spawn(server);
     (addr, handle)
@@ -292,13 +274,78 @@ fn closes(state: &AppState, code: u16) -> u64 {
         .get()
 }
 
-fn upgrade_request(path: &str) -> actix_test::TestRequest {
-    actix_test::TestRequest::get()
-        .uri(path)
-        .insert_header((UPGRADE, "websocket"))
-        .insert_header((CONNECTION, "Upgrade"))
-        .insert_header((SEC_WEBSOCKET_VERSION, "13"))
-        .insert_header((SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ=="))
+/// A response to a raw upgrade request.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends a WebSocket upgrade of `path` with `headers` besides the
+/// handshake's own, and reads the answer: a refusal whole (the node closes
+/// after it), a `101` up to the end of its head.
+async fn raw_upgrade(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap();
+        raw.extend_from_slice(&chunk[..n]);
+        if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        assert!(n > 0, "closed before the head ended: {raw:?}");
+    };
+    let head = String::from_utf8(raw[..head_end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').unwrap();
+            (name.trim().to_owned(), value.trim().to_owned())
+        })
+        .collect();
+    let mut body = raw[head_end + 4..].to_vec();
+    if status != 101 {
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut body))
+            .await
+            .expect("the node closes after a refusal")
+            .unwrap();
+    }
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
 }
 
 #[test]
@@ -336,71 +383,68 @@ async fn upgrades_are_refused_before_the_handshake() {
         s.server.allowed_origins = vec!["https://app.example".into()];
         s.server.max_connections = Some(1);
     });
-    let app =
-        actix_test::init_service(App::new().configure(app_config(state.clone(), config()))).await;
+    let (addr, server) = serve(state.clone(), config()).await;
 
-    let res = actix_test::call_service(
-        &app,
-        upgrade_request("/test/ws")
-            .insert_header(("Sec-WebSocket-Protocol", "chat"))
-            .to_request(),
-    )
-    .await;
-    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
-    let body: Value = actix_test::read_body_json(res).await;
+    let answer = raw_upgrade(addr, "/test/ws", &[("Sec-WebSocket-Protocol", "chat")]).await;
+    assert_eq!(answer.status, 400);
+    let body: Value = serde_json::from_str(&answer.body).unwrap();
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(
         message.contains("graphql-transport-ws") && message.contains("graphql-ws"),
         "{message}"
     );
+    assert_eq!(answer.header("connection"), Some("close"));
 
-    // A foreign Origin, then a bad token in either place.
+    // A foreign Origin, then a bad token in either place, then a path that
+    // takes no upgrade.
     for (path, header, status) in [
-        (
-            "/test/ws",
-            Some(("Origin", "https://evil.example")),
-            StatusCode::FORBIDDEN,
-        ),
-        (
-            "/test/ws",
-            Some(("Authorization", "Bearer nope")),
-            StatusCode::UNAUTHORIZED,
-        ),
-        ("/test/ws?token=nope", None, StatusCode::UNAUTHORIZED),
+        ("/test/ws", Some(("Origin", "https://evil.example")), 403),
+        ("/test/ws", Some(("Authorization", "Bearer nope")), 401),
+        ("/test/ws?token=nope", None, 401),
+        ("/nowhere", None, 404),
     ] {
-        let mut request = upgrade_request(path);
-        if let Some(header) = header {
-            request = request.insert_header(header);
-        }
-        let res = actix_test::call_service(&app, request.to_request()).await;
-        assert_eq!(res.status(), status, "{path} {header:?}");
+        let answer = raw_upgrade(addr, path, header.as_slice()).await;
+        assert_eq!(answer.status, status, "{path} {header:?}");
+        let body: Value = serde_json::from_str(&answer.body).unwrap();
+        assert!(body["errors"][0]["message"].is_string(), "{body}");
     }
 
-    // An allowed Origin with a good token passes (the pump ends at once:
-    // a test request has no socket behind it).
+    // An allowed Origin with a good token passes.
     let token = state
         .auth
         .mint("u1", Duration::from_secs(60), None)
         .unwrap();
-    let res = actix_test::call_service(
-        &app,
-        upgrade_request(&format!("/test/ws?token={token}"))
-            .insert_header(("Origin", "https://app.example"))
-            .insert_header(("Sec-WebSocket-Protocol", "graphql-ws"))
-            .to_request(),
+    let answer = raw_upgrade(
+        addr,
+        &format!("/test/ws?token={token}"),
+        &[
+            ("Origin", "https://app.example"),
+            ("Sec-WebSocket-Protocol", "graphql-ws"),
+        ],
     )
     .await;
-    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(answer.status, 101);
+    assert_eq!(answer.header("sec-websocket-protocol"), Some("graphql-ws"));
     assert_eq!(
-        res.headers().get(header::SEC_WEBSOCKET_PROTOCOL).unwrap(),
-        "graphql-ws"
+        answer.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "RFC 6455's own example key and answer"
     );
+    drop(answer);
+    // Its connection closes when the client's does.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while state.shutdown.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connection is released");
 
     // At the connection limit.
     let held = state.shutdown.track();
-    let res = actix_test::call_service(&app, upgrade_request("/test/ws").to_request()).await;
-    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(res.headers().get(header::RETRY_AFTER).unwrap(), "1");
+    let answer = raw_upgrade(addr, "/test/ws", &[]).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.header("retry-after"), Some("1"));
     assert_eq!(
         state
             .metrics
@@ -411,11 +455,16 @@ async fn upgrades_are_refused_before_the_handshake() {
     );
     drop(held);
 
+    // Not a handshake: the connection is not to be upgraded after all.
+    let answer = raw_upgrade(addr, "/test/ws", &[("Connection", "close")]).await;
+    assert_eq!(answer.status, 400);
+
     // Draining.
     state.shutdown.begin();
-    let res = actix_test::call_service(&app, upgrade_request("/test/ws").to_request()).await;
-    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(res.headers().get(header::RETRY_AFTER).unwrap(), "1");
+    let answer = raw_upgrade(addr, "/test/ws", &[]).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    server.stop(false).await;
 }
 
 #[actix_web::test]
