@@ -16,7 +16,6 @@ use actix_http::{h1, HttpService, KeepAlive, Request};
 use actix_service::{fn_service, map_config};
 use actix_web::dev::AppConfig;
 use actix_web::{web, App};
-use futures_util::FutureExt;
 use tokio::net::TcpStream;
 
 use crate::transport::socket::Upgrade;
@@ -35,9 +34,8 @@ pub struct ServerSettings {
 }
 
 /// Starts serving `listener`: `app` configures the application every
-/// request goes to, `upgrades` serves each WebSocket upgrade until its
-/// connection ends (in the connection's own task, which keeps counting
-/// under `max_sockets_per_worker`).
+/// request goes to, `upgrades` serves each WebSocket upgrade, in a task of
+/// its own.
 pub fn start<A, U, F>(
     listener: TcpListener,
     settings: ServerSettings,
@@ -66,11 +64,18 @@ where
         let upgrades = upgrades.clone();
         let upgrade = fn_service(
             move |(request, framed): (Request, Framed<TcpStream, h1::Codec>)| {
-                // Boxed: every HTTP connection's dispatcher holds the upgrade
-                // future inline, and only upgraded ones need its state.
-                upgrades(Upgrade::new(request, framed))
-                    .map(Ok::<(), std::convert::Infallible>)
-                    .boxed_local()
+                // The connection is served in a task of its own, sized to
+                // what serving it takes; the dispatcher's task only waits
+                // for it to end, so that it goes on counting under
+                // `max_sockets_per_worker` (a descriptor is a descriptor).
+                let (upgrade, ended) = Upgrade::new(request, framed);
+                actix_web::rt::spawn(upgrades(upgrade));
+                async move {
+                    // Resolves (with an error) when the connection drops
+                    // its end.
+                    let _ = ended.await;
+                    Ok::<(), std::convert::Infallible>(())
+                }
             },
         );
         // actix-web's own defaults for the timeouts.

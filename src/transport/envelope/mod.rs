@@ -100,7 +100,8 @@ async fn not_an_upgrade() -> HttpResponse {
     )
 }
 
-/// Serves a WebSocket upgrade of `/ws` until the connection closes.
+/// Serves a WebSocket upgrade of `/ws`: the checks, the handshake, then
+/// the task that serves the connection.
 pub async fn upgrade(state: AppState, upgrade: Upgrade) {
     let settings = &state.settings.websocket;
     let accepted = socket::accept(&state, upgrade, settings.max_frame_bytes, |_| Ok(())).await;
@@ -124,5 +125,6 @@ pub async fn upgrade(state: AppState, upgrade: Upgrade) {
     let Some(socket) = accepted.switch(None).await else {
         return;
     };
-    pump::run(state, machine, socket).await
+    // The connection's one task from here on: exactly the pump's state.
+    actix_web::rt::spawn(pump::run(state, machine, socket));
 }

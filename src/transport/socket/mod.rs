@@ -79,6 +79,7 @@ pub struct Socket {
     /// open (admission, drain) for as long as the pump holds it.
     drain: DrainGuard,
     max_buffered_bytes: usize,
+    held: upgrade::Held,
 }
 
 impl Socket {
@@ -106,6 +107,7 @@ impl Socket {
             assembler: Assembler::new(self.max_frame_bytes),
             _open: GaugeGuard::new(metrics.connections.with_label_values(&[transport])),
             _drain: self.drain,
+            _held: self.held,
         };
         let outbox = Outbox::new(
             self.stream,
@@ -142,6 +144,7 @@ pub struct Reader {
     // connection closed.
     _open: GaugeGuard,
     _drain: DrainGuard,
+    _held: upgrade::Held,
 }
 
 /// The client's frames, read off the socket when it has bytes.
@@ -262,10 +265,11 @@ impl<T> Accepted<T> {
     /// Answers the handshake, naming `subprotocol` when there is one to
     /// name, and hands over the socket; `None` when the client is gone.
     pub async fn switch(self, subprotocol: Option<&'static str>) -> Option<Socket> {
-        let (stream, read) = self.upgrade.switch(subprotocol).await?;
+        let (stream, read, held) = self.upgrade.switch(subprotocol).await?;
         Some(Socket {
             stream: Rc::new(stream),
             read,
+            held,
             max_frame_bytes: self.max_frame_bytes,
             drain: self.drain,
             max_buffered_bytes: self.max_buffered_bytes,

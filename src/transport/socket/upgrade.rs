@@ -12,6 +12,7 @@ use actix_web::web::BytesMut;
 use actix_web::HttpResponse;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 /// An upgrade request and its connection.
 pub struct Upgrade {
@@ -20,11 +21,20 @@ pub struct Upgrade {
     /// What the client sent after the request head (a first frame, for a
     /// client in a hurry).
     read: BytesMut,
+    /// Dropped when the connection ends.
+    held: Held,
 }
 
+/// Held while a connection lives: the HTTP server waits for its drop.
+pub struct Held(#[allow(dead_code)] oneshot::Sender<()>);
+
 impl Upgrade {
-    /// Takes the connection over from the HTTP server.
-    pub fn new(request: Request, framed: Framed<TcpStream, h1::Codec>) -> Self {
+    /// Takes the connection over from the HTTP server; the receiver
+    /// resolves when the connection has ended.
+    pub fn new(
+        request: Request,
+        framed: Framed<TcpStream, h1::Codec>,
+    ) -> (Self, oneshot::Receiver<()>) {
         let parts = framed.into_parts();
         // The server's read buffer is sized for HTTP (8 KiB); keep only its
         // contents.
@@ -33,11 +43,14 @@ impl Upgrade {
         } else {
             BytesMut::from(&parts.read_buf[..])
         };
-        Self {
+        let (held, ended) = oneshot::channel();
+        let upgrade = Self {
             request,
             stream: parts.io,
             read,
-        }
+            held: Held(held),
+        };
+        (upgrade, ended)
     }
 
     pub fn head(&self) -> &RequestHead {
@@ -98,7 +111,7 @@ impl Upgrade {
     pub(super) async fn switch(
         mut self,
         subprotocol: Option<&'static str>,
-    ) -> Option<(TcpStream, BytesMut)> {
+    ) -> Option<(TcpStream, BytesMut, Held)> {
         // Present: the handshake was verified before anything was admitted.
         let key = self
             .request
@@ -126,6 +139,6 @@ impl Upgrade {
         }
         // The request head (a pooled buffer of the server's) goes now.
         drop(self.request);
-        Some((self.stream, self.read))
+        Some((self.stream, self.read, self.held))
     }
 }

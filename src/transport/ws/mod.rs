@@ -119,8 +119,8 @@ pub fn negotiate(headers: &HeaderMap) -> Option<Subprotocol> {
     legacy.then_some(Subprotocol::Legacy)
 }
 
-/// Runs the admission checks, completes the handshake and serves the
-/// connection with `executor` until it closes.
+/// Runs the admission checks, completes the handshake and starts the task
+/// that serves the connection with `executor`.
 ///
 /// Generic over the executor so that tests can serve a schema of their own
 /// (without `groups`: each subscription then runs on its own).
@@ -171,18 +171,18 @@ pub async fn accept<E: Executor>(
         admitted_user,
         groups,
     };
-    // The connection is served here, in the task the HTTP server gave the
-    // upgrade: one task per connection.
+    // The connection's one task from here on: exactly the pump's state,
+    // nothing of the handshake's.
     match protocol {
         Subprotocol::TransportWs => {
             let machine = TransportWs::new(principal, verify, max_operations)
                 .with_max_tokens(state.settings.graphql.max_tokens);
-            pump::run(connection, machine, socket).await
+            actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
         Subprotocol::Legacy => {
             let machine = Legacy::new(principal, verify, max_operations)
                 .with_max_tokens(state.settings.graphql.max_tokens);
-            pump::run(connection, machine, socket).await
+            actix_web::rt::spawn(pump::run(connection, machine, socket));
         }
     }
 }
