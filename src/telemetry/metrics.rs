@@ -28,9 +28,9 @@ pub mod transport {
 pub struct Metrics {
     registry: Registry,
     /// The delivered counter and latency histogram of each delivering
-    /// transport, resolved once: `delivered` runs per event per subscriber
-    /// and should not hash its label every time.
-    delivery: Vec<(&'static str, prometheus::IntCounter, prometheus::Histogram)>,
+    /// transport, resolved once (`delivered` runs per event per subscriber
+    /// and should not hash its label every time) and sharded by thread.
+    delivery: super::deliveries::Deliveries,
     /// Open long-lived connections by transport.
     pub connections: IntGaugeVec,
     // --- node hardening (issue 9: items 5 and 14) ---
@@ -379,16 +379,18 @@ impl Metrics {
         registry
             .register(Box::new(super::process::ProcessCollector::new("subgate")))
             .expect("process collector registers once");
-        let delivery = transport::DELIVERING
-            .iter()
-            .map(|t| {
-                (
-                    *t,
-                    events_delivered_total.with_label_values(&[t]),
-                    delivery_latency_seconds.with_label_values(&[t]),
-                )
-            })
-            .collect();
+        let delivery = super::deliveries::Deliveries::new(
+            transport::DELIVERING
+                .iter()
+                .map(|t| {
+                    (
+                        *t,
+                        events_delivered_total.with_label_values(&[t]),
+                        delivery_latency_seconds.with_label_values(&[t]),
+                    )
+                })
+                .collect(),
+        );
         Self {
             registry,
             delivery,
@@ -428,6 +430,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every collector.
     pub fn render(&self) -> String {
+        self.delivery.flush();
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -438,19 +441,13 @@ impl Metrics {
     /// Records the delivery of one event published at `published_at_ms`.
     pub fn delivered(&self, transport: &str, published_at_ms: u64) {
         let secs = crate::event::now_ms().saturating_sub(published_at_ms) as f64 / 1000.0;
-        match self.delivery.iter().find(|(t, _, _)| *t == transport) {
-            Some((_, count, latency)) => {
-                count.inc();
-                latency.observe(secs);
-            }
-            None => {
-                self.events_delivered_total
-                    .with_label_values(&[transport])
-                    .inc();
-                self.delivery_latency_seconds
-                    .with_label_values(&[transport])
-                    .observe(secs);
-            }
+        if !self.delivery.record(transport, secs) {
+            self.events_delivered_total
+                .with_label_values(&[transport])
+                .inc();
+            self.delivery_latency_seconds
+                .with_label_values(&[transport])
+                .observe(secs);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Tracing setup and the metrics registry (served by `transport::ops`).
 
+pub mod deliveries;
 pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod process;
