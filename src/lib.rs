@@ -28,8 +28,10 @@
 //!   `/ws`; the resumable event stream (SSE); the backend publish API;
 //!   health and metrics. No transport imports another: they share the one
 //!   admission gate ([`transport::admission`]), the WebSocket layer
-//!   ([`transport::socket`]) and the event-stream body
-//!   ([`transport::streaming`]).
+//!   ([`transport::socket`]: after the upgrade a WebSocket owns its TCP
+//!   stream, one task per connection) and the event-stream body
+//!   ([`transport::streaming`]). [`transport::server`] is the HTTP server
+//!   that hands upgrades over.
 //! - [`presence`]: who is online in which channel, with what status.
 //! - [`ratelimit`]: token buckets per connection, user and publisher, per
 //!   client address and email for `login` / `createUser` and failed publish
