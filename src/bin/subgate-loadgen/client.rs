@@ -2,7 +2,7 @@
 //! arrives, and (with `--resume`) reconnect to the next URL and resume from
 //! the last event id it saw.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +50,8 @@ pub struct Shared {
     pub connect_error_reasons: Mutex<BTreeMap<String, u64>>,
     pub closes: Mutex<BTreeMap<String, u64>>,
     pub server_errors: Mutex<BTreeMap<String, u64>>,
+    /// Per topic, this worker's subscribers of it not yet live.
+    pub waiting: Mutex<HashMap<usize, u32>>,
 }
 
 impl Shared {
@@ -73,7 +75,34 @@ impl Shared {
             connect_error_reasons: Mutex::new(BTreeMap::new()),
             closes: Mutex::new(BTreeMap::new()),
             server_errors: Mutex::new(BTreeMap::new()),
+            waiting: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A subscriber of `topic` is on its way.
+    pub fn wait_for(&self, topic: usize) {
+        *self.waiting.lock().entry(topic).or_default() += 1;
+    }
+
+    /// A subscriber of `topic` is live.
+    fn done_waiting(&self, topic: usize) {
+        let mut waiting = self.waiting.lock();
+        if let Some(n) = waiting.get_mut(&topic) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&topic);
+            }
+        }
+    }
+
+    /// The topics still waited on, if at most `limit`.
+    pub fn waiting_topics(&self, limit: usize) -> Option<Vec<u32>> {
+        let waiting = self.waiting.lock();
+        (waiting.len() <= limit).then(|| {
+            let mut topics: Vec<u32> = waiting.keys().map(|&t| t as u32).collect();
+            topics.sort_unstable();
+            topics
+        })
     }
 
     fn count(map: &Mutex<BTreeMap<String, u64>>, key: &str) {
@@ -266,6 +295,7 @@ impl Session<'_> {
                 if !self.tally.live {
                     self.tally.live = true;
                     self.shared.live.fetch_add(1, Ordering::Relaxed);
+                    self.shared.done_waiting(self.tally.topic);
                 }
             }
             Kind::Measured => {

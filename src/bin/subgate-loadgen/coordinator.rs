@@ -12,7 +12,6 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 
-use crate::marker::Kind;
 use crate::plan::{
     metrics_urls, normalize_url, Args, Command, Status, WorkerMessage, WorkerReport,
 };
@@ -41,6 +40,19 @@ impl Board {
             Some(f) => Err(f.clone()),
             None => Ok(self.total()),
         }
+    }
+
+    /// The topics some worker still waits on (a subscription not yet
+    /// live), when every worker could list its own; `None` when one had
+    /// too many to list (then every topic is marked).
+    fn waiting_topics(&self) -> Option<Vec<usize>> {
+        let mut all = Vec::new();
+        for s in &self.status {
+            all.extend(s.waiting_topics.as_ref()?.iter().map(|&t| t as usize));
+        }
+        all.sort_unstable();
+        all.dedup();
+        Some(all)
     }
 
     fn total(&self) -> Status {
@@ -193,12 +205,21 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // Warm up: markers until every subscriber that can be live is.
+    // Warm up: rounds of markers until every subscriber that can be live
+    // is. A round publishes to every topic at first, then only to the
+    // topics the workers still wait on (when they can list them), through
+    // the bounded pool of publishes; the next round starts when the last
+    // one has finished, at most every WARMUP_EVERY.
     let warmup_deadline = Instant::now() + Duration::from_secs_f64(args.warmup_timeout);
-    let mut round = 0u64;
-    let mut next_marker = Instant::now();
+    let warmup = Arc::new(publisher::Warmup::default());
+    let mut round: Option<tokio::task::JoinHandle<()>> = None;
+    let mut marked = 0u64;
+    let mut next_round = Instant::now();
     loop {
-        let total = board.lock().healthy_total()?;
+        let (total, waiting) = {
+            let b = board.lock();
+            (b.healthy_total()?, b.waiting_topics())
+        };
         let can_be_live = if args.resume {
             args.connections as u64
         } else {
@@ -208,18 +229,32 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         if total.live >= can_be_live || Instant::now() > warmup_deadline {
             break;
         }
-        if Instant::now() >= next_marker {
-            for topic in 0..topics {
-                let p = publisher.clone();
-                let n = round * topics as u64 + topic as u64;
-                tokio::spawn(async move { p.publish(n, Kind::Warmup, topic, 0).await });
-            }
-            round += 1;
-            next_marker = Instant::now() + WARMUP_EVERY;
+        let idle = round.as_ref().is_none_or(|r| r.is_finished());
+        if idle && Instant::now() >= next_round {
+            let targets: Vec<usize> = match waiting {
+                Some(waiting) if marked > 0 => waiting,
+                _ => (0..topics).collect(),
+            };
+            let first = marked;
+            marked += targets.len() as u64;
+            round = Some(tokio::spawn(publisher::warmup_round(
+                publisher.clone(),
+                targets,
+                first,
+                args.max_in_flight,
+                warmup.clone(),
+            )));
+            next_round = Instant::now() + WARMUP_EVERY;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let warmup_seconds = connecting_since.elapsed().as_secs_f64();
+    // A round still going sends no more; what it has in flight finishes
+    // before measuring starts.
+    warmup.stop.store(true, Ordering::Relaxed);
+    if let Some(round) = round {
+        let _ = round.await;
+    }
     // Let the last markers land before measuring starts.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -361,6 +396,9 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
             } else {
                 0.0
             },
+            warmup_sent: warmup.sent.load(Ordering::Relaxed),
+            warmup_failed: warmup.failed.load(Ordering::Relaxed),
+            warmup_failures: warmup.failures.lock().clone(),
         },
         deliveries: Deliveries {
             expected,

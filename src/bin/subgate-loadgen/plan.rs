@@ -215,7 +215,15 @@ pub struct Status {
     pub frames: u64,
     pub reconnects: u64,
     pub connect_errors: u64,
+    /// The topics this worker still waits on (a subscriber not yet live),
+    /// when few enough to list (at most [`WAITING_LISTED`]): the warm-up
+    /// marks only those. `None`: too many, mark every topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_topics: Option<Vec<u32>>,
 }
+
+/// Most topics a worker lists as waiting in one status line.
+pub const WAITING_LISTED: usize = 2_000;
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct WorkerReport {

@@ -16,6 +16,42 @@ use crate::plan::PublisherKind;
 /// still arrive: it is then neither lost nor a duplicate).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Idle connections the publisher keeps no longer than this: below the
+/// nodes' HTTP keep-alive (actix-web's 5 s), so that the client, not the
+/// server, retires an idle connection, and a publish never goes out on a
+/// connection the server is closing.
+const POOL_IDLE: Duration = Duration::from_secs(4);
+
+/// The publisher's HTTP client: every publish (setup, warm-up, measured)
+/// goes through it, at most `max_in_flight` at a time, on connections it
+/// keeps alive and reuses.
+///
+/// Why it matters (item 5 of issue 10, "cannot assign requested
+/// address" at 10,000 topics): a TCP connection is named by its four
+/// addresses, and towards one node (one address and port) a client source
+/// address has only the ephemeral ports to tell its connections apart
+/// (`net.ipv4.ip_local_port_range`, 32768–60999 here: 28,232). 10,000
+/// subscribers on 127.0.0.1 held 10,000 of them. The warm-up then
+/// published one marker per topic, every 500 ms, each on a task of its
+/// own with nothing bounding how many were in flight: 10,000 requests at
+/// once, so 10,000 new connections (the pool only reuses idle ones), of
+/// which all but `max_in_flight` (the idle pool's size) were closed by
+/// this side when they went back to the pool, sitting in TIME_WAIT (60 s)
+/// on their ports; the next round, started whether or not the previous
+/// had finished, opened 10,000 more. Within a second or two the ports
+/// were gone and `connect()` failed with EADDRNOTAVAIL. Now every publish
+/// takes a permit of one bounded pool ([`warmup_round`] as
+/// [`run_paced`]), so at most `max_in_flight` connections ever exist per
+/// node and they are reused.
+pub fn client(max_in_flight: usize) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(max_in_flight.max(1))
+        .pool_idle_timeout(POOL_IDLE)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| format!("an HTTP client: {e}"))
+}
+
 /// How a run publishes, shared by every publish task.
 pub struct Publisher {
     pub client: reqwest::Client,
@@ -234,4 +270,51 @@ pub async fn run_paced(
 /// A failure's bounded label: its code, without the human message.
 pub fn label(reason: &str) -> String {
     reason.split(':').next().unwrap_or(reason).trim().to_owned()
+}
+
+/// What the warm-up published, across its rounds.
+#[derive(Debug, Default)]
+pub struct Warmup {
+    pub sent: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub failures: Mutex<BTreeMap<String, u64>>,
+    /// Set when every subscription is live: a round in progress sends no
+    /// more (those in flight finish).
+    pub stop: std::sync::atomic::AtomicBool,
+}
+
+/// One warm-up round: a marker to each of `topics`, at most
+/// `max_in_flight` at a time (see [`client`] for why the bound matters).
+/// `first` numbers the round's publishes for the URL round-robin.
+pub async fn warmup_round(
+    publisher: Arc<Publisher>,
+    topics: Vec<usize>,
+    first: u64,
+    max_in_flight: usize,
+    warmup: Arc<Warmup>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let pool = Arc::new(Semaphore::new(max_in_flight.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, topic) in topics.into_iter().enumerate() {
+        let permit = pool.clone().acquire_owned().await.expect("never closed");
+        if warmup.stop.load(Relaxed) {
+            break;
+        }
+        warmup.sent.fetch_add(1, Relaxed);
+        let publisher = publisher.clone();
+        let warmup = warmup.clone();
+        tasks.spawn(async move {
+            let outcome = publisher
+                .publish(first + i as u64, Kind::Warmup, topic, 0)
+                .await;
+            drop(permit);
+            if let Err(reason) = outcome {
+                warmup.failed.fetch_add(1, Relaxed);
+                *warmup.failures.lock().entry(label(&reason)).or_default() += 1;
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
 }

@@ -60,6 +60,11 @@ pub struct Publish {
     /// keep the target rate (every request in flight was busy).
     pub late: u64,
     pub achieved_rate: f64,
+    /// Warm-up markers published (every round, before measuring), and
+    /// those that failed, by reason.
+    pub warmup_sent: u64,
+    pub warmup_failed: u64,
+    pub warmup_failures: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -193,6 +198,7 @@ pub fn latency(h: &Histogram<u64>) -> Latency {
 }
 
 /// Per node: before, after and peak samples into the server section.
+#[allow(clippy::too_many_arguments)] // each is one figure the section needs
 pub fn server(
     labels: &[String],
     baseline: &[Option<Sample>],
@@ -317,6 +323,12 @@ impl Report {
         }
         if !c.server_errors.is_empty() {
             s.push_str(&format!("  server errors  {:?}\n", c.server_errors));
+        }
+        if p.warmup_failed > 0 {
+            s.push_str(&format!(
+                "  warm-up      {} markers published, {} failed {:?}\n",
+                p.warmup_sent, p.warmup_failed, p.warmup_failures
+            ));
         }
         if self.target_rate > 0.0 {
             s.push_str(&format!(

@@ -2,8 +2,7 @@
 //! (channels for `/ws`), the rule that lets subscribers read them, and the
 //! tokens it uses.
 
-use std::time::Duration;
-
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 
 use crate::marker;
@@ -38,11 +37,7 @@ pub async fn prepare(
     publish_urls: &[String],
 ) -> Result<Prepared, String> {
     let run = marker::new_run_id();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.max_in_flight.max(1))
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| format!("an HTTP client: {e}"))?;
+    let client = crate::publisher::client(args.max_in_flight)?;
     let kind = publisher_kind(args)?;
     if args.topics == 0 {
         return Err("--topics must be at least 1".into());
@@ -70,18 +65,17 @@ pub async fn prepare(
         (PublisherKind::Mutation, _) => vec!["posts".to_owned()],
         (PublisherKind::Api, Transport::Envelope) => {
             let token = user_token.as_deref().unwrap_or_default();
-            let mut topics = Vec::with_capacity(args.topics);
-            for k in 0..args.topics {
-                let id = create_channel(
-                    &client,
-                    &publish_urls[0],
-                    token,
-                    &format!("loadgen {run} {k}"),
-                )
-                .await?;
-                topics.push(format!("channel:{id}"));
-            }
-            topics
+            let (client, run) = (&client, &run);
+            futures_util::stream::iter(0..args.topics)
+                .map(|k| async move {
+                    let name = format!("loadgen {run} {k}");
+                    create_channel(client, &publish_urls[0], token, &name)
+                        .await
+                        .map(|id| format!("channel:{id}"))
+                })
+                .buffered(args.max_in_flight.max(1))
+                .try_collect()
+                .await?
         }
         (PublisherKind::Api, _) => (0..args.topics)
             .map(|k| format!("loadgen.{run}.{k}"))
@@ -98,13 +92,22 @@ pub async fn prepare(
     // Backend topics are readable by any authenticated caller until a
     // publish says otherwise; the run's topics are made public so that
     // subscribers need no token (the `/ws` channels are public channels).
+    // At 100,000 topics one at a time would take minutes: as many at once
+    // as the publisher's pool holds (`--max-in-flight`), on its kept-alive
+    // connections.
     if kind == PublisherKind::Api && args.transport != Transport::Envelope {
-        for topic in &topics {
-            let body = json!({"topic": topic, "type": "loadgen.setup", "payload": {}, "readers": "public"});
-            publisher
-                .post_api(&publish_urls[0], &body)
-                .await
-                .map_err(|e| format!("setting up topic {topic}: {e}"))?;
+        let publisher = &publisher;
+        let mut setups = futures_util::stream::iter(&topics)
+            .map(|topic| async move {
+                let body = json!({"topic": topic, "type": "loadgen.setup", "payload": {}, "readers": "public"});
+                publisher
+                    .post_api(&publish_urls[0], &body)
+                    .await
+                    .map_err(|e| format!("setting up topic {topic}: {e}"))
+            })
+            .buffer_unordered(args.max_in_flight.max(1));
+        while let Some(done) = setups.next().await {
+            done?;
         }
     }
     let tokens = match (args.transport, &args.jwt_secret, &user_token, &args.token) {

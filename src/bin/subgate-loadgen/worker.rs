@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
 use crate::client::{self, Finish, Shared};
-use crate::plan::{Command, Status, WorkerMessage, WorkerReport};
+use crate::plan::{Command, Status, WorkerMessage, WorkerReport, WAITING_LISTED};
 
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 /// After `finish`, how long subscribers get to settle (they only count).
@@ -69,6 +69,7 @@ fn status(shared: &Shared) -> Status {
         frames: shared.frames.load(Ordering::Relaxed),
         reconnects: shared.reconnects.load(Ordering::Relaxed),
         connect_errors: shared.connect_errors.load(Ordering::Relaxed),
+        waiting_topics: shared.waiting_topics(WAITING_LISTED),
     }
 }
 
@@ -79,6 +80,9 @@ async fn serve() -> Result<(), String> {
     };
     let plan = Arc::new(plan);
     let shared = Arc::new(Shared::new());
+    for index in first..first + count {
+        shared.wait_for(index % plan.topics.len());
+    }
     let (finish_tx, finish_rx) = watch::channel::<Option<Arc<Finish>>>(None);
     let mut subscribers = tokio::task::JoinSet::new();
 
