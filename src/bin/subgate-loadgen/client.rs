@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::marker::{self, Kind};
+use crate::net;
 use crate::plan::{Plan, Transport};
 
 /// Bounds the handshake and the wait for the subscription's first answer.
@@ -359,11 +360,19 @@ impl Session<'_> {
                 .headers_mut()
                 .insert("sec-websocket-protocol", HeaderValue::from_static(p));
         }
-        let connected =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request)).await;
+        let index = self.index;
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let stream = net::connect(url, index)
+                .await
+                .map_err(|e| net::error_label(&e))?;
+            tokio_tungstenite::client_async(request, stream)
+                .await
+                .map_err(|e| ws_error_label(&e))
+        })
+        .await;
         let mut socket = match connected {
             Err(_) => return End::ConnectFailed("timeout".into()),
-            Ok(Err(e)) => return End::ConnectFailed(ws_error_label(&e)),
+            Ok(Err(label)) => return End::ConnectFailed(label),
             Ok(Ok((socket, _))) => socket,
         };
         // The opening: init and subscribe (GraphQL), or wait for the
@@ -553,7 +562,10 @@ impl Session<'_> {
     }
 
     async fn sse(&mut self, url: &str, finish: &mut watch::Receiver<Option<Arc<Finish>>>) -> End {
-        let client = sse_client();
+        let source = net::is_loopback_v4(url)
+            .then(|| net::source_for(std::net::Ipv4Addr::LOCALHOST.into(), self.index))
+            .flatten();
+        let client = sse_client(source);
         let request = match self.plan.transport {
             Transport::Sse => {
                 let mut r = client
@@ -649,17 +661,27 @@ impl Session<'_> {
     }
 }
 
-/// One HTTP client per worker thread for the SSE transports: its pool is
-/// per client, and every stream holds its own connection anyway.
-fn sse_client() -> reqwest::Client {
+/// One HTTP client per worker thread and source address for the SSE
+/// transports (see [`net`]): every stream holds its own connection anyway.
+fn sse_client(source: Option<std::net::IpAddr>) -> reqwest::Client {
     thread_local! {
-        static CLIENT: reqwest::Client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_max_idle_per_host(0)
-            .build()
-            .expect("an HTTP client builds");
+        static CLIENTS: std::cell::RefCell<HashMap<Option<std::net::IpAddr>, reqwest::Client>> =
+            std::cell::RefCell::new(HashMap::new());
     }
-    CLIENT.with(Clone::clone)
+    CLIENTS.with(|clients| {
+        clients
+            .borrow_mut()
+            .entry(source)
+            .or_insert_with(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .pool_max_idle_per_host(0)
+                    .local_address(source)
+                    .build()
+                    .expect("an HTTP client builds")
+            })
+            .clone()
+    })
 }
 
 /// The `type` of a JSON message, read without decoding the rest.

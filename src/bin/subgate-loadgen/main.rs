@@ -12,6 +12,8 @@
 //!   number, send time) and how it is found in any transport's frame.
 //! - [`setup`]: the user, channels and topic rules a run needs.
 //! - [`client`]: one subscriber per transport, reconnecting and resuming.
+//! - [`net`]: the subscribers' source addresses, spread over 127.0.0.0/8
+//!   against a loopback node.
 //! - [`worker`]: a process of subscribers, reporting status lines.
 //! - [`publisher`]: paced publishing with a bounded pool of requests.
 //! - [`scrape`]: server CPU and RSS from `/metrics`.
@@ -23,6 +25,7 @@
 mod client;
 mod coordinator;
 mod marker;
+mod net;
 mod plan;
 mod publisher;
 mod report;

@@ -42,7 +42,8 @@ const POOL_IDLE: Duration = Duration::from_secs(4);
 /// were gone and `connect()` failed with EADDRNOTAVAIL. Now every publish
 /// takes a permit of one bounded pool ([`warmup_round`] as
 /// [`run_paced`]), so at most `max_in_flight` connections ever exist per
-/// node and they are reused.
+/// node and they are reused. (The subscribers' own connections come from
+/// other loopback source addresses than the publisher's, [`crate::net`].)
 pub fn client(max_in_flight: usize) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .pool_max_idle_per_host(max_in_flight.max(1))
