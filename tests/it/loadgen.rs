@@ -85,6 +85,175 @@ async fn every_transport_delivers_every_event_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_subscriptions_per_connection_get_every_event_once_each() {
+    let node = loadgen_node(&[]);
+    let url = node.http_url("");
+    let url = url.trim_end_matches('/');
+    let dir = TempDir::new();
+    // 20 connections × 4 subscriptions = 80 subscriptions; 30 events.
+    // (transport, topics, extra): 80 topics is the per-user shape (each
+    // topic one subscription, each connection 4 topics), 1 a broadcast
+    // read 4 times on every connection, 8 ten subscriptions a topic.
+    let cases: &[(&str, usize, &[&str])] = &[
+        ("graphql-ws", 80, &[]),
+        ("graphql-ws", 1, &[]),
+        ("graphql-ws", 8, &["--resume"]),
+        ("graphql-ws-legacy", 80, &[]),
+        ("sse", 80, &[]),
+        ("envelope", 80, &["--jwt-secret", SECRET]),
+    ];
+    for (i, (transport, topics, extra)) in cases.iter().enumerate() {
+        let json = dir.path().join(format!("{i}.json"));
+        let topics = topics.to_string();
+        let mut args = vec![
+            "--url",
+            url,
+            "--connections",
+            "20",
+            "--subscriptions-per-connection",
+            "4",
+            "--topics",
+            &topics,
+            "--publisher",
+            "api",
+            "--rate",
+            "20",
+            "--duration",
+            "1.5",
+            "--transport",
+            transport,
+            "--api-key",
+            API_KEY,
+            "--workers",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(60)));
+        let case = format!("{transport} --topics {topics} {extra:?}");
+        assert!(r.ok, "{case}: the run failed\n{}", r.output);
+        assert_eq!(r.count("/connections/subscriptions"), 80, "{case}");
+        assert_eq!(r.count("/connections/live"), 80, "{case}\n{}", r.output);
+        assert_eq!(r.count("/connections/open_at_end"), 20, "{case}");
+        assert_eq!(r.count("/publish/acked"), 30, "{case}\n{}", r.output);
+        // A delivery is one subscription's copy of one event: each event
+        // reaches the 80 / topics subscriptions of its topic, once.
+        let expected = r.count("/deliveries/expected");
+        assert_eq!(
+            expected,
+            30 * 80 / topics.parse::<u64>().unwrap(),
+            "{case}\n{}",
+            r.output
+        );
+        assert_eq!(r.count("/deliveries/received"), expected, "{case}");
+        assert_eq!(r.count("/latency_ms/count"), expected, "{case}");
+        assert_eq!(r.count("/deliveries/lost"), 0, "{case}");
+        assert_eq!(r.count("/deliveries/duplicates"), 0, "{case}");
+        assert_eq!(r.count("/connections/refused"), 0, "{case}");
+        assert!(
+            r.output.contains("20 connections × 4 subscriptions (80)"),
+            "{case}\n{}",
+            r.output
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refusing_the_kth_subscription_fails_the_run_at_once_saying_why() {
+    let node = loadgen_node(&[("SUBGATE__WEBSOCKET__MAX_SUBSCRIPTIONS_PER_CONNECTION", "2")]);
+    let url = node.http_url("");
+    let url = url.trim_end_matches('/');
+    let dir = TempDir::new();
+    for (i, (transport, extra)) in [
+        ("graphql-ws", &[][..]),
+        ("graphql-ws-legacy", &[][..]),
+        ("envelope", &["--jwt-secret", SECRET][..]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let json = dir.path().join(format!("{i}.json"));
+        let mut args = vec![
+            "--url",
+            url,
+            "--connections",
+            "10",
+            "--subscriptions-per-connection",
+            "3",
+            "--topics",
+            "30",
+            "--publisher",
+            "api",
+            "--rate",
+            "20",
+            // Were it measured, this run would take a minute.
+            "--duration",
+            "60",
+            "--transport",
+            transport,
+            "--api-key",
+            API_KEY,
+        ];
+        args.extend_from_slice(extra);
+        let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(30)));
+        assert!(!r.ok, "{transport}: the run must fail\n{}", r.output);
+        // The third subscription of each connection, and only it.
+        assert_eq!(
+            r.count("/connections/refused"),
+            10,
+            "{transport}\n{}",
+            r.output
+        );
+        assert_eq!(
+            r.count("/connections/refused_reasons/TOO_MANY_SUBSCRIPTIONS"),
+            10,
+            "{transport}\n{}",
+            r.output
+        );
+        assert_eq!(
+            r.count("/connections/live"),
+            20,
+            "{transport}\n{}",
+            r.output
+        );
+        assert_eq!(r.count("/connections/never_live"), 0, "{transport}");
+        assert_eq!(r.count("/publish/sent"), 0, "{transport}: not measured");
+        assert_eq!(r.report["measured"], Value::Bool(false), "{transport}");
+        assert!(
+            r.output
+                .contains("SUBGATE__WEBSOCKET__MAX_SUBSCRIPTIONS_PER_CONNECTION=3 or more"),
+            "{transport}\n{}",
+            r.output
+        );
+    }
+
+    // Where a transport cannot hold several, the flag is refused up front.
+    for (transport, topics, why) in [
+        ("graphql-sse", "30", "one operation per request"),
+        ("sse", "1", "distinct topics"),
+    ] {
+        let json = dir.path().join("refused.json");
+        let args = [
+            "--url",
+            url,
+            "--connections",
+            "2",
+            "--subscriptions-per-connection",
+            "3",
+            "--topics",
+            topics,
+            "--publisher",
+            "api",
+            "--api-key",
+            API_KEY,
+            "--transport",
+            transport,
+        ];
+        let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(30)));
+        assert!(!r.ok && r.output.contains(why), "{transport}\n{}", r.output);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soak_reports_server_memory_per_connection() {
     let node = loadgen_node(&[]);
     let url = node.http_url("");

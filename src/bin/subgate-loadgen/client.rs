@@ -1,6 +1,7 @@
-//! One subscriber: connect over its transport, subscribe, count what
-//! arrives, and (with `--resume`) reconnect to the next URL and resume from
-//! the last event id it saw.
+//! One subscriber connection: connect over its transport, open its
+//! subscriptions (`--subscriptions-per-connection`, each on its own topic),
+//! count what arrives for each, and (with `--resume`) reconnect to the next
+//! URL and resume each from the last event id it saw.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,11 +22,15 @@ use crate::marker::{self, Kind};
 use crate::net;
 use crate::plan::{Plan, Transport};
 
-/// Bounds the handshake and the wait for the subscription's first answer.
+/// Bounds the handshake and the wait for each answer to a subscription.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest SSE line kept while it is incomplete; a longer one is an error,
 /// not a reason to buffer without bound.
 const MAX_SSE_LINE: usize = 1 << 20;
+/// The label of a subscription refused because its connection holds the
+/// most the node allows (`websocket.max_subscriptions_per_connection`):
+/// the GraphQL error code, which the `/ws` refusal is given too.
+pub const TOO_MANY_SUBSCRIPTIONS: &str = "TOO_MANY_SUBSCRIPTIONS";
 
 /// The end of the measured phase, as the coordinator said it.
 #[derive(Debug)]
@@ -34,7 +39,9 @@ pub struct Finish {
     pub unacked: Vec<Vec<u64>>,
 }
 
-/// Counters and tallies every subscriber of one worker adds to.
+/// Counters and tallies every subscriber of one worker adds to. `attempted`,
+/// `open`, `connect_errors`, `reconnects` and `closes` count connections;
+/// the rest count subscriptions.
 pub struct Shared {
     pub attempted: AtomicU64,
     pub open: AtomicU64,
@@ -43,15 +50,18 @@ pub struct Shared {
     pub frames: AtomicU64,
     pub reconnects: AtomicU64,
     pub connect_errors: AtomicU64,
+    pub refused: AtomicU64,
     pub lost: AtomicU64,
     pub duplicates: AtomicU64,
     pub gaps: AtomicU64,
     pub never_live: AtomicU64,
     pub latency: Mutex<Histogram<u64>>,
     pub connect_error_reasons: Mutex<BTreeMap<String, u64>>,
+    pub refused_reasons: Mutex<BTreeMap<String, u64>>,
     pub closes: Mutex<BTreeMap<String, u64>>,
     pub server_errors: Mutex<BTreeMap<String, u64>>,
-    /// Per topic, this worker's subscribers of it not yet live.
+    /// Per topic, this worker's subscriptions of it not yet live (nor
+    /// refused).
     pub waiting: Mutex<HashMap<usize, u32>>,
 }
 
@@ -65,6 +75,7 @@ impl Shared {
             frames: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
@@ -74,18 +85,19 @@ impl Shared {
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
             ),
             connect_error_reasons: Mutex::new(BTreeMap::new()),
+            refused_reasons: Mutex::new(BTreeMap::new()),
             closes: Mutex::new(BTreeMap::new()),
             server_errors: Mutex::new(BTreeMap::new()),
             waiting: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A subscriber of `topic` is on its way.
+    /// A subscription of `topic` is on its way.
     pub fn wait_for(&self, topic: usize) {
         *self.waiting.lock().entry(topic).or_default() += 1;
     }
 
-    /// A subscriber of `topic` is live.
+    /// A subscription of `topic` is live, or will never be.
     fn done_waiting(&self, topic: usize) {
         let mut waiting = self.waiting.lock();
         if let Some(n) = waiting.get_mut(&topic) {
@@ -117,15 +129,19 @@ enum End {
     Finished,
     /// No subscription was established: refused, timed out, unauthorized.
     ConnectFailed(String),
-    /// An established subscription ended: a close code, `reset`, `eof`,
+    /// An established connection ended: a close code, `reset`, `eof`,
     /// `complete`.
     Closed(String),
 }
 
-/// What one subscriber saw, across all its connections.
+/// What one subscription saw, across all its connection's attempts.
 struct Tally {
     topic: usize,
     live: bool,
+    /// The server refused it (an `error` for its operation or its
+    /// `channel.subscribe`): it is never live, nothing it missed is lost,
+    /// and a reconnect does not ask for it again.
+    refused: bool,
     /// The resume position of the last event seen.
     last_id: Option<String>,
     /// Bit `seq` is set once measured event `seq` has arrived.
@@ -133,6 +149,16 @@ struct Tally {
 }
 
 impl Tally {
+    fn new(topic: usize) -> Self {
+        Self {
+            topic,
+            live: false,
+            refused: false,
+            last_id: None,
+            seen: Vec::new(),
+        }
+    }
+
     fn mark_seen(&mut self, seq: u64) -> bool {
         let (word, bit) = ((seq / 64) as usize, seq % 64);
         if self.seen.len() <= word {
@@ -149,20 +175,18 @@ impl Tally {
     }
 }
 
-/// Runs subscriber `index` until the run finishes, then adds what it lost
-/// to the shared tallies.
+/// Runs subscriber connection `index` until the run finishes, then adds
+/// what each of its subscriptions lost to the shared tallies.
 pub async fn run(
     index: usize,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     mut finish: watch::Receiver<Option<Arc<Finish>>>,
 ) {
-    let mut tally = Tally {
-        topic: index % plan.topics.len(),
-        live: false,
-        last_id: None,
-        seen: Vec::new(),
-    };
+    let mut subs: Vec<Tally> = (0..plan.subscriptions_per_connection)
+        .map(|j| Tally::new(plan.topic_of(index, j)))
+        .collect();
+    let mut stream_last_id = None;
     let mut attempt = 0usize;
     let mut first = true;
     loop {
@@ -171,7 +195,8 @@ pub async fn run(
             index,
             plan: &plan,
             shared: &shared,
-            tally: &mut tally,
+            subs: &mut subs,
+            stream_last_id: &mut stream_last_id,
             first: &mut first,
         };
         let end = session.run(url, &mut finish).await;
@@ -207,13 +232,19 @@ pub async fn run(
         .ok()
         .and_then(|f| f.clone());
     if let Some(done) = done {
-        settle(&tally, &done, &shared);
+        for tally in &subs {
+            settle(tally, &done, &shared);
+        }
     }
 }
 
-/// Loss: every acknowledged sequence number of the subscriber's topic that
-/// it never saw.
+/// Loss: every acknowledged sequence number of the subscription's topic
+/// that it never saw (a delivery is one subscription's copy of one event).
+/// A refused subscription is counted as refused instead.
 fn settle(tally: &Tally, done: &Finish, shared: &Shared) {
+    if tally.refused {
+        return;
+    }
     if !tally.live {
         shared.never_live.fetch_add(1, Ordering::Relaxed);
     }
@@ -233,8 +264,19 @@ struct Session<'a> {
     index: usize,
     plan: &'a Plan,
     shared: &'a Shared,
-    tally: &'a mut Tally,
+    subs: &'a mut Vec<Tally>,
+    /// The SSE stream's resume id (one for all its topics).
+    stream_last_id: &'a mut Option<String>,
     first: &'a mut bool,
+}
+
+/// The start of a GraphQL-over-WebSocket message: its type and operation id.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: &'a str,
+    #[serde(default, borrow)]
+    id: Option<&'a str>,
 }
 
 impl Session<'_> {
@@ -243,9 +285,8 @@ impl Session<'_> {
             return End::Finished;
         }
         match self.plan.transport {
-            Transport::GraphqlWs | Transport::GraphqlWsLegacy | Transport::Envelope => {
-                self.websocket(url, finish).await
-            }
+            Transport::GraphqlWs | Transport::GraphqlWsLegacy => self.graphql_ws(url, finish).await,
+            Transport::Envelope => self.envelope(url, finish).await,
             Transport::Sse | Transport::GraphqlSse => self.sse(url, finish).await,
         }
     }
@@ -255,48 +296,93 @@ impl Session<'_> {
         (!tokens.is_empty()).then(|| tokens[self.index % tokens.len()].as_str())
     }
 
-    fn topic(&self) -> &str {
-        &self.plan.topics[self.tally.topic]
+    fn topic(&self, sub: usize) -> &str {
+        &self.plan.topics[self.subs[sub].topic]
     }
 
-    /// The subscription request of the GraphQL transports.
-    fn graphql_payload(&self) -> Value {
+    /// The subscriptions still to ask for on a (re)connection: all but the
+    /// refused.
+    fn wanted(&self) -> Vec<usize> {
+        (0..self.subs.len())
+            .filter(|&j| !self.subs[j].refused)
+            .collect()
+    }
+
+    /// The request of GraphQL subscription `sub`.
+    fn graphql_payload(&self, sub: usize) -> Value {
         let mut variables = self.plan.variables.clone().unwrap_or_else(|| json!({}));
         if self.plan.events_query {
-            variables["topics"] = json!([self.topic()]);
-            if let Some(after) = &self.tally.last_id {
+            variables["topics"] = json!([self.topic(sub)]);
+            if let Some(after) = &self.subs[sub].last_id {
                 variables["after"] = json!(after);
             }
         }
         json!({"query": self.plan.query, "variables": variables})
     }
 
-    /// The first attempt has reached the point where the subscription is
-    /// asked for: the coordinator may start warming up.
+    /// The `/ws` request for subscription `sub`.
+    fn channel_subscribe(&self, sub: usize) -> String {
+        let mut subscribe = json!({"type": "channel.subscribe", "payload": {
+            "channel_id": self.topic(sub).trim_start_matches("channel:"),
+        }});
+        if let Some(after) = &self.subs[sub].last_id {
+            subscribe["payload"]["last_event_id"] = json!(after);
+        }
+        subscribe.to_string()
+    }
+
+    /// The first attempt has reached the point where every subscription
+    /// has been asked for: the coordinator may start warming up.
     fn subscribed(&mut self) {
         if std::mem::replace(self.first, false) {
             self.shared.attempted.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Counts one frame that may carry an event of this run; `id` reads the
+    /// The server refused subscription `sub`, saying `why`; false when it
+    /// was live already or refused before (then it is no refusal).
+    fn refuse(&mut self, sub: usize, why: &str) -> bool {
+        let Some(tally) = self.subs.get_mut(sub) else {
+            return false;
+        };
+        if tally.live || tally.refused {
+            return false;
+        }
+        tally.refused = true;
+        self.shared.refused.fetch_add(1, Ordering::Relaxed);
+        Shared::count(&self.shared.refused_reasons, why);
+        self.shared.done_waiting(tally.topic);
+        true
+    }
+
+    /// Counts one frame that may carry an event of this run, for
+    /// subscription `sub` when the frame names it (a GraphQL operation id),
+    /// else for the subscription of the mark's topic; `id` reads the
     /// frame's resume position when it is needed.
-    fn on_event(&mut self, frame: &str, id: impl FnOnce() -> Option<String>) {
+    fn on_event(&mut self, frame: &str, sub: Option<usize>, id: impl FnOnce() -> Option<String>) {
         let Some(mark) = marker::find(frame, &self.plan.run) else {
             return;
         };
         self.shared.frames.fetch_add(1, Ordering::Relaxed);
+        let sub = match sub {
+            Some(j) if j < self.subs.len() => j,
+            _ => match self.subs.iter().position(|t| t.topic == mark.topic) {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let tally = &mut self.subs[sub];
         if self.plan.resume {
             if let Some(id) = id() {
-                self.tally.last_id = Some(id);
+                tally.last_id = Some(id);
             }
         }
         match mark.kind {
             Kind::Warmup => {
-                if !self.tally.live {
-                    self.tally.live = true;
+                if !tally.live {
+                    tally.live = true;
                     self.shared.live.fetch_add(1, Ordering::Relaxed);
-                    self.shared.done_waiting(self.tally.topic);
+                    self.shared.done_waiting(tally.topic);
                 }
             }
             Kind::Measured => {
@@ -307,7 +393,7 @@ impl Session<'_> {
                 // publishes in flight concurrently, the topic's order is
                 // the order the server took them in, not the order they
                 // were sent.
-                if !self.tally.mark_seen(mark.seq) {
+                if !tally.mark_seen(mark.seq) {
                     self.shared.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -332,29 +418,18 @@ impl Session<'_> {
         }
     }
 
-    async fn websocket(
-        &mut self,
+    /// Opens a WebSocket to `path` (with `protocol`), from this
+    /// connection's source address ([`net`]).
+    async fn open_websocket(
+        &self,
         url: &str,
-        finish: &mut watch::Receiver<Option<Arc<Finish>>>,
-    ) -> End {
-        let transport = self.plan.transport;
-        let ws_base = url.replacen("http://", "ws://", 1);
-        let target = match transport {
-            Transport::Envelope => match self.token() {
-                Some(t) => format!("{ws_base}/ws?token={t}"),
-                None => format!("{ws_base}/ws"),
-            },
-            _ => format!("{ws_base}/graphql/ws"),
-        };
-        let mut request = match target.into_client_request() {
-            Ok(r) => r,
-            Err(_) => return End::ConnectFailed("bad_url".into()),
-        };
-        let protocol = match transport {
-            Transport::GraphqlWs => Some("graphql-transport-ws"),
-            Transport::GraphqlWsLegacy => Some("graphql-ws"),
-            _ => None,
-        };
+        path: &str,
+        protocol: Option<&'static str>,
+    ) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, End> {
+        let target = format!("{}{path}", url.replacen("http://", "ws://", 1));
+        let mut request = target
+            .into_client_request()
+            .map_err(|_| End::ConnectFailed("bad_url".into()))?;
         if let Some(p) = protocol {
             request
                 .headers_mut()
@@ -370,37 +445,41 @@ impl Session<'_> {
                 .map_err(|e| ws_error_label(&e))
         })
         .await;
-        let mut socket = match connected {
-            Err(_) => return End::ConnectFailed("timeout".into()),
-            Ok(Err(label)) => return End::ConnectFailed(label),
-            Ok(Ok((socket, _))) => socket,
-        };
-        // The opening: init and subscribe (GraphQL), or wait for the
-        // server's greeting and subscribe to the channel (`/ws`).
-        let opening = match transport {
-            Transport::Envelope => {
-                let mut subscribe = json!({"type": "channel.subscribe", "payload": {
-                    "channel_id": self.topic().trim_start_matches("channel:"),
-                }});
-                if let Some(after) = &self.tally.last_id {
-                    subscribe["payload"]["last_event_id"] = json!(after);
-                }
-                vec![subscribe.to_string()]
-            }
-            _ => {
-                let init_payload = match self.token() {
-                    Some(t) => json!({"authorization": format!("Bearer {t}")}),
-                    None => json!({}),
-                };
-                vec![json!({"type": "connection_init", "payload": init_payload}).to_string()]
-            }
-        };
-        for text in opening {
-            if socket.send(Message::text(text)).await.is_err() {
-                return End::ConnectFailed("reset".into());
-            }
+        match connected {
+            Err(_) => Err(End::ConnectFailed("timeout".into())),
+            Ok(Err(label)) => Err(End::ConnectFailed(label)),
+            Ok(Ok((socket, _))) => Ok(socket),
         }
-        let mut acked = transport == Transport::Envelope;
+    }
+
+    /// graphql-transport-ws and the legacy graphql-ws: `connection_init`,
+    /// then one operation per subscription (ids `1` to `K`), sent together.
+    async fn graphql_ws(
+        &mut self,
+        url: &str,
+        finish: &mut watch::Receiver<Option<Arc<Finish>>>,
+    ) -> End {
+        let legacy = self.plan.transport == Transport::GraphqlWsLegacy;
+        let protocol = if legacy {
+            "graphql-ws"
+        } else {
+            "graphql-transport-ws"
+        };
+        let mut socket = match self
+            .open_websocket(url, "/graphql/ws", Some(protocol))
+            .await
+        {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+        let init_payload = match self.token() {
+            Some(t) => json!({"authorization": format!("Bearer {t}")}),
+            None => json!({}),
+        };
+        let init = json!({"type": "connection_init", "payload": init_payload}).to_string();
+        if socket.send(Message::text(init)).await.is_err() {
+            return End::ConnectFailed("reset".into());
+        }
         let mut established = false;
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let mut open_guard: Option<OpenGuard> = None;
@@ -414,136 +493,238 @@ impl Session<'_> {
                 next = socket.next() => next,
             };
             let text = match next {
-                None => break self.ended(established, "reset"),
-                Some(Err(_)) => break self.ended(established, "reset"),
+                None | Some(Err(_)) => break self.ended(established, "reset"),
                 Some(Ok(Message::Close(frame))) => {
-                    let code = frame
-                        .map(|f| u16::from(f.code).to_string())
-                        .unwrap_or_else(|| u16::from(CloseCode::Status).to_string());
-                    break self.ended(established, &code);
+                    break self.ended(established, &close_code(frame))
                 }
                 Some(Ok(Message::Text(text))) => text,
                 Some(Ok(_)) => continue,
             };
-            match transport {
-                Transport::GraphqlWs | Transport::GraphqlWsLegacy => {
-                    let ty = message_type(&text);
-                    match ty {
-                        Some("connection_ack") if !acked => {
-                            acked = true;
-                            let start = if transport == Transport::GraphqlWs {
-                                "subscribe"
-                            } else {
-                                "start"
-                            };
-                            let msg = json!({"id": "1", "type": start, "payload": self.graphql_payload()});
-                            if socket.send(Message::text(msg.to_string())).await.is_err() {
-                                break End::ConnectFailed("reset".into());
-                            }
-                            // graphql-transport-ws has no subscription
-                            // acknowledgement: the warm-up marker tells
-                            // when the subscription is live.
-                            established = true;
-                            open_guard = Some(OpenGuard::new(self.shared, true));
-                            self.subscribed();
+            let Ok(head) = serde_json::from_str::<Head>(&text) else {
+                continue;
+            };
+            // Operation `j + 1` is subscription `j`.
+            let sub = head
+                .id
+                .and_then(|id| id.parse::<usize>().ok())
+                .and_then(|id| id.checked_sub(1));
+            match head.ty {
+                "connection_ack" if !established => {
+                    let start = if legacy { "start" } else { "subscribe" };
+                    // All K in one write: feed each, flush once.
+                    let mut failed = false;
+                    for j in self.wanted() {
+                        let id = (j + 1).to_string();
+                        let msg =
+                            json!({"id": id, "type": start, "payload": self.graphql_payload(j)});
+                        if socket.feed(Message::text(msg.to_string())).await.is_err() {
+                            failed = true;
+                            break;
                         }
-                        Some("next") | Some("data") => {
-                            if text.contains("\"errors\"") {
-                                if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                                    if let Some(p) = v.get("payload") {
-                                        self.on_graphql_errors(p);
-                                    }
-                                }
-                            }
-                            self.on_event(&text, || {
-                                serde_json::from_str::<Value>(&text).ok().and_then(|v| {
-                                    v.pointer("/payload/data/events/id")
-                                        .and_then(Value::as_str)
-                                        .map(str::to_owned)
-                                })
-                            });
-                        }
-                        Some("ping") => {
-                            let pong = json!({"type": "pong"}).to_string();
-                            let _ = socket.send(Message::text(pong)).await;
-                        }
-                        Some("error") => {
-                            Shared::count(&self.shared.server_errors, "subscribe_error");
-                            if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                                if let Some(Value::Array(errors)) = v.get("payload") {
-                                    let wrapped = json!({"errors": errors});
-                                    self.on_graphql_errors(&wrapped);
-                                }
+                    }
+                    if failed || socket.flush().await.is_err() {
+                        break End::ConnectFailed("reset".into());
+                    }
+                    // graphql-transport-ws has no subscription
+                    // acknowledgement: the warm-up marker tells when each
+                    // subscription is live.
+                    established = true;
+                    open_guard = Some(OpenGuard::new(self.shared));
+                    self.subscribed();
+                }
+                "next" | "data" => {
+                    if text.contains("\"errors\"") {
+                        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                            if let Some(p) = v.get("payload") {
+                                self.on_graphql_errors(p);
                             }
                         }
-                        Some("complete") => break self.ended(established, "complete"),
-                        Some("connection_error") => {
-                            break End::ConnectFailed("connection_error".into())
-                        }
-                        _ => {}
+                    }
+                    self.on_event(&text, sub, || {
+                        serde_json::from_str::<Value>(&text).ok().and_then(|v| {
+                            v.pointer("/payload/data/events/id")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned)
+                        })
+                    });
+                }
+                "ping" => {
+                    let pong = json!({"type": "pong"}).to_string();
+                    let _ = socket.send(Message::text(pong)).await;
+                }
+                "error" => {
+                    // An operation's error ends that operation: before it
+                    // was live, the subscription was refused.
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let code = graphql_error_code(v.get("payload").unwrap_or(&Value::Null));
+                    let refused = match sub {
+                        Some(j) => self.refuse(j, &code),
+                        None => false,
+                    };
+                    if !refused {
+                        Shared::count(&self.shared.server_errors, &code);
                     }
                 }
-                Transport::Envelope => {
-                    let ty = message_type(&text);
-                    match ty {
-                        Some("auth.failed") => break End::ConnectFailed("auth_failed".into()),
-                        Some("channel.subscribed") => {
-                            if !established {
-                                established = true;
-                                open_guard = Some(OpenGuard::new(self.shared, true));
-                                self.subscribed();
-                            }
-                            if self.tally.last_id.is_some() && text.contains("\"recovered\":false")
-                            {
-                                self.shared.gaps.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        Some("channel.gap") => {
+                "complete" => {
+                    // The server ended an operation it had started: the
+                    // connection is done with (a refused one's end is not).
+                    if sub.is_some_and(|j| self.subs.get(j).is_some_and(|t| t.refused)) {
+                        continue;
+                    }
+                    break self.ended(established, "complete");
+                }
+                "connection_error" => break End::ConnectFailed("connection_error".into()),
+                _ => {}
+            }
+        };
+        drop(open_guard);
+        if matches!(end, End::Finished) {
+            let _ = socket.close(None).await;
+        }
+        end
+    }
+
+    /// The `/ws` envelope protocol: `channel.subscribe` for each
+    /// subscription's channel, one at a time (an answer names no request,
+    /// so each waits for the last one's `channel.subscribed` or `error`).
+    async fn envelope(
+        &mut self,
+        url: &str,
+        finish: &mut watch::Receiver<Option<Arc<Finish>>>,
+    ) -> End {
+        let path = match self.token() {
+            Some(t) => format!("/ws?token={t}"),
+            None => "/ws".to_owned(),
+        };
+        let mut socket = match self.open_websocket(url, &path, None).await {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+        let mut to_ask = self.wanted().into_iter();
+        // The subscription whose answer is awaited.
+        let mut asking = to_ask.next();
+        if let Some(j) = asking {
+            if socket
+                .send(Message::text(self.channel_subscribe(j)))
+                .await
+                .is_err()
+            {
+                return End::ConnectFailed("reset".into());
+            }
+        }
+        let mut established = asking.is_none();
+        let mut open_guard = established.then(|| OpenGuard::new(self.shared));
+        if established {
+            self.subscribed();
+        }
+        let mut deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let end = loop {
+            let next = tokio::select! {
+                biased;
+                _ = finish.wait_for(Option::is_some) => break End::Finished,
+                _ = tokio::time::sleep_until(deadline), if !established => {
+                    break End::ConnectFailed("timeout".into());
+                }
+                next = socket.next() => next,
+            };
+            let text = match next {
+                None | Some(Err(_)) => break self.ended(established, "reset"),
+                Some(Ok(Message::Close(frame))) => {
+                    break self.ended(established, &close_code(frame))
+                }
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(_)) => continue,
+            };
+            // The answer to the subscription asked for: the next one is
+            // asked for, or every one has been.
+            let mut answered = false;
+            match message_type(&text) {
+                Some("auth.failed") => break End::ConnectFailed("auth_failed".into()),
+                Some("channel.subscribed") => {
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let channel = v
+                        .pointer("/payload/channel_id")
+                        .and_then(Value::as_str)
+                        .map(|c| format!("channel:{c}"));
+                    let sub = (0..self.subs.len())
+                        .find(|&j| channel.as_deref() == Some(self.topic(j)))
+                        .or(asking);
+                    if let Some(j) = sub {
+                        if self.subs[j].last_id.is_some()
+                            && v.pointer("/payload/recovered") == Some(&Value::Bool(false))
+                        {
                             self.shared.gaps.fetch_add(1, Ordering::Relaxed);
                         }
-                        Some("error") => {
-                            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                            let code = v
-                                .pointer("/payload/code")
-                                .and_then(Value::as_str)
-                                .unwrap_or("error")
-                                .to_owned();
-                            if code == "rate_limited" && !established {
-                                // Subscribing is rate-limited per user: wait
-                                // as told and ask again.
-                                let wait = v
-                                    .pointer("/payload/retry_after_ms")
-                                    .and_then(Value::as_u64)
-                                    .unwrap_or(1000);
-                                tokio::time::sleep(Duration::from_millis(wait + 10)).await;
-                                let mut subscribe = json!({"type": "channel.subscribe", "payload": {
-                                    "channel_id": self.topic().trim_start_matches("channel:"),
-                                }});
-                                if let Some(after) = &self.tally.last_id {
-                                    subscribe["payload"]["last_event_id"] = json!(after);
-                                }
-                                if socket
-                                    .send(Message::text(subscribe.to_string()))
-                                    .await
-                                    .is_err()
-                                {
-                                    break End::ConnectFailed("reset".into());
-                                }
-                            } else {
-                                Shared::count(&self.shared.server_errors, &code);
-                                if !established {
-                                    break End::ConnectFailed(code);
-                                }
+                    }
+                    answered = asking.is_some();
+                }
+                Some("channel.gap") => {
+                    self.shared.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                Some("error") => {
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let code = v
+                        .pointer("/payload/code")
+                        .and_then(Value::as_str)
+                        .unwrap_or("error")
+                        .to_owned();
+                    match asking {
+                        // This run sends nothing but `channel.subscribe`:
+                        // an error while one is awaited answers it.
+                        Some(j) if code == "rate_limited" => {
+                            // Subscribing is rate-limited per user: wait as
+                            // told and ask again.
+                            let wait = v
+                                .pointer("/payload/retry_after_ms")
+                                .and_then(Value::as_u64)
+                                .unwrap_or(1000);
+                            tokio::time::sleep(Duration::from_millis(wait + 10)).await;
+                            deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+                            if socket
+                                .send(Message::text(self.channel_subscribe(j)))
+                                .await
+                                .is_err()
+                            {
+                                break End::ConnectFailed("reset".into());
                             }
                         }
-                        _ => self.on_event(&text, || {
-                            serde_json::from_str::<Value>(&text).ok().and_then(|v| {
-                                v.get("id").and_then(Value::as_str).map(str::to_owned)
-                            })
-                        }),
+                        Some(j) => {
+                            let message = v
+                                .pointer("/payload/message")
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
+                            // `/ws` says "at most N channels per
+                            // connection" as a bad request.
+                            let why = if message.contains("channels per connection") {
+                                TOO_MANY_SUBSCRIPTIONS
+                            } else {
+                                &code
+                            };
+                            self.refuse(j, why);
+                            answered = true;
+                        }
+                        None => Shared::count(&self.shared.server_errors, &code),
                     }
                 }
-                _ => unreachable!("SSE transports do not open WebSockets"),
+                _ => self.on_event(&text, None, || {
+                    serde_json::from_str::<Value>(&text)
+                        .ok()
+                        .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
+                }),
+            }
+            if answered {
+                asking = to_ask.next();
+                deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+                if let Some(j) = asking {
+                    let ask = Message::text(self.channel_subscribe(j));
+                    if socket.send(ask).await.is_err() {
+                        break self.ended(established, "reset");
+                    }
+                } else if !established {
+                    established = true;
+                    open_guard = Some(OpenGuard::new(self.shared));
+                    self.subscribed();
+                }
             }
         };
         drop(open_guard);
@@ -561,6 +742,8 @@ impl Session<'_> {
         }
     }
 
+    /// The SSE event stream (one stream naming every subscription's topic)
+    /// or GraphQL over SSE (one subscription).
     async fn sse(&mut self, url: &str, finish: &mut watch::Receiver<Option<Arc<Finish>>>) -> End {
         let source = net::is_loopback_v4(url)
             .then(|| net::source_for(std::net::Ipv4Addr::LOCALHOST.into(), self.index))
@@ -568,21 +751,26 @@ impl Session<'_> {
         let client = sse_client(source);
         let request = match self.plan.transport {
             Transport::Sse => {
+                let topics: Vec<(&str, &str)> = self
+                    .wanted()
+                    .into_iter()
+                    .map(|j| ("topic", self.topic(j)))
+                    .collect();
                 let mut r = client
                     .get(format!("{url}/api/v1/events/stream"))
-                    .query(&[("topic", self.topic())]);
+                    .query(&topics);
                 if let Some(t) = self.token() {
                     r = r.header("authorization", format!("Bearer {t}"));
                 }
-                if let Some(last) = &self.tally.last_id {
-                    r = r.header("last-event-id", last.as_str());
+                if let Some(last) = self.stream_last_id.as_deref() {
+                    r = r.header("last-event-id", last);
                 }
                 r
             }
             _ => {
                 let mut r = client
                     .post(format!("{url}/graphql/stream"))
-                    .json(&self.graphql_payload());
+                    .json(&self.graphql_payload(0));
                 if let Some(t) = self.token() {
                     r = r.header("authorization", format!("Bearer {t}"));
                 }
@@ -603,9 +791,10 @@ impl Session<'_> {
             return End::ConnectFailed(format!("http_{}", response.status().as_u16()));
         }
         self.subscribed();
-        let _open = OpenGuard::new(self.shared, true);
+        let _open = OpenGuard::new(self.shared);
         let mut body = response.bytes_stream();
         let mut parser = SseParser::default();
+        let graphql = self.plan.transport == Transport::GraphqlSse;
         loop {
             let chunk = tokio::select! {
                 biased;
@@ -623,8 +812,8 @@ impl Session<'_> {
             };
             for event in events {
                 if let Some(id) = &event.id {
-                    if self.plan.transport == Transport::Sse && self.plan.resume {
-                        self.tally.last_id = Some(id.clone());
+                    if !graphql && self.plan.resume {
+                        *self.stream_last_id = Some(id.clone());
                     }
                 }
                 match event.event.as_deref() {
@@ -633,16 +822,17 @@ impl Session<'_> {
                     }
                     Some("complete") => return End::Closed("complete".into()),
                     _ => {
-                        if self.plan.transport == Transport::GraphqlSse
-                            && event.data.contains("\"errors\"")
-                        {
+                        if graphql && event.data.contains("\"errors\"") {
                             if let Ok(v) = serde_json::from_str::<Value>(&event.data) {
                                 self.on_graphql_errors(&v);
                             }
                         }
-                        let graphql = self.plan.transport == Transport::GraphqlSse;
                         let data = &event.data;
-                        self.on_event(data, || {
+                        // GraphQL over SSE carries its one subscription;
+                        // the event stream's topics tell its subscriptions
+                        // apart (its own `id:` line was kept above).
+                        let sub = graphql.then_some(0);
+                        self.on_event(data, sub, || {
                             if graphql {
                                 serde_json::from_str::<Value>(data).ok().and_then(|v| {
                                     v.pointer("/data/events/id")
@@ -650,7 +840,6 @@ impl Session<'_> {
                                         .map(str::to_owned)
                                 })
                             } else {
-                                // The stream's own `id:` line was kept above.
                                 None
                             }
                         });
@@ -661,6 +850,23 @@ impl Session<'_> {
     }
 }
 
+/// The error code of a GraphQL-over-WebSocket `error` payload: a list of
+/// GraphQL errors (graphql-transport-ws) or `{message, errors}` (legacy).
+fn graphql_error_code(payload: &Value) -> String {
+    let errors = payload.get("errors").unwrap_or(payload);
+    errors
+        .pointer("/0/extensions/code")
+        .and_then(Value::as_str)
+        .unwrap_or("graphql_error")
+        .to_owned()
+}
+
+/// A close frame's code, `1005` (no status) when it has none.
+fn close_code(frame: Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> String {
+    frame
+        .map(|f| u16::from(f.code).to_string())
+        .unwrap_or_else(|| u16::from(CloseCode::Status).to_string())
+}
 /// One HTTP client per worker thread and source address for the SSE
 /// transports (see [`net`]): every stream holds its own connection anyway.
 fn sse_client(source: Option<std::net::IpAddr>) -> reqwest::Client {
@@ -704,26 +910,21 @@ fn ws_error_label(e: &tokio_tungstenite::tungstenite::Error) -> String {
     }
 }
 
-/// Keeps `open` raised while a subscription is established.
+/// Keeps `open` raised while a connection is established.
 struct OpenGuard<'a> {
     shared: &'a Shared,
-    counted: bool,
 }
 
 impl<'a> OpenGuard<'a> {
-    fn new(shared: &'a Shared, counted: bool) -> Self {
-        if counted {
-            shared.open.fetch_add(1, Ordering::Relaxed);
-        }
-        Self { shared, counted }
+    fn new(shared: &'a Shared) -> Self {
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        Self { shared }
     }
 }
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        if self.counted {
-            self.shared.open.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.shared.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -823,13 +1024,20 @@ mod tests {
     }
 
     #[test]
+    fn error_codes_are_read_from_both_protocols_payloads() {
+        let errors = json!([{"message": "m", "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS"}}]);
+        assert_eq!(graphql_error_code(&errors), TOO_MANY_SUBSCRIPTIONS);
+        let legacy = json!({"message": "m", "errors": errors});
+        assert_eq!(graphql_error_code(&legacy), TOO_MANY_SUBSCRIPTIONS);
+        assert_eq!(
+            graphql_error_code(&json!({"message": "m"})),
+            "graphql_error"
+        );
+    }
+
+    #[test]
     fn the_tally_counts_each_sequence_number_once() {
-        let mut t = Tally {
-            topic: 0,
-            live: false,
-            last_id: None,
-            seen: Vec::new(),
-        };
+        let mut t = Tally::new(0);
         assert!(t.mark_seen(1));
         assert!(t.mark_seen(130));
         assert!(!t.mark_seen(130));

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 
 use crate::plan::{
-    metrics_urls, normalize_url, Args, Command, Status, WorkerMessage, WorkerReport,
+    metrics_urls, normalize_url, subscribers_of, Args, Command, Status, WorkerMessage, WorkerReport,
 };
 use crate::publisher;
 use crate::report::{self, Connections, Deliveries, Publish, Report};
@@ -61,6 +61,7 @@ impl Board {
             t.attempted += s.attempted;
             t.open += s.open;
             t.live += s.live;
+            t.refused += s.refused;
             t.received += s.received;
             t.frames += s.frames;
             t.reconnects += s.reconnects;
@@ -102,6 +103,8 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
     let plan = prepared.plan;
     let publisher = Arc::new(prepared.publisher);
     let topics = plan.topics.len();
+    let per_connection = plan.subscriptions_per_connection;
+    let subscriptions = args.connections * per_connection;
 
     // Workers: each holds an even share of the subscribers.
     let n_workers = args
@@ -169,7 +172,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         workers.push(Worker { child, stdin });
     }
 
-    let progress = Progress::new();
+    let progress = Progress::new(args.connections, subscriptions);
     let sent = Arc::new(AtomicU64::new(0));
     let peak_rss = Arc::new(Mutex::new(vec![None::<f64>; labels.len()]));
     // Peak RSS: every node sampled once a second for the whole run.
@@ -198,7 +201,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         connecting_since + Duration::from_secs_f64(args.connections as f64 / args.ramp + 30.0);
     loop {
         let total = board.lock().healthy_total()?;
-        progress.show("connecting", &total, &sent, args.connections);
+        progress.show("connecting", &total, &sent);
         if total.attempted as usize >= args.connections || Instant::now() > connect_deadline {
             break;
         }
@@ -220,12 +223,15 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
             let b = board.lock();
             (b.healthy_total()?, b.waiting_topics())
         };
-        let can_be_live = if args.resume {
+        // Subscriptions: those of connections that failed (unless they
+        // come back) and those the server refused never will be.
+        let connections_up = if args.resume {
             args.connections as u64
         } else {
             (args.connections as u64).saturating_sub(total.connect_errors)
         };
-        progress.show("warming up", &total, &sent, args.connections);
+        let can_be_live = (connections_up * per_connection as u64).saturating_sub(total.refused);
+        progress.show("warming up", &total, &sent);
         if total.live >= can_be_live || Instant::now() > warmup_deadline {
             break;
         }
@@ -257,13 +263,22 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
     }
     // Let the last markers land before measuring starts.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Subscriptions the nodes refused make the run fail: measuring without
+    // them would only take time.
+    let refused = board.lock().total().refused;
+    let measuring = refused == 0;
+    if !measuring {
+        progress.note(&format!(
+            "the nodes refused {refused} subscription(s): not measuring"
+        ));
+    }
 
     // Measure.
     let start_sample = targets.sample().await;
     let measured_since = Instant::now();
     let received_before = board.lock().total().received;
     let duration = Duration::from_secs_f64(args.duration);
-    let tally = if args.rate > 0.0 {
+    let tally = if measuring && args.rate > 0.0 {
         let paced = tokio::spawn(publisher::run_paced(
             publisher.clone(),
             args.rate,
@@ -277,37 +292,37 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
                 t = &mut paced => break t.map_err(|e| format!("the publisher failed: {e}"))?,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
                     let total = board.lock().total();
-                    progress.show("measuring", &total, &sent, args.connections);
+                    progress.show("measuring", &total, &sent);
                 }
             }
         }
-    } else {
+    } else if measuring {
         let until = Instant::now() + duration;
         while Instant::now() < until {
             let total = board.lock().total();
-            progress.show("holding", &total, &sent, args.connections);
+            progress.show("holding", &total, &sent);
             tokio::time::sleep(Duration::from_millis(500).min(until - Instant::now())).await;
         }
-        publisher::Tally {
-            published: vec![0; topics],
-            unacked: vec![Vec::new(); topics],
-            ..Default::default()
-        }
+        publisher::Tally::nothing(topics)
+    } else {
+        publisher::Tally::nothing(topics)
     };
     let publish_elapsed = measured_since.elapsed().as_secs_f64();
 
     // Drain: wait for what is still in flight.
-    let subscribers_of = |topic: usize| {
-        (args.connections / topics + usize::from(topic < args.connections % topics)) as u64
-    };
+    // A delivery is one subscription's copy of one event: every
+    // acknowledged event, times its topic's subscriptions.
     let expected: u64 = (0..topics)
-        .map(|k| (tally.published[k] - tally.unacked[k].len() as u64) * subscribers_of(k))
+        .map(|k| {
+            (tally.published[k] - tally.unacked[k].len() as u64)
+                * subscribers_of(k, topics, subscriptions)
+        })
         .sum();
     let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
-    if args.rate > 0.0 {
+    if measuring && args.rate > 0.0 {
         loop {
             let total = board.lock().total();
-            progress.show("draining", &total, &sent, args.connections);
+            progress.show("draining", &total, &sent);
             if total.received - received_before >= expected || Instant::now() > drain_deadline {
                 break;
             }
@@ -375,8 +390,12 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         duration_seconds: args.duration,
         connections: Connections {
             target: args.connections,
+            subscriptions_per_connection: per_connection,
+            subscriptions,
             live: merged.status.live,
             never_live: merged.never_live,
+            refused: merged.status.refused,
+            refused_reasons: merged.refused_reasons.clone(),
             open_at_end,
             connect_errors: merged.status.connect_errors,
             connect_error_reasons: merged.connect_error_reasons.clone(),
@@ -415,10 +434,11 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         latency_ms: report::latency(&histogram),
         server,
         client_cpu_seconds: report::own_cpu_seconds(),
+        measured: measuring,
         ok: false,
         failures: Vec::new(),
     };
-    report.judge(args.max_connect_errors, args.rate > 0.0);
+    report.judge(args.max_connect_errors, measuring && args.rate > 0.0);
     report::finish(&report, &report.summary(), report.ok, args.json.as_deref())
 }
 
@@ -440,10 +460,12 @@ struct Progress {
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
     last: Mutex<(Instant, u64, u64)>,
+    connections: usize,
+    subscriptions: usize,
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(connections: usize, subscriptions: usize) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(
@@ -457,10 +479,20 @@ impl Progress {
             bar,
             started: Instant::now(),
             last: Mutex::new((Instant::now() - Duration::from_secs(2), 0, 0)),
+            connections,
+            subscriptions,
         }
     }
 
-    fn show(&self, phase: &str, total: &Status, sent: &AtomicU64, target: usize) {
+    /// A line of its own, above the spinner on a terminal.
+    fn note(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("[{:>6.1}s] {line}", self.started.elapsed().as_secs_f64()),
+        }
+    }
+
+    fn show(&self, phase: &str, total: &Status, sent: &AtomicU64) {
         let mut last = self.last.lock();
         let now = Instant::now();
         let dt = now.duration_since(last.0).as_secs_f64();
@@ -470,9 +502,11 @@ impl Progress {
         let sent = sent.load(Ordering::Relaxed);
         let rate = |now: u64, then: u64| (now.saturating_sub(then)) as f64 / dt.max(0.001);
         let line = format!(
-            "{phase:<11} conns {}/{target} live {} errors {} reconnects {} | sent {} ({:.0}/s) | received {} ({:.0}/s)",
+            "{phase:<11} conns {}/{} live {}/{} errors {} reconnects {} | sent {} ({:.0}/s) | received {} ({:.0}/s)",
             total.open,
+            self.connections,
             total.live,
+            self.subscriptions,
             total.connect_errors,
             total.reconnects,
             sent,

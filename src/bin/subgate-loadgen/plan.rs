@@ -24,9 +24,23 @@ pub struct Args {
     /// `--url`s, which is wrong behind a load balancer: name the nodes.
     #[arg(long = "metrics-url")]
     pub metrics_urls: Vec<String>,
-    /// Subscribers to hold.
+    /// Subscriber connections to hold.
     #[arg(long, default_value_t = 100)]
     pub connections: usize,
+    /// Subscriptions each subscriber connection opens, each on a topic of
+    /// its own when `--topics` allows: subscription `j` of connection `i`
+    /// reads topic `(i * K + j) % --topics`, so `--topics` equal to
+    /// `--connections` times K is the per-user shape (every topic one
+    /// subscriber) and `--topics 1` a broadcast. graphql-ws and
+    /// graphql-ws-legacy open K operations (several may share a topic when
+    /// `--topics` is below K), `envelope` K channels, `sse` one stream of K
+    /// topics (at most 20, and K distinct: `--topics` at least K);
+    /// graphql-sse carries one. A node allows
+    /// `websocket.max_subscriptions_per_connection` per WebSocket (100 by
+    /// default; `SUBGATE__WEBSOCKET__MAX_SUBSCRIPTIONS_PER_CONNECTION`):
+    /// above it the node refuses the rest and the run fails, saying so.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    pub subscriptions_per_connection: usize,
     /// New connections per second while connecting.
     #[arg(long, default_value_t = 1000.0)]
     pub ramp: f64,
@@ -162,9 +176,11 @@ pub struct Plan {
     pub run: String,
     pub urls: Vec<String>,
     pub transport: Transport,
-    /// The topics subscriber `i` reads `topics[i % topics.len()]`; for the
-    /// `/ws` transport these are `channel:{id}`.
+    /// The topics ([`Plan::topic_of`]); for the `/ws` transport these are
+    /// `channel:{id}`.
     pub topics: Vec<String>,
+    /// Subscriptions per subscriber connection.
+    pub subscriptions_per_connection: usize,
     /// The GraphQL document and its variables, without the per-subscriber
     /// `topics` / `after` (added by the client).
     pub query: Option<String>,
@@ -177,6 +193,21 @@ pub struct Plan {
     pub resume: bool,
     /// Connections per second, for this worker.
     pub ramp: f64,
+}
+
+impl Plan {
+    /// The topic index subscription `sub` of connection `connection`
+    /// reads: subscriptions are numbered connection by connection and
+    /// spread round-robin over the topics.
+    pub fn topic_of(&self, connection: usize, sub: usize) -> usize {
+        (connection * self.subscriptions_per_connection + sub) % self.topics.len()
+    }
+}
+
+/// Subscriptions the `--topics` of a run give topic `topic`, of
+/// `subscriptions` in all (the inverse of [`Plan::topic_of`]).
+pub fn subscribers_of(topic: usize, topics: usize, subscriptions: usize) -> u64 {
+    (subscriptions / topics + usize::from(topic < subscriptions % topics)) as u64
 }
 
 /// What the coordinator tells a worker, one JSON object per stdin line.
@@ -201,15 +232,18 @@ pub enum Command {
 /// What a worker tells the coordinator, one JSON object per stdout line.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Subscribers whose first connection attempt has ended (in success or
-    /// failure).
+    /// Connections whose first attempt has ended (in success or failure)
+    /// or asked for every subscription.
     pub attempted: u64,
-    /// Subscribers with an open connection and subscription now.
+    /// Connections established now.
     pub open: u64,
-    /// Subscribers that have seen a warm-up marker: their subscription is
-    /// live end to end.
+    /// Subscriptions that have seen a warm-up marker: live end to end.
     pub live: u64,
-    /// Measured events received (duplicates included).
+    /// Subscriptions the server refused (never live).
+    #[serde(default)]
+    pub refused: u64,
+    /// Measured deliveries received, one per subscription and event
+    /// (duplicates included).
     pub received: u64,
     /// Every frame that carried an event of this run.
     pub frames: u64,
@@ -232,8 +266,11 @@ pub struct WorkerReport {
     pub duplicates: u64,
     /// History gaps the server announced (it could not resume exactly).
     pub gaps: u64,
-    /// Subscribers that never saw a warm-up marker.
+    /// Subscriptions that never saw a warm-up marker (refused ones apart).
     pub never_live: u64,
+    /// Subscriptions the server refused, by reason (an error code).
+    #[serde(default)]
+    pub refused_reasons: std::collections::BTreeMap<String, u64>,
     /// Connection failures by reason (`refused`, `http_503`, `timeout`, …).
     pub connect_error_reasons: std::collections::BTreeMap<String, u64>,
     /// Connections the server or the network ended, by close code or kind
@@ -280,6 +317,41 @@ pub fn normalize_url(url: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscriptions_spread_over_topics_and_subscribers_of_counts_them() {
+        let plan = |k: usize, topics: usize| Plan {
+            run: "r".into(),
+            urls: vec![],
+            transport: Transport::GraphqlWs,
+            topics: (0..topics).map(|t| t.to_string()).collect(),
+            subscriptions_per_connection: k,
+            query: None,
+            variables: None,
+            events_query: true,
+            tokens: vec![],
+            resume: false,
+            ramp: 1.0,
+        };
+        // Per-user: 3 connections × 4 subscriptions on 12 topics, each once.
+        let p = plan(4, 12);
+        let mut seen: Vec<usize> = (0..3)
+            .flat_map(|c| (0..4).map(move |j| (c, j)))
+            .map(|(c, j)| p.topic_of(c, j))
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..12).collect::<Vec<_>>());
+        assert!((0..12).all(|t| subscribers_of(t, 12, 12) == 1));
+        // Fewer topics than subscriptions per connection: they repeat.
+        let p = plan(4, 3);
+        assert_eq!(
+            (0..4).map(|j| p.topic_of(1, j)).collect::<Vec<_>>(),
+            [1, 2, 0, 1]
+        );
+        // 10 subscriptions over 3 topics: 4, 3, 3.
+        let counts: Vec<u64> = (0..3).map(|t| subscribers_of(t, 3, 10)).collect();
+        assert_eq!(counts, [4, 3, 3]);
+    }
 
     #[test]
     fn urls_are_plain_http_without_a_trailing_slash() {

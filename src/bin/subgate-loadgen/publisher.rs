@@ -207,6 +207,17 @@ pub struct Tally {
     pub late: u64,
 }
 
+impl Tally {
+    /// Nothing published, to `topics` topics.
+    pub fn nothing(topics: usize) -> Self {
+        Self {
+            published: vec![0; topics],
+            unacked: vec![Vec::new(); topics],
+            ..Self::default()
+        }
+    }
+}
+
 /// Publishes at `rate` events/s for `duration`, spreading events over the
 /// topics round-robin, at most `max_in_flight` requests at a time.
 /// Returns once every request has finished.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::client::TOO_MANY_SUBSCRIPTIONS;
 use crate::plan::WorkerReport;
 use crate::scrape::Sample;
 
@@ -27,16 +28,29 @@ pub struct Report {
     /// CPU-seconds the load generator itself spent (coordinator and
     /// workers): on a shared machine, what the servers did not get.
     pub client_cpu_seconds: f64,
+    /// Whether the measured phase ran (not when the nodes refused
+    /// subscriptions).
+    pub measured: bool,
     pub ok: bool,
     pub failures: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct Connections {
+    /// Subscriber connections.
     pub target: usize,
-    /// Subscribers that saw a warm-up event (their subscription was live).
+    /// `--subscriptions-per-connection`.
+    pub subscriptions_per_connection: usize,
+    /// Subscriptions in all: `target` times the above.
+    pub subscriptions: usize,
+    /// Subscriptions that saw a warm-up event (live end to end).
     pub live: u64,
+    /// Subscriptions never live (refused ones apart).
     pub never_live: u64,
+    /// Subscriptions the nodes refused, and why (an error code:
+    /// `TOO_MANY_SUBSCRIPTIONS` is the per-connection limit).
+    pub refused: u64,
+    pub refused_reasons: BTreeMap<String, u64>,
     /// Established at the end of the measured phase.
     pub open_at_end: u64,
     pub connect_errors: u64,
@@ -69,7 +83,7 @@ pub struct Publish {
 
 #[derive(Debug, Default, Serialize)]
 pub struct Deliveries {
-    /// Acknowledged events times the subscribers of their topic.
+    /// Acknowledged events times the subscriptions of their topic.
     pub expected: u64,
     pub received: u64,
     pub lost: u64,
@@ -157,6 +171,7 @@ pub fn merge(reports: &[WorkerReport]) -> (WorkerReport, Histogram<u64>) {
         s.attempted += r.status.attempted;
         s.open += r.status.open;
         s.live += r.status.live;
+        s.refused += r.status.refused;
         s.received += r.status.received;
         s.frames += r.status.frames;
         s.reconnects += r.status.reconnects;
@@ -167,6 +182,7 @@ pub fn merge(reports: &[WorkerReport]) -> (WorkerReport, Histogram<u64>) {
         total.never_live += r.never_live;
         for (into, from) in [
             (&mut total.connect_error_reasons, &r.connect_error_reasons),
+            (&mut total.refused_reasons, &r.refused_reasons),
             (&mut total.closes, &r.closes),
             (&mut total.server_errors, &r.server_errors),
         ] {
@@ -285,9 +301,25 @@ impl Report {
                 c.connect_errors
             ));
         }
-        if c.never_live > max_connect_errors {
+        if c.refused > 0 {
+            let mut failure = format!(
+                "{} subscriptions refused by the nodes {:?}",
+                c.refused, c.refused_reasons
+            );
+            if c.refused_reasons.contains_key(TOO_MANY_SUBSCRIPTIONS) {
+                failure.push_str(&format!(
+                    ": a node holds at most websocket.max_subscriptions_per_connection per \
+                     connection (100 by default), below the {} asked for; start the nodes \
+                     with SUBGATE__WEBSOCKET__MAX_SUBSCRIPTIONS_PER_CONNECTION={} or more",
+                    c.subscriptions_per_connection, c.subscriptions_per_connection
+                ));
+            }
+            failures.push(failure);
+        }
+        let never_live_allowed = max_connect_errors * c.subscriptions_per_connection.max(1) as u64;
+        if c.never_live > never_live_allowed {
             failures.push(format!(
-                "{} subscribers never received an event",
+                "{} subscriptions never received an event",
                 c.never_live
             ));
         }
@@ -304,9 +336,17 @@ impl Report {
         let p = &self.publish;
         let d = &self.deliveries;
         let l = &self.latency_ms;
+        let who = if c.subscriptions_per_connection == 1 {
+            format!("{} subscribers", c.target)
+        } else {
+            format!(
+                "{} connections × {} subscriptions ({})",
+                c.target, c.subscriptions_per_connection, c.subscriptions
+            )
+        };
         s.push_str(&format!(
-            "subgate-loadgen run {} — {} subscribers over {} ({} topic(s), {} worker(s))\n",
-            self.run, c.target, self.transport, self.topics, self.workers
+            "subgate-loadgen run {} — {who} over {} ({} topic(s), {} worker(s))\n",
+            self.run, self.transport, self.topics, self.workers
         ));
         s.push_str(&format!(
             "  connections  live {}  never live {}  open at end {}  connect errors {}  reconnects {}  warm-up {:.1}s\n",
@@ -316,6 +356,12 @@ impl Report {
             s.push_str(&format!(
                 "  connect errors by reason  {:?}\n",
                 c.connect_error_reasons
+            ));
+        }
+        if c.refused > 0 {
+            s.push_str(&format!(
+                "  refused      {} subscription(s) {:?}\n",
+                c.refused, c.refused_reasons
             ));
         }
         if !c.closes.is_empty() {
@@ -330,7 +376,7 @@ impl Report {
                 p.warmup_sent, p.warmup_failed, p.warmup_failures
             ));
         }
-        if self.target_rate > 0.0 {
+        if self.measured && self.target_rate > 0.0 {
             s.push_str(&format!(
                 "  publish      {} sent  {} acked  {} failed  {:.1}/s achieved of {:.1}/s ({} late) via {}\n",
                 p.sent, p.acked, p.failed, p.achieved_rate, self.target_rate, p.late, self.publisher

@@ -42,6 +42,7 @@ pub async fn prepare(
     if args.topics == 0 {
         return Err("--topics must be at least 1".into());
     }
+    check_subscriptions_per_connection(args)?;
     if kind == PublisherKind::Mutation && args.topics != 1 {
         return Err("--publisher mutation publishes to one topic (posts): use --publisher api for --topics > 1".into());
     }
@@ -146,11 +147,46 @@ pub async fn prepare(
         },
         variables,
         events_query,
+        subscriptions_per_connection: args.subscriptions_per_connection,
         tokens,
         resume: args.resume,
         ramp: args.ramp,
     };
     Ok(Prepared { plan, publisher })
+}
+
+/// Topics one SSE event stream may name (the node's own bound, its
+/// `MAX_TOPICS`).
+const SSE_MAX_TOPICS: usize = 20;
+
+/// Whether the transport can hold `--subscriptions-per-connection` on one
+/// connection, each on a topic of its own where it must.
+fn check_subscriptions_per_connection(args: &Args) -> Result<(), String> {
+    let k = args.subscriptions_per_connection;
+    let topics = if publisher_kind(args)? == PublisherKind::Mutation {
+        1
+    } else {
+        args.topics
+    };
+    match args.transport {
+        _ if k == 0 => Err("--subscriptions-per-connection must be at least 1".into()),
+        Transport::GraphqlSse if k > 1 => Err(
+            "--subscriptions-per-connection: graphql-sse carries one operation per request; \
+             use graphql-ws, graphql-ws-legacy, envelope or sse"
+                .into(),
+        ),
+        Transport::Sse if k > SSE_MAX_TOPICS => Err(format!(
+            "--subscriptions-per-connection {k}: an SSE event stream names at most \
+             {SSE_MAX_TOPICS} topics"
+        )),
+        Transport::Sse | Transport::Envelope if k > topics => Err(format!(
+            "--subscriptions-per-connection {k} needs {k} distinct topics per connection on {} \
+             (a stream names a topic once, a /ws connection joins a channel once): \
+             --topics {topics} is fewer (--publisher api with --topics {k} or more)",
+            args.transport.name()
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn publisher_kind(args: &Args) -> Result<PublisherKind, String> {

@@ -65,6 +65,7 @@ fn status(shared: &Shared) -> Status {
         attempted: shared.attempted.load(Ordering::Relaxed),
         open: shared.open.load(Ordering::Relaxed),
         live: shared.live.load(Ordering::Relaxed),
+        refused: shared.refused.load(Ordering::Relaxed),
         received: shared.received.load(Ordering::Relaxed),
         frames: shared.frames.load(Ordering::Relaxed),
         reconnects: shared.reconnects.load(Ordering::Relaxed),
@@ -81,7 +82,9 @@ async fn serve() -> Result<(), String> {
     let plan = Arc::new(plan);
     let shared = Arc::new(Shared::new());
     for index in first..first + count {
-        shared.wait_for(index % plan.topics.len());
+        for sub in 0..plan.subscriptions_per_connection {
+            shared.wait_for(plan.topic_of(index, sub));
+        }
     }
     let (finish_tx, finish_rx) = watch::channel::<Option<Arc<Finish>>>(None);
     let mut subscribers = tokio::task::JoinSet::new();
@@ -122,10 +125,11 @@ async fn serve() -> Result<(), String> {
     let Command::Finish { published, unacked } = finish else {
         return Err("expected finish".into());
     };
-    // Subscribers never started were never live.
-    shared
-        .never_live
-        .fetch_add((count - opened) as u64, Ordering::Relaxed);
+    // Connections never started were never live.
+    shared.never_live.fetch_add(
+        ((count - opened) * plan.subscriptions_per_connection) as u64,
+        Ordering::Relaxed,
+    );
     finish_tx.send_replace(Some(Arc::new(Finish { published, unacked })));
     let settled = tokio::time::timeout(SETTLE_TIMEOUT, async {
         while subscribers.join_next().await.is_some() {}
@@ -147,6 +151,7 @@ async fn serve() -> Result<(), String> {
         duplicates: shared.duplicates.load(Ordering::Relaxed),
         gaps: shared.gaps.load(Ordering::Relaxed),
         never_live: shared.never_live.load(Ordering::Relaxed),
+        refused_reasons: shared.refused_reasons.lock().clone(),
         connect_error_reasons: shared.connect_error_reasons.lock().clone(),
         closes: shared.closes.lock().clone(),
         server_errors: shared.server_errors.lock().clone(),
