@@ -253,6 +253,91 @@ async fn a_node_refusing_the_kth_subscription_fails_the_run_at_once_saying_why()
     }
 }
 
+/// GraphQL subscription operations the node has counted, every outcome.
+async fn subscription_operations(node: &Node) -> f64 {
+    let metrics = get(node, "/metrics").await;
+    metrics
+        .body
+        .lines()
+        .filter(|l| {
+            l.starts_with("subgate_graphql_operations_total{")
+                && l.contains("type=\"subscription\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_is_reported_beside_the_measured_deliveries_and_loses_them_nothing() {
+    let node = loadgen_node(&[]);
+    let url = node.http_url("");
+    let url = url.trim_end_matches('/');
+    let dir = TempDir::new();
+    // Without a secret the churn subscribes as a user signed up for the
+    // run; with one, as a user of its own.
+    let cases: &[&[&str]] = &[&[], &["--jwt-secret", SECRET, "--churn-connections", "3"]];
+    for (i, extra) in cases.iter().enumerate() {
+        let before = subscription_operations(&node).await;
+        let json = dir.path().join(format!("{i}.json"));
+        let mut args = vec![
+            "--url",
+            url,
+            "--connections",
+            "20",
+            "--subscriptions-per-connection",
+            "2",
+            "--topics",
+            "40",
+            "--publisher",
+            "api",
+            "--api-key",
+            API_KEY,
+            "--rate",
+            "20",
+            "--duration",
+            "2",
+            "--churn",
+            "50",
+            "--churn-lifetime-ms",
+            "200",
+        ];
+        args.extend_from_slice(extra);
+        let r = tokio::task::block_in_place(|| run_loadgen(&args, &json, Duration::from_secs(60)));
+        assert!(r.ok, "{extra:?}: the run failed\n{}", r.output);
+        // The measured subscriptions: every event once each, the churn in
+        // none of the figures.
+        assert_eq!(r.count("/publish/acked"), 40, "{}", r.output);
+        assert_eq!(r.count("/deliveries/expected"), 40, "{}", r.output);
+        assert_eq!(r.count("/deliveries/received"), 40, "{}", r.output);
+        assert_eq!(r.count("/latency_ms/count"), 40, "{}", r.output);
+        assert_eq!(r.count("/deliveries/lost"), 0);
+        assert_eq!(r.count("/deliveries/duplicates"), 0);
+        assert_eq!(r.count("/connections/live"), 40, "{}", r.output);
+        // The churn: about 50 topics a second for the 2 s measured, each
+        // let go of, no errors, its connections answering pings.
+        let churn = &r.report["churn"];
+        let subscribes = r.count("/churn/subscribes");
+        assert!((80..=110).contains(&subscribes), "{}", r.output);
+        assert_eq!(r.count("/churn/unsubscribes"), subscribes, "{}", r.output);
+        let per_second = churn["subscribes_per_second"].as_f64().unwrap_or(0.0);
+        assert!((40.0..=55.0).contains(&per_second), "{}", r.output);
+        assert_eq!(r.count("/churn/connections"), if i == 0 { 2 } else { 3 });
+        assert_eq!(r.count("/churn/connections_open_at_end"), 0, "{}", r.output);
+        for map in ["errors", "connect_errors", "closes"] {
+            assert_eq!(churn[map], serde_json::json!({}), "{map}\n{}", r.output);
+        }
+        assert!(r.count("/churn/ping_rtt_ms/count") >= 2, "{}", r.output);
+        assert!(r.output.contains("subscribes/s"), "{}", r.output);
+        // The node saw them: every churn subscription is an operation.
+        let counted = subscription_operations(&node).await - before;
+        assert!(
+            counted >= subscribes as f64,
+            "the node counted {counted} subscriptions, the churn made {subscribes}\n{}",
+            r.output
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_soak_reports_server_memory_per_connection() {
     let node = loadgen_node(&[]);

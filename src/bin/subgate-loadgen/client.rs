@@ -891,7 +891,7 @@ fn sse_client(source: Option<std::net::IpAddr>) -> reqwest::Client {
 }
 
 /// The `type` of a JSON message, read without decoding the rest.
-fn message_type(text: &str) -> Option<&str> {
+pub fn message_type(text: &str) -> Option<&str> {
     #[derive(serde::Deserialize)]
     struct Typed<'a> {
         #[serde(rename = "type", borrow)]

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 
+use crate::churn::Churn;
 use crate::plan::{
     metrics_urls, normalize_url, subscribers_of, Args, Command, Status, WorkerMessage, WorkerReport,
 };
@@ -102,6 +103,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
     let prepared = setup::prepare(&args, &urls, &publish_urls).await?;
     let plan = prepared.plan;
     let publisher = Arc::new(prepared.publisher);
+    let churn_plan = prepared.churn;
     let topics = plan.topics.len();
     let per_connection = plan.subscriptions_per_connection;
     let subscriptions = args.connections * per_connection;
@@ -273,11 +275,29 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         ));
     }
 
+    // The churn client's connections open before measuring; it churns
+    // while the events are published (or the connections held).
+    let churn = match churn_plan {
+        Some(plan) if measuring => {
+            progress.note(&format!(
+                "churn: {} topics/s on {} connections, each held {} ms",
+                plan.rate,
+                plan.connections,
+                plan.lifetime.as_millis()
+            ));
+            Some(Churn::connect(plan).await?)
+        }
+        _ => None,
+    };
+
     // Measure.
     let start_sample = targets.sample().await;
     let measured_since = Instant::now();
     let received_before = board.lock().total().received;
     let duration = Duration::from_secs_f64(args.duration);
+    if let Some(churn) = &churn {
+        churn.begin();
+    }
     let tally = if measuring && args.rate > 0.0 {
         let paced = tokio::spawn(publisher::run_paced(
             publisher.clone(),
@@ -308,6 +328,10 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
         publisher::Tally::nothing(topics)
     };
     let publish_elapsed = measured_since.elapsed().as_secs_f64();
+    let churned = match churn {
+        Some(churn) => Some(churn.stop().await?),
+        None => None,
+    };
 
     // Drain: wait for what is still in flight.
     // A delivery is one subscription's copy of one event: every
@@ -432,6 +456,7 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
             },
         },
         latency_ms: report::latency(&histogram),
+        churn: churned,
         server,
         client_cpu_seconds: report::own_cpu_seconds(),
         measured: measuring,

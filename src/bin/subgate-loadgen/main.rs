@@ -11,7 +11,10 @@
 //! - [`marker`]: the mark an event carries (run, kind, topic, sequence
 //!   number, send time) and how it is found in any transport's frame.
 //! - [`setup`]: the user, channels and topic rules a run needs.
-//! - [`client`]: one subscriber per transport, reconnecting and resuming.
+//! - [`client`]: one subscriber connection per transport, with its
+//!   subscriptions, reconnecting and resuming.
+//! - [`churn`]: `--churn`, fresh topics subscribed to and let go of beside
+//!   the measured subscriptions.
 //! - [`net`]: the subscribers' source addresses, spread over 127.0.0.0/8
 //!   against a loopback node.
 //! - [`worker`]: a process of subscribers, reporting status lines.
@@ -22,6 +25,7 @@
 //! - [`storm`]: `--storm`, hostile requests at once while `/healthz` is
 //!   probed: how the hardening targets are measured.
 
+mod churn;
 mod client;
 mod coordinator;
 mod marker;

@@ -72,6 +72,27 @@ pub struct Args {
     /// Variables (JSON) for `--query`.
     #[arg(long)]
     pub variables: Option<String>,
+    /// Churn: topics a second that a client of its own subscribes to and
+    /// unsubscribes from during the measured phase (fresh topics, never
+    /// published to, each held `--churn-lifetime-ms`), on
+    /// `--churn-connections` graphql-transport-ws connections of its own.
+    /// The report gives the subscribes and unsubscribes a second achieved,
+    /// the errors and a ping's round trip on those connections beside the
+    /// measured latency; the churn never counts toward loss or duplicates.
+    /// It subscribes as an authenticated user (`--jwt-secret`, `--token`, or
+    /// a user signed up for the run): a topic nobody has published to is
+    /// readable by any authenticated caller only.
+    #[arg(long, default_value_t = 0.0, value_name = "R")]
+    pub churn: f64,
+    /// Connections of the churn client; default: enough that none holds
+    /// more than 50 churn subscriptions at once (R × lifetime / 50, at
+    /// least 2), well within the node's
+    /// `websocket.max_subscriptions_per_connection` (100 by default).
+    #[arg(long, value_name = "N")]
+    pub churn_connections: Option<usize>,
+    /// How long each churn subscription is held before it is let go of.
+    #[arg(long, default_value_t = 100.0, value_name = "MS")]
+    pub churn_lifetime_ms: f64,
     /// Reconnect a subscriber whose connection closes, to the next URL,
     /// and resume from the last event id it saw.
     #[arg(long)]

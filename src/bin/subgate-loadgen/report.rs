@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::churn::ChurnReport;
 use crate::client::TOO_MANY_SUBSCRIPTIONS;
 use crate::plan::WorkerReport;
 use crate::scrape::Sample;
@@ -24,6 +25,10 @@ pub struct Report {
     pub publish: Publish,
     pub deliveries: Deliveries,
     pub latency_ms: Latency,
+    /// `--churn`: what the churn client did beside the measured
+    /// subscriptions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<ChurnReport>,
     pub server: Server,
     /// CPU-seconds the load generator itself spent (coordinator and
     /// workers): on a shared machine, what the servers did not get.
@@ -323,6 +328,17 @@ impl Report {
                 c.never_live
             ));
         }
+        if let Some(churn) = &self.churn {
+            if churn.error_count() > 0 {
+                failures.push(format!(
+                    "churn: {} errors {:?}, connections {:?} {:?}",
+                    churn.error_count(),
+                    churn.errors,
+                    churn.connect_errors,
+                    churn.closes
+                ));
+            }
+        }
         if publishing && self.publish.acked == 0 {
             failures.push("no publish was acknowledged".to_owned());
         }
@@ -392,6 +408,35 @@ impl Report {
                 "  latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}\n",
                 l.p50, l.p90, l.p99, l.p999, l.max, l.mean
             ));
+        }
+        if let Some(ch) = &self.churn {
+            s.push_str(&format!(
+                "  churn        {:.0} subscribes/s  {:.0} unsubscribes/s  achieved of {:.0}/s on {} connection(s), each held {:.0} ms ({} behind)\n",
+                ch.subscribes_per_second,
+                ch.unsubscribes_per_second,
+                ch.target_rate,
+                ch.connections,
+                ch.lifetime_ms,
+                ch.behind
+            ));
+            s.push_str(&format!(
+                "  churn        {} subscribes  {} unsubscribes  errors {}  ping rtt ms p50 {:.3}  p99 {:.3}  max {:.3}\n",
+                ch.subscribes,
+                ch.unsubscribes,
+                ch.error_count(),
+                ch.ping_rtt_ms.p50,
+                ch.ping_rtt_ms.p99,
+                ch.ping_rtt_ms.max
+            ));
+            for (what, map) in [
+                ("churn errors", &ch.errors),
+                ("churn connect errors", &ch.connect_errors),
+                ("churn closes", &ch.closes),
+            ] {
+                if !map.is_empty() {
+                    s.push_str(&format!("  {what}  {map:?}\n"));
+                }
+            }
         }
         let sv = &self.server;
         if let Some(cpu) = sv.cpu_seconds {

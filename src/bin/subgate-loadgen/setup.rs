@@ -2,9 +2,12 @@
 //! (channels for `/ws`), the rule that lets subscribers read them, and the
 //! tokens it uses.
 
+use std::time::Duration;
+
 use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{json, Value};
 
+use crate::churn::ChurnPlan;
 use crate::marker;
 use crate::plan::{Args, Plan, PublisherKind, Transport};
 use crate::publisher::{first_error, graphql, Publisher};
@@ -29,6 +32,8 @@ pub const EVENTS_QUERY: &str = "subscription LoadgenEvents($topics: [String!]!, 
 pub struct Prepared {
     pub plan: Plan,
     pub publisher: Publisher,
+    /// `--churn`, when asked for.
+    pub churn: Option<ChurnPlan>,
 }
 
 pub async fn prepare(
@@ -46,7 +51,17 @@ pub async fn prepare(
     if kind == PublisherKind::Mutation && args.topics != 1 {
         return Err("--publisher mutation publishes to one topic (posts): use --publisher api for --topics > 1".into());
     }
-    let needs_user = kind == PublisherKind::Mutation || args.transport == Transport::Envelope;
+    let finite = args.churn.is_finite() && args.churn_lifetime_ms.is_finite();
+    if !finite || args.churn < 0.0 || (args.churn > 0.0 && args.churn_lifetime_ms <= 0.0) {
+        return Err("--churn must be >= 0 and --churn-lifetime-ms > 0".into());
+    }
+    if args.churn_connections == Some(0) {
+        return Err("--churn-connections must be at least 1".into());
+    }
+    let churning = args.churn > 0.0;
+    let needs_user = kind == PublisherKind::Mutation
+        || args.transport == Transport::Envelope
+        || (churning && args.jwt_secret.is_none());
     let user_token = match (&args.token, needs_user) {
         (Some(t), _) => Some(t.clone()),
         (None, true) => Some(sign_up(&client, &publish_urls[0], &run).await?),
@@ -152,7 +167,36 @@ pub async fn prepare(
         resume: args.resume,
         ramp: args.ramp,
     };
-    Ok(Prepared { plan, publisher })
+    let churn = if churning {
+        let authorization = match (&args.jwt_secret, &user_token) {
+            (_, Some(token)) => format!("Bearer {token}"),
+            (Some(secret), None) => {
+                format!(
+                    "Bearer {}",
+                    mint(secret, &format!("loadgen-{}-churn", plan.run), None)?
+                )
+            }
+            (None, None) => return Err("--churn needs a user: --jwt-secret or --token".into()),
+        };
+        let lifetime = Duration::from_secs_f64(args.churn_lifetime_ms / 1000.0);
+        Some(ChurnPlan {
+            run: plan.run.clone(),
+            urls: urls.to_vec(),
+            rate: args.churn,
+            connections: args
+                .churn_connections
+                .unwrap_or_else(|| ChurnPlan::default_connections(args.churn, lifetime)),
+            lifetime,
+            authorization,
+        })
+    } else {
+        None
+    };
+    Ok(Prepared {
+        plan,
+        publisher,
+        churn,
+    })
 }
 
 /// Topics one SSE event stream may name (the node's own bound, its
