@@ -278,7 +278,7 @@ pub struct Status {
 }
 
 /// Most topics a worker lists as waiting in one status line.
-pub const WAITING_LISTED: usize = 2_000;
+pub const WAITING_LISTED: usize = 10_000;
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct WorkerReport {
