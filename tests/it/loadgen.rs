@@ -158,6 +158,98 @@ async fn several_subscriptions_per_connection_get_every_event_once_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_subscriptions_on_a_drained_node_each_resume_where_they_were() {
+    // Two nodes on one Redis; half the connections are on the node
+    // stopped mid-run, and with --resume each of their three subscriptions
+    // resumes on the other node from the last event it saw.
+    let redis = TestRedis::start();
+    let env = [
+        ("SUBGATE__REDIS__URL", redis.url()),
+        ("SUBGATE__SERVER__DRAIN_GRACE_SECONDS", "0".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let stays = loadgen_node(&env);
+    let dir = TempDir::new();
+    for (i, (transport, extra)) in [
+        ("graphql-ws", &[][..]),
+        ("sse", &[][..]),
+        ("envelope", &["--jwt-secret", SECRET][..]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let stops = loadgen_node(&env);
+        let (a, b) = (stays.http_url(""), stops.http_url(""));
+        let json = dir.path().join(format!("{i}.json"));
+        let mut args: Vec<String> = [
+            "--url",
+            a.trim_end_matches('/'),
+            "--url",
+            b.trim_end_matches('/'),
+            "--publish-url",
+            a.trim_end_matches('/'),
+            "--connections",
+            "20",
+            "--subscriptions-per-connection",
+            "3",
+            "--topics",
+            "12",
+            "--rate",
+            "20",
+            "--duration",
+            "4",
+            "--publisher",
+            "api",
+            "--api-key",
+            API_KEY,
+            "--transport",
+            transport,
+            "--resume",
+        ]
+        .iter()
+        .chain(extra.iter())
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--drain-timeout".to_owned(), "10".to_owned()]);
+        let handle = std::thread::spawn({
+            let json = json.clone();
+            move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_loadgen(&args, &json, Duration::from_secs(60))
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        stops.sigterm();
+        let r = tokio::task::block_in_place(|| handle.join().unwrap());
+        assert!(r.ok, "{transport}: the run failed\n{}", r.output);
+        // The 10 connections of the stopped node were cut and came back.
+        assert!(
+            r.count("/connections/reconnects") >= 10,
+            "{transport}\n{}",
+            r.output
+        );
+        let closes: u64 = r.report["connections"]["closes"]
+            .as_object()
+            .map(|c| c.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        assert_eq!(closes, 10, "{transport}\n{}", r.output);
+        // 60 subscriptions over 12 topics: every event to 5, once each.
+        let acked = r.count("/publish/acked");
+        assert_eq!(acked, 80, "{transport}\n{}", r.output);
+        assert_eq!(r.count("/deliveries/expected"), acked * 5, "{transport}");
+        assert_eq!(
+            r.count("/deliveries/received"),
+            acked * 5,
+            "{transport}\n{}",
+            r.output
+        );
+        assert_eq!(r.count("/deliveries/lost"), 0, "{transport}");
+        assert_eq!(r.count("/deliveries/duplicates"), 0, "{transport}");
+        assert_eq!(r.count("/deliveries/gaps"), 0, "{transport}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refusing_the_kth_subscription_fails_the_run_at_once_saying_why() {
     let node = loadgen_node(&[("SUBGATE__WEBSOCKET__MAX_SUBSCRIPTIONS_PER_CONNECTION", "2")]);
     let url = node.http_url("");
