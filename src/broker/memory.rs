@@ -3,10 +3,15 @@
 //!
 //! At most `history.max_topics` topics keep a history: publishing to one
 //! more evicts the history of the topic published to least recently
-//! (counted in `subgate_history_evictions_total`). A client resuming on an
-//! evicted topic hears of a history gap, as after a restart.
+//! (counted in `subgate_history_evictions_total`), as does
+//! `history.ttl_seconds` of silence. A topic that this node's subscribers
+//! still read keeps its lineage (its epoch and last number) without its
+//! events, so its live subscribers go on without a gap and a client
+//! resuming from before the eviction hears that those events expired; a
+//! topic nobody reads loses its lineage too, and a client resuming on it
+//! hears of a new epoch, as after a restart.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,9 +26,13 @@ struct Log {
     last_seq: u64,
     ring: VecDeque<Arc<SharedEvent>>,
     touched: Instant,
-    /// This log's key in [`Logs::by_publish`].
+    /// This log's key in [`Logs::by_publish`]; [`NO_HISTORY`] for a
+    /// lineage kept without its events.
     tick: u64,
 }
+
+/// The tick of a log that keeps only its lineage.
+const NO_HISTORY: u64 = u64::MAX;
 
 /// The histories, and the order in which they were last published to.
 #[derive(Default)]
@@ -33,17 +42,35 @@ struct Logs {
     /// expiry take from the front.
     by_publish: BTreeMap<u64, String>,
     next_tick: u64,
+    /// Topics this node's hub reads (between its `subscribe` and `release`).
+    subscribed: HashSet<String>,
 }
 
 impl Logs {
-    fn remove(&mut self, topic: &str) -> Option<Log> {
-        let log = self.by_topic.remove(topic)?;
+    /// Drops `topic`'s events; its lineage too, unless it is read here.
+    fn drop_history(&mut self, topic: &str) {
+        let read = self.subscribed.contains(topic);
+        let Some(log) = self.by_topic.get_mut(topic) else {
+            return;
+        };
         self.by_publish.remove(&log.tick);
-        Some(log)
+        if read {
+            log.ring = VecDeque::new();
+            log.tick = NO_HISTORY;
+        } else {
+            self.by_topic.remove(topic);
+        }
     }
 
-    /// Drops the logs idle for longer than `ttl` (their epoch ends): the
-    /// least recently published first, so only those are looked at.
+    /// Whether `topic` keeps events (not only a lineage, or nothing).
+    fn has_history(&self, topic: &str) -> bool {
+        self.by_topic
+            .get(topic)
+            .is_some_and(|log| log.tick != NO_HISTORY)
+    }
+
+    /// Drops the histories idle for longer than `ttl`: the least recently
+    /// published first, so only those are looked at.
     fn expire(&mut self, ttl: Duration) {
         while let Some((_, topic)) = self.by_publish.first_key_value() {
             let idle = self
@@ -54,7 +81,11 @@ impl Logs {
                 break;
             }
             let topic = topic.clone();
-            self.remove(&topic);
+            if self.by_topic.contains_key(&topic) {
+                self.drop_history(&topic);
+            } else {
+                self.by_publish.pop_first();
+            }
         }
     }
 
@@ -147,16 +178,23 @@ impl Broker for MemoryBroker {
         // that subscribers see events in position order.
         let mut logs = self.lock();
         logs.expire(self.history_ttl);
-        if !logs.by_topic.contains_key(&event.topic) {
+        if !logs.has_history(&event.topic) {
             // A new history: make room by evicting the least recently
-            // published (its subscribers resume with a gap).
-            while logs.by_topic.len() >= self.max_topics {
-                let Some((_, oldest)) = logs.by_publish.pop_first() else {
+            // published (see the module docs).
+            while logs.by_publish.len() >= self.max_topics {
+                let Some((_, oldest)) = logs.by_publish.first_key_value() else {
                     break;
                 };
-                logs.by_topic.remove(&oldest);
+                let oldest = oldest.clone();
+                if logs.by_topic.contains_key(&oldest) {
+                    logs.drop_history(&oldest);
+                } else {
+                    logs.by_publish.pop_first();
+                }
                 self.evictions.inc();
             }
+        }
+        if !logs.by_topic.contains_key(&event.topic) {
             logs.by_topic.insert(
                 event.topic.clone(),
                 Log {
@@ -164,7 +202,7 @@ impl Broker for MemoryBroker {
                     last_seq: 0,
                     ring: VecDeque::new(),
                     touched: Instant::now(),
-                    tick: u64::MAX,
+                    tick: NO_HISTORY,
                 },
             );
         }
@@ -186,11 +224,22 @@ impl Broker for MemoryBroker {
         Ok(shared)
     }
 
-    async fn subscribe(&self, _topic: &str) -> BrokerResult<()> {
+    async fn subscribe(&self, topic: &str) -> BrokerResult<()> {
+        let mut logs = self.lock();
+        if !logs.subscribed.contains(topic) {
+            logs.subscribed.insert(topic.to_owned());
+        }
         Ok(())
     }
 
-    fn release(&self, _topic: &str) {}
+    fn release(&self, topic: &str) {
+        let mut logs = self.lock();
+        logs.subscribed.remove(topic);
+        // A lineage kept for readers who are gone.
+        if logs.by_topic.get(topic).is_some_and(|log| log.tick == NO_HISTORY) {
+            logs.by_topic.remove(topic);
+        }
+    }
 
     fn readiness(&self) -> Result<(), String> {
         Ok(())
@@ -389,6 +438,64 @@ mod tests {
         assert_eq!(b.lock().by_topic.len(), 2);
         assert_eq!(b.lock().by_publish.len(), 2);
         assert_eq!(evictions.get(), 102);
+    }
+
+    #[test]
+    fn a_topic_read_here_keeps_its_lineage_when_its_history_goes() {
+        let evictions = prometheus::IntCounter::new("e", "e").unwrap();
+        let b = MemoryBroker::new(5, Duration::from_secs(60)).with_max_topics(2, evictions.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(b.subscribe("mine")).unwrap();
+        let first = publish(&b, "mine", 2);
+        let epoch = first[0].position.as_ref().unwrap().epoch.clone();
+        // Two other topics push its events out.
+        publish(&b, "x", 1);
+        publish(&b, "y", 1);
+        assert_eq!(evictions.get(), 1);
+        assert_eq!(b.lock().by_publish.len(), 2, "still two histories at most");
+        // Its live readers go on: the next event follows the last.
+        let next = publish(&b, "mine", 1);
+        let position = next[0].position.as_ref().unwrap();
+        assert_eq!((position.epoch.as_str(), position.seq), (epoch.as_str(), 3));
+        // Resuming from before the eviction: those events expired, the
+        // lineage did not change.
+        match history(&b, "mine", first[0].position.as_ref().unwrap()) {
+            History::Gap {
+                reason: GapReason::Expired,
+                retained,
+            } => assert_eq!(seqs(&retained), vec![3]),
+            other => panic!("{other:?}"),
+        }
+        match history(&b, "mine", first[1].position.as_ref().unwrap()) {
+            History::Complete(e) => assert_eq!(seqs(&e), vec![3]),
+            other => panic!("{other:?}"),
+        }
+        // Once nobody reads it, an evicted topic loses its lineage too.
+        publish(&b, "x", 1);
+        publish(&b, "y", 1);
+        b.release("mine");
+        assert!(!b.lock().by_topic.contains_key("mine"));
+        let again = publish(&b, "mine", 1);
+        assert_ne!(again[0].position.as_ref().unwrap().epoch, epoch);
+    }
+
+    #[test]
+    fn a_topic_read_here_keeps_its_lineage_through_silence() {
+        let b = MemoryBroker::new(5, Duration::from_millis(30));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(b.subscribe("t")).unwrap();
+        let first = publish(&b, "t", 1);
+        std::thread::sleep(Duration::from_millis(50));
+        let after = publish(&b, "t", 1);
+        assert_eq!(
+            after[0].position.as_ref().unwrap().epoch,
+            first[0].position.as_ref().unwrap().epoch
+        );
+        assert_eq!(after[0].position.as_ref().unwrap().seq, 2);
     }
 
     #[test]

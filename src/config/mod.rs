@@ -312,8 +312,9 @@ pub struct HistorySettings {
     // -- issue 9 (hardening): memory bounds --
     /// In-memory store only (no `redis.url`): most topics with a history.
     /// Publishing to one more evicts the least recently published topic's
-    /// history (`subgate_history_evictions_total`); its subscribers resume
-    /// with a history gap. Redis expires histories by `ttl_seconds`.
+    /// history (`subgate_history_evictions_total`); a topic still read on
+    /// the node keeps its lineage, so its live subscribers see no gap (see
+    /// `broker::memory`). Redis expires histories by `ttl_seconds`.
     pub max_topics: usize,
 }
 
