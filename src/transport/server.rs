@@ -84,6 +84,10 @@ where
                 let stopping = stopping.clone();
                 async move { stopping.notified().await }
             })
+            // Every response and frame is written whole, and the frames of
+            // a turn together: Nagle's algorithm would only hold a small
+            // write back until the peer's (delayed) acknowledgement.
+            .tcp_nodelay(true)
             .keep_alive(KeepAlive::default())
             .client_request_timeout(Duration::from_secs(5))
             .client_disconnect_timeout(Duration::from_secs(1))
