@@ -236,7 +236,11 @@ impl Broker for MemoryBroker {
         let mut logs = self.lock();
         logs.subscribed.remove(topic);
         // A lineage kept for readers who are gone.
-        if logs.by_topic.get(topic).is_some_and(|log| log.tick == NO_HISTORY) {
+        if logs
+            .by_topic
+            .get(topic)
+            .is_some_and(|log| log.tick == NO_HISTORY)
+        {
             logs.by_topic.remove(topic);
         }
     }

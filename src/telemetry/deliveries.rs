@@ -48,9 +48,7 @@ impl ShardCounts {
 
 impl Deliveries {
     /// `series` are each transport's shared counter and histogram.
-    pub fn new(
-        series: Vec<(&'static str, prometheus::IntCounter, prometheus::Histogram)>,
-    ) -> Self {
+    pub fn new(series: Vec<(&'static str, prometheus::IntCounter, prometheus::Histogram)>) -> Self {
         let shards = (0..SHARDS)
             .map(|_| {
                 Shard(Mutex::new(ShardCounts {

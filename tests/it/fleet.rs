@@ -1250,3 +1250,39 @@ async fn a_node_a_whole_queue_behind_its_bus_reconnects_and_its_streams_lose_not
         .collect();
     assert_eq!(got, sent);
 }
+
+#[tokio::test]
+async fn a_live_subscriber_sees_no_gap_when_its_topic_is_silent_past_the_history_ttl() {
+    let redis = TestRedis::start();
+    let url = redis.url();
+    let node = Node::start(&[
+        ("SUBGATE__REDIS__URL", url.as_str()),
+        ("SUBGATE__HISTORY__TTL_SECONDS", "1"),
+    ]);
+    let author = create_user(&node, "Author").await;
+    let mut ws = subscriber(&node).await;
+    until_live_via(&node, &author.token, &mut [&mut ws], "warm-up").await;
+    // Silent for three times the history's TTL: its events expire, and
+    // without its lineage the next event would start a new history, which
+    // the live subscriber would have to take for a gap.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    try_create_post(&node, &author.token, "after the silence", "")
+        .await
+        .expect("createPost");
+    loop {
+        let message = ws.next_message(Duration::from_secs(5)).await;
+        assert!(
+            message["type"] == "next" && message["payload"]["errors"].is_null(),
+            "the live subscriber was told of a gap: {message}"
+        );
+        let title = message["payload"]["data"]["postCreated"]["title"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if title.starts_with("[warm-up") {
+            continue;
+        }
+        assert_eq!(title, "after the silence", "{message}");
+        break;
+    }
+}

@@ -24,10 +24,15 @@
 //!   (`client-output-buffer-limit pubsub`) is just another lost connection.
 //! - Every call has the layer's timeout; a publish that fails or times out
 //!   is an error, never reported as success.
+//! - A topic's history expires after `history.ttl_seconds` of silence, but
+//!   not the lineage (epoch, last number) of a topic some node's
+//!   subscribers read: each node renews those ([`keep_lineages`]), so a live
+//!   subscriber never mistakes a long silence for a lost history.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{oneshot, Notify};
@@ -145,6 +150,42 @@ impl RedisBroker {
     }
 }
 
+/// Topics whose meta one lineage pass renews per round trip.
+const LINEAGE_BATCH: usize = 1000;
+
+/// Keeps the lineage (the meta hash: epoch and last number) of every topic
+/// this node's subscribers read from expiring with its history: every
+/// quarter of `history.ttl_seconds` (at most hourly) the meta of each
+/// subscribed topic gets the TTL anew. A topic silent for longer than the
+/// TTL then loses its events but not its epoch, so its live subscribers
+/// take the next event as the next, not as a new history (a gap); a topic
+/// nobody reads still expires whole.
+async fn keep_lineages(redis: Redis, shared: Arc<Shared>, ttl: Duration) {
+    let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    let ttl_ms = ttl.as_millis().max(1) as u64;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let topics: Vec<String> = shared.confirmed().iter().cloned().collect();
+        for chunk in topics.chunks(LINEAGE_BATCH) {
+            let mut renew = redis::pipe();
+            for topic in chunk {
+                renew
+                    .cmd("PEXPIRE")
+                    .arg(redis.keys().history_meta(topic))
+                    .arg(ttl_ms)
+                    .ignore();
+            }
+            // A failure is Redis being away; the next pass renews again.
+            if let Err(e) = redis.call::<()>("lineage", &renew).await {
+                tracing::debug!(error = %e, "renewing history lineages failed");
+                break;
+            }
+        }
+    }
+}
+
 /// The entries of a stream read, as `XRANGE` answers.
 type Entries = Vec<(String, HashMap<String, String>)>;
 
@@ -211,13 +252,18 @@ impl Broker for RedisBroker {
         let restarts = self.shared.metrics.task_restarts_total.clone();
         // A new run starts from a new connection: the hub's wanted topics
         // are resubscribed by construction.
-        crate::supervise::spawn("redis_subscriber", restarts, move || {
+        crate::supervise::spawn("redis_subscriber", restarts.clone(), move || {
             subscriber::SubscriberTask {
                 probe_channel: probe_channel.clone(),
                 redis: redis.clone(),
                 shared: shared.clone(),
             }
             .run()
+        })
+        .detach();
+        let (redis, shared, ttl) = (self.redis.clone(), self.shared.clone(), self.history.ttl);
+        crate::supervise::spawn("redis_lineage", restarts, move || {
+            keep_lineages(redis.clone(), shared.clone(), ttl)
         })
         .detach();
     }
