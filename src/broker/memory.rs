@@ -105,6 +105,10 @@ impl Logs {
 pub struct MemoryBroker {
     sink: OnceLock<Arc<dyn EventSink>>,
     logs: Mutex<Logs>,
+    /// Topics released and not yet taken out of [`Logs::subscribed`]: a
+    /// release comes from the hub, which may be dispatching an event that
+    /// `publish` hands it under the logs' lock, so it cannot take that lock.
+    releases: Mutex<Vec<String>>,
     history_size: usize,
     history_ttl: Duration,
     /// Most topics with a history (see the module docs).
@@ -129,6 +133,7 @@ impl MemoryBroker {
         Self {
             sink: OnceLock::new(),
             logs: Mutex::new(Logs::default()),
+            releases: Mutex::new(Vec::new()),
             history_size: history_size.max(1),
             history_ttl,
             max_topics: DEFAULT_MAX_TOPICS,
@@ -148,8 +153,23 @@ impl MemoryBroker {
         self
     }
 
+    /// The logs, with the releases since the last look applied.
     fn lock(&self) -> std::sync::MutexGuard<'_, Logs> {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner())
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let released =
+            std::mem::take(&mut *self.releases.lock().unwrap_or_else(|p| p.into_inner()));
+        for topic in released {
+            logs.subscribed.remove(&topic);
+            // A lineage kept for readers who are gone.
+            if logs
+                .by_topic
+                .get(&topic)
+                .is_some_and(|log| log.tick == NO_HISTORY)
+            {
+                logs.by_topic.remove(&topic);
+            }
+        }
+        logs
     }
 }
 
@@ -233,16 +253,11 @@ impl Broker for MemoryBroker {
     }
 
     fn release(&self, topic: &str) {
-        let mut logs = self.lock();
-        logs.subscribed.remove(topic);
-        // A lineage kept for readers who are gone.
-        if logs
-            .by_topic
-            .get(topic)
-            .is_some_and(|log| log.tick == NO_HISTORY)
-        {
-            logs.by_topic.remove(topic);
-        }
+        // Applied at the next look at the logs (see `releases`).
+        self.releases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(topic.to_owned());
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -483,6 +498,34 @@ mod tests {
         assert!(!b.lock().by_topic.contains_key("mine"));
         let again = publish(&b, "mine", 1);
         assert_ne!(again[0].position.as_ref().unwrap().epoch, epoch);
+    }
+
+    #[test]
+    fn a_release_from_inside_a_dispatch_does_not_wait_for_the_publish() {
+        // The hub releases a topic from inside a dispatch when it cuts the
+        // topic's last subscriber off; `publish` dispatches under its lock.
+        struct Releasing(OnceLock<Arc<MemoryBroker>>);
+        impl EventSink for Releasing {
+            fn dispatch(&self, _event: Arc<SharedEvent>) {
+                self.0.get().unwrap().release("t");
+            }
+            fn topics(&self) -> Vec<String> {
+                Vec::new()
+            }
+            fn wants(&self, _topic: &str) -> bool {
+                false
+            }
+        }
+        let b = Arc::new(MemoryBroker::new(5, Duration::from_secs(60)));
+        let sink = Arc::new(Releasing(OnceLock::new()));
+        let _ = sink.0.set(b.clone());
+        b.start(sink);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(b.subscribe("t")).unwrap();
+        publish(&b, "t", 2);
+        assert!(!b.lock().subscribed.contains("t"));
     }
 
     #[test]
