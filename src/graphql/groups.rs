@@ -247,6 +247,7 @@ impl<E: Executor> Groups<E> {
                     join: Some(join),
                     group: None,
                     head: None,
+                    in_step: false,
                     executions,
                 }
                 .boxed();
@@ -725,6 +726,12 @@ pub struct Resuming<E: Executor> {
     group: Option<MemberStream<E>>,
     /// The group's next result, taken to compare.
     head: Option<Output>,
+    /// The group has shown a result the member already delivered on its
+    /// own: the group is in step, and its next result is the member's
+    /// next event. Its own execution waits meanwhile; polled on, it would
+    /// win every race against the group's task and run beside the group
+    /// for good, one more execution per event.
+    in_step: bool,
     executions: prometheus::IntCounter,
 }
 
@@ -778,14 +785,21 @@ impl<E: Executor> Stream for Resuming<E> {
                     match this.meets(head) {
                         Meeting::Behind => {
                             this.head = None;
+                            this.in_step = true;
                             continue;
                         }
                         Meeting::Next => {
                             this.own = None;
                             continue;
                         }
-                        Meeting::Ahead => {}
+                        // A gap or a new epoch: the member's own execution
+                        // catches up first.
+                        Meeting::Ahead => this.in_step = false,
                     }
+                }
+                if this.in_step && this.head.is_none() && this.group.is_some() {
+                    // The group was polled just above: it wakes the task.
+                    return Poll::Pending;
                 }
             }
             let Some(own) = this.own.as_mut() else {
