@@ -55,9 +55,6 @@ pub struct SharedEvent {
     /// The payload decoded into a domain type, once, by the first subscriber
     /// that asks (see [`SharedEvent::payload_as`]).
     typed: OnceLock<Option<Arc<dyn Any + Send + Sync>>>,
-    /// The envelope as a shared text frame body, made once (see
-    /// [`SharedEvent::text`]).
-    text: OnceLock<bytestring::ByteString>,
     /// The SSE block of a stream of this event's topic alone, made once
     /// (see [`SharedEvent::sse_frame`]).
     sse: OnceLock<bytes::Bytes>,
@@ -90,7 +87,6 @@ impl SharedEvent {
             position,
             resync: false,
             typed: OnceLock::new(),
-            text: OnceLock::new(),
             sse: OnceLock::new(),
         })
     }
@@ -104,17 +100,8 @@ impl SharedEvent {
             position: self.position.clone(),
             resync: true,
             typed: OnceLock::new(),
-            text: OnceLock::new(),
             sse: OnceLock::new(),
         })
-    }
-
-    /// The envelope as text, ready to write to every WebSocket that takes
-    /// it: made once per node, then shared (a clone is a reference count).
-    pub fn text(&self) -> bytestring::ByteString {
-        self.text
-            .get_or_init(|| bytestring::ByteString::from(self.json.get().to_owned()))
-            .clone()
     }
 
     /// The SSE block of this event for a stream of its topic alone (whose

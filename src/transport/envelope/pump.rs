@@ -183,7 +183,7 @@ impl Io {
 
     /// Writes one event as the node encoded it.
     async fn forward(&mut self, event: &SharedEvent, metrics: &Metrics) -> Result<(), End> {
-        self.outbox.text(&event.text())?;
+        self.outbox.text(event.json.get())?;
         metrics.delivered(ENVELOPE_WS, event.published_at_ms);
         Ok(())
     }
