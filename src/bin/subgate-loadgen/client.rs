@@ -484,21 +484,13 @@ impl Session<'_> {
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let mut open_guard: Option<OpenGuard> = None;
         let end = loop {
-            let next = tokio::select! {
-                biased;
-                _ = finish.wait_for(Option::is_some) => break End::Finished,
-                _ = tokio::time::sleep_until(deadline), if !established => {
-                    break End::ConnectFailed("timeout".into());
-                }
-                next = socket.next() => next,
-            };
-            let text = match next {
-                None | Some(Err(_)) => break self.ended(established, "reset"),
-                Some(Ok(Message::Close(frame))) => {
-                    break self.ended(established, &close_code(frame))
-                }
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(_)) => continue,
+            let text = match self
+                .next_text(&mut socket, finish, deadline, established)
+                .await
+            {
+                Ok(Some(text)) => text,
+                Ok(None) => continue,
+                Err(end) => break end,
             };
             let Ok(head) = serde_json::from_str::<Head>(&text) else {
                 continue;
@@ -619,21 +611,13 @@ impl Session<'_> {
         }
         let mut deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let end = loop {
-            let next = tokio::select! {
-                biased;
-                _ = finish.wait_for(Option::is_some) => break End::Finished,
-                _ = tokio::time::sleep_until(deadline), if !established => {
-                    break End::ConnectFailed("timeout".into());
-                }
-                next = socket.next() => next,
-            };
-            let text = match next {
-                None | Some(Err(_)) => break self.ended(established, "reset"),
-                Some(Ok(Message::Close(frame))) => {
-                    break self.ended(established, &close_code(frame))
-                }
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(_)) => continue,
+            let text = match self
+                .next_text(&mut socket, finish, deadline, established)
+                .await
+            {
+                Ok(Some(text)) => text,
+                Ok(None) => continue,
+                Err(end) => break end,
             };
             // The answer to the subscription asked for: the next one is
             // asked for, or every one has been.
@@ -732,6 +716,32 @@ impl Session<'_> {
             let _ = socket.close(None).await;
         }
         end
+    }
+
+    /// The next text message on a WebSocket (`None` for another kind), or
+    /// how the connection ends: the run finished, the connection closed,
+    /// or it was not established by `deadline`.
+    async fn next_text(
+        &self,
+        socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        finish: &mut watch::Receiver<Option<Arc<Finish>>>,
+        deadline: tokio::time::Instant,
+        established: bool,
+    ) -> Result<Option<String>, End> {
+        let next = tokio::select! {
+            biased;
+            _ = finish.wait_for(Option::is_some) => return Err(End::Finished),
+            _ = tokio::time::sleep_until(deadline), if !established => {
+                return Err(End::ConnectFailed("timeout".into()));
+            }
+            next = socket.next() => next,
+        };
+        match next {
+            None | Some(Err(_)) => Err(self.ended(established, "reset")),
+            Some(Ok(Message::Close(frame))) => Err(self.ended(established, &close_code(frame))),
+            Some(Ok(Message::Text(text))) => Ok(Some(text)),
+            Some(Ok(_)) => Ok(None),
+        }
     }
 
     fn ended(&self, established: bool, how: &str) -> End {
