@@ -333,6 +333,13 @@ mod tests {
             .collect()
     }
 
+    fn subscribe(b: &MemoryBroker, topic: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(b.subscribe(topic)).unwrap();
+    }
+
     fn history(b: &MemoryBroker, topic: &str, after: &Position) -> History {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -463,10 +470,7 @@ mod tests {
     fn a_topic_read_here_keeps_its_lineage_when_its_history_goes() {
         let evictions = prometheus::IntCounter::new("e", "e").unwrap();
         let b = MemoryBroker::new(5, Duration::from_secs(60)).with_max_topics(2, evictions.clone());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(b.subscribe("mine")).unwrap();
+        subscribe(&b, "mine");
         let first = publish(&b, "mine", 2);
         let epoch = first[0].position.as_ref().unwrap().epoch.clone();
         // Two other topics push its events out.
@@ -520,10 +524,7 @@ mod tests {
         let sink = Arc::new(Releasing(OnceLock::new()));
         let _ = sink.0.set(b.clone());
         b.start(sink);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(b.subscribe("t")).unwrap();
+        subscribe(&b, "t");
         publish(&b, "t", 2);
         assert!(!b.lock().subscribed.contains("t"));
     }
@@ -531,10 +532,7 @@ mod tests {
     #[test]
     fn a_topic_read_here_keeps_its_lineage_through_silence() {
         let b = MemoryBroker::new(5, Duration::from_millis(30));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(b.subscribe("t")).unwrap();
+        subscribe(&b, "t");
         let first = publish(&b, "t", 1);
         std::thread::sleep(Duration::from_millis(50));
         let after = publish(&b, "t", 1);
