@@ -479,6 +479,7 @@ class Rig:
         self.mounts: dict[str, str] = {}
         self.started: list[str] = []
         self.health_seconds: dict[str, float] = {}
+        self.dns_watch: DnsWatch | None = None
 
     # ----- up
     def create_network(self) -> str:
@@ -556,6 +557,7 @@ class Rig:
 
     def up(self, services: list[str]) -> None:
         gateway = self.create_network()
+        self.dns_watch = DnsWatch(gateway).start()
         self.adapt_haproxy_cfg(gateway)
         for name in start_order(self.p, services):
             s = self.p.services[name]
@@ -659,6 +661,92 @@ def haproxy_servers(stats_url: str) -> dict[str, dict[str, str]]:
     return {r["addr"]: r for r in rows
             if r.get("pxname") == "subgate" and r.get("svname") not in ("FRONTEND", "BACKEND")
             and r.get("addr")}
+
+
+def dns_query(server: str, name: str, timeout: float) -> str | None:
+    """One A query for `name` to `server`:53 over UDP: the response code
+    ("NOERROR", "NXDOMAIN", ...) or None when nothing answered in time."""
+    tid = int.from_bytes(os.urandom(2), "big")
+    head = tid.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\x00"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(head + qname + b"\x00\x01\x00\x01", (server, 53))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                data = sock.recv(4096)
+                if data[:2] == head[:2]:
+                    return {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN"}.get(data[3] & 15, str(data[3] & 15))
+        except OSError:
+            return None
+    return None
+
+
+class DnsWatch:
+    """Keeps the network's DNS (aardvark-dns) answering while the checks run.
+
+    Debian 12's aardvark-dns (1.4) tears down and rebinds every listener on
+    each SIGHUP netavark sends when a container joins or leaves the network,
+    and now and then it never reads its socket again: it keeps running,
+    queries pile up unread in its receive queue, and every container's DNS
+    times out from then on (containers/aardvark-dns#389, fixed upstream in
+    1.11). HAProxy's resolver then drops the replicas and Prometheus loses
+    its targets: a fault of the container runtime on this machine, not of
+    the compose file or the gateway. The watch asks aardvark-dns for the
+    `subgate` service every half second; after `stuck_after` seconds without
+    an answer it restarts it with its own command line (netavark's), and
+    every lapse is reported with the checks."""
+
+    def __init__(self, gateway: str, name: str = "subgate", stuck_after: float = 3.0):
+        self.gateway, self.name, self.stuck_after = gateway, name, stuck_after
+        self.lapses: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "DnsWatch":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        silent_since = None
+        while not self._stop.wait(0.5):
+            if dns_query(self.gateway, self.name, 1.0) is not None:
+                if silent_since is not None:
+                    say(f"dns: aardvark-dns answers again after "
+                        f"{time.monotonic() - silent_since:.1f}s")
+                silent_since = None
+                continue
+            now = time.monotonic()
+            if silent_since is None:
+                silent_since = now
+            elif now - silent_since >= self.stuck_after:
+                self.lapses.append(self._restart(now - silent_since))
+                say(f"dns: {self.lapses[-1]}")
+                silent_since = time.monotonic()
+
+    def _restart(self, silent: float) -> str:
+        sockets = subprocess.run(["ss", "-ulpnH", f"src {self.gateway}:53"], text=True,
+                                 capture_output=True).stdout.split()
+        queued = sockets[1] if len(sockets) > 1 else "?"
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"aardvark-dns"):
+                args = [a.decode() for a in cmdline if a]
+                os.kill(int(pid), signal.SIGKILL)
+                subprocess.run(args, check=False, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=10)
+                return (f"aardvark-dns on {self.gateway}:53 stopped answering for {silent:.1f}s "
+                        f"({queued} bytes unread in its socket): restarted it as `{shlex.join(args)}`")
+        return f"aardvark-dns on {self.gateway}:53 stopped answering for {silent:.1f}s and is not running"
 
 
 class Checks:
@@ -884,6 +972,8 @@ def main(argv_: list[str]) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if rig.dns_watch:
+            rig.dns_watch.stop()
         if checks is None or checks.failed:
             say("the containers' last log lines:")
             rig.dump_logs()
@@ -891,6 +981,11 @@ def main(argv_: list[str]) -> int:
         rig.down()
         say(f"down in {time.monotonic() - t1:.1f}s: containers, network and volumes removed; "
             "images kept")
+        # Said again last, where a log's tail shows it.
+        for lapse in rig.dns_watch.lapses if rig.dns_watch else []:
+            say(f"note: the network's DNS lapsed: {lapse}")
+        for what in checks.failed if checks else ["the rig did not get to its checks (see above)"]:
+            say(f"failed: {what}")
     if checks is None or checks.failed:
         return 1
     return 0
