@@ -112,6 +112,11 @@ pub trait Broker: Send + Sync + 'static {
     fn release(&self, topic: &str);
     /// `Err(why)` while the broker cannot serve (readiness says why).
     fn readiness(&self) -> Result<(), String>;
+
+    /// Which bus this is, for `/readyz` (`None`: the in-memory bus).
+    fn describe(&self) -> Option<String> {
+        None
+    }
     /// The events of `topic` after `after`, at most `limit`, oldest first.
     async fn history(&self, topic: &str, after: &Position, limit: usize) -> BrokerResult<History>;
     /// The position of `topic`'s latest event; `None` when the topic has no

@@ -130,11 +130,47 @@ impl Default for ServerSettings {
     }
 }
 
+/// How the node reaches Redis: `redis.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis server (or a primary behind a fixed address).
+    #[default]
+    Single,
+    /// Redis Cluster: `redis.url` is one seed node (plus
+    /// `redis.cluster_urls`), the rest is discovered; events use sharded
+    /// Pub/Sub.
+    Cluster,
+    /// Redis with Sentinel: the master is found through
+    /// `redis.sentinel_urls` by the name `redis.sentinel_master`.
+    Sentinel,
+}
+
+impl RedisMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisMode::Single => "single",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// Set: Redis bus and store (stateless node). Unset: in-memory (one node).
+    /// In `cluster` mode one seed node; in `sentinel` mode optional, and
+    /// only its credentials and database apply to the master.
     pub url: Option<String>,
+    /// `single`, `cluster` or `sentinel`.
+    pub mode: RedisMode,
+    /// `cluster` mode: more seed nodes, tried when `url` does not answer.
+    pub cluster_urls: Vec<String>,
+    /// `sentinel` mode: the sentinels, `redis://[:password@]host:port`.
+    pub sentinel_urls: Vec<String>,
+    /// `sentinel` mode: the name the sentinels monitor the master by.
+    pub sentinel_master: Option<String>,
     /// Prefix of every key and channel, so deployments can share one Redis.
     pub prefix: String,
     /// Bound on every Redis command.
@@ -161,6 +197,10 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             url: None,
+            mode: RedisMode::Single,
+            cluster_urls: Vec::new(),
+            sentinel_urls: Vec::new(),
+            sentinel_master: None,
             prefix: "subgate:".into(),
             command_timeout_seconds: 2.0,
             subscribe_timeout_seconds: 5.0,
@@ -601,6 +641,8 @@ impl Settings {
                     .with_list_parse_key("server.allowed_origins")
                     .with_list_parse_key("server.trusted_proxies")
                     .with_list_parse_key("publish.api_keys")
+                    .with_list_parse_key("redis.cluster_urls")
+                    .with_list_parse_key("redis.sentinel_urls")
                     .try_parsing(true)
                     .source(Some(env_map.clone())),
             )
@@ -695,6 +737,7 @@ impl Settings {
         for (key, allowed) in [
             ("environment", &["development", "production"][..]),
             ("log.format", &["text", "json"][..]),
+            ("redis.mode", &["single", "cluster", "sentinel"][..]),
         ] {
             if let Ok(value) = raw.get_string(key) {
                 if !allowed.contains(&value.as_str()) {
@@ -946,17 +989,7 @@ impl Settings {
         if self.server.host.trim().is_empty() {
             errors.push(ConfigError::new("server.host", "must not be empty"));
         }
-        if let Some(url) = &self.redis.url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
-                errors.push(ConfigError::new(
-                    "redis.url",
-                    "must start with redis://, rediss:// or unix://",
-                ));
-            }
-        }
+        self.validate_redis(&mut errors);
         if let Some(secret) = &self.auth.jwt_secret {
             if secret.is_empty() {
                 errors.push(ConfigError::new("auth.jwt_secret", "must not be empty"));
@@ -1082,6 +1115,115 @@ impl Settings {
         self.server.max_connections.unwrap_or(usize::MAX)
     }
 
+    /// `redis.*`: the URL schemes, and the keys each `redis.mode` needs
+    /// or cannot use (a key that the mode would ignore is an error, not a
+    /// silent no-op).
+    fn validate_redis(&self, errors: &mut Vec<ConfigError>) {
+        let redis = &self.redis;
+        let network = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
+        if let Some(url) = &redis.url {
+            if !(network(url) || url.starts_with("unix://")) {
+                errors.push(ConfigError::new(
+                    "redis.url",
+                    "must start with redis://, rediss:// or unix://",
+                ));
+            } else if redis.mode != RedisMode::Single && !network(url) {
+                errors.push(ConfigError::new(
+                    "redis.url",
+                    format!(
+                        "must start with redis:// or rediss:// in redis.mode = {}",
+                        redis.mode.as_str()
+                    ),
+                ));
+            }
+        }
+        for (key, urls) in [
+            ("redis.cluster_urls", &redis.cluster_urls),
+            ("redis.sentinel_urls", &redis.sentinel_urls),
+        ] {
+            if urls.iter().any(|u| !network(u)) {
+                errors.push(ConfigError::new(
+                    key,
+                    "each must start with redis:// or rediss://",
+                ));
+            }
+        }
+        let only =
+            |key: &'static str, set: bool, mode: RedisMode, errors: &mut Vec<ConfigError>| {
+                if set && redis.mode != mode {
+                    errors.push(ConfigError::new(
+                        key,
+                        format!(
+                            "is only read in redis.mode = {}, not {}",
+                            mode.as_str(),
+                            redis.mode.as_str()
+                        ),
+                    ));
+                }
+            };
+        only(
+            "redis.cluster_urls",
+            !redis.cluster_urls.is_empty(),
+            RedisMode::Cluster,
+            errors,
+        );
+        only(
+            "redis.sentinel_urls",
+            !redis.sentinel_urls.is_empty(),
+            RedisMode::Sentinel,
+            errors,
+        );
+        only(
+            "redis.sentinel_master",
+            redis.sentinel_master.is_some(),
+            RedisMode::Sentinel,
+            errors,
+        );
+        match redis.mode {
+            RedisMode::Single => {}
+            RedisMode::Cluster => {
+                if redis.url.is_none() {
+                    errors.push(ConfigError::new(
+                        "redis.url",
+                        "is required in redis.mode = cluster (a seed node of the cluster)",
+                    ));
+                }
+                // A brace in the prefix would become every key's hash tag
+                // and put the whole deployment in one slot.
+                if redis.prefix.contains(['{', '}']) {
+                    errors.push(ConfigError::new(
+                        "redis.prefix",
+                        "must not contain { or } in redis.mode = cluster (subgate sets the hash tags)",
+                    ));
+                }
+            }
+            RedisMode::Sentinel => {
+                if redis.sentinel_urls.is_empty() {
+                    errors.push(ConfigError::new(
+                        "redis.sentinel_urls",
+                        "is required in redis.mode = sentinel (the sentinels' addresses)",
+                    ));
+                }
+                if redis
+                    .sentinel_master
+                    .as_deref()
+                    .is_none_or(|m| m.trim().is_empty())
+                {
+                    errors.push(ConfigError::new(
+                        "redis.sentinel_master",
+                        "is required in redis.mode = sentinel (the name the sentinels monitor)",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Whether the node runs on Redis (a bus and store shared by the
+    /// fleet) rather than in memory.
+    pub fn uses_redis(&self) -> bool {
+        self.redis.url.is_some() || self.redis.mode == RedisMode::Sentinel
+    }
+
     /// The effective settings as JSON with every secret replaced by
     /// `"<redacted>"`: `auth.jwt_secret`, each of `publish.api_keys` and
     /// the password of `redis.url`. What `subgate config` prints and the
@@ -1102,6 +1244,15 @@ impl Settings {
         if let Some(url) = value.pointer_mut("/redis/url") {
             if let Some(text) = url.as_str() {
                 *url = redact_url_password(text, REDACTED).into();
+            }
+        }
+        for list in ["/redis/cluster_urls", "/redis/sentinel_urls"] {
+            if let Some(serde_json::Value::Array(urls)) = value.pointer_mut(list) {
+                for url in urls {
+                    if let Some(text) = url.as_str() {
+                        *url = redact_url_password(text, REDACTED).into();
+                    }
+                }
             }
         }
         value
@@ -1315,6 +1466,68 @@ mod tests {
         assert!(defaults.max_concurrent_password_hashes() >= 1);
         let two = load(&[("SUBGATE__AUTH__MAX_CONCURRENT_PASSWORD_HASHES", "2")]).unwrap();
         assert_eq!(two.max_concurrent_password_hashes(), 2);
+    }
+
+    #[test]
+    fn each_redis_mode_asks_for_its_own_keys_and_refuses_the_others() {
+        // Cluster: a seed is required, the prefix may not carry braces,
+        // Sentinel's keys mean nothing there.
+        assert_refused_naming(
+            &[
+                ("SUBGATE__REDIS__MODE", "cluster"),
+                ("SUBGATE__REDIS__PREFIX", "{app}:"),
+                ("SUBGATE__REDIS__SENTINEL_MASTER", "mymaster"),
+            ],
+            &["redis.url", "redis.prefix", "redis.sentinel_master"],
+        );
+        // Sentinel: the sentinels and the master's name are required; a
+        // unix socket cannot be a master found through sentinels.
+        assert_refused_naming(
+            &[
+                ("SUBGATE__REDIS__MODE", "sentinel"),
+                ("SUBGATE__REDIS__URL", "unix:///tmp/redis.sock"),
+                ("SUBGATE__REDIS__CLUSTER_URLS", "redis://10.0.0.2:7000"),
+            ],
+            &[
+                "redis.url",
+                "redis.cluster_urls",
+                "redis.sentinel_urls",
+                "redis.sentinel_master",
+            ],
+        );
+        // Single: extra addresses would be ignored, so they are refused.
+        assert_refused_naming(
+            &[
+                ("SUBGATE__REDIS__URL", "redis://127.0.0.1:6379"),
+                ("SUBGATE__REDIS__SENTINEL_URLS", "redis://127.0.0.1:26379"),
+                ("SUBGATE__REDIS__MODE", "primary"),
+            ],
+            &["redis.mode"],
+        );
+        let cluster = load(&[
+            ("SUBGATE__REDIS__MODE", "cluster"),
+            ("SUBGATE__REDIS__URL", "redis://10.0.0.1:7000"),
+            (
+                "SUBGATE__REDIS__CLUSTER_URLS",
+                "redis://10.0.0.2:7000,redis://:pw@10.0.0.3:7000",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(cluster.redis.mode, RedisMode::Cluster);
+        assert_eq!(cluster.redis.cluster_urls.len(), 2);
+        assert!(cluster.uses_redis());
+        assert!(!cluster.redacted().to_string().contains(":pw@"));
+        let sentinel = load(&[
+            ("SUBGATE__REDIS__MODE", "sentinel"),
+            (
+                "SUBGATE__REDIS__SENTINEL_URLS",
+                "redis://10.0.0.5:26379,redis://10.0.0.6:26379",
+            ),
+            ("SUBGATE__REDIS__SENTINEL_MASTER", "mymaster"),
+        ])
+        .unwrap();
+        assert!(sentinel.uses_redis(), "sentinel mode needs no redis.url");
+        assert_eq!(sentinel.redis.sentinel_urls.len(), 2);
     }
 
     #[test]

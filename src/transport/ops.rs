@@ -39,11 +39,13 @@ fn readiness_problems(state: &AppState) -> Vec<String> {
 
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let problems = readiness_problems(&state);
+    // Which Redis the node uses (mode; in Sentinel mode the master).
+    let redis = state.hub.broker().describe();
     if problems.is_empty() {
-        HttpResponse::Ok().json(json!({ "status": "ready" }))
+        HttpResponse::Ok().json(json!({ "status": "ready", "redis": redis }))
     } else {
         HttpResponse::ServiceUnavailable()
-            .json(json!({ "status": "unavailable", "reasons": problems }))
+            .json(json!({ "status": "unavailable", "reasons": problems, "redis": redis }))
     }
 }
 

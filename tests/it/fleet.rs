@@ -22,16 +22,16 @@ use crate::common::*;
 
 /// The Pub/Sub channel of the `posts` topic under the default prefix.
 const POSTS_CHANNEL: &str = "subgate:topic:posts";
-const POST_CREATED: &str = "subscription { postCreated { id title } }";
-const CREATE_POST: &str =
+pub(crate) const POST_CREATED: &str = "subscription { postCreated { id title } }";
+pub(crate) const CREATE_POST: &str =
     "mutation($input: CreatePostInput!) { createPost(input: $input) { post { id title } errors { field message code } } }";
 /// The operation id every subscriber here uses for `postCreated`.
-const FEED: &str = "feed";
+pub(crate) const FEED: &str = "feed";
 /// The title of the post that closes a batch: every subscriber reads up to
 /// it, so a lost event shows as missing and a duplicate as one too many.
-const END: &str = "[end of batch]";
+pub(crate) const END: &str = "[end of batch]";
 /// How long Redis may be back before subscribers receive events again.
-const RECOVERY: Duration = Duration::from_secs(5);
+pub(crate) const RECOVERY: Duration = Duration::from_secs(5);
 
 /// A node on the Redis at `redis_url`. A 200ms cap on reconnect backoff keeps the time a
 /// node takes to notice a returning Redis well inside [`RECOVERY`].
@@ -42,12 +42,19 @@ fn fleet_node(redis_url: &str) -> Node {
     ])
 }
 
-/// `N` nodes on `redis`, started side by side (each start waits for its
+/// A node on `bus` (one Redis, a cluster, sentinels), with `extra` settings.
+pub(crate) fn bus_node(bus: &impl Bus, extra: &[(&str, &str)]) -> Node {
+    let env = bus.node_env();
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    Node::start(&all)
+}
+
+/// `N` nodes on `bus`, started side by side (each start waits for its
 /// `listening on` line; in parallel the fleet is up in the time of one).
-fn fleet<const N: usize>(redis: &TestRedis) -> [Node; N] {
-    let url = redis.url();
+pub(crate) fn fleet<const N: usize>(bus: &(impl Bus + Sync)) -> [Node; N] {
     std::thread::scope(|scope| {
-        let starting: Vec<_> = (0..N).map(|_| scope.spawn(|| fleet_node(&url))).collect();
+        let starting: Vec<_> = (0..N).map(|_| scope.spawn(|| bus_node(bus, &[]))).collect();
         // A node that fails to start fails the test with its own message.
         let nodes: Vec<Node> = starting
             .into_iter()
@@ -59,7 +66,7 @@ fn fleet<const N: usize>(redis: &TestRedis) -> [Node; N] {
 
 /// A graphql-transport-ws client on `node` subscribed to `postCreated` as
 /// operation [`FEED`] (not yet known to be live: see [`until_live`]).
-async fn subscriber(node: &Node) -> GqlWs {
+pub(crate) async fn subscriber(node: &Node) -> GqlWs {
     let mut ws = GqlWs::connect(&node.ws_url("/graphql/ws"), TRANSPORT_WS).await;
     ws.init_ack(json!({})).await;
     ws.subscribe(FEED, POST_CREATED, json!({})).await;
@@ -68,7 +75,7 @@ async fn subscriber(node: &Node) -> GqlWs {
 
 /// `createPost` on `node`: the new post's id, or the whole response when
 /// the node did not report a clean success.
-async fn try_create_post(
+pub(crate) async fn try_create_post(
     node: &Node,
     token: &str,
     title: &str,
@@ -94,7 +101,12 @@ async fn try_create_post(
 
 /// Creates marker posts on `node` until every client has received one;
 /// while Redis is coming back a publish may fail, and is simply repeated.
-async fn until_live_via(node: &Node, token: &str, clients: &mut [&mut GqlWs], label: &str) {
+pub(crate) async fn until_live_via(
+    node: &Node,
+    token: &str,
+    clients: &mut [&mut GqlWs],
+    label: &str,
+) {
     until_live(clients, FEED, async |n| {
         let title = format!("[{label} {n}]");
         let _ = try_create_post(node, token, &title, "").await;
@@ -106,7 +118,11 @@ async fn until_live_via(node: &Node, token: &str, clients: &mut [&mut GqlWs], la
 /// The posts (id, title) delivered to `ws` on [`FEED`] before the one
 /// titled [`END`], each within `gap` of the previous one; `who` names the
 /// client in failures.
-async fn posts_until_end(ws: &mut GqlWs, gap: Duration, who: &str) -> Vec<(String, String)> {
+pub(crate) async fn posts_until_end(
+    ws: &mut GqlWs,
+    gap: Duration,
+    who: &str,
+) -> Vec<(String, String)> {
     let mut posts = Vec::new();
     loop {
         let message = match ws.read(gap).await {
@@ -137,7 +153,7 @@ async fn posts_until_end(ws: &mut GqlWs, gap: Duration, who: &str) -> Vec<(Strin
 
 /// Polls `probe` every 25ms until it gives `Ok`; panics with `what` and
 /// the last observation after `within`.
-async fn eventually<T, O: std::fmt::Debug>(
+pub(crate) async fn eventually<T, O: std::fmt::Debug>(
     within: Duration,
     what: &str,
     mut probe: impl AsyncFnMut() -> Result<T, O>,
@@ -155,7 +171,12 @@ async fn eventually<T, O: std::fmt::Debug>(
 }
 
 /// Waits until `/readyz` on `node` answers `want`; returns its body.
-async fn readyz_becomes(node: &Node, want: StatusCode, within: Duration, name: &str) -> String {
+pub(crate) async fn readyz_becomes(
+    node: &Node,
+    want: StatusCode,
+    within: Duration,
+    name: &str,
+) -> String {
     eventually(
         within,
         &format!("/readyz of {name} answers {want}"),
@@ -171,13 +192,13 @@ async fn readyz_becomes(node: &Node, want: StatusCode, within: Duration, name: &
     .await
 }
 
-/// Waits until `PUBSUB NUMSUB` of the posts channel is `want`.
-async fn numsub_becomes(redis: &TestRedis, want: i64, within: Duration, why: &str) {
+/// Waits until the connections subscribed to the posts channel are `want`.
+async fn numsub_becomes(bus: &impl Bus, want: i64, within: Duration, why: &str) {
     eventually(
         within,
-        &format!("PUBSUB NUMSUB {POSTS_CHANNEL} = {want} ({why})"),
+        &format!("subscribers of {POSTS_CHANNEL} = {want} ({why})"),
         async || {
-            let n = redis.numsub(POSTS_CHANNEL).await;
+            let n = bus.listeners("posts").await;
             if n == want {
                 Ok(())
             } else {
@@ -190,13 +211,13 @@ async fn numsub_becomes(redis: &TestRedis, want: i64, within: Duration, why: &st
 
 /// The value of `name` on `node`'s `/metrics`, summed over its labels; 0
 /// when absent (a labelled metric has no series until first used).
-async fn metric(node: &Node, name: &str) -> f64 {
+pub(crate) async fn metric(node: &Node, name: &str) -> f64 {
     metric_sum(&get(node, "/metrics").await.body, name)
 }
 
 /// Creates one post on `publisher` and checks it is the very next delivery
 /// of every client: live, once, nothing stale in between.
-async fn next_post_reaches_all(
+pub(crate) async fn next_post_reaches_all(
     publisher: &Node,
     token: &str,
     clients: &mut [(&str, &mut GqlWs)],
@@ -216,8 +237,13 @@ async fn next_post_reaches_all(
 
 #[tokio::test]
 async fn posts_created_on_one_node_reach_subscribers_on_two_others_once_each_in_order() {
-    let redis = TestRedis::start();
-    let [n1, n2, n3] = fleet(&redis);
+    posts_created_on_one_node_reach_subscribers_on_two_others(&TestRedis::start()).await;
+}
+
+pub(crate) async fn posts_created_on_one_node_reach_subscribers_on_two_others(
+    bus: &(impl Bus + Sync),
+) {
+    let [n1, n2, n3] = fleet(bus);
     let author = create_user(&n3, "Publisher").await;
     let mut s1 = subscriber(&n1).await;
     let mut s2 = subscriber(&n2).await;
@@ -247,12 +273,20 @@ async fn posts_created_on_one_node_reach_subscribers_on_two_others_once_each_in_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_posts_published_from_two_nodes_at_once_reach_every_node_once_each() {
+    a_thousand_posts_published_from_two_nodes_at_once_reach_every_node_once_each_on(
+        &TestRedis::start(),
+    )
+    .await;
+}
+
+pub(crate) async fn a_thousand_posts_published_from_two_nodes_at_once_reach_every_node_once_each_on(
+    bus: &(impl Bus + Sync),
+) {
     // Two publishing nodes, five sequential lanes each (so ten createPost
     // in flight at any time), 100 posts per lane.
     const LANES: usize = 5;
     const PER_LANE: usize = 100;
-    let redis = TestRedis::start();
-    let [n1, n2, n3] = fleet(&redis);
+    let [n1, n2, n3] = fleet(bus);
     // An author per publishing node: it exists on that node whether or not
     // the nodes share a store.
     let left = create_user(&n1, "Left").await;
@@ -573,8 +607,13 @@ async fn a_node_started_before_its_redis_is_unready_until_redis_appears_then_ser
 
 #[tokio::test]
 async fn a_node_killed_with_sigkill_drops_only_its_own_clients() {
-    let redis = TestRedis::start();
-    let [n1, n2, n3] = fleet(&redis);
+    a_node_killed_with_sigkill_drops_only_its_own_clients_on(&TestRedis::start()).await;
+}
+
+pub(crate) async fn a_node_killed_with_sigkill_drops_only_its_own_clients_on(
+    bus: &(impl Bus + Sync),
+) {
+    let [n1, n2, n3] = fleet(bus);
     let left = create_user(&n1, "Left").await;
     let right = create_user(&n2, "Right").await;
     let mut s1 = subscriber(&n1).await;
@@ -588,7 +627,7 @@ async fn a_node_killed_with_sigkill_drops_only_its_own_clients() {
     )
     .await;
     assert_eq!(
-        redis.numsub(POSTS_CHANNEL).await,
+        bus.listeners("posts").await,
         3,
         "each of the three nodes has a subscriber"
     );
@@ -603,7 +642,7 @@ async fn a_node_killed_with_sigkill_drops_only_its_own_clients() {
     );
     n3.wait_exit(Duration::from_secs(5)).await;
     numsub_becomes(
-        &redis,
+        bus,
         2,
         Duration::from_secs(10),
         "the killed node's Pub/Sub connection is gone",
@@ -636,8 +675,13 @@ async fn a_node_killed_with_sigkill_drops_only_its_own_clients() {
 
 #[tokio::test]
 async fn data_written_on_one_node_is_read_back_on_another_at_once() {
-    let redis = TestRedis::start();
-    let [n1, n2, n3] = fleet(&redis);
+    data_written_on_one_node_is_read_back_on_another_at_once_on(&TestRedis::start()).await;
+}
+
+pub(crate) async fn data_written_on_one_node_is_read_back_on_another_at_once_on(
+    bus: &(impl Bus + Sync),
+) {
+    let [n1, n2, n3] = fleet(bus);
     let needs = "(this needs the Redis store: every node reads and writes the same data)";
 
     // A user signed up on node 1 exists on node 2 and can log in on node 3.
@@ -828,9 +872,15 @@ async fn data_written_on_one_node_is_read_back_on_another_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_concurrent_signups_with_one_email_across_the_fleet_make_one_user() {
+    ten_concurrent_signups_with_one_email_across_the_fleet_make_one_user_on(&TestRedis::start())
+        .await;
+}
+
+pub(crate) async fn ten_concurrent_signups_with_one_email_across_the_fleet_make_one_user_on(
+    bus: &(impl Bus + Sync),
+) {
     // A Redis of its own, so that `users` lists this test's users only.
-    let redis = TestRedis::start();
-    let nodes = fleet::<3>(&redis);
+    let nodes = fleet::<3>(bus);
     let email = format!("{}@example.com", unique("race-"));
     const CREATE_USER: &str =
         "mutation($input: CreateUserInput!) { createUser(input: $input) { user { id email } errors { field message code } } }";

@@ -9,6 +9,7 @@ mod accounts;
 mod auth;
 mod capacity;
 mod cli;
+mod cluster;
 mod envelope;
 mod fleet;
 mod graphql;

@@ -39,9 +39,11 @@ use tokio::sync::{oneshot, Notify};
 
 use super::{Broker, BrokerError, BrokerResult, EventSink, GapReason, History, HistoryLimits};
 use crate::event::{topic, Event, NewEvent, Position, SharedEvent};
-use crate::infra::redis::{CallError, Redis, Script};
+use crate::infra::redis::{slot_of, CallError, Keys, Redis, Script};
 use crate::telemetry::metrics::Metrics;
+use futures_util::StreamExt;
 
+mod cluster;
 mod subscriber;
 #[cfg(test)]
 pub(super) mod tests;
@@ -49,9 +51,11 @@ pub(super) mod tests;
 /// Numbers the event in its topic's history, appends it there and publishes
 /// the envelope, as one atomic step, so that channel order is position order
 /// and the position a subscriber sees is the one in the history.
-/// KEYS[1] stream, KEYS[2] channel, KEYS[3] meta hash (epoch, seq);
+/// KEYS[1] stream, KEYS[2] channel, KEYS[3] meta hash (epoch, seq), one
+/// slot in a cluster (the topic is their hash tag);
 /// ARGV[1] envelope head (`{"id":"`), ARGV[2] envelope tail (after the id),
-/// ARGV[3] max length, ARGV[4] TTL ms, ARGV[5] an epoch for a new history.
+/// ARGV[3] max length, ARGV[4] TTL ms, ARGV[5] an epoch for a new history,
+/// ARGV[6] `PUBLISH`, or `SPUBLISH` (sharded Pub/Sub) in a cluster.
 /// A history whose meta is gone (expired, or Redis restarted empty) starts a
 /// new epoch, and its stream is cleared so that sequence numbers restart.
 static PUBLISH: Script = Script::new(
@@ -67,7 +71,7 @@ local id = epoch .. ':' .. seq
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], seq .. '-1', 't', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', KEYS[2], ARGV[1] .. id .. ARGV[2])
+redis.call(ARGV[6], KEYS[2], ARGV[1] .. id .. ARGV[2])
 return id
 "#,
 );
@@ -153,6 +157,43 @@ impl RedisBroker {
 /// Topics whose meta one lineage pass renews per round trip.
 const LINEAGE_BATCH: usize = 1000;
 
+/// Round trips of one batch operation in flight at once on a cluster.
+const CLUSTER_FAN_OUT: usize = 32;
+
+/// `topics` in batches of at most `max` that one pipeline may carry: any
+/// `max` on one Redis; in a cluster, topics of one hash slot only (a
+/// pipeline goes to the node of its first key).
+fn batches(keys: &Keys, topics: &[String], max: usize) -> Vec<Vec<String>> {
+    if !keys.tagged() {
+        return topics.chunks(max).map(<[String]>::to_vec).collect();
+    }
+    let mut by_slot: HashMap<u16, Vec<String>> = HashMap::new();
+    for topic in topics {
+        by_slot
+            .entry(slot_of(&keys.history(topic)))
+            .or_default()
+            .push(topic.clone());
+    }
+    by_slot
+        .into_values()
+        .flat_map(|group| {
+            group
+                .chunks(max)
+                .map(<[String]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The command that publishes to a topic's channel: sharded in a cluster.
+fn publish_verb(keys: &Keys) -> &'static str {
+    if keys.tagged() {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
 /// Keeps the lineage (the meta hash: epoch and last number) of every topic
 /// this node's subscribers read from expiring with its history: every
 /// quarter of `history.ttl_seconds` (at most hourly) the meta of each
@@ -168,17 +209,26 @@ async fn keep_lineages(redis: Redis, shared: Arc<Shared>, ttl: Duration) {
     loop {
         tick.tick().await;
         let topics: Vec<String> = shared.confirmed().iter().cloned().collect();
-        for chunk in topics.chunks(LINEAGE_BATCH) {
-            let mut renew = redis::pipe();
-            for topic in chunk {
-                renew
-                    .cmd("PEXPIRE")
-                    .arg(redis.keys().history_meta(topic))
-                    .arg(ttl_ms)
-                    .ignore();
-            }
+        let renewals = batches(redis.keys(), &topics, LINEAGE_BATCH)
+            .into_iter()
+            .map(|chunk| {
+                let redis = redis.clone();
+                async move {
+                    let mut renew = redis::pipe();
+                    for topic in &chunk {
+                        renew
+                            .cmd("PEXPIRE")
+                            .arg(redis.keys().history_meta(topic))
+                            .arg(ttl_ms)
+                            .ignore();
+                    }
+                    redis.call::<()>("lineage", &renew).await
+                }
+            });
+        let mut renewals = futures_util::stream::iter(renewals).buffer_unordered(CLUSTER_FAN_OUT);
+        while let Some(renewed) = renewals.next().await {
             // A failure is Redis being away; the next pass renews again.
-            if let Err(e) = redis.call::<()>("lineage", &renew).await {
+            if let Err(e) = renewed {
                 tracing::debug!(error = %e, "renewing history lineages failed");
                 break;
             }
@@ -202,9 +252,29 @@ fn decode_entries(epoch: &str, entries: Entries) -> Vec<Arc<SharedEvent>> {
         .collect()
 }
 
-/// The latest event of each of `topics` that has a history, read in one
-/// round trip (a topic's epoch and last entry are read together).
+/// The latest event of each of `topics` that has a history: one round trip
+/// on one Redis; on a cluster one per hash slot, a few at a time.
 async fn latest_events(
+    redis: &Redis,
+    topics: &[String],
+) -> Result<Vec<Arc<SharedEvent>>, CallError> {
+    if !redis.keys().tagged() {
+        return latest_events_of_batch(redis, topics).await;
+    }
+    let reads = batches(redis.keys(), topics, topics.len().max(1))
+        .into_iter()
+        .map(|batch| async move { latest_events_of_batch(redis, &batch).await });
+    let mut reads = futures_util::stream::iter(reads).buffer_unordered(CLUSTER_FAN_OUT);
+    let mut events = Vec::new();
+    while let Some(read) = reads.next().await {
+        events.extend(read?);
+    }
+    Ok(events)
+}
+
+/// The latest event of each of `topics`, read in one round trip (a topic's
+/// epoch and last entry are read together).
+async fn latest_events_of_batch(
     redis: &Redis,
     topics: &[String],
 ) -> Result<Vec<Arc<SharedEvent>>, CallError> {
@@ -277,7 +347,7 @@ impl Broker for RedisBroker {
         if event.ephemeral {
             // Live only: straight to the channel, nothing numbered or kept.
             let shared = SharedEvent::new(event.stamp_ephemeral());
-            let mut publish = redis::cmd("PUBLISH");
+            let mut publish = redis::cmd(publish_verb(keys));
             publish.arg(&channel).arg(shared.json.get());
             let _: i64 = self.redis.call("publish", &publish).await?;
             return Ok(shared);
@@ -311,7 +381,8 @@ impl Broker for RedisBroker {
             .arg(&tail)
             .arg(max_len)
             .arg(ttl_ms)
-            .arg(Position::new_epoch());
+            .arg(Position::new_epoch())
+            .arg(publish_verb(keys));
         let id: String = self.redis.call("publish", &inv).await?;
         let mut event = unstamped;
         event.id = id;
@@ -418,6 +489,10 @@ impl Broker for RedisBroker {
             (Some(epoch), Some(seq)) if seq > 0 => Some(Position::new(epoch, seq)),
             _ => None,
         })
+    }
+
+    fn describe(&self) -> Option<String> {
+        Some(self.redis.describe())
     }
 
     fn readiness(&self) -> Result<(), String> {

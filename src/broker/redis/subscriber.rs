@@ -30,7 +30,12 @@ impl SubscriberTask {
         let mut attempt: u32 = 0;
         let mut reconnecting = false;
         loop {
-            let reason = match self.connect_and_serve(&mut attempt, reconnecting).await {
+            let served = if self.redis.keys().tagged() {
+                super::cluster::serve(&self, &mut attempt, reconnecting).await
+            } else {
+                self.connect_and_serve(&mut attempt, reconnecting).await
+            };
+            let reason = match served {
                 Ok(()) => return,
                 Err(reason) => reason,
             };
@@ -320,7 +325,7 @@ impl SubscriberTask {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -28,18 +28,22 @@ mod call;
 mod health;
 mod keys;
 mod script;
+mod sentinel;
 mod settings;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_redis::{Connection, Manager, Pool, Runtime};
+use redis::aio::ConnectionLike;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, RedisResult};
 
 pub use call::{CallError, Request};
-pub use keys::Keys;
+pub use keys::{slot_of, Keys};
 pub use script::Script;
-pub use settings::{RedisConfig, SetupError};
+pub use settings::{RedisConfig, SetupError, Topology};
 
 use crate::telemetry::metrics::Metrics;
 use health::Health;
@@ -56,9 +60,28 @@ struct Inner {
     keys: Keys,
     /// The parsed URL, for connections outside the pool (Pub/Sub).
     client: redis::Client,
-    pool: Pool,
+    commands: Commands,
     health: Health,
     metrics: Arc<Metrics>,
+}
+
+/// Where commands go, by `redis.mode`.
+enum Commands {
+    /// One server: a pool of connections to `redis.url`.
+    Single(Pool),
+    /// The master the sentinels name: a pool whose connections are made to
+    /// the master of the moment.
+    Sentinel {
+        pool: sentinel::MasterPool,
+        master: Arc<sentinel::Master>,
+    },
+    /// Redis Cluster: one multiplexed connection per node, each command
+    /// routed to the node that owns its key's slot (MOVED and ASK followed
+    /// by the client), made at the first call.
+    Cluster {
+        client: ClusterClient,
+        connection: tokio::sync::Mutex<Option<ClusterConnection>>,
+    },
 }
 
 impl std::fmt::Debug for Redis {
@@ -81,23 +104,56 @@ impl Redis {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.command_timeout))
             .set_response_timeout(None);
-        let manager = Manager::new_with_config(client.get_connection_info().clone(), connection)
-            .map_err(SetupError::InvalidUrl)?;
-        let pool = Pool::builder(manager)
-            // A pool of zero would make every call wait for the timeout.
-            .max_size(config.pool_size.max(1))
-            .wait_timeout(Some(config.command_timeout))
-            .create_timeout(Some(config.command_timeout))
-            .recycle_timeout(Some(config.command_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(SetupError::Pool)?;
+        let commands = match &config.topology {
+            Topology::Single => {
+                let manager =
+                    Manager::new_with_config(client.get_connection_info().clone(), connection)
+                        .map_err(SetupError::InvalidUrl)?;
+                let pool = Pool::builder(manager)
+                    // A pool of zero would make every call wait for the timeout.
+                    .max_size(config.pool_size.max(1))
+                    .wait_timeout(Some(config.command_timeout))
+                    .create_timeout(Some(config.command_timeout))
+                    .recycle_timeout(Some(config.command_timeout))
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(SetupError::Pool)?;
+                Commands::Single(pool)
+            }
+            Topology::Sentinel { sentinels, master } => {
+                let master = Arc::new(sentinel::Master::new(sentinels, master, &config.url)?);
+                let manager = sentinel::MasterManager {
+                    master: master.clone(),
+                    config: connection,
+                };
+                let pool = deadpool::managed::Pool::builder(manager)
+                    .max_size(config.pool_size.max(1))
+                    .wait_timeout(Some(config.command_timeout))
+                    .create_timeout(Some(config.command_timeout))
+                    .recycle_timeout(Some(config.command_timeout))
+                    .runtime(deadpool::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| SetupError::Pool(deadpool_redis::BuildError::from(e)))?;
+                Commands::Sentinel { pool, master }
+            }
+            Topology::Cluster { seeds } => Commands::Cluster {
+                client: cluster_client(
+                    &config,
+                    seeds,
+                    None::<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+                )?,
+                connection: tokio::sync::Mutex::new(None),
+            },
+        };
         Ok(Self {
             inner: Arc::new(Inner {
-                keys: Keys::new(config.prefix.clone()),
+                keys: Keys::with_tags(
+                    config.prefix.clone(),
+                    matches!(config.topology, Topology::Cluster { .. }),
+                ),
                 config,
                 client,
-                pool,
+                commands,
                 health: Health::default(),
                 metrics,
             }),
@@ -133,28 +189,72 @@ impl Redis {
     /// Takes a connection and sends the request, both within one deadline.
     async fn attempt<T: FromRedisValue>(&self, request: Request<'_>) -> Result<T, CallError> {
         let deadline = tokio::time::Instant::now() + self.inner.config.command_timeout;
-        let mut conn = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
-            Ok(got) => got.map_err(CallError::from_pool)?,
-            Err(_) => return Err(self.too_late()),
-        };
-        let sent = async {
-            match request {
-                Request::Cmd(cmd) => cmd.query_async(&mut conn).await,
-                Request::Pipe(pipe) => pipe.query_async(&mut conn).await,
-                Request::Script(script) => script.invoke_async(&mut conn).await,
+        let late = || self.too_late();
+        match &self.inner.commands {
+            Commands::Single(pool) => {
+                let mut conn = match tokio::time::timeout_at(deadline, pool.get()).await {
+                    Ok(got) => got.map_err(CallError::from_pool)?,
+                    Err(_) => return Err(late()),
+                };
+                let outcome = send(request, &mut conn, deadline)
+                    .await
+                    .map_err(|e| e.or(late()));
+                if matches!(outcome, Err(CallError::Unreachable(_))) {
+                    // A broken or hung connection must not go back to the
+                    // pool for the next caller to trip over (or to wait on
+                    // while recycling).
+                    drop(Connection::take(conn));
+                }
+                outcome
             }
-        };
-        let failure = match tokio::time::timeout_at(deadline, sent).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(e)) => CallError::from_redis(e),
-            Err(_) => self.too_late(),
-        };
-        if matches!(failure, CallError::Unreachable(_)) {
-            // A broken or hung connection must not go back to the pool for
-            // the next caller to trip over (or to wait on while recycling).
-            drop(Connection::take(conn));
+            Commands::Sentinel { pool, .. } => {
+                let mut conn = match tokio::time::timeout_at(deadline, pool.get()).await {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(deadpool::managed::PoolError::Backend(e))) => {
+                        return Err(CallError::from_redis(e))
+                    }
+                    Ok(Err(other)) => {
+                        return Err(CallError::Unreachable(format!(
+                            "no pooled connection: {other}"
+                        )))
+                    }
+                    Err(_) => return Err(late()),
+                };
+                let outcome = send(request, &mut *conn, deadline)
+                    .await
+                    .map_err(|e| e.or(late()));
+                if matches!(outcome, Err(CallError::Unreachable(_))) {
+                    // Also what a demoted master's READONLY comes to: the
+                    // next connection asks the sentinels again.
+                    drop(deadpool::managed::Object::take(conn));
+                }
+                outcome
+            }
+            Commands::Cluster { client, connection } => {
+                let mut conn = {
+                    let mut held = match tokio::time::timeout_at(deadline, connection.lock()).await
+                    {
+                        Ok(held) => held,
+                        Err(_) => return Err(late()),
+                    };
+                    match &*held {
+                        Some(conn) => conn.clone(),
+                        None => {
+                            let made =
+                                tokio::time::timeout_at(deadline, client.get_async_connection())
+                                    .await
+                                    .map_err(|_| late())?
+                                    .map_err(CallError::from_redis)?;
+                            *held = Some(made.clone());
+                            made
+                        }
+                    }
+                };
+                send(request, &mut conn, deadline)
+                    .await
+                    .map_err(|e| e.or(late()))
+            }
         }
-        Err(failure)
     }
 
     /// Bounds `fut`, work on a connection of the caller's own (Pub/Sub), by
@@ -172,9 +272,49 @@ impl Redis {
         outcome
     }
 
-    /// A dedicated Pub/Sub connection, from the same settings.
+    /// A dedicated Pub/Sub connection, from the same settings: to
+    /// `redis.url`, or in Sentinel mode to the master the sentinels name
+    /// now. (Redis Cluster's sharded Pub/Sub has its own connection, see
+    /// [`Redis::cluster_pubsub`].)
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub, CallError> {
-        self.bounded(self.inner.client.get_async_pubsub()).await
+        match &self.inner.commands {
+            Commands::Sentinel { master, .. } => {
+                self.bounded(async {
+                    let client = master.client().await?;
+                    client.get_async_pubsub().await
+                })
+                .await
+            }
+            _ => self.bounded(self.inner.client.get_async_pubsub()).await,
+        }
+    }
+
+    /// A cluster connection of its own for sharded Pub/Sub (RESP3): every
+    /// push it receives (messages, subscription confirmations, the server
+    /// ending a subscription, a node's connection dropping) goes to `pushes`.
+    pub async fn cluster_pubsub(
+        &self,
+        pushes: impl redis::aio::AsyncPushSender,
+    ) -> Result<ClusterConnection, CallError> {
+        let Topology::Cluster { seeds } = &self.inner.config.topology else {
+            return Err(CallError::Refused("not in redis.mode = cluster".into()));
+        };
+        let client = cluster_client(&self.inner.config, seeds, Some(pushes))
+            .map_err(|e| CallError::Refused(e.to_string()))?;
+        self.bounded(client.get_async_connection()).await
+    }
+
+    /// Which Redis this node uses, for readiness: the mode and, in
+    /// Sentinel mode, the master reached last.
+    pub fn describe(&self) -> String {
+        match &self.inner.commands {
+            Commands::Single(_) => "single".to_owned(),
+            Commands::Cluster { .. } => "cluster".to_owned(),
+            Commands::Sentinel { master, .. } => match master.current() {
+                Some(addr) => format!("sentinel, master {} at {addr}", master.name()),
+                None => format!("sentinel, master {} not reached yet", master.name()),
+            },
+        }
     }
 
     /// One round trip; see [`Redis::watch`].
@@ -221,6 +361,61 @@ impl Redis {
             self.inner.config.command_timeout
         ))
     }
+}
+
+/// Sends `request` on `conn` before `deadline`; `Err(None)` when the
+/// deadline passed first.
+async fn send<T: FromRedisValue, C: ConnectionLike + Send>(
+    request: Request<'_>,
+    conn: &mut C,
+    deadline: tokio::time::Instant,
+) -> Result<T, Late> {
+    let sent = async {
+        match request {
+            Request::Cmd(cmd) => cmd.query_async(conn).await,
+            Request::Pipe(pipe) => pipe.query_async(conn).await,
+            Request::Script(script) => script.invoke_async(conn).await,
+        }
+    };
+    match tokio::time::timeout_at(deadline, sent).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(Late(Some(CallError::from_redis(e)))),
+        Err(_) => Err(Late(None)),
+    }
+}
+
+/// A failed send: the error, or `None` when the deadline passed first.
+struct Late(Option<CallError>);
+
+impl Late {
+    fn or(self, late: CallError) -> CallError {
+        self.0.unwrap_or(late)
+    }
+}
+
+/// A Redis Cluster client for `config.url` and `seeds`, under the layer's
+/// timeouts; with `pushes`, a RESP3 client whose pushes go there.
+fn cluster_client(
+    config: &RedisConfig,
+    seeds: &[String],
+    pushes: Option<impl redis::aio::AsyncPushSender>,
+) -> Result<ClusterClient, SetupError> {
+    let mut nodes = vec![config.url.clone()];
+    nodes.extend(seeds.iter().cloned());
+    let mut builder = ClusterClientBuilder::new(nodes)
+        .connection_timeout(config.command_timeout)
+        .response_timeout(config.command_timeout);
+    if let Some(pushes) = pushes {
+        builder = builder
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(pushes);
+    }
+    builder
+        .build()
+        .map_err(|source| SetupError::InvalidNodeUrl {
+            key: "redis.cluster_urls",
+            source,
+        })
 }
 
 #[cfg(test)]

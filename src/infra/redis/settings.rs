@@ -4,7 +4,32 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::RedisSettings;
+use crate::config::{RedisMode, RedisSettings};
+
+/// Where the Redis servers are: `redis.mode` and its addresses.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// `url` is the server.
+    Single,
+    /// `url` and these are seed nodes of a Redis Cluster.
+    Cluster { seeds: Vec<String> },
+    /// The master named `master`, found through these sentinels; `url`
+    /// only lends its credentials and database to the master connections.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+impl Topology {
+    pub fn mode(&self) -> RedisMode {
+        match self {
+            Topology::Single => RedisMode::Single,
+            Topology::Cluster { .. } => RedisMode::Cluster,
+            Topology::Sentinel { .. } => RedisMode::Sentinel,
+        }
+    }
+}
 
 /// The connection settings every Redis user of a node shares.
 #[derive(Clone)]
@@ -12,6 +37,8 @@ pub struct RedisConfig {
     /// `redis.url`: `redis://`, `rediss://` or `unix://`. It may carry a
     /// password, so `Debug` leaves it out.
     pub url: String,
+    /// `redis.mode` and the addresses it needs.
+    pub topology: Topology,
     /// `redis.prefix`: the prefix of every key and channel.
     pub prefix: String,
     /// Bound on every call, waiting for a pooled connection included.
@@ -29,13 +56,38 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The settings in `redis`; `None` without a `redis.url` (the in-memory
-    /// node).
+    /// The settings in `redis`; `None` without Redis (no `redis.url`
+    /// outside Sentinel mode: the in-memory node).
     pub fn from_settings(redis: &RedisSettings) -> Option<Self> {
         let secs = Duration::from_secs_f64;
-        let url = redis.url.clone()?;
+        let (url, topology) = match redis.mode {
+            RedisMode::Single => (redis.url.clone()?, Topology::Single),
+            RedisMode::Cluster => (
+                redis.url.clone()?,
+                Topology::Cluster {
+                    seeds: redis.cluster_urls.clone(),
+                },
+            ),
+            RedisMode::Sentinel => {
+                let master = redis.sentinel_master.clone().unwrap_or_default();
+                // Without a URL the master's name stands in for its host:
+                // only credentials and the database are read from it.
+                let url = redis
+                    .url
+                    .clone()
+                    .unwrap_or_else(|| "redis://master/".to_owned());
+                (
+                    url,
+                    Topology::Sentinel {
+                        sentinels: redis.sentinel_urls.clone(),
+                        master,
+                    },
+                )
+            }
+        };
         Some(Self {
             url,
+            topology,
             prefix: redis.prefix.clone(),
             command_timeout: secs(redis.command_timeout_seconds),
             subscribe_timeout: secs(redis.subscribe_timeout_seconds),
@@ -61,6 +113,7 @@ impl RedisConfig {
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
+            .field("mode", &self.topology.mode())
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
             .field("subscribe_timeout", &self.subscribe_timeout)
@@ -83,4 +136,11 @@ pub enum SetupError {
     /// The command pool could not be built.
     #[error("redis.pool_size: cannot build the Redis connection pool: {0}")]
     Pool(#[source] deadpool_redis::BuildError),
+    /// A seed node or a sentinel address does not parse.
+    #[error("{key}: not a valid Redis URL: {source}")]
+    InvalidNodeUrl {
+        key: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
 }

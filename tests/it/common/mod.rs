@@ -11,6 +11,7 @@
 
 #![allow(dead_code)] // not every test module uses every helper
 
+pub mod cluster;
 pub mod gql;
 pub mod jwt;
 pub mod loadgen;
@@ -22,6 +23,7 @@ pub mod sse;
 pub mod ws;
 
 pub use self::redis::{reserve_port, TestRedis};
+pub use cluster::{Bus, TestCluster, TestSentinels};
 pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, scoped_token, token};
 pub use loadgen::run_loadgen;

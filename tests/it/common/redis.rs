@@ -30,6 +30,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct TestRedis {
     port: u16,
+    /// Arguments beyond the port and the no-persistence defaults.
+    extra: Vec<String>,
+    /// A sentinel's configuration file (a sentinel rewrites it).
+    sentinel: Option<std::path::PathBuf>,
     child: Option<Child>,
     /// The server's log (it writes it to stdout), shown when a test fails.
     log: Arc<Capture>,
@@ -66,9 +70,31 @@ impl TestRedis {
 
     /// Starts a server on `port` (see [`reserve_port`]) and waits until it answers.
     pub fn start_on(port: u16) -> TestRedis {
-        let (child, log) = spawn(port);
+        Self::start_with(port, &[])
+    }
+
+    /// Starts a sentinel on `port` from its configuration file.
+    pub fn start_sentinel(port: u16, conf: &std::path::Path) -> TestRedis {
+        let (child, log) = spawn(port, &[], Some(conf));
         let mut redis = TestRedis {
             port,
+            extra: Vec::new(),
+            sentinel: Some(conf.to_owned()),
+            child: Some(child),
+            log,
+        };
+        redis.wait_ready();
+        redis
+    }
+
+    /// Starts a server on `port` with `extra` arguments (a cluster node, a
+    /// replica, a sentinel's master) and waits until it answers.
+    pub fn start_with(port: u16, extra: &[String]) -> TestRedis {
+        let (child, log) = spawn(port, extra, None);
+        let mut redis = TestRedis {
+            port,
+            extra: extra.to_vec(),
+            sentinel: None,
             child: Some(child),
             log,
         };
@@ -97,7 +123,7 @@ impl TestRedis {
     /// Starts the server again on the same port (empty: nothing persists).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart() after kill() only");
-        let (child, log) = spawn(self.port);
+        let (child, log) = spawn(self.port, &self.extra, self.sentinel.as_deref());
         self.child = Some(child);
         self.log = log;
         self.wait_ready();
@@ -107,9 +133,15 @@ impl TestRedis {
     /// checks that it answers PING; panics with its log if it exits first
     /// (the port was taken) or takes too long.
     fn wait_ready(&mut self) {
-        let ready = self.log.wait_for(START_TIMEOUT, |log| {
-            log.contains("Ready to accept connections").then_some(())
-        });
+        // A sentinel says who it is instead.
+        let line = if self.sentinel.is_some() {
+            "Sentinel ID is"
+        } else {
+            "Ready to accept connections"
+        };
+        let ready = self
+            .log
+            .wait_for(START_TIMEOUT, |log| log.contains(line).then_some(()));
         if let Err(log) = ready {
             let status = self
                 .child
@@ -130,6 +162,11 @@ impl TestRedis {
             "redis-server on port {} said it was ready, yet PING gave {pong:?}",
             self.port
         );
+    }
+
+    /// Whether the server process is running (not killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Runs one command, such as `["PUBSUB", "NUMSUB", "subgate:topic:posts"]`,
@@ -171,9 +208,17 @@ impl TestRedis {
     }
 }
 
-fn spawn(port: u16) -> (Child, Arc<Capture>) {
-    let spawned = Command::new("redis-server")
-        .args([
+fn spawn(port: u16, extra: &[String], sentinel: Option<&std::path::Path>) -> (Child, Arc<Capture>) {
+    let mut command = Command::new("redis-server");
+    match sentinel {
+        Some(conf) => command.arg(conf).args([
+            "--sentinel",
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ]),
+        None => command.args([
             "--port",
             &port.to_string(),
             "--bind",
@@ -182,7 +227,13 @@ fn spawn(port: u16) -> (Child, Arc<Capture>) {
             "",
             "--appendonly",
             "no",
-        ])
+        ]),
+    };
+    // A replica's full sync writes an RDB file to the working directory:
+    // it goes to the temporary directory, never into the source tree.
+    command.current_dir(std::env::temp_dir());
+    let spawned = command
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

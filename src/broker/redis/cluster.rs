@@ -1,0 +1,422 @@
+//! Receiving on Redis Cluster: sharded Pub/Sub (`SSUBSCRIBE`), a topic's
+//! events heard from the shard that owns its slot only.
+//!
+//! The node holds one cluster connection of its own for Pub/Sub (RESP3,
+//! redis-rs's `cluster-async`): one multiplexed connection per cluster
+//! node, each subscription sent to the node that owns the topic's slot.
+//! Every push comes to one bounded queue, drained by one task:
+//!
+//! - `smessage`: an event, into the hub;
+//! - `ssubscribe` for a topic already confirmed and not being subscribed by
+//!   this node: the client subscribed it again by itself (it reconnected
+//!   to the node), so what was published meanwhile is read from history;
+//! - `sunsubscribe` for a topic the hub still wants: the server ended the
+//!   subscription (its slot moved to another shard, or the node became a
+//!   replica); the topic is subscribed again, where the slot now lives
+//!   (the client follows the MOVED answer), and its hole filled;
+//! - `disconnection` (a node's connection dropped): every topic is
+//!   subscribed again, and each one whose shard cannot be reached yet
+//!   (its master died and no replica is promoted yet) is retried every
+//!   second until it is; a topic that stays unsubscribed for longer than
+//!   `redis.subscribe_timeout_seconds` rebuilds the whole connection from
+//!   the seeds (a new view of the cluster).
+//!
+//! A full queue ends the connection (counted in
+//! `subgate_pubsub_overflows_total`), as on one Redis: the node reconnects
+//! and every stream reads what it missed from history.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, Notify};
+
+use super::subscriber::{AbortOnDrop, SubscriberTask};
+use super::{Link, Shared};
+use crate::event::SharedEvent;
+
+/// Subscriptions sent at once.
+const IN_FLIGHT: usize = 64;
+
+/// The pushes of the Pub/Sub connection, into a bounded queue: a full queue
+/// marks the connection as fallen behind instead of buffering.
+struct Pushes {
+    queue: mpsc::Sender<PushInfo>,
+    overflowed: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+}
+
+impl redis::aio::AsyncPushSender for Pushes {
+    fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
+        match self.queue.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::SeqCst) {
+                    self.wake.notify_one();
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(redis::aio::SendError),
+        }
+    }
+}
+
+/// What the push reader tells the control task.
+#[derive(Default)]
+struct Signals {
+    /// Topics to read from history: resubscribed by the client itself.
+    resync: HashSet<String>,
+    /// Topics whose subscription the server ended.
+    ended: HashSet<String>,
+    /// A node's connection dropped.
+    disconnected: bool,
+}
+
+/// The control task's view of subscriptions on this connection.
+#[derive(Default)]
+struct State {
+    /// Topics being subscribed now (their confirmation push is expected).
+    pending: HashSet<String>,
+    /// Topics wanted but not subscribed: since when.
+    lost: HashMap<String, Instant>,
+}
+
+/// Serves one cluster Pub/Sub connection until it must be rebuilt; `Err`
+/// says why.
+pub(super) async fn serve(
+    task: &SubscriberTask,
+    attempt: &mut u32,
+    reconnecting: bool,
+) -> Result<(), String> {
+    let shared = &task.shared;
+    let queued = task.redis.config().pubsub_queue.max(1);
+    let (queue_tx, mut queue_rx) = mpsc::channel::<PushInfo>(queued);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(Notify::new());
+    let conn = task
+        .redis
+        .cluster_pubsub(Pushes {
+            queue: queue_tx,
+            overflowed: overflowed.clone(),
+            wake: wake.clone(),
+        })
+        .await
+        .map_err(|e| e.cause().to_owned())?;
+    shared.set_link(Link::Up);
+    *attempt = 0;
+    tracing::info!("redis cluster sharded pub/sub connected");
+
+    let signals = Arc::new(Mutex::new(Signals::default()));
+    let state = Arc::new(Mutex::new(State::default()));
+    let reader = {
+        let (shared, signals, state, wake) =
+            (shared.clone(), signals.clone(), state.clone(), wake.clone());
+        let keys = task.redis.keys().clone();
+        AbortOnDrop(tokio::spawn(async move {
+            while let Some(push) = queue_rx.recv().await {
+                shared.metrics.pubsub_queue.set(queue_rx.len() as i64);
+                read_push(push, &keys, &shared, &signals, &state, &wake);
+            }
+            shared.metrics.pubsub_queue.set(0);
+        }))
+    };
+
+    let mut control = Control {
+        task,
+        conn,
+        signals,
+        state,
+    };
+    // Everything the hub wants is missing on a new connection; after a
+    // reconnect, whatever was published meanwhile is in history.
+    control.reconcile(true, reconnecting).await;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let within = task.redis.config().subscribe_timeout;
+    loop {
+        tokio::select! {
+            _ = shared.wake.notified() => control.reconcile(false, false).await,
+            _ = wake.notified() => {}
+            _ = tick.tick() => {}
+        }
+        if overflowed.load(Ordering::SeqCst) {
+            shared.metrics.pubsub_overflows_total.inc();
+            tracing::warn!(
+                queued,
+                "redis pub/sub: the node fell behind its bus; reconnecting to catch up from history"
+            );
+            return Err("the node fell behind its bus".into());
+        }
+        if reader.0.is_finished() {
+            return Err("the connection closed".into());
+        }
+        control.follow_signals().await;
+        let stale = control
+            .state()
+            .lost
+            .values()
+            .any(|since| since.elapsed() >= within);
+        if stale {
+            return Err(format!(
+                "topics stayed unsubscribed for {within:?}: rebuilding the view of the cluster"
+            ));
+        }
+    }
+}
+
+/// Reads one push: events into the hub, the rest into signals.
+fn read_push(
+    push: PushInfo,
+    keys: &crate::infra::redis::Keys,
+    shared: &Arc<Shared>,
+    signals: &Mutex<Signals>,
+    state: &Mutex<State>,
+    wake: &Notify,
+) {
+    let channel = |data: &[Value]| match data.first() {
+        Some(Value::BulkString(bytes)) => std::str::from_utf8(bytes).ok().map(str::to_owned),
+        Some(Value::SimpleString(text)) => Some(text.clone()),
+        _ => None,
+    };
+    match push.kind {
+        PushKind::SMessage | PushKind::Message => {
+            let text = match push.data.get(1) {
+                Some(Value::BulkString(bytes)) => std::str::from_utf8(bytes).ok(),
+                _ => None,
+            };
+            match text.map(SharedEvent::decode) {
+                Some(Ok(event)) => {
+                    if let Some(sink) = shared.sink.get() {
+                        sink.dispatch(event);
+                    }
+                }
+                _ => shared
+                    .metrics
+                    .events_dropped_total
+                    .with_label_values(&["undecodable"])
+                    .inc(),
+            }
+        }
+        PushKind::SSubscribe => {
+            let Some(topic) = channel(&push.data).and_then(|c| keys.topic_of_channel(&c)) else {
+                return;
+            };
+            let ours = lock(state).pending.contains(&topic);
+            if !ours && shared.confirmed().contains(&topic) {
+                lock(signals).resync.insert(topic);
+                wake.notify_one();
+            }
+        }
+        PushKind::SUnsubscribe => {
+            let Some(topic) = channel(&push.data).and_then(|c| keys.topic_of_channel(&c)) else {
+                return;
+            };
+            let wanted = shared.sink.get().is_some_and(|hub| hub.wants(&topic));
+            if wanted && shared.confirmed().contains(&topic) {
+                lock(signals).ended.insert(topic);
+                wake.notify_one();
+            }
+        }
+        PushKind::Disconnection => {
+            lock(signals).disconnected = true;
+            wake.notify_one();
+        }
+        _ => {}
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Control<'a> {
+    task: &'a SubscriberTask,
+    conn: ClusterConnection,
+    signals: Arc<Mutex<Signals>>,
+    state: Arc<Mutex<State>>,
+}
+
+impl Control<'_> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Acts on what the push reader saw.
+    async fn follow_signals(&mut self) {
+        let signals = std::mem::take(&mut *lock(&self.signals));
+        let shared = &self.task.shared;
+        let mut again: Vec<String> = Vec::new();
+        if signals.disconnected {
+            // Which shard dropped is not said: every topic is confirmed
+            // again (a no-op where the subscription stands).
+            tracing::info!(
+                "redis cluster: a node's connection dropped; confirming every subscription"
+            );
+            shared.metrics.redis_reconnects_total.inc();
+            again.extend(shared.confirmed().iter().cloned());
+        }
+        for topic in signals.ended {
+            tracing::info!(%topic, "redis cluster: the server ended a subscription (slot moved?); subscribing again");
+            again.push(topic);
+        }
+        if !again.is_empty() {
+            {
+                let mut confirmed = shared.confirmed();
+                let mut state = self.state();
+                for topic in &again {
+                    confirmed.remove(topic);
+                    state.lost.entry(topic.clone()).or_insert_with(Instant::now);
+                }
+            }
+            self.reconcile(false, false).await;
+        } else if !self.state().lost.is_empty() {
+            self.reconcile(false, false).await;
+        }
+        if !signals.resync.is_empty() {
+            let topics: Vec<String> = signals.resync.into_iter().collect();
+            self.resync(topics);
+        }
+    }
+
+    /// Subscribes what the hub wants and is not subscribed (new topics, and
+    /// lost ones again); unsubscribes what it no longer wants. `full`
+    /// compares everything (a new connection); `reconnected`: every topic
+    /// subscribed is read from history afterwards.
+    async fn reconcile(&mut self, full: bool, reconnected: bool) {
+        let shared = &self.task.shared;
+        let Some(hub) = shared.sink.get().cloned() else {
+            return;
+        };
+        let dirty: Vec<String> =
+            std::mem::take(&mut *shared.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        let (to_add, to_remove) = {
+            let mut confirmed = shared.confirmed();
+            let mut state = self.state();
+            let mut add: HashSet<String> = HashSet::new();
+            let mut remove: Vec<String> = Vec::new();
+            if full {
+                add.extend(hub.topics());
+            } else {
+                for topic in dirty {
+                    match (hub.wants(&topic), confirmed.contains(&topic)) {
+                        (true, false) => {
+                            add.insert(topic);
+                        }
+                        (false, true) => remove.push(topic),
+                        _ => {}
+                    }
+                }
+            }
+            // Lost topics are retried while wanted, forgotten when not.
+            state.lost.retain(|topic, _| hub.wants(topic));
+            add.extend(state.lost.keys().cloned());
+            for topic in &remove {
+                confirmed.remove(topic);
+            }
+            state.pending.extend(add.iter().cloned());
+            (add.into_iter().collect::<Vec<_>>(), remove)
+        };
+        let keys = self.task.redis.keys().clone();
+        let redis = self.task.redis.clone();
+        let subscribes = to_add.into_iter().map(|topic| {
+            let (mut conn, redis, channel) =
+                (self.conn.clone(), redis.clone(), keys.topic_channel(&topic));
+            async move {
+                let done = redis.bounded(conn.ssubscribe(channel)).await;
+                (topic, done)
+            }
+        });
+        let mut subscribes = futures_util::stream::iter(subscribes).buffer_unordered(IN_FLIGHT);
+        let mut refilled = Vec::new();
+        let mut failed = 0usize;
+        let mut last_error = None;
+        while let Some((topic, done)) = subscribes.next().await {
+            let mut waiters = shared.waiters();
+            let mut confirmed = shared.confirmed();
+            let mut state = self.state();
+            state.pending.remove(&topic);
+            match done {
+                Ok(()) => {
+                    if state.lost.remove(&topic).is_some() || reconnected {
+                        refilled.push(topic.clone());
+                    }
+                    for waiter in waiters.remove(&topic).unwrap_or_default() {
+                        let _ = waiter.send(());
+                    }
+                    confirmed.insert(topic);
+                }
+                Err(e) => {
+                    failed += 1;
+                    last_error = Some(e.to_string());
+                    state.lost.entry(topic).or_insert_with(Instant::now);
+                }
+            }
+        }
+        drop(subscribes);
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                error = last_error.as_deref().unwrap_or(""),
+                "redis cluster: topics could not be subscribed; retrying every second"
+            );
+        }
+        let unsubscribes = to_remove.into_iter().map(|topic| {
+            let (mut conn, redis, channel) =
+                (self.conn.clone(), redis.clone(), keys.topic_channel(&topic));
+            async move { redis.bounded(conn.sunsubscribe(channel)).await }
+        });
+        let mut unsubscribes = futures_util::stream::iter(unsubscribes).buffer_unordered(IN_FLIGHT);
+        while unsubscribes.next().await.is_some() {}
+        drop(unsubscribes);
+        // Waiters whose topic is confirmed are answered; those whose topic
+        // the hub no longer wants are dropped (their receivers see an error).
+        {
+            let confirmed = shared.confirmed();
+            let mut waiters = shared.waiters();
+            waiters.retain(|topic, list| {
+                if confirmed.contains(topic) {
+                    for waiter in list.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                    return false;
+                }
+                hub.wants(topic)
+            });
+        }
+        let count = shared.confirmed().len();
+        shared.metrics.redis_subscribed_channels.set(count as i64);
+        if !refilled.is_empty() {
+            self.resync(refilled);
+        }
+    }
+
+    /// Hands out the latest event of each of `topics` again, as a resync
+    /// point: each stream compares it with where it stands and reads what
+    /// it missed from history.
+    fn resync(&self, topics: Vec<String>) {
+        let redis = self.task.redis.clone();
+        let shared = self.task.shared.clone();
+        // Detached: bounded by the topics this node serves, and a second
+        // resync of a topic only repeats a resync point.
+        tokio::spawn(async move {
+            match super::latest_events(&redis, &topics).await {
+                Ok(events) => {
+                    if let Some(sink) = shared.sink.get() {
+                        for event in events {
+                            sink.dispatch(event.resync());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis: could not resync topics after their subscription returned");
+                }
+            }
+        });
+    }
+}
