@@ -83,6 +83,17 @@ pub struct Metrics {
     pub redis_reconnects_total: prometheus::IntCounter,
     /// Channels subscribed on this node's Pub/Sub connection.
     pub redis_subscribed_channels: IntGauge,
+    /// Redis Cluster: channels this node subscribes on each shard (by the
+    /// shard master's address).
+    pub redis_shard_subscribed_channels: IntGaugeVec,
+    /// Redis Cluster: topics this node wants and could not subscribe on
+    /// each shard now (its master down, its slot moving).
+    pub redis_shard_unsubscribed_topics: IntGaugeVec,
+    /// Redis Cluster: 1 per shard whose master is online, 0 otherwise.
+    pub redis_shard_up: IntGaugeVec,
+    /// Redis Cluster: subscriptions lost on a shard and made again (a
+    /// node's connection dropped, a slot moved, a failover).
+    pub redis_shard_resubscribes_total: IntCounterVec,
     /// Pub/Sub connections restarted because the probe did not come back.
     pub redis_probe_failures_total: prometheus::IntCounter,
     /// Redis command latency by command.
@@ -305,6 +316,30 @@ impl Metrics {
             "subgate_redis_subscribed_channels",
             "Channels subscribed on this node's Pub/Sub connection",
         );
+        let redis_shard_subscribed_channels = r.gauge_vec(
+            "subgate_redis_shard_subscribed_channels",
+            "Redis Cluster: channels this node subscribes on each shard",
+            "shard",
+            &[],
+        );
+        let redis_shard_unsubscribed_topics = r.gauge_vec(
+            "subgate_redis_shard_unsubscribed_topics",
+            "Redis Cluster: topics wanted and not subscribed on each shard now",
+            "shard",
+            &[],
+        );
+        let redis_shard_up = r.gauge_vec(
+            "subgate_redis_shard_up",
+            "Redis Cluster: 1 per shard whose master is online",
+            "shard",
+            &[],
+        );
+        let redis_shard_resubscribes_total = r.counter_vec(
+            "subgate_redis_shard_resubscribes_total",
+            "Redis Cluster: subscriptions lost on a shard and made again",
+            "shard",
+            &[],
+        );
         let redis_probe_failures_total = r.counter(
             "subgate_redis_probe_failures_total",
             "Pub/Sub connections restarted because the probe did not come back",
@@ -417,6 +452,10 @@ impl Metrics {
             ws_closes_total,
             redis_reconnects_total,
             redis_subscribed_channels,
+            redis_shard_subscribed_channels,
+            redis_shard_unsubscribed_topics,
+            redis_shard_up,
+            redis_shard_resubscribes_total,
             redis_probe_failures_total,
             redis_command_duration_seconds,
             rate_limited_total,

@@ -335,3 +335,88 @@ async fn with_sentinel_the_fleet_follows_a_failover_and_delivers_again_within_10
         ready.body
     );
 }
+
+/// A shard lost whole (its master and its replica killed): the nodes say
+/// which shard in `/readyz` and `subgate_redis_shard_up`, and topics on the
+/// other shards keep delivering.
+#[tokio::test]
+async fn a_shard_lost_whole_is_named_by_readyz_while_the_other_shards_keep_delivering() {
+    let mut cluster = TestCluster::start().await;
+    let publisher = bus_node(&cluster, &[("SUBGATE__PUBLISH__API_KEYS", API_KEY)]);
+    let reader = bus_node(&cluster, &[]);
+    let topics = topics_on_every_shard(&cluster, 1).await;
+    let watcher = create_user(&reader, "Watcher").await;
+    let query: Vec<String> = topics.iter().map(|(t, _)| format!("topic={t}")).collect();
+    let path = format!("/api/v1/events/stream?{}", query.join("&"));
+    let bearer = format!("Bearer {}", watcher.token);
+    let mut stream = open_stream(&reader, &path, &[("authorization", &bearer)])
+        .await
+        .unwrap_or_else(|reply| panic!("GET {path}: {} {}", reply.status, reply.body));
+    for (topic, master) in &topics {
+        let channel = format!("subgate:topic:{{{topic}}}");
+        eventually(
+            Duration::from_secs(10),
+            &format!("{channel} subscribed"),
+            async || {
+                let counts = cluster.shard_numsub(&channel).await;
+                if counts.get(master) == Some(&1) {
+                    Ok(())
+                } else {
+                    Err(counts)
+                }
+            },
+        )
+        .await;
+    }
+    // The shard that holds none of the store's keys goes: the others
+    // keep the publish API (which reads the store) working.
+    let store_master = cluster.master_of(cluster.slot("{subgate:}seq").await).await;
+    let (lost_topic, victim) = topics
+        .iter()
+        .find(|(_, m)| *m != store_master)
+        .cloned()
+        .expect("a topic on a shard without the store");
+    let replica = cluster.replica_of(victim).await;
+    cluster.node_mut(replica).kill();
+    cluster.node_mut(victim).kill();
+
+    let body = fleet::readyz_becomes(
+        &reader,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(15),
+        "the reader",
+    )
+    .await;
+    assert!(
+        body.contains(&format!("redis shard 127.0.0.1:{victim}")),
+        "/readyz names the shard that is down: {body}"
+    );
+    let metrics = get(&reader, "/metrics").await.body;
+    assert!(
+        metrics.contains(&format!(
+            "subgate_redis_shard_up{{shard=\"127.0.0.1:{victim}\"}} 0"
+        )),
+        "subgate_redis_shard_up says which shard is down"
+    );
+
+    // The topics of the other shards still deliver.
+    let alive: Vec<&String> = topics
+        .iter()
+        .filter(|(t, _)| *t != lost_topic)
+        .map(|(t, _)| t)
+        .collect();
+    for (i, topic) in alive.iter().enumerate() {
+        publish(&publisher, topic, "order.placed", json!({ "n": i })).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < alive.len() {
+        let event = stream.next_event(Duration::from_secs(10)).await.json();
+        if event["type"] == "order.placed" {
+            got.push(event["topic"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    got.sort();
+    let mut want: Vec<String> = alive.iter().map(|t| (*t).clone()).collect();
+    want.sort();
+    assert_eq!(got, want, "every topic on a live shard delivers");
+}

@@ -38,6 +38,7 @@ use tokio::sync::{mpsc, Notify};
 use super::subscriber::{AbortOnDrop, SubscriberTask};
 use super::{Link, Shared};
 use crate::event::SharedEvent;
+use crate::infra::redis::slot_of;
 
 /// Subscriptions sent at once.
 const IN_FLIGHT: usize = 64;
@@ -81,8 +82,201 @@ struct Signals {
 struct State {
     /// Topics being subscribed now (their confirmation push is expected).
     pending: HashSet<String>,
-    /// Topics wanted but not subscribed: since when.
-    lost: HashMap<String, Instant>,
+}
+
+/// A shard as `CLUSTER SHARDS` describes it: its master's address, its
+/// slot ranges and the master's health.
+#[derive(Debug, Clone)]
+pub(super) struct Shard {
+    pub(super) master: String,
+    pub(super) slots: Vec<(u16, u16)>,
+    pub(super) health: String,
+}
+
+impl Shard {
+    fn serves(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&slot))
+    }
+
+    fn describe(&self) -> String {
+        let ranges: Vec<String> = self
+            .slots
+            .iter()
+            .map(|(lo, hi)| format!("{lo}-{hi}"))
+            .collect();
+        format!("redis shard {} (slots {})", self.master, ranges.join(","))
+    }
+}
+
+/// How long a wanted topic may stay unsubscribed before the node says it
+/// is not ready (a reconnect or a slot move takes less).
+const UNREADY_AFTER: Duration = Duration::from_secs(2);
+
+/// `/readyz` on a cluster: each shard whose master is not online, and each
+/// shard holding topics this node could not subscribe for a while.
+pub(super) fn readiness(shared: &Shared, keys: &crate::infra::redis::Keys) -> Result<(), String> {
+    let shards = lock(&shared.shards).clone();
+    let mut problems: Vec<String> = shards
+        .iter()
+        .filter(|s| s.health != "online")
+        .map(|s| format!("{} is {}", s.describe(), s.health))
+        .collect();
+    let mut stuck: HashMap<String, usize> = HashMap::new();
+    for (topic, since) in lock(&shared.lost).iter() {
+        if since.elapsed() < UNREADY_AFTER {
+            continue;
+        }
+        let slot = slot_of(&keys.history(topic));
+        let shard = shards
+            .iter()
+            .find(|s| s.serves(slot))
+            .map(Shard::describe)
+            .unwrap_or_else(|| format!("redis slot {slot} (no shard known)"));
+        *stuck.entry(shard).or_default() += 1;
+    }
+    let mut stuck: Vec<_> = stuck.into_iter().collect();
+    stuck.sort();
+    problems.extend(
+        stuck
+            .into_iter()
+            .map(|(shard, n)| format!("{shard}: {n} topics cannot be subscribed")),
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Reads `CLUSTER SHARDS` and publishes the per-shard metrics.
+async fn refresh_shards(task: &SubscriberTask) {
+    let shared = &task.shared;
+    let reply: Result<Value, _> = task
+        .redis
+        .call(
+            "cluster_shards",
+            &redis::cmd("CLUSTER").arg("SHARDS").clone(),
+        )
+        .await;
+    let Ok(reply) = reply else {
+        return;
+    };
+    let shards = parse_shards(&reply);
+    if shards.is_empty() {
+        return;
+    }
+    let keys = task.redis.keys();
+    let shard_of = |topic: &str| {
+        let slot = slot_of(&keys.history(topic));
+        shards
+            .iter()
+            .find(|s| s.serves(slot))
+            .map(|s| s.master.clone())
+    };
+    let mut subscribed: HashMap<String, i64> = HashMap::new();
+    for topic in shared.confirmed().iter() {
+        if let Some(master) = shard_of(topic) {
+            *subscribed.entry(master).or_default() += 1;
+        }
+    }
+    let mut lost: HashMap<String, i64> = HashMap::new();
+    for topic in lock(&shared.lost).keys() {
+        if let Some(master) = shard_of(topic) {
+            *lost.entry(master).or_default() += 1;
+        }
+    }
+    let m = &shared.metrics;
+    m.redis_shard_subscribed_channels.reset();
+    m.redis_shard_unsubscribed_topics.reset();
+    m.redis_shard_up.reset();
+    for shard in &shards {
+        let label = [shard.master.as_str()];
+        m.redis_shard_subscribed_channels
+            .with_label_values(&label)
+            .set(subscribed.get(&shard.master).copied().unwrap_or(0));
+        m.redis_shard_unsubscribed_topics
+            .with_label_values(&label)
+            .set(lost.get(&shard.master).copied().unwrap_or(0));
+        m.redis_shard_up
+            .with_label_values(&label)
+            .set(i64::from(shard.health == "online"));
+    }
+    *lock(&shared.shards) = shards;
+}
+
+/// The shards of a `CLUSTER SHARDS` reply (RESP2 flat pairs or RESP3
+/// maps): the master of each, with its slot ranges.
+fn parse_shards(reply: &Value) -> Vec<Shard> {
+    fn pairs(v: &Value) -> Vec<(String, &Value)> {
+        match v {
+            Value::Map(entries) => entries
+                .iter()
+                .filter_map(|(k, v)| text(k).map(|k| (k, v)))
+                .collect(),
+            Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|kv| match kv {
+                    [k, v] => text(k).map(|k| (k, v)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+    fn text(v: &Value) -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            Value::VerbatimString { text, .. } => Some(text.clone()),
+            Value::Int(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+    let Value::Array(shards) = reply else {
+        return Vec::new();
+    };
+    shards
+        .iter()
+        .filter_map(|shard| {
+            let fields = pairs(shard);
+            let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+            let slots: Vec<u16> = match get("slots")? {
+                Value::Array(bounds) => bounds
+                    .iter()
+                    .filter_map(|b| text(b)?.parse().ok())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let Value::Array(nodes) = get("nodes")? else {
+                return None;
+            };
+            let master = nodes.iter().map(pairs).find(|node| {
+                node.iter()
+                    .any(|(k, v)| k == "role" && text(v).as_deref() == Some("master"))
+            })?;
+            let field = |name: &str| {
+                master
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .and_then(|(_, v)| text(v))
+            };
+            let host = field("endpoint")
+                .filter(|e| !e.is_empty() && e != "?")
+                .or_else(|| field("ip"))?;
+            let port = field("port").or_else(|| field("tls-port"))?;
+            Some(Shard {
+                master: format!("{host}:{port}"),
+                slots: slots
+                    .chunks(2)
+                    .filter_map(|r| Some((r[0], *r.get(1)?)))
+                    .collect(),
+                health: field("health").unwrap_or_else(|| "unknown".into()),
+            })
+        })
+        .filter(|s| !s.slots.is_empty())
+        .collect()
 }
 
 /// Serves one cluster Pub/Sub connection until it must be rebuilt; `Err`
@@ -137,6 +331,9 @@ pub(super) async fn serve(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let within = task.redis.config().subscribe_timeout;
+    let refresh_every = task.redis.config().probe_interval;
+    refresh_shards(task).await;
+    let mut last_refresh = Instant::now();
     loop {
         tokio::select! {
             _ = shared.wake.notified() => control.reconcile(false, false).await,
@@ -155,9 +352,11 @@ pub(super) async fn serve(
             return Err("the connection closed".into());
         }
         control.follow_signals().await;
-        let stale = control
-            .state()
-            .lost
+        if last_refresh.elapsed() >= refresh_every {
+            refresh_shards(task).await;
+            last_refresh = Instant::now();
+        }
+        let stale = lock(&shared.lost)
             .values()
             .any(|since| since.elapsed() >= within);
         if stale {
@@ -266,14 +465,14 @@ impl Control<'_> {
         if !again.is_empty() {
             {
                 let mut confirmed = shared.confirmed();
-                let mut state = self.state();
+                let mut lost = lock(&shared.lost);
                 for topic in &again {
                     confirmed.remove(topic);
-                    state.lost.entry(topic.clone()).or_insert_with(Instant::now);
+                    lost.entry(topic.clone()).or_insert_with(Instant::now);
                 }
             }
             self.reconcile(false, false).await;
-        } else if !self.state().lost.is_empty() {
+        } else if !lock(&shared.lost).is_empty() {
             self.reconcile(false, false).await;
         }
         if !signals.resync.is_empty() {
@@ -314,8 +513,10 @@ impl Control<'_> {
                 }
             }
             // Lost topics are retried while wanted, forgotten when not.
-            state.lost.retain(|topic, _| hub.wants(topic));
-            add.extend(state.lost.keys().cloned());
+            let mut lost = lock(&shared.lost);
+            lost.retain(|topic, _| hub.wants(topic));
+            add.extend(lost.keys().cloned());
+            drop(lost);
             for topic in &remove {
                 confirmed.remove(topic);
             }
@@ -343,7 +544,17 @@ impl Control<'_> {
             state.pending.remove(&topic);
             match done {
                 Ok(()) => {
-                    if state.lost.remove(&topic).is_some() || reconnected {
+                    if lock(&shared.lost).remove(&topic).is_some() {
+                        refilled.push(topic.clone());
+                        let slot = slot_of(&keys.history(&topic));
+                        if let Some(shard) = lock(&shared.shards).iter().find(|s| s.serves(slot)) {
+                            shared
+                                .metrics
+                                .redis_shard_resubscribes_total
+                                .with_label_values(&[shard.master.as_str()])
+                                .inc();
+                        }
+                    } else if reconnected {
                         refilled.push(topic.clone());
                     }
                     for waiter in waiters.remove(&topic).unwrap_or_default() {
@@ -354,7 +565,7 @@ impl Control<'_> {
                 Err(e) => {
                     failed += 1;
                     last_error = Some(e.to_string());
-                    state.lost.entry(topic).or_insert_with(Instant::now);
+                    lock(&shared.lost).entry(topic).or_insert_with(Instant::now);
                 }
             }
         }

@@ -99,6 +99,10 @@ struct Shared {
     link: Mutex<Link>,
     /// Highest probe sequence number seen coming back.
     probe_seen: AtomicU64,
+    /// Redis Cluster: topics wanted and not subscribed now, since when.
+    lost: Mutex<HashMap<String, std::time::Instant>>,
+    /// Redis Cluster: the shards as last read (`CLUSTER SHARDS`).
+    shards: Mutex<Vec<cluster::Shard>>,
     metrics: Arc<Metrics>,
 }
 
@@ -147,6 +151,8 @@ impl RedisBroker {
                 wake: Notify::new(),
                 link: Mutex::new(Link::Connecting),
                 probe_seen: AtomicU64::new(0),
+                lost: Mutex::new(HashMap::new()),
+                shards: Mutex::new(Vec::new()),
                 metrics,
             }),
             node_id: crate::store::new_id(),
@@ -492,11 +498,24 @@ impl Broker for RedisBroker {
     }
 
     fn describe(&self) -> Option<String> {
-        Some(self.redis.describe())
+        let shards = self.shared.shards.lock().unwrap_or_else(|p| p.into_inner());
+        if shards.is_empty() {
+            return Some(self.redis.describe());
+        }
+        let masters: Vec<&str> = shards.iter().map(|s| s.master.as_str()).collect();
+        Some(format!(
+            "{}, {} shards: {}",
+            self.redis.describe(),
+            masters.len(),
+            masters.join(", ")
+        ))
     }
 
     fn readiness(&self) -> Result<(), String> {
         match &*self.shared.link.lock().unwrap_or_else(|p| p.into_inner()) {
+            Link::Up if self.redis.keys().tagged() => {
+                cluster::readiness(&self.shared, self.redis.keys())
+            }
             Link::Up => Ok(()),
             Link::Connecting => Err("connecting to redis".into()),
             Link::Down(why) => Err(format!("redis unreachable: {why}")),

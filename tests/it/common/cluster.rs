@@ -50,6 +50,9 @@ impl TestCluster {
                     // Replicas sync at once, not after 5 s.
                     "--repl-diskless-sync-delay",
                     "0",
+                    // A shard lost whole leaves the others serving.
+                    "--cluster-require-full-coverage",
+                    "no",
                 ]
                 .map(str::to_owned);
                 TestRedis::start_with(port, &args)
@@ -92,7 +95,21 @@ impl TestCluster {
                     .join(","),
             ),
             ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2".into()),
+            // The shards are read every half second (readiness, metrics).
+            ("SUBGATE__REDIS__PROBE_INTERVAL_SECONDS", "0.5".into()),
         ]
+    }
+
+    /// The port of the replica of the master on `port`.
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        let id = self.id_of(port).await;
+        let nodes: String = self.any().cmd(&["CLUSTER", "NODES"]).await;
+        nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() >= 4 && f[2].contains("slave") && f[3] == id)
+            .map(|f| port_of(f[1]))
+            .unwrap_or_else(|| panic!("no replica of {port}:\n{nodes}"))
     }
 
     /// The node on `port`.
