@@ -142,7 +142,7 @@ impl Hub {
     ) -> Result<Subscription, BrokerError> {
         let (tx, rx) = mpsc::channel(self.capacity);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        {
+        let known = {
             let mut topics = self.lock(topic);
             let entry = match topics.get_mut(topic) {
                 Some(entry) => entry,
@@ -159,17 +159,34 @@ impl Hub {
                     transport,
                 },
             );
-        }
+            entry.last.clone()
+        };
         // Constructed before the await so that a cancelled or failed
         // subscribe still releases its place.
-        let subscription = Subscription {
+        let mut subscription = Subscription {
             rx,
+            start: known,
             guard: SubscriptionGuard {
                 hub: self.clone(),
                 topic: topic.to_owned(),
                 id,
             },
         };
+        if subscription.start.is_none() {
+            // Where the topic stands, read before the bus subscription is
+            // made: an event published between the two is a hole before
+            // the next one, filled from history, and an event handed out
+            // again after a lost link (a resync point) is compared with
+            // it instead of being taken for an old one.
+            if let Ok(Some(head)) = self.broker.head(topic).await {
+                if let Some(entry) = self.lock(topic).get_mut(topic) {
+                    if entry.last.is_none() {
+                        entry.last = Some(head.clone());
+                    }
+                }
+                subscription.start = Some(head);
+            }
+        }
         self.broker.subscribe(topic).await?;
         Ok(subscription)
     }
@@ -332,9 +349,9 @@ impl Hub {
         };
         let waited = entry.filling.take().unwrap_or_default();
         let mut released = false;
-        // What the fill read is marked as a resync point: a stream that has
-        // delivered nothing yet stands at the live edge and skips it, the
-        // others take what follows where they stand.
+        // What the fill read is marked as a resync point: each stream takes
+        // what follows where it stands (a new stream stands where the topic
+        // stood when it joined) and skips the rest.
         let missed = missed.into_iter().map(|event| event.resync());
         for event in missed.chain(waited) {
             let Some(entry) = topics.get(topic) else {
@@ -421,10 +438,18 @@ pub(crate) fn cut_slow_consumer(
 /// releases its place in the hub.
 pub struct Subscription {
     rx: mpsc::Receiver<Arc<SharedEvent>>,
+    /// Where the topic stood when this subscription joined it: what it
+    /// receives comes after (`None`: the topic has no events yet).
+    start: Option<crate::event::Position>,
     guard: SubscriptionGuard,
 }
 
 impl Subscription {
+    /// Where the topic stood when this subscription joined it.
+    pub fn start(&self) -> Option<&crate::event::Position> {
+        self.start.as_ref()
+    }
+
     pub async fn recv(&mut self) -> Option<Arc<SharedEvent>> {
         self.rx.recv().await
     }

@@ -11,6 +11,10 @@
 //! its start, so whatever was published since reaches the subscriber once.
 //! A resync point (a topic's latest event, handed out again when the bus
 //! link returns) triggers the same comparison even if no new event comes.
+//! A live stream that has delivered nothing yet compares from where the
+//! topic stood when it joined (the hub's last position for the topic, or
+//! the broker's head for a topic new to the node), so an event published
+//! while the link was down reaches it too.
 //! What cannot be recovered is said out loud as a [`Delivery::Gap`], never
 //! papered over.
 
@@ -141,8 +145,10 @@ impl State {
                 return Some((Delivery::Event(event), self));
             };
             match self.last.clone() {
-                // A stream that has delivered nothing stands at the live
-                // edge: an older event handed out again is not for it.
+                // A stream with no position (it joined a topic with no
+                // events yet, or could not read where the topic stood):
+                // an event handed out again cannot be placed, and is not
+                // taken for a new one.
                 None if event.resync => continue,
                 None => {
                     self.last = Some(pos);
@@ -179,6 +185,14 @@ impl Hub {
     ) -> Result<Resumed, BrokerError> {
         // Live first, so that nothing published during the read is missed.
         let live = self.subscribe(topic, transport, cutoff).await?;
+        // A live stream starts where the topic stood when it joined: a
+        // resync point past that (an event this node missed while its bus
+        // link was down) is delivered, one at or before it is not.
+        let start = if after.is_none() {
+            live.start().cloned()
+        } else {
+            None
+        };
         let mut state = State {
             live,
             hub: self.clone(),
@@ -186,7 +200,7 @@ impl Hub {
             limit: self.history_limit,
             pending: VecDeque::new(),
             requeued: None,
-            last: None,
+            last: start,
             recheck,
             revoked: false,
         };
@@ -482,7 +496,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_resync_point_fills_what_was_missed_and_is_ignored_by_a_fresh_stream() {
+    async fn a_resync_point_fills_what_was_missed_for_every_stream() {
         use crate::broker::EventSink;
         let (hub, losing, mut resumed) = lossy_hub(Duration::from_secs(60)).await;
         // The link is down while three events are published; then nothing
@@ -496,10 +510,30 @@ mod tests {
         };
         hub.dispatch(events[0].resync());
         assert_eq!(take(&mut resumed.stream, 3).await, lost);
-        // A stream that had delivered nothing stands at the live edge.
+        // A stream that joined while the link was down starts where the
+        // node stood: it gets what the node missed too, then what follows.
+        assert_eq!(take(&mut fresh.stream, 3).await, lost);
         let next = publish(&hub, "t", 1).await;
         assert_eq!(take(&mut fresh.stream, 1).await, next);
         assert_eq!(take(&mut resumed.stream, 1).await, next);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_has_delivered_nothing_still_gets_what_its_node_missed() {
+        use crate::broker::EventSink;
+        // The topic has a history; a stream joins, delivers nothing, the
+        // link drops and an event is published unheard: the resync point
+        // after the link returns is delivered, not taken for an old event.
+        let (hub, losing, _resumed) = lossy_hub(Duration::from_secs(60)).await;
+        let mut quiet = resume(&hub, None).await;
+        let lost = unheard(&hub, &losing, 1).await;
+        let latest = hub.broker().head("t").await.unwrap().unwrap();
+        let before = Position::new(latest.epoch.clone(), latest.seq - 1);
+        let History::Complete(events) = hub.broker().history("t", &before, 1).await.unwrap() else {
+            panic!("the history holds the latest event")
+        };
+        hub.dispatch(events[0].resync());
+        assert_eq!(take(&mut quiet.stream, 1).await, lost);
     }
 
     #[tokio::test]

@@ -295,7 +295,11 @@ impl Shared {
 
     fn invocation(&self, script: &'static Script) -> ScriptInvocation<'static> {
         let mut inv = script.invocation();
-        inv.arg(self.redis.keys().presence());
+        let prefix = self.redis.keys().presence();
+        // The scripts derive their keys from the prefix; the one key named
+        // (the index of channels, never read through KEYS) routes the call
+        // to the node that owns presence's slot in a cluster.
+        inv.key(format!("{prefix}channels")).arg(prefix);
         inv
     }
 

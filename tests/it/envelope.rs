@@ -692,24 +692,19 @@ async fn a_last_event_id_older_than_the_history_is_not_recovered() {
 }
 
 /// Three nodes on one real Redis.
-fn fleet(redis: &TestRedis) -> [Node; 3] {
-    let url = redis.url();
-    std::thread::scope(|scope| {
-        let starting: Vec<_> = (0..3)
-            .map(|_| scope.spawn(|| Node::start(&[("SUBGATE__REDIS__URL", url.as_str())])))
-            .collect();
-        let nodes: Vec<Node> = starting
-            .into_iter()
-            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect();
-        nodes.try_into().unwrap_or_else(|_| unreachable!())
-    })
+fn fleet(bus: &(impl Bus + Sync)) -> [Node; 3] {
+    bus_fleet(bus, &[])
 }
 
 #[tokio::test]
 async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
-    let redis = TestRedis::start();
-    let [n1, n2, n3] = fleet(&redis);
+    a_client_resumes_on_another_node_with_exactly_what_it_missed_on(&TestRedis::start()).await;
+}
+
+pub(crate) async fn a_client_resumes_on_another_node_with_exactly_what_it_missed_on(
+    bus: &(impl Bus + Sync),
+) {
+    let [n1, n2, n3] = fleet(bus);
     let ann = create_user(&n1, "Ann").await;
     let bob = create_user(&n2, "Bob").await;
     let room = create_channel(&n1, &ann, false, &[]).await;
@@ -927,23 +922,22 @@ async fn online_users(node: &Node, channel: &str) -> Vec<String> {
 #[tokio::test]
 async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_offline_within_the_ttl(
 ) {
-    let redis = TestRedis::start();
-    let url = redis.url();
+    presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_offline_within_the_ttl_on(
+        &TestRedis::start(),
+    )
+    .await;
+}
+
+pub(crate) async fn presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_offline_within_the_ttl_on(
+    bus: &(impl Bus + Sync),
+) {
     // A short presence TTL keeps the SIGKILL case quick.
     let env = [
-        ("SUBGATE__REDIS__URL", url.as_str()),
         ("SUBGATE__PRESENCE__TTL_SECONDS", "3"),
         ("SUBGATE__PRESENCE__REFRESH_SECONDS", "1"),
         ("SUBGATE__PRESENCE__SWEEP_INTERVAL_SECONDS", "0.2"),
     ];
-    let [n1, n2, n3] = std::thread::scope(|scope| {
-        let starting: Vec<_> = (0..3).map(|_| scope.spawn(|| Node::start(&env))).collect();
-        let nodes: Vec<Node> = starting
-            .into_iter()
-            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect();
-        <[Node; 3]>::try_from(nodes).unwrap_or_else(|_| unreachable!())
-    });
+    let [n1, n2, n3] = bus_fleet(bus, &env);
     let ann = create_user(&n1, "Ann").await;
     let bob = create_user(&n1, "Bob").await;
     let cat = create_user(&n1, "Cat").await;

@@ -42,26 +42,9 @@ fn fleet_node(redis_url: &str) -> Node {
     ])
 }
 
-/// A node on `bus` (one Redis, a cluster, sentinels), with `extra` settings.
-pub(crate) fn bus_node(bus: &impl Bus, extra: &[(&str, &str)]) -> Node {
-    let env = bus.node_env();
-    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    all.extend_from_slice(extra);
-    Node::start(&all)
-}
-
-/// `N` nodes on `bus`, started side by side (each start waits for its
-/// `listening on` line; in parallel the fleet is up in the time of one).
+/// `N` nodes on `bus`, started side by side.
 pub(crate) fn fleet<const N: usize>(bus: &(impl Bus + Sync)) -> [Node; N] {
-    std::thread::scope(|scope| {
-        let starting: Vec<_> = (0..N).map(|_| scope.spawn(|| bus_node(bus, &[]))).collect();
-        // A node that fails to start fails the test with its own message.
-        let nodes: Vec<Node> = starting
-            .into_iter()
-            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect();
-        nodes.try_into().unwrap_or_else(|_| unreachable!())
-    })
+    bus_fleet(bus, &[])
 }
 
 /// A graphql-transport-ws client on `node` subscribed to `postCreated` as

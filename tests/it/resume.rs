@@ -54,20 +54,13 @@ async fn next_result(ws: &mut GqlWs, id: &str) -> Value {
 
 #[tokio::test]
 async fn a_subscriber_resumes_on_another_node_with_exactly_what_it_missed() {
-    let redis = TestRedis::start();
-    let env = |url: &str| {
-        vec![
-            ("SUBGATE__REDIS__URL", url.to_owned()),
-            ("SUBGATE__REDIS__MAX_BACKOFF_SECONDS", "0.2".into()),
-        ]
-    };
-    let url = redis.url();
-    let start = |_| {
-        let vars = env(&url);
-        let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Node::start(&refs)
-    };
-    let nodes: Vec<Node> = (0..3).map(start).collect();
+    a_subscriber_resumes_on_another_node_with_exactly_what_it_missed_on(&TestRedis::start()).await;
+}
+
+pub(crate) async fn a_subscriber_resumes_on_another_node_with_exactly_what_it_missed_on(
+    bus: &(impl Bus + Sync),
+) {
+    let nodes: Vec<Node> = bus_fleet::<3>(bus, &[]).into();
     let author = create_user(&nodes[0], "Resumer").await;
     let channel = public_channel(&nodes[0], &author.token).await;
 

@@ -568,18 +568,8 @@ async fn a_client_that_drops_before_its_first_event_still_resumes_exactly() {
 }
 
 /// `N` nodes sharing `redis`, each accepting the publish API key.
-fn fleet<const N: usize>(redis: &TestRedis) -> [Node; N] {
-    let url = redis.url();
-    std::thread::scope(|scope| {
-        let starting: Vec<_> = (0..N)
-            .map(|_| scope.spawn(|| publisher_node(&[("SUBGATE__REDIS__URL", &url)])))
-            .collect();
-        let nodes: Vec<Node> = starting
-            .into_iter()
-            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect();
-        nodes.try_into().unwrap_or_else(|_| unreachable!())
-    })
+fn fleet<const N: usize>(bus: &(impl Bus + Sync)) -> [Node; N] {
+    bus_fleet(bus, &[("SUBGATE__PUBLISH__API_KEYS", API_KEY)])
 }
 
 /// The `n` payload field of each event.
@@ -596,8 +586,13 @@ fn ns(events: &[Block]) -> Vec<i64> {
 
 #[tokio::test]
 async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed() {
-    let redis = TestRedis::start();
-    let [n1, n2, n3] = fleet(&redis);
+    a_stream_resumes_on_another_node_with_exactly_what_it_missed_on(&TestRedis::start()).await;
+}
+
+pub(crate) async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed_on(
+    bus: &(impl Bus + Sync),
+) {
+    let [n1, n2, n3] = fleet(bus);
     let topic = "orders:eu";
     // Published before anyone listens: never part of what follows.
     publish_body(
@@ -654,8 +649,14 @@ async fn a_stream_resumes_on_another_node_with_exactly_what_it_missed() {
 
 #[tokio::test]
 async fn a_stream_of_several_topics_resumes_every_topic_from_its_composite_id() {
-    let redis = TestRedis::start();
-    let [n1, n2, n3] = fleet(&redis);
+    a_stream_of_several_topics_resumes_every_topic_from_its_composite_id_on(&TestRedis::start())
+        .await;
+}
+
+pub(crate) async fn a_stream_of_several_topics_resumes_every_topic_from_its_composite_id_on(
+    bus: &(impl Bus + Sync),
+) {
+    let [n1, n2, n3] = fleet(bus);
     let (eu, us) = ("orders:eu", "orders:us");
     for topic in [eu, us] {
         publish_body(

@@ -46,16 +46,19 @@ fn assert_429_with_retry_after(status: u16, retry_after: Option<&str>, what: &st
 
 #[tokio::test]
 async fn a_users_connections_are_limited_across_the_fleet_and_a_dead_nodes_lapse() {
-    let redis = TestRedis::start();
-    let url = redis.url();
+    a_users_connections_are_limited_across_the_fleet_and_a_dead_nodes_lapse_on(&TestRedis::start())
+        .await;
+}
+
+pub(crate) async fn a_users_connections_are_limited_across_the_fleet_and_a_dead_nodes_lapse_on(
+    bus: &(impl Bus + Sync),
+) {
     let env = [
-        ("SUBGATE__REDIS__URL", url.as_str()),
         ("SUBGATE__SERVER__MAX_CONNECTIONS_PER_USER", "3"),
         ("SUBGATE__PRESENCE__TTL_SECONDS", "2"),
         ("SUBGATE__PRESENCE__REFRESH_SECONDS", "1"),
     ];
-    let a = Node::start(&env);
-    let b = Node::start(&env);
+    let [a, b] = bus_fleet(bus, &env);
     let ann = token(SECRET, "ann");
 
     let mut on_a = vec![connect_as(&a, &ann).await, connect_as(&a, &ann).await];

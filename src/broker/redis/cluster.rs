@@ -17,9 +17,9 @@
 //! - `disconnection` (a node's connection dropped): every topic is
 //!   subscribed again, and each one whose shard cannot be reached yet
 //!   (its master died and no replica is promoted yet) is retried every
-//!   second until it is; a topic that stays unsubscribed for longer than
+//!   2 s until it is; a topic that stays unsubscribed for longer than
 //!   `redis.subscribe_timeout_seconds` rebuilds the whole connection from
-//!   the seeds (a new view of the cluster).
+//!   the seeds (a new view of the cluster), at most every 30 s.
 //!
 //! A full queue ends the connection (counted in
 //! `subgate_pubsub_overflows_total`), as on one Redis: the node reconnects
@@ -109,6 +109,13 @@ impl Shard {
         format!("redis shard {} (slots {})", self.master, ranges.join(","))
     }
 }
+
+/// How often topics that could not be subscribed are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// The least time between two rebuilds of the cluster connection for
+/// topics that stay unsubscribed.
+const REBUILD_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a wanted topic may stay unsubscribed before the node says it
 /// is not ready (a reconnect or a slot move takes less).
@@ -322,6 +329,7 @@ pub(super) async fn serve(
     let mut control = Control {
         task,
         conn,
+        retried: Instant::now(),
         signals,
         state,
     };
@@ -356,10 +364,15 @@ pub(super) async fn serve(
             refresh_shards(task).await;
             last_refresh = Instant::now();
         }
+        // A view of the cluster gone stale is rebuilt, at most every
+        // REBUILD_EVERY: a shard that is down for good costs retries of its
+        // own topics, not a rebuild of every subscription over and over.
         let stale = lock(&shared.lost)
             .values()
             .any(|since| since.elapsed() >= within);
-        if stale {
+        let due = lock(&shared.rebuilt).is_none_or(|at| at.elapsed() >= REBUILD_EVERY);
+        if stale && due {
+            *lock(&shared.rebuilt) = Some(Instant::now());
             return Err(format!(
                 "topics stayed unsubscribed for {within:?}: rebuilding the view of the cluster"
             ));
@@ -435,6 +448,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Control<'a> {
     task: &'a SubscriberTask,
     conn: ClusterConnection,
+    /// When unsubscribed topics were last tried again.
+    retried: Instant,
     signals: Arc<Mutex<Signals>>,
     state: Arc<Mutex<State>>,
 }
@@ -472,7 +487,8 @@ impl Control<'_> {
                 }
             }
             self.reconcile(false, false).await;
-        } else if !lock(&shared.lost).is_empty() {
+        } else if !lock(&shared.lost).is_empty() && self.retried.elapsed() >= RETRY_EVERY {
+            self.retried = Instant::now();
             self.reconcile(false, false).await;
         }
         if !signals.resync.is_empty() {
@@ -574,7 +590,7 @@ impl Control<'_> {
             tracing::warn!(
                 failed,
                 error = last_error.as_deref().unwrap_or(""),
-                "redis cluster: topics could not be subscribed; retrying every second"
+                "redis cluster: topics could not be subscribed; retrying every 2 s"
             );
         }
         let unsubscribes = to_remove.into_iter().map(|topic| {

@@ -103,6 +103,9 @@ struct Shared {
     lost: Mutex<HashMap<String, std::time::Instant>>,
     /// Redis Cluster: the shards as last read (`CLUSTER SHARDS`).
     shards: Mutex<Vec<cluster::Shard>>,
+    /// Redis Cluster: when the connection was last rebuilt for topics that
+    /// stayed unsubscribed.
+    rebuilt: Mutex<Option<std::time::Instant>>,
     metrics: Arc<Metrics>,
 }
 
@@ -153,6 +156,7 @@ impl RedisBroker {
                 probe_seen: AtomicU64::new(0),
                 lost: Mutex::new(HashMap::new()),
                 shards: Mutex::new(Vec::new()),
+                rebuilt: Mutex::new(None),
                 metrics,
             }),
             node_id: crate::store::new_id(),

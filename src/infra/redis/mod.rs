@@ -402,9 +402,13 @@ fn cluster_client(
 ) -> Result<ClusterClient, SetupError> {
     let mut nodes = vec![config.url.clone()];
     nodes.extend(seeds.iter().cloned());
+    // Few retries inside the client: a request for a shard that is down
+    // fails within the call's deadline (the caller decides what next)
+    // instead of reconnecting to the seeds over and over.
     let mut builder = ClusterClientBuilder::new(nodes)
         .connection_timeout(config.command_timeout)
-        .response_timeout(config.command_timeout);
+        .response_timeout(config.command_timeout)
+        .retries(3);
     if let Some(pushes) = pushes {
         builder = builder
             .use_protocol(redis::ProtocolVersion::RESP3)

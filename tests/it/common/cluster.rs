@@ -10,9 +10,14 @@ use std::time::{Duration, Instant};
 use super::node::TempDir;
 use super::redis::{reserve_port, TestRedis};
 
-/// How long a cluster node may be silent before the others fail it over;
-/// short, so that a failover in a test takes seconds.
-const NODE_TIMEOUT_MS: u64 = 1500;
+/// How long a cluster node may be silent before the others fail it over:
+/// short, so that a failover in a test takes seconds, and long enough that
+/// a node starved of CPU by the rest of the suite is not failed over.
+const NODE_TIMEOUT_MS: u64 = 3000;
+
+/// Clusters running at once in this test process: six servers each, on a
+/// machine of two cores.
+static CLUSTERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Bounds every wait for the cluster to settle.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -21,11 +26,16 @@ pub struct TestCluster {
     /// Every node, in creation order: the first three start as masters.
     pub nodes: Vec<TestRedis>,
     _dir: TempDir,
+    _turn: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl TestCluster {
     /// Three masters and three replicas, every slot covered, state `ok`.
     pub async fn start() -> TestCluster {
+        let turn = CLUSTERS
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let dir = TempDir::new();
         let nodes: Vec<TestRedis> = (0..6)
             .map(|_| {
@@ -71,8 +81,12 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = TestCluster { nodes, _dir: dir };
-        cluster.wait_ok().await;
+        let cluster = TestCluster {
+            nodes,
+            _dir: dir,
+            _turn: turn,
+        };
+        cluster.wait_formed().await;
         cluster
     }
 
@@ -203,6 +217,39 @@ impl TestCluster {
             assert!(
                 Instant::now() < deadline,
                 "the cluster did not reach state ok within {SETTLE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the new cluster has its shape: three masters serving
+    /// slots, each with a replica whose link is up, state `ok` everywhere.
+    async fn wait_formed(&self) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            self.wait_ok().await;
+            let nodes: String = self.any().cmd(&["CLUSTER", "NODES"]).await;
+            let rows: Vec<Vec<&str>> = nodes
+                .lines()
+                .map(|l| l.split_whitespace().collect())
+                .collect();
+            let masters = rows
+                .iter()
+                .filter(|f| f.len() >= 9 && f[2].contains("master"))
+                .count();
+            let replicas = rows
+                .iter()
+                .filter(|f| f.len() >= 4 && f[2].contains("slave"))
+                .count();
+            if masters == 3 && replicas == 3 {
+                // wait_ok has seen every replica's link up: settled again
+                // once the last replica is known.
+                self.wait_ok().await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not form 3 masters with a replica each within {SETTLE:?}:\n{nodes}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -416,4 +463,32 @@ impl Bus for TestSentinels {
             .expect("the master is one of the two servers");
         master.numsub(&format!("subgate:topic:{topic}")).await
     }
+}
+
+/// A node on `bus` (one Redis, a cluster, sentinels), with `extra` settings.
+pub fn bus_node(bus: &impl Bus, extra: &[(&str, &str)]) -> super::node::Node {
+    let env = bus.node_env();
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    super::node::Node::start(&all)
+}
+
+/// `N` nodes on `bus` with `extra` settings, started side by side (each
+/// start waits for its `listening on` line; in parallel the fleet is up in
+/// the time of one).
+pub fn bus_fleet<const N: usize>(
+    bus: &(impl Bus + Sync),
+    extra: &[(&str, &str)],
+) -> [super::node::Node; N] {
+    std::thread::scope(|scope| {
+        let starting: Vec<_> = (0..N)
+            .map(|_| scope.spawn(|| bus_node(bus, extra)))
+            .collect();
+        // A node that fails to start fails the test with its own message.
+        let nodes: Vec<super::node::Node> = starting
+            .into_iter()
+            .map(|s| s.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect();
+        nodes.try_into().unwrap_or_else(|_| unreachable!())
+    })
 }

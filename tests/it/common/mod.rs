@@ -23,7 +23,7 @@ pub mod sse;
 pub mod ws;
 
 pub use self::redis::{reserve_port, TestRedis};
-pub use cluster::{Bus, TestCluster, TestSentinels};
+pub use cluster::{bus_fleet, bus_node, Bus, TestCluster, TestSentinels};
 pub use gql::*;
 pub use jwt::{bad_tokens, cli_token, scoped_token, token};
 pub use loadgen::run_loadgen;

@@ -164,6 +164,33 @@ impl TestRedis {
         );
     }
 
+    /// Waits until `replica` has every write this master had when asked
+    /// (its `slave_repl_offset` reaches the master's `master_repl_offset`):
+    /// what a test reads after killing this master is what it wrote.
+    pub async fn wait_replicated_to(&self, replica: &TestRedis) {
+        let offset = |info: &str, field: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let info: String = self.cmd(&["INFO", "replication"]).await;
+        let want = offset(&info, "master_repl_offset:");
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let info: String = replica.cmd(&["INFO", "replication"]).await;
+            let have = offset(&info, "slave_repl_offset:");
+            if have >= want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {} reached offset {have} of {want} within {START_TIMEOUT:?}",
+                replica.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Whether the server process is running (not killed).
     pub fn running(&self) -> bool {
         self.child.is_some()
