@@ -19,7 +19,7 @@ static SINK: OnceLock<sink::LogSink> = OnceLock::new();
 /// log lines (counted), never the node.
 pub fn init(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level_directives(&settings.log.level)))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -34,6 +34,18 @@ pub fn init(settings: &Settings) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// `log.level` as filter directives. The `redis` crate's own warnings are
+/// left out unless `log.level` names it: its cluster client warns once per
+/// reconnect attempt (hundreds a second while a shard is down), and the
+/// node logs the same outage itself, once in a while.
+fn level_directives(level: &str) -> String {
+    if level.contains("redis") {
+        level.to_owned()
+    } else {
+        format!("{level},redis=error")
+    }
 }
 
 /// Writes out the queued log lines before the process exits, waiting at
