@@ -335,8 +335,15 @@ def _():
     env = n.get("environment", {})
     if env.get("SUBGATE_ENV") != "production":
         problems.append("subgate: SUBGATE_ENV is not production")
-    if env.get("SUBGATE__REDIS__URL") != "redis://redis:6379":
-        problems.append("subgate: SUBGATE__REDIS__URL is not redis://redis:6379")
+    # One Redis unless the cluster profile's variables say otherwise.
+    if env.get("SUBGATE__REDIS__URL") != "${SUBGATE_REDIS_URL:-redis://redis:6379}":
+        problems.append("subgate: SUBGATE__REDIS__URL is not ${SUBGATE_REDIS_URL:-redis://redis:6379}")
+    if env.get("SUBGATE__REDIS__MODE") != "${SUBGATE_REDIS_MODE:-single}":
+        problems.append("subgate: SUBGATE__REDIS__MODE is not ${SUBGATE_REDIS_MODE:-single}")
+    cluster = sorted(name for name, c in svc.items() if "cluster" in (c.get("profiles") or []))
+    want = [f"redis-cluster-{i}" for i in range(1, 7)] + ["redis-cluster-init"]
+    if cluster != sorted(want):
+        problems.append(f"profile cluster: services {cluster}, not {sorted(want)}")
     m = re.fullmatch(r"\$\{SUBGATE_JWT_SECRET:-(.+)\}", str(env.get("SUBGATE__AUTH__JWT_SECRET", "")))
     if not m or len(m.group(1)) < 32:
         problems.append("subgate: SUBGATE__AUTH__JWT_SECRET is not ${SUBGATE_JWT_SECRET:-<32+ bytes>}")

@@ -761,7 +761,7 @@ class Checks:
         return ok
 
 
-def run_checks(rig: Rig, loadgen_args: list[str]) -> Checks:
+def run_checks(rig: Rig, loadgen_args: list[str], profiles: set[str]) -> Checks:
     p, pm, ch = rig.p, rig.podman, Checks(rig)
     net = p.network
     redis = p.containers("redis")[0]
@@ -796,6 +796,21 @@ def run_checks(rig: Rig, loadgen_args: list[str]) -> Checks:
               f"HEALTHCHECK healthy): {', '.join(f'{n} {ips[n]}' for n in running)}"
               f"{'; not ready: ' + ', '.join(bad) if bad else ''}")
     want = {f"{ip}:8080" for ip in ips.values()}
+
+    if "cluster" in profiles:
+        # The Redis Cluster of the profile: made once by redis-cluster-init,
+        # and the nodes on it (their /readyz names the shards they use).
+        init = p.containers("redis-cluster-init")[0]
+        code = pm("wait", init, check=False, timeout=120).stdout.strip()
+        first = p.containers("redis-cluster-1")[0]
+        info = wait_for(lambda: ("cluster_state:ok" in (i := pm("exec", first, "redis-cli", "cluster",
+                                                               "info", check=False).stdout), i),
+                        20, 0.5)[1]
+        front_body = http_get(front + "/readyz")[1]
+        ch.result(code == "0" and "cluster_state:ok" in info and "cluster, 3 shards" in front_body,
+                  f"redis cluster profile: redis-cluster-init exited {code}; "
+                  f"{'cluster_state:ok' if 'cluster_state:ok' in info else 'cluster not ok'}; "
+                  f"/readyz through HAProxy: {front_body.strip()[:160]}")
 
     # HAProxy: every replica found through DNS and UP, /readyz through it,
     # and new connections spread over the three.
@@ -900,10 +915,14 @@ def run_checks(rig: Rig, loadgen_args: list[str]) -> Checks:
 def main(argv_: list[str]) -> int:
     cmd = argv_[0] if argv_ else "plan"
     skip: dict[str, str] = {}
+    profiles: set[str] = set()
     rest = argv_[1:]
-    while rest[:1] == ["--skip"] and len(rest) >= 2:
-        name, _, why = rest[1].partition("=")
-        skip[name] = why or "skipped"
+    while rest[:1] in (["--skip"], ["--profile"]) and len(rest) >= 2:
+        if rest[0] == "--skip":
+            name, _, why = rest[1].partition("=")
+            skip[name] = why or "skipped"
+        else:
+            profiles.add(rest[1])
         rest = rest[2:]
     try:
         project = load_project()
@@ -918,7 +937,10 @@ def main(argv_: list[str]) -> int:
         rig.down()
         return 0
 
-    default = [s.name for s in project.services.values() if not s.profiles and s.name not in skip]
+    # `docker compose --profile P up`: the services of no profile, and those
+    # of the profiles named.
+    default = [s.name for s in project.services.values()
+               if (not s.profiles or profiles & set(s.profiles)) and s.name not in skip]
     if cmd == "plan" or cmd == "rig":
         say(f"project {project.name}, network {project.network} (netavark, aardvark-dns)")
         for name in start_order(project, default):
@@ -927,8 +949,9 @@ def main(argv_: list[str]) -> int:
         for name in skip:
             say(f"  {name}: NOT STARTED ({skip[name]})")
         for s in project.services.values():
-            if s.profiles:
-                say(f"  {s.name}: profile {'/'.join(s.profiles)}, run once by the checks")
+            if s.profiles and not profiles & set(s.profiles):
+                say(f"  {s.name}: profile {'/'.join(s.profiles)}, not started"
+                    f"{' (run once by the checks)' if s.name == 'loadgen' else ''}")
         say("deviations from docker-compose.yml:")
         for d in a.deviations:
             say(f"  - {d}")
@@ -964,7 +987,7 @@ def main(argv_: list[str]) -> int:
         t0 = time.monotonic()
         rig.up(default)
         say(f"up in {time.monotonic() - t0:.1f}s")
-        checks = run_checks(rig, loadgen)
+        checks = run_checks(rig, loadgen, profiles)
     except (RigError, subprocess.TimeoutExpired) as e:
         say(f"FAIL {e}")
     except KeyboardInterrupt:

@@ -125,11 +125,25 @@ const UNREADY_AFTER: Duration = Duration::from_secs(2);
 /// shard holding topics this node could not subscribe for a while.
 pub(super) fn readiness(shared: &Shared, keys: &crate::infra::redis::Keys) -> Result<(), String> {
     let shards = lock(&shared.shards).clone();
-    let mut problems: Vec<String> = shards
+    if shards.is_empty() {
+        return Err("redis cluster: no shard serves slots yet (CLUSTER SHARDS)".into());
+    }
+    let covered: u32 = shards
+        .iter()
+        .flat_map(|s| s.slots.iter())
+        .map(|(lo, hi)| u32::from(hi.saturating_sub(*lo)) + 1)
+        .sum();
+    let mut problems: Vec<String> = Vec::new();
+    if covered < 16384 {
+        problems.push(format!(
+            "redis cluster: {} of 16384 slots have no master",
+            16384 - covered
+        ));
+    }
+    problems.extend(shards
         .iter()
         .filter(|s| s.health != "online")
-        .map(|s| format!("{} is {}", s.describe(), s.health))
-        .collect();
+        .map(|s| format!("{} is {}", s.describe(), s.health)));
     let mut stuck: HashMap<String, usize> = HashMap::new();
     for (topic, since) in lock(&shared.lost).iter() {
         if since.elapsed() < UNREADY_AFTER {
@@ -167,13 +181,9 @@ async fn refresh_shards(task: &SubscriberTask) {
             &redis::cmd("CLUSTER").arg("SHARDS").clone(),
         )
         .await;
-    let Ok(reply) = reply else {
-        return;
-    };
-    let shards = parse_shards(&reply);
-    if shards.is_empty() {
-        return;
-    }
+    // Unanswered, the shards are unknown: the node says so in /readyz
+    // rather than trusting an old view.
+    let shards = reply.map(|reply| parse_shards(&reply)).unwrap_or_default();
     let keys = task.redis.keys();
     let shard_of = |topic: &str| {
         let slot = slot_of(&keys.history(topic));
