@@ -806,7 +806,10 @@ def run_checks(rig: Rig, loadgen_args: list[str], profiles: set[str]) -> Checks:
         info = wait_for(lambda: ("cluster_state:ok" in (i := pm("exec", first, "redis-cli", "cluster",
                                                                "info", check=False).stdout), i),
                         20, 0.5)[1]
-        front_body = http_get(front + "/readyz")[1]
+        # Through HAProxy: the replicas are ready, HAProxy may not have
+        # checked them UP yet.
+        front_body = wait_for(lambda: ("cluster, 3 shards" in (b := http_get(front + "/readyz")[1]), b),
+                              40, 0.5)[1]
         ch.result(code == "0" and "cluster_state:ok" in info and "cluster, 3 shards" in front_body,
                   f"redis cluster profile: redis-cluster-init exited {code}; "
                   f"{'cluster_state:ok' if 'cluster_state:ok' in info else 'cluster not ok'}; "
