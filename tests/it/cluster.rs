@@ -501,3 +501,39 @@ async fn with_sentinel_presence_typing_and_messages_cross_the_fleet() {
     let rig = TestSentinels::start().await;
     crate::envelope::presence_typing_and_messages_cross_the_fleet_and_a_killed_node_goes_offline_within_the_ttl_on(&rig).await;
 }
+
+/// Nodes started before their cluster is made (compose starts everything
+/// at once): not ready, saying why, until the cluster serves its slots;
+/// then ready, and subscriptions made afterwards deliver.
+#[tokio::test]
+async fn nodes_started_before_their_cluster_is_made_wait_unready_then_deliver() {
+    let cluster = TestCluster::start_nodes().await;
+    let [n1, n2] = fleet::fleet(&cluster);
+    let body = fleet::readyz_becomes(
+        &n1,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(10),
+        "node 1",
+    )
+    .await;
+    assert!(
+        body.contains("slots"),
+        "/readyz says no shard serves slots yet: {body}"
+    );
+    // The nodes keep trying for a while before the cluster is made.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.create().await;
+    for (node, name) in [(&n1, "node 1"), (&n2, "node 2")] {
+        fleet::readyz_becomes(node, reqwest::StatusCode::OK, Duration::from_secs(20), name).await;
+    }
+    let author = create_user(&n2, "Publisher").await;
+    let mut s1 = subscriber(&n1).await;
+    until_live_via(&n2, &author.token, &mut [&mut s1], "warm-up").await;
+    fleet::next_post_reaches_all(
+        &n2,
+        &author.token,
+        &mut [("node 1's subscriber", &mut s1)],
+        "made",
+    )
+    .await;
+}

@@ -59,6 +59,12 @@ pub(crate) async fn a_users_connections_are_limited_across_the_fleet_and_a_dead_
         ("SUBGATE__PRESENCE__REFRESH_SECONDS", "1"),
     ];
     let [a, b] = bus_fleet(bus, &env);
+    // Ready: each node reaches its Redis (on a cluster, its first call
+    // makes the connections; a call that times out would admit).
+    for (node, name) in [(&a, "a"), (&b, "b")] {
+        crate::fleet::readyz_becomes(node, reqwest::StatusCode::OK, Duration::from_secs(20), name)
+            .await;
+    }
     let ann = token(SECRET, "ann");
 
     let mut on_a = vec![connect_as(&a, &ann).await, connect_as(&a, &ann).await];

@@ -140,10 +140,12 @@ pub(super) fn readiness(shared: &Shared, keys: &crate::infra::redis::Keys) -> Re
             16384 - covered
         ));
     }
-    problems.extend(shards
-        .iter()
-        .filter(|s| s.health != "online")
-        .map(|s| format!("{} is {}", s.describe(), s.health)));
+    problems.extend(
+        shards
+            .iter()
+            .filter(|s| s.health != "online")
+            .map(|s| format!("{} is {}", s.describe(), s.health)),
+    );
     let mut stuck: HashMap<String, usize> = HashMap::new();
     for (topic, since) in lock(&shared.lost).iter() {
         if since.elapsed() < UNREADY_AFTER {
@@ -317,6 +319,13 @@ pub(super) async fn serve(
         })
         .await
         .map_err(|e| e.cause().to_owned())?;
+    // A client made while no shard serves slots (the cluster's nodes up,
+    // the cluster not made yet) does not recover by itself once it is
+    // made: connect again later instead.
+    refresh_shards(task).await;
+    if lock(&shared.shards).is_empty() {
+        return Err("no shard of the cluster serves slots yet".into());
+    }
     shared.set_link(Link::Up);
     *attempt = 0;
     tracing::info!("redis cluster sharded pub/sub connected");
@@ -350,7 +359,6 @@ pub(super) async fn serve(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let within = task.redis.config().subscribe_timeout;
     let refresh_every = task.redis.config().probe_interval;
-    refresh_shards(task).await;
     let mut last_refresh = Instant::now();
     loop {
         tokio::select! {

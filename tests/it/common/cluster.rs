@@ -32,6 +32,13 @@ pub struct TestCluster {
 impl TestCluster {
     /// Three masters and three replicas, every slot covered, state `ok`.
     pub async fn start() -> TestCluster {
+        let cluster = Self::start_nodes().await;
+        cluster.create().await;
+        cluster
+    }
+
+    /// Six cluster-enabled servers, not yet made a cluster: no slot served.
+    pub async fn start_nodes() -> TestCluster {
         let turn = CLUSTERS
             .acquire()
             .await
@@ -68,9 +75,20 @@ impl TestCluster {
                 TestRedis::start_with(port, &args)
             })
             .collect();
+        TestCluster {
+            nodes,
+            _dir: dir,
+            _turn: turn,
+        }
+    }
+
+    /// Makes the servers a cluster (`redis-cli --cluster create`, one
+    /// replica per master) and waits until it has its shape.
+    pub async fn create(&self) {
+        let nodes = &self.nodes;
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
-        for node in &nodes {
+        for node in nodes {
             create.arg(format!("127.0.0.1:{}", node.port()));
         }
         create.args(["--cluster-replicas", "1", "--cluster-yes"]);
@@ -81,13 +99,7 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = TestCluster {
-            nodes,
-            _dir: dir,
-            _turn: turn,
-        };
-        cluster.wait_formed().await;
-        cluster
+        self.wait_formed().await;
     }
 
     /// The seed URL a node is given.
