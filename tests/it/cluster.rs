@@ -509,17 +509,22 @@ async fn with_sentinel_presence_typing_and_messages_cross_the_fleet() {
 async fn nodes_started_before_their_cluster_is_made_wait_unready_then_deliver() {
     let cluster = TestCluster::start_nodes().await;
     let [n1, n2] = fleet::fleet(&cluster);
-    let body = fleet::readyz_becomes(
-        &n1,
-        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+    // First "connecting", then, once a connection is tried, why.
+    eventually(
         Duration::from_secs(10),
-        "node 1",
+        "/readyz says no shard serves slots yet",
+        async || {
+            let reply = get(&n1, "/readyz").await;
+            if reply.status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                && reply.body.contains("slots")
+            {
+                Ok(())
+            } else {
+                Err((reply.status, reply.body))
+            }
+        },
     )
     .await;
-    assert!(
-        body.contains("slots"),
-        "/readyz says no shard serves slots yet: {body}"
-    );
     // The nodes keep trying for a while before the cluster is made.
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.create().await;

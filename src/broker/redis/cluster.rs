@@ -619,23 +619,7 @@ impl Control<'_> {
         let mut unsubscribes = futures_util::stream::iter(unsubscribes).buffer_unordered(IN_FLIGHT);
         while unsubscribes.next().await.is_some() {}
         drop(unsubscribes);
-        // Waiters whose topic is confirmed are answered; those whose topic
-        // the hub no longer wants are dropped (their receivers see an error).
-        {
-            let confirmed = shared.confirmed();
-            let mut waiters = shared.waiters();
-            waiters.retain(|topic, list| {
-                if confirmed.contains(topic) {
-                    for waiter in list.drain(..) {
-                        let _ = waiter.send(());
-                    }
-                    return false;
-                }
-                hub.wants(topic)
-            });
-        }
-        let count = shared.confirmed().len();
-        shared.metrics.redis_subscribed_channels.set(count as i64);
+        shared.settle_waiters(hub.as_ref());
         if !refilled.is_empty() {
             self.resync(refilled);
         }

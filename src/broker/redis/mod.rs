@@ -122,6 +122,28 @@ impl Shared {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// After a reconcile pass: waiters whose topic is confirmed are
+    /// answered; those whose topic the hub no longer wants (the subscriber
+    /// left before the confirmation) are dropped, and their receivers see
+    /// an error. The subscribed-channels gauge is set.
+    fn settle_waiters(&self, hub: &dyn EventSink) {
+        {
+            let confirmed = self.confirmed();
+            let mut waiters = self.waiters();
+            waiters.retain(|topic, list| {
+                if confirmed.contains(topic) {
+                    for waiter in list.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                    return false;
+                }
+                hub.wants(topic)
+            });
+        }
+        let count = self.confirmed().len();
+        self.metrics.redis_subscribed_channels.set(count as i64);
+    }
+
     /// Marks `topic` for the next reconcile and wakes the control task.
     fn touch(&self, topic: &str) {
         self.dirty

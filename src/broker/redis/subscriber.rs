@@ -300,27 +300,7 @@ impl SubscriberTask {
         for chunk in to_remove.chunks(BATCH) {
             self.timed(sink.unsubscribe(self.channels(chunk))).await?;
         }
-        // Waiters whose topic is now confirmed are answered; those whose
-        // topic the hub no longer wants (the subscriber left before the
-        // confirmation) are dropped, and their receivers see an error.
-        {
-            let confirmed = self.shared.confirmed();
-            let mut waiters = self.shared.waiters();
-            waiters.retain(|topic, list| {
-                if confirmed.contains(topic) {
-                    for waiter in list.drain(..) {
-                        let _ = waiter.send(());
-                    }
-                    return false;
-                }
-                hub.wants(topic)
-            });
-        }
-        let count = self.shared.confirmed().len();
-        self.shared
-            .metrics
-            .redis_subscribed_channels
-            .set(count as i64);
+        self.shared.settle_waiters(hub.as_ref());
         Ok(())
     }
 }
